@@ -1,0 +1,879 @@
+//! Parse + validate: TOML text → [`Runbook`], with every problem reported as a spanned
+//! [`Diagnostic`] in one pass. The TOML is read into a spanned value tree (`toml::de::DeTable`)
+//! and walked by hand rather than through serde, because serde stops at the first error and
+//! knows nothing of "did you mean" suggestions.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use toml::de::{DeArray, DeTable, DeValue};
+use toml::Spanned;
+
+use crate::diagnostic::{suggest, Code, Diagnostic, Diagnostics};
+use crate::duration::parse_duration;
+use crate::expr::ExprHost;
+use crate::retry::{Backoff, RetryPolicy};
+use crate::runbook::{
+    default_shell, Action, Meta, Need, ParamSpec, Runbook, StepId, StepSpec, DEFAULT_KILL_GRACE,
+};
+use crate::source::{Source, Span};
+use crate::template::Template;
+
+type Value<'i> = Spanned<DeValue<'i>>;
+
+const TOP_KEYS: &[&str] = &["runbook", "params", "defaults", "steps"];
+const RUNBOOK_KEYS: &[&str] = &["name", "title", "description", "refs", "evidence_dir"];
+const PARAM_KEYS: &[&str] = &["default", "doc", "secret", "env", "required"];
+const DEFAULT_KEYS: &[&str] = &["timeout", "retry", "shell", "env", "cwd", "kill_grace"];
+const RETRY_KEYS: &[&str] = &["attempts", "backoff", "delay", "max_delay", "factor", "jitter"];
+const STEP_KEYS: &[&str] = &[
+    "id",
+    "title",
+    "description",
+    "phase",
+    "needs",
+    "run",
+    "env",
+    "cwd",
+    "shell",
+    "timeout",
+    "kill_grace",
+    "retry",
+    "continue_on_failure",
+    "always",
+    "collect",
+];
+
+/// Parses and validates a runbook. Returns the runbook only when there are no errors; the
+/// diagnostics may hold warnings either way.
+pub fn analyze(source: &Arc<Source>, host: &ExprHost) -> (Option<Runbook>, Diagnostics) {
+    let mut analyzer = Analyzer {
+        src: source.clone(),
+        host,
+        diags: Diagnostics::default(),
+    };
+    let runbook = analyzer.runbook();
+    let mut diags = analyzer.diags;
+    diags.sort();
+    if diags.has_errors() {
+        (None, diags)
+    } else {
+        (runbook, diags)
+    }
+}
+
+struct Analyzer<'h> {
+    src: Arc<Source>,
+    host: &'h ExprHost,
+    diags: Diagnostics,
+}
+
+/// Defaults that steps inherit.
+struct Defaults {
+    timeout: Option<Duration>,
+    kill_grace: Duration,
+    retry: RetryPolicy,
+    shell: Vec<String>,
+    env: Vec<(String, Template)>,
+    cwd: Option<Template>,
+}
+
+fn type_name(v: &DeValue<'_>) -> &'static str {
+    match v {
+        DeValue::String(_) => "a string",
+        DeValue::Integer(_) => "an integer",
+        DeValue::Float(_) => "a float",
+        DeValue::Boolean(_) => "a boolean",
+        DeValue::Datetime(_) => "a date-time",
+        DeValue::Array(_) => "an array",
+        DeValue::Table(_) => "a table",
+    }
+}
+
+fn get<'a, 'i>(table: &'a DeTable<'i>, key: &str) -> Option<&'a Value<'i>> {
+    table
+        .iter()
+        .find(|(k, _)| k.get_ref().as_ref() == key)
+        .map(|(_, v)| v)
+}
+
+impl Analyzer<'_> {
+    fn push(&mut self, d: Diagnostic) {
+        self.diags.push(d);
+    }
+
+    fn error(&mut self, code: Code, span: Span, message: impl Into<String>, label: &str) {
+        let d = Diagnostic::error(code, message).at(&self.src, span, label);
+        self.push(d);
+    }
+
+    fn runbook(&mut self) -> Option<Runbook> {
+        let text = self.src.text().to_owned();
+        // A UTF-8 byte-order mark is harmless; skip it rather than failing the first key.
+        let body = text.strip_prefix('\u{feff}').unwrap_or(&text);
+        let bom = text.len() - body.len();
+        let root = match DeTable::parse(body) {
+            Ok(root) => root,
+            Err(err) => {
+                let span = err
+                    .span()
+                    .map_or(bom..bom, |s| s.start + bom..s.end.max(s.start + 1) + bom);
+                let message = err.message().trim().to_owned();
+                let first = message.lines().next().unwrap_or("invalid TOML").to_owned();
+                let mut d = Diagnostic::error(Code::TomlSyntax, format!("invalid TOML: {first}"))
+                    .at(&self.src, span, first);
+                for extra in message.lines().skip(1).filter(|l| !l.trim().is_empty()) {
+                    d = d.note(extra.trim().to_owned());
+                }
+                self.push(d);
+                return None;
+            }
+        };
+        let root_table = root.get_ref();
+        // Spans from the parser are relative to `body`; shift them past the BOM.
+        let shifted = ShiftedSpans(bom);
+        self.check_keys(root_table, TOP_KEYS, "the top level", &shifted);
+
+        let meta = match get(root_table, "runbook") {
+            Some(v) => self.meta(v, &shifted),
+            None => {
+                let d = Diagnostic::error(Code::MissingKey, "missing `[runbook]` table")
+                    .at(&self.src, bom..bom, "expected `[runbook]` with at least `name`")
+                    .help("add:\n[runbook]\nname = \"my-runbook\"");
+                self.push(d);
+                None
+            }
+        };
+        let params = get(root_table, "params")
+            .map(|v| self.params(v, &shifted))
+            .unwrap_or_default();
+        let defaults = match get(root_table, "defaults") {
+            Some(v) => self.defaults(v, &params, &shifted),
+            None => Defaults {
+                timeout: None,
+                kill_grace: DEFAULT_KILL_GRACE,
+                retry: RetryPolicy::default(),
+                shell: default_shell(),
+                env: Vec::new(),
+                cwd: None,
+            },
+        };
+        let steps = match get(root_table, "steps") {
+            Some(v) => self.steps(v, &defaults, &params, &shifted),
+            None => {
+                let d = Diagnostic::error(Code::MissingKey, "the runbook has no steps")
+                    .at(&self.src, bom..bom, "expected at least one `[[steps]]` table")
+                    .help("add:\n[[steps]]\nid = \"hello\"\nrun = \"echo hello\"");
+                self.push(d);
+                Vec::new()
+            }
+        };
+        Some(Runbook {
+            source: self.src.clone(),
+            meta: meta?,
+            params,
+            steps,
+        })
+    }
+
+    fn check_keys(&mut self, table: &DeTable<'_>, allowed: &[&str], what: &str, s: &ShiftedSpans) {
+        for (key, _) in table.iter() {
+            let name = key.get_ref().as_ref();
+            if allowed.contains(&name) {
+                continue;
+            }
+            let mut d = Diagnostic::error(Code::UnknownKey, format!("unknown key `{name}` in {what}"))
+                .at(&self.src, s.span(key.span()), "unknown key");
+            d = match suggest(name, allowed.iter().copied()) {
+                Some(near) => d.help(format!("did you mean `{near}`?")),
+                None => d.help(format!("valid keys here: {}", list(allowed))),
+            };
+            self.push(d);
+        }
+    }
+
+    fn wrong_type(&mut self, v: &Value<'_>, key: &str, expected: &str, s: &ShiftedSpans) {
+        let found = type_name(v.get_ref());
+        self.error(
+            Code::WrongType,
+            s.span(v.span()),
+            format!("`{key}` must be {expected}, found {found}"),
+            &format!("expected {expected}"),
+        );
+    }
+
+    fn table<'a, 'i>(
+        &mut self,
+        v: &'a Value<'i>,
+        key: &str,
+        s: &ShiftedSpans,
+    ) -> Option<&'a DeTable<'i>> {
+        match v.get_ref() {
+            DeValue::Table(t) => Some(t),
+            _ => {
+                self.wrong_type(v, key, "a table", s);
+                None
+            }
+        }
+    }
+
+    fn string(&mut self, v: &Value<'_>, key: &str, s: &ShiftedSpans) -> Option<(String, Span)> {
+        match v.get_ref() {
+            DeValue::String(text) => Some((text.to_string(), s.span(v.span()))),
+            _ => {
+                self.wrong_type(v, key, "a string", s);
+                None
+            }
+        }
+    }
+
+    fn opt_string(&mut self, t: &DeTable<'_>, key: &str, s: &ShiftedSpans) -> Option<String> {
+        get(t, key)
+            .and_then(|v| self.string(v, key, s))
+            .map(|(text, _)| text)
+    }
+
+    fn boolean(&mut self, t: &DeTable<'_>, key: &str, s: &ShiftedSpans) -> Option<bool> {
+        let v = get(t, key)?;
+        match v.get_ref() {
+            DeValue::Boolean(b) => Some(*b),
+            _ => {
+                self.wrong_type(v, key, "`true` or `false`", s);
+                None
+            }
+        }
+    }
+
+    fn integer(&mut self, v: &Value<'_>, key: &str, s: &ShiftedSpans) -> Option<i64> {
+        match v.get_ref() {
+            DeValue::Integer(i) => {
+                let parsed = i64::from_str_radix(i.as_str(), i.radix()).ok();
+                if parsed.is_none() {
+                    self.error(Code::BadValue, s.span(v.span()), format!("`{key}` is out of range"), "too large");
+                }
+                parsed
+            }
+            _ => {
+                self.wrong_type(v, key, "an integer", s);
+                None
+            }
+        }
+    }
+
+    fn float(&mut self, v: &Value<'_>, key: &str, s: &ShiftedSpans) -> Option<f64> {
+        match v.get_ref() {
+            DeValue::Float(f) => f.as_str().parse().ok(),
+            DeValue::Integer(i) => i64::from_str_radix(i.as_str(), i.radix())
+                .ok()
+                .map(|i| i as f64),
+            _ => {
+                self.wrong_type(v, key, "a number", s);
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, v: &Value<'_>, key: &str, s: &ShiftedSpans) -> Option<Duration> {
+        match v.get_ref() {
+            DeValue::String(text) => match parse_duration(text) {
+                Ok(d) => Some(d),
+                Err(why) => {
+                    let d = Diagnostic::error(Code::BadDuration, format!("invalid duration for `{key}`: {why}"))
+                        .at(&self.src, s.span(v.span()), "expected a duration like `90s`, `10m` or `1h30m`");
+                    self.push(d);
+                    None
+                }
+            },
+            DeValue::Integer(i) => {
+                let d = Diagnostic::error(
+                    Code::BadDuration,
+                    format!("`{key}` must be a duration string, found the number {}", i.as_str()),
+                )
+                .at(&self.src, s.span(v.span()), "a bare number has no unit")
+                .help(format!("write `{key} = \"{}s\"` for seconds", i.as_str()));
+                self.push(d);
+                None
+            }
+            _ => {
+                self.wrong_type(v, key, "a duration string like `90s`", s);
+                None
+            }
+        }
+    }
+
+    fn string_list(&mut self, v: &Value<'_>, key: &str, s: &ShiftedSpans) -> Option<Vec<(String, Span)>> {
+        match v.get_ref() {
+            DeValue::Array(items) => Some(
+                items
+                    .iter()
+                    .filter_map(|item| self.string(item, key, s))
+                    .collect(),
+            ),
+            DeValue::String(text) => {
+                let d = Diagnostic::error(Code::WrongType, format!("`{key}` must be a list of strings, found a string"))
+                    .at(&self.src, s.span(v.span()), "expected a list")
+                    .help(format!("write `{key} = [\"{text}\"]`"));
+                self.push(d);
+                None
+            }
+            _ => {
+                self.wrong_type(v, key, "a list of strings", s);
+                None
+            }
+        }
+    }
+
+    fn template(&mut self, v: &Value<'_>, key: &str, params: &[ParamSpec], s: &ShiftedSpans) -> Option<Template> {
+        let (text, span) = self.string(v, key, s)?;
+        self.template_text(&text, span, params)
+    }
+
+    /// Parses a template whose text is `text` and whose TOML string token is at `span`.
+    fn template_text(&mut self, text: &str, span: Span, params: &[ParamSpec]) -> Option<Template> {
+        let origin = string_origin(self.src.slice(&span), text).map(|o| span.start + o);
+        let at = |offset: usize| match origin {
+            Some(o) => o + offset..o + offset + 1,
+            None => span.clone(),
+        };
+        match Template::parse(text, self.host) {
+            Ok(t) => {
+                for (expr, offset) in t.expressions() {
+                    for (name, at_name) in param_references(&expr.text) {
+                        if !params.iter().any(|p| p.name == name) {
+                            let here = at(offset + at_name);
+                            let here = here.start..here.start + "params.".len() + name.len();
+                            let mut d = Diagnostic::error(Code::UnknownParam, format!("unknown parameter `{name}`"))
+                                .at(&self.src, here, "not declared under `[params]`");
+                            if let Some(near) = suggest(&name, params.iter().map(|p| p.name.as_str())) {
+                                d = d.help(format!("did you mean `params.{near}`?"));
+                            } else {
+                                d = d.help(format!("declare it:\n[params]\n{name} = {{ default = \"…\" }}"));
+                            }
+                            self.push(d);
+                        }
+                    }
+                }
+                Some(t)
+            }
+            Err(e) => {
+                let d = Diagnostic::error(Code::TemplateSyntax, format!("template does not parse: {}", e.message))
+                    .at(&self.src, at(e.offset), e.message.clone())
+                    .help("`{{ expr }}` holds a Rhai expression; write a literal `{{` as `\\{{`");
+                self.push(d);
+                None
+            }
+        }
+    }
+
+    fn meta(&mut self, v: &Value<'_>, s: &ShiftedSpans) -> Option<Meta> {
+        let t = self.table(v, "runbook", s)?;
+        self.check_keys(t, RUNBOOK_KEYS, "`[runbook]`", s);
+        let name = match get(t, "name") {
+            Some(nv) => {
+                let (name, span) = self.string(nv, "name", s)?;
+                if !StepId::is_valid(&name) {
+                    self.error(
+                        Code::BadId,
+                        span,
+                        format!("runbook name `{name}` is not a valid name"),
+                        "use letters, digits, `-`, `_` and `.`",
+                    );
+                }
+                name
+            }
+            None => {
+                self.error(Code::MissingKey, s.span(v.span()), "`[runbook]` has no `name`", "add `name = \"…\"`");
+                return None;
+            }
+        };
+        let refs = get(t, "refs")
+            .and_then(|v| self.string_list(v, "refs", s))
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(r, _)| r)
+            .collect();
+        Some(Meta {
+            name,
+            title: self.opt_string(t, "title", s),
+            description: self.opt_string(t, "description", s),
+            refs,
+            evidence_dir: self.opt_string(t, "evidence_dir", s).map(PathBuf::from),
+        })
+    }
+
+    fn params(&mut self, v: &Value<'_>, s: &ShiftedSpans) -> Vec<ParamSpec> {
+        let Some(t) = self.table(v, "params", s) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (key, value) in t.iter() {
+            let name = key.get_ref().to_string();
+            let span = s.span(key.span());
+            if !is_identifier(&name) {
+                self.error(
+                    Code::BadId,
+                    span.clone(),
+                    format!("parameter name `{name}` is not an identifier"),
+                    "use letters, digits and `_`, starting with a letter",
+                );
+                continue;
+            }
+            let spec = match value.get_ref() {
+                DeValue::Table(pt) => {
+                    self.check_keys(pt, PARAM_KEYS, &format!("parameter `{name}`"), s);
+                    let default = get(pt, "default").and_then(|d| self.json(d, s));
+                    ParamSpec {
+                        name,
+                        span,
+                        default,
+                        doc: self.opt_string(pt, "doc", s),
+                        secret: self.boolean(pt, "secret", s).unwrap_or(false),
+                        env: self.opt_string(pt, "env", s),
+                        required: self.boolean(pt, "required", s).unwrap_or(false),
+                    }
+                }
+                // `name = value` is shorthand for `name = { default = value }`.
+                _ => ParamSpec {
+                    name,
+                    span,
+                    default: self.json(value, s),
+                    doc: None,
+                    secret: false,
+                    env: None,
+                    required: false,
+                },
+            };
+            out.push(spec);
+        }
+        out
+    }
+
+    fn json(&mut self, v: &Value<'_>, s: &ShiftedSpans) -> Option<serde_json::Value> {
+        use serde_json::Value as J;
+        Some(match v.get_ref() {
+            DeValue::String(text) => J::String(text.to_string()),
+            DeValue::Integer(_) => J::from(self.integer(v, "default", s)?),
+            DeValue::Float(_) => J::from(self.float(v, "default", s)?),
+            DeValue::Boolean(b) => J::Bool(*b),
+            DeValue::Datetime(d) => J::String(d.to_string()),
+            DeValue::Array(items) => J::Array(items.iter().filter_map(|i| self.json(i, s)).collect()),
+            DeValue::Table(t) => J::Object(
+                t.iter()
+                    .filter_map(|(k, v)| Some((k.get_ref().to_string(), self.json(v, s)?)))
+                    .collect(),
+            ),
+        })
+    }
+
+    fn defaults(&mut self, v: &Value<'_>, params: &[ParamSpec], s: &ShiftedSpans) -> Defaults {
+        let mut d = Defaults {
+            timeout: None,
+            kill_grace: DEFAULT_KILL_GRACE,
+            retry: RetryPolicy::default(),
+            shell: default_shell(),
+            env: Vec::new(),
+            cwd: None,
+        };
+        let Some(t) = self.table(v, "defaults", s) else {
+            return d;
+        };
+        self.check_keys(t, DEFAULT_KEYS, "`[defaults]`", s);
+        if let Some(v) = get(t, "timeout") {
+            d.timeout = self.duration(v, "timeout", s);
+        }
+        if let Some(v) = get(t, "kill_grace") {
+            d.kill_grace = self.duration(v, "kill_grace", s).unwrap_or(DEFAULT_KILL_GRACE);
+        }
+        if let Some(v) = get(t, "retry") {
+            d.retry = self.retry(v, RetryPolicy::default(), s);
+        }
+        if let Some(v) = get(t, "shell") {
+            d.shell = self.shell(v, s).unwrap_or_else(default_shell);
+        }
+        if let Some(v) = get(t, "env") {
+            d.env = self.env(v, params, s);
+        }
+        if let Some(v) = get(t, "cwd") {
+            d.cwd = self.template(v, "cwd", params, s);
+        }
+        d
+    }
+
+    fn shell(&mut self, v: &Value<'_>, s: &ShiftedSpans) -> Option<Vec<String>> {
+        let words: Vec<String> = match v.get_ref() {
+            DeValue::String(text) => text.split_whitespace().map(String::from).collect(),
+            DeValue::Array(_) => self
+                .string_list(v, "shell", s)?
+                .into_iter()
+                .map(|(w, _)| w)
+                .collect(),
+            _ => {
+                self.wrong_type(v, "shell", "a string like `bash -c`", s);
+                return None;
+            }
+        };
+        if words.is_empty() {
+            self.error(
+                Code::BadValue,
+                s.span(v.span()),
+                "`shell` is empty",
+                "expected an interpreter and its flags, like `sh -c`",
+            );
+            return None;
+        }
+        Some(words)
+    }
+
+    fn env(&mut self, v: &Value<'_>, params: &[ParamSpec], s: &ShiftedSpans) -> Vec<(String, Template)> {
+        let Some(t) = self.table(v, "env", s) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (key, value) in t.iter() {
+            let name = key.get_ref().to_string();
+            if name.is_empty() || name.contains('=') || name.contains('\0') {
+                self.error(Code::BadValue, s.span(key.span()), format!("`{name}` is not a valid environment variable name"), "invalid name");
+                continue;
+            }
+            if let Some(tpl) = self.template(value, &format!("env.{name}"), params, s) {
+                out.push((name, tpl));
+            }
+        }
+        out
+    }
+
+    fn retry(&mut self, v: &Value<'_>, base: RetryPolicy, s: &ShiftedSpans) -> RetryPolicy {
+        let mut policy = base;
+        let t = match v.get_ref() {
+            // `retry = 3` is shorthand for `retry = { attempts = 3 }`.
+            DeValue::Integer(_) => {
+                if let Some(n) = self.integer(v, "retry", s) {
+                    policy.attempts = self.attempts(n, s.span(v.span()));
+                }
+                return policy;
+            }
+            DeValue::Table(t) => t,
+            _ => {
+                self.wrong_type(v, "retry", "a table like `{ attempts = 3, delay = \"2s\" }`", s);
+                return policy;
+            }
+        };
+        self.check_keys(t, RETRY_KEYS, "`retry`", s);
+        if let Some(v) = get(t, "attempts") {
+            if let Some(n) = self.integer(v, "attempts", s) {
+                policy.attempts = self.attempts(n, s.span(v.span()));
+            }
+        }
+        if let Some(v) = get(t, "delay") {
+            policy.delay = self.duration(v, "delay", s).unwrap_or(policy.delay);
+        }
+        if let Some(v) = get(t, "max_delay") {
+            policy.max_delay = self.duration(v, "max_delay", s).unwrap_or(policy.max_delay);
+        }
+        if let Some(v) = get(t, "jitter") {
+            match v.get_ref() {
+                DeValue::Boolean(b) => policy.jitter = *b,
+                _ => self.wrong_type(v, "jitter", "`true` or `false`", s),
+            }
+        }
+        let factor = match get(t, "factor") {
+            Some(fv) => match self.float(fv, "factor", s) {
+                Some(f) if f >= 1.0 && f <= 100.0 => Some(f),
+                Some(_) => {
+                    self.error(Code::BadRetry, s.span(fv.span()), "`factor` must be between 1 and 100", "out of range");
+                    None
+                }
+                None => None,
+            },
+            None => None,
+        };
+        if let Some(bv) = get(t, "backoff") {
+            if let Some((name, span)) = self.string(bv, "backoff", s) {
+                match name.as_str() {
+                    "fixed" => policy.backoff = Backoff::Fixed,
+                    "exponential" => {
+                        policy.backoff = Backoff::Exponential {
+                            factor: factor.unwrap_or(2.0),
+                        };
+                    }
+                    other => {
+                        let mut d = Diagnostic::error(Code::BadRetry, format!("unknown backoff `{other}`"))
+                            .at(&self.src, span, "expected `fixed` or `exponential`");
+                        if let Some(near) = suggest(other, ["fixed", "exponential"]) {
+                            d = d.help(format!("did you mean `{near}`?"));
+                        }
+                        self.push(d);
+                    }
+                }
+            }
+        } else if let Some(f) = factor {
+            policy.backoff = Backoff::Exponential { factor: f };
+        }
+        if policy.max_delay < policy.delay {
+            let span = get(t, "max_delay").map_or_else(|| s.span(v.span()), |v| s.span(v.span()));
+            self.error(
+                Code::BadRetry,
+                span,
+                format!(
+                    "`max_delay` ({}) is shorter than `delay` ({})",
+                    crate::duration::format_spec(policy.max_delay),
+                    crate::duration::format_spec(policy.delay)
+                ),
+                "must be at least `delay`",
+            );
+        }
+        policy
+    }
+
+    fn attempts(&mut self, n: i64, span: Span) -> u32 {
+        match u32::try_from(n) {
+            Ok(n @ 1..=10_000) => n,
+            _ => {
+                self.error(
+                    Code::BadRetry,
+                    span,
+                    format!("`attempts` must be between 1 and 10000, found {n}"),
+                    "1 means no retry",
+                );
+                1
+            }
+        }
+    }
+
+    fn steps(&mut self, v: &Value<'_>, defaults: &Defaults, params: &[ParamSpec], s: &ShiftedSpans) -> Vec<StepSpec> {
+        let items: &DeArray<'_> = match v.get_ref() {
+            DeValue::Array(a) => a,
+            DeValue::Table(_) => {
+                let d = Diagnostic::error(Code::WrongType, "`steps` must be an array of tables")
+                    .at(&self.src, s.span(v.span()), "this is a single table")
+                    .help("write each step as `[[steps]]` (double brackets), not `[steps]`");
+                self.push(d);
+                return Vec::new();
+            }
+            _ => {
+                self.wrong_type(v, "steps", "an array of tables (`[[steps]]`)", s);
+                return Vec::new();
+            }
+        };
+        let mut out = Vec::with_capacity(items.len());
+        let mut seen: HashMap<String, (StepId, Span)> = HashMap::with_capacity(items.len());
+        for item in items.iter() {
+            let Some(step) = self.step(item, defaults, params, s) else {
+                continue;
+            };
+            let norm = step.id.normalized();
+            if let Some((first, first_span)) = seen.get(&norm) {
+                let message = if first.as_str() == step.id.as_str() {
+                    format!("duplicate step id `{}`", step.id)
+                } else {
+                    format!("step id `{}` collides with `{first}`", step.id)
+                };
+                let d = Diagnostic::error(Code::DuplicateStep, message)
+                    .at(&self.src, step.id_span.clone(), "defined again here")
+                    .also(&self.src, first_span.clone(), "first defined here")
+                    .note("ids are compared ignoring case and treating `-` and `_` alike");
+                self.push(d);
+                continue;
+            }
+            seen.insert(norm, (step.id.clone(), step.id_span.clone()));
+            out.push(step);
+        }
+        out
+    }
+
+    fn step(&mut self, v: &Value<'_>, defaults: &Defaults, params: &[ParamSpec], s: &ShiftedSpans) -> Option<StepSpec> {
+        let t = self.table(v, "steps", s)?;
+        self.check_keys(t, STEP_KEYS, "a step", s);
+        let (id, id_span) = match get(t, "id") {
+            Some(iv) => {
+                let (id, span) = self.string(iv, "id", s)?;
+                if !StepId::is_valid(&id) {
+                    self.error(
+                        Code::BadId,
+                        span.clone(),
+                        format!("step id `{}` is not valid", id.escape_debug()),
+                        "use letters, digits, `-`, `_` and `.` (at most 64), starting with a letter or digit",
+                    );
+                    return None;
+                }
+                (StepId::new(&id), span)
+            }
+            None => {
+                let span = s.span(v.span());
+                let span = span.start..(span.start + 1).min(self.src.text().len());
+                self.error(Code::MissingKey, span, "step has no `id`", "every step needs `id = \"…\"`");
+                return None;
+            }
+        };
+        let needs = match get(t, "needs") {
+            Some(nv) => self
+                .string_list(nv, "needs", s)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(n, span)| Need {
+                    id: StepId::new(&n),
+                    span,
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        let action = match get(t, "run") {
+            Some(rv) => self
+                .template(rv, "run", params, s)
+                .map(|command| Action::Run { command }),
+            None => {
+                let d = Diagnostic::error(Code::StepAction, format!("step `{id}` has nothing to do"))
+                    .at(&self.src, id_span.clone(), "no `run` in this step")
+                    .help("add `run = \"<shell command>\"`");
+                self.push(d);
+                None
+            }
+        };
+        let mut env = defaults.env.clone();
+        if let Some(ev) = get(t, "env") {
+            for (k, tpl) in self.env(ev, params, s) {
+                env.retain(|(existing, _)| existing != &k);
+                env.push((k, tpl));
+            }
+        }
+        let cwd = match get(t, "cwd") {
+            Some(cv) => self.template(cv, "cwd", params, s),
+            None => defaults.cwd.clone(),
+        };
+        let shell = match get(t, "shell") {
+            Some(sv) => self.shell(sv, s).unwrap_or_else(|| defaults.shell.clone()),
+            None => defaults.shell.clone(),
+        };
+        let timeout = match get(t, "timeout") {
+            Some(tv) => self.duration(tv, "timeout", s),
+            None => defaults.timeout,
+        };
+        let kill_grace = match get(t, "kill_grace") {
+            Some(kv) => self.duration(kv, "kill_grace", s).unwrap_or(defaults.kill_grace),
+            None => defaults.kill_grace,
+        };
+        let retry = match get(t, "retry") {
+            Some(rv) => self.retry(rv, defaults.retry, s),
+            None => defaults.retry,
+        };
+        let collect = match get(t, "collect") {
+            Some(cv) => self
+                .string_list(cv, "collect", s)
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|(text, span)| self.template_text(&text, span, params))
+                .collect(),
+            None => Vec::new(),
+        };
+        Some(StepSpec {
+            title: self.opt_string(t, "title", s),
+            description: self.opt_string(t, "description", s),
+            phase: self.opt_string(t, "phase", s),
+            continue_on_failure: self.boolean(t, "continue_on_failure", s).unwrap_or(false),
+            always: self.boolean(t, "always", s).unwrap_or(false),
+            id,
+            id_span,
+            needs,
+            action: action?,
+            env,
+            cwd,
+            shell,
+            timeout,
+            kill_grace,
+            retry,
+            collect,
+        })
+    }
+}
+
+/// Parser spans are relative to the text after any BOM; this shifts them back.
+struct ShiftedSpans(usize);
+
+impl ShiftedSpans {
+    fn span(&self, s: Span) -> Span {
+        s.start + self.0..s.end + self.0
+    }
+}
+
+/// Where the value's characters start inside its TOML string token, when the token holds them
+/// verbatim (no escapes), so positions inside templates map exactly onto the file.
+fn string_origin(token: &str, value: &str) -> Option<usize> {
+    for quote in ["\"\"\"", "'''", "\"", "'"] {
+        if let Some(inner) = token.strip_prefix(quote) {
+            let mut start = quote.len();
+            // A newline right after an opening triple quote is not part of the value.
+            if quote.len() == 3 {
+                if inner.starts_with("\r\n") {
+                    start += 2;
+                } else if inner.starts_with('\n') {
+                    start += 1;
+                }
+            }
+            return token
+                .get(start..)
+                .filter(|rest| rest.starts_with(value))
+                .map(|_| start);
+        }
+    }
+    None
+}
+
+/// `params.NAME` and `params["NAME"]` references in an expression, with their offsets.
+fn param_references(code: &str) -> Vec<(String, usize)> {
+    let mut out = Vec::new();
+    let bytes = code.as_bytes();
+    let mut from = 0;
+    while let Some(i) = code[from..].find("params") {
+        let at = from + i;
+        from = at + "params".len();
+        let preceded = at > 0 && (bytes[at - 1].is_ascii_alphanumeric() || bytes[at - 1] == b'_' || bytes[at - 1] == b'.');
+        if preceded {
+            continue;
+        }
+        let rest = &code[from..];
+        let name: String = if let Some(r) = rest.strip_prefix('.') {
+            r.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect()
+        } else if let Some(r) = rest.strip_prefix("[\"") {
+            match r.find('"') {
+                Some(end) => r[..end].to_owned(),
+                None => continue,
+            }
+        } else {
+            continue;
+        };
+        if !name.is_empty() {
+            out.push((name, at));
+        }
+    }
+    out
+}
+
+fn is_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn list(keys: &[&str]) -> String {
+    keys.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_param_references() {
+        let refs = param_references("params.a + params[\"b\"] + xparams.c + p.params.d");
+        assert_eq!(refs, vec![("a".into(), 0), ("b".into(), 11)]);
+    }
+
+    #[test]
+    fn string_origin_handles_quote_styles() {
+        assert_eq!(string_origin("\"abc\"", "abc"), Some(1));
+        assert_eq!(string_origin("'''\nabc'''", "abc"), Some(4));
+        assert_eq!(string_origin("\"a\\tb\"", "a\tb"), None);
+    }
+}

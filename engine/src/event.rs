@@ -1,0 +1,247 @@
+//! Run events: everything the executor reports, in order, on one channel. The evidence
+//! recorder and the console are consumers; neither can influence the run except by cancelling.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+
+use crate::runbook::StepId;
+
+pub type Timestamp = DateTime<Utc>;
+
+/// Where an attempt ran: `local`, or a host name once remote steps exist.
+pub type Target = Arc<str>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+impl Stream {
+    pub fn tag(self) -> &'static str {
+        match self {
+            Stream::Stdout => "out",
+            Stream::Stderr => "err",
+        }
+    }
+}
+
+/// Why an attempt failed without an exit status of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// The process could not be started (missing shell, bad cwd).
+    Spawn,
+    /// A template in the step could not be rendered.
+    Template,
+    /// Reading the step's output failed.
+    Io,
+}
+
+/// How one attempt ended.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum AttemptOutcome {
+    Exited {
+        code: i32,
+    },
+    Signaled {
+        signal: i32,
+        name: String,
+    },
+    TimedOut {
+        #[serde(with = "crate::serde_duration")]
+        after: Duration,
+    },
+    Cancelled,
+    Failed {
+        failure: FailureKind,
+        message: String,
+    },
+}
+
+impl AttemptOutcome {
+    pub fn succeeded(&self) -> bool {
+        matches!(self, AttemptOutcome::Exited { code: 0 })
+    }
+
+    /// Whether another attempt could turn out differently. A template error or a cancel will
+    /// not change on retry; a non-zero exit or a timeout may.
+    pub fn retryable(&self) -> bool {
+        match self {
+            AttemptOutcome::Exited { code } => *code != 0,
+            AttemptOutcome::Signaled { .. } | AttemptOutcome::TimedOut { .. } => true,
+            AttemptOutcome::Failed { failure, .. } => *failure == FailureKind::Io,
+            AttemptOutcome::Cancelled => false,
+        }
+    }
+
+    pub fn exit_code(&self) -> Option<i32> {
+        match self {
+            AttemptOutcome::Exited { code } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// One line for people: `exit code 2`, `timed out after 10s`, …
+    pub fn describe(&self) -> String {
+        match self {
+            AttemptOutcome::Exited { code: 0 } => "succeeded".into(),
+            AttemptOutcome::Exited { code } => format!("exit code {code}"),
+            AttemptOutcome::Signaled { name, .. } => format!("killed by {name}"),
+            AttemptOutcome::TimedOut { after } => {
+                format!("timed out after {}", crate::duration::format_spec(*after))
+            }
+            AttemptOutcome::Cancelled => "cancelled".into(),
+            AttemptOutcome::Failed { message, .. } => message.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepStatus {
+    Succeeded,
+    Failed,
+    Skipped,
+    Cancelled,
+}
+
+impl StepStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepStatus::Succeeded => "succeeded",
+            StepStatus::Failed => "failed",
+            StepStatus::Skipped => "skipped",
+            StepStatus::Cancelled => "cancelled",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Running => "running",
+            RunStatus::Succeeded => "succeeded",
+            RunStatus::Failed => "failed",
+            RunStatus::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Bytes an attempt wrote, per stream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct OutputCounts {
+    pub stdout: u64,
+    pub stderr: u64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "event")]
+pub enum RunEvent {
+    RunStarted {
+        at: Timestamp,
+        run_id: String,
+        runbook: String,
+        steps: usize,
+    },
+    StepStarted {
+        at: Timestamp,
+        step: StepId,
+    },
+    AttemptStarted {
+        at: Timestamp,
+        step: StepId,
+        target: Target,
+        attempt: u32,
+        max_attempts: u32,
+        /// The command as run, secrets redacted.
+        command: String,
+        cwd: PathBuf,
+    },
+    #[serde(skip)]
+    Output {
+        at: Timestamp,
+        step: StepId,
+        target: Target,
+        attempt: u32,
+        stream: Stream,
+        data: Bytes,
+    },
+    AttemptFinished {
+        at: Timestamp,
+        step: StepId,
+        target: Target,
+        attempt: u32,
+        #[serde(with = "crate::serde_duration")]
+        duration: Duration,
+        outcome: AttemptOutcome,
+        output: OutputCounts,
+    },
+    RetryScheduled {
+        at: Timestamp,
+        step: StepId,
+        next_attempt: u32,
+        #[serde(with = "crate::serde_duration")]
+        delay: Duration,
+    },
+    /// A file the step asked to keep; the recorder copies it into the bundle.
+    Collect {
+        at: Timestamp,
+        step: StepId,
+        /// As written in the runbook (rendered).
+        name: String,
+        /// Resolved against the step's working directory.
+        path: PathBuf,
+    },
+    StepFinished {
+        at: Timestamp,
+        step: StepId,
+        status: StepStatus,
+        attempts: u32,
+        #[serde(with = "crate::serde_duration")]
+        duration: Duration,
+        /// Why it failed, was skipped or was cancelled.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    Note {
+        at: Timestamp,
+        message: String,
+    },
+    RunFinished {
+        at: Timestamp,
+        status: RunStatus,
+    },
+}
+
+impl RunEvent {
+    pub fn at(&self) -> Timestamp {
+        match self {
+            RunEvent::RunStarted { at, .. }
+            | RunEvent::StepStarted { at, .. }
+            | RunEvent::AttemptStarted { at, .. }
+            | RunEvent::Output { at, .. }
+            | RunEvent::AttemptFinished { at, .. }
+            | RunEvent::RetryScheduled { at, .. }
+            | RunEvent::Collect { at, .. }
+            | RunEvent::StepFinished { at, .. }
+            | RunEvent::Note { at, .. }
+            | RunEvent::RunFinished { at, .. } => *at,
+        }
+    }
+}

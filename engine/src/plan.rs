@@ -1,0 +1,201 @@
+//! Planning: a compiled graph + bound parameters + the operator's selection (`--only`,
+//! `--skip`, `--from`) → the [`Plan`] the executor runs and `runbook plan` prints.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use rhai::Scope;
+
+use crate::diagnostic::suggest;
+use crate::expr::{json_to_dynamic, ExprHost};
+use crate::graph::{StepGraph, StepIdx};
+use crate::params::BoundParams;
+use crate::redact::Redactor;
+use crate::runbook::{Action, Runbook};
+
+/// Which steps the operator asked for.
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    /// Run only these steps; their needs are taken as already done.
+    pub only: Vec<String>,
+    /// Leave these steps out; steps that need them do not wait for them.
+    pub skip: Vec<String>,
+    /// Run this step and everything that (transitively) needs it.
+    pub from: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("no step `{id}` in this runbook (given to `{flag}`){}", suggestion.as_ref().map(|s| format!("; did you mean `{s}`?")).unwrap_or_default())]
+    UnknownStep {
+        flag: &'static str,
+        id: String,
+        suggestion: Option<String>,
+    },
+}
+
+/// Run identity and start time, visible to expressions as `run`.
+#[derive(Debug, Clone)]
+pub struct RunInfo {
+    pub id: String,
+    pub started_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl RunInfo {
+    /// A fresh run: 8 random hex digits, unique enough beside the timestamp in bundle names.
+    pub fn generate() -> Self {
+        let mut bytes = [0u8; 4];
+        // Without randomness fall back to the clock: still unique per process start.
+        if getrandom::fill(&mut bytes).is_err() {
+            bytes = chrono::Utc::now().timestamp_subsec_nanos().to_le_bytes();
+        }
+        Self {
+            id: bytes.iter().map(|b| format!("{b:02x}")).collect(),
+            started_at: chrono::Utc::now(),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Plan {
+    pub runbook: Arc<Runbook>,
+    pub graph: StepGraph,
+    pub params: BoundParams,
+    /// `selected[i]`: whether step i runs in this plan.
+    pub selected: Vec<bool>,
+    /// Where steps run when they name no `cwd`, and what relative `cwd`s resolve against.
+    pub workdir: PathBuf,
+    pub redactor: Redactor,
+}
+
+impl Plan {
+    pub fn new(
+        runbook: Arc<Runbook>,
+        graph: StepGraph,
+        params: BoundParams,
+        selection: &Selection,
+        workdir: PathBuf,
+    ) -> Result<Self, PlanError> {
+        let n = runbook.steps.len();
+        let find = |flag: &'static str, id: &str| -> Result<StepIdx, PlanError> {
+            runbook
+                .steps
+                .iter()
+                .position(|s| s.id.as_str() == id)
+                .ok_or_else(|| PlanError::UnknownStep {
+                    flag,
+                    id: id.to_owned(),
+                    suggestion: suggest(id, runbook.steps.iter().map(|s| s.id.as_str()))
+                        .map(String::from),
+                })
+        };
+        let mut selected = vec![true; n];
+        if let Some(from) = &selection.from {
+            selected = graph.descendants(find("--from", from)?);
+        }
+        if !selection.only.is_empty() {
+            let mut only = vec![false; n];
+            for id in &selection.only {
+                only[find("--only", id)?] = true;
+            }
+            for (s, o) in selected.iter_mut().zip(only) {
+                *s = *s && o;
+            }
+        }
+        for id in &selection.skip {
+            selected[find("--skip", id)?] = false;
+        }
+        let redactor = Redactor::new(params.secrets());
+        Ok(Self {
+            runbook,
+            graph,
+            params,
+            selected,
+            workdir,
+            redactor,
+        })
+    }
+
+    /// The scope every expression starts from: `params` and `run`.
+    pub fn scope(&self, run: &RunInfo) -> Scope<'static> {
+        let mut scope = Scope::new();
+        scope.push_constant("params", json_to_dynamic(&self.params.to_json(false)));
+        scope.push_constant(
+            "run",
+            json_to_dynamic(&serde_json::json!({
+                "id": run.id,
+                "runbook": self.runbook.meta.name,
+                "started_at": run.started_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            })),
+        );
+        scope
+    }
+
+    /// `runbook plan`: the steps level by level with their resolved commands (secrets shown as
+    /// `[REDACTED:name]`). Expressions that fail now (they may need results of earlier steps)
+    /// are shown unrendered.
+    pub fn to_text(&self, host: &ExprHost, run: &RunInfo) -> String {
+        let rb = &self.runbook;
+        let mut out = String::new();
+        let title = rb.meta.title.as_deref().unwrap_or(&rb.meta.name);
+        let _ = writeln!(out, "runbook {} — {title}", rb.meta.name);
+        if !self.params.0.is_empty() {
+            let _ = writeln!(out, "params:");
+            for p in &self.params.0 {
+                let v = if p.secret {
+                    format!("[REDACTED:{}]", p.name)
+                } else {
+                    p.value.to_string()
+                };
+                let _ = writeln!(out, "  {} = {v}", p.name);
+            }
+        }
+        let mut scope = self.scope(run);
+        for (n, level) in self.graph.levels().iter().enumerate() {
+            let _ = writeln!(out, "level {n}:");
+            for &i in level {
+                let step = &rb.steps[i];
+                let mut flags = Vec::new();
+                if !self.selected[i] {
+                    flags.push("not selected".to_owned());
+                }
+                if let Some(p) = &step.phase {
+                    flags.push(format!("phase {p}"));
+                }
+                if step.retry.attempts > 1 {
+                    flags.push(format!("{} attempts", step.retry.attempts));
+                }
+                if let Some(t) = step.timeout {
+                    flags.push(format!("timeout {}", crate::duration::format_spec(t)));
+                }
+                if step.always {
+                    flags.push("always".into());
+                }
+                if step.continue_on_failure {
+                    flags.push("continue on failure".into());
+                }
+                let needs: Vec<&str> = step.needs.iter().map(|n| n.id.as_str()).collect();
+                let _ = write!(out, "  {}", step.id);
+                if !needs.is_empty() {
+                    let _ = write!(out, " (needs {})", needs.join(", "));
+                }
+                if !flags.is_empty() {
+                    let _ = write!(out, " [{}]", flags.join(", "));
+                }
+                out.push('\n');
+                match &step.action {
+                    Action::Run { command } => {
+                        let text = command
+                            .render(host, &mut scope)
+                            .unwrap_or_else(|_| command.raw().to_owned());
+                        for line in self.redactor.redact_str(&text).lines() {
+                            let _ = writeln!(out, "      $ {line}");
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,122 @@
+//! Per-attempt log files: one record per output line, `<UTC time> <tag> <bytes>\n`, where the
+//! tag is `out` or `err` for a complete line and `out+`/`err+` for a fragment that continues in
+//! the next record of that stream (a line longer than the fragment limit, or the last bytes
+//! before the process ended without a newline). Bytes are written as the process wrote them
+//! (invalid UTF-8 included), after secret redaction.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use runbook_engine::event::Stream;
+
+use crate::redact::ByteRedactor;
+use crate::{write_err, EvidenceError};
+
+/// Longest fragment kept in memory while waiting for a newline.
+const MAX_FRAGMENT: usize = 64 * 1024;
+
+struct Pending {
+    bytes: Vec<u8>,
+    /// When the first byte of `bytes` arrived.
+    since: Option<DateTime<Utc>>,
+}
+
+pub struct LogWriter {
+    path: PathBuf,
+    file: BufWriter<File>,
+    pending: [Pending; 2],
+    redactor: ByteRedactor,
+}
+
+fn index(stream: Stream) -> usize {
+    match stream {
+        Stream::Stdout => 0,
+        Stream::Stderr => 1,
+    }
+}
+
+impl LogWriter {
+    pub fn create(path: &Path, redactor: ByteRedactor) -> Result<Self, EvidenceError> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(write_err(parent))?;
+        }
+        let file = File::create(path).map_err(write_err(path))?;
+        Ok(Self {
+            path: path.to_owned(),
+            file: BufWriter::with_capacity(64 * 1024, file),
+            pending: [
+                Pending { bytes: Vec::new(), since: None },
+                Pending { bytes: Vec::new(), since: None },
+            ],
+            redactor,
+        })
+    }
+
+    /// A header line that is not process output (the command, notes from the engine).
+    pub fn meta(&mut self, at: DateTime<Utc>, text: &str) -> Result<(), EvidenceError> {
+        let text = self.redactor.redact_str(text);
+        let mut out = String::new();
+        for line in text.trim_end_matches('\n').split('\n') {
+            out.push_str(&format!("{} --- {line}\n", stamp(at)));
+        }
+        self.file.write_all(out.as_bytes()).map_err(write_err(&self.path))
+    }
+
+    pub fn write(&mut self, at: DateTime<Utc>, stream: Stream, mut data: &[u8]) -> Result<(), EvidenceError> {
+        let i = index(stream);
+        while let Some(nl) = data.iter().position(|&b| b == b'\n') {
+            let since = self.pending[i].since.take().unwrap_or(at);
+            let mut line = std::mem::take(&mut self.pending[i].bytes);
+            line.extend_from_slice(&data[..nl]);
+            self.record(since, stream.tag(), &line)?;
+            data = &data[nl + 1..];
+        }
+        if !data.is_empty() {
+            let p = &mut self.pending[i];
+            p.since.get_or_insert(at);
+            p.bytes.extend_from_slice(data);
+            if p.bytes.len() > MAX_FRAGMENT {
+                // Keep back enough bytes that a secret cut here is still seen whole later.
+                let keep = self.redactor.overlap().min(p.bytes.len());
+                let cut = p.bytes.len() - keep;
+                let head: Vec<u8> = p.bytes.drain(..cut).collect();
+                let since = p.since.replace(at).unwrap_or(at);
+                let tag = format!("{}+", stream.tag());
+                self.record(since, &tag, &head)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn record(&mut self, at: DateTime<Utc>, tag: &str, line: &[u8]) -> Result<(), EvidenceError> {
+        let line = self.redactor.redact(line);
+        let mut rec = Vec::with_capacity(line.len() + 40);
+        rec.extend_from_slice(stamp(at).as_bytes());
+        rec.push(b' ');
+        rec.extend_from_slice(tag.as_bytes());
+        rec.push(b' ');
+        rec.extend_from_slice(&line);
+        rec.push(b'\n');
+        self.file.write_all(&rec).map_err(write_err(&self.path))
+    }
+
+    /// Writes out partial lines and closes the file, synced to disk.
+    pub fn finish(mut self) -> Result<(), EvidenceError> {
+        for stream in [Stream::Stdout, Stream::Stderr] {
+            let i = index(stream);
+            if !self.pending[i].bytes.is_empty() {
+                let bytes = std::mem::take(&mut self.pending[i].bytes);
+                let since = self.pending[i].since.take().unwrap_or_else(Utc::now);
+                self.record(since, &format!("{}+", stream.tag()), &bytes)?;
+            }
+        }
+        self.file.flush().map_err(write_err(&self.path))?;
+        self.file.get_ref().sync_data().map_err(write_err(&self.path))
+    }
+}
+
+pub fn stamp(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::Millis, true)
+}

@@ -1,0 +1,120 @@
+//! `manifest.json`: the run record an assessor reads first. It is built only from run events,
+//! so it can always be rebuilt from the journal.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use runbook_engine::event::{AttemptOutcome, OutputCounts, RunStatus, StepStatus};
+use serde::Serialize;
+
+pub const FORMAT: &str = "runbook-evidence/1";
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Manifest {
+    pub format: &'static str,
+    pub run_id: String,
+    pub status: RunStatus,
+    pub started_at: DateTime<Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_seconds: Option<f64>,
+    pub runbook: RunbookInfo,
+    /// Parameter values as used, secrets replaced by `[REDACTED:name]`.
+    pub params: serde_json::Value,
+    pub param_sources: BTreeMap<String, serde_json::Value>,
+    pub operator: Operator,
+    pub engine: Engine,
+    /// Directory steps ran in (when they name no `cwd`).
+    pub workdir: String,
+    pub command_line: Vec<String>,
+    pub summary: BTreeMap<&'static str, usize>,
+    pub steps: Vec<StepRecord>,
+    pub notes: Vec<Note>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunbookInfo {
+    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    pub refs: Vec<String>,
+    /// Path as given on the command line.
+    pub path: String,
+    pub sha256: String,
+    /// The copy inside the bundle.
+    pub copy: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Operator {
+    pub user: String,
+    pub uid: u32,
+    pub host: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Engine {
+    pub name: &'static str,
+    pub version: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StepRecord {
+    pub id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    pub status: Option<StepStatus>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<DateTime<Utc>>,
+    pub duration_seconds: f64,
+    pub attempts: Vec<AttemptRecord>,
+    pub collected: Vec<Collected>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AttemptRecord {
+    pub attempt: u32,
+    pub target: String,
+    pub command: String,
+    pub cwd: String,
+    pub started_at: DateTime<Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_seconds: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<AttemptOutcome>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub output: OutputCounts,
+    /// Delay before the next attempt, when one was scheduled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_delay_seconds: Option<f64>,
+    pub log: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Collected {
+    pub name: String,
+    pub source: String,
+    /// Path inside the bundle, absent when the file could not be copied.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub copy: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Note {
+    pub at: DateTime<Utc>,
+    pub message: String,
+}

@@ -1,0 +1,202 @@
+//! What the operator sees while a run goes on. On a terminal: a live line per running step
+//! (attempt n/m, elapsed, retry countdown) with finished steps printed above it; elsewhere
+//! (Jenkins, pipes): one plain timestamped line per event. Step output is shown only with
+//! `--stream`, prefixed with the step id, and always whole lines, so it never garbles.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::time::Duration;
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use runbook_engine::duration::format_duration;
+use runbook_engine::event::{RunEvent, StepStatus, Stream};
+use runbook_engine::executor::RunReport;
+
+pub struct Console {
+    live: Option<MultiProgress>,
+    bars: HashMap<String, ProgressBar>,
+    stream_output: bool,
+    partial: HashMap<(String, Stream), Vec<u8>>,
+    color: bool,
+}
+
+impl Console {
+    pub fn new(live: bool, stream_output: bool, color: bool) -> Self {
+        Self {
+            live: live.then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(10))),
+            bars: HashMap::new(),
+            stream_output,
+            partial: HashMap::new(),
+            color,
+        }
+    }
+
+    fn paint(&self, code: &str, text: &str) -> String {
+        if self.color {
+            format!("\x1b[{code}m{text}\x1b[0m")
+        } else {
+            text.to_owned()
+        }
+    }
+
+    fn line(&self, text: &str) {
+        let now = chrono::Local::now().format("%H:%M:%S");
+        let line = format!("{} {text}", self.paint("2", &now.to_string()));
+        match &self.live {
+            Some(mp) => {
+                let _ = mp.println(line);
+            }
+            None => {
+                let mut err = std::io::stderr().lock();
+                let _ = writeln!(err, "{line}");
+            }
+        }
+    }
+
+    pub fn event(&mut self, event: &RunEvent) {
+        match event {
+            RunEvent::RunStarted { runbook, run_id, steps, .. } => {
+                self.line(&format!("run {run_id} of {runbook}: {steps} steps"));
+            }
+            RunEvent::StepStarted { .. } | RunEvent::Collect { .. } | RunEvent::RunFinished { .. } => {}
+            RunEvent::AttemptStarted { step, attempt, max_attempts, command, .. } => {
+                let first = command.lines().next().unwrap_or("");
+                let cmd: String = first.chars().take(80).collect();
+                let more = if cmd.len() < command.len() { " …" } else { "" };
+                if let Some(mp) = &self.live {
+                    let bar = self.bars.entry(step.to_string()).or_insert_with(|| {
+                        let bar = mp.add(ProgressBar::new_spinner());
+                        bar.set_style(
+                            ProgressStyle::with_template("{spinner:.cyan} {prefix:.bold} {msg} {elapsed:.dim}")
+                                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+                        );
+                        bar.set_prefix(step.to_string());
+                        bar.enable_steady_tick(Duration::from_millis(100));
+                        bar
+                    });
+                    bar.set_message(format!("attempt {attempt}/{max_attempts}: {cmd}{more}"));
+                } else {
+                    self.line(&format!("▶ {step} attempt {attempt}/{max_attempts}: {cmd}{more}"));
+                }
+            }
+            RunEvent::Output { step, stream, data, .. } => {
+                if self.stream_output {
+                    self.output(step.as_str(), *stream, data);
+                }
+            }
+            RunEvent::AttemptFinished { step, attempt, outcome, duration, .. } => {
+                if !outcome.succeeded() {
+                    let msg = format!(
+                        "{} {step} attempt {attempt}: {} after {}",
+                        self.paint("33", "!"),
+                        outcome.describe(),
+                        format_duration(*duration)
+                    );
+                    self.line(&msg);
+                }
+            }
+            RunEvent::RetryScheduled { step, next_attempt, delay, .. } => {
+                let text = format!("retrying in {} (attempt {next_attempt} next)", format_duration(*delay));
+                match self.bars.get(step.as_str()) {
+                    Some(bar) => bar.set_message(text),
+                    None => self.line(&format!("  {step} {text}")),
+                }
+            }
+            RunEvent::StepFinished { step, status, attempts, duration, reason, .. } => {
+                self.flush_partial(step.as_str());
+                if let Some(bar) = self.bars.remove(step.as_str()) {
+                    bar.finish_and_clear();
+                    if let Some(mp) = &self.live {
+                        mp.remove(&bar);
+                    }
+                }
+                let (mark, color) = match status {
+                    StepStatus::Succeeded => ("✓", "32"),
+                    StepStatus::Failed => ("✗", "31"),
+                    StepStatus::Skipped => ("-", "2"),
+                    StepStatus::Cancelled => ("■", "33"),
+                };
+                let tries = if *attempts > 1 { format!(", {attempts} attempts") } else { String::new() };
+                let why = reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default();
+                let text = match status {
+                    StepStatus::Skipped => format!("{} {step} skipped{why}", self.paint(color, mark)),
+                    _ => format!(
+                        "{} {step} {} in {}{tries}{why}",
+                        self.paint(color, mark),
+                        status.as_str(),
+                        format_duration(*duration)
+                    ),
+                };
+                self.line(&text);
+            }
+            RunEvent::Note { message, .. } => self.line(&format!("note: {message}")),
+        }
+    }
+
+    fn output(&mut self, step: &str, stream: Stream, data: &[u8]) {
+        let key = (step.to_owned(), stream);
+        let buf = self.partial.entry(key).or_default();
+        buf.extend_from_slice(data);
+        let mut lines = Vec::new();
+        while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=nl).collect();
+            lines.push(String::from_utf8_lossy(&line[..line.len() - 1]).into_owned());
+        }
+        for l in lines {
+            self.print_output(step, stream, &l);
+        }
+    }
+
+    fn print_output(&self, step: &str, stream: Stream, line: &str) {
+        let prefix = match stream {
+            Stream::Stdout => format!("[{step}]"),
+            Stream::Stderr => format!("[{step}!]"),
+        };
+        let text = format!("{} {line}", self.paint("36", &prefix));
+        match &self.live {
+            Some(mp) => {
+                let _ = mp.println(text);
+            }
+            None => {
+                let _ = writeln!(std::io::stderr().lock(), "{text}");
+            }
+        }
+    }
+
+    fn flush_partial(&mut self, step: &str) {
+        for stream in [Stream::Stdout, Stream::Stderr] {
+            if let Some(buf) = self.partial.remove(&(step.to_owned(), stream)) {
+                if !buf.is_empty() {
+                    self.print_output(step, stream, &String::from_utf8_lossy(&buf));
+                }
+            }
+        }
+    }
+
+    pub fn finish(&mut self) {
+        for (_, bar) in self.bars.drain() {
+            bar.finish_and_clear();
+        }
+        if let Some(mp) = &self.live {
+            let _ = mp.clear();
+        }
+    }
+}
+
+/// The table printed after a run.
+pub fn summary_table(report: &RunReport) -> String {
+    let width = report.steps.iter().map(|s| s.id.chars().count()).max().unwrap_or(4).max(4);
+    let mut out = format!("{:<width$}  {:<9}  {:>8}  {:>8}  NOTE\n", "STEP", "STATUS", "ATTEMPTS", "DURATION");
+    for s in &report.steps {
+        let note = s.reason.as_deref().unwrap_or("");
+        let duration = if s.attempts == 0 { "-".to_owned() } else { format_duration(s.duration) };
+        out.push_str(&format!(
+            "{:<width$}  {:<9}  {:>8}  {:>8}  {note}\n",
+            s.id,
+            s.status.as_str(),
+            s.attempts,
+            duration
+        ));
+    }
+    out
+}

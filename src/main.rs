@@ -1,0 +1,12 @@
+//! The `runbook` command line: argument parsing, wiring the engine to the step runners and the
+//! evidence recorder, progress display and error rendering. Everything else lives in the
+//! `engine`, `steps` and `evidence` crates.
+
+mod cli;
+mod commands;
+mod console;
+mod render;
+
+fn main() {
+    std::process::exit(commands::main());
+}

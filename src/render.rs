@@ -1,0 +1,72 @@
+//! Rendering engine diagnostics for people: `file:line:col`, the source line, a caret, help.
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+
+use codespan_reporting::diagnostic as cs;
+use codespan_reporting::files::SimpleFiles;
+use codespan_reporting::term::{self, termcolor};
+use runbook_engine::diagnostic::{Diagnostic, Severity};
+
+/// Whether to colour stderr: a terminal, and `NO_COLOR` unset.
+pub fn stderr_color() -> bool {
+    std::env::var_os("NO_COLOR").is_none() && std::io::stderr().is_terminal()
+}
+
+pub fn diagnostics_to_string(diags: &[Diagnostic], color: bool) -> String {
+    let mut files = SimpleFiles::new();
+    let mut ids: HashMap<*const runbook_engine::Source, usize> = HashMap::new();
+    let mut buffer = if color {
+        termcolor::Buffer::ansi()
+    } else {
+        termcolor::Buffer::no_color()
+    };
+    let config = term::Config::default();
+    for d in diags {
+        let mut labels = Vec::new();
+        for (primary, label) in d
+            .primary
+            .iter()
+            .map(|l| (true, l))
+            .chain(d.secondary.iter().map(|l| (false, l)))
+        {
+            let key = std::sync::Arc::as_ptr(&label.source);
+            let id = *ids.entry(key).or_insert_with(|| {
+                files.add(
+                    label.source.path().display().to_string(),
+                    label.source.text().to_owned(),
+                )
+            });
+            let l = if primary {
+                cs::Label::primary(id, label.span.clone())
+            } else {
+                cs::Label::secondary(id, label.span.clone())
+            };
+            labels.push(l.with_message(label.message.clone()));
+        }
+        let mut notes: Vec<String> = d.notes.iter().map(|n| format!("note: {n}")).collect();
+        if let Some(h) = &d.help {
+            notes.push(format!("help: {h}"));
+        }
+        let base = match d.severity {
+            Severity::Error => cs::Diagnostic::error(),
+            Severity::Warning => cs::Diagnostic::warning(),
+        };
+        let out = base
+            .with_code(d.code.as_str())
+            .with_message(d.message.clone())
+            .with_labels(labels)
+            .with_notes(notes);
+        let _ = term::emit(&mut buffer, &config, &files, &out);
+    }
+    String::from_utf8_lossy(buffer.as_slice()).into_owned()
+}
+
+/// Prints an error for which there is no source position (a missing file, a bad flag).
+pub fn error(message: &str) {
+    if stderr_color() {
+        eprintln!("\x1b[1;31merror\x1b[0m: {message}");
+    } else {
+        eprintln!("error: {message}");
+    }
+}

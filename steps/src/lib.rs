@@ -1,0 +1,6 @@
+//! Step runners: the [`StepRunner`](runbook_engine::runner::StepRunner) implementations that do
+//! the work. Each knows how to run one attempt and nothing about graphs, retries or evidence.
+
+pub mod local;
+
+pub use local::LocalRunner;

@@ -1,0 +1,202 @@
+//! Local steps: a shell command in its own process group on this machine.
+//!
+//! The group is the unit of control: a timeout or cancel sends TERM to the whole group, waits
+//! the step's grace period, then KILLs it, so grandchildren (`sleep 1000 &`) go too. When the
+//! step's own process exits, whatever it left running in its group is stopped the same way:
+//! a step cannot leak processes past its end. Output is read in chunks as it arrives and sent
+//! on with backpressure; it is never collected whole.
+
+use std::os::unix::process::ExitStatusExt;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::time::{sleep_until, Instant};
+
+use runbook_engine::event::{AttemptOutcome, FailureKind, Stream};
+use runbook_engine::runner::{AttemptContext, BoxFuture, OutputSink, StepRunner};
+
+const READ_CHUNK: usize = 64 * 1024;
+/// How long to keep reading after the group was killed, for a pipe held open by a process
+/// that escaped the group (`setsid`).
+const DRAIN_AFTER_KILL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LocalRunner;
+
+impl StepRunner for LocalRunner {
+    fn run<'a>(&'a self, ctx: AttemptContext, out: &'a mut OutputSink) -> BoxFuture<'a, AttemptOutcome> {
+        Box::pin(run(ctx, out))
+    }
+}
+
+/// Why the runner stopped the group itself.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Stop {
+    Timeout,
+    Cancel,
+    /// The step's main process exited; leftovers in its group are being stopped.
+    Exited,
+}
+
+async fn run(ctx: AttemptContext, out: &mut OutputSink) -> AttemptOutcome {
+    let Some((program, args)) = ctx.shell.split_first() else {
+        return AttemptOutcome::Failed {
+            failure: FailureKind::Spawn,
+            message: "no shell configured".into(),
+        };
+    };
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
+        .arg(&ctx.command)
+        .current_dir(&ctx.cwd)
+        .envs(ctx.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("RUNBOOK_STEP", ctx.step.as_str())
+        .env("RUNBOOK_ATTEMPT", ctx.attempt.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let mut child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            let message = if ctx.cwd.is_dir() {
+                format!("cannot start `{program}`: {e}")
+            } else {
+                format!("working directory `{}` does not exist", ctx.cwd.display())
+            };
+            return AttemptOutcome::Failed {
+                failure: FailureKind::Spawn,
+                message,
+            };
+        }
+    };
+    let Some(pgid) = child.id().and_then(|id| i32::try_from(id).ok()).map(Pid::from_raw) else {
+        return AttemptOutcome::Failed {
+            failure: FailureKind::Spawn,
+            message: "the process exited before its id could be read".into(),
+        };
+    };
+    let mut stdout = child.stdout.take();
+    let mut stderr = child.stderr.take();
+    let mut out_buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut err_buf = BytesMut::with_capacity(READ_CHUNK);
+
+    let started = Instant::now();
+    // Far enough in the future to never fire; avoids Option juggling in `select!`.
+    let never = started + Duration::from_secs(100 * 365 * 24 * 3600);
+    let deadline = ctx.timeout.map_or(never, |t| started + t);
+    let mut status: Option<ExitStatus> = None;
+    let mut stop: Option<Stop> = None;
+    let mut kill_at = never;
+    let mut give_up_at = never;
+    let mut io_error: Option<String> = None;
+
+    loop {
+        let streams_open = stdout.is_some() || stderr.is_some();
+        if status.is_some() && !streams_open {
+            break;
+        }
+        tokio::select! {
+            r = read_chunk(&mut stdout, &mut out_buf), if stdout.is_some() => {
+                match r {
+                    Ok(0) => stdout = None,
+                    Ok(_) => out.write(Stream::Stdout, out_buf.split().freeze()).await,
+                    Err(e) => { io_error.get_or_insert(format!("reading stdout: {e}")); stdout = None; }
+                }
+            }
+            r = read_chunk(&mut stderr, &mut err_buf), if stderr.is_some() => {
+                match r {
+                    Ok(0) => stderr = None,
+                    Ok(_) => out.write(Stream::Stderr, err_buf.split().freeze()).await,
+                    Err(e) => { io_error.get_or_insert(format!("reading stderr: {e}")); stderr = None; }
+                }
+            }
+            r = child.wait(), if status.is_none() => {
+                match r {
+                    Ok(s) => status = Some(s),
+                    Err(e) => {
+                        io_error.get_or_insert(format!("waiting for the process: {e}"));
+                        status = Some(ExitStatus::from_raw(0x7f00));
+                    }
+                }
+                if stop.is_none() {
+                    stop = Some(Stop::Exited);
+                }
+                // Stop whatever the step left behind in its group, then stop waiting for pipes.
+                signal_group(pgid, Signal::SIGTERM);
+                kill_at = kill_at.min(Instant::now() + ctx.kill_grace.min(Duration::from_secs(2)));
+            }
+            () = sleep_until(deadline), if stop.is_none() => {
+                stop = Some(Stop::Timeout);
+                signal_group(pgid, Signal::SIGTERM);
+                kill_at = Instant::now() + ctx.kill_grace;
+            }
+            () = ctx.cancel.cancelled(), if stop.is_none() => {
+                stop = Some(Stop::Cancel);
+                signal_group(pgid, Signal::SIGTERM);
+                kill_at = Instant::now() + ctx.kill_grace;
+            }
+            () = sleep_until(kill_at), if kill_at < never => {
+                signal_group(pgid, Signal::SIGKILL);
+                kill_at = never;
+                give_up_at = Instant::now() + DRAIN_AFTER_KILL;
+            }
+            () = sleep_until(give_up_at), if give_up_at < never => {
+                if status.is_some() {
+                    // A process outside the group still holds the pipe: stop reading.
+                    out.write(
+                        Stream::Stderr,
+                        bytes::Bytes::from_static(b"\n[runbook] output truncated: a process outside the step's process group kept its output open\n"),
+                    )
+                    .await;
+                    break;
+                }
+                give_up_at = never;
+            }
+        }
+    }
+
+    match stop {
+        Some(Stop::Timeout) => AttemptOutcome::TimedOut {
+            after: ctx.timeout.unwrap_or_default(),
+        },
+        Some(Stop::Cancel) => AttemptOutcome::Cancelled,
+        _ => {
+            if let Some(message) = io_error {
+                return AttemptOutcome::Failed {
+                    failure: FailureKind::Io,
+                    message,
+                };
+            }
+            let status = status.unwrap_or_else(|| ExitStatus::from_raw(0x7f00));
+            match (status.code(), status.signal()) {
+                (Some(code), _) => AttemptOutcome::Exited { code },
+                (None, Some(signal)) => AttemptOutcome::Signaled {
+                    signal,
+                    name: Signal::try_from(signal)
+                        .map_or_else(|_| format!("signal {signal}"), |s| s.as_str().to_owned()),
+                },
+                (None, None) => AttemptOutcome::Exited { code: -1 },
+            }
+        }
+    }
+}
+
+async fn read_chunk<R: AsyncRead + Unpin>(reader: &mut Option<R>, buf: &mut BytesMut) -> std::io::Result<usize> {
+    match reader {
+        Some(r) => {
+            buf.reserve(READ_CHUNK);
+            r.read_buf(buf).await
+        }
+        None => std::future::pending().await,
+    }
+}
+
+fn signal_group(pgid: Pid, signal: Signal) {
+    // ESRCH (group already gone) is the normal case after a clean exit.
+    let _ = killpg(pgid, signal);
+}
