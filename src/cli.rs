@@ -37,15 +37,21 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a runbook and write an evidence bundle
-    #[command(after_help = "Examples:\n  runbook run deploy.toml --set rke2_version=v1.31.5+rke2r1\n  runbook run deploy.toml --only first-server --evidence-dir /srv/proof\n  runbook run deploy.toml --dry-run")]
+    #[command(
+        after_help = "Examples:\n  runbook run deploy.toml --set rke2_version=v1.31.5+rke2r1\n  runbook run deploy.toml --only first-server --evidence-dir /srv/proof\n  runbook run deploy.toml --dry-run"
+    )]
     Run(RunArgs),
     /// Check runbooks for every problem, without running anything
-    #[command(after_help = "Examples:\n  runbook check runbooks/*.toml\n\nExits 2 when any file has an error.")]
+    #[command(
+        after_help = "Examples:\n  runbook check runbooks/*.toml\n\nExits 2 when any file has an error."
+    )]
     Check(CheckArgs),
     /// Print the execution order with resolved commands
     Plan(PlanArgs),
     /// Print the dependency graph
-    #[command(after_help = "Examples:\n  runbook graph deploy.toml --format dot | dot -Tsvg > deploy.svg\n  runbook graph deploy.toml --format mermaid")]
+    #[command(
+        after_help = "Examples:\n  runbook graph deploy.toml --format dot | dot -Tsvg > deploy.svg\n  runbook graph deploy.toml --format mermaid"
+    )]
     Graph(GraphArgs),
     /// Explain a diagnostic code such as RB0007
     Explain {

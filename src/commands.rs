@@ -29,7 +29,11 @@ pub fn main() -> i32 {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { exit::USAGE } else { exit::OK };
+            return if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            };
         }
     };
     init_tracing();
@@ -108,7 +112,14 @@ fn selection(s: &crate::cli::Selection) -> Selection {
 fn make_plan(loaded: Loaded, sets: &[String], sel: &crate::cli::Selection) -> Result<Plan, i32> {
     let params = bind_params(&loaded.runbook, sets)?;
     let workdir = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
-    Plan::new(loaded.runbook, loaded.graph, params, &selection(sel), workdir).map_err(|e| {
+    Plan::new(
+        loaded.runbook,
+        loaded.graph,
+        params,
+        &selection(sel),
+        workdir,
+    )
+    .map_err(|e| {
         render::error(&e.to_string());
         exit::USAGE
     })
@@ -136,7 +147,9 @@ fn check(args: &CheckArgs) -> i32 {
 
 fn plan(args: &PlanArgs) -> i32 {
     let host = ExprHost::new();
-    let plan = match load(&args.file, &host).and_then(|l| make_plan(l, &args.params.set, &args.selection)) {
+    let plan = match load(&args.file, &host)
+        .and_then(|l| make_plan(l, &args.params.set, &args.selection))
+    {
         Ok(p) => p,
         Err(code) => return code,
     };
@@ -166,7 +179,10 @@ fn explain(code: &str) -> i32 {
             exit::OK
         }
         None => {
-            render::error(&format!("unknown code `{code}`; codes run from RB0001 to RB{:04}", Code::ALL.len()));
+            render::error(&format!(
+                "unknown code `{code}`; codes run from RB0001 to RB{:04}",
+                Code::ALL.len()
+            ));
             exit::USAGE
         }
     }
@@ -193,7 +209,9 @@ fn operator() -> Operator {
 
 fn run(args: &RunArgs) -> i32 {
     let host = ExprHost::new();
-    let plan = match load(&args.file, &host).and_then(|l| make_plan(l, &args.params.set, &args.selection)) {
+    let plan = match load(&args.file, &host)
+        .and_then(|l| make_plan(l, &args.params.set, &args.selection))
+    {
         Ok(p) => p,
         Err(code) => return code,
     };
@@ -205,17 +223,21 @@ fn run(args: &RunArgs) -> i32 {
     }
     let plan = Arc::new(plan);
     let evidence_dir = args.evidence_dir.clone().unwrap_or_else(|| {
-        plan.runbook
-            .meta
-            .evidence_dir
-            .as_ref()
-            .map_or_else(|| PathBuf::from("proof"), |d| plan.runbook.base_dir().join(d))
+        plan.runbook.meta.evidence_dir.as_ref().map_or_else(
+            || PathBuf::from("proof"),
+            |d| plan.runbook.base_dir().join(d),
+        )
     });
     let param_sources = plan
         .params
         .0
         .iter()
-        .map(|p| (p.name.clone(), serde_json::to_value(&p.source).unwrap_or_default()))
+        .map(|p| {
+            (
+                p.name.clone(),
+                serde_json::to_value(&p.source).unwrap_or_default(),
+            )
+        })
         .collect();
     let recorder = match Recorder::create(RecorderConfig {
         evidence_dir: evidence_dir.clone(),
@@ -243,7 +265,10 @@ fn run(args: &RunArgs) -> i32 {
     let live = !args.no_progress && std::io::stderr().is_terminal();
     let console = Console::new(live, args.stream, stderr_color());
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             render::error(&format!("cannot start the async runtime: {e}"));
@@ -295,7 +320,10 @@ fn run(args: &RunArgs) -> i32 {
             );
         }
         (Some(e), _) | (None, Some(Err(e))) => {
-            render::error(&format!("{e}; the run was stopped; what was written so far is in `{}`", bundle.display()));
+            render::error(&format!(
+                "{e}; the run was stopped; what was written so far is in `{}`",
+                bundle.display()
+            ));
             code = exit::RUN_FAILED;
         }
         (None, None) => {}
@@ -306,12 +334,20 @@ fn run(args: &RunArgs) -> i32 {
             map.insert("bundle".into(), bundle.display().to_string().into());
         }
         let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "{}", serde_json::to_string_pretty(&value).unwrap_or_default());
+        let _ = writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&value).unwrap_or_default()
+        );
     }
     code
 }
 
-type ConsumerResult = (Option<Recorder>, Console, Option<runbook_evidence::EvidenceError>);
+type ConsumerResult = (
+    Option<Recorder>,
+    Console,
+    Option<runbook_evidence::EvidenceError>,
+);
 
 /// One thread consumes every event: evidence first, then the console, so nothing interleaves.
 /// If evidence cannot be written the run is cancelled: a run that cannot be recorded must stop.
@@ -340,7 +376,10 @@ fn spawn_consumer(
 
 async fn watch_signals(cancel: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
         return;
     };
     tokio::select! {

@@ -27,7 +27,14 @@ const TOP_KEYS: &[&str] = &["runbook", "params", "defaults", "steps"];
 const RUNBOOK_KEYS: &[&str] = &["name", "title", "description", "refs", "evidence_dir"];
 const PARAM_KEYS: &[&str] = &["default", "doc", "secret", "env", "required"];
 const DEFAULT_KEYS: &[&str] = &["timeout", "retry", "shell", "env", "cwd", "kill_grace"];
-const RETRY_KEYS: &[&str] = &["attempts", "backoff", "delay", "max_delay", "factor", "jitter"];
+const RETRY_KEYS: &[&str] = &[
+    "attempts",
+    "backoff",
+    "delay",
+    "max_delay",
+    "factor",
+    "jitter",
+];
 const STEP_KEYS: &[&str] = &[
     "id",
     "title",
@@ -140,7 +147,11 @@ impl Analyzer<'_> {
             Some(v) => self.meta(v, &shifted),
             None => {
                 let d = Diagnostic::error(Code::MissingKey, "missing `[runbook]` table")
-                    .at(&self.src, bom..bom, "expected `[runbook]` with at least `name`")
+                    .at(
+                        &self.src,
+                        bom..bom,
+                        "expected `[runbook]` with at least `name`",
+                    )
                     .help("add:\n[runbook]\nname = \"my-runbook\"");
                 self.push(d);
                 None
@@ -164,7 +175,11 @@ impl Analyzer<'_> {
             Some(v) => self.steps(v, &defaults, &params, &shifted),
             None => {
                 let d = Diagnostic::error(Code::MissingKey, "the runbook has no steps")
-                    .at(&self.src, bom..bom, "expected at least one `[[steps]]` table")
+                    .at(
+                        &self.src,
+                        bom..bom,
+                        "expected at least one `[[steps]]` table",
+                    )
                     .help("add:\n[[steps]]\nid = \"hello\"\nrun = \"echo hello\"");
                 self.push(d);
                 Vec::new()
@@ -184,8 +199,11 @@ impl Analyzer<'_> {
             if allowed.contains(&name) {
                 continue;
             }
-            let mut d = Diagnostic::error(Code::UnknownKey, format!("unknown key `{name}` in {what}"))
-                .at(&self.src, s.span(key.span()), "unknown key");
+            let mut d = Diagnostic::error(
+                Code::UnknownKey,
+                format!("unknown key `{name}` in {what}"),
+            )
+            .at(&self.src, s.span(key.span()), "unknown key");
             d = match suggest(name, allowed.iter().copied()) {
                 Some(near) => d.help(format!("did you mean `{near}`?")),
                 None => d.help(format!("valid keys here: {}", list(allowed))),
@@ -251,7 +269,12 @@ impl Analyzer<'_> {
             DeValue::Integer(i) => {
                 let parsed = i64::from_str_radix(i.as_str(), i.radix()).ok();
                 if parsed.is_none() {
-                    self.error(Code::BadValue, s.span(v.span()), format!("`{key}` is out of range"), "too large");
+                    self.error(
+                        Code::BadValue,
+                        s.span(v.span()),
+                        format!("`{key}` is out of range"),
+                        "too large",
+                    );
                 }
                 parsed
             }
@@ -280,8 +303,15 @@ impl Analyzer<'_> {
             DeValue::String(text) => match parse_duration(text) {
                 Ok(d) => Some(d),
                 Err(why) => {
-                    let d = Diagnostic::error(Code::BadDuration, format!("invalid duration for `{key}`: {why}"))
-                        .at(&self.src, s.span(v.span()), "expected a duration like `90s`, `10m` or `1h30m`");
+                    let d = Diagnostic::error(
+                        Code::BadDuration,
+                        format!("invalid duration for `{key}`: {why}"),
+                    )
+                    .at(
+                        &self.src,
+                        s.span(v.span()),
+                        "expected a duration like `90s`, `10m` or `1h30m`",
+                    );
                     self.push(d);
                     None
                 }
@@ -289,7 +319,10 @@ impl Analyzer<'_> {
             DeValue::Integer(i) => {
                 let d = Diagnostic::error(
                     Code::BadDuration,
-                    format!("`{key}` must be a duration string, found the number {}", i.as_str()),
+                    format!(
+                        "`{key}` must be a duration string, found the number {}",
+                        i.as_str()
+                    ),
                 )
                 .at(&self.src, s.span(v.span()), "a bare number has no unit")
                 .help(format!("write `{key} = \"{}s\"` for seconds", i.as_str()));
@@ -303,7 +336,12 @@ impl Analyzer<'_> {
         }
     }
 
-    fn string_list(&mut self, v: &Value<'_>, key: &str, s: &ShiftedSpans) -> Option<Vec<(String, Span)>> {
+    fn string_list(
+        &mut self,
+        v: &Value<'_>,
+        key: &str,
+        s: &ShiftedSpans,
+    ) -> Option<Vec<(String, Span)>> {
         match v.get_ref() {
             DeValue::Array(items) => Some(
                 items
@@ -312,9 +350,12 @@ impl Analyzer<'_> {
                     .collect(),
             ),
             DeValue::String(text) => {
-                let d = Diagnostic::error(Code::WrongType, format!("`{key}` must be a list of strings, found a string"))
-                    .at(&self.src, s.span(v.span()), "expected a list")
-                    .help(format!("write `{key} = [\"{text}\"]`"));
+                let d = Diagnostic::error(
+                    Code::WrongType,
+                    format!("`{key}` must be a list of strings, found a string"),
+                )
+                .at(&self.src, s.span(v.span()), "expected a list")
+                .help(format!("write `{key} = [\"{text}\"]`"));
                 self.push(d);
                 None
             }
@@ -325,7 +366,13 @@ impl Analyzer<'_> {
         }
     }
 
-    fn template(&mut self, v: &Value<'_>, key: &str, params: &[ParamSpec], s: &ShiftedSpans) -> Option<Template> {
+    fn template(
+        &mut self,
+        v: &Value<'_>,
+        key: &str,
+        params: &[ParamSpec],
+        s: &ShiftedSpans,
+    ) -> Option<Template> {
         let (text, span) = self.string(v, key, s)?;
         self.template_text(&text, span, params)
     }
@@ -344,12 +391,23 @@ impl Analyzer<'_> {
                         if !params.iter().any(|p| p.name == name) {
                             let here = at(offset + at_name);
                             let here = here.start..here.start + "params.".len() + name.len();
-                            let mut d = Diagnostic::error(Code::UnknownParam, format!("unknown parameter `{name}`"))
-                                .at(&self.src, here, "not declared under `[params]`");
-                            if let Some(near) = suggest(&name, params.iter().map(|p| p.name.as_str())) {
+                            let mut d = Diagnostic::error(
+                                Code::UnknownParam,
+                                format!("unknown parameter `{name}`"),
+                            )
+                            .at(
+                                &self.src,
+                                here,
+                                "not declared under `[params]`",
+                            );
+                            if let Some(near) =
+                                suggest(&name, params.iter().map(|p| p.name.as_str()))
+                            {
                                 d = d.help(format!("did you mean `params.{near}`?"));
                             } else {
-                                d = d.help(format!("declare it:\n[params]\n{name} = {{ default = \"…\" }}"));
+                                d = d.help(format!(
+                                    "declare it:\n[params]\n{name} = {{ default = \"…\" }}"
+                                ));
                             }
                             self.push(d);
                         }
@@ -358,9 +416,12 @@ impl Analyzer<'_> {
                 Some(t)
             }
             Err(e) => {
-                let d = Diagnostic::error(Code::TemplateSyntax, format!("template does not parse: {}", e.message))
-                    .at(&self.src, at(e.offset), e.message.clone())
-                    .help("`{{ expr }}` holds a Rhai expression; write a literal `{{` as `\\{{`");
+                let d = Diagnostic::error(
+                    Code::TemplateSyntax,
+                    format!("template does not parse: {}", e.message),
+                )
+                .at(&self.src, at(e.offset), e.message.clone())
+                .help("`{{ expr }}` holds a Rhai expression; write a literal `{{` as `\\{{`");
                 self.push(d);
                 None
             }
@@ -384,7 +445,12 @@ impl Analyzer<'_> {
                 name
             }
             None => {
-                self.error(Code::MissingKey, s.span(v.span()), "`[runbook]` has no `name`", "add `name = \"…\"`");
+                self.error(
+                    Code::MissingKey,
+                    s.span(v.span()),
+                    "`[runbook]` has no `name`",
+                    "add `name = \"…\"`",
+                );
                 return None;
             }
         };
@@ -458,7 +524,9 @@ impl Analyzer<'_> {
             DeValue::Float(_) => J::from(self.float(v, "default", s)?),
             DeValue::Boolean(b) => J::Bool(*b),
             DeValue::Datetime(d) => J::String(d.to_string()),
-            DeValue::Array(items) => J::Array(items.iter().filter_map(|i| self.json(i, s)).collect()),
+            DeValue::Array(items) => {
+                J::Array(items.iter().filter_map(|i| self.json(i, s)).collect())
+            }
             DeValue::Table(t) => J::Object(
                 t.iter()
                     .filter_map(|(k, v)| Some((k.get_ref().to_string(), self.json(v, s)?)))
@@ -484,7 +552,9 @@ impl Analyzer<'_> {
             d.timeout = self.duration(v, "timeout", s);
         }
         if let Some(v) = get(t, "kill_grace") {
-            d.kill_grace = self.duration(v, "kill_grace", s).unwrap_or(DEFAULT_KILL_GRACE);
+            d.kill_grace = self
+                .duration(v, "kill_grace", s)
+                .unwrap_or(DEFAULT_KILL_GRACE);
         }
         if let Some(v) = get(t, "retry") {
             d.retry = self.retry(v, RetryPolicy::default(), s);
@@ -526,7 +596,12 @@ impl Analyzer<'_> {
         Some(words)
     }
 
-    fn env(&mut self, v: &Value<'_>, params: &[ParamSpec], s: &ShiftedSpans) -> Vec<(String, Template)> {
+    fn env(
+        &mut self,
+        v: &Value<'_>,
+        params: &[ParamSpec],
+        s: &ShiftedSpans,
+    ) -> Vec<(String, Template)> {
         let Some(t) = self.table(v, "env", s) else {
             return Vec::new();
         };
@@ -534,7 +609,12 @@ impl Analyzer<'_> {
         for (key, value) in t.iter() {
             let name = key.get_ref().to_string();
             if name.is_empty() || name.contains('=') || name.contains('\0') {
-                self.error(Code::BadValue, s.span(key.span()), format!("`{name}` is not a valid environment variable name"), "invalid name");
+                self.error(
+                    Code::BadValue,
+                    s.span(key.span()),
+                    format!("`{name}` is not a valid environment variable name"),
+                    "invalid name",
+                );
                 continue;
             }
             if let Some(tpl) = self.template(value, &format!("env.{name}"), params, s) {
@@ -556,7 +636,12 @@ impl Analyzer<'_> {
             }
             DeValue::Table(t) => t,
             _ => {
-                self.wrong_type(v, "retry", "a table like `{ attempts = 3, delay = \"2s\" }`", s);
+                self.wrong_type(
+                    v,
+                    "retry",
+                    "a table like `{ attempts = 3, delay = \"2s\" }`",
+                    s,
+                );
                 return policy;
             }
         };
@@ -580,9 +665,14 @@ impl Analyzer<'_> {
         }
         let factor = match get(t, "factor") {
             Some(fv) => match self.float(fv, "factor", s) {
-                Some(f) if f >= 1.0 && f <= 100.0 => Some(f),
+                Some(f) if (1.0..=100.0).contains(&f) => Some(f),
                 Some(_) => {
-                    self.error(Code::BadRetry, s.span(fv.span()), "`factor` must be between 1 and 100", "out of range");
+                    self.error(
+                        Code::BadRetry,
+                        s.span(fv.span()),
+                        "`factor` must be between 1 and 100",
+                        "out of range",
+                    );
                     None
                 }
                 None => None,
@@ -599,8 +689,9 @@ impl Analyzer<'_> {
                         };
                     }
                     other => {
-                        let mut d = Diagnostic::error(Code::BadRetry, format!("unknown backoff `{other}`"))
-                            .at(&self.src, span, "expected `fixed` or `exponential`");
+                        let mut d =
+                            Diagnostic::error(Code::BadRetry, format!("unknown backoff `{other}`"))
+                                .at(&self.src, span, "expected `fixed` or `exponential`");
                         if let Some(near) = suggest(other, ["fixed", "exponential"]) {
                             d = d.help(format!("did you mean `{near}`?"));
                         }
@@ -642,7 +733,13 @@ impl Analyzer<'_> {
         }
     }
 
-    fn steps(&mut self, v: &Value<'_>, defaults: &Defaults, params: &[ParamSpec], s: &ShiftedSpans) -> Vec<StepSpec> {
+    fn steps(
+        &mut self,
+        v: &Value<'_>,
+        defaults: &Defaults,
+        params: &[ParamSpec],
+        s: &ShiftedSpans,
+    ) -> Vec<StepSpec> {
         let items: &DeArray<'_> = match v.get_ref() {
             DeValue::Array(a) => a,
             DeValue::Table(_) => {
@@ -683,7 +780,13 @@ impl Analyzer<'_> {
         out
     }
 
-    fn step(&mut self, v: &Value<'_>, defaults: &Defaults, params: &[ParamSpec], s: &ShiftedSpans) -> Option<StepSpec> {
+    fn step(
+        &mut self,
+        v: &Value<'_>,
+        defaults: &Defaults,
+        params: &[ParamSpec],
+        s: &ShiftedSpans,
+    ) -> Option<StepSpec> {
         let t = self.table(v, "steps", s)?;
         self.check_keys(t, STEP_KEYS, "a step", s);
         let (id, id_span) = match get(t, "id") {
@@ -703,7 +806,12 @@ impl Analyzer<'_> {
             None => {
                 let span = s.span(v.span());
                 let span = span.start..(span.start + 1).min(self.src.text().len());
-                self.error(Code::MissingKey, span, "step has no `id`", "every step needs `id = \"…\"`");
+                self.error(
+                    Code::MissingKey,
+                    span,
+                    "step has no `id`",
+                    "every step needs `id = \"…\"`",
+                );
                 return None;
             }
         };
@@ -724,9 +832,10 @@ impl Analyzer<'_> {
                 .template(rv, "run", params, s)
                 .map(|command| Action::Run { command }),
             None => {
-                let d = Diagnostic::error(Code::StepAction, format!("step `{id}` has nothing to do"))
-                    .at(&self.src, id_span.clone(), "no `run` in this step")
-                    .help("add `run = \"<shell command>\"`");
+                let d =
+                    Diagnostic::error(Code::StepAction, format!("step `{id}` has nothing to do"))
+                        .at(&self.src, id_span.clone(), "no `run` in this step")
+                        .help("add `run = \"<shell command>\"`");
                 self.push(d);
                 None
             }
@@ -751,7 +860,9 @@ impl Analyzer<'_> {
             None => defaults.timeout,
         };
         let kill_grace = match get(t, "kill_grace") {
-            Some(kv) => self.duration(kv, "kill_grace", s).unwrap_or(defaults.kill_grace),
+            Some(kv) => self
+                .duration(kv, "kill_grace", s)
+                .unwrap_or(defaults.kill_grace),
             None => defaults.kill_grace,
         };
         let retry = match get(t, "retry") {
@@ -828,13 +939,18 @@ fn param_references(code: &str) -> Vec<(String, usize)> {
     while let Some(i) = code[from..].find("params") {
         let at = from + i;
         from = at + "params".len();
-        let preceded = at > 0 && (bytes[at - 1].is_ascii_alphanumeric() || bytes[at - 1] == b'_' || bytes[at - 1] == b'.');
+        let preceded = at > 0
+            && (bytes[at - 1].is_ascii_alphanumeric()
+                || bytes[at - 1] == b'_'
+                || bytes[at - 1] == b'.');
         if preceded {
             continue;
         }
         let rest = &code[from..];
         let name: String = if let Some(r) = rest.strip_prefix('.') {
-            r.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect()
+            r.chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect()
         } else if let Some(r) = rest.strip_prefix("[\"") {
             match r.find('"') {
                 Some(end) => r[..end].to_owned(),
@@ -857,7 +973,10 @@ fn is_identifier(name: &str) -> bool {
 }
 
 fn list(keys: &[&str]) -> String {
-    keys.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ")
+    keys.iter()
+        .map(|k| format!("`{k}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]

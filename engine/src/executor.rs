@@ -129,16 +129,33 @@ impl Executor {
                 let decision = if !plan.selected[i] {
                     Some((StepStatus::Skipped, "not selected".to_owned(), true))
                 } else if self.cancel.is_cancelled() {
-                    Some((StepStatus::Skipped, "not started: the run was cancelled".to_owned(), false))
-                } else if let Some(bad) = plan.graph.needs(i).find(|&d| !satisfied[d]).filter(|_| !step.always) {
+                    Some((
+                        StepStatus::Skipped,
+                        "not started: the run was cancelled".to_owned(),
+                        false,
+                    ))
+                } else if let Some(bad) = plan
+                    .graph
+                    .needs(i)
+                    .find(|&d| !satisfied[d])
+                    .filter(|_| !step.always)
+                {
                     let why = match state[bad] {
                         State::Done(StepStatus::Skipped) => "was skipped",
                         State::Done(StepStatus::Cancelled) => "was cancelled",
                         _ => "failed",
                     };
-                    Some((StepStatus::Skipped, format!("needs `{}`, which {why}", steps[bad].id), false))
+                    Some((
+                        StepStatus::Skipped,
+                        format!("needs `{}`, which {why}", steps[bad].id),
+                        false,
+                    ))
                 } else if let (Some(by), false) = (&halted_by, step.always) {
-                    Some((StepStatus::Skipped, format!("not started: the run stopped after `{by}` failed"), false))
+                    Some((
+                        StepStatus::Skipped,
+                        format!("not started: the run stopped after `{by}` failed"),
+                        false,
+                    ))
                 } else {
                     None
                 };
@@ -194,7 +211,10 @@ impl Executor {
             state[i] = State::Done(result.status);
             satisfied[i] = result.status == StepStatus::Succeeded
                 || (result.status == StepStatus::Failed && step.continue_on_failure);
-            if result.status == StepStatus::Failed && !step.continue_on_failure && halted_by.is_none() {
+            if result.status == StepStatus::Failed
+                && !step.continue_on_failure
+                && halted_by.is_none()
+            {
                 halted_by = Some(step.id.to_string());
                 halted.store(true, Ordering::SeqCst);
             }
@@ -221,9 +241,10 @@ impl Executor {
         }
 
         let steps_report: Vec<StepReport> = reports.into_iter().flatten().collect();
-        let failed = steps_report.iter().zip(steps.iter()).any(|(r, s)| {
-            r.status == StepStatus::Failed && !s.continue_on_failure
-        });
+        let failed = steps_report
+            .iter()
+            .zip(steps.iter())
+            .any(|(r, s)| r.status == StepStatus::Failed && !s.continue_on_failure);
         let status = if self.cancel.is_cancelled() {
             RunStatus::Cancelled
         } else if failed {
@@ -232,7 +253,14 @@ impl Executor {
             RunStatus::Succeeded
         };
         let finished_at = Utc::now();
-        emit(&self.events, RunEvent::RunFinished { at: finished_at, status }).await;
+        emit(
+            &self.events,
+            RunEvent::RunFinished {
+                at: finished_at,
+                status,
+            },
+        )
+        .await;
         RunReport {
             run_id: self.run.id.clone(),
             runbook: plan.runbook.meta.name.clone(),
@@ -306,15 +334,36 @@ impl StepTask {
                 () = self.cancel.cancelled() => None,
             };
             if self.cancel.is_cancelled() || permit.is_none() {
-                return self.stopped(attempts, started, "cancelled", StepStatus::Cancelled, last_failure).await;
+                return self
+                    .stopped(
+                        attempts,
+                        started,
+                        "cancelled",
+                        StepStatus::Cancelled,
+                        last_failure,
+                    )
+                    .await;
             }
             if self.halted.load(Ordering::SeqCst) && !step.always {
                 return self
-                    .stopped(attempts, started, "the run stopped after another step failed", StepStatus::Failed, last_failure)
+                    .stopped(
+                        attempts,
+                        started,
+                        "the run stopped after another step failed",
+                        StepStatus::Failed,
+                        last_failure,
+                    )
                     .await;
             }
             if attempt == 1 {
-                emit(&self.events, RunEvent::StepStarted { at: Utc::now(), step: step.id.clone() }).await;
+                emit(
+                    &self.events,
+                    RunEvent::StepStarted {
+                        at: Utc::now(),
+                        step: step.id.clone(),
+                    },
+                )
+                .await;
             }
             attempts = attempt;
             let attempt_start = Instant::now();
@@ -367,7 +416,12 @@ impl StepTask {
                         kill_grace: step.kill_grace,
                         cancel: self.cancel.clone(),
                     };
-                    let mut sink = OutputSink::new(self.events.clone(), step.id.clone(), target.clone(), attempt);
+                    let mut sink = OutputSink::new(
+                        self.events.clone(),
+                        step.id.clone(),
+                        target.clone(),
+                        attempt,
+                    );
                     let outcome = self.runner.run(ctx, &mut sink).await;
                     (outcome, sink.counts())
                 }
@@ -392,7 +446,11 @@ impl StepTask {
             }
             if outcome == AttemptOutcome::Cancelled {
                 self.collect(&cwd_for_collect).await;
-                return finish(StepStatus::Cancelled, attempts, Some("cancelled while running".into()));
+                return finish(
+                    StepStatus::Cancelled,
+                    attempts,
+                    Some("cancelled while running".into()),
+                );
             }
             last_failure = Some(outcome.describe());
             if !outcome.retryable() || attempt == max {
@@ -473,10 +531,10 @@ impl StepTask {
             ));
         }
         let cwd = match &step.cwd {
-            Some(tpl) => self
-                .plan
-                .workdir
-                .join(tpl.render(&self.host, &mut scope).map_err(|e| what("cwd", e))?),
+            Some(tpl) => self.plan.workdir.join(
+                tpl.render(&self.host, &mut scope)
+                    .map_err(|e| what("cwd", e))?,
+            ),
             None => self.plan.workdir.clone(),
         };
         Ok(Rendered { command, env, cwd })
@@ -502,7 +560,14 @@ impl StepTask {
                 }
                 Err(e) => format!("step `{}`: could not collect `{}`: {e}", step.id, tpl.raw()),
             };
-            emit(&self.events, RunEvent::Note { at: Utc::now(), message }).await;
+            emit(
+                &self.events,
+                RunEvent::Note {
+                    at: Utc::now(),
+                    message,
+                },
+            )
+            .await;
         }
     }
 }

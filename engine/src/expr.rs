@@ -127,10 +127,7 @@ mod tests {
         let host = ExprHost::new();
         let expr = host.compile_expression("params.a + 1").expect("compiles");
         let mut scope = Scope::new();
-        scope.push_constant(
-            "params",
-            json_to_dynamic(&serde_json::json!({"a": 41})),
-        );
+        scope.push_constant("params", json_to_dynamic(&serde_json::json!({"a": 41})));
         let v = host.eval(&expr, &mut scope).expect("evaluates");
         assert_eq!(display_value(&v), "42");
     }

@@ -39,12 +39,20 @@ impl StepGraph {
                     None => {
                         let mut d = Diagnostic::error(
                             Code::UnknownNeed,
-                            format!("step `{}` needs `{}`, which does not exist", step.id, need.id),
+                            format!(
+                                "step `{}` needs `{}`, which does not exist",
+                                step.id, need.id
+                            ),
                         )
-                        .at(&runbook.source, need.span.clone(), "no step has this id");
-                        if let Some(near) =
-                            suggest(need.id.as_str(), runbook.steps.iter().map(|s| s.id.as_str()))
-                        {
+                        .at(
+                            &runbook.source,
+                            need.span.clone(),
+                            "no step has this id",
+                        );
+                        if let Some(near) = suggest(
+                            need.id.as_str(),
+                            runbook.steps.iter().map(|s| s.id.as_str()),
+                        ) {
                             d = d.help(format!("did you mean `{near}`?"));
                         }
                         diags.push(d);
@@ -68,12 +76,20 @@ impl StepGraph {
             let mut path = ids.join(" → ");
             let _ = write!(path, " → {}", ids[0]);
             let mut d = Diagnostic::error(Code::Cycle, format!("dependency cycle: {path}"))
-                .at(&runbook.source, span, format!("`{}` needs `{next}`", first.id))
+                .at(
+                    &runbook.source,
+                    span,
+                    format!("`{}` needs `{next}`", first.id),
+                )
                 .note("each arrow points from a step to a step it needs");
             for pair in cycle.iter().skip(1).zip(cycle.iter().cycle().skip(2)) {
                 let (a, b) = (&runbook.steps[*pair.0], &runbook.steps[*pair.1]);
                 if let Some(n) = a.needs.iter().find(|n| n.id == b.id) {
-                    d = d.also(&runbook.source, n.span.clone(), format!("`{}` needs `{}`", a.id, b.id));
+                    d = d.also(
+                        &runbook.source,
+                        n.span.clone(),
+                        format!("`{}` needs `{}`", a.id, b.id),
+                    );
                 }
             }
             diags.push(d.help("remove one of these `needs` entries"));
@@ -142,7 +158,10 @@ impl StepGraph {
     }
 
     pub fn to_dot(&self, runbook: &Runbook) -> String {
-        let mut out = format!("digraph {} {{\n  rankdir=LR;\n  node [shape=box];\n", quote(&runbook.meta.name));
+        let mut out = format!(
+            "digraph {} {{\n  rankdir=LR;\n  node [shape=box];\n",
+            quote(&runbook.meta.name)
+        );
         for step in &runbook.steps {
             let mut attrs = String::new();
             if step.always {
@@ -152,11 +171,21 @@ impl StepGraph {
                 Some(p) => format!("{}\\n({p})", step.id),
                 None => step.id.to_string(),
             };
-            let _ = writeln!(out, "  {} [label={}{attrs}];", quote(step.id.as_str()), quote(&label));
+            let _ = writeln!(
+                out,
+                "  {} [label={}{attrs}];",
+                quote(step.id.as_str()),
+                quote(&label)
+            );
         }
         for step in &runbook.steps {
             for need in &step.needs {
-                let _ = writeln!(out, "  {} -> {};", quote(need.id.as_str()), quote(step.id.as_str()));
+                let _ = writeln!(
+                    out,
+                    "  {} -> {};",
+                    quote(need.id.as_str()),
+                    quote(step.id.as_str())
+                );
             }
         }
         out.push_str("}\n");
@@ -234,7 +263,11 @@ fn cycles(graph: &DiGraph<StepIdx, ()>) -> Vec<Vec<StepIdx>> {
 fn levels(graph: &DiGraph<StepIdx, ()>) -> Vec<Vec<StepIdx>> {
     let n = graph.node_count();
     let mut indegree: Vec<usize> = (0..n)
-        .map(|i| graph.neighbors_directed(NodeIndex::new(i), Direction::Incoming).count())
+        .map(|i| {
+            graph
+                .neighbors_directed(NodeIndex::new(i), Direction::Incoming)
+                .count()
+        })
         .collect();
     let mut level: Vec<usize> = vec![0; n];
     let mut queue: std::collections::VecDeque<usize> =

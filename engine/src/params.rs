@@ -61,8 +61,11 @@ impl BoundParams {
                     if runbook.param(name).is_none() {
                         errors.push(ParamError::Unknown {
                             name: name.to_owned(),
-                            suggestion: suggest(name, runbook.params.iter().map(|p| p.name.as_str()))
-                                .map(String::from),
+                            suggestion: suggest(
+                                name,
+                                runbook.params.iter().map(|p| p.name.as_str()),
+                            )
+                            .map(String::from),
                         });
                     } else {
                         given.retain(|(n, _)| n != name);
@@ -74,7 +77,10 @@ impl BoundParams {
         }
         let mut bound = Vec::with_capacity(runbook.params.len());
         for spec in &runbook.params {
-            let from_set = given.iter().find(|(n, _)| *n == spec.name).map(|(_, v)| v.clone());
+            let from_set = given
+                .iter()
+                .find(|(n, _)| *n == spec.name)
+                .map(|(_, v)| v.clone());
             let from_env = spec
                 .env
                 .as_ref()
@@ -154,7 +160,7 @@ impl BoundParams {
                 (!text.is_empty()).then(|| (p.name.clone(), text))
             })
             .collect();
-        out.sort_by(|a, b| b.1.len().cmp(&a.1.len()));
+        out.sort_by_key(|s| std::cmp::Reverse(s.1.len()));
         out
     }
 }

@@ -11,7 +11,7 @@ pub struct Redactor {
 impl Redactor {
     pub fn new(mut secrets: Vec<(String, String)>) -> Self {
         secrets.retain(|(_, v)| !v.is_empty());
-        secrets.sort_by(|a, b| b.1.len().cmp(&a.1.len()));
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.1.len()));
         Self { secrets }
     }
 

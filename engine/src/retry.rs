@@ -94,7 +94,10 @@ mod tests {
         for i in 0..100 {
             let unit = f64::from(i) / 100.0;
             let d = p.delay_before(4, unit);
-            assert!(d >= Duration::from_secs(2) && d <= Duration::from_secs(4), "{d:?}");
+            assert!(
+                d >= Duration::from_secs(2) && d <= Duration::from_secs(4),
+                "{d:?}"
+            );
         }
     }
 

@@ -35,7 +35,11 @@ pub struct AttemptContext {
 }
 
 pub trait StepRunner: Send + Sync {
-    fn run<'a>(&'a self, ctx: AttemptContext, out: &'a mut OutputSink) -> BoxFuture<'a, AttemptOutcome>;
+    fn run<'a>(
+        &'a self,
+        ctx: AttemptContext,
+        out: &'a mut OutputSink,
+    ) -> BoxFuture<'a, AttemptOutcome>;
 }
 
 /// How much of each stream the engine keeps in memory for expressions (`steps.x.stdout`).

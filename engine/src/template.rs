@@ -179,7 +179,10 @@ mod tests {
 
     #[test]
     fn renders_expressions_and_leaves_shell_alone() {
-        assert_eq!(render("echo {{ params.v }} $HOME ${X}"), "echo v1.31 $HOME ${X}");
+        assert_eq!(
+            render("echo {{ params.v }} $HOME ${X}"),
+            "echo v1.31 $HOME ${X}"
+        );
         assert_eq!(render("{{params.n * 2}}x"), "6x");
         assert_eq!(render(r"a \{{ b }}"), "a {{ b }}");
         assert_eq!(render("plain"), "plain");

@@ -15,11 +15,20 @@ pub fn bundle_files(dir: &Path) -> Result<Vec<PathBuf>, EvidenceError> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let entries = std::fs::read_dir(&d).map_err(|source| EvidenceError::Read { path: d.clone(), source })?;
+        let entries = std::fs::read_dir(&d).map_err(|source| EvidenceError::Read {
+            path: d.clone(),
+            source,
+        })?;
         for entry in entries {
-            let entry = entry.map_err(|source| EvidenceError::Read { path: d.clone(), source })?;
+            let entry = entry.map_err(|source| EvidenceError::Read {
+                path: d.clone(),
+                source,
+            })?;
             let path = entry.path();
-            let kind = entry.file_type().map_err(|source| EvidenceError::Read { path: path.clone(), source })?;
+            let kind = entry.file_type().map_err(|source| EvidenceError::Read {
+                path: path.clone(),
+                source,
+            })?;
             if kind.is_dir() {
                 stack.push(path);
             } else if let Ok(rel) = path.strip_prefix(dir) {
@@ -37,11 +46,17 @@ pub fn bundle_files(dir: &Path) -> Result<Vec<PathBuf>, EvidenceError> {
 }
 
 pub fn sha256_file(path: &Path) -> Result<String, EvidenceError> {
-    let mut file = std::fs::File::open(path).map_err(|source| EvidenceError::Read { path: path.to_owned(), source })?;
+    let mut file = std::fs::File::open(path).map_err(|source| EvidenceError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 256 * 1024];
     loop {
-        let n = file.read(&mut buf).map_err(|source| EvidenceError::Read { path: path.to_owned(), source })?;
+        let n = file.read(&mut buf).map_err(|source| EvidenceError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         if n == 0 {
             break;
         }

@@ -47,8 +47,14 @@ impl LogWriter {
             path: path.to_owned(),
             file: BufWriter::with_capacity(64 * 1024, file),
             pending: [
-                Pending { bytes: Vec::new(), since: None },
-                Pending { bytes: Vec::new(), since: None },
+                Pending {
+                    bytes: Vec::new(),
+                    since: None,
+                },
+                Pending {
+                    bytes: Vec::new(),
+                    since: None,
+                },
             ],
             redactor,
         })
@@ -61,10 +67,17 @@ impl LogWriter {
         for line in text.trim_end_matches('\n').split('\n') {
             out.push_str(&format!("{} --- {line}\n", stamp(at)));
         }
-        self.file.write_all(out.as_bytes()).map_err(write_err(&self.path))
+        self.file
+            .write_all(out.as_bytes())
+            .map_err(write_err(&self.path))
     }
 
-    pub fn write(&mut self, at: DateTime<Utc>, stream: Stream, mut data: &[u8]) -> Result<(), EvidenceError> {
+    pub fn write(
+        &mut self,
+        at: DateTime<Utc>,
+        stream: Stream,
+        mut data: &[u8],
+    ) -> Result<(), EvidenceError> {
         let i = index(stream);
         while let Some(nl) = data.iter().position(|&b| b == b'\n') {
             let since = self.pending[i].since.take().unwrap_or(at);
@@ -102,8 +115,14 @@ impl LogWriter {
         self.file.write_all(&rec).map_err(write_err(&self.path))
     }
 
-    /// Writes out partial lines and closes the file, synced to disk.
-    pub fn finish(mut self) -> Result<(), EvidenceError> {
+    /// Writes out partial lines, then a closing engine line, and closes the file.
+    pub fn finish_with(mut self, at: DateTime<Utc>, text: &str) -> Result<(), EvidenceError> {
+        self.flush_partial()?;
+        self.meta(at, text)?;
+        self.finish()
+    }
+
+    fn flush_partial(&mut self) -> Result<(), EvidenceError> {
         for stream in [Stream::Stdout, Stream::Stderr] {
             let i = index(stream);
             if !self.pending[i].bytes.is_empty() {
@@ -112,8 +131,16 @@ impl LogWriter {
                 self.record(since, &format!("{}+", stream.tag()), &bytes)?;
             }
         }
+        Ok(())
+    }
+
+    /// Writes out partial lines and closes the file, synced to disk.
+    pub fn finish(mut self) -> Result<(), EvidenceError> {
         self.file.flush().map_err(write_err(&self.path))?;
-        self.file.get_ref().sync_data().map_err(write_err(&self.path))
+        self.file
+            .get_ref()
+            .sync_data()
+            .map_err(write_err(&self.path))
     }
 }
 

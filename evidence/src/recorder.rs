@@ -63,10 +63,10 @@ impl Recorder {
         std::fs::create_dir_all(&dir).map_err(write_err(&dir))?;
 
         let source = &cfg.runbook.source;
-        let file_name = source
-            .path()
-            .file_name()
-            .map_or_else(|| "runbook.toml".into(), |n| n.to_string_lossy().into_owned());
+        let file_name = source.path().file_name().map_or_else(
+            || "runbook.toml".into(),
+            |n| n.to_string_lossy().into_owned(),
+        );
         let copy_rel = format!("runbook/{file_name}");
         let copy = dir.join(&copy_rel);
         std::fs::create_dir_all(dir.join("runbook")).map_err(write_err(dir.join("runbook")))?;
@@ -183,7 +183,8 @@ impl Recorder {
                 let rel = format!("steps/{step}/{target}/attempt-{attempt}.log");
                 let mut log = LogWriter::create(&self.dir.join(&rel), self.redactor.clone())?;
                 log.meta(*at, &format!("$ {command}"))?;
-                self.logs.insert((step.to_string(), target.to_string(), *attempt), log);
+                self.logs
+                    .insert((step.to_string(), target.to_string(), *attempt), log);
                 let record = AttemptRecord {
                     attempt: *attempt,
                     target: target.to_string(),
@@ -212,11 +213,14 @@ impl Recorder {
                 outcome,
                 output,
             } => {
-                if let Some(mut log) = self.logs.remove(&(step.to_string(), target.to_string(), *attempt)) {
-                    log.meta(*at, &format!("attempt {attempt}: {}", outcome.describe()))?;
-                    log.finish()?;
+                if let Some(log) =
+                    self.logs
+                        .remove(&(step.to_string(), target.to_string(), *attempt))
+                {
+                    log.finish_with(*at, &format!("attempt {attempt}: {}", outcome.describe()))?;
                 }
-                let error = (!outcome.succeeded()).then(|| self.redactor.redact_str(&outcome.describe()));
+                let error =
+                    (!outcome.succeeded()).then(|| self.redactor.redact_str(&outcome.describe()));
                 if let Some(a) = self.attempt_mut(step.as_str(), target, *attempt) {
                     a.finished_at = Some(*at);
                     a.duration_seconds = Some(secs(*duration));
@@ -226,14 +230,26 @@ impl Recorder {
                     a.output = *output;
                 }
             }
-            RunEvent::RetryScheduled { step, delay, next_attempt, .. } => {
+            RunEvent::RetryScheduled {
+                step,
+                delay,
+                next_attempt,
+                ..
+            } => {
                 if let Some(s) = self.step_mut(step.as_str()) {
-                    if let Some(a) = s.attempts.iter_mut().rev().find(|a| a.attempt + 1 == *next_attempt) {
+                    if let Some(a) = s
+                        .attempts
+                        .iter_mut()
+                        .rev()
+                        .find(|a| a.attempt + 1 == *next_attempt)
+                    {
                         a.retry_delay_seconds = Some(secs(*delay));
                     }
                 }
             }
-            RunEvent::Collect { step, name, path, .. } => {
+            RunEvent::Collect {
+                step, name, path, ..
+            } => {
                 let collected = self.collect(step.as_str(), name, path);
                 if let Some(s) = self.step_mut(step.as_str()) {
                     s.collected.push(collected);
@@ -262,8 +278,11 @@ impl Recorder {
             RunEvent::RunFinished { at, status } => {
                 self.manifest.status = *status;
                 self.manifest.finished_at = Some(*at);
-                self.manifest.duration_seconds =
-                    Some(secs((*at - self.manifest.started_at).to_std().unwrap_or_default()));
+                self.manifest.duration_seconds = Some(secs(
+                    (*at - self.manifest.started_at)
+                        .to_std()
+                        .unwrap_or_default(),
+                ));
             }
         }
         Ok(())
@@ -282,7 +301,9 @@ impl Recorder {
         }
         self.manifest.summary = summary;
         self.write_manifest()?;
-        self.journal.sync_all().map_err(write_err(&self.journal_path))?;
+        self.journal
+            .sync_all()
+            .map_err(write_err(&self.journal_path))?;
         checksums::write(&self.dir)?;
         Ok(self.dir)
     }
@@ -299,7 +320,9 @@ impl Recorder {
         }
         let mut line = self.redactor.redact(value.to_string().as_bytes());
         line.push(b'\n');
-        self.journal.write_all(&line).map_err(write_err(&self.journal_path))?;
+        self.journal
+            .write_all(&line)
+            .map_err(write_err(&self.journal_path))?;
         // Sync at the boundaries a resume depends on; output between them may be lost in a
         // power cut but is never reported as done when it is not.
         let boundary = matches!(
@@ -311,7 +334,9 @@ impl Recorder {
                 | RunEvent::RunFinished { .. }
         );
         if boundary {
-            self.journal.sync_data().map_err(write_err(&self.journal_path))?;
+            self.journal
+                .sync_data()
+                .map_err(write_err(&self.journal_path))?;
         }
         Ok(())
     }

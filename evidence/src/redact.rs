@@ -16,7 +16,7 @@ impl ByteRedactor {
             .filter(|(_, v)| !v.is_empty())
             .map(|(n, v)| (n.clone(), v.as_bytes().to_vec()))
             .collect();
-        secrets.sort_by(|a, b| b.1.len().cmp(&a.1.len()));
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.1.len()));
         let longest = secrets.first().map_or(0, |s| s.1.len());
         Self { secrets, longest }
     }
@@ -63,6 +63,9 @@ mod tests {
     #[test]
     fn replaces_longest_first() {
         let r = ByteRedactor::new(&[("a".into(), "tok".into()), ("b".into(), "token123".into())]);
-        assert_eq!(r.redact_str("x token123 tok"), "x [REDACTED:b] [REDACTED:a]");
+        assert_eq!(
+            r.redact_str("x token123 tok"),
+            "x [REDACTED:b] [REDACTED:a]"
+        );
     }
 }

@@ -28,7 +28,11 @@ const DRAIN_AFTER_KILL: Duration = Duration::from_secs(1);
 pub struct LocalRunner;
 
 impl StepRunner for LocalRunner {
-    fn run<'a>(&'a self, ctx: AttemptContext, out: &'a mut OutputSink) -> BoxFuture<'a, AttemptOutcome> {
+    fn run<'a>(
+        &'a self,
+        ctx: AttemptContext,
+        out: &'a mut OutputSink,
+    ) -> BoxFuture<'a, AttemptOutcome> {
         Box::pin(run(ctx, out))
     }
 }
@@ -74,7 +78,11 @@ async fn run(ctx: AttemptContext, out: &mut OutputSink) -> AttemptOutcome {
             };
         }
     };
-    let Some(pgid) = child.id().and_then(|id| i32::try_from(id).ok()).map(Pid::from_raw) else {
+    let Some(pgid) = child
+        .id()
+        .and_then(|id| i32::try_from(id).ok())
+        .map(Pid::from_raw)
+    else {
         return AttemptOutcome::Failed {
             failure: FailureKind::Spawn,
             message: "the process exited before its id could be read".into(),
@@ -186,7 +194,10 @@ async fn run(ctx: AttemptContext, out: &mut OutputSink) -> AttemptOutcome {
     }
 }
 
-async fn read_chunk<R: AsyncRead + Unpin>(reader: &mut Option<R>, buf: &mut BytesMut) -> std::io::Result<usize> {
+async fn read_chunk<R: AsyncRead + Unpin>(
+    reader: &mut Option<R>,
+    buf: &mut BytesMut,
+) -> std::io::Result<usize> {
     match reader {
         Some(r) => {
             buf.reserve(READ_CHUNK);

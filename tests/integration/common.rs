@@ -1,0 +1,233 @@
+//! A small builder for running the `runbook` binary in a temporary directory.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use serde_json::Value;
+use tempfile::TempDir;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_runbook");
+
+pub struct Test {
+    dir: TempDir,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+pub struct Output {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+    pub dir: TempDir,
+}
+
+impl Test {
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("temp dir"),
+            args: Vec::new(),
+            env: Vec::new(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn file(self, name: &str, contents: &str) -> Self {
+        let path = self.dir.path().join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).expect("mkdir");
+        }
+        std::fs::write(path, contents).expect("write file");
+        self
+    }
+
+    /// Writes `runbook.toml`.
+    pub fn runbook(self, contents: &str) -> Self {
+        self.file("runbook.toml", contents)
+    }
+
+    pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> Self {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    pub fn env(mut self, k: &str, v: &str) -> Self {
+        self.env.push((k.into(), v.into()));
+        self
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.args(&self.args)
+            .current_dir(self.dir.path())
+            .env("NO_COLOR", "1")
+            .env_remove("RUNBOOK_EVIDENCE_DIR")
+            .stdin(Stdio::null());
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    pub fn run(self) -> Output {
+        let out = self.command().output().expect("run runbook");
+        Output {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            dir: self.dir,
+        }
+    }
+
+    /// Starts the binary without waiting, for signal tests.
+    pub fn spawn(self) -> (Child, TempDir) {
+        let child = self
+            .command()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn runbook");
+        (child, self.dir)
+    }
+}
+
+/// `runbook run runbook.toml --evidence-dir proof --no-progress` plus extra args.
+pub fn run_runbook(toml: &str, extra: &[&str]) -> Output {
+    Test::new()
+        .runbook(toml)
+        .args([
+            "run",
+            "runbook.toml",
+            "--evidence-dir",
+            "proof",
+            "--no-progress",
+        ])
+        .args(extra.iter().copied())
+        .run()
+}
+
+impl Output {
+    pub fn bundle(&self) -> PathBuf {
+        find_bundle(self.dir.path())
+    }
+
+    pub fn manifest(&self) -> Value {
+        read_json(&self.bundle().join("manifest.json"))
+    }
+
+    pub fn journal(&self) -> Vec<Value> {
+        read_journal(&self.bundle())
+    }
+
+    #[track_caller]
+    pub fn assert_code(&self, code: i32) -> &Self {
+        assert_eq!(
+            self.code, code,
+            "exit code\n--- stdout\n{}\n--- stderr\n{}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+
+    #[track_caller]
+    pub fn assert_stderr_contains(&self, needle: &str) -> &Self {
+        assert!(
+            self.stderr.contains(needle),
+            "stderr lacks {needle:?}\n--- stderr\n{}",
+            self.stderr
+        );
+        self
+    }
+}
+
+/// The single bundle under `<dir>/proof/<runbook>/`.
+pub fn find_bundle(dir: &Path) -> PathBuf {
+    let proof = dir.join("proof");
+    let mut found = Vec::new();
+    for rb in std::fs::read_dir(&proof).expect("proof dir exists") {
+        for b in std::fs::read_dir(rb.expect("entry").path()).expect("runbook dir") {
+            found.push(b.expect("entry").path());
+        }
+    }
+    assert_eq!(found.len(), 1, "exactly one bundle: {found:?}");
+    found.remove(0)
+}
+
+pub fn read_json(path: &Path) -> Value {
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("parse {}: {e}", path.display()))
+}
+
+pub fn read_journal(bundle: &Path) -> Vec<Value> {
+    std::fs::read_to_string(bundle.join("journal.jsonl"))
+        .expect("journal")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("journal line is JSON"))
+        .collect()
+}
+
+pub fn step<'a>(manifest: &'a Value, id: &str) -> &'a Value {
+    manifest["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .find(|s| s["id"] == id)
+        .unwrap_or_else(|| panic!("step {id} in manifest"))
+}
+
+/// Every file in a directory tree.
+pub fn all_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read dir") {
+            let p = e.expect("entry").path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Live (non-zombie) processes whose command line contains `needle`.
+pub fn processes_matching(needle: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    let me = std::process::id().to_string();
+    for e in std::fs::read_dir("/proc").expect("/proc") {
+        let Ok(e) = e else { continue };
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name == me || !name.chars().all(|c| c.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        let state = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        let zombie = state
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z'));
+        if cmdline.contains(needle) && !zombie {
+            out.push(name.parse().unwrap_or(0));
+        }
+    }
+    out
+}
+
+/// A marker unique to one test, for finding its processes.
+pub fn unique_marker() -> String {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{}.{}", 5000 + (nanos % 4000), std::process::id() % 1000)
+}

@@ -1,0 +1,325 @@
+//! Every diagnostic `runbook check` gives, with its exact position. Each runbook below is small
+//! enough to count lines and columns by eye; positions are 1-based, columns in characters.
+
+use crate::common::Test;
+
+fn check(toml: &str) -> crate::common::Output {
+    Test::new()
+        .runbook(toml)
+        .args(["check", "runbook.toml"])
+        .run()
+}
+
+/// Asserts a diagnostic with `code` at `line:col` and text containing `message`.
+#[track_caller]
+fn assert_diag(out: &crate::common::Output, code: &str, line: usize, col: usize, message: &str) {
+    out.assert_code(2);
+    let header = format!("error[{code}]");
+    let at = format!("runbook.toml:{line}:{col}");
+    let block = out
+        .stderr
+        .split("\nerror")
+        .map(|b| {
+            if b.starts_with("error") {
+                b.to_owned()
+            } else {
+                format!("error{b}")
+            }
+        })
+        .find(|b| b.starts_with(&header) && b.contains(&at) && b.contains(message));
+    assert!(
+        block.is_some(),
+        "expected {header} at {at} with {message:?}\n--- stderr\n{}",
+        out.stderr
+    );
+}
+
+const HEAD: &str = "[runbook]\nname = \"t\"\n";
+
+#[test]
+fn toml_syntax_error_is_pinpointed() {
+    let out = check(&format!("{HEAD}[[steps]]\nid = \"a\nrun = \"true\"\n"));
+    assert_diag(&out, "RB0001", 4, 8, "invalid TOML");
+}
+
+#[test]
+fn unknown_key_suggests_the_nearest() {
+    let out = check(&format!(
+        "{HEAD}[[steps]]\nid = \"a\"\nrun = \"true\"\ntimout = \"5s\"\n"
+    ));
+    assert_diag(&out, "RB0002", 6, 1, "unknown key `timout` in a step");
+    out.assert_stderr_contains("did you mean `timeout`?");
+}
+
+#[test]
+fn unknown_top_level_table_is_an_error() {
+    let out = check(&format!(
+        "{HEAD}[defualts]\ntimeout = \"1m\"\n[[steps]]\nid = \"a\"\nrun = \"true\"\n"
+    ));
+    assert_diag(&out, "RB0002", 3, 2, "unknown key `defualts`");
+    out.assert_stderr_contains("did you mean `defaults`?");
+}
+
+#[test]
+fn wrong_type_says_what_was_expected() {
+    let out = check(&format!("{HEAD}[[steps]]\nid = \"a\"\nrun = \"true\"\n[[steps]]\nid = \"b\"\nneeds = \"a\"\nrun = \"true\"\n"));
+    assert_diag(
+        &out,
+        "RB0003",
+        8,
+        9,
+        "`needs` must be a list of strings, found a string",
+    );
+    out.assert_stderr_contains("write `needs = [\"a\"]`");
+    let out = check(&format!(
+        "{HEAD}[[steps]]\nid = \"a\"\nrun = \"true\"\nalways = \"yes\"\n"
+    ));
+    assert_diag(
+        &out,
+        "RB0003",
+        6,
+        10,
+        "`always` must be `true` or `false`, found a string",
+    );
+}
+
+#[test]
+fn single_bracket_steps_get_a_hint() {
+    let out = check(&format!("{HEAD}[steps]\nid = \"a\"\nrun = \"true\"\n"));
+    out.assert_code(2).assert_stderr_contains("[RB0003]");
+    out.assert_stderr_contains("write each step as `[[steps]]`");
+}
+
+#[test]
+fn duplicate_step_ids_show_both_places() {
+    let out = check(&format!("{HEAD}[[steps]]\nid = \"build\"\nrun = \"true\"\n[[steps]]\nid = \"build\"\nrun = \"true\"\n"));
+    assert_diag(&out, "RB0005", 7, 6, "duplicate step id `build`");
+    out.assert_stderr_contains("first defined here");
+    out.assert_stderr_contains("4 │ id = \"build\"");
+}
+
+#[test]
+fn ids_that_collide_after_normalisation_are_duplicates() {
+    let out = check(&format!("{HEAD}[[steps]]\nid = \"Build_Image\"\nrun = \"true\"\n[[steps]]\nid = \"build-image\"\nrun = \"true\"\n"));
+    assert_diag(
+        &out,
+        "RB0005",
+        7,
+        6,
+        "step id `build-image` collides with `Build_Image`",
+    );
+}
+
+#[test]
+fn unknown_need_suggests_an_existing_step() {
+    let out = check(&format!("{HEAD}[[steps]]\nid = \"build\"\nrun = \"true\"\n[[steps]]\nid = \"test\"\nneeds = [\"biuld\"]\nrun = \"true\"\n"));
+    assert_diag(
+        &out,
+        "RB0006",
+        8,
+        10,
+        "step `test` needs `biuld`, which does not exist",
+    );
+    out.assert_stderr_contains("did you mean `build`?");
+}
+
+#[test]
+fn cycles_print_their_path() {
+    let toml = format!(
+        "{HEAD}[[steps]]\nid = \"a\"\nneeds = [\"c\"]\nrun = \"true\"\n[[steps]]\nid = \"b\"\nneeds = [\"a\"]\nrun = \"true\"\n[[steps]]\nid = \"c\"\nneeds = [\"b\"]\nrun = \"true\"\n[[steps]]\nid = \"free\"\nrun = \"true\"\n"
+    );
+    let out = check(&toml);
+    assert_diag(&out, "RB0007", 5, 10, "dependency cycle: a → c → b → a");
+}
+
+#[test]
+fn self_dependency_is_a_cycle() {
+    let out = check(&format!(
+        "{HEAD}[[steps]]\nid = \"a\"\nneeds = [\"a\"]\nrun = \"true\"\n"
+    ));
+    assert_diag(&out, "RB0007", 5, 10, "dependency cycle: a → a");
+}
+
+#[test]
+fn bad_durations_are_pinpointed() {
+    let out = check(&format!(
+        "{HEAD}[[steps]]\nid = \"a\"\nrun = \"true\"\ntimeout = \"5x\"\n"
+    ));
+    assert_diag(&out, "RB0008", 6, 11, "invalid duration for `timeout`");
+    let out = check(&format!(
+        "{HEAD}[defaults]\ntimeout = 30\n[[steps]]\nid = \"a\"\nrun = \"true\"\n"
+    ));
+    assert_diag(
+        &out,
+        "RB0008",
+        4,
+        11,
+        "`timeout` must be a duration string, found the number 30",
+    );
+    out.assert_stderr_contains("write `timeout = \"30s\"`");
+}
+
+#[test]
+fn bad_retry_settings_are_pinpointed() {
+    let out = check(&format!(
+        "{HEAD}[[steps]]\nid = \"a\"\nrun = \"true\"\nretry = {{ attempts = 0 }}\n"
+    ));
+    assert_diag(
+        &out,
+        "RB0009",
+        6,
+        22,
+        "`attempts` must be between 1 and 10000, found 0",
+    );
+    let out = check(&format!(
+        "{HEAD}[[steps]]\nid = \"a\"\nrun = \"true\"\nretry = {{ backoff = \"exponental\" }}\n"
+    ));
+    assert_diag(&out, "RB0009", 6, 21, "unknown backoff `exponental`");
+    out.assert_stderr_contains("did you mean `exponential`?");
+    let out = check(&format!("{HEAD}[[steps]]\nid = \"a\"\nrun = \"true\"\nretry = {{ delay = \"10s\", max_delay = \"1s\" }}\n"));
+    assert_diag(
+        &out,
+        "RB0009",
+        6,
+        38,
+        "`max_delay` (1s) is shorter than `delay` (10s)",
+    );
+}
+
+#[test]
+fn template_errors_point_inside_the_string() {
+    // Column 23 is the `+` with nothing after it: the Rhai error maps through the TOML string.
+    let out = check(&format!(
+        "{HEAD}[params]\nv = \"1\"\n[[steps]]\nid = \"a\"\nrun = \"echo {{{{ params.v + }}}}\"\n"
+    ));
+    out.assert_code(2).assert_stderr_contains("[RB0011]");
+    out.assert_stderr_contains("runbook.toml:7:");
+    let out = check(&format!(
+        "{HEAD}[[steps]]\nid = \"a\"\nrun = \"echo {{{{ oops\"\n"
+    ));
+    assert_diag(&out, "RB0011", 5, 13, "template does not parse");
+}
+
+#[test]
+fn unknown_params_in_templates_are_caught_before_running() {
+    let out = check(&format!("{HEAD}[params]\nversion = \"1\"\n[[steps]]\nid = \"a\"\nrun = \"echo {{{{ params.verison }}}}\"\n"));
+    assert_diag(&out, "RB0012", 7, 16, "unknown parameter `verison`");
+    out.assert_stderr_contains("did you mean `params.version`?");
+}
+
+#[test]
+fn a_step_without_an_action_or_id_is_reported() {
+    let out = check(&format!("{HEAD}[[steps]]\nid = \"a\"\n"));
+    assert_diag(&out, "RB0013", 4, 6, "step `a` has nothing to do");
+    let out = check(&format!("{HEAD}[[steps]]\nrun = \"true\"\n"));
+    out.assert_code(2)
+        .assert_stderr_contains("[RB0004]")
+        .assert_stderr_contains("step has no `id`");
+}
+
+#[test]
+fn invalid_ids_are_rejected() {
+    let out = check(&format!(
+        "{HEAD}[[steps]]\nid = \"build image\"\nrun = \"true\"\n"
+    ));
+    assert_diag(&out, "RB0010", 4, 6, "step id `build image` is not valid");
+}
+
+#[test]
+fn missing_runbook_table_and_steps() {
+    let out = check("[[steps]]\nid = \"a\"\nrun = \"true\"\n");
+    out.assert_code(2)
+        .assert_stderr_contains("missing `[runbook]` table");
+    let out = check(HEAD);
+    out.assert_code(2)
+        .assert_stderr_contains("the runbook has no steps");
+}
+
+#[test]
+fn all_problems_are_reported_in_one_pass() {
+    let toml = format!(
+        "{HEAD}[[steps]]\nid = \"a\"\nrun = \"true\"\ntimout = \"1s\"\n[[steps]]\nid = \"b\"\nrun = \"true\"\nretry = {{ attempts = 0 }}\n[[steps]]\nid = \"c\"\nrun = \"true\"\ntimeout = \"soon\"\n"
+    );
+    let out = check(&toml);
+    out.assert_code(2);
+    for code in ["RB0002", "RB0009", "RB0008"] {
+        out.assert_stderr_contains(&format!("[{code}]"));
+    }
+    out.assert_stderr_contains("has 3 errors");
+}
+
+#[test]
+fn a_bom_and_crlf_line_endings_are_accepted() {
+    let out =
+        check("\u{feff}[runbook]\r\nname = \"t\"\r\n[[steps]]\r\nid = \"a\"\r\nrun = \"true\"\r\n");
+    out.assert_code(0);
+    let out = check("\u{feff}[runbook]\r\nname = \"t\"\r\n[[steps]]\r\nid = \"a\"\r\nrun = \"true\"\r\nneeds = [\"x\"]\r\n");
+    assert_diag(&out, "RB0006", 6, 10, "needs `x`");
+}
+
+#[test]
+fn unreadable_and_non_utf8_files_fail_clearly() {
+    let out = Test::new().args(["check", "missing.toml"]).run();
+    out.assert_code(2)
+        .assert_stderr_contains("cannot read `missing.toml`");
+    let t = Test::new();
+    std::fs::write(
+        t.path().join("bin.toml"),
+        b"[runbook]\nname = \"\xff\xfe\"\n",
+    )
+    .expect("write");
+    let out = t.args(["check", "bin.toml"]).run();
+    out.assert_code(2)
+        .assert_stderr_contains("`bin.toml` is not UTF-8 text (invalid byte at offset 18)");
+}
+
+#[test]
+fn check_takes_several_files_and_reports_each() {
+    let out = Test::new()
+        .file(
+            "good.toml",
+            &format!("{HEAD}[[steps]]\nid = \"a\"\nrun = \"true\"\n"),
+        )
+        .file(
+            "bad.toml",
+            &format!("{HEAD}[[steps]]\nid = \"a\"\nrun = \"true\"\nneeds = [\"zz\"]\n"),
+        )
+        .args(["check", "good.toml", "bad.toml"])
+        .run();
+    out.assert_code(2)
+        .assert_stderr_contains("good.toml: ok (1 steps)")
+        .assert_stderr_contains("bad.toml:6:10");
+}
+
+#[test]
+fn explain_prints_the_code_page() {
+    let out = Test::new().args(["explain", "rb0007"]).run();
+    out.assert_code(0);
+    assert!(
+        out.stdout
+            .contains("RB0007: The `needs` relations form a cycle"),
+        "{}",
+        out.stdout
+    );
+    Test::new().args(["explain", "RB9999"]).run().assert_code(2);
+}
+
+#[test]
+fn unknown_set_param_and_selection_are_usage_errors() {
+    let toml =
+        format!("{HEAD}[params]\nversion = \"1\"\n[[steps]]\nid = \"build\"\nrun = \"true\"\n");
+    let out = Test::new()
+        .runbook(&toml)
+        .args(["plan", "runbook.toml", "--set", "verison=2"])
+        .run();
+    out.assert_code(2).assert_stderr_contains(
+        "`--set verison=…` names no parameter of this runbook (did you mean `version`?)",
+    );
+    let out = Test::new()
+        .runbook(&toml)
+        .args(["plan", "runbook.toml", "--only", "biuld"])
+        .run();
+    out.assert_code(2).assert_stderr_contains(
+        "no step `biuld` in this runbook (given to `--only`); did you mean `build`?",
+    );
+}

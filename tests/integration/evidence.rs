@@ -1,0 +1,211 @@
+//! The bundle: layout, checksums, collected files, secrets kept out, failures to write.
+
+use sha2::{Digest, Sha256};
+
+use crate::common::{all_files, run_runbook, step, Test};
+
+const HEAD: &str = "[runbook]\nname = \"t\"\n";
+
+#[test]
+fn a_run_leaves_a_complete_checksummed_bundle() {
+    let toml = format!(
+        "{HEAD}refs = [\"ADR-0202\"]\n[[steps]]\nid = \"make\"\nrun = \"echo data > file.txt; echo made\"\ncollect = [\"file.txt\", \"/etc/hostname\"]\n"
+    );
+    let out = run_runbook(&toml, &[]);
+    out.assert_code(0);
+    let bundle = out.bundle();
+    let name = bundle
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .into_owned();
+    let run_id = out.manifest()["run_id"]
+        .as_str()
+        .expect("run id")
+        .to_owned();
+    assert!(
+        name.ends_with(&format!("-{run_id}")) && name.len() == "20261125T182451Z-".len() + 8,
+        "{name}"
+    );
+    for f in [
+        "manifest.json",
+        "journal.jsonl",
+        "runbook/runbook.toml",
+        "steps/make/local/attempt-1.log",
+        "collected/make/file.txt",
+        "SHA256SUMS",
+    ] {
+        assert!(bundle.join(f).is_file(), "{f} in bundle");
+    }
+    // An absolute path is kept under the step's directory: nothing lands outside the bundle.
+    assert!(bundle.join("collected/make/etc/hostname").is_file());
+
+    let sums = std::fs::read_to_string(bundle.join("SHA256SUMS")).expect("sums");
+    let listed: Vec<&str> = sums
+        .lines()
+        .map(|l| l.split_once("  ").expect("two spaces").1)
+        .collect();
+    let on_disk: Vec<String> = all_files(&bundle)
+        .iter()
+        .map(|p| {
+            p.strip_prefix(&bundle)
+                .expect("inside")
+                .to_string_lossy()
+                .into_owned()
+        })
+        .filter(|p| p != "SHA256SUMS")
+        .collect();
+    assert_eq!(listed, on_disk, "every file is listed, nothing else");
+    for line in sums.lines() {
+        let (hash, path) = line.split_once("  ").expect("line");
+        let data = std::fs::read(bundle.join(path)).expect("file");
+        assert_eq!(hash, hex::encode(Sha256::digest(&data)), "{path}");
+    }
+    // And the standard tool agrees.
+    let status = std::process::Command::new("sha256sum")
+        .args(["--quiet", "-c", "SHA256SUMS"])
+        .current_dir(&bundle)
+        .status()
+        .expect("sha256sum");
+    assert!(status.success());
+
+    let m = out.manifest();
+    assert_eq!(m["format"], "runbook-evidence/1");
+    assert_eq!(m["runbook"]["refs"][0], "ADR-0202");
+    let source = std::fs::read(out.dir.path().join("runbook.toml")).expect("runbook");
+    assert_eq!(m["runbook"]["sha256"], hex::encode(Sha256::digest(&source)));
+    assert!(m["operator"]["user"]
+        .as_str()
+        .is_some_and(|u| !u.is_empty()));
+    assert!(m["engine"]["version"].as_str().is_some());
+    assert_eq!(
+        step(&m, "make")["collected"][0]["copy"],
+        "collected/make/file.txt"
+    );
+
+    let journal = out.journal();
+    let kinds: Vec<&str> = journal
+        .iter()
+        .map(|e| e["event"].as_str().expect("event"))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "run_started",
+            "step_started",
+            "attempt_started",
+            "attempt_finished",
+            "collect",
+            "collect",
+            "step_finished",
+            "run_finished"
+        ]
+    );
+    let seqs: Vec<u64> = journal
+        .iter()
+        .map(|e| e["seq"].as_u64().expect("seq"))
+        .collect();
+    assert_eq!(seqs, (1..=8).collect::<Vec<_>>());
+}
+
+#[test]
+fn log_lines_carry_timestamps_and_stream_tags() {
+    let toml = format!(
+        "{HEAD}[[steps]]\nid = \"a\"\nrun = \"echo one; echo two >&2; printf 'no newline'\"\n"
+    );
+    let out = run_runbook(&toml, &[]);
+    out.assert_code(0);
+    let log =
+        std::fs::read_to_string(out.bundle().join("steps/a/local/attempt-1.log")).expect("log");
+    let lines: Vec<&str> = log.lines().collect();
+    let body: Vec<&str> = lines
+        .iter()
+        .map(|l| l.split_once(' ').expect("stamp").1)
+        .collect();
+    assert_eq!(
+        body,
+        [
+            "--- $ echo one; echo two >&2; printf 'no newline'",
+            "out one",
+            "err two",
+            "out+ no newline",
+            "--- attempt 1: succeeded"
+        ]
+    );
+    for l in &lines {
+        let stamp = l.split(' ').next().expect("stamp");
+        assert!(
+            stamp.parse::<chrono::DateTime<chrono::Utc>>().is_ok() && stamp.ends_with('Z'),
+            "{stamp}"
+        );
+    }
+}
+
+#[test]
+fn secret_params_never_reach_the_bundle() {
+    let secret = "tok-3f9a8b7c6d5e";
+    let toml = format!(
+        "{HEAD}[params]\ntoken = {{ secret = true, env = \"API_TOKEN\" }}\n[[steps]]\nid = \"leak\"\nrun = 'echo \"token={{{{ params.token }}}}\"; printf \"%s\" \"$T\" | fold -w 3; echo \"$T\" > t.txt; exit 1'\nenv = {{ T = \"{{{{ params.token }}}}\" }}\ncollect = [\"t.txt\"]\n"
+    );
+    let out = Test::new()
+        .runbook(&toml)
+        .env("API_TOKEN", secret)
+        .args([
+            "run",
+            "runbook.toml",
+            "--evidence-dir",
+            "proof",
+            "--no-progress",
+        ])
+        .run();
+    out.assert_code(1);
+    let bundle = out.bundle();
+    for f in all_files(&bundle) {
+        let data = std::fs::read(&f).expect("read");
+        assert!(
+            !String::from_utf8_lossy(&data).contains(secret),
+            "secret in {}",
+            f.display()
+        );
+    }
+    let log = std::fs::read_to_string(bundle.join("steps/leak/local/attempt-1.log")).expect("log");
+    assert!(log.contains("out token=[REDACTED:token]"), "{log}");
+    assert!(out.manifest()["params"]["token"] == "[REDACTED:token]");
+    assert!(!out.stderr.contains(secret) && !out.stdout.contains(secret));
+}
+
+#[test]
+fn an_unwritable_evidence_dir_fails_before_anything_runs() {
+    let t = Test::new()
+        .runbook(&format!(
+            "{HEAD}[[steps]]\nid = \"a\"\nrun = \"touch ran\"\n"
+        ))
+        .file("blocker", "a file, not a directory");
+    let out = t
+        .args(["run", "runbook.toml", "--evidence-dir", "blocker/proof"])
+        .run();
+    out.assert_code(2)
+        .assert_stderr_contains("cannot write evidence to `blocker/proof/t/")
+        .assert_stderr_contains("nothing was run");
+    assert!(!out.dir.path().join("ran").exists());
+}
+
+#[test]
+fn evidence_dir_defaults_to_proof_and_can_come_from_the_runbook() {
+    let toml = "[runbook]\nname = \"t\"\nevidence_dir = \"../bundles\"\n[[steps]]\nid = \"a\"\nrun = \"true\"\n".to_string();
+    let out = Test::new()
+        .file("rb/runbook.toml", &toml)
+        .args(["run", "rb/runbook.toml", "--no-progress"])
+        .run();
+    out.assert_code(0);
+    assert!(
+        out.dir.path().join("bundles/t").is_dir(),
+        "relative to the runbook file"
+    );
+    let out = Test::new()
+        .runbook(&format!("{HEAD}[[steps]]\nid = \"a\"\nrun = \"true\"\n"))
+        .args(["run", "runbook.toml"])
+        .run();
+    out.assert_code(0);
+    assert!(out.dir.path().join("proof/t").is_dir());
+}

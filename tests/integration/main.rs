@@ -1,0 +1,8 @@
+//! End-to-end tests: the real `runbook` binary on runbooks written by each test, running real
+//! processes, writing real bundles.
+
+mod common;
+mod diagnostics;
+mod evidence;
+mod execution;
+mod processes;

@@ -1,0 +1,172 @@
+//! Process control with real processes and signals: timeouts kill whole process groups,
+//! leftovers are stopped, output of any size streams through in bounded memory, and Ctrl-C
+//! finalises the bundle as cancelled.
+
+use std::time::{Duration, Instant};
+
+use crate::common::{processes_matching, read_json, run_runbook, step, unique_marker, Test};
+
+const HEAD: &str = "[runbook]\nname = \"t\"\n";
+
+#[test]
+fn timeout_kills_grandchildren_too() {
+    let marker = unique_marker();
+    let toml = format!(
+        "{HEAD}[[steps]]\nid = \"hang\"\ntimeout = \"1s\"\nkill_grace = \"1s\"\nrun = \"sleep {marker} & sleep {marker}; wait\"\n"
+    );
+    let started = Instant::now();
+    let out = run_runbook(&toml, &[]);
+    out.assert_code(1);
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "did not wait for sleep"
+    );
+    let m = out.manifest();
+    assert_eq!(step(&m, "hang")["reason"], "timed out after 1s");
+    assert_eq!(
+        step(&m, "hang")["attempts"][0]["outcome"]["kind"],
+        "timed_out"
+    );
+    assert_eq!(
+        processes_matching(&format!("sleep {marker}")),
+        Vec::<i32>::new()
+    );
+}
+
+#[test]
+fn a_child_ignoring_term_is_killed_after_the_grace_period() {
+    let marker = unique_marker();
+    let toml = format!(
+        "{HEAD}[[steps]]\nid = \"stubborn\"\ntimeout = \"500ms\"\nkill_grace = \"1s\"\nrun = \"trap '' TERM; sleep {marker} & trap '' TERM; wait\"\n"
+    );
+    let out = run_runbook(&toml, &[]);
+    out.assert_code(1);
+    let m = out.manifest();
+    let duration = step(&m, "stubborn")["attempts"][0]["duration_seconds"]
+        .as_f64()
+        .expect("duration");
+    assert!(
+        duration >= 1.4,
+        "waited timeout + grace before KILL: {duration}"
+    );
+    assert_eq!(
+        processes_matching(&format!("sleep {marker}")),
+        Vec::<i32>::new()
+    );
+}
+
+#[test]
+fn background_leftovers_are_stopped_when_the_step_exits() {
+    let marker = unique_marker();
+    let toml =
+        format!("{HEAD}[[steps]]\nid = \"leaky\"\nrun = \"sleep {marker} & echo started\"\n");
+    let started = Instant::now();
+    let out = run_runbook(&toml, &[]);
+    out.assert_code(0);
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "did not wait for the leftover"
+    );
+    assert_eq!(
+        processes_matching(&format!("sleep {marker}")),
+        Vec::<i32>::new()
+    );
+    let log =
+        std::fs::read_to_string(out.bundle().join("steps/leaky/local/attempt-1.log")).expect("log");
+    assert!(log.contains(" out started\n"), "{log}");
+}
+
+#[test]
+fn a_process_that_escapes_the_group_cannot_hang_the_run() {
+    // setsid puts the grandchild in its own session: it keeps the output pipe open after the
+    // step's shell exits. The runner must stop reading rather than wait for it.
+    let marker = unique_marker();
+    let toml = format!(
+        "{HEAD}[[steps]]\nid = \"escape\"\nrun = \"setsid sleep {marker} & sleep 0.5; echo bye\"\n"
+    );
+    let started = Instant::now();
+    let out = run_runbook(&toml, &[]);
+    out.assert_code(0);
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "run finished without waiting for the escaped process"
+    );
+    for pid in processes_matching(&format!("sleep {marker}")) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let log = std::fs::read_to_string(out.bundle().join("steps/escape/local/attempt-1.log"))
+        .expect("log");
+    assert!(log.contains("output truncated"), "{log}");
+}
+
+#[test]
+fn output_is_streamed_with_flat_memory() {
+    // 200 MB of output: 100 MB in lines and 100 MB as a single line with no newline at all.
+    let toml = format!(
+        "{HEAD}[[steps]]\nid = \"loud\"\nrun = \"awk 'BEGIN {{ for (i = 0; i < 1000000; i++) printf \\\"%099d\\\\n\\\", i }}'; head -c 100000000 /dev/zero | tr '\\\\0' x\"\n"
+    );
+    let out = run_runbook(&toml, &[]);
+    out.assert_code(0);
+    let m = out.manifest();
+    assert_eq!(
+        step(&m, "loud")["attempts"][0]["output"]["stdout"],
+        200_000_000
+    );
+    let log = out.bundle().join("steps/loud/local/attempt-1.log");
+    let size = std::fs::metadata(&log).expect("log").len();
+    assert!(size > 200_000_000, "every byte is in the log: {size}");
+    // Peak RSS of the largest child this test process waited for: the runbook binary.
+    let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)
+        .expect("getrusage");
+    let peak_mib = usage.max_rss() / 1024;
+    assert!(
+        peak_mib < 100,
+        "runner memory stayed flat: peak {peak_mib} MiB for 200 MB of output"
+    );
+}
+
+#[test]
+fn interrupt_cancels_the_run_and_finalises_the_bundle() {
+    let marker = unique_marker();
+    let toml = format!(
+        "{HEAD}[[steps]]\nid = \"long\"\nkill_grace = \"1s\"\nrun = \"trap '' TERM; sleep {marker}\"\n[[steps]]\nid = \"next\"\nneeds = [\"long\"]\nrun = \"true\"\n"
+    );
+    let t = Test::new().runbook(&toml).args([
+        "run",
+        "runbook.toml",
+        "--evidence-dir",
+        "proof",
+        "--no-progress",
+    ]);
+    let dir_path = t.path().to_path_buf();
+    let (child, _dir) = t.spawn();
+    // Wait until the step is running.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while processes_matching(&format!("sleep {marker}")).is_empty() {
+        assert!(Instant::now() < deadline, "step never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("SIGINT");
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        processes_matching(&format!("sleep {marker}")),
+        Vec::<i32>::new(),
+        "no process remains"
+    );
+    let bundle = crate::common::find_bundle(&dir_path);
+    let m = read_json(&bundle.join("manifest.json"));
+    assert_eq!(m["status"], "cancelled");
+    assert_eq!(step(&m, "long")["status"], "cancelled");
+    assert_eq!(step(&m, "next")["status"], "skipped");
+    assert!(bundle.join("SHA256SUMS").is_file(), "bundle finalised");
+}
