@@ -263,7 +263,7 @@ fn run(args: &RunArgs) -> i32 {
         .parallel
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, std::num::NonZero::get));
     let live = !args.no_progress && std::io::stderr().is_terminal();
-    let console = Console::new(live, args.stream, stderr_color());
+    let console = Console::new(live, args.stream, stderr_color(), plan.params.secrets());
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -307,7 +307,8 @@ fn run(args: &RunArgs) -> i32 {
         RunStatus::Failed | RunStatus::Running => exit::RUN_FAILED,
         RunStatus::Cancelled => exit::INTERRUPTED,
     };
-    eprint!("\n{}", summary_table(&report));
+    eprint!("\n{}", console.redact(&summary_table(&report)));
+    print_failure_tails(&report, &bundle);
     let finished = recorder.map(Recorder::finish);
     match (evidence_error, finished) {
         (None, Some(Ok(dir))) => {
@@ -341,6 +342,28 @@ fn run(args: &RunArgs) -> i32 {
         );
     }
     code
+}
+
+/// For each failed step, where its last log is and how it ends: the first thing an operator
+/// needs when a run fails.
+fn print_failure_tails(report: &RunReport, bundle: &Path) {
+    for s in report.steps.iter().filter(|s| s.status == runbook_engine::event::StepStatus::Failed) {
+        if s.attempts == 0 {
+            continue;
+        }
+        let log = bundle.join(format!("steps/{}/local/attempt-{}.log", s.id, s.attempts));
+        let Ok(text) = std::fs::read_to_string(&log) else { continue };
+        let lines: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.split_once(' ').map(|(_, rest)| rest))
+            .filter(|l| !l.starts_with("--- "))
+            .collect();
+        eprintln!("\n{} failed: {}", s.id, s.reason.as_deref().unwrap_or("failed"));
+        eprintln!("  log: {}", log.display());
+        for l in &lines[lines.len().saturating_sub(10)..] {
+            eprintln!("  | {l}");
+        }
+    }
 }
 
 type ConsumerResult = (

@@ -2,6 +2,7 @@
 //! (attempt n/m, elapsed, retry countdown) with finished steps printed above it; elsewhere
 //! (Jenkins, pipes): one plain timestamped line per event. Step output is shown only with
 //! `--stream`, prefixed with the step id, and always whole lines, so it never garbles.
+//! Everything printed is redacted like evidence: terminal output ends up in CI logs.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -11,24 +12,32 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use runbook_engine::duration::format_duration;
 use runbook_engine::event::{RunEvent, StepStatus, Stream};
 use runbook_engine::executor::RunReport;
+use runbook_evidence::redact::ByteRedactor;
 
 pub struct Console {
     live: Option<MultiProgress>,
     bars: HashMap<String, ProgressBar>,
     stream_output: bool,
     partial: HashMap<(String, Stream), Vec<u8>>,
+    /// The last non-empty output line of each running step, shown when an attempt fails.
+    last_line: HashMap<String, String>,
     color: bool,
+    secrets: Vec<(String, String)>,
+    redactor: ByteRedactor,
 }
 
 impl Console {
-    pub fn new(live: bool, stream_output: bool, color: bool) -> Self {
+    pub fn new(live: bool, stream_output: bool, color: bool, secrets: Vec<(String, String)>) -> Self {
         Self {
             live: live
                 .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(10))),
             bars: HashMap::new(),
             stream_output,
             partial: HashMap::new(),
+            last_line: HashMap::new(),
             color,
+            redactor: ByteRedactor::new(&secrets),
+            secrets,
         }
     }
 
@@ -42,53 +51,33 @@ impl Console {
 
     fn line(&self, text: &str) {
         let now = chrono::Local::now().format("%H:%M:%S");
-        let line = format!("{} {text}", self.paint("2", &now.to_string()));
+        let line = format!("{} {}", self.paint("2", &now.to_string()), self.redactor.redact_str(text));
         match &self.live {
             Some(mp) => {
                 let _ = mp.println(line);
             }
             None => {
-                let mut err = std::io::stderr().lock();
-                let _ = writeln!(err, "{line}");
+                let _ = writeln!(std::io::stderr().lock(), "{line}");
             }
         }
     }
 
     pub fn event(&mut self, event: &RunEvent) {
         match event {
-            RunEvent::RunStarted {
-                runbook,
-                run_id,
-                steps,
-                ..
-            } => {
+            RunEvent::RunStarted { runbook, run_id, steps, .. } => {
                 self.line(&format!("run {run_id} of {runbook}: {steps} steps"));
             }
-            RunEvent::StepStarted { .. }
-            | RunEvent::Collect { .. }
-            | RunEvent::RunFinished { .. } => {}
-            RunEvent::AttemptStarted {
-                step,
-                attempt,
-                max_attempts,
-                command,
-                ..
-            } => {
+            RunEvent::StepStarted { .. } | RunEvent::Collect { .. } | RunEvent::RunFinished { .. } => {}
+            RunEvent::AttemptStarted { step, attempt, max_attempts, command, .. } => {
                 let first = command.lines().next().unwrap_or("");
                 let cmd: String = first.chars().take(80).collect();
-                let more = if cmd.len() < command.len() {
-                    " …"
-                } else {
-                    ""
-                };
+                let more = if cmd.len() < command.trim_end().len() { " …" } else { "" };
                 if let Some(mp) = &self.live {
                     let bar = self.bars.entry(step.to_string()).or_insert_with(|| {
                         let bar = mp.add(ProgressBar::new_spinner());
                         bar.set_style(
-                            ProgressStyle::with_template(
-                                "{spinner:.cyan} {prefix:.bold} {msg} {elapsed:.dim}",
-                            )
-                            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+                            ProgressStyle::with_template("{spinner:.cyan} {prefix:.bold} {msg} {elapsed:.dim}")
+                                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
                         );
                         bar.set_prefix(step.to_string());
                         bar.enable_steady_tick(Duration::from_millis(100));
@@ -96,58 +85,42 @@ impl Console {
                     });
                     bar.set_message(format!("attempt {attempt}/{max_attempts}: {cmd}{more}"));
                 } else {
-                    self.line(&format!(
-                        "▶ {step} attempt {attempt}/{max_attempts}: {cmd}{more}"
-                    ));
+                    self.line(&format!("▶ {step} attempt {attempt}/{max_attempts}: {cmd}{more}"));
                 }
             }
-            RunEvent::Output {
-                step, stream, data, ..
-            } => {
+            RunEvent::Output { step, stream, data, .. } => {
+                if let Some(line) = data
+                    .split(|&b| b == b'\n')
+                    .rev()
+                    .map(|l| String::from_utf8_lossy(l).trim().to_owned())
+                    .find(|l| !l.is_empty())
+                {
+                    self.last_line.insert(step.to_string(), line.chars().take(160).collect());
+                }
                 if self.stream_output {
                     self.output(step.as_str(), *stream, data);
                 }
             }
-            RunEvent::AttemptFinished {
-                step,
-                attempt,
-                outcome,
-                duration,
-                ..
-            } => {
+            RunEvent::AttemptFinished { step, attempt, outcome, duration, .. } => {
+                let last = self.last_line.remove(step.as_str());
                 if !outcome.succeeded() {
-                    let msg = format!(
-                        "{} {step} attempt {attempt}: {} after {}",
+                    let last = last.map(|l| format!(" — {l}")).unwrap_or_default();
+                    self.line(&format!(
+                        "{} {step} attempt {attempt}: {} after {}{last}",
                         self.paint("33", "!"),
                         outcome.describe(),
                         format_duration(*duration)
-                    );
-                    self.line(&msg);
+                    ));
                 }
             }
-            RunEvent::RetryScheduled {
-                step,
-                next_attempt,
-                delay,
-                ..
-            } => {
-                let text = format!(
-                    "retrying in {} (attempt {next_attempt} next)",
-                    format_duration(*delay)
-                );
+            RunEvent::RetryScheduled { step, next_attempt, delay, .. } => {
+                let text = format!("retrying in {} (attempt {next_attempt} next)", format_duration(*delay));
                 match self.bars.get(step.as_str()) {
                     Some(bar) => bar.set_message(text),
                     None => self.line(&format!("  {step} {text}")),
                 }
             }
-            RunEvent::StepFinished {
-                step,
-                status,
-                attempts,
-                duration,
-                reason,
-                ..
-            } => {
+            RunEvent::StepFinished { step, status, attempts, duration, reason, .. } => {
                 self.flush_partial(step.as_str());
                 if let Some(bar) = self.bars.remove(step.as_str()) {
                     bar.finish_and_clear();
@@ -161,19 +134,10 @@ impl Console {
                     StepStatus::Skipped => ("-", "2"),
                     StepStatus::Cancelled => ("■", "33"),
                 };
-                let tries = if *attempts > 1 {
-                    format!(", {attempts} attempts")
-                } else {
-                    String::new()
-                };
-                let why = reason
-                    .as_ref()
-                    .map(|r| format!(": {r}"))
-                    .unwrap_or_default();
+                let tries = if *attempts > 1 { format!(", {attempts} attempts") } else { String::new() };
+                let why = reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default();
                 let text = match status {
-                    StepStatus::Skipped => {
-                        format!("{} {step} skipped{why}", self.paint(color, mark))
-                    }
+                    StepStatus::Skipped => format!("{} {step} skipped{why}", self.paint(color, mark)),
                     _ => format!(
                         "{} {step} {} in {}{tries}{why}",
                         self.paint(color, mark),
@@ -182,6 +146,14 @@ impl Console {
                     ),
                 };
                 self.line(&text);
+            }
+            RunEvent::Log { step, message, .. } => {
+                let who = step.as_ref().map(|s| format!("[{s}] ")).unwrap_or_default();
+                self.line(&format!("log: {who}{message}"));
+            }
+            RunEvent::SecretRegistered { name, value, .. } => {
+                self.secrets.push((name.clone(), value.clone()));
+                self.redactor = ByteRedactor::new(&self.secrets);
             }
             RunEvent::Note { message, .. } => self.line(&format!("note: {message}")),
         }
@@ -206,7 +178,7 @@ impl Console {
             Stream::Stdout => format!("[{step}]"),
             Stream::Stderr => format!("[{step}!]"),
         };
-        let text = format!("{} {line}", self.paint("36", &prefix));
+        let text = format!("{} {}", self.paint("36", &prefix), self.redactor.redact_str(line));
         match &self.live {
             Some(mp) => {
                 let _ = mp.println(text);
@@ -235,28 +207,19 @@ impl Console {
             let _ = mp.clear();
         }
     }
+
+    pub fn redact(&self, text: &str) -> String {
+        self.redactor.redact_str(text)
+    }
 }
 
 /// The table printed after a run.
 pub fn summary_table(report: &RunReport) -> String {
-    let width = report
-        .steps
-        .iter()
-        .map(|s| s.id.chars().count())
-        .max()
-        .unwrap_or(4)
-        .max(4);
-    let mut out = format!(
-        "{:<width$}  {:<9}  {:>8}  {:>8}  NOTE\n",
-        "STEP", "STATUS", "ATTEMPTS", "DURATION"
-    );
+    let width = report.steps.iter().map(|s| s.id.chars().count()).max().unwrap_or(4).max(4);
+    let mut out = format!("{:<width$}  {:<9}  {:>8}  {:>8}  NOTE\n", "STEP", "STATUS", "ATTEMPTS", "DURATION");
     for s in &report.steps {
         let note = s.reason.as_deref().unwrap_or("");
-        let duration = if s.attempts == 0 {
-            "-".to_owned()
-        } else {
-            format_duration(s.duration)
-        };
+        let duration = if s.attempts == 0 { "-".to_owned() } else { format_duration(s.duration) };
         out.push_str(&format!(
             "{:<width$}  {:<9}  {:>8}  {:>8}  {note}\n",
             s.id,

@@ -13,18 +13,20 @@ use toml::Spanned;
 
 use crate::diagnostic::{suggest, Code, Diagnostic, Diagnostics};
 use crate::duration::parse_duration;
-use crate::expr::ExprHost;
+use crate::expr::{Context, ExprHost};
 use crate::retry::{Backoff, RetryPolicy};
 use crate::runbook::{
-    default_shell, Action, Meta, Need, ParamSpec, Runbook, StepId, StepSpec, DEFAULT_KILL_GRACE,
+    default_shell, Action, Capture, Hooks, Located, Meta, Need, ParamSpec, Runbook, SpannedExpr,
+    StepId, StepSpec, DEFAULT_KILL_GRACE,
 };
 use crate::source::{Source, Span};
 use crate::template::Template;
 
 type Value<'i> = Spanned<DeValue<'i>>;
 
-const TOP_KEYS: &[&str] = &["runbook", "params", "defaults", "steps"];
-const RUNBOOK_KEYS: &[&str] = &["name", "title", "description", "refs", "evidence_dir"];
+const TOP_KEYS: &[&str] = &["runbook", "params", "defaults", "hooks", "steps"];
+const RUNBOOK_KEYS: &[&str] = &["name", "title", "description", "refs", "evidence_dir", "allow_env"];
+const HOOK_KEYS: &[&str] = &["before_run", "after_run", "before_step", "after_step", "on_failure"];
 const PARAM_KEYS: &[&str] = &["default", "doc", "secret", "env", "required"];
 const DEFAULT_KEYS: &[&str] = &["timeout", "retry", "shell", "env", "cwd", "kill_grace"];
 const RETRY_KEYS: &[&str] = &[
@@ -51,6 +53,14 @@ const STEP_KEYS: &[&str] = &[
     "continue_on_failure",
     "always",
     "collect",
+    "script",
+    "when",
+    "until",
+    "check",
+    "outputs",
+    "capture",
+    "before",
+    "after",
 ];
 
 /// Parses and validates a runbook. Returns the runbook only when there are no errors; the
@@ -171,6 +181,10 @@ impl Analyzer<'_> {
                 cwd: None,
             },
         };
+        let hooks = match get(root_table, "hooks") {
+            Some(v) => self.hooks(v, &params, &shifted),
+            None => Hooks::default(),
+        };
         let steps = match get(root_table, "steps") {
             Some(v) => self.steps(v, &defaults, &params, &shifted),
             None => {
@@ -189,6 +203,7 @@ impl Analyzer<'_> {
             source: self.src.clone(),
             meta: meta?,
             params,
+            hooks,
             steps,
         })
     }
@@ -366,66 +381,115 @@ impl Analyzer<'_> {
         }
     }
 
-    fn template(
-        &mut self,
-        v: &Value<'_>,
-        key: &str,
-        params: &[ParamSpec],
-        s: &ShiftedSpans,
-    ) -> Option<Template> {
+    fn template(&mut self, v: &Value<'_>, key: &str, params: &[ParamSpec], s: &ShiftedSpans) -> Option<Template> {
         let (text, span) = self.string(v, key, s)?;
         self.template_text(&text, span, params)
     }
 
+    fn locate(&self, text: &str, span: Span) -> Located {
+        let origin = string_origin(self.src.slice(&span), text).map(|o| span.start + o);
+        Located { span, origin }
+    }
+
+    /// Reports `params.NAME` references to undeclared parameters in one expression.
+    fn check_param_refs(&mut self, code: &str, offset: usize, at: &Located, params: &[ParamSpec]) {
+        for (name, at_name) in param_references(code) {
+            if !params.iter().any(|p| p.name == name) {
+                let here = at.at(offset + at_name);
+                let here = here.start..here.start + "params.".len() + name.len();
+                let mut d = Diagnostic::error(Code::UnknownParam, format!("unknown parameter `{name}`"))
+                    .at(&self.src, here, "not declared under `[params]`");
+                if let Some(near) = suggest(&name, params.iter().map(|p| p.name.as_str())) {
+                    d = d.help(format!("did you mean `params.{near}`?"));
+                } else {
+                    d = d.help(format!("declare it:\n[params]\n{name} = {{ default = \"…\" }}"));
+                }
+                self.push(d);
+            }
+        }
+    }
+
     /// Parses a template whose text is `text` and whose TOML string token is at `span`.
     fn template_text(&mut self, text: &str, span: Span, params: &[ParamSpec]) -> Option<Template> {
-        let origin = string_origin(self.src.slice(&span), text).map(|o| span.start + o);
-        let at = |offset: usize| match origin {
-            Some(o) => o + offset..o + offset + 1,
-            None => span.clone(),
-        };
-        match Template::parse(text, self.host) {
-            Ok(t) => {
-                for (expr, offset) in t.expressions() {
-                    for (name, at_name) in param_references(&expr.text) {
-                        if !params.iter().any(|p| p.name == name) {
-                            let here = at(offset + at_name);
-                            let here = here.start..here.start + "params.".len() + name.len();
-                            let mut d = Diagnostic::error(
-                                Code::UnknownParam,
-                                format!("unknown parameter `{name}`"),
-                            )
-                            .at(
-                                &self.src,
-                                here,
-                                "not declared under `[params]`",
-                            );
-                            if let Some(near) =
-                                suggest(&name, params.iter().map(|p| p.name.as_str()))
-                            {
-                                d = d.help(format!("did you mean `params.{near}`?"));
-                            } else {
-                                d = d.help(format!(
-                                    "declare it:\n[params]\n{name} = {{ default = \"…\" }}"
-                                ));
-                            }
-                            self.push(d);
-                        }
-                    }
+        let at = self.locate(text, span);
+        match Template::parse(text, self.host, Context::Step) {
+            Ok(mut t) => {
+                let exprs: Vec<(String, usize)> = t.expressions().map(|(e, o)| (e.text.clone(), o)).collect();
+                for (code, offset) in exprs {
+                    self.check_param_refs(&code, offset, &at, params);
                 }
+                t.at = Some(at);
                 Some(t)
             }
             Err(e) => {
-                let d = Diagnostic::error(
-                    Code::TemplateSyntax,
-                    format!("template does not parse: {}", e.message),
-                )
-                .at(&self.src, at(e.offset), e.message.clone())
-                .help("`{{ expr }}` holds a Rhai expression; write a literal `{{` as `\\{{`");
+                let mut d = Diagnostic::error(Code::TemplateSyntax, format!("template does not parse: {}", e.message))
+                    .at(&self.src, at.at(e.offset), e.message.clone())
+                    .help("`{{ expr }}` holds a Rhai expression; write a literal `{{` as `\\{{`");
+                if e.message.contains("Undefined variable") {
+                    d = d.note(format!(
+                        "templates can use: {}",
+                        Context::Step.variables().iter().map(|v| format!("`{v}`")).collect::<Vec<_>>().join(", ")
+                    ));
+                }
                 self.push(d);
                 None
             }
         }
+    }
+
+    /// A Rhai expression (or, with `script`, statements) written as a TOML string.
+    fn expression(
+        &mut self,
+        v: &Value<'_>,
+        key: &str,
+        context: Context,
+        script: bool,
+        params: &[ParamSpec],
+        s: &ShiftedSpans,
+    ) -> Option<SpannedExpr> {
+        let (text, span) = self.string(v, key, s)?;
+        let at = self.locate(&text, span);
+        let compiled = if script {
+            self.host.compile_script(&text, context)
+        } else {
+            self.host.compile_expression(&text, context)
+        };
+        match compiled {
+            Ok(expr) => {
+                self.check_param_refs(&text, 0, &at, params);
+                Some(SpannedExpr { expr, at })
+            }
+            Err(e) => {
+                let offset = Located::offset_of(&text, e.line, e.column);
+                let mut d = Diagnostic::error(Code::TemplateSyntax, format!("`{key}` does not parse: {}", e.message))
+                    .at(&self.src, at.at(offset), e.message.clone());
+                if e.message.contains("Undefined variable") {
+                    d = d.help(format!(
+                        "`{key}` can use: {}",
+                        context.variables().iter().map(|v| format!("`{v}`")).collect::<Vec<_>>().join(", ")
+                    ));
+                }
+                self.push(d);
+                None
+            }
+        }
+    }
+
+    fn hooks(&mut self, v: &Value<'_>, params: &[ParamSpec], s: &ShiftedSpans) -> Hooks {
+        let mut hooks = Hooks::default();
+        let Some(t) = self.table(v, "hooks", s) else {
+            return hooks;
+        };
+        self.check_keys(t, HOOK_KEYS, "`[hooks]`", s);
+        let mut hook = |name: &str, context: Context| {
+            get(t, name).and_then(|hv| self.expression(hv, name, context, true, params, s))
+        };
+        hooks.before_run = hook("before_run", Context::RunHook);
+        hooks.after_run = hook("after_run", Context::RunHook);
+        hooks.before_step = hook("before_step", Context::StepHook);
+        hooks.after_step = hook("after_step", Context::StepHook);
+        hooks.on_failure = hook("on_failure", Context::StepHook);
+        hooks
     }
 
     fn meta(&mut self, v: &Value<'_>, s: &ShiftedSpans) -> Option<Meta> {
@@ -466,6 +530,12 @@ impl Analyzer<'_> {
             description: self.opt_string(t, "description", s),
             refs,
             evidence_dir: self.opt_string(t, "evidence_dir", s).map(PathBuf::from),
+            allow_env: get(t, "allow_env")
+                .and_then(|v| self.string_list(v, "allow_env", s))
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(n, _)| n)
+                .collect(),
         })
     }
 
@@ -657,6 +727,9 @@ impl Analyzer<'_> {
         if let Some(v) = get(t, "max_delay") {
             policy.max_delay = self.duration(v, "max_delay", s).unwrap_or(policy.max_delay);
         }
+        if let Some(v) = get(t, "deadline") {
+            policy.deadline = self.duration(v, "deadline", s);
+        }
         if let Some(v) = get(t, "jitter") {
             match v.get_ref() {
                 DeValue::Boolean(b) => policy.jitter = *b,
@@ -827,18 +900,62 @@ impl Analyzer<'_> {
                 .collect(),
             None => Vec::new(),
         };
-        let action = match get(t, "run") {
-            Some(rv) => self
+        let action = match (get(t, "run"), get(t, "script")) {
+            (Some(rv), None) => self
                 .template(rv, "run", params, s)
                 .map(|command| Action::Run { command }),
-            None => {
-                let d =
-                    Diagnostic::error(Code::StepAction, format!("step `{id}` has nothing to do"))
-                        .at(&self.src, id_span.clone(), "no `run` in this step")
-                        .help("add `run = \"<shell command>\"`");
+            (None, Some(sv)) => self
+                .expression(sv, "script", Context::Step, true, params, s)
+                .map(|script| Action::Script { script }),
+            (Some(_), Some(sv)) => {
+                let d = Diagnostic::error(Code::StepAction, format!("step `{id}` has both `run` and `script`"))
+                    .at(&self.src, s.span(sv.span()), "second action")
+                    .help("a step does one thing: split it into two steps");
                 self.push(d);
                 None
             }
+            (None, None) => {
+                let d = Diagnostic::error(Code::StepAction, format!("step `{id}` has nothing to do"))
+                    .at(&self.src, id_span.clone(), "no `run` or `script` in this step")
+                    .help("add `run = \"<shell command>\"` or `script = \"<Rhai>\"`");
+                self.push(d);
+                None
+            }
+        };
+        let mut expr = |key: &str, context: Context, script: bool| {
+            get(t, key).and_then(|v| self.expression(v, key, context, script, params, s))
+        };
+        let when = expr("when", Context::Step, false);
+        let until = expr("until", Context::Result, false);
+        let check = expr("check", Context::Result, false);
+        let before = expr("before", Context::StepHook, true);
+        let after = expr("after", Context::Result, true);
+        let mut outputs = Vec::new();
+        if let Some(ov) = get(t, "outputs") {
+            if let Some(ot) = self.table(ov, "outputs", s) {
+                for (key, value) in ot.iter() {
+                    let name = key.get_ref().to_string();
+                    if !is_identifier(&name) {
+                        self.error(Code::BadId, s.span(key.span()), format!("output name `{name}` is not an identifier"), "use letters, digits and `_`");
+                        continue;
+                    }
+                    if let Some(e) = self.expression(value, &format!("outputs.{name}"), Context::Result, false, params, s) {
+                        outputs.push((name, e));
+                    }
+                }
+            }
+        }
+        let capture = match get(t, "capture") {
+            Some(cv) => match self.string(cv, "capture", s) {
+                Some((c, _)) if c == "text" => Capture::Text,
+                Some((c, _)) if c == "json" => Capture::Json,
+                Some((c, span)) => {
+                    self.error(Code::BadValue, span, format!("unknown capture `{c}`"), "expected `text` or `json`");
+                    Capture::Text
+                }
+                None => Capture::Text,
+            },
+            None => Capture::Text,
         };
         let mut env = defaults.env.clone();
         if let Some(ev) = get(t, "env") {
@@ -878,7 +995,46 @@ impl Analyzer<'_> {
                 .collect(),
             None => Vec::new(),
         };
+        let mut refs = Vec::new();
+        {
+            let mut scan = |code: &str, offset: usize, at: &Located| {
+                for (name, pos) in step_references(code) {
+                    let here = at.at(offset + pos);
+                    refs.push(Need { id: StepId::new(&name), span: here.start..here.start + "steps.".len() + name.len() });
+                }
+            };
+            let command = match &action {
+                Some(Action::Run { command }) => Some(command),
+                _ => None,
+            };
+            for tpl in command.into_iter().chain(env.iter().map(|(_, t)| t)).chain(cwd.iter()).chain(collect.iter()) {
+                if let Some(at) = &tpl.at {
+                    for (e, offset) in tpl.expressions() {
+                        scan(&e.text, offset, at);
+                    }
+                }
+            }
+            let script = match &action {
+                Some(Action::Script { script }) => Some(script),
+                _ => None,
+            };
+            for e in [&when, &until, &check, &before, &after, &script.cloned()]
+                .into_iter()
+                .flatten()
+                .chain(outputs.iter().map(|(_, e)| e))
+            {
+                scan(&e.expr.text, 0, &e.at);
+            }
+        }
         Some(StepSpec {
+            when,
+            until,
+            check,
+            outputs,
+            capture,
+            before,
+            after,
+            refs,
             title: self.opt_string(t, "title", s),
             description: self.opt_string(t, "description", s),
             phase: self.opt_string(t, "phase", s),
@@ -951,6 +1107,36 @@ fn param_references(code: &str) -> Vec<(String, usize)> {
             r.chars()
                 .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
                 .collect()
+        } else if let Some(r) = rest.strip_prefix("[\"") {
+            match r.find('"') {
+                Some(end) => r[..end].to_owned(),
+                None => continue,
+            }
+        } else {
+            continue;
+        };
+        if !name.is_empty() {
+            out.push((name, at));
+        }
+    }
+    out
+}
+
+/// `steps.ID` and `steps["ID"]` references in an expression, with their offsets.
+pub fn step_references(code: &str) -> Vec<(String, usize)> {
+    let bytes = code.as_bytes();
+    let mut out = Vec::new();
+    let mut from = 0;
+    while let Some(i) = code[from..].find("steps") {
+        let at = from + i;
+        from = at + "steps".len();
+        let preceded = at > 0 && (bytes[at - 1].is_ascii_alphanumeric() || bytes[at - 1] == b'_' || bytes[at - 1] == b'.');
+        if preceded {
+            continue;
+        }
+        let rest = &code[from..];
+        let name: String = if let Some(r) = rest.strip_prefix('.') {
+            r.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect()
         } else if let Some(r) = rest.strip_prefix("[\"") {
             match r.find('"') {
                 Some(end) => r[..end].to_owned(),

@@ -24,10 +24,12 @@ pub enum Code {
     StepAction,
     BadValue,
     Unreadable,
+    UnknownStepRef,
+    UnorderedStepRef,
 }
 
 impl Code {
-    pub const ALL: [Code; 15] = [
+    pub const ALL: [Code; 17] = [
         Code::TomlSyntax,
         Code::UnknownKey,
         Code::WrongType,
@@ -43,6 +45,8 @@ impl Code {
         Code::StepAction,
         Code::BadValue,
         Code::Unreadable,
+        Code::UnknownStepRef,
+        Code::UnorderedStepRef,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -62,6 +66,8 @@ impl Code {
             Code::StepAction => "RB0013",
             Code::BadValue => "RB0014",
             Code::Unreadable => "RB0015",
+            Code::UnknownStepRef => "RB0016",
+            Code::UnorderedStepRef => "RB0017",
         }
     }
 
@@ -84,11 +90,13 @@ impl Code {
             Code::BadDuration => "A duration could not be read. Durations are strings made of a number and a unit, optionally repeated: `500ms`, `90s`, `10m`, `1h30m`, `2d`. Units: ms, s, m, h, d.",
             Code::BadRetry => "A `retry` table is inconsistent: `attempts` must be at least 1, `backoff` must be `fixed` or `exponential`, `factor` must be ≥ 1, and `max_delay` cannot be shorter than `delay`.",
             Code::BadId => "A step id may contain letters, digits, `-`, `_` and `.`, must start with a letter or digit, and be at most 64 characters: it names a directory in the evidence bundle.",
-            Code::TemplateSyntax => "A `{{ … }}` template in a string does not parse: an unclosed `{{`, an empty expression, or an expression that is not valid Rhai. Write a literal `{{` as `\\{{`.",
+            Code::TemplateSyntax => "A Rhai expression does not parse: a `{{ … }}` template (unclosed `{{`, empty expression, invalid Rhai), or a `when`, `until`, `check`, `outputs`, hook or `script` value. A variable the context does not provide (`output` outside `until`/`check`/`outputs`/`after`, a misspelt `parms`) is reported here too. Write a literal `{{` as `\\{{`.",
             Code::UnknownParam => "A template refers to `params.NAME` but the runbook declares no such parameter under `[params]`, or `--set NAME=…` names an undeclared parameter.",
-            Code::StepAction => "A step must say what it does: `run = \"…\"` (a shell command). A step may not have more than one action.",
+            Code::StepAction => "A step must say what it does: `run = \"…\"` (a shell command) or `script = \"…\"` (Rhai). A step may not have more than one action.",
             Code::BadValue => "A key has a value outside the allowed set, for example `shell = \"\"` or a `parallel` of 0. The message lists what is allowed.",
             Code::Unreadable => "A file could not be read, or is not UTF-8 text.",
+            Code::UnknownStepRef => "An expression reads `steps.ID` (or `steps[\"ID\"]`) but no step has that id. Ids containing `-` or `.` must be written `steps[\"facts-os\"]`: in Rhai `steps.facts-os` means `steps.facts - os`.",
+            Code::UnorderedStepRef => "An expression reads the result of a step that is not guaranteed to have finished first. A step may only read `steps.ID` when ID is among its `needs` (directly or through other steps); add it to `needs`.",
         }
     }
 }

@@ -41,6 +41,16 @@ pub enum FailureKind {
     Template,
     /// Reading the step's output failed.
     Io,
+    /// A `script` step raised an error.
+    Script,
+    /// `capture = "json"` and stdout was not JSON.
+    Capture,
+    /// `until` stayed false (or failed to evaluate).
+    Until,
+    /// `check` was false (or failed to evaluate).
+    Check,
+    /// An `outputs` expression or an `after`/`before` hook failed.
+    Hook,
 }
 
 /// How one attempt ended.
@@ -76,7 +86,9 @@ impl AttemptOutcome {
         match self {
             AttemptOutcome::Exited { code } => *code != 0,
             AttemptOutcome::Signaled { .. } | AttemptOutcome::TimedOut { .. } => true,
-            AttemptOutcome::Failed { failure, .. } => *failure == FailureKind::Io,
+            AttemptOutcome::Failed { failure, .. } => {
+                matches!(failure, FailureKind::Io | FailureKind::Until | FailureKind::Capture)
+            }
             AttemptOutcome::Cancelled => false,
         }
     }
@@ -218,6 +230,24 @@ pub enum RunEvent {
         /// Why it failed, was skipped or was cancelled.
         #[serde(skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
+        /// Values from `outputs` (or a `script` step's returned map).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        outputs: Option<serde_json::Value>,
+    },
+    /// `log(msg)` from an expression or hook.
+    Log {
+        at: Timestamp,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        step: Option<StepId>,
+        message: String,
+    },
+    /// A value became secret at run time (`secret()`): redacted from here on. The value itself
+    /// is never serialised.
+    SecretRegistered {
+        at: Timestamp,
+        name: String,
+        #[serde(skip)]
+        value: String,
     },
     Note {
         at: Timestamp,
@@ -241,6 +271,8 @@ impl RunEvent {
             | RunEvent::Collect { at, .. }
             | RunEvent::StepFinished { at, .. }
             | RunEvent::Note { at, .. }
+            | RunEvent::Log { at, .. }
+            | RunEvent::SecretRegistered { at, .. }
             | RunEvent::RunFinished { at, .. } => *at,
         }
     }

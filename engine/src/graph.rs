@@ -94,6 +94,9 @@ impl StepGraph {
             }
             diags.push(d.help("remove one of these `needs` entries"));
         }
+        if !diags.has_errors() {
+            check_step_refs(runbook, &graph, &index, &mut diags);
+        }
         if diags.has_errors() {
             diags.sort();
             return Err(diags);
@@ -212,6 +215,64 @@ impl StepGraph {
             }
         }
         out
+    }
+}
+
+/// Expressions may read `steps.ID` only for steps that exist and are guaranteed to have
+/// finished first (ancestors through `needs`).
+fn check_step_refs(
+    runbook: &Runbook,
+    graph: &DiGraph<StepIdx, ()>,
+    index: &HashMap<&str, NodeIndex>,
+    diags: &mut Diagnostics,
+) {
+    for (i, step) in runbook.steps.iter().enumerate() {
+        if step.refs.is_empty() {
+            continue;
+        }
+        let mut ancestors = vec![false; graph.node_count()];
+        let mut stack = vec![NodeIndex::new(i)];
+        while let Some(n) = stack.pop() {
+            for p in graph.neighbors_directed(n, Direction::Incoming) {
+                if !std::mem::replace(&mut ancestors[p.index()], true) {
+                    stack.push(p);
+                }
+            }
+        }
+        for r in &step.refs {
+            match index.get(r.id.as_str()) {
+                None => {
+                    let mut d = Diagnostic::error(
+                        Code::UnknownStepRef,
+                        format!("`steps.{}` refers to no step", r.id),
+                    )
+                    .at(&runbook.source, r.span.clone(), "no step has this id");
+                    let prefixed = runbook.steps.iter().find(|s| {
+                        s.id.as_str().starts_with(r.id.as_str())
+                            && s.id.as_str()[r.id.as_str().len()..].starts_with(['-', '.'])
+                    });
+                    if let Some(s) = prefixed {
+                        d = d.help(format!("ids with `-` or `.` are written `steps[\"{}\"]`", s.id));
+                    } else if let Some(near) =
+                        suggest(r.id.as_str(), runbook.steps.iter().map(|s| s.id.as_str()))
+                    {
+                        d = d.help(format!("did you mean `{near}`?"));
+                    }
+                    diags.push(d);
+                }
+                Some(n) if n.index() == i => {}
+                Some(n) if !ancestors[n.index()] => {
+                    let d = Diagnostic::error(
+                        Code::UnorderedStepRef,
+                        format!("step `{}` reads `steps.{}` but does not need it", step.id, r.id),
+                    )
+                    .at(&runbook.source, r.span.clone(), "may not have run yet")
+                    .help(format!("add `\"{}\"` to the `needs` of `{}`", r.id, step.id));
+                    diags.push(d);
+                }
+                Some(_) => {}
+            }
+        }
     }
 }
 

@@ -1,9 +1,10 @@
 //! Planning: a compiled graph + bound parameters + the operator's selection (`--only`,
 //! `--skip`, `--from`) → the [`Plan`] the executor runs and `runbook plan` prints.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use rhai::Scope;
 
@@ -66,7 +67,14 @@ pub struct Plan {
     pub selected: Vec<bool>,
     /// Where steps run when they name no `cwd`, and what relative `cwd`s resolve against.
     pub workdir: PathBuf,
-    pub redactor: Redactor,
+    /// Secret values known so far: params marked secret, then whatever `secret()` registers.
+    redactor: RwLock<Redactor>,
+    /// `env` as expressions see it: only the variables `[runbook] allow_env` lists.
+    pub env: serde_json::Value,
+    /// Per step: the steps its expressions read (`steps.<id>`).
+    pub step_refs: Vec<Vec<StepIdx>>,
+    /// The steps the run-wide step hooks read.
+    pub hook_refs: Vec<StepIdx>,
 }
 
 impl Plan {
@@ -106,7 +114,40 @@ impl Plan {
         for id in &selection.skip {
             selected[find("--skip", id)?] = false;
         }
-        let redactor = Redactor::new(params.secrets());
+        let redactor = RwLock::new(Redactor::new(params.secrets()));
+        let env = serde_json::Value::Object(
+            runbook
+                .meta
+                .allow_env
+                .iter()
+                .filter_map(|name| std::env::var(name).ok().map(|v| (name.clone(), v.into())))
+                .collect(),
+        );
+        let index: HashMap<&str, StepIdx> = runbook
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.id.as_str(), i))
+            .collect();
+        let step_refs = runbook
+            .steps
+            .iter()
+            .map(|s| {
+                let mut refs: Vec<StepIdx> = s.refs.iter().filter_map(|r| index.get(r.id.as_str()).copied()).collect();
+                refs.sort_unstable();
+                refs.dedup();
+                refs
+            })
+            .collect();
+        let hooks = &runbook.hooks;
+        let mut hook_refs: Vec<StepIdx> = [&hooks.before_step, &hooks.after_step, &hooks.on_failure]
+            .into_iter()
+            .flatten()
+            .flat_map(|h| crate::analyzer::step_references(&h.expr.text))
+            .filter_map(|(id, _)| index.get(id.as_str()).copied())
+            .collect();
+        hook_refs.sort_unstable();
+        hook_refs.dedup();
         Ok(Self {
             runbook,
             graph,
@@ -114,13 +155,32 @@ impl Plan {
             selected,
             workdir,
             redactor,
+            env,
+            step_refs,
+            hook_refs,
         })
     }
 
-    /// The scope every expression starts from: `params` and `run`.
+    /// Redacts every secret known so far.
+    pub fn redact(&self, text: &str) -> String {
+        self.redactor.read().map_or_else(|_| text.to_owned(), |r| r.redact_str(text))
+    }
+
+    /// Adds secrets registered at run time (by `secret()`).
+    pub fn add_secrets(&self, secrets: &[(String, String)]) {
+        if let Ok(mut r) = self.redactor.write() {
+            let mut all = r.secrets().to_vec();
+            all.extend(secrets.iter().cloned());
+            *r = Redactor::new(all);
+        }
+    }
+
+    /// The scope every expression starts from: `params`, `run` and `env`. The executor adds
+    /// `steps` with the results an expression may read.
     pub fn scope(&self, run: &RunInfo) -> Scope<'static> {
         let mut scope = Scope::new();
         scope.push_constant("params", json_to_dynamic(&self.params.to_json(false)));
+        scope.push_constant("env", json_to_dynamic(&self.env));
         scope.push_constant(
             "run",
             json_to_dynamic(&serde_json::json!({
@@ -152,6 +212,7 @@ impl Plan {
             }
         }
         let mut scope = self.scope(run);
+        scope.push_constant("steps", rhai::Map::new());
         for (n, level) in self.graph.levels().iter().enumerate() {
             let _ = writeln!(out, "level {n}:");
             for &i in level {
@@ -184,15 +245,29 @@ impl Plan {
                     let _ = write!(out, " [{}]", flags.join(", "));
                 }
                 out.push('\n');
+                if let Some(when) = &step.when {
+                    let _ = writeln!(out, "      when {}", when.expr.text.trim());
+                }
                 match &step.action {
                     Action::Run { command } => {
                         let text = command
                             .render(host, &mut scope)
                             .unwrap_or_else(|_| command.raw().to_owned());
-                        for line in self.redactor.redact_str(&text).lines() {
+                        for line in self.redact(&text).lines() {
                             let _ = writeln!(out, "      $ {line}");
                         }
                     }
+                    Action::Script { script } => {
+                        for line in script.expr.text.trim().lines() {
+                            let _ = writeln!(out, "      rhai> {line}");
+                        }
+                    }
+                }
+                if let Some(until) = &step.until {
+                    let _ = writeln!(out, "      until {}", until.expr.text.trim());
+                }
+                if let Some(check) = &step.check {
+                    let _ = writeln!(out, "      check {}", check.expr.text.trim());
                 }
             }
         }

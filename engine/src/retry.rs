@@ -23,6 +23,10 @@ pub struct RetryPolicy {
     /// Spread each delay uniformly over [delay/2, delay] so that many hosts retrying the same
     /// API do not do it in lock-step.
     pub jitter: bool,
+    /// Give up once this much time has passed since the first attempt started, whatever
+    /// `attempts` says: "poll every 5s for up to 10m" is `attempts = 10000, deadline = "10m"`.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "crate::serde_duration::serialize_opt")]
+    pub deadline: Option<Duration>,
 }
 
 impl Default for RetryPolicy {
@@ -33,6 +37,7 @@ impl Default for RetryPolicy {
             delay: Duration::from_secs(1),
             max_delay: Duration::from_secs(60),
             jitter: false,
+            deadline: None,
         }
     }
 }
@@ -75,6 +80,7 @@ mod tests {
             delay: Duration::from_secs(1),
             max_delay: Duration::from_secs(10),
             jitter: false,
+            deadline: None,
         }
     }
 

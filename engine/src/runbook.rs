@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::expr::Expr;
 use crate::retry::RetryPolicy;
 use crate::source::{Source, Span};
 use crate::template::Template;
@@ -48,7 +49,73 @@ pub struct Runbook {
     pub source: Arc<Source>,
     pub meta: Meta,
     pub params: Vec<ParamSpec>,
+    pub hooks: Hooks,
     pub steps: Vec<StepSpec>,
+}
+
+/// Where a string value sits in the runbook file, to turn positions inside it into
+/// `file:line:col` for errors found while running.
+#[derive(Debug, Clone)]
+pub struct Located {
+    /// The TOML string token.
+    pub span: Span,
+    /// Byte offset of the value's first character, when the token holds it verbatim.
+    pub origin: Option<usize>,
+}
+
+impl Located {
+    /// The span of byte `offset` inside the value (the whole token when escapes blur it).
+    pub fn at(&self, offset: usize) -> Span {
+        match self.origin {
+            Some(o) => o + offset..o + offset + 1,
+            None => self.span.clone(),
+        }
+    }
+
+    /// Offset inside the value of a 1-based line/column position inside it.
+    pub fn offset_of(text: &str, line: usize, column: usize) -> usize {
+        let mut l = 1;
+        let mut c = 1;
+        for (i, ch) in text.char_indices() {
+            if l == line && c == column {
+                return i;
+            }
+            if ch == '\n' {
+                l += 1;
+                c = 1;
+            } else {
+                c += 1;
+            }
+        }
+        text.len()
+    }
+
+    /// `file:line:col` of a 1-based position inside the value.
+    pub fn describe(&self, source: &Source, text: &str, line: Option<usize>, column: Option<usize>) -> String {
+        let offset = match (line, column) {
+            (Some(l), Some(c)) => Self::offset_of(text, l, c),
+            _ => 0,
+        };
+        let lc = source.line_col(self.at(offset).start);
+        format!("{}:{}:{}", source.path().display(), lc.line, lc.column)
+    }
+}
+
+/// A compiled Rhai expression or script and where it is written.
+#[derive(Debug, Clone)]
+pub struct SpannedExpr {
+    pub expr: Expr,
+    pub at: Located,
+}
+
+/// Run-level hooks (`[hooks]`).
+#[derive(Debug, Clone, Default)]
+pub struct Hooks {
+    pub before_run: Option<SpannedExpr>,
+    pub after_run: Option<SpannedExpr>,
+    pub before_step: Option<SpannedExpr>,
+    pub after_step: Option<SpannedExpr>,
+    pub on_failure: Option<SpannedExpr>,
 }
 
 #[derive(Debug, Clone)]
@@ -60,6 +127,8 @@ pub struct Meta {
     pub refs: Vec<String>,
     /// Where bundles go, relative to the runbook's directory (`--evidence-dir` overrides).
     pub evidence_dir: Option<PathBuf>,
+    /// Environment variables expressions may read as `env.NAME`.
+    pub allow_env: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -80,6 +149,17 @@ pub struct ParamSpec {
 pub enum Action {
     /// A shell command run on the machine running `runbook`.
     Run { command: Template },
+    /// A Rhai script run by the engine; a returned map becomes the step's outputs.
+    Script { script: SpannedExpr },
+}
+
+/// How a step's stdout is offered to expressions besides as text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Capture {
+    #[default]
+    Text,
+    /// stdout is parsed as JSON into `output.json` / `steps.<id>.json`.
+    Json,
 }
 
 #[derive(Debug, Clone)]
@@ -112,6 +192,20 @@ pub struct StepSpec {
     pub always: bool,
     /// Files copied into the bundle's `collected/<step>/` after the step, relative to its cwd.
     pub collect: Vec<Template>,
+    /// Run the step only when true (evaluated when its needs are done).
+    pub when: Option<SpannedExpr>,
+    /// After a successful attempt: retry (within the retry policy) while false.
+    pub until: Option<SpannedExpr>,
+    /// After success: an assertion; false fails the step.
+    pub check: Option<SpannedExpr>,
+    /// Named values computed after success, visible downstream as `steps.<id>.outputs.<name>`.
+    pub outputs: Vec<(String, SpannedExpr)>,
+    pub capture: Capture,
+    /// Per-step hooks: `before` the first attempt, `after` success.
+    pub before: Option<SpannedExpr>,
+    pub after: Option<SpannedExpr>,
+    /// Steps whose results the step's expressions read (`steps.<id>`), with where.
+    pub refs: Vec<Need>,
 }
 
 /// The shell used when neither the step nor `[defaults]` names one: bash with errexit and

@@ -4,7 +4,7 @@
 
 use rhai::Scope;
 
-use crate::expr::{display_value, Expr, ExprHost, ExprSyntaxError};
+use crate::expr::{display_value, Context, Effects, Expr, ExprHost, ExprSyntaxError};
 
 #[derive(Debug, Clone)]
 pub enum Part {
@@ -21,6 +21,8 @@ pub enum Part {
 pub struct Template {
     raw: String,
     parts: Vec<Part>,
+    /// Where the string is written in the runbook, for errors found while rendering.
+    pub at: Option<crate::runbook::Located>,
 }
 
 /// A template that does not parse: the message and the byte offset inside the template string.
@@ -37,10 +39,11 @@ impl Template {
         Self {
             parts: vec![Part::Literal(raw.clone())],
             raw,
+            at: None,
         }
     }
 
-    pub fn parse(raw: &str, host: &ExprHost) -> Result<Self, TemplateError> {
+    pub fn parse(raw: &str, host: &ExprHost, context: Context) -> Result<Self, TemplateError> {
         let mut parts = Vec::new();
         let mut literal = String::new();
         let mut rest = raw;
@@ -71,7 +74,7 @@ impl Template {
                     offset: open,
                 });
             }
-            let expr = host.compile_expression(code).map_err(|e| TemplateError {
+            let expr = host.compile_expression(code, context).map_err(|e| TemplateError {
                 message: e.message.clone(),
                 offset: code_offset + offset_in(code, &e),
             })?;
@@ -92,6 +95,7 @@ impl Template {
         Ok(Self {
             raw: raw.to_owned(),
             parts,
+            at: None,
         })
     }
 
@@ -116,15 +120,29 @@ impl Template {
 
     /// Renders the template; the error names the failing expression.
     pub fn render(&self, host: &ExprHost, scope: &mut Scope<'_>) -> Result<String, RenderError> {
+        self.render_with_effects(host, scope, &mut Effects::default())
+    }
+
+    /// Renders, adding what the expressions asked for (`secret(…)`, `log(…)`) to `effects`.
+    pub fn render_with_effects(
+        &self,
+        host: &ExprHost,
+        scope: &mut Scope<'_>,
+        effects: &mut Effects,
+    ) -> Result<String, RenderError> {
         let mut out = String::new();
         for part in &self.parts {
             match part {
                 Part::Literal(s) => out.push_str(s),
                 Part::Expr { expr, offset } => {
-                    let value = host.eval(expr, scope).map_err(|message| RenderError {
+                    let (value, more) = host.eval_with_effects(expr, scope);
+                    effects.logs.extend(more.logs);
+                    effects.notes.extend(more.notes);
+                    effects.secrets.extend(more.secrets);
+                    let value = value.map_err(|e| RenderError {
                         expression: expr.text.trim().to_owned(),
-                        offset: *offset,
-                        message,
+                        offset: *offset + e.column.map_or(0, |c| c.saturating_sub(1)),
+                        message: e.message,
                     })?;
                     out.push_str(&display_value(&value));
                 }
@@ -168,7 +186,7 @@ mod tests {
 
     fn render(raw: &str) -> String {
         let host = ExprHost::new();
-        let t = Template::parse(raw, &host).expect("parses");
+        let t = Template::parse(raw, &host, Context::Step).expect("parses");
         let mut scope = Scope::new();
         scope.push_constant(
             "params",
@@ -191,11 +209,11 @@ mod tests {
     #[test]
     fn errors_point_into_the_string() {
         let host = ExprHost::new();
-        let e = Template::parse("echo {{ params.v", &host).expect_err("unclosed");
+        let e = Template::parse("echo {{ params.v", &host, Context::Step).expect_err("unclosed");
         assert_eq!(e.offset, 5);
-        let e = Template::parse("echo {{ }}", &host).expect_err("empty");
+        let e = Template::parse("echo {{ }}", &host, Context::Step).expect_err("empty");
         assert_eq!(e.offset, 5);
-        let e = Template::parse("echo {{ 1 + }}", &host).expect_err("bad expr");
+        let e = Template::parse("echo {{ 1 + }}", &host, Context::Step).expect_err("bad expr");
         assert!(e.offset >= 8, "{e:?}");
     }
 }

@@ -27,7 +27,9 @@ pub struct LogWriter {
     path: PathBuf,
     file: BufWriter<File>,
     pending: [Pending; 2],
-    redactor: ByteRedactor,
+    /// Secrets as known when the last bytes arrived; the recorder updates it when a secret is
+    /// registered mid-run.
+    pub redactor: ByteRedactor,
 }
 
 fn index(stream: Stream) -> usize {

@@ -31,6 +31,8 @@ pub struct Manifest {
     pub summary: BTreeMap<&'static str, usize>,
     pub steps: Vec<StepRecord>,
     pub notes: Vec<Note>,
+    /// Names of the secrets redacted from this bundle (values never appear).
+    pub secrets: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -74,6 +76,8 @@ pub struct StepRecord {
     pub duration_seconds: f64,
     pub attempts: Vec<AttemptRecord>,
     pub collected: Vec<Collected>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outputs: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -45,6 +45,7 @@ pub struct Recorder {
     journal: File,
     journal_path: PathBuf,
     seq: u64,
+    secrets: Vec<(String, String)>,
     redactor: ByteRedactor,
     logs: HashMap<AttemptKey, LogWriter>,
     manifest: Manifest,
@@ -93,6 +94,7 @@ impl Recorder {
                 duration_seconds: 0.0,
                 attempts: Vec::new(),
                 collected: Vec::new(),
+                outputs: None,
             })
             .collect();
         let step_index = rb
@@ -128,6 +130,7 @@ impl Recorder {
             summary: Default::default(),
             steps,
             notes: Vec::new(),
+            secrets: cfg.secrets.iter().map(|(n, _)| n.clone()).collect(),
         };
         let recorder = Self {
             dir,
@@ -135,6 +138,7 @@ impl Recorder {
             journal_path,
             seq: 0,
             redactor: ByteRedactor::new(&cfg.secrets),
+            secrets: cfg.secrets,
             logs: HashMap::new(),
             manifest,
             step_index,
@@ -163,9 +167,22 @@ impl Recorder {
             }
             return Ok(());
         }
+        if let RunEvent::SecretRegistered { name, value, .. } = event {
+            self.secrets.push((name.clone(), value.clone()));
+            self.redactor = ByteRedactor::new(&self.secrets);
+            for log in self.logs.values_mut() {
+                log.redactor = self.redactor.clone();
+            }
+            if !self.manifest.secrets.contains(name) {
+                self.manifest.secrets.push(name.clone());
+            }
+        }
         self.append_journal(event)?;
         match event {
-            RunEvent::RunStarted { .. } | RunEvent::Output { .. } => {}
+            RunEvent::RunStarted { .. }
+            | RunEvent::Output { .. }
+            | RunEvent::Log { .. }
+            | RunEvent::SecretRegistered { .. } => {}
             RunEvent::StepStarted { at, step } => {
                 if let Some(s) = self.step_mut(step.as_str()) {
                     s.started_at = Some(*at);
@@ -261,10 +278,12 @@ impl Recorder {
                 status,
                 duration,
                 reason,
+                outputs,
                 ..
             } => {
                 let reason = reason.as_ref().map(|r| self.redactor.redact_str(r));
                 if let Some(s) = self.step_mut(step.as_str()) {
+                    s.outputs.clone_from(outputs);
                     s.status = Some(*status);
                     s.reason = reason;
                     s.finished_at = Some(*at);
