@@ -347,18 +347,28 @@ fn run(args: &RunArgs) -> i32 {
 /// For each failed step, where its last log is and how it ends: the first thing an operator
 /// needs when a run fails.
 fn print_failure_tails(report: &RunReport, bundle: &Path) {
-    for s in report.steps.iter().filter(|s| s.status == runbook_engine::event::StepStatus::Failed) {
+    for s in report
+        .steps
+        .iter()
+        .filter(|s| s.status == runbook_engine::event::StepStatus::Failed)
+    {
         if s.attempts == 0 {
             continue;
         }
         let log = bundle.join(format!("steps/{}/local/attempt-{}.log", s.id, s.attempts));
-        let Ok(text) = std::fs::read_to_string(&log) else { continue };
+        let Ok(text) = std::fs::read_to_string(&log) else {
+            continue;
+        };
         let lines: Vec<&str> = text
             .lines()
             .filter_map(|l| l.split_once(' ').map(|(_, rest)| rest))
             .filter(|l| !l.starts_with("--- "))
             .collect();
-        eprintln!("\n{} failed: {}", s.id, s.reason.as_deref().unwrap_or("failed"));
+        eprintln!(
+            "\n{} failed: {}",
+            s.id,
+            s.reason.as_deref().unwrap_or("failed")
+        );
         eprintln!("  log: {}", log.display());
         for l in &lines[lines.len().saturating_sub(10)..] {
             eprintln!("  | {l}");

@@ -27,7 +27,12 @@ pub struct Console {
 }
 
 impl Console {
-    pub fn new(live: bool, stream_output: bool, color: bool, secrets: Vec<(String, String)>) -> Self {
+    pub fn new(
+        live: bool,
+        stream_output: bool,
+        color: bool,
+        secrets: Vec<(String, String)>,
+    ) -> Self {
         Self {
             live: live
                 .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(10))),
@@ -51,7 +56,11 @@ impl Console {
 
     fn line(&self, text: &str) {
         let now = chrono::Local::now().format("%H:%M:%S");
-        let line = format!("{} {}", self.paint("2", &now.to_string()), self.redactor.redact_str(text));
+        let line = format!(
+            "{} {}",
+            self.paint("2", &now.to_string()),
+            self.redactor.redact_str(text)
+        );
         match &self.live {
             Some(mp) => {
                 let _ = mp.println(line);
@@ -64,20 +73,39 @@ impl Console {
 
     pub fn event(&mut self, event: &RunEvent) {
         match event {
-            RunEvent::RunStarted { runbook, run_id, steps, .. } => {
+            RunEvent::RunStarted {
+                runbook,
+                run_id,
+                steps,
+                ..
+            } => {
                 self.line(&format!("run {run_id} of {runbook}: {steps} steps"));
             }
-            RunEvent::StepStarted { .. } | RunEvent::Collect { .. } | RunEvent::RunFinished { .. } => {}
-            RunEvent::AttemptStarted { step, attempt, max_attempts, command, .. } => {
+            RunEvent::StepStarted { .. }
+            | RunEvent::Collect { .. }
+            | RunEvent::RunFinished { .. } => {}
+            RunEvent::AttemptStarted {
+                step,
+                attempt,
+                max_attempts,
+                command,
+                ..
+            } => {
                 let first = command.lines().next().unwrap_or("");
                 let cmd: String = first.chars().take(80).collect();
-                let more = if cmd.len() < command.trim_end().len() { " …" } else { "" };
+                let more = if cmd.len() < command.trim_end().len() {
+                    " …"
+                } else {
+                    ""
+                };
                 if let Some(mp) = &self.live {
                     let bar = self.bars.entry(step.to_string()).or_insert_with(|| {
                         let bar = mp.add(ProgressBar::new_spinner());
                         bar.set_style(
-                            ProgressStyle::with_template("{spinner:.cyan} {prefix:.bold} {msg} {elapsed:.dim}")
-                                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+                            ProgressStyle::with_template(
+                                "{spinner:.cyan} {prefix:.bold} {msg} {elapsed:.dim}",
+                            )
+                            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
                         );
                         bar.set_prefix(step.to_string());
                         bar.enable_steady_tick(Duration::from_millis(100));
@@ -85,23 +113,34 @@ impl Console {
                     });
                     bar.set_message(format!("attempt {attempt}/{max_attempts}: {cmd}{more}"));
                 } else {
-                    self.line(&format!("▶ {step} attempt {attempt}/{max_attempts}: {cmd}{more}"));
+                    self.line(&format!(
+                        "▶ {step} attempt {attempt}/{max_attempts}: {cmd}{more}"
+                    ));
                 }
             }
-            RunEvent::Output { step, stream, data, .. } => {
+            RunEvent::Output {
+                step, stream, data, ..
+            } => {
                 if let Some(line) = data
                     .split(|&b| b == b'\n')
                     .rev()
                     .map(|l| String::from_utf8_lossy(l).trim().to_owned())
                     .find(|l| !l.is_empty())
                 {
-                    self.last_line.insert(step.to_string(), line.chars().take(160).collect());
+                    self.last_line
+                        .insert(step.to_string(), line.chars().take(160).collect());
                 }
                 if self.stream_output {
                     self.output(step.as_str(), *stream, data);
                 }
             }
-            RunEvent::AttemptFinished { step, attempt, outcome, duration, .. } => {
+            RunEvent::AttemptFinished {
+                step,
+                attempt,
+                outcome,
+                duration,
+                ..
+            } => {
                 let last = self.last_line.remove(step.as_str());
                 if !outcome.succeeded() {
                     let last = last.map(|l| format!(" — {l}")).unwrap_or_default();
@@ -113,14 +152,29 @@ impl Console {
                     ));
                 }
             }
-            RunEvent::RetryScheduled { step, next_attempt, delay, .. } => {
-                let text = format!("retrying in {} (attempt {next_attempt} next)", format_duration(*delay));
+            RunEvent::RetryScheduled {
+                step,
+                next_attempt,
+                delay,
+                ..
+            } => {
+                let text = format!(
+                    "retrying in {} (attempt {next_attempt} next)",
+                    format_duration(*delay)
+                );
                 match self.bars.get(step.as_str()) {
                     Some(bar) => bar.set_message(text),
                     None => self.line(&format!("  {step} {text}")),
                 }
             }
-            RunEvent::StepFinished { step, status, attempts, duration, reason, .. } => {
+            RunEvent::StepFinished {
+                step,
+                status,
+                attempts,
+                duration,
+                reason,
+                ..
+            } => {
                 self.flush_partial(step.as_str());
                 if let Some(bar) = self.bars.remove(step.as_str()) {
                     bar.finish_and_clear();
@@ -134,10 +188,19 @@ impl Console {
                     StepStatus::Skipped => ("-", "2"),
                     StepStatus::Cancelled => ("■", "33"),
                 };
-                let tries = if *attempts > 1 { format!(", {attempts} attempts") } else { String::new() };
-                let why = reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default();
+                let tries = if *attempts > 1 {
+                    format!(", {attempts} attempts")
+                } else {
+                    String::new()
+                };
+                let why = reason
+                    .as_ref()
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default();
                 let text = match status {
-                    StepStatus::Skipped => format!("{} {step} skipped{why}", self.paint(color, mark)),
+                    StepStatus::Skipped => {
+                        format!("{} {step} skipped{why}", self.paint(color, mark))
+                    }
                     _ => format!(
                         "{} {step} {} in {}{tries}{why}",
                         self.paint(color, mark),
@@ -178,7 +241,11 @@ impl Console {
             Stream::Stdout => format!("[{step}]"),
             Stream::Stderr => format!("[{step}!]"),
         };
-        let text = format!("{} {}", self.paint("36", &prefix), self.redactor.redact_str(line));
+        let text = format!(
+            "{} {}",
+            self.paint("36", &prefix),
+            self.redactor.redact_str(line)
+        );
         match &self.live {
             Some(mp) => {
                 let _ = mp.println(text);
@@ -215,11 +282,24 @@ impl Console {
 
 /// The table printed after a run.
 pub fn summary_table(report: &RunReport) -> String {
-    let width = report.steps.iter().map(|s| s.id.chars().count()).max().unwrap_or(4).max(4);
-    let mut out = format!("{:<width$}  {:<9}  {:>8}  {:>8}  NOTE\n", "STEP", "STATUS", "ATTEMPTS", "DURATION");
+    let width = report
+        .steps
+        .iter()
+        .map(|s| s.id.chars().count())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    let mut out = format!(
+        "{:<width$}  {:<9}  {:>8}  {:>8}  NOTE\n",
+        "STEP", "STATUS", "ATTEMPTS", "DURATION"
+    );
     for s in &report.steps {
         let note = s.reason.as_deref().unwrap_or("");
-        let duration = if s.attempts == 0 { "-".to_owned() } else { format_duration(s.duration) };
+        let duration = if s.attempts == 0 {
+            "-".to_owned()
+        } else {
+            format_duration(s.duration)
+        };
         out.push_str(&format!(
             "{:<width$}  {:<9}  {:>8}  {:>8}  {note}\n",
             s.id,

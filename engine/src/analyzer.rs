@@ -25,8 +25,21 @@ use crate::template::Template;
 type Value<'i> = Spanned<DeValue<'i>>;
 
 const TOP_KEYS: &[&str] = &["runbook", "params", "defaults", "hooks", "steps"];
-const RUNBOOK_KEYS: &[&str] = &["name", "title", "description", "refs", "evidence_dir", "allow_env"];
-const HOOK_KEYS: &[&str] = &["before_run", "after_run", "before_step", "after_step", "on_failure"];
+const RUNBOOK_KEYS: &[&str] = &[
+    "name",
+    "title",
+    "description",
+    "refs",
+    "evidence_dir",
+    "allow_env",
+];
+const HOOK_KEYS: &[&str] = &[
+    "before_run",
+    "after_run",
+    "before_step",
+    "after_step",
+    "on_failure",
+];
 const PARAM_KEYS: &[&str] = &["default", "doc", "secret", "env", "required"];
 const DEFAULT_KEYS: &[&str] = &["timeout", "retry", "shell", "env", "cwd", "kill_grace"];
 const RETRY_KEYS: &[&str] = &[
@@ -36,6 +49,7 @@ const RETRY_KEYS: &[&str] = &[
     "max_delay",
     "factor",
     "jitter",
+    "deadline",
 ];
 const STEP_KEYS: &[&str] = &[
     "id",
@@ -381,7 +395,13 @@ impl Analyzer<'_> {
         }
     }
 
-    fn template(&mut self, v: &Value<'_>, key: &str, params: &[ParamSpec], s: &ShiftedSpans) -> Option<Template> {
+    fn template(
+        &mut self,
+        v: &Value<'_>,
+        key: &str,
+        params: &[ParamSpec],
+        s: &ShiftedSpans,
+    ) -> Option<Template> {
         let (text, span) = self.string(v, key, s)?;
         self.template_text(&text, span, params)
     }
@@ -397,12 +417,15 @@ impl Analyzer<'_> {
             if !params.iter().any(|p| p.name == name) {
                 let here = at.at(offset + at_name);
                 let here = here.start..here.start + "params.".len() + name.len();
-                let mut d = Diagnostic::error(Code::UnknownParam, format!("unknown parameter `{name}`"))
-                    .at(&self.src, here, "not declared under `[params]`");
+                let mut d =
+                    Diagnostic::error(Code::UnknownParam, format!("unknown parameter `{name}`"))
+                        .at(&self.src, here, "not declared under `[params]`");
                 if let Some(near) = suggest(&name, params.iter().map(|p| p.name.as_str())) {
                     d = d.help(format!("did you mean `params.{near}`?"));
                 } else {
-                    d = d.help(format!("declare it:\n[params]\n{name} = {{ default = \"…\" }}"));
+                    d = d.help(format!(
+                        "declare it:\n[params]\n{name} = {{ default = \"…\" }}"
+                    ));
                 }
                 self.push(d);
             }
@@ -414,7 +437,8 @@ impl Analyzer<'_> {
         let at = self.locate(text, span);
         match Template::parse(text, self.host, Context::Step) {
             Ok(mut t) => {
-                let exprs: Vec<(String, usize)> = t.expressions().map(|(e, o)| (e.text.clone(), o)).collect();
+                let exprs: Vec<(String, usize)> =
+                    t.expressions().map(|(e, o)| (e.text.clone(), o)).collect();
                 for (code, offset) in exprs {
                     self.check_param_refs(&code, offset, &at, params);
                 }
@@ -422,13 +446,21 @@ impl Analyzer<'_> {
                 Some(t)
             }
             Err(e) => {
-                let mut d = Diagnostic::error(Code::TemplateSyntax, format!("template does not parse: {}", e.message))
-                    .at(&self.src, at.at(e.offset), e.message.clone())
-                    .help("`{{ expr }}` holds a Rhai expression; write a literal `{{` as `\\{{`");
+                let mut d = Diagnostic::error(
+                    Code::TemplateSyntax,
+                    format!("template does not parse: {}", e.message),
+                )
+                .at(&self.src, at.at(e.offset), e.message.clone())
+                .help("`{{ expr }}` holds a Rhai expression; write a literal `{{` as `\\{{`");
                 if e.message.contains("Undefined variable") {
                     d = d.note(format!(
                         "templates can use: {}",
-                        Context::Step.variables().iter().map(|v| format!("`{v}`")).collect::<Vec<_>>().join(", ")
+                        Context::Step
+                            .variables()
+                            .iter()
+                            .map(|v| format!("`{v}`"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ));
                 }
                 self.push(d);
@@ -461,12 +493,20 @@ impl Analyzer<'_> {
             }
             Err(e) => {
                 let offset = Located::offset_of(&text, e.line, e.column);
-                let mut d = Diagnostic::error(Code::TemplateSyntax, format!("`{key}` does not parse: {}", e.message))
-                    .at(&self.src, at.at(offset), e.message.clone());
+                let mut d = Diagnostic::error(
+                    Code::TemplateSyntax,
+                    format!("`{key}` does not parse: {}", e.message),
+                )
+                .at(&self.src, at.at(offset), e.message.clone());
                 if e.message.contains("Undefined variable") {
                     d = d.help(format!(
                         "`{key}` can use: {}",
-                        context.variables().iter().map(|v| format!("`{v}`")).collect::<Vec<_>>().join(", ")
+                        context
+                            .variables()
+                            .iter()
+                            .map(|v| format!("`{v}`"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ));
                 }
                 self.push(d);
@@ -908,16 +948,24 @@ impl Analyzer<'_> {
                 .expression(sv, "script", Context::Step, true, params, s)
                 .map(|script| Action::Script { script }),
             (Some(_), Some(sv)) => {
-                let d = Diagnostic::error(Code::StepAction, format!("step `{id}` has both `run` and `script`"))
-                    .at(&self.src, s.span(sv.span()), "second action")
-                    .help("a step does one thing: split it into two steps");
+                let d = Diagnostic::error(
+                    Code::StepAction,
+                    format!("step `{id}` has both `run` and `script`"),
+                )
+                .at(&self.src, s.span(sv.span()), "second action")
+                .help("a step does one thing: split it into two steps");
                 self.push(d);
                 None
             }
             (None, None) => {
-                let d = Diagnostic::error(Code::StepAction, format!("step `{id}` has nothing to do"))
-                    .at(&self.src, id_span.clone(), "no `run` or `script` in this step")
-                    .help("add `run = \"<shell command>\"` or `script = \"<Rhai>\"`");
+                let d =
+                    Diagnostic::error(Code::StepAction, format!("step `{id}` has nothing to do"))
+                        .at(
+                            &self.src,
+                            id_span.clone(),
+                            "no `run` or `script` in this step",
+                        )
+                        .help("add `run = \"<shell command>\"` or `script = \"<Rhai>\"`");
                 self.push(d);
                 None
             }
@@ -936,10 +984,22 @@ impl Analyzer<'_> {
                 for (key, value) in ot.iter() {
                     let name = key.get_ref().to_string();
                     if !is_identifier(&name) {
-                        self.error(Code::BadId, s.span(key.span()), format!("output name `{name}` is not an identifier"), "use letters, digits and `_`");
+                        self.error(
+                            Code::BadId,
+                            s.span(key.span()),
+                            format!("output name `{name}` is not an identifier"),
+                            "use letters, digits and `_`",
+                        );
                         continue;
                     }
-                    if let Some(e) = self.expression(value, &format!("outputs.{name}"), Context::Result, false, params, s) {
+                    if let Some(e) = self.expression(
+                        value,
+                        &format!("outputs.{name}"),
+                        Context::Result,
+                        false,
+                        params,
+                        s,
+                    ) {
                         outputs.push((name, e));
                     }
                 }
@@ -950,7 +1010,12 @@ impl Analyzer<'_> {
                 Some((c, _)) if c == "text" => Capture::Text,
                 Some((c, _)) if c == "json" => Capture::Json,
                 Some((c, span)) => {
-                    self.error(Code::BadValue, span, format!("unknown capture `{c}`"), "expected `text` or `json`");
+                    self.error(
+                        Code::BadValue,
+                        span,
+                        format!("unknown capture `{c}`"),
+                        "expected `text` or `json`",
+                    );
                     Capture::Text
                 }
                 None => Capture::Text,
@@ -1000,14 +1065,22 @@ impl Analyzer<'_> {
             let mut scan = |code: &str, offset: usize, at: &Located| {
                 for (name, pos) in step_references(code) {
                     let here = at.at(offset + pos);
-                    refs.push(Need { id: StepId::new(&name), span: here.start..here.start + "steps.".len() + name.len() });
+                    refs.push(Need {
+                        id: StepId::new(&name),
+                        span: here.start..here.start + "steps.".len() + name.len(),
+                    });
                 }
             };
             let command = match &action {
                 Some(Action::Run { command }) => Some(command),
                 _ => None,
             };
-            for tpl in command.into_iter().chain(env.iter().map(|(_, t)| t)).chain(cwd.iter()).chain(collect.iter()) {
+            for tpl in command
+                .into_iter()
+                .chain(env.iter().map(|(_, t)| t))
+                .chain(cwd.iter())
+                .chain(collect.iter())
+            {
                 if let Some(at) = &tpl.at {
                     for (e, offset) in tpl.expressions() {
                         scan(&e.text, offset, at);
@@ -1130,13 +1203,18 @@ pub fn step_references(code: &str) -> Vec<(String, usize)> {
     while let Some(i) = code[from..].find("steps") {
         let at = from + i;
         from = at + "steps".len();
-        let preceded = at > 0 && (bytes[at - 1].is_ascii_alphanumeric() || bytes[at - 1] == b'_' || bytes[at - 1] == b'.');
+        let preceded = at > 0
+            && (bytes[at - 1].is_ascii_alphanumeric()
+                || bytes[at - 1] == b'_'
+                || bytes[at - 1] == b'.');
         if preceded {
             continue;
         }
         let rest = &code[from..];
         let name: String = if let Some(r) = rest.strip_prefix('.') {
-            r.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect()
+            r.chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect()
         } else if let Some(r) = rest.strip_prefix("[\"") {
             match r.find('"') {
                 Some(end) => r[..end].to_owned(),

@@ -87,7 +87,10 @@ impl AttemptOutcome {
             AttemptOutcome::Exited { code } => *code != 0,
             AttemptOutcome::Signaled { .. } | AttemptOutcome::TimedOut { .. } => true,
             AttemptOutcome::Failed { failure, .. } => {
-                matches!(failure, FailureKind::Io | FailureKind::Until | FailureKind::Capture)
+                matches!(
+                    failure,
+                    FailureKind::Io | FailureKind::Until | FailureKind::Capture
+                )
             }
             AttemptOutcome::Cancelled => false,
         }
@@ -245,6 +248,9 @@ pub enum RunEvent {
     /// is never serialised.
     SecretRegistered {
         at: Timestamp,
+        /// The step whose expression registered it: its earlier output is redacted too.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        step: Option<StepId>,
         name: String,
         #[serde(skip)]
         value: String,

@@ -22,7 +22,9 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::event::{AttemptOutcome, FailureKind, OutputCounts, RunEvent, RunStatus, StepStatus, Stream, Target};
+use crate::event::{
+    AttemptOutcome, FailureKind, OutputCounts, RunEvent, RunStatus, StepStatus, Stream, Target,
+};
 use crate::expr::{display_value, dynamic_to_json, truthy, Effects, EvalError, ExprHost};
 use crate::graph::StepIdx;
 use crate::plan::{Plan, RunInfo};
@@ -129,7 +131,8 @@ impl Executor {
         // failed with `continue_on_failure`.
         let mut satisfied = vec![false; n];
         let mut reports: Vec<Option<StepReport>> = vec![None; n];
-        let mut unfinished_needs: Vec<usize> = (0..n).map(|i| plan.graph.needs(i).count()).collect();
+        let mut unfinished_needs: Vec<usize> =
+            (0..n).map(|i| plan.graph.needs(i).count()).collect();
         let mut ready: VecDeque<StepIdx> = (0..n).filter(|&i| unfinished_needs[i] == 0).collect();
         let halted = Arc::new(AtomicBool::new(false));
         let mut halted_by: Option<String> = None;
@@ -139,7 +142,17 @@ impl Executor {
         let mut run_failure: Option<String> = None;
         if let Some(hook) = &plan.runbook.hooks.before_run {
             let mut scope = plan.scope(&self.run);
-            if let Err(message) = run_hook(&self.host, &plan, &self.events, "before_run", hook, &mut scope, None).await {
+            if let Err(message) = run_hook(
+                &self.host,
+                &plan,
+                &self.events,
+                "before_run",
+                hook,
+                &mut scope,
+                None,
+            )
+            .await
+            {
                 halted_by = Some("before_run".into());
                 halted.store(true, Ordering::SeqCst);
                 run_failure = Some(message);
@@ -152,14 +165,27 @@ impl Executor {
                 let decision = if !plan.selected[i] {
                     Some((StepStatus::Skipped, "not selected".to_owned(), true))
                 } else if self.cancel.is_cancelled() {
-                    Some((StepStatus::Skipped, "not started: the run was cancelled".to_owned(), false))
-                } else if let Some(bad) = plan.graph.needs(i).find(|&d| !satisfied[d]).filter(|_| !step.always) {
+                    Some((
+                        StepStatus::Skipped,
+                        "not started: the run was cancelled".to_owned(),
+                        false,
+                    ))
+                } else if let Some(bad) = plan
+                    .graph
+                    .needs(i)
+                    .find(|&d| !satisfied[d])
+                    .filter(|_| !step.always)
+                {
                     let why = match state[bad] {
                         State::Done(StepStatus::Skipped) => "was skipped",
                         State::Done(StepStatus::Cancelled) => "was cancelled",
                         _ => "failed",
                     };
-                    Some((StepStatus::Skipped, format!("needs `{}`, which {why}", steps[bad].id), false))
+                    Some((
+                        StepStatus::Skipped,
+                        format!("needs `{}`, which {why}", steps[bad].id),
+                        false,
+                    ))
                 } else if let (Some(by), false) = (&halted_by, step.always) {
                     let reason = if run_failure.is_some() && by == "before_run" {
                         "not started: the `before_run` hook failed".to_owned()
@@ -173,7 +199,16 @@ impl Executor {
                 if let Some((status, reason, counts_as_satisfied)) = decision {
                     state[i] = State::Done(status);
                     satisfied[i] = counts_as_satisfied;
-                    record_result(&results, i, step, status, 0, Duration::ZERO, None, Some(&reason));
+                    record_result(
+                        &results,
+                        i,
+                        step,
+                        status,
+                        0,
+                        Duration::ZERO,
+                        None,
+                        Some(&reason),
+                    );
                     reports[i] = Some(StepReport {
                         id: step.id.to_string(),
                         status,
@@ -226,7 +261,10 @@ impl Executor {
             satisfied[i] = result.status == StepStatus::Succeeded
                 || result.skipped_by_when
                 || (result.status == StepStatus::Failed && step.continue_on_failure);
-            if result.status == StepStatus::Failed && !step.continue_on_failure && halted_by.is_none() {
+            if result.status == StepStatus::Failed
+                && !step.continue_on_failure
+                && halted_by.is_none()
+            {
                 halted_by = Some(step.id.to_string());
                 halted.store(true, Ordering::SeqCst);
             }
@@ -270,14 +308,31 @@ impl Executor {
             let all: Vec<StepIdx> = (0..n).collect();
             push_steps(&mut scope, &plan, &results, &all);
             scope.push_constant("run", run_map(&plan, &self.run, Some(status)));
-            if run_hook(&self.host, &plan, &self.events, "after_run", hook, &mut scope, None).await.is_err()
+            if run_hook(
+                &self.host,
+                &plan,
+                &self.events,
+                "after_run",
+                hook,
+                &mut scope,
+                None,
+            )
+            .await
+            .is_err()
                 && status == RunStatus::Succeeded
             {
                 status = RunStatus::Failed;
             }
         }
         let finished_at = Utc::now();
-        emit(&self.events, RunEvent::RunFinished { at: finished_at, status }).await;
+        emit(
+            &self.events,
+            RunEvent::RunFinished {
+                at: finished_at,
+                status,
+            },
+        )
+        .await;
         RunReport {
             run_id: self.run.id.clone(),
             runbook: plan.runbook.meta.name.clone(),
@@ -312,7 +367,9 @@ fn run_map(plan: &Plan, run: &RunInfo, status: Option<RunStatus>) -> Map {
     m.insert("runbook".into(), plan.runbook.meta.name.clone().into());
     m.insert(
         "started_at".into(),
-        run.started_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true).into(),
+        run.started_at
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            .into(),
     );
     if let Some(s) = status {
         m.insert("status".into(), s.as_str().into());
@@ -326,7 +383,10 @@ fn push_steps(scope: &mut Scope<'_>, plan: &Plan, results: &Results, which: &[St
     if let Ok(r) = results.lock() {
         for &i in which {
             if let Some(m) = &r[i] {
-                steps.insert(plan.runbook.steps[i].id.as_str().into(), Dynamic::from_map(m.clone()));
+                steps.insert(
+                    plan.runbook.steps[i].id.as_str().into(),
+                    Dynamic::from_map(m.clone()),
+                );
             }
         }
     }
@@ -349,12 +409,19 @@ fn record_result(
     m.insert("id".into(), step.id.as_str().into());
     m.insert("status".into(), status.as_str().into());
     m.insert("attempts".into(), Dynamic::from_int(i64::from(attempts)));
-    m.insert("duration".into(), Dynamic::from_float(duration.as_secs_f64()));
-    m.insert("reason".into(), reason.map_or(Dynamic::UNIT, |r| r.to_owned().into()));
+    m.insert(
+        "duration".into(),
+        Dynamic::from_float(duration.as_secs_f64()),
+    );
+    m.insert(
+        "reason".into(),
+        reason.map_or(Dynamic::UNIT, |r| r.to_owned().into()),
+    );
     for key in ["exit_code", "stdout", "stderr", "json"] {
         m.entry(key.into()).or_insert(Dynamic::UNIT);
     }
-    m.entry("outputs".into()).or_insert_with(|| Dynamic::from_map(Map::new()));
+    m.entry("outputs".into())
+        .or_insert_with(|| Dynamic::from_map(Map::new()));
     if let Ok(mut r) = results.lock() {
         r[i] = Some(m);
     }
@@ -362,11 +429,25 @@ fn record_result(
 
 /// Sends what an evaluation asked for as events; registers secrets first so that nothing
 /// emitted after them can carry them.
-async fn apply_effects(plan: &Plan, events: &mpsc::Sender<RunEvent>, step: Option<&StepSpec>, effects: Effects) {
+async fn apply_effects(
+    plan: &Plan,
+    events: &mpsc::Sender<RunEvent>,
+    step: Option<&StepSpec>,
+    effects: Effects,
+) {
     if !effects.secrets.is_empty() {
         plan.add_secrets(&effects.secrets);
         for (name, value) in effects.secrets {
-            emit(events, RunEvent::SecretRegistered { at: Utc::now(), name, value }).await;
+            emit(
+                events,
+                RunEvent::SecretRegistered {
+                    at: Utc::now(),
+                    step: step.map(|s| s.id.clone()),
+                    name,
+                    value,
+                },
+            )
+            .await;
         }
     }
     for message in effects.logs {
@@ -385,7 +466,14 @@ async fn apply_effects(plan: &Plan, events: &mpsc::Sender<RunEvent>, step: Optio
             Some(s) => format!("{}: {}", s.id, plan.redact(&message)),
             None => plan.redact(&message),
         };
-        emit(events, RunEvent::Note { at: Utc::now(), message }).await;
+        emit(
+            events,
+            RunEvent::Note {
+                at: Utc::now(),
+                message,
+            },
+        )
+        .await;
     }
 }
 
@@ -394,7 +482,8 @@ fn expr_failure(plan: &Plan, what: &str, e: &SpannedExpr, err: &EvalError) -> St
     if err.failed {
         return plan.redact(&err.message);
     }
-    let loc = e.at.describe(&plan.runbook.source, &e.expr.text, err.line, err.column);
+    let loc =
+        e.at.describe(&plan.runbook.source, &e.expr.text, err.line, err.column);
     let text = e.expr.text.trim();
     let shown = if text.lines().count() > 1 || text.len() > 60 {
         String::new()
@@ -416,13 +505,17 @@ async fn run_hook(
 ) -> Result<Dynamic, String> {
     let (result, effects) = host.eval_with_effects(&hook.expr, scope);
     apply_effects(plan, events, step, effects).await;
-    result.map_err(|err| {
-        let message = expr_failure(plan, &format!("`{what}` hook"), hook, &err);
-        message
-    })
-    .inspect_err(|message| {
-        let _ = events.try_send(RunEvent::Note { at: Utc::now(), message: message.clone() });
-    })
+    result
+        .map_err(|err| {
+            let message = expr_failure(plan, &format!("`{what}` hook"), hook, &err);
+            message
+        })
+        .inspect_err(|message| {
+            let _ = events.try_send(RunEvent::Note {
+                at: Utc::now(),
+                message: message.clone(),
+            });
+        })
 }
 
 /// One step's attempts, retries and collection, run as its own task.
@@ -463,7 +556,12 @@ impl StepTask {
     /// The scope for this step's expressions: params, run, env and the steps it reads.
     fn scope(&self) -> Scope<'static> {
         let mut scope = self.plan.scope(&self.run);
-        push_steps(&mut scope, &self.plan, &self.results, &self.plan.step_refs[self.index]);
+        push_steps(
+            &mut scope,
+            &self.plan,
+            &self.results,
+            &self.plan.step_refs[self.index],
+        );
         scope
     }
 
@@ -474,7 +572,10 @@ impl StepTask {
         which.extend(self.plan.step_refs[self.index].iter().copied());
         push_steps(&mut scope, &self.plan, &self.results, &which);
         scope.push_constant("step", step_map);
-        scope.push_constant("output", output.cloned().map_or(Dynamic::UNIT, Dynamic::from_map));
+        scope.push_constant(
+            "output",
+            output.cloned().map_or(Dynamic::UNIT, Dynamic::from_map),
+        );
         scope
     }
 
@@ -482,8 +583,14 @@ impl StepTask {
         let step = self.step();
         let mut m = Map::new();
         m.insert("id".into(), step.id.as_str().into());
-        m.insert("phase".into(), step.phase.clone().map_or(Dynamic::UNIT, Into::into));
-        m.insert("title".into(), step.title.clone().map_or(Dynamic::UNIT, Into::into));
+        m.insert(
+            "phase".into(),
+            step.phase.clone().map_or(Dynamic::UNIT, Into::into),
+        );
+        m.insert(
+            "title".into(),
+            step.title.clone().map_or(Dynamic::UNIT, Into::into),
+        );
         m.insert("status".into(), "running".into());
         m
     }
@@ -510,14 +617,33 @@ impl StepTask {
             return result;
         }
         let hooks = &self.plan.runbook.hooks;
-        let recorded = self.results.lock().ok().and_then(|r| r[self.index].clone()).unwrap_or_default();
+        let recorded = self
+            .results
+            .lock()
+            .ok()
+            .and_then(|r| r[self.index].clone())
+            .unwrap_or_default();
         for (name, hook, applies) in [
             ("after_step", &hooks.after_step, true),
-            ("on_failure", &hooks.on_failure, result.status == StepStatus::Failed),
+            (
+                "on_failure",
+                &hooks.on_failure,
+                result.status == StepStatus::Failed,
+            ),
         ] {
             if let (Some(hook), true) = (hook, applies) {
                 let mut scope = self.hook_scope(recorded.clone(), last_output.as_ref());
-                if let Err(message) = run_hook(&self.host, &self.plan, &self.events, name, hook, &mut scope, Some(step)).await {
+                if let Err(message) = run_hook(
+                    &self.host,
+                    &self.plan,
+                    &self.events,
+                    name,
+                    hook,
+                    &mut scope,
+                    Some(step),
+                )
+                .await
+                {
                     if result.status == StepStatus::Succeeded {
                         result.status = StepStatus::Failed;
                         result.reason = Some(message);
@@ -544,14 +670,19 @@ impl StepTask {
         if let Some(when) = &step.when {
             let (value, effects) = self.host.eval_with_effects(&when.expr, &mut self.scope());
             apply_effects(&self.plan, &self.events, Some(step), effects).await;
-            match value.map_err(|e| expr_failure(&self.plan, "`when`", when, &e)).and_then(|v| {
-                truthy(&v).map_err(|e| format!("`when` must be true or false: {e}"))
-            }) {
+            match value
+                .map_err(|e| expr_failure(&self.plan, "`when`", when, &e))
+                .and_then(|v| truthy(&v).map_err(|e| format!("`when` must be true or false: {e}")))
+            {
                 Ok(true) => {}
                 Ok(false) => {
                     return StepResult {
                         skipped_by_when: true,
-                        ..finish(StepStatus::Skipped, 0, Some(format!("`when` was false: {}", when.expr.text.trim())))
+                        ..finish(
+                            StepStatus::Skipped,
+                            0,
+                            Some(format!("`when` was false: {}", when.expr.text.trim())),
+                        )
                     };
                 }
                 Err(message) => return finish(StepStatus::Failed, 0, Some(message)),
@@ -562,12 +693,26 @@ impl StepTask {
             ("before", &step.before, false),
         ] {
             if let Some(hook) = hook {
-                let mut scope = if global { self.hook_scope(self.step_map(), None) } else { self.scope() };
+                let mut scope = if global {
+                    self.hook_scope(self.step_map(), None)
+                } else {
+                    self.scope()
+                };
                 if !global {
                     scope.push_constant("step", self.step_map());
                     scope.push_constant("output", Dynamic::UNIT);
                 }
-                if let Err(message) = run_hook(&self.host, &self.plan, &self.events, name, hook, &mut scope, Some(step)).await {
+                if let Err(message) = run_hook(
+                    &self.host,
+                    &self.plan,
+                    &self.events,
+                    name,
+                    hook,
+                    &mut scope,
+                    Some(step),
+                )
+                .await
+                {
                     return finish(StepStatus::Failed, 0, Some(message));
                 }
             }
@@ -583,7 +728,13 @@ impl StepTask {
                 () = self.cancel.cancelled() => None,
             };
             if self.cancel.is_cancelled() || permit.is_none() {
-                return self.stopped(attempts, started, "cancelled", StepStatus::Cancelled, last_failure);
+                return self.stopped(
+                    attempts,
+                    started,
+                    "cancelled",
+                    StepStatus::Cancelled,
+                    last_failure,
+                );
             }
             if self.halted.load(Ordering::SeqCst) && !step.always {
                 return self.stopped(
@@ -595,11 +746,20 @@ impl StepTask {
                 );
             }
             if attempt == 1 {
-                emit(&self.events, RunEvent::StepStarted { at: Utc::now(), step: step.id.clone() }).await;
+                emit(
+                    &self.events,
+                    RunEvent::StepStarted {
+                        at: Utc::now(),
+                        step: step.id.clone(),
+                    },
+                )
+                .await;
             }
             attempts = attempt;
             let attempt_start = Instant::now();
-            let mut run = self.attempt(attempt, max, &target, &mut cwd_for_collect).await;
+            let mut run = self
+                .attempt(attempt, max, &target, &mut cwd_for_collect)
+                .await;
             let mut outputs = None;
             if run.outcome.succeeded() {
                 match self.judge(&mut run).await {
@@ -609,7 +769,10 @@ impl StepTask {
             }
             drop(permit);
             let duration = attempt_start.elapsed();
-            run.output.insert("duration".into(), Dynamic::from_float(duration.as_secs_f64()));
+            run.output.insert(
+                "duration".into(),
+                Dynamic::from_float(duration.as_secs_f64()),
+            );
             emit(
                 &self.events,
                 RunEvent::AttemptFinished {
@@ -643,13 +806,19 @@ impl StepTask {
                     }
                 }
                 return StepResult {
-                    outputs: outputs_json.map(|j| serde_json::from_str(&self.plan.redact(&j.to_string())).unwrap_or(j)),
+                    outputs: outputs_json.map(|j| {
+                        serde_json::from_str(&self.plan.redact(&j.to_string())).unwrap_or(j)
+                    }),
                     ..finish(StepStatus::Succeeded, attempts, None)
                 };
             }
             if run.outcome == AttemptOutcome::Cancelled {
                 self.collect(&cwd_for_collect).await;
-                return finish(StepStatus::Cancelled, attempts, Some("cancelled while running".into()));
+                return finish(
+                    StepStatus::Cancelled,
+                    attempts,
+                    Some("cancelled while running".into()),
+                );
             }
             last_failure = Some(run.outcome.describe());
             if !run.outcome.retryable() || attempt == max {
@@ -694,7 +863,13 @@ impl StepTask {
     }
 
     /// Runs one attempt of the step's action.
-    async fn attempt(&self, attempt: u32, max: u32, target: &Target, cwd_for_collect: &mut PathBuf) -> AttemptRun {
+    async fn attempt(
+        &self,
+        attempt: u32,
+        max: u32,
+        target: &Target,
+        cwd_for_collect: &mut PathBuf,
+    ) -> AttemptRun {
         let step = self.step();
         let mut output = Map::new();
         output.insert("attempt".into(), Dynamic::from_int(i64::from(attempt)));
@@ -709,16 +884,39 @@ impl StepTask {
         };
         match &step.action {
             Action::Script { script } => {
-                let first = script.expr.text.trim().lines().next().unwrap_or("").to_owned();
-                emit(&self.events, started_event(format!("(rhai) {first}"), self.plan.workdir.clone())).await;
-                let mut sink = OutputSink::new(self.events.clone(), step.id.clone(), target.clone(), attempt);
+                let first = script
+                    .expr
+                    .text
+                    .trim()
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_owned();
+                emit(
+                    &self.events,
+                    started_event(format!("(rhai) {first}"), self.plan.workdir.clone()),
+                )
+                .await;
+                let mut sink = OutputSink::new(
+                    self.events.clone(),
+                    step.id.clone(),
+                    target.clone(),
+                    attempt,
+                );
                 let mut scope = self.scope();
                 let (value, effects) = self.host.eval_with_effects(&script.expr, &mut scope);
                 // A script's log lines are its output.
                 for line in &effects.logs {
-                    sink.write(Stream::Stdout, bytes::Bytes::from(format!("{}\n", self.plan.redact(line)))).await;
+                    sink.write(
+                        Stream::Stdout,
+                        bytes::Bytes::from(format!("{}\n", self.plan.redact(line))),
+                    )
+                    .await;
                 }
-                let effects = Effects { logs: Vec::new(), ..effects };
+                let effects = Effects {
+                    logs: Vec::new(),
+                    ..effects
+                };
                 apply_effects(&self.plan, &self.events, Some(step), effects).await;
                 let (outcome, script_outputs) = match value {
                     Ok(v) => {
@@ -733,10 +931,18 @@ impl StepTask {
                         None,
                     ),
                 };
-                output.insert("exit_code".into(), Dynamic::from_int(if outcome.succeeded() { 0 } else { 1 }));
+                output.insert(
+                    "exit_code".into(),
+                    Dynamic::from_int(if outcome.succeeded() { 0 } else { 1 }),
+                );
                 output.insert("stdout".into(), sink.tail(Stream::Stdout).into());
                 output.insert("stderr".into(), "".into());
-                AttemptRun { outcome, counts: sink.counts(), output, script_outputs }
+                AttemptRun {
+                    outcome,
+                    counts: sink.counts(),
+                    output,
+                    script_outputs,
+                }
             }
             Action::Run { command } => {
                 let mut effects = Effects::default();
@@ -744,16 +950,32 @@ impl StepTask {
                 apply_effects(&self.plan, &self.events, Some(step), effects).await;
                 match rendered {
                     Err(message) => {
-                        emit(&self.events, started_event(self.plan.redact(command.raw()), self.plan.workdir.clone())).await;
+                        emit(
+                            &self.events,
+                            started_event(
+                                self.plan.redact(command.raw()),
+                                self.plan.workdir.clone(),
+                            ),
+                        )
+                        .await;
                         let outcome = AttemptOutcome::Failed {
                             failure: FailureKind::Template,
                             message: self.plan.redact(&message),
                         };
-                        AttemptRun { outcome, counts: OutputCounts::default(), output, script_outputs: None }
+                        AttemptRun {
+                            outcome,
+                            counts: OutputCounts::default(),
+                            output,
+                            script_outputs: None,
+                        }
                     }
                     Ok(r) => {
                         cwd_for_collect.clone_from(&r.cwd);
-                        emit(&self.events, started_event(self.plan.redact(&r.command), r.cwd.clone())).await;
+                        emit(
+                            &self.events,
+                            started_event(self.plan.redact(&r.command), r.cwd.clone()),
+                        )
+                        .await;
                         let ctx = AttemptContext {
                             step: step.id.clone(),
                             target: target.clone(),
@@ -766,12 +988,27 @@ impl StepTask {
                             kill_grace: step.kill_grace,
                             cancel: self.cancel.clone(),
                         };
-                        let mut sink = OutputSink::new(self.events.clone(), step.id.clone(), target.clone(), attempt);
+                        let mut sink = OutputSink::new(
+                            self.events.clone(),
+                            step.id.clone(),
+                            target.clone(),
+                            attempt,
+                        );
                         let outcome = self.runner.run(ctx, &mut sink).await;
-                        output.insert("exit_code".into(), outcome.exit_code().map_or(Dynamic::UNIT, |c| Dynamic::from_int(i64::from(c))));
+                        output.insert(
+                            "exit_code".into(),
+                            outcome
+                                .exit_code()
+                                .map_or(Dynamic::UNIT, |c| Dynamic::from_int(i64::from(c))),
+                        );
                         output.insert("stdout".into(), sink.tail(Stream::Stdout).into());
                         output.insert("stderr".into(), sink.tail(Stream::Stderr).into());
-                        AttemptRun { outcome, counts: sink.counts(), output, script_outputs: None }
+                        AttemptRun {
+                            outcome,
+                            counts: sink.counts(),
+                            output,
+                            script_outputs: None,
+                        }
                     }
                 }
             }
@@ -794,10 +1031,14 @@ impl StepTask {
             }
             match serde_json::from_str::<serde_json::Value>(&stdout) {
                 Ok(v) => {
-                    run.output.insert("json".into(), crate::expr::json_to_dynamic(&v));
+                    run.output
+                        .insert("json".into(), crate::expr::json_to_dynamic(&v));
                 }
                 Err(e) => {
-                    return Err(fail(FailureKind::Capture, format!("`capture = \"json\"`: stdout is not JSON ({e})")));
+                    return Err(fail(
+                        FailureKind::Capture,
+                        format!("`capture = \"json\"`: stdout is not JSON ({e})"),
+                    ));
                 }
             }
         } else {
@@ -805,23 +1046,41 @@ impl StepTask {
         }
         let mut scope = self.scope();
         scope.push_constant("output", Dynamic::from_map(run.output.clone()));
-        let eval = |e: &SpannedExpr, scope: &mut Scope<'static>| self.host.eval_with_effects(&e.expr, scope);
+        let eval = |e: &SpannedExpr, scope: &mut Scope<'static>| {
+            self.host.eval_with_effects(&e.expr, scope)
+        };
 
         if let Some(until) = &step.until {
             let (value, effects) = eval(until, &mut scope);
             apply_effects(&self.plan, &self.events, Some(step), effects).await;
-            match value.map_err(|e| expr_failure(&self.plan, "`until`", until, &e)).and_then(|v| truthy(&v)) {
+            match value
+                .map_err(|e| expr_failure(&self.plan, "`until`", until, &e))
+                .and_then(|v| truthy(&v))
+            {
                 Ok(true) => {}
-                Ok(false) => return Err(fail(FailureKind::Until, format!("`until` is still false: {}", until.expr.text.trim()))),
+                Ok(false) => {
+                    return Err(fail(
+                        FailureKind::Until,
+                        format!("`until` is still false: {}", until.expr.text.trim()),
+                    ))
+                }
                 Err(m) => return Err(fail(FailureKind::Check, m)),
             }
         }
         if let Some(check) = &step.check {
             let (value, effects) = eval(check, &mut scope);
             apply_effects(&self.plan, &self.events, Some(step), effects).await;
-            match value.map_err(|e| expr_failure(&self.plan, "`check`", check, &e)).and_then(|v| truthy(&v)) {
+            match value
+                .map_err(|e| expr_failure(&self.plan, "`check`", check, &e))
+                .and_then(|v| truthy(&v))
+            {
                 Ok(true) => {}
-                Ok(false) => return Err(fail(FailureKind::Check, format!("check failed: {}", check.expr.text.trim()))),
+                Ok(false) => {
+                    return Err(fail(
+                        FailureKind::Check,
+                        format!("check failed: {}", check.expr.text.trim()),
+                    ))
+                }
                 Err(m) => return Err(fail(FailureKind::Check, m)),
             }
         }
@@ -831,9 +1090,16 @@ impl StepTask {
             apply_effects(&self.plan, &self.events, Some(step), effects).await;
             match value {
                 Ok(v) => {
-                    outputs.get_or_insert_with(Map::new).insert(name.as_str().into(), v);
+                    outputs
+                        .get_or_insert_with(Map::new)
+                        .insert(name.as_str().into(), v);
                 }
-                Err(err) => return Err(fail(FailureKind::Hook, expr_failure(&self.plan, &format!("`outputs.{name}`"), e, &err))),
+                Err(err) => {
+                    return Err(fail(
+                        FailureKind::Hook,
+                        expr_failure(&self.plan, &format!("`outputs.{name}`"), e, &err),
+                    ))
+                }
             }
         }
         if let Some(after) = &step.after {
@@ -845,7 +1111,10 @@ impl StepTask {
             let (value, effects) = eval(after, &mut scope);
             apply_effects(&self.plan, &self.events, Some(step), effects).await;
             if let Err(err) = value {
-                return Err(fail(FailureKind::Hook, expr_failure(&self.plan, "`after` hook", after, &err)));
+                return Err(fail(
+                    FailureKind::Hook,
+                    expr_failure(&self.plan, "`after` hook", after, &err),
+                ));
             }
         }
         Ok(outputs)
@@ -886,7 +1155,12 @@ impl StepTask {
         let what = |field: &str, tpl: &Template, e: RenderError| match &tpl.at {
             Some(at) => {
                 let lc = source.line_col(at.at(e.offset).start);
-                format!("in `{field}` at {}:{}:{}: {e}", source.path().display(), lc.line, lc.column)
+                format!(
+                    "in `{field}` at {}:{}:{}: {e}",
+                    source.path().display(),
+                    lc.line,
+                    lc.column
+                )
             }
             None => format!("in `{field}`: {e}"),
         };
@@ -931,7 +1205,14 @@ impl StepTask {
                 }
                 Err(e) => format!("step `{}`: could not collect `{}`: {e}", step.id, tpl.raw()),
             };
-            emit(&self.events, RunEvent::Note { at: Utc::now(), message }).await;
+            emit(
+                &self.events,
+                RunEvent::Note {
+                    at: Utc::now(),
+                    message,
+                },
+            )
+            .await;
         }
     }
 }

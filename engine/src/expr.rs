@@ -12,7 +12,9 @@
 use std::cell::RefCell;
 use std::sync::Arc;
 
-use rhai::{Dynamic, Engine, EvalAltResult, ImmutableString, Map, OptimizationLevel, Position, Scope, AST};
+use rhai::{
+    Dynamic, Engine, EvalAltResult, ImmutableString, Map, OptimizationLevel, Position, Scope, AST,
+};
 use sha2::Digest;
 
 /// Limits applied to every evaluation.
@@ -41,7 +43,9 @@ impl Context {
         match self {
             Context::Step => &["params", "run", "steps", "env", "evidence"],
             Context::Result => &["params", "run", "steps", "env", "evidence", "output"],
-            Context::StepHook => &["params", "run", "steps", "env", "evidence", "step", "output"],
+            Context::StepHook => &[
+                "params", "run", "steps", "env", "evidence", "step", "output",
+            ],
             Context::RunHook => &["params", "run", "steps", "env", "evidence"],
         }
     }
@@ -116,7 +120,10 @@ impl Default for ExprHost {
 type FnResult<T> = Result<T, Box<EvalAltResult>>;
 
 fn runtime_error(message: impl Into<String>) -> Box<EvalAltResult> {
-    Box::new(EvalAltResult::ErrorRuntime(Dynamic::from(message.into()), Position::NONE))
+    Box::new(EvalAltResult::ErrorRuntime(
+        Dynamic::from(message.into()),
+        Position::NONE,
+    ))
 }
 
 /// Marks the message of a deliberate `fail()` so it can be told apart from other errors.
@@ -156,7 +163,11 @@ impl ExprHost {
     }
 
     /// Compiles a single expression (templates, conditions, outputs).
-    pub fn compile_expression(&self, text: &str, context: Context) -> Result<Expr, ExprSyntaxError> {
+    pub fn compile_expression(
+        &self,
+        text: &str,
+        context: Context,
+    ) -> Result<Expr, ExprSyntaxError> {
         self.engine
             .compile_expression_with_scope(&Self::declared(context), text)
             .map(|ast| Expr {
@@ -183,7 +194,11 @@ impl ExprHost {
     }
 
     /// Evaluates and returns what the evaluation asked the run to do.
-    pub fn eval_with_effects(&self, expr: &Expr, scope: &mut Scope<'_>) -> (Result<Dynamic, EvalError>, Effects) {
+    pub fn eval_with_effects(
+        &self,
+        expr: &Expr,
+        scope: &mut Scope<'_>,
+    ) -> (Result<Dynamic, EvalError>, Effects) {
         EFFECTS.with(|slot| *slot.borrow_mut() = Some(Effects::default()));
         if !scope.contains("evidence") {
             scope.push_constant("evidence", EvidenceApi);
@@ -192,7 +207,9 @@ impl ExprHost {
             .engine
             .eval_ast_with_scope::<Dynamic>(scope, &expr.ast)
             .map_err(|e| eval_error(&e));
-        let effects = EFFECTS.with(|slot| slot.borrow_mut().take()).unwrap_or_default();
+        let effects = EFFECTS
+            .with(|slot| slot.borrow_mut().take())
+            .unwrap_or_default();
         (result, effects)
     }
 }
@@ -208,7 +225,11 @@ fn syntax_error(e: &rhai::ParseError) -> ExprSyntaxError {
 fn eval_error(e: &EvalAltResult) -> EvalError {
     // Errors inside functions are wrapped; the innermost one says what went wrong.
     let inner = e.unwrap_inner();
-    let pos = if e.position().is_none() { inner.position() } else { e.position() };
+    let pos = if e.position().is_none() {
+        inner.position()
+    } else {
+        e.position()
+    };
     let (message, failed) = match inner {
         EvalAltResult::ErrorRuntime(d, _) => {
             let text = d.to_string();
@@ -238,8 +259,12 @@ fn eval_error(e: &EvalAltResult) -> EvalError {
 fn register_functions(engine: &mut Engine) {
     // Rhai's own `trim` trims in place and returns nothing, which makes
     // `output.stdout.trim()` silently `()`. Runbooks always want the value.
-    engine.register_fn("trim", |s: ImmutableString| -> ImmutableString { s.trim().into() });
-    engine.register_fn("log", |msg: Dynamic| with_effects(|e| e.logs.push(display_value(&msg))));
+    engine.register_fn("trim", |s: ImmutableString| -> ImmutableString {
+        s.trim().into()
+    });
+    engine.register_fn("log", |msg: Dynamic| {
+        with_effects(|e| e.logs.push(display_value(&msg)))
+    });
     engine.register_type_with_name::<EvidenceApi>("Evidence");
     engine.register_fn("note", |_: &mut EvidenceApi, msg: Dynamic| {
         with_effects(|e| e.notes.push(display_value(&msg)));
@@ -252,17 +277,22 @@ fn register_functions(engine: &mut Engine) {
         with_effects(|e| e.secrets.push(("secret".into(), text)));
         value
     });
-    engine.register_fn("secret", |name: ImmutableString, value: Dynamic| -> Dynamic {
-        let text = display_value(&value);
-        with_effects(|e| e.secrets.push((name.to_string(), text)));
-        value
-    });
+    engine.register_fn(
+        "secret",
+        |name: ImmutableString, value: Dynamic| -> Dynamic {
+            let text = display_value(&value);
+            with_effects(|e| e.secrets.push((name.to_string(), text)));
+            value
+        },
+    );
     engine.register_fn("parse_json", |text: ImmutableString| -> FnResult<Dynamic> {
         serde_json::from_str::<serde_json::Value>(&text)
             .map(|v| json_to_dynamic(&v))
             .map_err(|e| runtime_error(format!("parse_json: {e}")))
     });
-    engine.register_fn("to_json", |value: Dynamic| -> String { dynamic_to_json(&value).to_string() });
+    engine.register_fn("to_json", |value: Dynamic| -> String {
+        dynamic_to_json(&value).to_string()
+    });
     engine.register_fn("sha256", |text: ImmutableString| -> String {
         hex::encode(sha2::Sha256::digest(text.as_bytes()))
     });
@@ -270,13 +300,19 @@ fn register_functions(engine: &mut Engine) {
     engine.register_fn("now", || -> f64 { unix_now() });
     engine.register_fn("timestamp", |text: ImmutableString| -> FnResult<f64> {
         parse_timestamp(&text).ok_or_else(|| {
-            runtime_error(format!("timestamp: `{text}` is not an RFC 3339 time or Unix seconds"))
+            runtime_error(format!(
+                "timestamp: `{text}` is not an RFC 3339 time or Unix seconds"
+            ))
         })
     });
     engine.register_fn("age", |text: ImmutableString| -> FnResult<f64> {
         parse_timestamp(&text)
             .map(|t| unix_now() - t)
-            .ok_or_else(|| runtime_error(format!("age: `{text}` is not an RFC 3339 time or Unix seconds")))
+            .ok_or_else(|| {
+                runtime_error(format!(
+                    "age: `{text}` is not an RFC 3339 time or Unix seconds"
+                ))
+            })
     });
     engine.register_fn("duration", |text: ImmutableString| -> FnResult<f64> {
         crate::duration::parse_duration(&text)
@@ -287,7 +323,9 @@ fn register_functions(engine: &mut Engine) {
         crate::duration::format_spec(std::time::Duration::from_secs_f64(secs.max(0.0)))
     });
     engine.register_fn("format_duration", |secs: i64| -> String {
-        crate::duration::format_spec(std::time::Duration::from_secs(u64::try_from(secs).unwrap_or(0)))
+        crate::duration::format_spec(std::time::Duration::from_secs(
+            u64::try_from(secs).unwrap_or(0),
+        ))
     });
     engine.register_fn("format_time", |secs: f64| -> String {
         chrono::DateTime::from_timestamp_millis((secs * 1000.0) as i64)
@@ -349,7 +387,11 @@ pub fn dynamic_to_json(value: &Dynamic) -> serde_json::Value {
     } else if let Some(a) = value.clone().try_cast::<rhai::Array>() {
         Value::Array(a.iter().map(dynamic_to_json).collect())
     } else if let Some(m) = value.clone().try_cast::<Map>() {
-        Value::Object(m.iter().map(|(k, v)| (k.to_string(), dynamic_to_json(v))).collect())
+        Value::Object(
+            m.iter()
+                .map(|(k, v)| (k.to_string(), dynamic_to_json(v)))
+                .collect(),
+        )
     } else {
         Value::String(value.to_string())
     }
@@ -381,28 +423,51 @@ mod tests {
 
     fn eval(code: &str) -> Result<Dynamic, EvalError> {
         let host = ExprHost::new();
-        let expr = host.compile_expression(code, Context::Result).expect("compiles");
+        let expr = host
+            .compile_expression(code, Context::Result)
+            .expect("compiles");
         let mut scope = Scope::new();
         scope.push_constant("params", json_to_dynamic(&serde_json::json!({"a": 41})));
-        scope.push_constant("output", json_to_dynamic(&serde_json::json!({"stdout": "  tok \n"})));
+        scope.push_constant(
+            "output",
+            json_to_dynamic(&serde_json::json!({"stdout": "  tok \n"})),
+        );
         host.eval(&expr, &mut scope)
     }
 
     #[test]
     fn evaluates_with_scope() {
         assert_eq!(display_value(&eval("params.a + 1").expect("ok")), "42");
-        assert_eq!(display_value(&eval("output.stdout.trim()").expect("ok")), "tok");
-        assert_eq!(display_value(&eval("sha256(\"abc\")").expect("ok")).len(), 64);
-        assert_eq!(display_value(&eval("to_json(parse_json(`{\"x\":[1,2]}`))").expect("ok")), "{\"x\":[1,2]}");
-        assert_eq!(display_value(&eval("duration(\"1h30m\")").expect("ok")), "5400.0");
+        assert_eq!(
+            display_value(&eval("output.stdout.trim()").expect("ok")),
+            "tok"
+        );
+        assert_eq!(
+            display_value(&eval("sha256(\"abc\")").expect("ok")).len(),
+            64
+        );
+        assert_eq!(
+            display_value(&eval("to_json(parse_json(`{\"x\":[1,2]}`))").expect("ok")),
+            "{\"x\":[1,2]}"
+        );
+        assert_eq!(
+            display_value(&eval("duration(\"1h30m\")").expect("ok")),
+            "5400.0"
+        );
     }
 
     #[test]
     fn unknown_variables_and_properties_are_errors() {
         let host = ExprHost::new();
-        let err = host.compile_expression("parms.a", Context::Step).expect_err("strict");
+        let err = host
+            .compile_expression("parms.a", Context::Step)
+            .expect_err("strict");
         assert!(err.message.contains("parms"), "{err:?}");
-        assert!(host.compile_expression("output.stdout", Context::Step).is_err(), "no output before the attempt");
+        assert!(
+            host.compile_expression("output.stdout", Context::Step)
+                .is_err(),
+            "no output before the attempt"
+        );
         let err = eval("params.b").expect_err("missing property");
         assert!(err.message.contains("not found"), "{err:?}");
     }
@@ -434,10 +499,17 @@ mod tests {
     #[test]
     fn runaway_loops_are_stopped_quickly() {
         let host = ExprHost::new();
-        let script = host.compile_script("let x = 0; loop { x += 1; }", Context::RunHook).expect("compiles");
+        let script = host
+            .compile_script("let x = 0; loop { x += 1; }", Context::RunHook)
+            .expect("compiles");
         let started = std::time::Instant::now();
-        let err = host.eval(&script, &mut Scope::new()).expect_err("must stop");
-        assert!(err.message.to_lowercase().contains("too many operations"), "{err:?}");
+        let err = host
+            .eval(&script, &mut Scope::new())
+            .expect_err("must stop");
+        assert!(
+            err.message.to_lowercase().contains("too many operations"),
+            "{err:?}"
+        );
         assert!(started.elapsed() < std::time::Duration::from_secs(5));
     }
 }

@@ -252,7 +252,10 @@ fn check_step_refs(
                             && s.id.as_str()[r.id.as_str().len()..].starts_with(['-', '.'])
                     });
                     if let Some(s) = prefixed {
-                        d = d.help(format!("ids with `-` or `.` are written `steps[\"{}\"]`", s.id));
+                        d = d.help(format!(
+                            "ids with `-` or `.` are written `steps[\"{}\"]`",
+                            s.id
+                        ));
                     } else if let Some(near) =
                         suggest(r.id.as_str(), runbook.steps.iter().map(|s| s.id.as_str()))
                     {
@@ -264,10 +267,16 @@ fn check_step_refs(
                 Some(n) if !ancestors[n.index()] => {
                     let d = Diagnostic::error(
                         Code::UnorderedStepRef,
-                        format!("step `{}` reads `steps.{}` but does not need it", step.id, r.id),
+                        format!(
+                            "step `{}` reads `steps.{}` but does not need it",
+                            step.id, r.id
+                        ),
                     )
                     .at(&runbook.source, r.span.clone(), "may not have run yet")
-                    .help(format!("add `\"{}\"` to the `needs` of `{}`", r.id, step.id));
+                    .help(format!(
+                        "add `\"{}\"` to the `needs` of `{}`",
+                        r.id, step.id
+                    ));
                     diags.push(d);
                 }
                 Some(_) => {}

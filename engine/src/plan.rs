@@ -133,19 +133,24 @@ impl Plan {
             .steps
             .iter()
             .map(|s| {
-                let mut refs: Vec<StepIdx> = s.refs.iter().filter_map(|r| index.get(r.id.as_str()).copied()).collect();
+                let mut refs: Vec<StepIdx> = s
+                    .refs
+                    .iter()
+                    .filter_map(|r| index.get(r.id.as_str()).copied())
+                    .collect();
                 refs.sort_unstable();
                 refs.dedup();
                 refs
             })
             .collect();
         let hooks = &runbook.hooks;
-        let mut hook_refs: Vec<StepIdx> = [&hooks.before_step, &hooks.after_step, &hooks.on_failure]
-            .into_iter()
-            .flatten()
-            .flat_map(|h| crate::analyzer::step_references(&h.expr.text))
-            .filter_map(|(id, _)| index.get(id.as_str()).copied())
-            .collect();
+        let mut hook_refs: Vec<StepIdx> =
+            [&hooks.before_step, &hooks.after_step, &hooks.on_failure]
+                .into_iter()
+                .flatten()
+                .flat_map(|h| crate::analyzer::step_references(&h.expr.text))
+                .filter_map(|(id, _)| index.get(id.as_str()).copied())
+                .collect();
         hook_refs.sort_unstable();
         hook_refs.dedup();
         Ok(Self {
@@ -163,7 +168,9 @@ impl Plan {
 
     /// Redacts every secret known so far.
     pub fn redact(&self, text: &str) -> String {
-        self.redactor.read().map_or_else(|_| text.to_owned(), |r| r.redact_str(text))
+        self.redactor
+            .read()
+            .map_or_else(|_| text.to_owned(), |r| r.redact_str(text))
     }
 
     /// Adds secrets registered at run time (by `secret()`).

@@ -25,7 +25,10 @@ pub struct RetryPolicy {
     pub jitter: bool,
     /// Give up once this much time has passed since the first attempt started, whatever
     /// `attempts` says: "poll every 5s for up to 10m" is `attempts = 10000, deadline = "10m"`.
-    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "crate::serde_duration::serialize_opt")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "crate::serde_duration::serialize_opt"
+    )]
     pub deadline: Option<Duration>,
 }
 

@@ -91,7 +91,13 @@ impl Located {
     }
 
     /// `file:line:col` of a 1-based position inside the value.
-    pub fn describe(&self, source: &Source, text: &str, line: Option<usize>, column: Option<usize>) -> String {
+    pub fn describe(
+        &self,
+        source: &Source,
+        text: &str,
+        line: Option<usize>,
+        column: Option<usize>,
+    ) -> String {
         let offset = match (line, column) {
             (Some(l), Some(c)) => Self::offset_of(text, l, c),
             _ => 0,

@@ -74,10 +74,12 @@ impl Template {
                     offset: open,
                 });
             }
-            let expr = host.compile_expression(code, context).map_err(|e| TemplateError {
-                message: e.message.clone(),
-                offset: code_offset + offset_in(code, &e),
-            })?;
+            let expr = host
+                .compile_expression(code, context)
+                .map_err(|e| TemplateError {
+                    message: e.message.clone(),
+                    offset: code_offset + offset_in(code, &e),
+                })?;
             if !literal.is_empty() {
                 parts.push(Part::Literal(std::mem::take(&mut literal)));
             }

@@ -117,6 +117,20 @@ impl LogWriter {
         self.file.write_all(&rec).map_err(write_err(&self.path))
     }
 
+    /// Re-redacts what was already written (a secret registered after it was printed).
+    pub fn rewrite_redacted(&mut self) -> Result<(), EvidenceError> {
+        self.file.flush().map_err(write_err(&self.path))?;
+        self.redactor
+            .redact_file(&self.path)
+            .map_err(write_err(&self.path))?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.path)
+            .map_err(write_err(&self.path))?;
+        self.file = BufWriter::with_capacity(64 * 1024, file);
+        Ok(())
+    }
+
     /// Writes out partial lines, then a closing engine line, and closes the file.
     pub fn finish_with(mut self, at: DateTime<Utc>, text: &str) -> Result<(), EvidenceError> {
         self.flush_partial()?;

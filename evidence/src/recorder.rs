@@ -167,11 +167,33 @@ impl Recorder {
             }
             return Ok(());
         }
-        if let RunEvent::SecretRegistered { name, value, .. } = event {
+        if let RunEvent::SecretRegistered {
+            name, value, step, ..
+        } = event
+        {
             self.secrets.push((name.clone(), value.clone()));
             self.redactor = ByteRedactor::new(&self.secrets);
+            // Output that showed the value before it was known to be secret (a token printed
+            // by the step whose `outputs` call `secret()`) is redacted after the fact.
             for log in self.logs.values_mut() {
                 log.redactor = self.redactor.clone();
+                log.rewrite_redacted()?;
+            }
+            if let Some(step) = step {
+                let closed: Vec<String> = self
+                    .step_mut(step.as_str())
+                    .map(|s| {
+                        s.attempts
+                            .iter()
+                            .filter(|a| a.finished_at.is_some())
+                            .map(|a| a.log.clone())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                for rel in closed {
+                    let path = self.dir.join(&rel);
+                    self.redactor.redact_file(&path).map_err(write_err(&path))?;
+                }
             }
             if !self.manifest.secrets.contains(name) {
                 self.manifest.secrets.push(name.clone());

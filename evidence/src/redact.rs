@@ -32,12 +32,19 @@ impl ByteRedactor {
     }
 
     pub fn redact(&self, data: &[u8]) -> Vec<u8> {
+        self.redact_prefix(data, data.len()).0
+    }
+
+    /// Redacts matches that start before `cut`; returns the output and how many input bytes it
+    /// covers (a match straddling `cut` is taken whole). Callers streaming a file keep the rest
+    /// for the next chunk; with `cut = len - overlap()` no match is ever split.
+    pub fn redact_prefix(&self, data: &[u8], cut: usize) -> (Vec<u8>, usize) {
         if self.secrets.is_empty() {
-            return data.to_vec();
+            return (data[..cut].to_vec(), cut);
         }
         let mut out = Vec::with_capacity(data.len());
         let mut i = 0;
-        'outer: while i < data.len() {
+        'outer: while i < cut {
             for (name, value) in &self.secrets {
                 if data[i..].starts_with(value) {
                     out.extend_from_slice(format!("[REDACTED:{name}]").as_bytes());
@@ -48,7 +55,40 @@ impl ByteRedactor {
             out.push(data[i]);
             i += 1;
         }
-        out
+        (out, i)
+    }
+
+    /// Rewrites a file with every known secret redacted, streaming in chunks. Used when a
+    /// secret is registered after output that contains it was already written.
+    pub fn redact_file(&self, path: &std::path::Path) -> std::io::Result<()> {
+        use std::io::{Read, Write};
+        if self.secrets.is_empty() {
+            return Ok(());
+        }
+        let tmp = path.with_extension("redacting");
+        let mut input = std::fs::File::open(path)?;
+        let mut output = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        let mut buf: Vec<u8> = Vec::new();
+        let mut chunk = vec![0u8; 1024 * 1024];
+        loop {
+            let n = input.read(&mut chunk)?;
+            buf.extend_from_slice(&chunk[..n]);
+            let cut = if n == 0 {
+                buf.len()
+            } else {
+                buf.len().saturating_sub(self.overlap())
+            };
+            let (out, used) = self.redact_prefix(&buf, cut);
+            output.write_all(&out)?;
+            buf.drain(..used);
+            if n == 0 {
+                break;
+            }
+        }
+        output.flush()?;
+        output.get_ref().sync_all()?;
+        drop(output);
+        std::fs::rename(&tmp, path)
     }
 
     pub fn redact_str(&self, text: &str) -> String {
@@ -59,6 +99,22 @@ impl ByteRedactor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redacting_a_file_in_chunks_equals_redacting_it_whole() {
+        let r = ByteRedactor::new(&[("t".into(), "s3cr3t-token".into())]);
+        let mut data = Vec::new();
+        for i in 0..300_000 {
+            data.extend_from_slice(format!("line {i} s3cr3t-token\n").as_bytes());
+        }
+        let dir = std::env::temp_dir().join(format!("rb-redact-{}", std::process::id()));
+        std::fs::write(&dir, &data).expect("write");
+        r.redact_file(&dir).expect("redact");
+        let got = std::fs::read(&dir).expect("read");
+        let _ = std::fs::remove_file(&dir);
+        assert_eq!(got, r.redact(&data));
+        assert!(!String::from_utf8_lossy(&got).contains("s3cr3t"));
+    }
 
     #[test]
     fn replaces_longest_first() {

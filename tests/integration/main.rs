@@ -5,4 +5,5 @@ mod common;
 mod diagnostics;
 mod evidence;
 mod execution;
+mod expressions;
 mod processes;
