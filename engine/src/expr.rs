@@ -262,6 +262,13 @@ fn register_functions(engine: &mut Engine) {
     engine.register_fn("trim", |s: ImmutableString| -> ImmutableString {
         s.trim().into()
     });
+    // Likewise `replace`.
+    engine.register_fn(
+        "replace",
+        |s: ImmutableString, from: ImmutableString, to: ImmutableString| -> String {
+            s.replace(from.as_str(), to.as_str())
+        },
+    );
     engine.register_fn("log", |msg: Dynamic| {
         with_effects(|e| e.logs.push(display_value(&msg)))
     });
