@@ -45,6 +45,7 @@ runbook_file() {
   echo "$f"
 }
 
+BUSY_BEFORE="$(warn_if_busy)"
 log "$(machine_summary)"
 log "runbook: $RUNBOOK_BIN ($("$RUNBOOK_BIN" --version))"
 
@@ -69,6 +70,7 @@ done
 
 echo
 machine_summary
+echo "CPU busy with other work, 1 s sample: before ${BUSY_BEFORE}%, after $(cpu_busy_pct)% (should be ~0)"
 echo "layered DAG, $STEPS steps ($((STEPS / 100)) layers x 100), $edges needs edges; mean ± sd of $RUNS runs after $WARMUP warm-up"
 echo
 printf '%-22s %10s %8s %10s %10s\n' command "mean ms" "sd ms" "min ms" "max ms"

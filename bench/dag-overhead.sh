@@ -98,9 +98,8 @@ bench_shape() {
   rm -rf "$EVID_PARENT/evidence-$shape"
 }
 
-LOAD_BEFORE="$(cut -d' ' -f1-3 /proc/loadavg)"
+BUSY_BEFORE="$(warn_if_busy)"
 log "$(machine_summary)"
-log "load average: $LOAD_BEFORE (anything else running on the machine skews the figures)"
 log "runbook: $RUNBOOK_BIN ($("$RUNBOOK_BIN" --version))"
 log "ninja $(ninja --version), $(make --version | head -n1), $(hyperfine --version 2>/dev/null || echo 'no hyperfine')"
 log "work dir: $WORK, evidence under: $EVID_PARENT"
@@ -121,7 +120,7 @@ fastest() { awk '{ print $3 }' <<<"${results[$1]}"; }
 echo
 machine_summary
 echo "runbook --parallel $JOBS (evidence on $(df -T "$EVID_PARENT" | awk 'NR == 2 { print $2 }')), ninja -j$JOBS, make -j$JOBS; mean ± sd of $RUNS runs after $WARMUP warm-up"
-echo "load average before: $LOAD_BEFORE, after: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "CPU busy with other work, 1 s sample: before ${BUSY_BEFORE}%, after $(cpu_busy_pct)% (should be ~0)"
 echo
 printf '%-8s %6s | %16s %16s %16s | %10s %10s %10s | %8s\n' \
   shape steps "runbook ms" "ninja ms" "make ms" "rb ms/st" "nj ms/st" "mk ms/st" "rb/ninja"

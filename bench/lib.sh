@@ -172,6 +172,26 @@ measure() {
   fi
 }
 
+# Percentage of CPU time that was busy over one second (0-100), from /proc/stat. The figures
+# are only meaningful on an otherwise idle machine; the scripts print this before and after.
+cpu_busy_pct() {
+  local a b
+  a="$(awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9, $5 + $6 }' /proc/stat 2>/dev/null)" || { echo "?"; return; }
+  sleep 1
+  b="$(awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9, $5 + $6 }' /proc/stat)"
+  awk -v a="$a" -v b="$b" 'BEGIN { split(a, x, " "); split(b, y, " "); busy = y[1] - x[1]; idle = y[2] - x[2]
+    printf "%.0f", (busy + idle > 0) ? 100 * busy / (busy + idle) : 0 }'
+}
+
+warn_if_busy() {
+  local pct
+  pct="$(cpu_busy_pct)"
+  if [[ "$pct" != "?" ]] && ((pct > 10)); then
+    log "WARNING: the CPU was ${pct}% busy before starting (other processes?): figures will be skewed"
+  fi
+  echo "$pct"
+}
+
 machine_summary() {
   local cpu
   cpu="$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo 2>/dev/null || true)"

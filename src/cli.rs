@@ -9,17 +9,20 @@ pub mod exit {
     pub const OK: i32 = 0;
     pub const RUN_FAILED: i32 = 1;
     pub const USAGE: i32 = 2;
+    pub const VERIFY_FAILED: i32 = 3;
+    pub const AWAITING_APPROVAL: i32 = 4;
     pub const INTERRUPTED: i32 = 130;
 }
 
 const AFTER_HELP: &str = "\
 Examples:
   runbook check runbooks/examples/local-drill.toml
-  runbook plan runbooks/examples/local-drill.toml --set greeting=hi
+  runbook plan runbooks/examples/local-drill.toml --set settle_seconds=3
   runbook run runbooks/examples/local-drill.toml --parallel 4
   runbook graph runbooks/examples/local-drill.toml --format mermaid
 
-Exit codes: 0 ok, 1 run failed, 2 usage or runbook error, 130 interrupted.
+Exit codes: 0 ok, 1 run failed, 2 usage or runbook error, 3 evidence verification failed,
+4 awaiting approval, 130 interrupted.
 Logs: RUST_LOG=debug runbook run …";
 
 #[derive(Debug, Parser)]
@@ -58,6 +61,84 @@ pub enum Command {
         /// The code, e.g. RB0007
         code: String,
     },
+    /// Make a key pair for signing bundles (minisign format)
+    #[command(
+        after_help = "Examples:\n  runbook keygen                      # runbook.key (unencrypted) + runbook.pub\n  RUNBOOK_SIGN_PASSWORD=… runbook keygen -s ci.key -p ci.pub\n\nSign runs with `runbook run … --sign-key runbook.key`; give assessors runbook.pub."
+    )]
+    Keygen {
+        /// Where the secret key goes
+        #[arg(short = 's', long, default_value = "runbook.key")]
+        secret_key: PathBuf,
+        /// Where the public key goes
+        #[arg(short = 'p', long, default_value = "runbook.pub")]
+        public_key: PathBuf,
+        /// Overwrite existing key files
+        #[arg(long)]
+        force: bool,
+        /// Encrypt the secret key with this password (scrypt, as minisign does)
+        #[arg(long, env = "RUNBOOK_SIGN_PASSWORD", hide_env_values = true)]
+        password: Option<String>,
+    },
+    /// Continue an interrupted, failed, cancelled or waiting run in its bundle
+    #[command(
+        after_help = "Examples:\n  runbook resume proof/rke2-upgrade/20261125T101500Z-1a2b3c4d\n  runbook resume BUNDLE --approve upgrade-servers\n  runbook resume BUNDLE --from join-agents\n\nSteps that succeeded are not run again (recorded as `succeeded earlier`); secrets are\nread again from their sources (environment, --set), never from the bundle."
+    )]
+    Resume(ResumeArgs),
+    /// Work with evidence bundles
+    Evidence {
+        #[command(subcommand)]
+        command: EvidenceCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EvidenceCommand {
+    /// Check a bundle: every checksum, no file missing or extra, journal and manifest agree,
+    /// and the signature when there is one (exit 3 on any problem)
+    #[command(
+        after_help = "Examples:\n  runbook evidence verify proof/rke2-upgrade/20261125T101500Z-1a2b3c4d --pubkey runbook.pub\n\nThe signature also verifies with minisign itself:\n  cd BUNDLE && minisign -Vm SHA256SUMS -p runbook.pub && sha256sum -c SHA256SUMS"
+    )]
+    Verify {
+        /// The bundle directory
+        bundle: PathBuf,
+        /// Public key (`.pub` file, or the base64 key) the signature must verify with
+        #[arg(long, value_name = "KEY")]
+        pubkey: Option<String>,
+    },
+    /// Rebuild a bundle's manifest.json and SHA256SUMS from its journal (after a crash)
+    Repair {
+        /// The bundle directory
+        bundle: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ResumeArgs {
+    /// The bundle directory of the run to continue
+    pub bundle: PathBuf,
+    /// Resume even though the runbook file changed since the run started
+    #[arg(long)]
+    pub allow_changed: bool,
+    /// Approve a step that has `approve` (repeatable); recorded with your user@host
+    #[arg(long, value_name = "STEP")]
+    pub approve: Vec<String>,
+    #[command(flatten)]
+    pub params: ParamArgs,
+    #[command(flatten)]
+    pub selection: Selection,
+    #[arg(long, short = 'j', value_name = "N")]
+    pub parallel: Option<usize>,
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long, short = 'v')]
+    pub stream: bool,
+    #[arg(long)]
+    pub no_progress: bool,
+    /// Take over the run lock even if another, dead run holds it
+    #[arg(long)]
+    pub break_lock: bool,
+    #[command(flatten)]
+    pub signing: Signing,
 }
 
 #[derive(Debug, Args)]
@@ -106,6 +187,29 @@ pub struct RunArgs {
     /// Plain line-per-event output even on a terminal
     #[arg(long)]
     pub no_progress: bool,
+    /// Start even though a previous run of this runbook died holding the run lock
+    #[arg(long)]
+    pub break_lock: bool,
+    #[command(flatten)]
+    pub signing: Signing,
+}
+
+#[derive(Debug, Args)]
+pub struct Signing {
+    /// Sign the bundle's SHA256SUMS with this minisign secret key at the end
+    #[arg(long, value_name = "KEY", env = "RUNBOOK_SIGN_KEY")]
+    pub sign_key: Option<PathBuf>,
+    /// Password of an encrypted signing key
+    #[arg(
+        long,
+        env = "RUNBOOK_SIGN_PASSWORD",
+        hide_env_values = true,
+        value_name = "PASSWORD"
+    )]
+    pub sign_password: Option<String>,
+    /// Also write metrics.prom to this node_exporter textfile directory
+    #[arg(long, value_name = "DIR", env = "RUNBOOK_TEXTFILE_DIR")]
+    pub textfile_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -1,28 +1,32 @@
 //! The subcommands: each loads what it needs, calls the engine, and turns the outcome into
 //! output and an exit code. Errors are rendered here and nowhere else.
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use clap::Parser;
 use runbook_engine::diagnostic::Code;
 use runbook_engine::event::{RunEvent, RunStatus};
-use runbook_engine::executor::{Executor, RunReport};
 use runbook_engine::expr::ExprHost;
 use runbook_engine::graph::StepGraph;
 use runbook_engine::params::BoundParams;
 use runbook_engine::plan::{Plan, RunInfo, Selection};
+use runbook_engine::runner::{Approver, NoApprover};
 use runbook_engine::{Diagnostics, Runbook};
 use runbook_evidence::manifest::Operator;
 use runbook_evidence::{Recorder, RecorderConfig};
-use runbook_steps::LocalRunner;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
-use crate::cli::{exit, CheckArgs, Cli, Command, GraphArgs, GraphFormat, PlanArgs, RunArgs};
-use crate::console::{summary_table, Console};
+use crate::approve::TerminalApprover;
+use crate::cli::{
+    exit, CheckArgs, Cli, Command, EvidenceCommand, GraphArgs, GraphFormat, PlanArgs, ResumeArgs,
+    RunArgs, Signing,
+};
+use crate::console::Console;
+use crate::lock::{Holder, RunLock};
 use crate::render::{self, diagnostics_to_string, stderr_color};
+use crate::session::{self, Session};
+use runbook_evidence::sign::{PublicKey, SecretKey};
 
 pub fn main() -> i32 {
     let cli = match Cli::try_parse() {
@@ -43,6 +47,14 @@ pub fn main() -> i32 {
         Command::Plan(args) => plan(&args),
         Command::Graph(args) => graph(&args),
         Command::Explain { code } => explain(&code),
+        Command::Resume(args) => resume(&args),
+        Command::Keygen {
+            secret_key,
+            public_key,
+            force,
+            password,
+        } => keygen(&secret_key, &public_key, force, password.as_deref()),
+        Command::Evidence { command } => evidence(&command),
     }
 }
 
@@ -207,8 +219,148 @@ fn operator() -> Operator {
     }
 }
 
+fn evidence_dir_for(plan: &Plan, flag: Option<&PathBuf>) -> PathBuf {
+    flag.cloned().unwrap_or_else(|| {
+        plan.runbook.meta.evidence_dir.as_ref().map_or_else(
+            || PathBuf::from("proof"),
+            |d| plan.runbook.base_dir().join(d),
+        )
+    })
+}
+
+fn parallelism(flag: Option<usize>) -> usize {
+    flag.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, std::num::NonZero::get))
+}
+
+fn approver(op: &Operator) -> Arc<dyn Approver> {
+    if std::io::stdin().is_terminal() && std::io::stderr().is_terminal() {
+        Arc::new(TerminalApprover {
+            operator: format!("{}@{}", op.user, op.host),
+        })
+    } else {
+        Arc::new(NoApprover)
+    }
+}
+
+fn canonical(p: &Path) -> String {
+    std::fs::canonicalize(p)
+        .unwrap_or_else(|_| p.to_path_buf())
+        .display()
+        .to_string()
+}
+
+/// Loads the signing key before anything runs, so a wrong path or password fails early.
+fn load_sign_key(s: &Signing) -> Result<Option<SecretKey>, i32> {
+    let Some(path) = &s.sign_key else {
+        return Ok(None);
+    };
+    SecretKey::from_file(path, s.sign_password.as_deref())
+        .map(Some)
+        .map_err(|e| {
+            render::error(&format!(
+                "signing key `{}`: {e}; nothing was run",
+                path.display()
+            ));
+            exit::USAGE
+        })
+}
+
+fn keygen(secret: &Path, public: &Path, force: bool, password: Option<&str>) -> i32 {
+    let op = operator();
+    let (sk, pk) =
+        runbook_evidence::sign::generate(&format!("runbook key of {}@{}", op.user, op.host));
+    let result = sk.to_minisign(password).and_then(|text| {
+        runbook_evidence::sign::write_key_file(secret, &text, true, force)?;
+        runbook_evidence::sign::write_key_file(public, &pk.to_minisign(), false, force)
+    });
+    match result {
+        Ok(()) => {
+            eprintln!(
+                "secret key: {}{}
+public key: {} (give this to assessors)
+key id {}; for `minisign -P`: {}",
+                secret.display(),
+                if password.is_some() {
+                    " (encrypted)"
+                } else {
+                    " (not encrypted: protect the file)"
+                },
+                public.display(),
+                pk.key_id(),
+                pk.to_base64()
+            );
+            exit::OK
+        }
+        Err(e) => {
+            render::error(&e.to_string());
+            exit::USAGE
+        }
+    }
+}
+
+fn verify(bundle: &Path, pubkey: Option<&str>) -> i32 {
+    let key = match pubkey {
+        None => None,
+        Some(k) => {
+            let parsed = if Path::new(k).exists() {
+                PublicKey::from_file(Path::new(k))
+            } else {
+                PublicKey::from_base64(k)
+            };
+            match parsed {
+                Ok(key) => Some(key),
+                Err(e) => {
+                    render::error(&format!("public key `{k}`: {e}"));
+                    return exit::USAGE;
+                }
+            }
+        }
+    };
+    let report = runbook_evidence::verify::verify_bundle(bundle, key.as_ref());
+    for p in &report.problems {
+        eprintln!("problem: {p}");
+    }
+    for n in &report.notes {
+        eprintln!("note: {n}");
+    }
+    eprintln!(
+        "{} files checked; signature: {}",
+        report.files_checked, report.signature
+    );
+    if report.is_ok() {
+        eprintln!("{}: ok", bundle.display());
+        exit::OK
+    } else {
+        render::error(&format!(
+            "{}: {} problem(s)",
+            bundle.display(),
+            report.problems.len()
+        ));
+        exit::VERIFY_FAILED
+    }
+}
+
+fn take_lock(dir: &Path, me: &Holder, break_lock: bool) -> Result<RunLock, i32> {
+    match RunLock::acquire(dir, me, break_lock) {
+        Ok((lock, stale)) => {
+            if let Some(h) = stale {
+                eprintln!("note: took over the lock of a run that did not finish: {h}");
+            }
+            Ok(lock)
+        }
+        Err(e) => {
+            render::error(&e.to_string());
+            Err(exit::USAGE)
+        }
+    }
+}
+
 fn run(args: &RunArgs) -> i32 {
     let host = ExprHost::new();
+    let sign_key = match load_sign_key(&args.signing) {
+        Ok(k) => k,
+        Err(code) => return code,
+    };
     let plan = match load(&args.file, &host)
         .and_then(|l| make_plan(l, &args.params.set, &args.selection))
     {
@@ -222,12 +374,7 @@ fn run(args: &RunArgs) -> i32 {
         return exit::OK;
     }
     let plan = Arc::new(plan);
-    let evidence_dir = args.evidence_dir.clone().unwrap_or_else(|| {
-        plan.runbook.meta.evidence_dir.as_ref().map_or_else(
-            || PathBuf::from("proof"),
-            |d| plan.runbook.base_dir().join(d),
-        )
-    });
+    let evidence_dir = evidence_dir_for(&plan, args.evidence_dir.as_ref());
     let param_sources = plan
         .params
         .0
@@ -239,6 +386,7 @@ fn run(args: &RunArgs) -> i32 {
             )
         })
         .collect();
+    let op = operator();
     let recorder = match Recorder::create(RecorderConfig {
         evidence_dir: evidence_dir.clone(),
         runbook: plan.runbook.clone(),
@@ -247,7 +395,7 @@ fn run(args: &RunArgs) -> i32 {
         params: plan.params.to_json(true),
         param_sources,
         secrets: plan.params.secrets(),
-        operator: operator(),
+        operator: op.clone(),
         engine_version: env!("CARGO_PKG_VERSION").to_owned(),
         workdir: plan.workdir.clone(),
         command_line: std::env::args().collect(),
@@ -258,167 +406,280 @@ fn run(args: &RunArgs) -> i32 {
             return exit::USAGE;
         }
     };
-    let bundle = recorder.dir().to_path_buf();
-    let parallel = args
-        .parallel
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, std::num::NonZero::get));
+    let me = Holder {
+        pid: std::process::id(),
+        host: op.host.clone(),
+        user: op.user.clone(),
+        started_at: run_info.started_at.to_rfc3339(),
+        run_id: run_info.id.clone(),
+        bundle: canonical(recorder.dir()),
+    };
+    let lock = match take_lock(
+        &evidence_dir.join(&plan.runbook.meta.name),
+        &me,
+        args.break_lock,
+    ) {
+        Ok(l) => l,
+        Err(code) => {
+            // Nothing ran: leave no bundle behind that looks like a run.
+            let _ = std::fs::remove_dir_all(recorder.dir());
+            return code;
+        }
+    };
     let live = !args.no_progress && std::io::stderr().is_terminal();
     let console = Console::new(live, args.stream, stderr_color(), plan.params.secrets());
-
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            render::error(&format!("cannot start the async runtime: {e}"));
-            return exit::RUN_FAILED;
-        }
-    };
-    let cancel = CancellationToken::new();
-    let (tx, rx) = mpsc::channel::<RunEvent>(1024);
-    let consumer = spawn_consumer(rx, recorder, console, cancel.clone());
-
-    let report: RunReport = runtime.block_on(async {
-        let signals = tokio::spawn(watch_signals(cancel.clone()));
-        let executor = Executor::new(
-            plan.clone(),
-            Arc::new(LocalRunner),
-            host.clone(),
-            run_info,
-            parallel,
-            tx,
-            cancel.clone(),
-        );
-        let report = executor.run().await;
-        signals.abort();
-        report
+    let code = session::execute(Session {
+        plan,
+        host,
+        run: run_info,
+        recorder,
+        parallel: parallelism(args.parallel),
+        console,
+        json: args.json,
+        approver: approver(&op),
+        sign_key,
+        textfile_dir: args.signing.textfile_dir.clone(),
     });
-    let (recorder, mut console, evidence_error) = match consumer.join() {
-        Ok(parts) => parts,
-        Err(_) => {
-            render::error("the evidence writer crashed");
-            return exit::RUN_FAILED;
-        }
-    };
-    console.finish();
-    let mut code = match report.status {
-        RunStatus::Succeeded => exit::OK,
-        RunStatus::Failed | RunStatus::Running => exit::RUN_FAILED,
-        RunStatus::Cancelled => exit::INTERRUPTED,
-    };
-    eprint!("\n{}", console.redact(&summary_table(&report)));
-    print_failure_tails(&report, &bundle);
-    let finished = recorder.map(Recorder::finish);
-    match (evidence_error, finished) {
-        (None, Some(Ok(dir))) => {
-            eprintln!(
-                "\nrun {} {} in {} — evidence: {}",
-                report.run_id,
-                report.status.as_str(),
-                runbook_engine::duration::format_duration(report.duration),
-                dir.display()
-            );
-        }
-        (Some(e), _) | (None, Some(Err(e))) => {
-            render::error(&format!(
-                "{e}; the run was stopped; what was written so far is in `{}`",
-                bundle.display()
-            ));
-            code = exit::RUN_FAILED;
-        }
-        (None, None) => {}
-    }
-    if args.json {
-        let mut value = serde_json::to_value(&report).unwrap_or_default();
-        if let serde_json::Value::Object(map) = &mut value {
-            map.insert("bundle".into(), bundle.display().to_string().into());
-        }
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(
-            out,
-            "{}",
-            serde_json::to_string_pretty(&value).unwrap_or_default()
-        );
-    }
+    lock.release();
     code
 }
 
-/// For each failed step, where its last log is and how it ends: the first thing an operator
-/// needs when a run fails.
-fn print_failure_tails(report: &RunReport, bundle: &Path) {
-    for s in report
-        .steps
-        .iter()
-        .filter(|s| s.status == runbook_engine::event::StepStatus::Failed)
-    {
-        if s.attempts == 0 {
-            continue;
-        }
-        let log = bundle.join(format!("steps/{}/local/attempt-{}.log", s.id, s.attempts));
-        let Ok(text) = std::fs::read_to_string(&log) else {
-            continue;
-        };
-        let lines: Vec<&str> = text
-            .lines()
-            .filter_map(|l| l.split_once(' ').map(|(_, rest)| rest))
-            .filter(|l| !l.starts_with("--- "))
-            .collect();
-        eprintln!(
-            "\n{} failed: {}",
-            s.id,
-            s.reason.as_deref().unwrap_or("failed")
-        );
-        eprintln!("  log: {}", log.display());
-        for l in &lines[lines.len().saturating_sub(10)..] {
-            eprintln!("  | {l}");
-        }
-    }
-}
-
-type ConsumerResult = (
-    Option<Recorder>,
-    Console,
-    Option<runbook_evidence::EvidenceError>,
-);
-
-/// One thread consumes every event: evidence first, then the console, so nothing interleaves.
-/// If evidence cannot be written the run is cancelled: a run that cannot be recorded must stop.
-fn spawn_consumer(
-    mut rx: mpsc::Receiver<RunEvent>,
-    recorder: Recorder,
-    mut console: Console,
-    cancel: CancellationToken,
-) -> std::thread::JoinHandle<ConsumerResult> {
-    std::thread::spawn(move || {
-        let mut recorder = Some(recorder);
-        let mut error = None;
-        while let Some(event) = rx.blocking_recv() {
-            if let Some(r) = recorder.as_mut() {
-                if let Err(e) = r.record(&event) {
-                    error = Some(e);
-                    cancel.cancel();
-                    recorder = None;
-                }
-            }
-            console.event(&event);
-        }
-        (recorder, console, error)
-    })
-}
-
-async fn watch_signals(cancel: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut int), Ok(mut term)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
-        return;
+fn resume(args: &ResumeArgs) -> i32 {
+    let bundle = &args.bundle;
+    let host = ExprHost::new();
+    let sign_key = match load_sign_key(&args.signing) {
+        Ok(k) => k,
+        Err(code) => return code,
     };
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
+    // Secrets come from where they came from the first time (environment, --set): bind the
+    // params first to know them, then reopen the bundle with them so they stay redacted.
+    let manifest_path = bundle.join("manifest.json");
+    let manifest: runbook_evidence::manifest::Manifest = match std::fs::read(&manifest_path)
+        .map_err(|e| e.to_string())
+        .and_then(|d| serde_json::from_slice(&d).map_err(|e| e.to_string()))
+    {
+        Ok(m) => m,
+        Err(e) => {
+            render::error(&format!(
+                "`{}` is not a runbook bundle: {e}",
+                manifest_path.display()
+            ));
+            return exit::USAGE;
+        }
+    };
+    let workdir = PathBuf::from(&manifest.workdir);
+    let recorded = PathBuf::from(&manifest.runbook.path);
+    let path = if recorded.is_absolute() {
+        recorded
+    } else {
+        workdir.join(recorded)
+    };
+    let source = match runbook_engine::load_source(&path) {
+        Ok(s) => s,
+        Err(e) => {
+            render::error(&format!("{e} (the runbook this bundle ran)"));
+            return exit::USAGE;
+        }
+    };
+    let sha = runbook_evidence::checksums::sha256_bytes(source.text().as_bytes());
+    if sha != manifest.runbook.sha256 {
+        if args.allow_changed {
+            eprintln!("note: `{}` changed since the run started; resuming with the new version (--allow-changed)", path.display());
+        } else {
+            render::error(&format!(
+                "`{}` changed since this run started (sha256 {} now, {} then); refusing to resume a different runbook — pass `--allow-changed` to do it anyway",
+                path.display(),
+                &sha[..12],
+                &manifest.runbook.sha256[..12.min(manifest.runbook.sha256.len())]
+            ));
+            return exit::USAGE;
+        }
     }
-    eprintln!("\nstopping: sending TERM to running steps (KILL after their grace period)");
-    cancel.cancel();
+    let loaded = match runbook_engine::compile(&source, &host) {
+        Ok((runbook, graph, warnings)) => {
+            print_diagnostics(&warnings);
+            Loaded { runbook, graph }
+        }
+        Err(diags) => {
+            print_diagnostics(&diags);
+            return exit::USAGE;
+        }
+    };
+    // The same params as the first time: recorded values for non-secrets, then any --set.
+    let mut sets: Vec<String> = Vec::new();
+    if let serde_json::Value::Object(params) = &manifest.params {
+        for (name, value) in params {
+            let secret = loaded.runbook.param(name).is_some_and(|p| p.secret);
+            if secret || loaded.runbook.param(name).is_none() {
+                continue;
+            }
+            let text = match value {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            sets.push(format!("{name}={text}"));
+        }
+    }
+    sets.extend(args.params.set.iter().cloned());
+    let params = match bind_params(&loaded.runbook, &sets) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let mut recorder = match Recorder::reopen(bundle, params.secrets()) {
+        Ok(r) => r,
+        Err(e) => {
+            render::error(&e.to_string());
+            return exit::USAGE;
+        }
+    };
+    let previous = recorder.status();
+    // A runner killed hard leaves its steps' processes running: stop them before going on.
+    if let Ok(read) = runbook_evidence::journal::read(&bundle.join("journal.jsonl")) {
+        for (step, attempt, pid, ticks) in unfinished_processes(&read.events) {
+            if runbook_steps::stop_leftover_group(pid, ticks, std::time::Duration::from_secs(5)) {
+                let msg = format!(
+                    "stopped process group {pid} of step `{step}` attempt {attempt}, left running by the interrupted run"
+                );
+                eprintln!("note: {msg}");
+                let _ = recorder.note(&msg);
+            }
+        }
+    }
+    if previous == RunStatus::Succeeded {
+        render::error(&format!(
+            "run {} already succeeded; nothing to resume",
+            manifest.run_id
+        ));
+        return exit::USAGE;
+    }
+    let mut plan = match Plan::new(
+        loaded.runbook,
+        loaded.graph,
+        params,
+        &selection(&args.selection),
+        workdir,
+    ) {
+        Ok(p) => p,
+        Err(e) => {
+            render::error(&e.to_string());
+            return exit::USAGE;
+        }
+    };
+    let op = operator();
+    let by = format!("{}@{}", op.user, op.host);
+    for id in &args.approve {
+        if plan.runbook.step(id).is_none_or(|s| s.approve.is_none()) {
+            render::error(&format!(
+                "`--approve {id}`: no step `{id}` with `approve` in this runbook"
+            ));
+            return exit::USAGE;
+        }
+        plan.approved.push((id.clone(), by.clone()));
+    }
+    let prior = recorder.prior_steps();
+    for (i, step) in plan.runbook.steps.iter().enumerate() {
+        if let Some((_, p)) = prior.iter().find(|(id, _)| id == step.id.as_str()) {
+            plan.prior[i] = p.clone();
+        }
+    }
+    plan.resume_of = Some((previous, by));
+    recorder.note_resume(&prior);
+    let run_info = RunInfo {
+        id: manifest.run_id.clone(),
+        started_at: manifest.started_at,
+    };
+    let evidence_dir = bundle
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    let me = Holder {
+        pid: std::process::id(),
+        host: op.host.clone(),
+        user: op.user.clone(),
+        started_at: chrono::Utc::now().to_rfc3339(),
+        run_id: manifest.run_id.clone(),
+        bundle: canonical(bundle),
+    };
+    let lock = match take_lock(&evidence_dir, &me, args.break_lock) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    let plan = Arc::new(plan);
+    let live = !args.no_progress && std::io::stderr().is_terminal();
+    let console = Console::new(live, args.stream, stderr_color(), plan.params.secrets());
+    let code = session::execute(Session {
+        plan,
+        host,
+        run: run_info,
+        recorder,
+        parallel: parallelism(args.parallel),
+        console,
+        json: args.json,
+        approver: approver(&op),
+        sign_key,
+        textfile_dir: args.signing.textfile_dir.clone(),
+    });
+    lock.release();
+    code
+}
+
+/// Local attempts that started a process but never reported an end.
+fn unfinished_processes(events: &[(u64, RunEvent)]) -> Vec<(String, u32, u32, Option<u64>)> {
+    let mut open = Vec::new();
+    for (_, e) in events {
+        match e {
+            RunEvent::ProcessStarted {
+                step,
+                target,
+                attempt,
+                pid,
+                start_ticks,
+                ..
+            } => {
+                open.push((
+                    step.to_string(),
+                    target.to_string(),
+                    *attempt,
+                    *pid,
+                    *start_ticks,
+                ));
+            }
+            RunEvent::AttemptFinished {
+                step,
+                target,
+                attempt,
+                ..
+            } => {
+                open.retain(|(s, t, a, _, _)| {
+                    !(s == step.as_str() && t == &**target && a == attempt)
+                });
+            }
+            _ => {}
+        }
+    }
+    open.into_iter()
+        .map(|(s, _, a, p, t)| (s, a, p, t))
+        .collect()
+}
+
+fn evidence(cmd: &EvidenceCommand) -> i32 {
+    match cmd {
+        EvidenceCommand::Verify { bundle, pubkey } => verify(bundle, pubkey.as_deref()),
+        EvidenceCommand::Repair { bundle } => match Recorder::repair(bundle) {
+            Ok(m) => {
+                if std::fs::remove_file(bundle.join("SHA256SUMS.minisig")).is_ok() {
+                    eprintln!("note: the old signature was removed: the checksums it covered were rewritten");
+                }
+                eprintln!(
+                    "{}: manifest rebuilt from the journal; status {}",
+                    bundle.display(),
+                    m.status.as_str()
+                );
+                exit::OK
+            }
+            Err(e) => {
+                render::error(&e.to_string());
+                exit::USAGE
+            }
+        },
+    }
 }

@@ -83,6 +83,7 @@ impl Console {
             }
             RunEvent::StepStarted { .. }
             | RunEvent::Collect { .. }
+            | RunEvent::ProcessStarted { .. }
             | RunEvent::RunFinished { .. } => {}
             RunEvent::AttemptStarted {
                 step,
@@ -141,14 +142,18 @@ impl Console {
                 duration,
                 ..
             } => {
+                self.flush_partial(step.as_str());
                 let last = self.last_line.remove(step.as_str());
                 if !outcome.succeeded() {
                     let last = last.map(|l| format!(" — {l}")).unwrap_or_default();
+                    let took = match outcome {
+                        runbook_engine::event::AttemptOutcome::TimedOut { .. } => String::new(),
+                        _ => format!(" after {}", format_duration(*duration)),
+                    };
                     self.line(&format!(
-                        "{} {step} attempt {attempt}: {} after {}{last}",
+                        "{} {step} attempt {attempt}: {}{took}{last}",
                         self.paint("33", "!"),
                         outcome.describe(),
-                        format_duration(*duration)
                     ));
                 }
             }
@@ -219,6 +224,20 @@ impl Console {
                 self.redactor = ByteRedactor::new(&self.secrets);
             }
             RunEvent::Note { message, .. } => self.line(&format!("note: {message}")),
+            RunEvent::RunResumed {
+                previous, operator, ..
+            } => {
+                self.line(&format!(
+                    "resuming a run that ended {} (by {operator})",
+                    previous.as_str()
+                ));
+            }
+            RunEvent::Approval {
+                step, by, granted, ..
+            } => {
+                let what = if *granted { "approved" } else { "refused" };
+                self.line(&format!("{step} {what} by {by}"));
+            }
         }
     }
 

@@ -2,10 +2,13 @@
 //! evidence recorder, progress display and error rendering. Everything else lives in the
 //! `engine`, `steps` and `evidence` crates.
 
+mod approve;
 mod cli;
 mod commands;
 mod console;
+mod lock;
 mod render;
+mod session;
 
 fn main() {
     std::process::exit(commands::main());

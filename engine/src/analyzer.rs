@@ -75,6 +75,8 @@ const STEP_KEYS: &[&str] = &[
     "capture",
     "before",
     "after",
+    "run_on_cancel",
+    "approve",
 ];
 
 /// Parses and validates a runbook. Returns the runbook only when there are no errors; the
@@ -815,6 +817,10 @@ impl Analyzer<'_> {
         } else if let Some(f) = factor {
             policy.backoff = Backoff::Exponential { factor: f };
         }
+        // Only an explicit `max_delay` can conflict with `delay`; the default cap rises to it.
+        if get(t, "max_delay").is_none() {
+            policy.max_delay = policy.max_delay.max(policy.delay);
+        }
         if policy.max_delay < policy.delay {
             let span = get(t, "max_delay").map_or_else(|| s.span(v.span()), |v| s.span(v.span()));
             self.error(
@@ -1099,7 +1105,22 @@ impl Analyzer<'_> {
                 scan(&e.expr.text, 0, &e.at);
             }
         }
+        let run_on_cancel = self.boolean(t, "run_on_cancel", s).unwrap_or(false);
+        let always = self.boolean(t, "always", s).unwrap_or(false);
+        if run_on_cancel && !always {
+            if let Some(v) = get(t, "run_on_cancel") {
+                self.error(
+                    Code::BadValue,
+                    s.span(v.span()),
+                    "`run_on_cancel` needs `always = true`",
+                    "only `always` steps run after a cancel",
+                );
+            }
+        }
+        let approve = self.opt_string(t, "approve", s);
         Some(StepSpec {
+            run_on_cancel,
+            approve,
             when,
             until,
             check,
@@ -1112,7 +1133,7 @@ impl Analyzer<'_> {
             description: self.opt_string(t, "description", s),
             phase: self.opt_string(t, "phase", s),
             continue_on_failure: self.boolean(t, "continue_on_failure", s).unwrap_or(false),
-            always: self.boolean(t, "always", s).unwrap_or(false),
+            always,
             id,
             id_span,
             needs,

@@ -15,7 +15,7 @@ pub type Timestamp = DateTime<Utc>;
 /// Where an attempt ran: `local`, or a host name once remote steps exist.
 pub type Target = Arc<str>;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Stream {
     Stdout,
@@ -32,7 +32,7 @@ impl Stream {
 }
 
 /// Why an attempt failed without an exit status of its own.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FailureKind {
     /// The process could not be started (missing shell, bad cwd).
@@ -54,7 +54,7 @@ pub enum FailureKind {
 }
 
 /// How one attempt ended.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum AttemptOutcome {
     Exited {
@@ -118,7 +118,7 @@ impl AttemptOutcome {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StepStatus {
     Succeeded,
@@ -138,13 +138,17 @@ impl StepStatus {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {
     Running,
     Succeeded,
     Failed,
     Cancelled,
+    /// The runner died (crash, `kill -9`, power loss): found when a bundle is read later.
+    Interrupted,
+    /// Stopped before a step with `approve` that nobody approved yet.
+    AwaitingApproval,
 }
 
 impl RunStatus {
@@ -154,18 +158,33 @@ impl RunStatus {
             RunStatus::Succeeded => "succeeded",
             RunStatus::Failed => "failed",
             RunStatus::Cancelled => "cancelled",
+            RunStatus::Interrupted => "interrupted",
+            RunStatus::AwaitingApproval => "awaiting_approval",
         }
     }
 }
 
 /// Bytes an attempt wrote, per stream.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct OutputCounts {
     pub stdout: u64,
     pub stderr: u64,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+/// Held by an event until its consumer is done with it; the sender of the event can wait for
+/// that with [`Receipt::new`]'s receiver.
+#[derive(Debug, Clone, Default)]
+pub struct Receipt(#[allow(dead_code)] Option<std::sync::Arc<tokio::sync::oneshot::Sender<()>>>);
+
+impl Receipt {
+    /// A receipt and the future that completes when every copy of it is dropped.
+    pub fn new() -> (Self, tokio::sync::oneshot::Receiver<()>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (Self(Some(std::sync::Arc::new(tx))), rx)
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case", tag = "event")]
 pub enum RunEvent {
     RunStarted {
@@ -217,6 +236,10 @@ pub enum RunEvent {
     /// A file the step asked to keep; the recorder copies it into the bundle.
     Collect {
         at: Timestamp,
+        /// Dropped by the consumer once the file is copied: the executor waits for that before
+        /// the step counts as finished, so a cleanup step cannot delete the file first.
+        #[serde(skip)]
+        receipt: Receipt,
         step: StepId,
         /// As written in the runbook (rendered).
         name: String,
@@ -252,12 +275,38 @@ pub enum RunEvent {
         #[serde(skip_serializing_if = "Option::is_none")]
         step: Option<StepId>,
         name: String,
-        #[serde(skip)]
+        #[serde(skip, default)]
         value: String,
     },
     Note {
         at: Timestamp,
         message: String,
+    },
+    /// A local attempt's process started: its process group id, so that a later `resume` can
+    /// stop what a crashed runner left running.
+    ProcessStarted {
+        at: Timestamp,
+        step: StepId,
+        target: Target,
+        attempt: u32,
+        pid: u32,
+        /// Start time in clock ticks since boot (`/proc/<pid>/stat` field 22), to tell the
+        /// process from a later one that reuses its id.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        start_ticks: Option<u64>,
+    },
+    /// `runbook resume` continues this run in the same bundle.
+    RunResumed {
+        at: Timestamp,
+        previous: RunStatus,
+        operator: String,
+    },
+    /// A step with `approve` was approved (or refused) — who and when.
+    Approval {
+        at: Timestamp,
+        step: StepId,
+        by: String,
+        granted: bool,
     },
     RunFinished {
         at: Timestamp,
@@ -279,6 +328,9 @@ impl RunEvent {
             | RunEvent::Note { at, .. }
             | RunEvent::Log { at, .. }
             | RunEvent::SecretRegistered { at, .. }
+            | RunEvent::RunResumed { at, .. }
+            | RunEvent::ProcessStarted { at, .. }
+            | RunEvent::Approval { at, .. }
             | RunEvent::RunFinished { at, .. } => *at,
         }
     }

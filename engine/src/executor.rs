@@ -29,7 +29,7 @@ use crate::expr::{display_value, dynamic_to_json, truthy, Effects, EvalError, Ex
 use crate::graph::StepIdx;
 use crate::plan::{Plan, RunInfo};
 use crate::runbook::{Action, Capture, SpannedExpr, StepSpec};
-use crate::runner::{AttemptContext, OutputSink, StepRunner};
+use crate::runner::{Approval, Approver, AttemptContext, NoApprover, OutputSink, StepRunner};
 use crate::template::{RenderError, Template};
 
 /// How one step ended, as the summary and `--json` report it.
@@ -67,6 +67,9 @@ pub struct Executor {
     parallel: usize,
     events: mpsc::Sender<RunEvent>,
     cancel: CancellationToken,
+    force: CancellationToken,
+    abort: CancellationToken,
+    approver: Arc<dyn Approver>,
 }
 
 /// What a step task hands back to the scheduler loop.
@@ -78,6 +81,8 @@ struct StepResult {
     outputs: Option<serde_json::Value>,
     /// Skipped by its own `when`: dependents go ahead.
     skipped_by_when: bool,
+    /// Not run because its `approve` question is still open: the run stops, awaiting approval.
+    deferred: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,7 +110,32 @@ impl Executor {
             parallel: parallel.max(1),
             events,
             cancel,
+            force: CancellationToken::new(),
+            abort: CancellationToken::new(),
+            approver: Arc::new(NoApprover),
         }
+    }
+
+    /// Cancelled on a second interrupt: running processes are killed without a grace period
+    /// (except `run_on_cancel` steps, which only a third interrupt stops).
+    #[must_use]
+    pub fn with_force(mut self, force: CancellationToken) -> Self {
+        self.force = force;
+        self
+    }
+
+    /// Cancelled on a third interrupt: even `run_on_cancel` steps are killed.
+    #[must_use]
+    pub fn with_abort(mut self, abort: CancellationToken) -> Self {
+        self.abort = abort;
+        self
+    }
+
+    /// Who answers `approve` questions (by default nobody: the run stops awaiting approval).
+    #[must_use]
+    pub fn with_approver(mut self, approver: Arc<dyn Approver>) -> Self {
+        self.approver = approver;
+        self
     }
 
     #[allow(clippy::too_many_lines)]
@@ -114,16 +144,20 @@ impl Executor {
         let steps = &plan.runbook.steps;
         let n = steps.len();
         let started = Instant::now();
-        emit(
-            &self.events,
-            RunEvent::RunStarted {
+        let first = match &plan.resume_of {
+            Some((previous, operator)) => RunEvent::RunResumed {
+                at: Utc::now(),
+                previous: *previous,
+                operator: operator.clone(),
+            },
+            None => RunEvent::RunStarted {
                 at: self.run.started_at,
                 run_id: self.run.id.clone(),
                 runbook: plan.runbook.meta.name.clone(),
                 steps: n,
             },
-        )
-        .await;
+        };
+        emit(&self.events, first).await;
 
         let results: Results = Arc::new(Mutex::new(vec![None; n]));
         let mut state = vec![State::Waiting; n];
@@ -136,6 +170,7 @@ impl Executor {
         let mut ready: VecDeque<StepIdx> = (0..n).filter(|&i| unfinished_needs[i] == 0).collect();
         let halted = Arc::new(AtomicBool::new(false));
         let mut halted_by: Option<String> = None;
+        let mut awaiting: Option<String> = None;
         let semaphore = Arc::new(Semaphore::new(self.parallel));
         let mut tasks: JoinSet<(StepIdx, StepResult)> = JoinSet::new();
 
@@ -162,9 +197,18 @@ impl Executor {
         loop {
             while let Some(i) = ready.pop_front() {
                 let step = &steps[i];
+                if plan.selected[i] {
+                    if let Some(report) = self.restore_prior(i, &results).await {
+                        state[i] = State::Done(StepStatus::Succeeded);
+                        satisfied[i] = true;
+                        reports[i] = Some(report);
+                        release(&plan, i, &mut unfinished_needs, &mut ready);
+                        continue;
+                    }
+                }
                 let decision = if !plan.selected[i] {
                     Some((StepStatus::Skipped, "not selected".to_owned(), true))
-                } else if self.cancel.is_cancelled() {
+                } else if self.cancel.is_cancelled() && !(step.always && step.run_on_cancel) {
                     Some((
                         StepStatus::Skipped,
                         "not started: the run was cancelled".to_owned(),
@@ -189,6 +233,8 @@ impl Executor {
                 } else if let (Some(by), false) = (&halted_by, step.always) {
                     let reason = if run_failure.is_some() && by == "before_run" {
                         "not started: the `before_run` hook failed".to_owned()
+                    } else if awaiting.as_deref() == Some(by.as_str()) {
+                        format!("not started: the run is waiting for approval of `{by}`")
                     } else {
                         format!("not started: the run stopped after `{by}` failed")
                     };
@@ -233,13 +279,22 @@ impl Executor {
                     continue;
                 }
                 state[i] = State::Running;
+                // A `run_on_cancel` step must not inherit the cancel that is stopping the run;
+                // only a second interrupt (force) stops it.
+                let (cancel, force) = if step.run_on_cancel {
+                    (self.abort.clone(), self.abort.clone())
+                } else {
+                    (self.cancel.clone(), self.force.clone())
+                };
                 let task = StepTask {
                     plan: plan.clone(),
                     runner: self.runner.clone(),
                     host: self.host.clone(),
                     run: self.run.clone(),
                     events: self.events.clone(),
-                    cancel: self.cancel.clone(),
+                    cancel,
+                    force,
+                    approver: self.approver.clone(),
                     semaphore: semaphore.clone(),
                     halted: halted.clone(),
                     results: results.clone(),
@@ -261,6 +316,11 @@ impl Executor {
             satisfied[i] = result.status == StepStatus::Succeeded
                 || result.skipped_by_when
                 || (result.status == StepStatus::Failed && step.continue_on_failure);
+            if result.deferred && halted_by.is_none() {
+                awaiting = Some(step.id.to_string());
+                halted_by = Some(step.id.to_string());
+                halted.store(true, Ordering::SeqCst);
+            }
             if result.status == StepStatus::Failed
                 && !step.continue_on_failure
                 && halted_by.is_none()
@@ -300,6 +360,8 @@ impl Executor {
             RunStatus::Cancelled
         } else if failed || run_failure.is_some() {
             RunStatus::Failed
+        } else if awaiting.is_some() {
+            RunStatus::AwaitingApproval
         } else {
             RunStatus::Succeeded
         };
@@ -342,6 +404,71 @@ impl Executor {
             duration: started.elapsed(),
             steps: steps_report,
         }
+    }
+}
+
+impl Executor {
+    /// A step the resumed run already finished successfully: its result is restored and it is
+    /// recorded as done without running again.
+    async fn restore_prior(&self, i: StepIdx, results: &Results) -> Option<StepReport> {
+        let prior = &self.plan.prior[i];
+        let earlier = prior.result.as_ref()?;
+        let step = &self.plan.runbook.steps[i];
+        let mut m = Map::new();
+        m.insert(
+            "exit_code".into(),
+            earlier
+                .exit_code
+                .map_or(Dynamic::UNIT, |c| Dynamic::from_int(i64::from(c))),
+        );
+        m.insert("stdout".into(), earlier.stdout.clone().into());
+        m.insert("stderr".into(), earlier.stderr.clone().into());
+        m.insert(
+            "json".into(),
+            earlier
+                .json
+                .as_ref()
+                .map_or(Dynamic::UNIT, crate::expr::json_to_dynamic),
+        );
+        m.insert(
+            "outputs".into(),
+            earlier.outputs.as_ref().map_or_else(
+                || Dynamic::from_map(Map::new()),
+                crate::expr::json_to_dynamic,
+            ),
+        );
+        let duration = Duration::from_secs_f64(earlier.duration.max(0.0));
+        let reason = "succeeded earlier".to_owned();
+        record_result(
+            results,
+            i,
+            step,
+            StepStatus::Succeeded,
+            prior.attempts,
+            duration,
+            Some(&m),
+            None,
+        );
+        emit(
+            &self.events,
+            RunEvent::StepFinished {
+                at: Utc::now(),
+                step: step.id.clone(),
+                status: StepStatus::Succeeded,
+                attempts: prior.attempts,
+                duration,
+                reason: Some(reason.clone()),
+                outputs: earlier.outputs.clone(),
+            },
+        )
+        .await;
+        Some(StepReport {
+            id: step.id.to_string(),
+            status: StepStatus::Succeeded,
+            attempts: prior.attempts,
+            duration,
+            reason: Some(reason),
+        })
     }
 }
 
@@ -526,6 +653,8 @@ struct StepTask {
     run: RunInfo,
     events: mpsc::Sender<RunEvent>,
     cancel: CancellationToken,
+    force: CancellationToken,
+    approver: Arc<dyn Approver>,
     semaphore: Arc<Semaphore>,
     halted: Arc<AtomicBool>,
     results: Results,
@@ -665,6 +794,7 @@ impl StepTask {
             reason,
             outputs: None,
             skipped_by_when: false,
+            deferred: false,
         };
 
         if let Some(when) = &step.when {
@@ -686,6 +816,52 @@ impl StepTask {
                     };
                 }
                 Err(message) => return finish(StepStatus::Failed, 0, Some(message)),
+            }
+        }
+        if let Some(question) = &step.approve {
+            let pre = self
+                .plan
+                .approved
+                .iter()
+                .find(|(id, _)| id == step.id.as_str())
+                .map(|(_, by)| by.clone());
+            let answer = match pre {
+                Some(by) => Approval::Granted { by },
+                None => self.approver.ask(&step.id, question).await,
+            };
+            let (granted, by) = match answer {
+                Approval::Granted { by } => (true, by),
+                Approval::Refused { by } => (false, by),
+                Approval::Deferred => {
+                    return StepResult {
+                        deferred: true,
+                        ..finish(
+                            StepStatus::Skipped,
+                            self.plan.prior[self.index].attempts,
+                            Some(format!(
+                                "awaiting approval: {question} (continue with `runbook resume BUNDLE --approve {}`)",
+                                step.id
+                            )),
+                        )
+                    };
+                }
+            };
+            emit(
+                &self.events,
+                RunEvent::Approval {
+                    at: Utc::now(),
+                    step: step.id.clone(),
+                    by: by.clone(),
+                    granted,
+                },
+            )
+            .await;
+            if !granted {
+                return finish(
+                    StepStatus::Failed,
+                    self.plan.prior[self.index].attempts,
+                    Some(format!("approval refused by {by}")),
+                );
             }
         }
         for (name, hook, global) in [
@@ -718,18 +894,24 @@ impl StepTask {
             }
         }
 
-        let mut attempts = 0;
+        // Attempts of an earlier (resumed) run keep their numbers and logs.
+        let offset = self.plan.prior[self.index].attempts;
+        let mut attempts = offset;
         let mut last_failure: Option<String> = None;
         let mut cwd_for_collect = self.plan.workdir.clone();
-        let max = step.retry.attempts;
-        for attempt in 1..=max {
+        let max = offset + step.retry.attempts;
+        for attempt in offset + 1..=max {
             let permit = tokio::select! {
                 permit = self.semaphore.clone().acquire_owned() => permit.ok(),
                 () = self.cancel.cancelled() => None,
             };
             if self.cancel.is_cancelled() || permit.is_none() {
+                if attempts > offset {
+                    self.collect(&cwd_for_collect).await;
+                }
                 return self.stopped(
                     attempts,
+                    offset,
                     started,
                     "cancelled",
                     StepStatus::Cancelled,
@@ -737,15 +919,19 @@ impl StepTask {
                 );
             }
             if self.halted.load(Ordering::SeqCst) && !step.always {
+                if attempts > offset {
+                    self.collect(&cwd_for_collect).await;
+                }
                 return self.stopped(
                     attempts,
+                    offset,
                     started,
-                    "the run stopped after another step failed",
+                    "the run stopped",
                     StepStatus::Failed,
                     last_failure,
                 );
             }
-            if attempt == 1 {
+            if attempt == offset + 1 {
                 emit(
                     &self.events,
                     RunEvent::StepStarted {
@@ -855,7 +1041,7 @@ impl StepTask {
         }
         self.collect(&cwd_for_collect).await;
         let reason = match (last_failure, attempts) {
-            (Some(f), n) if n > 1 => format!("{f} (after {n} attempts)"),
+            (Some(f), n) if n - offset > 1 => format!("{f} (after {} attempts)", n - offset),
             (Some(f), _) => f,
             (None, _) => "failed".into(),
         };
@@ -987,6 +1173,7 @@ impl StepTask {
                             timeout: step.timeout,
                             kill_grace: step.kill_grace,
                             cancel: self.cancel.clone(),
+                            force: self.force.clone(),
                         };
                         let mut sink = OutputSink::new(
                             self.events.clone(),
@@ -1124,12 +1311,13 @@ impl StepTask {
     fn stopped(
         &self,
         attempts: u32,
+        offset: u32,
         started: Instant,
         why: &str,
         status_if_started: StepStatus,
         last_failure: Option<String>,
     ) -> StepResult {
-        let (status, reason) = if attempts == 0 {
+        let (status, reason) = if attempts == offset {
             (StepStatus::Skipped, format!("not started: {why}"))
         } else {
             let reason = match last_failure {
@@ -1145,6 +1333,7 @@ impl StepTask {
             reason: Some(reason),
             outputs: None,
             skipped_by_when: false,
+            deferred: false,
         }
     }
 
@@ -1191,16 +1380,20 @@ impl StepTask {
         for tpl in &step.collect {
             let message = match tpl.render(&self.host, &mut scope) {
                 Ok(name) => {
+                    let (receipt, copied) = crate::event::Receipt::new();
                     emit(
                         &self.events,
                         RunEvent::Collect {
                             at: Utc::now(),
+                            receipt,
                             step: step.id.clone(),
                             path: cwd.join(&name),
                             name,
                         },
                     )
                     .await;
+                    // Completes (with an error, as nothing is sent) when the recorder is done.
+                    let _ = copied.await;
                     continue;
                 }
                 Err(e) => format!("step `{}`: could not collect `{}`: {e}", step.id, tpl.raw()),

@@ -75,6 +75,32 @@ pub struct Plan {
     pub step_refs: Vec<Vec<StepIdx>>,
     /// The steps the run-wide step hooks read.
     pub hook_refs: Vec<StepIdx>,
+    /// What an earlier, interrupted run of this plan already did (`runbook resume`).
+    pub prior: Vec<PriorStep>,
+    /// Set when this plan continues an earlier run: the status it ended in and who resumes.
+    pub resume_of: Option<(crate::event::RunStatus, String)>,
+    /// Steps whose `approve` question was answered yes in advance (`--approve STEP`), by whom.
+    pub approved: Vec<(String, String)>,
+}
+
+/// A step as an earlier run of the same bundle left it.
+#[derive(Debug, Clone, Default)]
+pub struct PriorStep {
+    /// Attempts already made; new attempts are numbered after them.
+    pub attempts: u32,
+    /// Set when the step succeeded and can be taken as done.
+    pub result: Option<PriorResult>,
+}
+
+/// What downstream expressions need of an earlier success.
+#[derive(Debug, Clone, Default)]
+pub struct PriorResult {
+    pub exit_code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub json: Option<serde_json::Value>,
+    pub outputs: Option<serde_json::Value>,
+    pub duration: f64,
 }
 
 impl Plan {
@@ -153,6 +179,7 @@ impl Plan {
                 .collect();
         hook_refs.sort_unstable();
         hook_refs.dedup();
+        let n = runbook.steps.len();
         Ok(Self {
             runbook,
             graph,
@@ -163,6 +190,9 @@ impl Plan {
             env,
             step_refs,
             hook_refs,
+            prior: vec![PriorStep::default(); n],
+            resume_of: None,
+            approved: Vec::new(),
         })
     }
 

@@ -11,7 +11,9 @@ use crate::source::{Source, Span};
 use crate::template::Template;
 
 /// A step id: letters, digits, `-`, `_`, `.`; it names a directory in the evidence bundle.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(transparent)]
 pub struct StepId(Arc<str>);
 
@@ -212,6 +214,10 @@ pub struct StepSpec {
     pub after: Option<SpannedExpr>,
     /// Steps whose results the step's expressions read (`steps.<id>`), with where.
     pub refs: Vec<Need>,
+    /// An `always` step that also runs when the run is cancelled (uncordon after Ctrl-C).
+    pub run_on_cancel: bool,
+    /// A question a person must answer yes to before the step runs.
+    pub approve: Option<String>,
 }
 
 /// The shell used when neither the step nor `[defaults]` names one: bash with errexit and

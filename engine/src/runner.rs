@@ -30,8 +30,38 @@ pub struct AttemptContext {
     pub timeout: Option<Duration>,
     /// Time between TERM and KILL when the attempt is stopped.
     pub kill_grace: Duration,
-    /// Cancelled when the run is being stopped (signal, evidence failure).
+    /// Cancelled when the run is being stopped (signal, evidence failure): TERM, grace, KILL.
     pub cancel: CancellationToken,
+    /// Cancelled on a second interrupt: KILL now, no grace.
+    pub force: CancellationToken,
+}
+
+/// The answer to a step's `approve` question.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Approval {
+    Granted {
+        by: String,
+    },
+    Refused {
+        by: String,
+    },
+    /// Nobody can answer now (no terminal): the run stops, awaiting approval.
+    Deferred,
+}
+
+/// Asks a person whether a step may run (the CLI asks on a terminal).
+pub trait Approver: Send + Sync {
+    fn ask<'a>(&'a self, step: &'a StepId, text: &'a str) -> BoxFuture<'a, Approval>;
+}
+
+/// For runs with no one to ask: every approval is deferred to `runbook resume --approve`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoApprover;
+
+impl Approver for NoApprover {
+    fn ask<'a>(&'a self, _step: &'a StepId, _text: &'a str) -> BoxFuture<'a, Approval> {
+        Box::pin(async { Approval::Deferred })
+    }
 }
 
 pub trait StepRunner: Send + Sync {
@@ -95,6 +125,21 @@ impl OutputSink {
                 attempt: self.attempt,
                 stream,
                 data,
+            })
+            .await;
+    }
+
+    /// Records the process group of a local attempt (see [`RunEvent::ProcessStarted`]).
+    pub async fn process_started(&mut self, pid: u32, start_ticks: Option<u64>) {
+        let _ = self
+            .events
+            .send(RunEvent::ProcessStarted {
+                at: chrono::Utc::now(),
+                step: self.step.clone(),
+                target: self.target.clone(),
+                attempt: self.attempt,
+                pid,
+                start_ticks,
             })
             .await;
     }

@@ -8,11 +8,18 @@
 //!   collected/<step>/…  SHA256SUMS
 //! ```
 
+pub mod cast;
 pub mod checksums;
+pub mod journal;
+pub mod junit;
 pub mod log;
 pub mod manifest;
+pub mod metrics;
 pub mod recorder;
 pub mod redact;
+pub mod report;
+pub mod sign;
+pub mod verify;
 
 pub use recorder::{Recorder, RecorderConfig};
 

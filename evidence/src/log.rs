@@ -93,13 +93,14 @@ impl LogWriter {
             p.since.get_or_insert(at);
             p.bytes.extend_from_slice(data);
             if p.bytes.len() > MAX_FRAGMENT {
-                // Keep back enough bytes that a secret cut here is still seen whole later.
-                let keep = self.redactor.overlap().min(p.bytes.len());
-                let cut = p.bytes.len() - keep;
-                let head: Vec<u8> = p.bytes.drain(..cut).collect();
+                // Redact what can be decided now; a secret that may continue past the end stays
+                // in the buffer until more arrives, so no cut ever splits one.
+                let cut = p.bytes.len().saturating_sub(self.redactor.overlap());
+                let (head, used) = self.redactor.redact_prefix(&p.bytes, cut);
+                p.bytes.drain(..used);
                 let since = p.since.replace(at).unwrap_or(at);
                 let tag = format!("{}+", stream.tag());
-                self.record(since, &tag, &head)?;
+                self.record_redacted(since, &tag, &head)?;
             }
         }
         Ok(())
@@ -107,12 +108,21 @@ impl LogWriter {
 
     fn record(&mut self, at: DateTime<Utc>, tag: &str, line: &[u8]) -> Result<(), EvidenceError> {
         let line = self.redactor.redact(line);
+        self.record_redacted(at, tag, &line)
+    }
+
+    fn record_redacted(
+        &mut self,
+        at: DateTime<Utc>,
+        tag: &str,
+        line: &[u8],
+    ) -> Result<(), EvidenceError> {
         let mut rec = Vec::with_capacity(line.len() + 40);
         rec.extend_from_slice(stamp(at).as_bytes());
         rec.push(b' ');
         rec.extend_from_slice(tag.as_bytes());
         rec.push(b' ');
-        rec.extend_from_slice(&line);
+        rec.extend_from_slice(line);
         rec.push(b'\n');
         self.file.write_all(&rec).map_err(write_err(&self.path))
     }
@@ -162,4 +172,35 @@ impl LogWriter {
 
 pub fn stamp(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: a secret straddling the cut of a long line was written half in each piece.
+    #[test]
+    fn a_secret_across_a_fragment_cut_is_redacted() {
+        let secret = "s3cr3t-straddling-value";
+        let r = ByteRedactor::new(&[("tok".into(), secret.into())]);
+        for shift in 0..secret.len() {
+            let dir = std::env::temp_dir().join(format!("rb-log-{}-{shift}", std::process::id()));
+            let mut w = LogWriter::create(&dir, r.clone()).expect("create");
+            let mut data = vec![b'x'; MAX_FRAGMENT + 1 - shift];
+            data.extend_from_slice(secret.as_bytes());
+            data.extend_from_slice(&[b'y'; 100]);
+            // Deliver in 1000-byte reads, as a pipe would.
+            for chunk in data.chunks(1000) {
+                w.write(Utc::now(), Stream::Stdout, chunk).expect("write");
+            }
+            w.finish().expect("finish");
+            let text = std::fs::read_to_string(&dir).expect("read");
+            let _ = std::fs::remove_file(&dir);
+            assert!(!text.contains("s3cr3t"), "leaked with shift {shift}");
+            assert!(
+                text.contains("[REDACTED:tok]"),
+                "redacted with shift {shift}"
+            );
+        }
+    }
 }

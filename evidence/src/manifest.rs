@@ -5,13 +5,13 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use runbook_engine::event::{AttemptOutcome, OutputCounts, RunStatus, StepStatus};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub const FORMAT: &str = "runbook-evidence/1";
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {
-    pub format: &'static str,
+    pub format: String,
     pub run_id: String,
     pub status: RunStatus,
     pub started_at: DateTime<Utc>,
@@ -28,14 +28,35 @@ pub struct Manifest {
     /// Directory steps ran in (when they name no `cwd`).
     pub workdir: String,
     pub command_line: Vec<String>,
-    pub summary: BTreeMap<&'static str, usize>,
+    pub summary: BTreeMap<String, usize>,
     pub steps: Vec<StepRecord>,
     pub notes: Vec<Note>,
     /// Names of the secrets redacted from this bundle (values never appear).
     pub secrets: Vec<String>,
+    /// Each time the run was continued with `runbook resume`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resumed: Vec<Resumption>,
+    /// Steps approved (or refused) with `approve`: who and when.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approvals: Vec<ApprovalRecord>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Resumption {
+    pub at: DateTime<Utc>,
+    pub previous: RunStatus,
+    pub operator: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApprovalRecord {
+    pub at: DateTime<Utc>,
+    pub step: String,
+    pub by: String,
+    pub granted: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunbookInfo {
     pub name: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -48,20 +69,20 @@ pub struct RunbookInfo {
     pub copy: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Operator {
     pub user: String,
     pub uid: u32,
     pub host: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Engine {
-    pub name: &'static str,
+    pub name: String,
     pub version: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StepRecord {
     pub id: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -80,7 +101,7 @@ pub struct StepRecord {
     pub outputs: Option<serde_json::Value>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AttemptRecord {
     pub attempt: u32,
     pub target: String,
@@ -104,7 +125,7 @@ pub struct AttemptRecord {
     pub log: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Collected {
     pub name: String,
     pub source: String,
@@ -117,7 +138,7 @@ pub struct Collected {
     pub error: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Note {
     pub at: DateTime<Utc>,
     pub message: String,

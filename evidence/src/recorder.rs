@@ -1,6 +1,7 @@
-//! The recorder: consumes run events in order and keeps the bundle on disk current. The journal
-//! is appended (and synced at attempt and step boundaries) before anything else is updated, so
-//! that a crash leaves a journal that says what happened.
+//! The recorder: consumes run events in order and writes the bundle. The journal is appended
+//! (and synced at attempt and step boundaries) before anything else, so a crash leaves a journal
+//! that says what happened; logs stream as output arrives; `manifest.json` is written at the
+//! start and the end, and can always be rebuilt from the journal ([`Recorder::reopen`]).
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -15,7 +16,8 @@ use runbook_engine::Runbook;
 use crate::checksums;
 use crate::log::LogWriter;
 use crate::manifest::{
-    AttemptRecord, Collected, Engine, Manifest, Note, Operator, RunbookInfo, StepRecord, FORMAT,
+    ApprovalRecord, AttemptRecord, Collected, Engine, Manifest, Note, Operator, Resumption,
+    RunbookInfo, StepRecord, FORMAT,
 };
 use crate::redact::ByteRedactor;
 use crate::{write_err, EvidenceError};
@@ -48,6 +50,7 @@ pub struct Recorder {
     secrets: Vec<(String, String)>,
     redactor: ByteRedactor,
     logs: HashMap<AttemptKey, LogWriter>,
+    casts: HashMap<AttemptKey, crate::cast::CastWriter>,
     manifest: Manifest,
     step_index: HashMap<String, usize>,
 }
@@ -104,7 +107,7 @@ impl Recorder {
             .map(|(i, s)| (s.id.to_string(), i))
             .collect();
         let manifest = Manifest {
-            format: FORMAT,
+            format: FORMAT.to_owned(),
             run_id: cfg.run_id.clone(),
             status: RunStatus::Running,
             started_at: cfg.started_at,
@@ -122,7 +125,7 @@ impl Recorder {
             param_sources: cfg.param_sources.into_iter().collect(),
             operator: cfg.operator,
             engine: Engine {
-                name: "runbook",
+                name: "runbook".to_owned(),
                 version: cfg.engine_version,
             },
             workdir: cfg.workdir.display().to_string(),
@@ -131,6 +134,8 @@ impl Recorder {
             steps,
             notes: Vec::new(),
             secrets: cfg.secrets.iter().map(|(n, _)| n.clone()).collect(),
+            resumed: Vec::new(),
+            approvals: Vec::new(),
         };
         let recorder = Self {
             dir,
@@ -140,6 +145,7 @@ impl Recorder {
             redactor: ByteRedactor::new(&cfg.secrets),
             secrets: cfg.secrets,
             logs: HashMap::new(),
+            casts: HashMap::new(),
             manifest,
             step_index,
         };
@@ -151,6 +157,8 @@ impl Recorder {
         &self.dir
     }
 
+    /// Records one event: side effects on disk first (journal line, log files, collected
+    /// copies), then the manifest in memory.
     pub fn record(&mut self, event: &RunEvent) -> Result<(), EvidenceError> {
         if let RunEvent::Output {
             at,
@@ -165,6 +173,9 @@ impl Recorder {
             if let Some(log) = self.logs.get_mut(&key) {
                 log.write(*at, *stream, data)?;
             }
+            if let Some(cast) = self.casts.get_mut(&key) {
+                cast.write(*at, *stream, data)?;
+            }
             return Ok(());
         }
         if let RunEvent::SecretRegistered {
@@ -178,6 +189,10 @@ impl Recorder {
             for log in self.logs.values_mut() {
                 log.redactor = self.redactor.clone();
                 log.rewrite_redacted()?;
+            }
+            for cast in self.casts.values_mut() {
+                cast.redactor = self.redactor.clone();
+                cast.rewrite_redacted()?;
             }
             if let Some(step) = step {
                 let closed: Vec<String> = self
@@ -195,19 +210,79 @@ impl Recorder {
                     self.redactor.redact_file(&path).map_err(write_err(&path))?;
                 }
             }
-            if !self.manifest.secrets.contains(name) {
-                self.manifest.secrets.push(name.clone());
-            }
         }
         self.append_journal(event)?;
+        let mut collected = None;
+        match event {
+            RunEvent::AttemptStarted {
+                at,
+                step,
+                target,
+                attempt,
+                command,
+                ..
+            } => {
+                let rel = attempt_log(step.as_str(), target, *attempt);
+                let mut log = LogWriter::create(&self.dir.join(&rel), self.redactor.clone())?;
+                log.meta(*at, &format!("$ {command}"))?;
+                let key = (step.to_string(), target.to_string(), *attempt);
+                self.logs.insert(key.clone(), log);
+                let cast_path = self.dir.join(rel.replace(".log", ".cast"));
+                let title = format!(
+                    "{} / {step} [{target}] attempt {attempt}",
+                    self.manifest.runbook.name
+                );
+                let cast = crate::cast::CastWriter::create(
+                    &cast_path,
+                    *at,
+                    &title,
+                    command,
+                    self.redactor.clone(),
+                )?;
+                self.casts.insert(key, cast);
+            }
+            RunEvent::AttemptFinished {
+                at,
+                step,
+                target,
+                attempt,
+                outcome,
+                ..
+            } => {
+                let key = (step.to_string(), target.to_string(), *attempt);
+                let closing = format!("attempt {attempt}: {}", outcome.describe());
+                if let Some(log) = self.logs.remove(&key) {
+                    log.finish_with(*at, &closing)?;
+                }
+                if let Some(cast) = self.casts.remove(&key) {
+                    cast.finish(*at, &closing)?;
+                }
+            }
+            RunEvent::Collect {
+                step, name, path, ..
+            } => collected = Some(self.collect(step.as_str(), name, path)),
+            _ => {}
+        }
+        self.apply(event, collected);
+        Ok(())
+    }
+
+    /// Updates the manifest for one event; no I/O. Replaying a journal through this rebuilds
+    /// the manifest (`runbook evidence repair`, `runbook resume`).
+    fn apply(&mut self, event: &RunEvent, collected: Option<Collected>) {
         match event {
             RunEvent::RunStarted { .. }
             | RunEvent::Output { .. }
             | RunEvent::Log { .. }
-            | RunEvent::SecretRegistered { .. } => {}
+            | RunEvent::ProcessStarted { .. } => {}
+            RunEvent::SecretRegistered { name, .. } => {
+                if !self.manifest.secrets.contains(name) {
+                    self.manifest.secrets.push(name.clone());
+                }
+            }
             RunEvent::StepStarted { at, step } => {
                 if let Some(s) = self.step_mut(step.as_str()) {
-                    s.started_at = Some(*at);
+                    s.started_at.get_or_insert(*at);
                 }
             }
             RunEvent::AttemptStarted {
@@ -219,11 +294,6 @@ impl Recorder {
                 cwd,
                 ..
             } => {
-                let rel = format!("steps/{step}/{target}/attempt-{attempt}.log");
-                let mut log = LogWriter::create(&self.dir.join(&rel), self.redactor.clone())?;
-                log.meta(*at, &format!("$ {command}"))?;
-                self.logs
-                    .insert((step.to_string(), target.to_string(), *attempt), log);
                 let record = AttemptRecord {
                     attempt: *attempt,
                     target: target.to_string(),
@@ -237,7 +307,7 @@ impl Recorder {
                     error: None,
                     output: Default::default(),
                     retry_delay_seconds: None,
-                    log: rel,
+                    log: attempt_log(step.as_str(), target, *attempt),
                 };
                 if let Some(s) = self.step_mut(step.as_str()) {
                     s.attempts.push(record);
@@ -252,12 +322,6 @@ impl Recorder {
                 outcome,
                 output,
             } => {
-                if let Some(log) =
-                    self.logs
-                        .remove(&(step.to_string(), target.to_string(), *attempt))
-                {
-                    log.finish_with(*at, &format!("attempt {attempt}: {}", outcome.describe()))?;
-                }
                 let error =
                     (!outcome.succeeded()).then(|| self.redactor.redact_str(&outcome.describe()));
                 if let Some(a) = self.attempt_mut(step.as_str(), target, *attempt) {
@@ -289,9 +353,11 @@ impl Recorder {
             RunEvent::Collect {
                 step, name, path, ..
             } => {
-                let collected = self.collect(step.as_str(), name, path);
+                let record = collected
+                    .unwrap_or_else(|| self.collected_in_bundle(step.as_str(), name, path));
                 if let Some(s) = self.step_mut(step.as_str()) {
-                    s.collected.push(collected);
+                    s.collected.retain(|c| c.name != record.name);
+                    s.collected.push(record);
                 }
             }
             RunEvent::StepFinished {
@@ -316,6 +382,31 @@ impl Recorder {
                 let message = self.redactor.redact_str(message);
                 self.manifest.notes.push(Note { at: *at, message });
             }
+            RunEvent::RunResumed {
+                at,
+                previous,
+                operator,
+            } => {
+                self.manifest.status = RunStatus::Running;
+                self.manifest.finished_at = None;
+                self.manifest.duration_seconds = None;
+                self.manifest.resumed.push(Resumption {
+                    at: *at,
+                    previous: *previous,
+                    operator: operator.clone(),
+                });
+            }
+            RunEvent::Approval {
+                at,
+                step,
+                by,
+                granted,
+            } => self.manifest.approvals.push(ApprovalRecord {
+                at: *at,
+                step: step.to_string(),
+                by: by.clone(),
+                granted: *granted,
+            }),
             RunEvent::RunFinished { at, status } => {
                 self.manifest.status = *status;
                 self.manifest.finished_at = Some(*at);
@@ -326,7 +417,119 @@ impl Recorder {
                 ));
             }
         }
-        Ok(())
+    }
+
+    /// Opens an existing bundle to continue it (resume) or rebuild its manifest (repair): the
+    /// manifest is rebuilt from the journal, and a torn last journal line is cut off.
+    pub fn reopen(dir: &Path, secrets: Vec<(String, String)>) -> Result<Self, EvidenceError> {
+        let manifest_path = dir.join("manifest.json");
+        let text = std::fs::read(&manifest_path).map_err(|source| EvidenceError::Read {
+            path: manifest_path.clone(),
+            source,
+        })?;
+        let mut manifest: Manifest =
+            serde_json::from_slice(&text).map_err(|e| EvidenceError::Read {
+                path: manifest_path.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+            })?;
+        let journal_path = dir.join("journal.jsonl");
+        let read = crate::journal::read(&journal_path)?;
+        crate::journal::truncate_torn(&journal_path, &read)?;
+        // Start from the skeleton (ids and phases) and replay the journal over it.
+        for s in &mut manifest.steps {
+            let (id, phase) = (s.id.clone(), s.phase.clone());
+            *s = StepRecord {
+                id,
+                phase,
+                status: None,
+                reason: None,
+                started_at: None,
+                finished_at: None,
+                duration_seconds: 0.0,
+                attempts: Vec::new(),
+                collected: Vec::new(),
+                outputs: None,
+            };
+        }
+        manifest.notes.clear();
+        manifest.resumed.clear();
+        manifest.approvals.clear();
+        manifest.status = RunStatus::Running;
+        manifest.finished_at = None;
+        manifest.duration_seconds = None;
+        let step_index = manifest
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.id.clone(), i))
+            .collect();
+        let journal = OpenOptions::new()
+            .append(true)
+            .open(&journal_path)
+            .map_err(write_err(&journal_path))?;
+        let mut known = secrets;
+        known.retain(|(n, _)| !n.is_empty());
+        let mut recorder = Self {
+            dir: dir.to_owned(),
+            journal,
+            journal_path,
+            seq: read.last_seq(),
+            redactor: ByteRedactor::new(&known),
+            secrets: known,
+            logs: HashMap::new(),
+            casts: HashMap::new(),
+            manifest,
+            step_index,
+        };
+        for (_, event) in &read.events {
+            recorder.apply(event, None);
+        }
+        if let Some(bytes) = read.torn_bytes {
+            recorder.manifest.notes.push(Note {
+                at: Utc::now(),
+                message: format!("journal.jsonl ended in a torn line ({bytes} bytes, written when the runner died); it was cut off"),
+            });
+        }
+        if recorder.manifest.status == RunStatus::Running {
+            recorder.manifest.status = RunStatus::Interrupted;
+            for s in &mut recorder.manifest.steps {
+                for a in s.attempts.iter_mut().filter(|a| a.finished_at.is_none()) {
+                    a.error = Some("interrupted: the runner stopped during this attempt".into());
+                }
+            }
+        }
+        Ok(recorder)
+    }
+
+    /// The status the journal ends in (`interrupted` when it has no end).
+    pub fn status(&self) -> RunStatus {
+        self.manifest.status
+    }
+
+    /// Rebuilds `manifest.json` and `SHA256SUMS` of a bundle from its journal.
+    pub fn repair(dir: &Path) -> Result<Manifest, EvidenceError> {
+        let recorder = Self::reopen(dir, Vec::new())?;
+        let manifest = recorder.manifest.clone();
+        recorder.finish()?;
+        Ok(manifest)
+    }
+
+    /// A collected file as found in the bundle (when replaying a journal).
+    fn collected_in_bundle(&self, step: &str, name: &str, path: &Path) -> Collected {
+        let rel = Path::new("collected").join(step).join(safe_relative(name));
+        let dest = self.dir.join(&rel);
+        let present = dest.exists();
+        Collected {
+            name: name.to_owned(),
+            source: path.display().to_string(),
+            copy: present.then(|| rel.to_string_lossy().into_owned()),
+            sha256: if dest.is_file() {
+                checksums::sha256_file(&dest).ok()
+            } else {
+                None
+            },
+            error: (!present).then(|| "not in the bundle".to_owned()),
+        }
     }
 
     /// Writes the final manifest and `SHA256SUMS`. Returns the bundle directory.
@@ -335,13 +538,33 @@ impl Recorder {
         for (_, log) in self.logs.drain() {
             log.finish()?;
         }
+        for (_, cast) in self.casts.drain() {
+            cast.finish(Utc::now(), "did not finish")?;
+        }
         let mut summary = std::collections::BTreeMap::new();
         for s in &self.manifest.steps {
             let key = s.status.map_or("not run", StepStatus::as_str);
-            *summary.entry(key).or_insert(0) += 1;
+            *summary.entry(key.to_owned()).or_insert(0) += 1;
         }
         self.manifest.summary = summary;
         self.write_manifest()?;
+        // The human and machine views of the same record, covered by the checksums.
+        let report = crate::report::render_report(&self.manifest, &self.dir)?;
+        for (name, text) in [
+            ("report.html", report),
+            (
+                "junit.xml",
+                crate::junit::render_junit(&self.manifest, &self.dir),
+            ),
+            (
+                "metrics.prom",
+                crate::metrics::render_metrics(&self.manifest),
+            ),
+        ] {
+            let path = self.dir.join(name);
+            let text = self.redactor.redact(text.as_bytes());
+            write_atomic(&path, &text).map_err(write_err(&path))?;
+        }
         self.journal
             .sync_all()
             .map_err(write_err(&self.journal_path))?;
@@ -359,6 +582,9 @@ impl Recorder {
         if let serde_json::Value::Object(map) = &mut value {
             map.insert("seq".into(), self.seq.into());
         }
+        // Redact the values before serialising: a secret with `"` or `\` in it looks different
+        // once JSON-escaped. The bytes are then redacted again for anything else.
+        self.redactor.redact_json(&mut value);
         let mut line = self.redactor.redact(value.to_string().as_bytes());
         line.push(b'\n');
         self.journal
@@ -369,9 +595,12 @@ impl Recorder {
         let boundary = matches!(
             event,
             RunEvent::RunStarted { .. }
+                | RunEvent::RunResumed { .. }
                 | RunEvent::AttemptStarted { .. }
+                | RunEvent::ProcessStarted { .. }
                 | RunEvent::AttemptFinished { .. }
                 | RunEvent::StepFinished { .. }
+                | RunEvent::Approval { .. }
                 | RunEvent::RunFinished { .. }
         );
         if boundary {
@@ -384,7 +613,9 @@ impl Recorder {
 
     fn write_manifest(&self) -> Result<(), EvidenceError> {
         let path = self.dir.join("manifest.json");
-        let mut text = serde_json::to_vec_pretty(&self.manifest).unwrap_or_default();
+        let mut value = serde_json::to_value(&self.manifest).unwrap_or_default();
+        self.redactor.redact_json(&mut value);
+        let mut text = serde_json::to_vec_pretty(&value).unwrap_or_default();
         text.push(b'\n');
         let text = self.redactor.redact(&text);
         write_atomic(&path, &text).map_err(write_err(&path))
@@ -436,16 +667,23 @@ impl Recorder {
     }
 }
 
+fn attempt_log(step: &str, target: &str, attempt: u32) -> String {
+    format!("steps/{step}/{target}/attempt-{attempt}.log")
+}
+
 fn secs(d: std::time::Duration) -> f64 {
     (d.as_secs_f64() * 1000.0).round() / 1000.0
 }
 
-/// `name` without root, `.` or `..` components, so a collected path cannot escape the bundle.
+/// `name` made safe to join under the bundle: no root, no `.`, and `..` kept as a distinct
+/// `__` component, so `../x` and `x` do not collide and nothing escapes the bundle.
 fn safe_relative(name: &str) -> PathBuf {
     let mut out = PathBuf::new();
     for c in Path::new(name).components() {
-        if let Component::Normal(part) = c {
-            out.push(part);
+        match c {
+            Component::Normal(part) => out.push(part),
+            Component::ParentDir => out.push("__"),
+            _ => {}
         }
     }
     if out.as_os_str().is_empty() {
@@ -488,4 +726,111 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
         f.sync_all()?;
     }
     std::fs::rename(&tmp, path)
+}
+
+impl Recorder {
+    /// What each step of this (interrupted) run already did, for `runbook resume`: attempts
+    /// made and, for steps that succeeded, the result downstream expressions need. A success
+    /// whose outputs were redacted cannot be restored (secrets are never stored) and is run again.
+    pub fn prior_steps(&self) -> Vec<(String, runbook_engine::plan::PriorStep)> {
+        use runbook_engine::plan::{PriorResult, PriorStep};
+        self.manifest
+            .steps
+            .iter()
+            .map(|s| {
+                let attempts = s.attempts.iter().map(|a| a.attempt).max().unwrap_or(0);
+                let succeeded = s.status == Some(StepStatus::Succeeded) && !s.attempts.is_empty();
+                let redacted = s
+                    .outputs
+                    .as_ref()
+                    .is_some_and(|o| o.to_string().contains("[REDACTED:"));
+                let result = (succeeded && !redacted).then(|| {
+                    let last = s.attempts.last();
+                    let (stdout, stderr) = last
+                        .map(|a| read_streams(&self.dir.join(&a.log)))
+                        .unwrap_or_default();
+                    PriorResult {
+                        exit_code: last.and_then(|a| a.exit_code),
+                        json: serde_json::from_str(&stdout).ok(),
+                        stdout,
+                        stderr,
+                        outputs: s.outputs.clone(),
+                        duration: s.duration_seconds,
+                    }
+                });
+                (s.id.clone(), PriorStep { attempts, result })
+            })
+            .collect()
+    }
+}
+
+/// stdout and stderr of an attempt, rebuilt from its log (the last MiB of each).
+fn read_streams(log: &Path) -> (String, String) {
+    const KEEP: usize = 1024 * 1024;
+    let Ok(data) = std::fs::read(log) else {
+        return Default::default();
+    };
+    let mut out: Vec<u8> = Vec::new();
+    let mut err: Vec<u8> = Vec::new();
+    for line in data.split(|&b| b == b'\n') {
+        // `<stamp> <tag> <bytes>`
+        let mut parts = line.splitn(3, |&b| b == b' ');
+        let (Some(_), Some(tag), rest) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        let rest = rest.unwrap_or_default();
+        let (buf, newline) = match tag {
+            b"out" => (&mut out, true),
+            b"out+" => (&mut out, false),
+            b"err" => (&mut err, true),
+            b"err+" => (&mut err, false),
+            _ => continue,
+        };
+        buf.extend_from_slice(rest);
+        if newline {
+            buf.push(b'\n');
+        }
+    }
+    let tail = |v: Vec<u8>| {
+        let start = v.len().saturating_sub(KEEP);
+        String::from_utf8_lossy(&v[start..]).into_owned()
+    };
+    (tail(out), tail(err))
+}
+
+impl Recorder {
+    /// Notes in the manifest which steps a resume takes as done and which it runs again.
+    pub fn note_resume(&mut self, prior: &[(String, runbook_engine::plan::PriorStep)]) {
+        let rerun: Vec<&str> = self
+            .manifest
+            .steps
+            .iter()
+            .filter(|s| s.status == Some(StepStatus::Succeeded))
+            .filter(|s| {
+                prior
+                    .iter()
+                    .any(|(id, p)| *id == s.id && p.result.is_none())
+            })
+            .map(|s| s.id.as_str())
+            .collect();
+        if !rerun.is_empty() {
+            self.manifest.notes.push(Note {
+                at: Utc::now(),
+                message: format!(
+                    "resume runs {} again: their outputs held secrets, which are never stored",
+                    rerun.join(", ")
+                ),
+            });
+        }
+    }
+}
+
+impl Recorder {
+    /// Adds a note from outside the run (the CLI), to the journal and the manifest.
+    pub fn note(&mut self, message: &str) -> Result<(), EvidenceError> {
+        self.record(&RunEvent::Note {
+            at: Utc::now(),
+            message: message.to_owned(),
+        })
+    }
 }

@@ -91,6 +91,31 @@ impl ByteRedactor {
         std::fs::rename(&tmp, path)
     }
 
+    /// Redacts every string (and key) in a JSON value, before it is serialised.
+    pub fn redact_json(&self, value: &mut serde_json::Value) {
+        use serde_json::Value;
+        if self.secrets.is_empty() {
+            return;
+        }
+        match value {
+            Value::String(s) => {
+                let r = self.redact_str(s);
+                if r != *s {
+                    *s = r;
+                }
+            }
+            Value::Array(items) => items.iter_mut().for_each(|v| self.redact_json(v)),
+            Value::Object(map) => {
+                let old = std::mem::take(map);
+                for (k, mut v) in old {
+                    self.redact_json(&mut v);
+                    map.insert(self.redact_str(&k), v);
+                }
+            }
+            _ => {}
+        }
+    }
+
     pub fn redact_str(&self, text: &str) -> String {
         String::from_utf8_lossy(&self.redact(text.as_bytes())).into_owned()
     }
@@ -114,6 +139,17 @@ mod tests {
         let _ = std::fs::remove_file(&dir);
         assert_eq!(got, r.redact(&data));
         assert!(!String::from_utf8_lossy(&got).contains("s3cr3t"));
+    }
+
+    /// Regression: a secret with a quote in it was stored as written in manifest.json, because
+    /// redaction ran on the JSON text where the quote is escaped.
+    #[test]
+    fn secrets_with_json_special_characters_are_redacted_in_json() {
+        let r = ByteRedactor::new(&[("pw".into(), "pa\"ss\\word".into())]);
+        let mut v = serde_json::json!({"command_line": ["runbook", "--set", "pw=pa\"ss\\word"]});
+        r.redact_json(&mut v);
+        assert!(!v.to_string().contains("pa\\\"ss"), "{v}");
+        assert_eq!(v["command_line"][2], "pw=[REDACTED:pw]");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -88,6 +88,9 @@ async fn run(ctx: AttemptContext, out: &mut OutputSink) -> AttemptOutcome {
             message: "the process exited before its id could be read".into(),
         };
     };
+    if let Ok(pid) = u32::try_from(pgid.as_raw()) {
+        out.process_started(pid, process_start_ticks(pid)).await;
+    }
     let mut stdout = child.stdout.take();
     let mut stderr = child.stderr.take();
     let mut out_buf = BytesMut::with_capacity(READ_CHUNK);
@@ -102,6 +105,7 @@ async fn run(ctx: AttemptContext, out: &mut OutputSink) -> AttemptOutcome {
     let mut kill_at = never;
     let mut give_up_at = never;
     let mut io_error: Option<String> = None;
+    let mut forced = false;
 
     loop {
         let streams_open = stdout.is_some() || stderr.is_some();
@@ -112,14 +116,16 @@ async fn run(ctx: AttemptContext, out: &mut OutputSink) -> AttemptOutcome {
             r = read_chunk(&mut stdout, &mut out_buf), if stdout.is_some() => {
                 match r {
                     Ok(0) => stdout = None,
-                    Ok(_) => out.write(Stream::Stdout, out_buf.split().freeze()).await,
+                    // Copy out exactly what was read: a slice of the read buffer would pin the
+                    // whole 64 KiB block for as long as the chunk waits in the event queue.
+                    Ok(_) => out.write(Stream::Stdout, Bytes::copy_from_slice(&out_buf.split())).await,
                     Err(e) => { io_error.get_or_insert(format!("reading stdout: {e}")); stdout = None; }
                 }
             }
             r = read_chunk(&mut stderr, &mut err_buf), if stderr.is_some() => {
                 match r {
                     Ok(0) => stderr = None,
-                    Ok(_) => out.write(Stream::Stderr, err_buf.split().freeze()).await,
+                    Ok(_) => out.write(Stream::Stderr, Bytes::copy_from_slice(&err_buf.split())).await,
                     Err(e) => { io_error.get_or_insert(format!("reading stderr: {e}")); stderr = None; }
                 }
             }
@@ -142,6 +148,14 @@ async fn run(ctx: AttemptContext, out: &mut OutputSink) -> AttemptOutcome {
                 stop = Some(Stop::Timeout);
                 signal_group(pgid, Signal::SIGTERM);
                 kill_at = Instant::now() + ctx.kill_grace;
+            }
+            () = ctx.force.cancelled(), if !forced => {
+                // A second interrupt: no more grace.
+                forced = true;
+                stop.get_or_insert(Stop::Cancel);
+                signal_group(pgid, Signal::SIGKILL);
+                kill_at = never;
+                give_up_at = Instant::now() + DRAIN_AFTER_KILL;
             }
             () = ctx.cancel.cancelled(), if stop.is_none() => {
                 stop = Some(Stop::Cancel);
@@ -166,6 +180,20 @@ async fn run(ctx: AttemptContext, out: &mut OutputSink) -> AttemptOutcome {
                 give_up_at = never;
             }
         }
+    }
+
+    // The main process is gone and the pipes are closed, but something in the group may still
+    // run with its output redirected elsewhere: give it the rest of the grace, then KILL.
+    if group_alive(pgid) {
+        let until = if kill_at < never {
+            kill_at
+        } else {
+            Instant::now() + ctx.kill_grace.min(Duration::from_secs(2))
+        };
+        while group_alive(pgid) && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        signal_group(pgid, Signal::SIGKILL);
     }
 
     match stop {
@@ -205,6 +233,43 @@ async fn read_chunk<R: AsyncRead + Unpin>(
         }
         None => std::future::pending().await,
     }
+}
+
+/// Field 22 of `/proc/<pid>/stat`: when the process started, in clock ticks since boot.
+pub fn process_start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may contain spaces.
+    let rest = stat.rsplit_once(')')?.1;
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Stops a process group left running by a runner that died: only when its leader is still
+/// the same process (same start time), TERM, up to `grace`, then KILL. Returns whether it did.
+pub fn stop_leftover_group(pid: u32, start_ticks: Option<u64>, grace: Duration) -> bool {
+    let Ok(raw) = i32::try_from(pid) else {
+        return false;
+    };
+    let pgid = Pid::from_raw(raw);
+    if !group_alive(pgid) {
+        return false;
+    }
+    if let (Some(expected), Some(now)) = (start_ticks, process_start_ticks(pid)) {
+        if expected != now {
+            return false;
+        }
+    }
+    signal_group(pgid, Signal::SIGTERM);
+    let until = std::time::Instant::now() + grace;
+    while group_alive(pgid) && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    signal_group(pgid, Signal::SIGKILL);
+    true
+}
+
+/// Whether any process of the group is still there (signal 0 checks without sending).
+fn group_alive(pgid: Pid) -> bool {
+    killpg(pgid, None).is_ok()
 }
 
 fn signal_group(pgid: Pid, signal: Signal) {

@@ -148,7 +148,11 @@ pub fn find_bundle(dir: &Path) -> PathBuf {
     let mut found = Vec::new();
     for rb in std::fs::read_dir(&proof).expect("proof dir exists") {
         for b in std::fs::read_dir(rb.expect("entry").path()).expect("runbook dir") {
-            found.push(b.expect("entry").path());
+            let path = b.expect("entry").path();
+            // `.lock` is the run lock beside the bundles.
+            if path.is_dir() {
+                found.push(path);
+            }
         }
     }
     assert_eq!(found.len(), 1, "exactly one bundle: {found:?}");

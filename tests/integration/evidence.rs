@@ -94,6 +94,7 @@ fn a_run_leaves_a_complete_checksummed_bundle() {
             "run_started",
             "step_started",
             "attempt_started",
+            "process_started",
             "attempt_finished",
             "collect",
             "collect",
@@ -105,13 +106,13 @@ fn a_run_leaves_a_complete_checksummed_bundle() {
         .iter()
         .map(|e| e["seq"].as_u64().expect("seq"))
         .collect();
-    assert_eq!(seqs, (1..=8).collect::<Vec<_>>());
+    assert_eq!(seqs, (1..=9).collect::<Vec<_>>());
 }
 
 #[test]
 fn log_lines_carry_timestamps_and_stream_tags() {
     let toml = format!(
-        "{HEAD}[[steps]]\nid = \"a\"\nrun = \"echo one; echo two >&2; printf 'no newline'\"\n"
+        "{HEAD}[[steps]]\nid = \"a\"\nrun = \"echo one; sleep 0.2; echo two >&2; printf 'no newline'\"\n"
     );
     let out = run_runbook(&toml, &[]);
     out.assert_code(0);
@@ -125,7 +126,7 @@ fn log_lines_carry_timestamps_and_stream_tags() {
     assert_eq!(
         body,
         [
-            "--- $ echo one; echo two >&2; printf 'no newline'",
+            "--- $ echo one; sleep 0.2; echo two >&2; printf 'no newline'",
             "out one",
             "err two",
             "out+ no newline",

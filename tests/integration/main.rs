@@ -3,6 +3,7 @@
 
 mod common;
 mod diagnostics;
+mod durability;
 mod evidence;
 mod execution;
 mod expressions;

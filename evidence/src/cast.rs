@@ -1,0 +1,635 @@
+//! Terminal transcripts: one asciicast v2 file per attempt (`asciinema play attempt-1.cast`).
+//!
+//! The cast is a *view* of an attempt for people; the attempt log stays the record (raw bytes,
+//! both streams apart). Here:
+//! - line 1 is the header, then `[seconds since start, "o", text]` events whose times never
+//!   go backwards, even if the wall clock does;
+//! - the first event shows the command prompt-style (`$ cmd`, continuation lines `> …`);
+//! - output is decoded as UTF-8 lossily, but a multi-byte character cut by a read boundary is
+//!   held back until its remaining bytes arrive, never split across events;
+//! - `\n` becomes `\r\n` so the transcript replays in a terminal;
+//! - stderr is wrapped in red (`\x1b[31m` … `\x1b[0m`): the format has one output stream;
+//! - secrets are redacted before anything is written. Output is streamed (a progress line
+//!   without a newline shows when it was printed); only the last `overlap()` bytes after the
+//!   last newline are held back so a secret cut by a read boundary is still seen whole. A
+//!   secret value containing a newline is not supported by that rule (tokens and passwords
+//!   don't have one). [`CastWriter::rewrite_redacted`] redacts what was already written when a
+//!   secret becomes known mid-run, like the attempt log's `rewrite_redacted`.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use runbook_engine::event::Stream;
+
+use crate::redact::ByteRedactor;
+use crate::{write_err, EvidenceError};
+
+pub const WIDTH: u32 = 120;
+pub const HEIGHT: u32 = 40;
+
+const RED: &str = "\x1b[31m";
+const RESET: &str = "\x1b[0m";
+
+#[derive(Default)]
+struct StreamState {
+    /// Bytes not yet redacted (at most `overlap()` bytes of an unfinished line).
+    pending: Vec<u8>,
+    /// Redacted bytes of an incomplete UTF-8 sequence at the end of the last event.
+    carry: Vec<u8>,
+    /// The last character written for this stream was `\r` (so a following `\n` stays as is).
+    last_cr: bool,
+}
+
+pub struct CastWriter {
+    path: PathBuf,
+    file: BufWriter<File>,
+    started: DateTime<Utc>,
+    /// Time of the last event, in microseconds since `started`.
+    last_us: i64,
+    /// Whether the terminal cursor is at the start of a line (for the closing marker).
+    at_line_start: bool,
+    streams: [StreamState; 2],
+    /// Secrets as known when the last bytes arrived; the owner replaces it when a secret is
+    /// registered mid-run (and then calls [`CastWriter::rewrite_redacted`]).
+    pub redactor: ByteRedactor,
+}
+
+fn index(stream: Stream) -> usize {
+    match stream {
+        Stream::Stdout => 0,
+        Stream::Stderr => 1,
+    }
+}
+
+impl CastWriter {
+    /// Creates the file (and its directory), writes the header and the command as the first
+    /// event.
+    pub fn create(
+        path: &Path,
+        started: DateTime<Utc>,
+        title: &str,
+        command_line: &str,
+        redactor: ByteRedactor,
+    ) -> Result<Self, EvidenceError> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(write_err(parent))?;
+        }
+        let file = File::create(path).map_err(write_err(path))?;
+        let mut w = Self {
+            path: path.to_owned(),
+            file: BufWriter::with_capacity(64 * 1024, file),
+            started,
+            last_us: 0,
+            at_line_start: true,
+            streams: Default::default(),
+            redactor,
+        };
+        let title = w.redactor.redact_str(title);
+        let header = header_line(started.timestamp(), &title);
+        w.file
+            .write_all(header.as_bytes())
+            .map_err(write_err(&w.path))?;
+        let command = w.redactor.redact_str(command_line);
+        let prompt = prompt_text(&command);
+        w.event(started, &prompt)?;
+        Ok(w)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends output of one stream.
+    pub fn write(
+        &mut self,
+        at: DateTime<Utc>,
+        stream: Stream,
+        data: &[u8],
+    ) -> Result<(), EvidenceError> {
+        let i = index(stream);
+        self.streams[i].pending.extend_from_slice(data);
+        let pending = &self.streams[i].pending;
+        let len = pending.len();
+        let overlap = self.redactor.overlap();
+        let cut = if overlap == 0 {
+            len
+        } else {
+            // Complete lines go out now; of an unfinished line, everything but the bytes a
+            // secret could still be continuing in.
+            let after_newline = pending
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |n| n + 1);
+            after_newline.max(len.saturating_sub(overlap))
+        };
+        if cut == 0 {
+            return Ok(());
+        }
+        let (out, used) = self.redactor.redact_prefix(pending, cut);
+        self.streams[i].pending.drain(..used);
+        self.emit(at, stream, &out, false)
+    }
+
+    /// Writes out what is still held back, a closing line (`outcome_text`, e.g. `attempt 2:
+    /// exit code 3`), and closes the file, synced to disk.
+    pub fn finish(mut self, at: DateTime<Utc>, outcome_text: &str) -> Result<(), EvidenceError> {
+        for stream in [Stream::Stdout, Stream::Stderr] {
+            let i = index(stream);
+            let pending = std::mem::take(&mut self.streams[i].pending);
+            let out = self.redactor.redact(&pending);
+            self.emit(at, stream, &out, true)?;
+        }
+        let text = self.redactor.redact_str(outcome_text);
+        let mut marker = String::new();
+        if !self.at_line_start {
+            marker.push_str("\r\n");
+        }
+        marker.push_str("\x1b[1;2m[runbook] ");
+        marker.push_str(&text.replace('\n', "\r\n"));
+        marker.push_str(RESET);
+        marker.push_str("\r\n");
+        self.event(at, &marker)?;
+        self.file.flush().map_err(write_err(&self.path))?;
+        self.file
+            .get_ref()
+            .sync_data()
+            .map_err(write_err(&self.path))
+    }
+
+    /// Re-redacts what was already written, with the current `redactor` (a secret registered
+    /// after it was printed). Consecutive events of one stream are joined for matching, so a
+    /// value printed in several reads is still found; the events it spanned are merged.
+    pub fn rewrite_redacted(&mut self) -> Result<(), EvidenceError> {
+        if self.redactor.is_empty() {
+            return Ok(());
+        }
+        self.file.flush().map_err(write_err(&self.path))?;
+        let text = std::fs::read_to_string(&self.path).map_err(|source| EvidenceError::Read {
+            path: self.path.clone(),
+            source,
+        })?;
+        let rewritten = redact_cast_text(&text, &self.redactor);
+        let tmp = self.path.with_extension("cast-redacting");
+        {
+            let mut f = File::create(&tmp).map_err(write_err(&tmp))?;
+            f.write_all(rewritten.as_bytes()).map_err(write_err(&tmp))?;
+            f.sync_all().map_err(write_err(&tmp))?;
+        }
+        std::fs::rename(&tmp, &self.path).map_err(write_err(&self.path))?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.path)
+            .map_err(write_err(&self.path))?;
+        self.file = BufWriter::with_capacity(64 * 1024, file);
+        Ok(())
+    }
+
+    /// Decodes redacted bytes (keeping an incomplete trailing UTF-8 sequence for later unless
+    /// `last`), converts newlines and writes one event.
+    fn emit(
+        &mut self,
+        at: DateTime<Utc>,
+        stream: Stream,
+        bytes: &[u8],
+        last: bool,
+    ) -> Result<(), EvidenceError> {
+        let state = &mut self.streams[index(stream)];
+        let mut buf = std::mem::take(&mut state.carry);
+        buf.extend_from_slice(bytes);
+        let (decoded, carry) = decode_utf8(&buf, last);
+        state.carry = carry;
+        if decoded.is_empty() {
+            return Ok(());
+        }
+        let mut text = String::with_capacity(decoded.len() + 16);
+        if stream == Stream::Stderr {
+            text.push_str(RED);
+        }
+        for c in decoded.chars() {
+            if c == '\n' && !state.last_cr {
+                text.push('\r');
+            }
+            state.last_cr = c == '\r';
+            text.push(c);
+        }
+        if stream == Stream::Stderr {
+            text.push_str(RESET);
+        }
+        self.at_line_start = decoded.ends_with('\n');
+        self.event(at, &text)
+    }
+
+    fn event(&mut self, at: DateTime<Utc>, text: &str) -> Result<(), EvidenceError> {
+        let us = (at - self.started).num_microseconds().unwrap_or(i64::MAX);
+        self.last_us = self.last_us.max(us);
+        let line = event_line(self.last_us, text);
+        self.file
+            .write_all(line.as_bytes())
+            .map_err(write_err(&self.path))
+    }
+}
+
+fn header_line(timestamp: i64, title: &str) -> String {
+    format!(
+        "{{\"version\": 2, \"width\": {WIDTH}, \"height\": {HEIGHT}, \"timestamp\": {timestamp}, \
+         \"title\": {}, \"env\": {{\"SHELL\": \"/bin/bash\", \"TERM\": \"xterm-256color\"}}}}\n",
+        json_string(title)
+    )
+}
+
+fn event_line(us: i64, text: &str) -> String {
+    format!(
+        "[{}.{:06}, \"o\", {}]\n",
+        us / 1_000_000,
+        us % 1_000_000,
+        json_string(text)
+    )
+}
+
+fn json_string(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+}
+
+/// `$ first line`, then `> next line` for each further line of a multi-line command.
+fn prompt_text(command: &str) -> String {
+    let mut out = String::new();
+    for (n, line) in command.trim_end_matches('\n').split('\n').enumerate() {
+        out.push_str(if n == 0 {
+            "\x1b[1m$\x1b[0m "
+        } else {
+            "\x1b[1m>\x1b[0m "
+        });
+        out.push_str(line.trim_end_matches('\r'));
+        out.push_str("\r\n");
+    }
+    out
+}
+
+/// Lossy UTF-8 decoding that returns an incomplete sequence at the end separately (unless
+/// `last`, when it becomes U+FFFD like any other invalid byte).
+fn decode_utf8(mut bytes: &[u8], last: bool) -> (String, Vec<u8>) {
+    let mut out = String::with_capacity(bytes.len());
+    loop {
+        match std::str::from_utf8(bytes) {
+            Ok(s) => {
+                out.push_str(s);
+                return (out, Vec::new());
+            }
+            Err(e) => {
+                let (valid, rest) = bytes.split_at(e.valid_up_to());
+                // `valid` is valid UTF-8 by construction.
+                out.push_str(&String::from_utf8_lossy(valid));
+                match e.error_len() {
+                    Some(n) => {
+                        out.push(char::REPLACEMENT_CHARACTER);
+                        bytes = &rest[n..];
+                    }
+                    None if last => {
+                        out.push(char::REPLACEMENT_CHARACTER);
+                        return (out, Vec::new());
+                    }
+                    None => return (out, rest.to_vec()),
+                }
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Out,
+    Err,
+}
+
+struct Event {
+    us: i64,
+    kind: Kind,
+    text: String,
+}
+
+/// Applies `redactor` to a whole cast file's text (header title and event data).
+fn redact_cast_text(text: &str, redactor: &ByteRedactor) -> String {
+    let mut lines = text.lines();
+    let mut out = String::with_capacity(text.len());
+    if let Some(header) = lines.next() {
+        match serde_json::from_str::<serde_json::Value>(header) {
+            Ok(v) => {
+                let ts = v.get("timestamp").and_then(|t| t.as_i64()).unwrap_or(0);
+                let title = v.get("title").and_then(|t| t.as_str()).unwrap_or("");
+                out.push_str(&header_line(ts, &redactor.redact_str(title)));
+            }
+            Err(_) => {
+                out.push_str(&redactor.redact_str(header));
+                out.push('\n');
+            }
+        }
+    }
+    let mut events: Vec<Event> = Vec::new();
+    for line in lines {
+        let Ok(serde_json::Value::Array(a)) = serde_json::from_str::<serde_json::Value>(line)
+        else {
+            continue;
+        };
+        let (Some(t), Some(data)) = (a.first().and_then(|t| t.as_f64()), a.get(2)) else {
+            continue;
+        };
+        let data = data.as_str().unwrap_or_default();
+        let us = (t * 1_000_000.0).round() as i64;
+        let (kind, inner) = match data.strip_prefix(RED).and_then(|d| d.strip_suffix(RESET)) {
+            Some(inner) => (Kind::Err, inner),
+            None => (Kind::Out, data),
+        };
+        events.push(Event {
+            us,
+            kind,
+            text: inner.to_owned(),
+        });
+    }
+    let longest = redactor.overlap() + 1;
+    let mut start = 0;
+    while start < events.len() {
+        let kind = events[start].kind;
+        let end = events[start..]
+            .iter()
+            .position(|e| e.kind != kind)
+            .map_or(events.len(), |n| start + n);
+        let run = &events[start..end];
+        let mut joined: Vec<u8> = Vec::new();
+        let mut bounds = Vec::with_capacity(run.len());
+        for e in run {
+            bounds.push(joined.len());
+            joined.extend_from_slice(e.text.as_bytes());
+        }
+        let mut pos = 0;
+        for (n, e) in run.iter().enumerate() {
+            let ev_end = bounds.get(n + 1).copied().unwrap_or(joined.len());
+            if ev_end <= pos {
+                continue; // swallowed whole by a secret that started in an earlier event
+            }
+            let from = pos.max(bounds[n]);
+            let window = (ev_end + longest).min(joined.len());
+            let (red, used) = redactor.redact_prefix(&joined[from..window], ev_end - from);
+            pos = from + used;
+            let text = String::from_utf8_lossy(&red);
+            let data = match kind {
+                Kind::Err => format!("{RED}{text}{RESET}"),
+                Kind::Out => text.into_owned(),
+            };
+            out.push_str(&event_line(e.us, &data));
+        }
+        start = end;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Duration;
+
+    fn t0() -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339("2026-08-20T10:15:00.000Z")
+            .expect("time")
+            .with_timezone(&Utc)
+    }
+
+    /// Parses a cast; checks the header and that every event is `[number, "o", string]` with
+    /// non-decreasing times. Returns the event data.
+    fn check_cast(path: &Path) -> (serde_json::Value, Vec<(f64, String)>) {
+        let text = std::fs::read_to_string(path).expect("read cast");
+        assert!(text.ends_with('\n'));
+        let mut lines = text.lines();
+        let header: serde_json::Value =
+            serde_json::from_str(lines.next().expect("header")).expect("header json");
+        assert_eq!(header["version"], 2);
+        assert_eq!(header["width"], 120);
+        assert_eq!(header["height"], 40);
+        assert!(header["timestamp"].is_i64());
+        assert_eq!(header["env"]["TERM"], "xterm-256color");
+        let mut events = Vec::new();
+        let mut last = 0.0f64;
+        for line in lines {
+            let v: serde_json::Value = serde_json::from_str(line).expect("event json");
+            let a = v.as_array().expect("event is an array");
+            assert_eq!(a.len(), 3, "{line}");
+            let t = a[0].as_f64().expect("time is a number");
+            assert!(t >= last, "time went back: {t} < {last}");
+            assert!(t >= 0.0);
+            last = t;
+            assert_eq!(a[1], "o");
+            events.push((t, a[2].as_str().expect("data is a string").to_owned()));
+        }
+        (header, events)
+    }
+
+    fn all_output(events: &[(f64, String)]) -> String {
+        events.iter().map(|e| e.1.as_str()).collect()
+    }
+
+    #[test]
+    fn writes_a_replayable_cast() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("steps/x/local/attempt-1.cast");
+        let mut w = CastWriter::create(
+            &path,
+            t0(),
+            "drill / restore [local] attempt 1",
+            "echo one\necho two >&2\n",
+            ByteRedactor::default(),
+        )
+        .expect("create");
+        w.write(t0() + Duration::milliseconds(250), Stream::Stdout, b"one\n")
+            .expect("write");
+        w.write(t0() + Duration::milliseconds(500), Stream::Stderr, b"two\n")
+            .expect("write");
+        // Clock went back: the event keeps the previous time.
+        w.write(t0() + Duration::milliseconds(100), Stream::Stdout, b"three")
+            .expect("write");
+        w.finish(t0() + Duration::seconds(2), "attempt 1: exit code 3")
+            .expect("finish");
+        let (header, events) = check_cast(&path);
+        assert_eq!(header["timestamp"], t0().timestamp());
+        assert_eq!(header["title"], "drill / restore [local] attempt 1");
+        assert_eq!(events[0].0, 0.0);
+        assert_eq!(
+            events[0].1,
+            "\x1b[1m$\x1b[0m echo one\r\n\x1b[1m>\x1b[0m echo two >&2\r\n"
+        );
+        assert_eq!(events[1], (0.25, "one\r\n".into()));
+        assert_eq!(events[2], (0.5, "\x1b[31mtwo\r\n\x1b[0m".into()));
+        assert_eq!(events[3], (0.5, "three".into()));
+        let last = events.last().expect("marker");
+        assert_eq!(last.0, 2.0);
+        assert!(last.1.starts_with("\r\n"), "marker starts on a new line");
+        assert!(last.1.contains("[runbook] attempt 1: exit code 3"));
+    }
+
+    #[test]
+    fn never_splits_a_multibyte_character_and_replaces_invalid_bytes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("a.cast");
+        let mut w =
+            CastWriter::create(&path, t0(), "t", "printf", ByteRedactor::default()).expect("c");
+        // "é" = C3 A9, "€" = E2 82 AC: cut inside each; FF is invalid everywhere.
+        let at = t0() + Duration::milliseconds(1);
+        w.write(at, Stream::Stdout, b"caf\xc3").expect("w");
+        w.write(at, Stream::Stdout, b"\xa9 \xe2").expect("w");
+        w.write(at, Stream::Stdout, b"\x82").expect("w");
+        w.write(at, Stream::Stdout, b"\xac \xff!\n").expect("w");
+        // An incomplete sequence at the very end is replaced, not lost or left raw.
+        w.write(at, Stream::Stderr, b"end\xe2\x82").expect("w");
+        w.finish(at, "done").expect("finish");
+        let (_, events) = check_cast(&path);
+        let data: Vec<&str> = events.iter().map(|e| e.1.as_str()).collect();
+        assert_eq!(data[1], "caf");
+        assert_eq!(data[2], "é ");
+        assert_eq!(data[3], "€ \u{fffd}!\r\n");
+        assert_eq!(data[4], "\x1b[31mend\x1b[0m");
+        assert_eq!(data[5], "\x1b[31m\u{fffd}\x1b[0m");
+    }
+
+    #[test]
+    fn crlf_is_kept_and_lf_is_converted_across_writes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("a.cast");
+        let mut w = CastWriter::create(&path, t0(), "t", "x", ByteRedactor::default()).expect("c");
+        w.write(t0(), Stream::Stdout, b"a\r").expect("w");
+        w.write(t0(), Stream::Stdout, b"\nb\n\n").expect("w");
+        w.finish(t0(), "ok").expect("finish");
+        let (_, events) = check_cast(&path);
+        assert_eq!(events[1].1, "a\r");
+        assert_eq!(events[2].1, "\nb\r\n\r\n");
+    }
+
+    #[test]
+    fn redacts_secrets_split_across_reads() {
+        let secret = "s3cr3t-token-value";
+        let redactor = ByteRedactor::new(&[("token".into(), secret.into())]);
+        for split in 1..secret.len() {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("a.cast");
+            let mut w = CastWriter::create(
+                &path,
+                t0(),
+                &format!("title {secret}"),
+                &format!("curl -H 'Authorization: {secret}'"),
+                redactor.clone(),
+            )
+            .expect("c");
+            let data = format!("line one\ntoken is {secret} ok\n");
+            let cut = "line one\ntoken is ".len() + split;
+            w.write(t0(), Stream::Stdout, &data.as_bytes()[..cut])
+                .expect("w");
+            w.write(t0(), Stream::Stdout, &data.as_bytes()[cut..])
+                .expect("w");
+            w.write(t0(), Stream::Stderr, secret.as_bytes()).expect("w");
+            w.finish(t0(), &format!("failed: {secret}"))
+                .expect("finish");
+            let raw = std::fs::read_to_string(&path).expect("read");
+            assert!(!raw.contains("s3cr3t"), "leaked at split {split}: {raw}");
+            let (header, events) = check_cast(&path);
+            assert_eq!(header["title"], "title [REDACTED:token]");
+            let all = all_output(&events);
+            assert!(all.contains("line one\r\ntoken is [REDACTED:token] ok\r\n"));
+            assert!(all.contains("\x1b[31m[REDACTED:token]\x1b[0m"));
+            assert!(all.contains("Authorization: [REDACTED:token]"));
+        }
+    }
+
+    #[test]
+    fn complete_lines_are_not_held_back_when_secrets_exist() {
+        let redactor = ByteRedactor::new(&[("t".into(), "a-rather-long-secret-value".into())]);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("a.cast");
+        let mut w = CastWriter::create(&path, t0(), "t", "x", redactor).expect("c");
+        w.write(t0(), Stream::Stdout, b"ok\nprogress 10%")
+            .expect("w");
+        w.file.flush().expect("flush");
+        let (_, events) = check_cast(&path);
+        // The complete line is out; of the unfinished one, only what cannot start a secret.
+        assert_eq!(events[1].1, "ok\r\n");
+        w.write(t0() + Duration::seconds(1), Stream::Stdout, b" 20%\n")
+            .expect("w");
+        w.finish(t0() + Duration::seconds(1), "ok").expect("f");
+        let (_, events) = check_cast(&path);
+        assert_eq!(all_output(&events[1..3]), "ok\r\nprogress 10% 20%\r\n");
+    }
+
+    #[test]
+    fn rewrite_redacts_a_secret_registered_after_it_was_printed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("a.cast");
+        let secret = "late-secret-123";
+        let mut w = CastWriter::create(&path, t0(), "t", "issue-token", ByteRedactor::default())
+            .expect("c");
+        let at = |ms| t0() + Duration::milliseconds(ms);
+        w.write(at(10), Stream::Stdout, b"token: late-se")
+            .expect("w");
+        w.write(at(20), Stream::Stdout, b"cret-").expect("w");
+        w.write(at(30), Stream::Stdout, b"123\nnext\n").expect("w");
+        w.write(at(40), Stream::Stderr, b"err late-secret-123\n")
+            .expect("w");
+        w.redactor = ByteRedactor::new(&[("tok".into(), secret.into())]);
+        w.rewrite_redacted().expect("rewrite");
+        w.write(at(50), Stream::Stdout, b"after late-secret-123\n")
+            .expect("w");
+        w.finish(at(60), "ok").expect("finish");
+        let raw = std::fs::read_to_string(&path).expect("read");
+        assert!(!raw.contains("late-se"), "{raw}");
+        let (_, events) = check_cast(&path);
+        let all = all_output(&events);
+        assert!(all.contains("token: [REDACTED:tok]\r\nnext\r\n"), "{all}");
+        assert!(
+            all.contains("\x1b[31merr [REDACTED:tok]\r\n\x1b[0m"),
+            "{all}"
+        );
+        assert!(all.contains("after [REDACTED:tok]\r\n"), "{all}");
+        // The events the secret spanned were merged into the first one; the rest of the
+        // last one keeps its own time.
+        assert_eq!(events[1], (0.01, "token: [REDACTED:tok]".into()));
+        assert_eq!(events[2], (0.03, "\r\nnext\r\n".into()));
+    }
+
+    /// `asciinema cat` accepts a cast with every kind of content.
+    #[test]
+    fn asciinema_cat_accepts_it() {
+        let Ok(out) = std::process::Command::new("asciinema")
+            .arg("--version")
+            .output()
+        else {
+            panic!("asciinema is not installed: `apt-get install asciinema` (scripts/test does)");
+        };
+        assert!(out.status.success(), "asciinema does not run: {out:?}");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("a.cast");
+        let mut w = CastWriter::create(&path, t0(), "t \"q\"", "echo hi", ByteRedactor::default())
+            .expect("c");
+        w.write(t0(), Stream::Stdout, b"hi \xff caf\xc3")
+            .expect("w");
+        w.write(t0(), Stream::Stdout, b"\xa9\n\x1b[32mgreen\x1b[0m\n")
+            .expect("w");
+        w.write(t0(), Stream::Stderr, b"oops\n").expect("w");
+        w.finish(t0() + Duration::seconds(1), "exit code 1")
+            .expect("f");
+        // asciinema 2.x `cat` opens /dev/tty (to set raw mode): give it a pseudo-terminal.
+        let out = std::process::Command::new("script")
+            .arg("-qec")
+            .arg(format!("asciinema cat '{}'", path.display()))
+            .arg("/dev/null")
+            .stdin(std::process::Stdio::null())
+            .output();
+        let Ok(out) = out else {
+            panic!("`script` is missing: `apt-get install bsdutils` (scripts/test does)");
+        };
+        assert!(
+            out.status.success(),
+            "asciinema cat failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("hi \u{fffd} café\r\n"), "{text}");
+        assert!(text.contains("\x1b[31moops\r\n\x1b[0m"), "{text}");
+    }
+}

@@ -1,0 +1,1085 @@
+//! Checking a bundle after the fact: every file against `SHA256SUMS`, the signature of
+//! `SHA256SUMS` (`SHA256SUMS.minisig`), the journal's own consistency, and `manifest.json`
+//! against the journal. Nothing here trusts the engine's types: the journal and the manifest
+//! are read as plain JSON, so a bundle written by another version can still be checked.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::io::{BufRead, BufReader};
+use std::path::{Component, Path, PathBuf};
+
+use crate::checksums;
+use crate::sign::{self, KeyId, PublicKey, SecretKey};
+use crate::{write_err, EvidenceError};
+
+pub const SUMS_FILE: &str = checksums::FILE_NAME;
+pub const SIGNATURE_FILE: &str = "SHA256SUMS.minisig";
+pub const LOCK_FILE: &str = ".lock";
+pub const JOURNAL_FILE: &str = "journal.jsonl";
+pub const MANIFEST_FILE: &str = "manifest.json";
+
+/// Manifest statuses that mean "the run has not finished" (no `run_finished` in the journal).
+const UNFINISHED: &[&str] = &["running", "interrupted"];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SignatureState {
+    /// `SHA256SUMS.minisig` verifies with the given public key.
+    Verified {
+        key_id: KeyId,
+        trusted_comment: String,
+    },
+    /// Signed, but no public key was given, so nothing was checked.
+    Unverified {
+        key_id: KeyId,
+    },
+    /// No `SHA256SUMS.minisig`.
+    Unsigned,
+    Invalid(String),
+}
+
+impl fmt::Display for SignatureState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SignatureState::Verified {
+                key_id,
+                trusted_comment,
+            } => write!(
+                f,
+                "signature verified (key {key_id}); trusted comment: {trusted_comment}"
+            ),
+            SignatureState::Unverified { key_id } => write!(
+                f,
+                "signed by key {key_id}, but not checked: no public key given"
+            ),
+            SignatureState::Unsigned => f.write_str("not signed"),
+            SignatureState::Invalid(reason) => write!(f, "signature INVALID: {reason}"),
+        }
+    }
+}
+
+/// Something wrong with the bundle. Each one makes verification fail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Problem {
+    /// A file's SHA-256 differs from the one in `SHA256SUMS`.
+    Modified {
+        path: String,
+        expected: String,
+        actual: String,
+    },
+    /// Listed in `SHA256SUMS`, not in the bundle.
+    Missing { path: String },
+    /// In the bundle, not listed in `SHA256SUMS`.
+    Extra { path: String },
+    /// The bundle has no `SHA256SUMS`: it was never sealed.
+    SumsMissing,
+    /// A line of `SHA256SUMS` (1-based) that is not `<sha256>  <relative path>`.
+    MalformedSums {
+        line: usize,
+        text: String,
+        reason: String,
+    },
+    /// A file that exists but cannot be read (or a manifest that is not JSON).
+    Unreadable { path: String, reason: String },
+    /// `SHA256SUMS.minisig` does not verify (or cannot be parsed).
+    SignatureInvalid { reason: String },
+    /// A public key was given but the bundle has no `SHA256SUMS.minisig`.
+    SignatureMissing,
+    /// A journal line (1-based) before the last one that is not JSON.
+    JournalTorn { line: usize },
+    /// A journal line that is JSON but not an event (no numeric `seq`, no `event`).
+    JournalInvalid { line: usize, reason: String },
+    /// `seq` does not go 1, 2, 3, …
+    JournalGap {
+        line: usize,
+        expected_seq: u64,
+        found_seq: u64,
+    },
+    /// `manifest.json` says something the journal does not.
+    ManifestDisagrees { what: String },
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Problem::Modified {
+                path,
+                expected,
+                actual,
+            } => write!(
+                f,
+                "{path}: modified: SHA-256 is {actual}, {SUMS_FILE} says {expected}"
+            ),
+            Problem::Missing { path } => {
+                write!(f, "{path}: missing (listed in {SUMS_FILE})")
+            }
+            Problem::Extra { path } => {
+                write!(
+                    f,
+                    "{path}: not listed in {SUMS_FILE} (added after the bundle was sealed)"
+                )
+            }
+            Problem::SumsMissing => write!(
+                f,
+                "{SUMS_FILE}: missing: the bundle was never sealed (the run did not finish \
+                 writing evidence), so its files cannot be checked"
+            ),
+            Problem::MalformedSums { line, text, reason } => {
+                write!(f, "{SUMS_FILE} line {line}: {reason}: `{}`", shorten(text))
+            }
+            Problem::Unreadable { path, reason } => write!(f, "{path}: cannot read: {reason}"),
+            Problem::SignatureInvalid { reason } => {
+                write!(f, "{SIGNATURE_FILE}: signature invalid: {reason}")
+            }
+            Problem::SignatureMissing => write!(
+                f,
+                "{SIGNATURE_FILE}: missing: a public key was given but the bundle is not signed"
+            ),
+            Problem::JournalTorn { line } => write!(
+                f,
+                "{JOURNAL_FILE} line {line}: not valid JSON, and not the last line (damaged \
+                 or edited, not a crash)"
+            ),
+            Problem::JournalInvalid { line, reason } => {
+                write!(f, "{JOURNAL_FILE} line {line}: not a run event: {reason}")
+            }
+            Problem::JournalGap {
+                line,
+                expected_seq,
+                found_seq,
+            } => write!(
+                f,
+                "{JOURNAL_FILE} line {line}: seq {found_seq} where {expected_seq} was expected \
+                 (events missing, duplicated or reordered)"
+            ),
+            Problem::ManifestDisagrees { what } => {
+                write!(f, "{MANIFEST_FILE} disagrees with {JOURNAL_FILE}: {what}")
+            }
+        }
+    }
+}
+
+/// Worth telling, not a reason to fail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Note {
+    /// The journal's last line (1-based) was cut off mid-write (the runner died): ignored.
+    JournalTornTail { line: usize },
+    /// The journal has no `run_finished` after the last start or resume.
+    RunNotFinished,
+}
+
+impl fmt::Display for Note {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Note::JournalTornTail { line } => write!(
+                f,
+                "{JOURNAL_FILE} line {line}: the last line was cut off mid-write (the runner \
+                 stopped while writing it); ignored"
+            ),
+            Note::RunNotFinished => write!(
+                f,
+                "{JOURNAL_FILE} has no run_finished event: the run did not finish"
+            ),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct VerifyReport {
+    pub problems: Vec<Problem>,
+    pub notes: Vec<Note>,
+    /// Files hashed and compared with `SHA256SUMS`.
+    pub files_checked: usize,
+    pub signature: SignatureState,
+}
+
+impl VerifyReport {
+    pub fn is_ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Checks the bundle in `dir`. With `pubkey`, the bundle must be signed by that key.
+pub fn verify_bundle(dir: &Path, pubkey: Option<&PublicKey>) -> VerifyReport {
+    let mut report = VerifyReport {
+        problems: Vec::new(),
+        notes: Vec::new(),
+        files_checked: 0,
+        signature: SignatureState::Unsigned,
+    };
+    let sums = match std::fs::read(dir.join(SUMS_FILE)) {
+        Ok(bytes) => Some(bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            report.problems.push(Problem::SumsMissing);
+            None
+        }
+        Err(e) => {
+            report.problems.push(Problem::Unreadable {
+                path: SUMS_FILE.into(),
+                reason: e.to_string(),
+            });
+            None
+        }
+    };
+    check_signature(dir, sums.as_deref(), pubkey, &mut report);
+    if let Some(sums) = &sums {
+        check_files(dir, sums, &mut report);
+    }
+    let journal = read_journal(dir, &mut report);
+    if let Some(journal) = journal {
+        check_manifest(dir, &journal, &mut report);
+    }
+    report
+}
+
+/// Signs the bundle's `SHA256SUMS`, writing `SHA256SUMS.minisig` atomically.
+pub fn sign_bundle(
+    dir: &Path,
+    key: &SecretKey,
+    trusted_comment: &str,
+) -> Result<(), EvidenceError> {
+    let sums_path = dir.join(SUMS_FILE);
+    let sums = std::fs::read(&sums_path).map_err(|source| EvidenceError::Read {
+        path: sums_path,
+        source,
+    })?;
+    let text = sign::sign_file(key, &sums, trusted_comment);
+    let path = dir.join(SIGNATURE_FILE);
+    crate::recorder::write_atomic(&path, text.as_bytes()).map_err(write_err(&path))
+}
+
+/// A trusted comment naming what was signed, in minisign's style (`key:value` fields separated
+/// by tabs): `timestamp:<unix>`, `file:SHA256SUMS`, `runbook:<name>`, `run:<id>`,
+/// `status:<status>`, `sha256:<SHA-256 of SHA256SUMS>`.
+pub fn default_trusted_comment(dir: &Path) -> Result<String, EvidenceError> {
+    let sums_path = dir.join(SUMS_FILE);
+    let sums = std::fs::read(&sums_path).map_err(|source| EvidenceError::Read {
+        path: sums_path,
+        source,
+    })?;
+    let manifest_path = dir.join(MANIFEST_FILE);
+    let manifest: serde_json::Value = std::fs::read(&manifest_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let field = |v: &serde_json::Value| v.as_str().unwrap_or("?").to_owned();
+    Ok(format!(
+        "timestamp:{}\tfile:{SUMS_FILE}\trunbook:{}\trun:{}\tstatus:{}\tsha256:{}",
+        chrono::Utc::now().timestamp(),
+        field(&manifest["runbook"]["name"]),
+        field(&manifest["run_id"]),
+        field(&manifest["status"]),
+        checksums::sha256_bytes(&sums),
+    ))
+}
+
+fn check_signature(
+    dir: &Path,
+    sums: Option<&[u8]>,
+    pubkey: Option<&PublicKey>,
+    report: &mut VerifyReport,
+) {
+    let minisig = match std::fs::read(dir.join(SIGNATURE_FILE)) {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            report.signature = SignatureState::Unsigned;
+            if pubkey.is_some() {
+                report.problems.push(Problem::SignatureMissing);
+            }
+            return;
+        }
+        Err(e) => {
+            invalid_signature(report, format!("cannot read it: {e}"));
+            return;
+        }
+    };
+    let result = match (pubkey, sums) {
+        (Some(pk), Some(sums)) => {
+            sign::verify(pk, sums, &minisig).map(|tc| SignatureState::Verified {
+                key_id: pk.key_id(),
+                trusted_comment: tc.into_string(),
+            })
+        }
+        (Some(_), None) => {
+            invalid_signature(
+                report,
+                format!("there is no {SUMS_FILE} to check it against"),
+            );
+            return;
+        }
+        (None, _) => sign::inspect(&minisig).map(|info| SignatureState::Unverified {
+            key_id: info.key_id,
+        }),
+    };
+    match result {
+        Ok(state) => report.signature = state,
+        Err(e) => invalid_signature(report, e.to_string()),
+    }
+}
+
+fn invalid_signature(report: &mut VerifyReport, reason: String) {
+    report.signature = SignatureState::Invalid(reason.clone());
+    report.problems.push(Problem::SignatureInvalid { reason });
+}
+
+fn check_files(dir: &Path, sums: &[u8], report: &mut VerifyReport) {
+    let text = String::from_utf8_lossy(sums);
+    let mut listed = BTreeSet::new();
+    let lines: Vec<&str> = text.split('\n').collect();
+    for (i, raw) in lines.iter().copied().enumerate() {
+        let line = i + 1;
+        if raw.is_empty() && line == lines.len() {
+            break; // after the final newline
+        }
+        let (expected, rel) = match parse_sums_line(raw) {
+            Ok(entry) => entry,
+            Err(reason) => {
+                report.problems.push(Problem::MalformedSums {
+                    line,
+                    text: raw.to_owned(),
+                    reason: reason.to_owned(),
+                });
+                continue;
+            }
+        };
+        if !listed.insert(rel.clone()) {
+            report.problems.push(Problem::MalformedSums {
+                line,
+                text: raw.to_owned(),
+                reason: "the same file is listed twice".into(),
+            });
+            continue;
+        }
+        let path = dir.join(&rel);
+        match std::fs::symlink_metadata(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                report.problems.push(Problem::Missing { path: rel });
+                continue;
+            }
+            Err(e) => {
+                report.problems.push(Problem::Unreadable {
+                    path: rel,
+                    reason: e.to_string(),
+                });
+                continue;
+            }
+            Ok(_) => {}
+        }
+        match checksums::sha256_file(&path) {
+            Ok(actual) => {
+                report.files_checked += 1;
+                if actual != expected {
+                    report.problems.push(Problem::Modified {
+                        path: rel,
+                        expected,
+                        actual,
+                    });
+                }
+            }
+            Err(e) => report.problems.push(Problem::Unreadable {
+                path: rel,
+                reason: io_reason(&e),
+            }),
+        }
+    }
+    match bundle_files(dir) {
+        Ok(present) => {
+            for rel in present {
+                if !listed.contains(&rel) {
+                    report.problems.push(Problem::Extra { path: rel });
+                }
+            }
+        }
+        Err((path, e)) => report.problems.push(Problem::Unreadable {
+            path,
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// `<64 hex>  <path>` (or `<64 hex> *<path>`), GNU escaping (`\` first, `\\` and `\n`) undone.
+/// Returns (lower-case hex, relative path).
+fn parse_sums_line(raw: &str) -> Result<(String, String), &'static str> {
+    let (escaped, line) = match raw.strip_prefix('\\') {
+        Some(rest) => (true, rest),
+        None => (false, raw),
+    };
+    const FORMAT: &str = "not `<sha256 in hex>  <relative path>`";
+    if line.len() < 66 || !line.is_char_boundary(64) || !line.is_char_boundary(66) {
+        return Err(FORMAT);
+    }
+    let (hash, rest) = line.split_at(64);
+    if !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(FORMAT);
+    }
+    let name = rest
+        .strip_prefix("  ")
+        .or_else(|| rest.strip_prefix(" *"))
+        .ok_or(FORMAT)?;
+    let name = if escaped {
+        unescape(name).ok_or("bad escape in the file name")?
+    } else {
+        name.to_owned()
+    };
+    if name.is_empty() {
+        return Err(FORMAT);
+    }
+    let p = Path::new(&name);
+    if !p.components().all(|c| matches!(c, Component::Normal(_))) {
+        return Err("the path is absolute or leaves the bundle (`..`)");
+    }
+    Ok((hash.to_ascii_lowercase(), name))
+}
+
+fn unescape(s: &str) -> Option<String> {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            match chars.next()? {
+                '\\' => out.push('\\'),
+                'n' => out.push('\n'),
+                'r' => out.push('\r'),
+                _ => return None,
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    Some(out)
+}
+
+/// Every non-directory under `dir`, relative, `/`-separated; top-level `SHA256SUMS`,
+/// `SHA256SUMS.minisig` and `.lock` left out.
+fn bundle_files(dir: &Path) -> Result<Vec<String>, (String, std::io::Error)> {
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel_dir) = stack.pop() {
+        let abs = dir.join(&rel_dir);
+        let entries = std::fs::read_dir(&abs).map_err(|e| (display_rel(&rel_dir), e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| (display_rel(&rel_dir), e))?;
+            let rel = rel_dir.join(entry.file_name());
+            let kind = entry.file_type().map_err(|e| (display_rel(&rel), e))?;
+            if kind.is_dir() {
+                stack.push(rel);
+                continue;
+            }
+            if rel_dir.as_os_str().is_empty() {
+                let name = entry.file_name();
+                if name == SUMS_FILE || name == SIGNATURE_FILE || name == LOCK_FILE {
+                    continue;
+                }
+            }
+            out.push(display_rel(&rel));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn display_rel(rel: &Path) -> String {
+    if rel.as_os_str().is_empty() {
+        ".".into()
+    } else {
+        rel.to_string_lossy().into_owned()
+    }
+}
+
+fn io_reason(e: &EvidenceError) -> String {
+    match e {
+        EvidenceError::Read { source, .. } | EvidenceError::Write { source, .. } => {
+            source.to_string()
+        }
+    }
+}
+
+/// What the journal says, as far as the manifest is concerned.
+#[derive(Default)]
+struct JournalFacts {
+    run_id: Option<String>,
+    /// Status of the last `run_finished`, unless a `run_resumed` came after it.
+    finished: Option<String>,
+    /// Last `step_finished` status per step.
+    step_status: HashMap<String, String>,
+    /// `attempt_finished` events per step.
+    attempts: HashMap<String, usize>,
+}
+
+fn read_journal(dir: &Path, report: &mut VerifyReport) -> Option<JournalFacts> {
+    let path = dir.join(JOURNAL_FILE);
+    let file = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) => {
+            report.problems.push(Problem::Unreadable {
+                path: JOURNAL_FILE.into(),
+                reason: e.to_string(),
+            });
+            return None;
+        }
+    };
+    let mut reader = BufReader::new(file);
+    let mut facts = JournalFacts::default();
+    let mut expected_seq = 1u64;
+    let mut buf = Vec::new();
+    let mut line = 0usize;
+    // Parse each line only once the next one is known to exist, so the last line can be told
+    // apart: a bad last line is a crash mid-write, a bad line before it is damage.
+    let mut pending: Option<(usize, Vec<u8>)> = None;
+    loop {
+        buf.clear();
+        let n = match reader.read_until(b'\n', &mut buf) {
+            Ok(n) => n,
+            Err(e) => {
+                report.problems.push(Problem::Unreadable {
+                    path: JOURNAL_FILE.into(),
+                    reason: e.to_string(),
+                });
+                return None;
+            }
+        };
+        if n == 0 {
+            break;
+        }
+        line += 1;
+        if let Some((l, data)) = pending.take() {
+            journal_line(l, &data, false, &mut expected_seq, &mut facts, report);
+        }
+        pending = Some((line, buf.clone()));
+    }
+    if let Some((l, data)) = pending {
+        journal_line(l, &data, true, &mut expected_seq, &mut facts, report);
+    }
+    if facts.finished.is_none() {
+        report.notes.push(Note::RunNotFinished);
+    }
+    Some(facts)
+}
+
+fn journal_line(
+    line: usize,
+    data: &[u8],
+    last: bool,
+    expected_seq: &mut u64,
+    facts: &mut JournalFacts,
+    report: &mut VerifyReport,
+) {
+    let complete = data.ends_with(b"\n");
+    let body = data.strip_suffix(b"\n").unwrap_or(data);
+    let value = serde_json::from_slice::<serde_json::Value>(body);
+    if last && (!complete || value.is_err()) {
+        // The writer appends `line + "\n"` in one write: only a crash leaves a last line
+        // without its newline or cut short.
+        report.notes.push(Note::JournalTornTail { line });
+        return;
+    }
+    let value = match value {
+        Ok(v) => v,
+        Err(_) => {
+            report.problems.push(Problem::JournalTorn { line });
+            return;
+        }
+    };
+    let seq = value.get("seq").and_then(serde_json::Value::as_u64);
+    let event = value.get("event").and_then(serde_json::Value::as_str);
+    let (Some(seq), Some(event)) = (seq, event) else {
+        report.problems.push(Problem::JournalInvalid {
+            line,
+            reason: "no numeric `seq` or no `event` name".into(),
+        });
+        return;
+    };
+    if seq != *expected_seq {
+        report.problems.push(Problem::JournalGap {
+            line,
+            expected_seq: *expected_seq,
+            found_seq: seq,
+        });
+    }
+    *expected_seq = seq + 1;
+    let str_field = |name: &str| value.get(name).and_then(|v| v.as_str()).map(str::to_owned);
+    match event {
+        "run_started" if facts.run_id.is_none() => facts.run_id = str_field("run_id"),
+        "run_resumed" => facts.finished = None,
+        "run_finished" => facts.finished = str_field("status"),
+        "attempt_finished" => {
+            if let Some(step) = str_field("step") {
+                *facts.attempts.entry(step).or_default() += 1;
+            }
+        }
+        "step_finished" => {
+            if let (Some(step), Some(status)) = (str_field("step"), str_field("status")) {
+                facts.step_status.insert(step, status);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn check_manifest(dir: &Path, journal: &JournalFacts, report: &mut VerifyReport) {
+    let manifest: serde_json::Value = match std::fs::read(dir.join(MANIFEST_FILE))
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| format!("not valid JSON: {e}")))
+    {
+        Ok(v) => v,
+        Err(reason) => {
+            report.problems.push(Problem::Unreadable {
+                path: MANIFEST_FILE.into(),
+                reason,
+            });
+            return;
+        }
+    };
+    let mut disagree = |what: String| report.problems.push(Problem::ManifestDisagrees { what });
+
+    let run_id = manifest["run_id"].as_str();
+    match (&journal.run_id, run_id) {
+        (Some(j), Some(m)) if j != m => disagree(format!(
+            "run_id is `{m}`, the journal's run_started says `{j}`"
+        )),
+        (None, _) => disagree("the journal has no run_started event".into()),
+        (_, None) => disagree("it has no run_id".into()),
+        _ => {}
+    }
+
+    let status = manifest["status"].as_str().unwrap_or("(none)");
+    let finished = journal.finished.as_deref();
+    match finished {
+        Some(j) if j != status => disagree(format!(
+            "status is `{status}`, the journal's run_finished says `{j}`"
+        )),
+        None if !UNFINISHED.contains(&status) => disagree(format!(
+            "status is `{status}`, but the journal has no run_finished event (expected \
+             `running` or `interrupted`)"
+        )),
+        _ => {}
+    }
+
+    let empty = Vec::new();
+    let steps = manifest["steps"].as_array().unwrap_or(&empty);
+    let mut in_manifest = BTreeSet::new();
+    for step in steps {
+        let Some(id) = step["id"].as_str() else {
+            disagree("a step record has no id".into());
+            continue;
+        };
+        in_manifest.insert(id.to_owned());
+        let journal_status = journal.step_status.get(id).map(String::as_str);
+        match (step["status"].as_str(), journal_status) {
+            (Some(m), Some(j)) if m != j => disagree(format!(
+                "step `{id}` is `{m}`, the journal's step_finished says `{j}`"
+            )),
+            (Some(m), None) => disagree(format!(
+                "step `{id}` is `{m}`, but the journal has no step_finished for it"
+            )),
+            // A manifest written before the run ended lags the journal; a final one must not.
+            (None, Some(j)) if finished.is_some() => disagree(format!(
+                "step `{id}` has no status, the journal's step_finished says `{j}`"
+            )),
+            _ => {}
+        }
+        if step["status"].is_string() {
+            let recorded = step["attempts"].as_array().map_or(0, |a| {
+                a.iter().filter(|a| !a["finished_at"].is_null()).count()
+            });
+            let events = journal.attempts.get(id).copied().unwrap_or(0);
+            if recorded != events {
+                disagree(format!(
+                    "step `{id}` has {recorded} finished attempt(s), the journal has {events} \
+                     attempt_finished event(s) for it"
+                ));
+            }
+        }
+    }
+    let unknown: BTreeMap<_, _> = journal
+        .step_status
+        .iter()
+        .filter(|(id, _)| !in_manifest.contains(*id))
+        .collect();
+    for (id, status) in unknown {
+        disagree(format!(
+            "the journal has step_finished `{status}` for step `{id}`, which the manifest does \
+             not list"
+        ));
+    }
+}
+
+fn shorten(s: &str) -> String {
+    const MAX: usize = 120;
+    if s.len() <= MAX {
+        return s.to_owned();
+    }
+    let mut end = MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const RUN: &str = "5acbfb1e";
+
+    fn event(seq: u64, mut v: serde_json::Value) -> String {
+        v["seq"] = seq.into();
+        v["at"] = "2026-11-25T18:28:29.000Z".into();
+        format!("{v}\n")
+    }
+
+    fn journal_events() -> Vec<serde_json::Value> {
+        vec![
+            json!({"event": "run_started", "run_id": RUN, "runbook": "t", "steps": 3}),
+            json!({"event": "step_started", "step": "a"}),
+            json!({"event": "attempt_started", "step": "a", "target": "local", "attempt": 1, "max_attempts": 1, "command": "true", "cwd": "/"}),
+            json!({"event": "attempt_finished", "step": "a", "target": "local", "attempt": 1, "duration": 0.01, "outcome": {"kind": "exited", "code": 0}, "output": {"stdout": 3, "stderr": 0}}),
+            json!({"event": "step_finished", "step": "a", "status": "succeeded", "attempts": 1, "duration": 0.01}),
+            json!({"event": "step_started", "step": "b"}),
+            json!({"event": "attempt_started", "step": "b", "target": "local", "attempt": 1, "max_attempts": 2, "command": "x", "cwd": "/"}),
+            json!({"event": "attempt_finished", "step": "b", "target": "local", "attempt": 1, "duration": 0.01, "outcome": {"kind": "exited", "code": 1}, "output": {"stdout": 0, "stderr": 4}}),
+            json!({"event": "retry_scheduled", "step": "b", "next_attempt": 2, "delay": 0.1}),
+            json!({"event": "attempt_started", "step": "b", "target": "local", "attempt": 2, "max_attempts": 2, "command": "x", "cwd": "/"}),
+            json!({"event": "attempt_finished", "step": "b", "target": "local", "attempt": 2, "duration": 0.01, "outcome": {"kind": "exited", "code": 1}, "output": {"stdout": 0, "stderr": 4}}),
+            json!({"event": "step_finished", "step": "b", "status": "failed", "attempts": 2, "duration": 0.12, "reason": "exit code 1"}),
+            json!({"event": "step_finished", "step": "c", "status": "skipped", "attempts": 0, "duration": 0.0, "reason": "needs `b`, which failed"}),
+            json!({"event": "run_finished", "status": "failed"}),
+        ]
+    }
+
+    fn attempt(step: &str, n: u32) -> serde_json::Value {
+        json!({"attempt": n, "target": "local", "command": "x", "cwd": "/",
+               "started_at": "2026-11-25T18:28:29.000Z", "finished_at": "2026-11-25T18:28:29.010Z",
+               "output": {"stdout": 0, "stderr": 0},
+               "log": format!("steps/{step}/local/attempt-{n}.log")})
+    }
+
+    fn manifest() -> serde_json::Value {
+        json!({
+            "format": "runbook-evidence/1", "run_id": RUN, "status": "failed",
+            "started_at": "2026-11-25T18:28:29.000Z",
+            "runbook": {"name": "t", "refs": [], "path": "t.toml", "sha256": "00", "copy": "runbook/t.toml"},
+            "steps": [
+                {"id": "a", "status": "succeeded", "attempts": [attempt("a", 1)], "collected": []},
+                {"id": "b", "status": "failed", "attempts": [attempt("b", 1), attempt("b", 2)], "collected": []},
+                {"id": "c", "status": "skipped", "reason": "needs `b`, which failed", "attempts": [], "collected": []},
+            ],
+            "notes": [], "secrets": []
+        })
+    }
+
+    fn write_journal(dir: &Path, events: &[serde_json::Value]) {
+        let text: String = events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| event(i as u64 + 1, e.clone()))
+            .collect();
+        std::fs::write(dir.join(JOURNAL_FILE), text).expect("journal");
+    }
+
+    fn bundle() -> tempfile::TempDir {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path();
+        for (rel, text) in [
+            ("runbook/t.toml", "[runbook]\nname = \"t\"\n"),
+            (
+                "steps/a/local/attempt-1.log",
+                "2026-11-25T18:28:29.000Z out hi\n",
+            ),
+            (
+                "steps/b/local/attempt-1.log",
+                "2026-11-25T18:28:29.000Z err boom\n",
+            ),
+            (
+                "steps/b/local/attempt-2.log",
+                "2026-11-25T18:28:29.100Z err boom\n",
+            ),
+            ("collected/a/report.txt", "report\n"),
+        ] {
+            let path = dir.join(rel);
+            std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+            std::fs::write(path, text).expect("write");
+        }
+        write_journal(dir, &journal_events());
+        let m = serde_json::to_vec_pretty(&manifest()).expect("json");
+        std::fs::write(dir.join(MANIFEST_FILE), m).expect("manifest");
+        checksums::write(dir).expect("sums");
+        std::fs::write(dir.join(LOCK_FILE), "").expect("lock");
+        tmp
+    }
+
+    fn only(report: &VerifyReport) -> &Problem {
+        assert_eq!(report.problems.len(), 1, "{:#?}", report.problems);
+        &report.problems[0]
+    }
+
+    #[test]
+    fn clean_bundle_has_no_problems() {
+        let b = bundle();
+        let report = verify_bundle(b.path(), None);
+        assert!(report.is_ok(), "{:#?}", report.problems);
+        assert!(report.notes.is_empty(), "{:#?}", report.notes);
+        assert_eq!(report.files_checked, 7);
+        assert_eq!(report.signature, SignatureState::Unsigned);
+    }
+
+    #[test]
+    fn one_changed_byte_in_a_log_is_modified() {
+        let b = bundle();
+        let log = b.path().join("steps/b/local/attempt-2.log");
+        let mut data = std::fs::read(&log).expect("read");
+        data[30] ^= 0x20;
+        std::fs::write(&log, data).expect("write");
+        let report = verify_bundle(b.path(), None);
+        match only(&report) {
+            Problem::Modified {
+                path,
+                expected,
+                actual,
+            } => {
+                assert_eq!(path, "steps/b/local/attempt-2.log");
+                assert_ne!(expected, actual);
+            }
+            p => panic!("{p:?}"),
+        }
+        assert!(only(&report)
+            .to_string()
+            .starts_with("steps/b/local/attempt-2.log: modified"));
+    }
+
+    #[test]
+    fn deleted_file_is_missing() {
+        let b = bundle();
+        std::fs::remove_file(b.path().join("collected/a/report.txt")).expect("rm");
+        let report = verify_bundle(b.path(), None);
+        assert_eq!(
+            only(&report),
+            &Problem::Missing {
+                path: "collected/a/report.txt".into()
+            }
+        );
+        assert_eq!(report.files_checked, 6);
+    }
+
+    #[test]
+    fn added_file_is_extra() {
+        let b = bundle();
+        std::fs::write(b.path().join("steps/a/local/attempt-2.log"), "x").expect("write");
+        let report = verify_bundle(b.path(), None);
+        assert_eq!(
+            only(&report),
+            &Problem::Extra {
+                path: "steps/a/local/attempt-2.log".into()
+            }
+        );
+        assert!(only(&report)
+            .to_string()
+            .contains("not listed in SHA256SUMS"));
+    }
+
+    #[test]
+    fn signed_bundle_verifies_and_tampered_sums_do_not() {
+        let b = bundle();
+        let (sk, pk) = sign::generate("test");
+        let tc = default_trusted_comment(b.path()).expect("comment");
+        assert!(tc.contains(&format!("run:{RUN}")), "{tc}");
+        sign_bundle(b.path(), &sk, &tc).expect("sign");
+
+        let report = verify_bundle(b.path(), Some(&pk));
+        assert!(report.is_ok(), "{:#?}", report.problems);
+        assert_eq!(
+            report.signature,
+            SignatureState::Verified {
+                key_id: pk.key_id(),
+                trusted_comment: tc
+            }
+        );
+        let report = verify_bundle(b.path(), None);
+        assert!(report.is_ok(), "{:#?}", report.problems);
+        assert_eq!(
+            report.signature,
+            SignatureState::Unverified {
+                key_id: pk.key_id()
+            }
+        );
+
+        // Another key: wrong key id, both ids named.
+        let (_, other) = sign::generate("other");
+        let report = verify_bundle(b.path(), Some(&other));
+        let msg = only(&report).to_string();
+        assert!(
+            msg.contains(&pk.key_id().to_string()) && msg.contains(&other.key_id().to_string()),
+            "{msg}"
+        );
+
+        // Tamper with a log and "fix" SHA256SUMS: the checksums pass, the signature does not.
+        std::fs::write(b.path().join("steps/a/local/attempt-1.log"), "forged\n").expect("write");
+        checksums::write(b.path()).expect("sums");
+        let report = verify_bundle(b.path(), Some(&pk));
+        assert!(
+            matches!(only(&report), Problem::SignatureInvalid { .. }),
+            "{:#?}",
+            report.problems
+        );
+        assert!(matches!(report.signature, SignatureState::Invalid(_)));
+        assert!(only(&report)
+            .to_string()
+            .starts_with("SHA256SUMS.minisig: signature invalid: bad signature"));
+    }
+
+    #[test]
+    fn pubkey_without_signature_is_a_problem() {
+        let b = bundle();
+        let (_, pk) = sign::generate("test");
+        let report = verify_bundle(b.path(), Some(&pk));
+        assert_eq!(only(&report), &Problem::SignatureMissing);
+    }
+
+    #[test]
+    fn torn_last_journal_line_is_tolerated() {
+        let b = bundle();
+        let mut events = journal_events();
+        events.pop(); // run_finished never made it: the runner died while writing it
+        let mut text: String = events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| event(i as u64 + 1, e.clone()))
+            .collect();
+        text.push_str("{\"at\":\"2026-11-25T18:28:2");
+        std::fs::write(b.path().join(JOURNAL_FILE), text).expect("journal");
+        let mut m = manifest();
+        m["status"] = "interrupted".into();
+        std::fs::write(b.path().join(MANIFEST_FILE), m.to_string()).expect("manifest");
+        checksums::write(b.path()).expect("sums");
+        let report = verify_bundle(b.path(), None);
+        assert!(report.is_ok(), "{:#?}", report.problems);
+        assert_eq!(
+            report.notes,
+            vec![Note::JournalTornTail { line: 14 }, Note::RunNotFinished]
+        );
+    }
+
+    #[test]
+    fn bad_journal_line_in_the_middle_is_a_problem() {
+        let b = bundle();
+        let path = b.path().join(JOURNAL_FILE);
+        let text = std::fs::read_to_string(&path).expect("read");
+        let mut lines: Vec<&str> = text.lines().collect();
+        lines[3] = "{\"at\":\"2026";
+        std::fs::write(&path, lines.join("\n") + "\n").expect("write");
+        checksums::write(b.path()).expect("sums");
+        let report = verify_bundle(b.path(), None);
+        assert!(
+            report.problems.contains(&Problem::JournalTorn { line: 4 }),
+            "{:#?}",
+            report.problems
+        );
+    }
+
+    #[test]
+    fn journal_gap_is_reported() {
+        let b = bundle();
+        let mut events = journal_events();
+        events.remove(7); // b's first attempt_finished: hide a failure
+        let text: String = events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| event(if i >= 7 { i as u64 + 2 } else { i as u64 + 1 }, e.clone()))
+            .collect();
+        std::fs::write(b.path().join(JOURNAL_FILE), text).expect("journal");
+        checksums::write(b.path()).expect("sums");
+        let report = verify_bundle(b.path(), None);
+        assert!(
+            report.problems.contains(&Problem::JournalGap {
+                line: 8,
+                expected_seq: 8,
+                found_seq: 9
+            }),
+            "{:#?}",
+            report.problems
+        );
+        // …and the manifest's two attempts of `b` no longer match the journal.
+        assert!(report.problems.iter().any(
+            |p| matches!(p, Problem::ManifestDisagrees { what } if what.contains("step `b` has 2"))
+        ));
+    }
+
+    #[test]
+    fn edited_manifest_status_disagrees() {
+        let b = bundle();
+        let mut m = manifest();
+        m["status"] = "succeeded".into();
+        std::fs::write(b.path().join(MANIFEST_FILE), m.to_string()).expect("manifest");
+        checksums::write(b.path()).expect("sums");
+        let report = verify_bundle(b.path(), None);
+        let p = only(&report);
+        assert_eq!(
+            p,
+            &Problem::ManifestDisagrees {
+                what: "status is `succeeded`, the journal's run_finished says `failed`".into()
+            }
+        );
+        assert!(p
+            .to_string()
+            .starts_with("manifest.json disagrees with journal.jsonl"));
+    }
+
+    #[test]
+    fn edited_step_status_and_attempts_disagree() {
+        let b = bundle();
+        let mut m = manifest();
+        m["steps"][1]["status"] = "succeeded".into();
+        m["steps"][1]["attempts"]
+            .as_array_mut()
+            .expect("array")
+            .remove(0);
+        m["run_id"] = "deadbeef".into();
+        std::fs::write(b.path().join(MANIFEST_FILE), m.to_string()).expect("manifest");
+        checksums::write(b.path()).expect("sums");
+        let report = verify_bundle(b.path(), None);
+        let text: Vec<String> = report.problems.iter().map(ToString::to_string).collect();
+        assert_eq!(report.problems.len(), 3, "{text:#?}");
+        assert!(text[0].contains("run_id is `deadbeef`"), "{text:#?}");
+        assert!(
+            text[1].contains("step `b` is `succeeded`, the journal's step_finished says `failed`")
+        );
+        assert!(text[2].contains("step `b` has 1 finished attempt(s), the journal has 2"));
+    }
+
+    #[test]
+    fn missing_and_malformed_sums() {
+        let b = bundle();
+        let sums = b.path().join(SUMS_FILE);
+        let text = std::fs::read_to_string(&sums).expect("read");
+        let bad = format!(
+            "{text}nonsense line\n{}  ../../etc/passwd\n",
+            "0".repeat(64)
+        );
+        std::fs::write(&sums, bad).expect("write");
+        let report = verify_bundle(b.path(), None);
+        assert_eq!(report.problems.len(), 2, "{:#?}", report.problems);
+        assert!(matches!(
+            &report.problems[0],
+            Problem::MalformedSums { line: 8, .. }
+        ));
+        assert!(report.problems[1].to_string().contains("leaves the bundle"));
+
+        std::fs::remove_file(&sums).expect("rm");
+        let report = verify_bundle(b.path(), None);
+        assert_eq!(only(&report), &Problem::SumsMissing);
+    }
+
+    #[test]
+    fn sums_written_by_sha256sum_style_binary_marker_parse() {
+        let hash = "A".repeat(64);
+        assert_eq!(
+            parse_sums_line(&format!("{hash} *dir/f.log")),
+            Ok(("a".repeat(64), "dir/f.log".into()))
+        );
+        assert_eq!(
+            parse_sums_line(&format!("\\{hash}  a\\nb")),
+            Ok(("a".repeat(64), "a\nb".into()))
+        );
+        assert!(parse_sums_line(&format!("{hash}  /etc/passwd")).is_err());
+    }
+}

@@ -1,0 +1,114 @@
+//! One run at a time per runbook (and evidence directory): an advisory lock on
+//! `<evidence-dir>/<runbook>/.lock`, with the holder's details written inside.
+//!
+//! The OS releases the lock when its holder dies, however it dies; the details stay in the
+//! file. A free lock with details in it therefore means the previous run died without finishing
+//! (maybe half way through a rolling upgrade): that is reported, and the lock is taken over only
+//! with `--break-lock`, or by `runbook resume` of that very run.
+
+use std::fs::File;
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Holder {
+    pub pid: u32,
+    pub host: String,
+    pub user: String,
+    pub started_at: String,
+    pub run_id: String,
+    pub bundle: String,
+}
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "run {} by {}@{} (pid {}), started {}, bundle `{}`",
+            self.run_id, self.user, self.host, self.pid, self.started_at, self.bundle
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("another run of this runbook is in progress: {0}")]
+    Held(Box<Holder>),
+    #[error("the previous run did not finish: {0}; inspect its bundle, then `runbook resume` it or pass `--break-lock`")]
+    Stale(Box<Holder>),
+    #[error("cannot use the lock file `{path}`: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub struct RunLock {
+    lock: Flock<File>,
+}
+
+impl RunLock {
+    /// `takeover`: take a stale lock without complaint (`--break-lock`, or the bundle is the
+    /// one being resumed). Returns the lock and the stale holder it replaced, if any.
+    pub fn acquire(
+        dir: &Path,
+        me: &Holder,
+        break_lock: bool,
+    ) -> Result<(Self, Option<Holder>), LockError> {
+        let path = dir.join(".lock");
+        let io = |source| LockError::Io {
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io)?;
+        let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => l,
+            Err((mut file, _)) => {
+                let mut text = String::new();
+                let _ = file.read_to_string(&mut text);
+                return Err(match serde_json::from_str::<Holder>(&text) {
+                    Ok(h) => LockError::Held(Box::new(h)),
+                    Err(_) => LockError::Held(Box::new(Holder {
+                        pid: 0,
+                        host: "?".into(),
+                        user: "?".into(),
+                        started_at: "?".into(),
+                        run_id: "?".into(),
+                        bundle: "?".into(),
+                    })),
+                });
+            }
+        };
+        let mut text = String::new();
+        lock.read_to_string(&mut text).map_err(io)?;
+        let stale = serde_json::from_str::<Holder>(&text).ok();
+        if let Some(h) = &stale {
+            if !break_lock && h.bundle != me.bundle {
+                return Err(LockError::Stale(Box::new(h.clone())));
+            }
+        }
+        lock.set_len(0).map_err(io)?;
+        lock.rewind().map_err(io)?;
+        lock.write_all(serde_json::to_string(me).unwrap_or_default().as_bytes())
+            .map_err(io)?;
+        lock.sync_all().map_err(io)?;
+        Ok((Self { lock }, stale))
+    }
+
+    /// Clears the holder's details and unlocks: a clean end leaves no stale lock.
+    pub fn release(self) {
+        let _ = self.lock.set_len(0);
+        let _ = self.lock.sync_all();
+        let _ = self.lock.unlock();
+    }
+}

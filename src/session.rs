@@ -1,0 +1,269 @@
+//! Running a plan with a recorder: the part `run` and `resume` share. Owns the async runtime,
+//! the event consumer thread, signal handling and the end-of-run report.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+
+use runbook_engine::event::{RunEvent, RunStatus, StepStatus};
+use runbook_engine::executor::{Executor, RunReport};
+use runbook_engine::expr::ExprHost;
+use runbook_engine::plan::{Plan, RunInfo};
+use runbook_engine::runner::Approver;
+use runbook_evidence::Recorder;
+use runbook_steps::LocalRunner;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::exit;
+use crate::console::{summary_table, Console};
+use crate::render;
+
+pub struct Session {
+    pub plan: Arc<Plan>,
+    pub host: ExprHost,
+    pub run: RunInfo,
+    pub recorder: Recorder,
+    pub parallel: usize,
+    pub console: Console,
+    pub json: bool,
+    pub approver: Arc<dyn Approver>,
+    /// Signs the bundle when it is sealed.
+    pub sign_key: Option<runbook_evidence::sign::SecretKey>,
+    /// node_exporter textfile directory for metrics.
+    pub textfile_dir: Option<std::path::PathBuf>,
+}
+
+pub fn execute(s: Session) -> i32 {
+    let bundle = s.recorder.dir().to_path_buf();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            render::error(&format!("cannot start the async runtime: {e}"));
+            return exit::RUN_FAILED;
+        }
+    };
+    let cancel = CancellationToken::new();
+    let force = CancellationToken::new();
+    let abort = CancellationToken::new();
+    // Bounded: output waits for the evidence writer instead of piling up (at most this many
+    // chunks of at most 64 KiB are ever in flight).
+    let (tx, rx) = mpsc::channel::<RunEvent>(256);
+    let consumer = spawn_consumer(rx, s.recorder, s.console, cancel.clone());
+
+    let report: RunReport = runtime.block_on(async {
+        // A file-size limit (ulimit -f) must surface as a write error the recorder reports, not
+        // kill the runner with SIGXFSZ and lose the end of the bundle.
+        let _xfsz = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(
+            nix::sys::signal::Signal::SIGXFSZ as i32,
+        ));
+        let signals = tokio::spawn(watch_signals(cancel.clone(), force.clone(), abort.clone()));
+        let executor = Executor::new(
+            s.plan.clone(),
+            Arc::new(LocalRunner),
+            s.host.clone(),
+            s.run,
+            s.parallel,
+            tx,
+            cancel.clone(),
+        )
+        .with_force(force.clone())
+        .with_abort(abort.clone())
+        .with_approver(s.approver);
+        let report = executor.run().await;
+        signals.abort();
+        report
+    });
+    let (recorder, mut console, evidence_error) = match consumer.join() {
+        Ok(parts) => parts,
+        Err(_) => {
+            render::error("the evidence writer crashed");
+            return exit::RUN_FAILED;
+        }
+    };
+    console.finish();
+    let mut code = match report.status {
+        RunStatus::Succeeded => exit::OK,
+        RunStatus::Failed | RunStatus::Running | RunStatus::Interrupted => exit::RUN_FAILED,
+        RunStatus::Cancelled => exit::INTERRUPTED,
+        RunStatus::AwaitingApproval => exit::AWAITING_APPROVAL,
+    };
+    eprint!("\n{}", console.redact(&summary_table(&report)));
+    print_failure_tails(&report, &bundle);
+    let finished = recorder.map(|r| {
+        let dir = r.finish()?;
+        seal(&dir, s.sign_key.as_ref(), s.textfile_dir.as_deref())?;
+        Ok(dir)
+    });
+    match (evidence_error, finished) {
+        (None, Some(Ok(dir))) => {
+            eprintln!(
+                "\nrun {} {} in {} — evidence: {}",
+                report.run_id,
+                report.status.as_str(),
+                runbook_engine::duration::format_duration(report.duration),
+                dir.display()
+            );
+            if report.status == RunStatus::AwaitingApproval {
+                eprintln!(
+                    "continue with: runbook resume {} --approve STEP",
+                    dir.display()
+                );
+            }
+        }
+        (Some(e), _) | (None, Some(Err(e))) => {
+            render::error(&format!(
+                "{e}; the run was stopped; what was written so far is in `{}`",
+                bundle.display()
+            ));
+            code = exit::RUN_FAILED;
+        }
+        (None, None) => {}
+    }
+    if s.json {
+        let mut value = serde_json::to_value(&report).unwrap_or_default();
+        if let serde_json::Value::Object(map) = &mut value {
+            map.insert("bundle".into(), bundle.display().to_string().into());
+        }
+        let _ = writeln!(
+            std::io::stdout().lock(),
+            "{}",
+            console.redact(&serde_json::to_string_pretty(&value).unwrap_or_default())
+        );
+    }
+    code
+}
+
+/// Signs the sealed bundle and publishes its metrics, when asked to.
+fn seal(
+    dir: &Path,
+    key: Option<&runbook_evidence::sign::SecretKey>,
+    textfile_dir: Option<&Path>,
+) -> Result<(), runbook_evidence::EvidenceError> {
+    // A resumed bundle's old signature covers old checksums: replace or remove it.
+    let sig = dir.join("SHA256SUMS.minisig");
+    match key {
+        Some(key) => {
+            let comment = runbook_evidence::verify::default_trusted_comment(dir)?;
+            runbook_evidence::verify::sign_bundle(dir, key, &comment)?;
+        }
+        None if sig.exists() => {
+            let _ = std::fs::remove_file(&sig);
+            eprintln!("note: the bundle's old signature was removed: its checksums changed; sign again with --sign-key");
+        }
+        None => {}
+    }
+    if let Some(t) = textfile_dir {
+        let text = std::fs::read_to_string(dir.join("metrics.prom")).unwrap_or_default();
+        let name = dir.parent().and_then(|p| p.file_name()).map_or_else(
+            || "runbook".to_owned(),
+            |n| format!("runbook_{}", n.to_string_lossy()),
+        );
+        runbook_evidence::metrics::write_textfile(t, &format!("{name}.prom"), &text).map_err(
+            |source| runbook_evidence::EvidenceError::Write {
+                path: t.to_path_buf(),
+                source,
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// For each failed step, where its last log is and how it ends: the first thing an operator
+/// needs when a run fails.
+fn print_failure_tails(report: &RunReport, bundle: &Path) {
+    for s in report
+        .steps
+        .iter()
+        .filter(|s| s.status == StepStatus::Failed)
+    {
+        if s.attempts == 0 {
+            continue;
+        }
+        let log = bundle.join(format!("steps/{}/local/attempt-{}.log", s.id, s.attempts));
+        let Ok(text) = std::fs::read_to_string(&log) else {
+            continue;
+        };
+        let lines: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.split_once(' ').map(|(_, rest)| rest))
+            .filter(|l| !l.starts_with("--- "))
+            .collect();
+        eprintln!(
+            "\n{} failed: {}",
+            s.id,
+            s.reason.as_deref().unwrap_or("failed")
+        );
+        eprintln!("  log: {}", log.display());
+        for l in &lines[lines.len().saturating_sub(10)..] {
+            eprintln!("  | {l}");
+        }
+    }
+}
+
+type ConsumerResult = (
+    Option<Recorder>,
+    Console,
+    Option<runbook_evidence::EvidenceError>,
+);
+
+/// One thread consumes every event: evidence first, then the console, so nothing interleaves.
+/// If evidence cannot be written the run is cancelled: a run that cannot be recorded must stop.
+fn spawn_consumer(
+    mut rx: mpsc::Receiver<RunEvent>,
+    recorder: Recorder,
+    mut console: Console,
+    cancel: CancellationToken,
+) -> std::thread::JoinHandle<ConsumerResult> {
+    std::thread::spawn(move || {
+        let mut recorder = Some(recorder);
+        let mut error = None;
+        while let Some(event) = rx.blocking_recv() {
+            if let Some(r) = recorder.as_mut() {
+                if let Err(e) = r.record(&event) {
+                    render::error(&format!("{e}: stopping the run, no new step will start"));
+                    error = Some(e);
+                    cancel.cancel();
+                    recorder = None;
+                }
+            }
+            console.event(&event);
+        }
+        (recorder, console, error)
+    })
+}
+
+/// First SIGINT/SIGTERM: stop scheduling, TERM running steps, KILL after their grace. Second:
+/// KILL now (`run_on_cancel` cleanup steps still run). Third: stop those too.
+async fn watch_signals(
+    cancel: CancellationToken,
+    force: CancellationToken,
+    abort: CancellationToken,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return;
+    };
+    for n in 0..3 {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        if n == 0 {
+            eprintln!("\nstopping: TERM sent to running steps, KILL after their grace period (interrupt again to kill now)");
+            cancel.cancel();
+        } else if n == 1 {
+            eprintln!("\nkilling running steps now (`run_on_cancel` steps still run; interrupt again to stop them)");
+            force.cancel();
+        } else {
+            eprintln!("\nstopping `run_on_cancel` steps too");
+            abort.cancel();
+        }
+    }
+}

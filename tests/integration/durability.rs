@@ -1,0 +1,517 @@
+//! Durability with real signals: `kill -9` at several points then `resume`, Ctrl-C twice,
+//! `run_on_cancel`, run locks, torn journal lines, approval gates, and evidence that cannot be
+//! written.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::{
+    find_bundle, processes_matching, read_journal, read_json, step, unique_marker, Test, BIN,
+};
+
+fn runbook_cmd(dir: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .current_dir(dir)
+        .env("NO_COLOR", "1")
+        .env_remove("RUNBOOK_EVIDENCE_DIR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+fn start_run(dir: &Path, extra: &[&str]) -> Child {
+    let mut args = vec![
+        "run",
+        "runbook.toml",
+        "--evidence-dir",
+        "proof",
+        "--no-progress",
+    ];
+    args.extend_from_slice(extra);
+    runbook_cmd(dir, &args).spawn().expect("spawn runbook")
+}
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn journal_has(dir: &Path, needle: &str) -> bool {
+    let Ok(rbs) = std::fs::read_dir(dir.join("proof")) else {
+        return false;
+    };
+    for rb in rbs.flatten() {
+        for b in std::fs::read_dir(rb.path()).into_iter().flatten().flatten() {
+            if let Ok(text) = std::fs::read_to_string(b.path().join("journal.jsonl")) {
+                if text.contains(needle) {
+                    return true;
+                }
+            }
+        }
+    }
+    false
+}
+
+fn kill9(child: &mut Child) {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("kill -9");
+    let _ = child.wait();
+}
+
+fn resume(dir: &Path, bundle: &Path, extra: &[&str]) -> std::process::Output {
+    let b = bundle.to_str().expect("utf-8");
+    let mut args = vec!["resume", b, "--no-progress"];
+    args.extend_from_slice(extra);
+    runbook_cmd(dir, &args).output().expect("resume")
+}
+
+fn counter(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(dir.join("counter"))
+        .unwrap_or_default()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+fn sums_ok(bundle: &Path) {
+    let out = Command::new("sha256sum")
+        .args(["--quiet", "-c", "SHA256SUMS"])
+        .current_dir(bundle)
+        .output()
+        .expect("sha256sum");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// Steps with side effects counted in `counter`; `b` is slow unless `fast` exists, and `flaky`
+/// fails once (unless `flaky-ok` exists) with a long backoff, so the test can kill the runner in
+/// the middle of each.
+fn three_steps(marker: &str) -> String {
+    format!(
+        r#"[runbook]
+name = "dur"
+
+[[steps]]
+id = "a"
+run = "echo a >> counter"
+outputs = {{ n = "41 + 1" }}
+
+[[steps]]
+id = "b"
+needs = ["a"]
+run = "echo b >> counter; [ -f fast ] || sleep {marker}"
+
+[[steps]]
+id = "flaky"
+needs = ["b"]
+run = '[ -f flaky-ok ] || {{ touch flaky-ok; echo flaky-fail >> counter; exit 1; }}; echo flaky >> counter'
+retry = {{ attempts = 2, delay = "30s" }}
+
+[[steps]]
+id = "c"
+needs = ["flaky"]
+run = "echo c {{{{ steps.a.outputs.n }}}} >> counter"
+"#
+    )
+}
+
+fn finish_after_kill(dir: &Path, marker: &str) -> PathBuf {
+    std::fs::write(dir.join("fast"), "").expect("fast");
+    let bundle = find_bundle(dir);
+    let out = resume(dir, &bundle, &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        processes_matching(&format!("sleep {marker}")),
+        Vec::<i32>::new(),
+        "nothing left running"
+    );
+    sums_ok(&bundle);
+    bundle
+}
+
+#[test]
+fn kill_9_mid_attempt_then_resume_runs_only_what_did_not_finish() {
+    let marker = unique_marker();
+    let t = Test::new()
+        .runbook(&three_steps(&marker))
+        .file("flaky-ok", "");
+    let dir = t.path().to_path_buf();
+    let mut child = start_run(&dir, &[]);
+    wait_for("b to start", || counter(&dir).contains(&"b".to_owned()));
+    kill9(&mut child);
+    assert!(
+        !processes_matching(&format!("sleep {marker}")).is_empty(),
+        "the dead runner left b running"
+    );
+    let bundle = finish_after_kill(&dir, &marker);
+    assert_eq!(
+        counter(&dir),
+        ["a", "b", "b", "flaky", "c 42"],
+        "a ran once; b again; a's output restored"
+    );
+    let m = read_json(&bundle.join("manifest.json"));
+    assert_eq!(m["status"], "succeeded");
+    assert_eq!(step(&m, "a")["reason"], "succeeded earlier");
+    assert_eq!(step(&m, "b")["attempts"].as_array().map(Vec::len), Some(2));
+    assert!(step(&m, "b")["attempts"][0]["error"]
+        .as_str()
+        .unwrap_or("")
+        .starts_with("interrupted"));
+    assert_eq!(m["resumed"][0]["previous"], "interrupted");
+    assert!(m["notes"]
+        .to_string()
+        .contains("left running by the interrupted run"));
+}
+
+#[test]
+fn kill_9_during_retry_backoff_then_resume() {
+    let marker = unique_marker();
+    let t = Test::new().runbook(&three_steps(&marker)).file("fast", "");
+    let dir = t.path().to_path_buf();
+    let mut child = start_run(&dir, &[]);
+    wait_for("flaky to fail once", || {
+        counter(&dir).contains(&"flaky-fail".to_owned())
+    });
+    wait_for("the 30s retry to be scheduled", || {
+        journal_has(&dir, "retry_scheduled")
+    });
+    kill9(&mut child);
+    let bundle = finish_after_kill(&dir, &marker);
+    assert_eq!(counter(&dir), ["a", "b", "flaky-fail", "flaky", "c 42"]);
+    let m = read_json(&bundle.join("manifest.json"));
+    assert_eq!(m["status"], "succeeded");
+    let flaky = step(&m, "flaky")["attempts"]
+        .as_array()
+        .expect("attempts")
+        .clone();
+    assert_eq!(flaky.len(), 2, "attempt numbering continues: {flaky:?}");
+    assert_eq!(flaky[1]["attempt"], 2);
+    assert!(bundle.join("steps/flaky/local/attempt-2.log").is_file());
+}
+
+#[test]
+fn kill_9_right_after_start_and_between_steps() {
+    for point in ["run_started", "\"status\":\"succeeded\",\"step\":\"a\""] {
+        let marker = unique_marker();
+        let t = Test::new()
+            .runbook(&three_steps(&marker))
+            .file("flaky-ok", "");
+        let dir = t.path().to_path_buf();
+        let mut child = start_run(&dir, &[]);
+        wait_for(point, || journal_has(&dir, point));
+        kill9(&mut child);
+        let bundle = find_bundle(&dir);
+        // Until resumed, the bundle says it was interrupted once repaired.
+        let repaired = runbook_cmd(
+            &dir,
+            &["evidence", "repair", bundle.to_str().expect("utf-8")],
+        )
+        .output()
+        .expect("repair");
+        assert!(
+            String::from_utf8_lossy(&repaired.stderr).contains("status interrupted"),
+            "{repaired:?}"
+        );
+        finish_after_kill(&dir, &marker);
+        let lines = counter(&dir);
+        assert_eq!(
+            lines.iter().filter(|l| *l == "a").count(),
+            1,
+            "{point}: {lines:?}"
+        );
+        assert_eq!(
+            lines.last().map(String::as_str),
+            Some("c 42"),
+            "{point}: {lines:?}"
+        );
+    }
+}
+
+#[test]
+fn a_torn_journal_line_is_tolerated() {
+    let marker = unique_marker();
+    let t = Test::new()
+        .runbook(&three_steps(&marker))
+        .file("flaky-ok", "");
+    let dir = t.path().to_path_buf();
+    let mut child = start_run(&dir, &[]);
+    wait_for("b to start", || counter(&dir).contains(&"b".to_owned()));
+    kill9(&mut child);
+    let bundle = find_bundle(&dir);
+    let journal = bundle.join("journal.jsonl");
+    let mut text = std::fs::read_to_string(&journal).expect("journal");
+    text.push_str("{\"at\":\"2026-11-25T18:00:00Z\",\"event\":\"attempt_fin");
+    std::fs::write(&journal, text).expect("tear");
+    finish_after_kill(&dir, &marker);
+    let events = read_journal(&bundle);
+    assert!(
+        events.iter().all(|e| e["seq"].is_u64()),
+        "every line parses after resume"
+    );
+    let m = read_json(&bundle.join("manifest.json"));
+    assert!(
+        m["notes"].to_string().contains("torn line"),
+        "{}",
+        m["notes"]
+    );
+}
+
+#[test]
+fn second_interrupt_kills_without_waiting_for_the_grace_period() {
+    let marker = unique_marker();
+    let toml = format!(
+        "[runbook]\nname = \"t\"\n[[steps]]\nid = \"stubborn\"\nkill_grace = \"60s\"\nrun = \"trap '' TERM; sleep {marker}\"\n[[steps]]\nid = \"uncordon\"\nneeds = [\"stubborn\"]\nalways = true\nrun_on_cancel = true\nrun = \"touch uncordoned\"\n[[steps]]\nid = \"report\"\nneeds = [\"stubborn\"]\nalways = true\nrun = \"touch reported\"\n"
+    );
+    let t = Test::new().runbook(&toml);
+    let dir = t.path().to_path_buf();
+    let child = start_run(&dir, &[]);
+    wait_for("the step to run", || {
+        !processes_matching(&format!("sleep {marker}")).is_empty()
+    });
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+    let started = Instant::now();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("first");
+    std::thread::sleep(Duration::from_millis(500));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("second");
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(130));
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "did not wait 60s of grace"
+    );
+    assert_eq!(
+        processes_matching(&format!("sleep {marker}")),
+        Vec::<i32>::new()
+    );
+    assert!(
+        dir.join("uncordoned").exists(),
+        "run_on_cancel step ran after the interrupt"
+    );
+    assert!(
+        !dir.join("reported").exists(),
+        "a plain always step does not run after a cancel"
+    );
+    let m = read_json(&find_bundle(&dir).join("manifest.json"));
+    assert_eq!(m["status"], "cancelled");
+    assert_eq!(step(&m, "uncordon")["status"], "succeeded");
+}
+
+#[test]
+fn a_second_run_is_refused_while_one_is_running() {
+    let marker = unique_marker();
+    let toml = format!(
+        "[runbook]\nname = \"locked\"\n[[steps]]\nid = \"long\"\nrun = \"sleep {marker}\"\n"
+    );
+    let t = Test::new().runbook(&toml);
+    let dir = t.path().to_path_buf();
+    let mut first = start_run(&dir, &[]);
+    wait_for("the first run", || {
+        !processes_matching(&format!("sleep {marker}")).is_empty()
+    });
+    let second = runbook_cmd(&dir, &["run", "runbook.toml", "--evidence-dir", "proof"])
+        .output()
+        .expect("second");
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("another run of this runbook is in progress: run "),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("(pid {})", first.id())),
+        "{stderr}"
+    );
+    kill9(&mut first);
+    // The dead run's lock is stale now: a new run is refused until told.
+    let third = runbook_cmd(&dir, &["run", "runbook.toml", "--evidence-dir", "proof"])
+        .output()
+        .expect("third");
+    let stderr = String::from_utf8_lossy(&third.stderr);
+    assert_eq!(third.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("the previous run did not finish"),
+        "{stderr}"
+    );
+    for pid in processes_matching(&format!("sleep {marker}")) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    std::fs::write(
+        dir.join("runbook.toml"),
+        "[runbook]\nname = \"locked\"\n[[steps]]\nid = \"long\"\nrun = \"true\"\n",
+    )
+    .expect("write");
+    let fourth = runbook_cmd(
+        &dir,
+        &[
+            "run",
+            "runbook.toml",
+            "--evidence-dir",
+            "proof",
+            "--break-lock",
+        ],
+    )
+    .output()
+    .expect("fourth");
+    assert_eq!(
+        fourth.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&fourth.stderr)
+    );
+    assert!(String::from_utf8_lossy(&fourth.stderr).contains("took over the lock"));
+}
+
+#[test]
+fn an_unwritable_evidence_location_fails_before_anything_runs() {
+    let t = Test::new()
+        .runbook("[runbook]\nname = \"t\"\n[[steps]]\nid = \"a\"\nrun = \"touch ran\"\n");
+    let out = t
+        .args([
+            "run",
+            "runbook.toml",
+            "--evidence-dir",
+            "/proc/runbook-evidence",
+        ])
+        .run();
+    out.assert_code(2)
+        .assert_stderr_contains("cannot write evidence to `/proc/runbook-evidence/t/");
+    assert!(!out.dir.path().join("ran").exists());
+}
+
+#[test]
+fn evidence_that_cannot_be_written_stops_the_run_and_keeps_what_was_written() {
+    // A 200 KiB file-size limit stands in for a full disk: the log of the loud step cannot grow.
+    let toml = "[runbook]\nname = \"t\"\n[[steps]]\nid = \"loud\"\nrun = \"head -c 3000000 /dev/zero | tr '\\\\0' 'x' | fold -w 100\"\n[[steps]]\nid = \"after\"\nneeds = [\"loud\"]\nrun = \"touch after-ran\"\n";
+    let t = Test::new().runbook(toml);
+    let dir = t.path().to_path_buf();
+    let out = Command::new("bash")
+        .args([
+            "-c",
+            &format!(
+                "ulimit -f 200; exec {BIN} run runbook.toml --evidence-dir proof --no-progress"
+            ),
+        ])
+        .current_dir(&dir)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot write evidence to") && stderr.contains("File too large"),
+        "{stderr}"
+    );
+    assert!(
+        !dir.join("after-ran").exists(),
+        "no new step starts once evidence cannot be written"
+    );
+    let bundle = find_bundle(&dir);
+    let journal = std::fs::read_to_string(bundle.join("journal.jsonl")).expect("journal readable");
+    assert!(journal
+        .lines()
+        .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()));
+    assert!(journal.contains("attempt_started"));
+}
+
+#[test]
+fn approval_gates_stop_the_run_and_resume_records_who_approved() {
+    let toml = r#"[runbook]
+name = "gated"
+[[steps]]
+id = "snapshot"
+run = "echo snap >> counter"
+[[steps]]
+id = "upgrade"
+needs = ["snapshot"]
+approve = "Upgrade production servers to v1.31?"
+run = "echo upgrade >> counter"
+"#;
+    let t = Test::new().runbook(toml);
+    let dir = t.path().to_path_buf();
+    let out = runbook_cmd(
+        &dir,
+        &[
+            "run",
+            "runbook.toml",
+            "--evidence-dir",
+            "proof",
+            "--no-progress",
+        ],
+    )
+    .output()
+    .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("continue with: runbook resume"), "{stderr}");
+    let bundle = find_bundle(&dir);
+    let m = read_json(&bundle.join("manifest.json"));
+    assert_eq!(m["status"], "awaiting_approval");
+    assert!(step(&m, "upgrade")["reason"]
+        .as_str()
+        .unwrap_or("")
+        .starts_with("awaiting approval: Upgrade production servers"));
+    assert_eq!(counter(&dir), ["snap"]);
+    let wrong = resume(&dir, &bundle, &["--approve", "snapshot"]);
+    assert_eq!(wrong.status.code(), Some(2));
+    let out = resume(&dir, &bundle, &["--approve", "upgrade"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(counter(&dir), ["snap", "upgrade"]);
+    let m = read_json(&bundle.join("manifest.json"));
+    assert_eq!(m["status"], "succeeded");
+    assert_eq!(m["approvals"][0]["step"], "upgrade");
+    assert_eq!(m["approvals"][0]["granted"], true);
+    assert!(m["approvals"][0]["by"].as_str().unwrap_or("").contains('@'));
+    sums_ok(&bundle);
+}
+
+#[test]
+fn resume_refuses_a_changed_runbook_and_a_finished_run() {
+    let t =
+        Test::new().runbook("[runbook]\nname = \"t\"\n[[steps]]\nid = \"a\"\nrun = \"exit 1\"\n");
+    let dir = t.path().to_path_buf();
+    let out = runbook_cmd(&dir, &["run", "runbook.toml", "--evidence-dir", "proof"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let bundle = find_bundle(&dir);
+    std::fs::write(
+        dir.join("runbook.toml"),
+        "[runbook]\nname = \"t\"\n[[steps]]\nid = \"a\"\nrun = \"true\"\n",
+    )
+    .expect("edit");
+    let out = resume(&dir, &bundle, &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("changed since this run started"));
+    let out = resume(&dir, &bundle, &["--allow-changed"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = resume(&dir, &bundle, &["--allow-changed"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already succeeded"));
+}
