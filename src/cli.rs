@@ -105,6 +105,21 @@ pub enum EvidenceCommand {
         #[arg(long, value_name = "KEY")]
         pubkey: Option<String>,
     },
+    /// List the bundles under an evidence directory: when, what, status, who
+    List {
+        /// The evidence directory
+        #[arg(default_value = "proof")]
+        dir: PathBuf,
+    },
+    /// Summarise one bundle in the terminal
+    Show { bundle: PathBuf },
+    /// Pack a bundle as `.tar.gz`; its checksums and signature still verify once unpacked
+    Export {
+        bundle: PathBuf,
+        /// Output file [default: <bundle name>.tar.gz]
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
     /// Rebuild a bundle's manifest.json and SHA256SUMS from its journal (after a crash)
     Repair {
         /// The bundle directory
@@ -210,6 +225,9 @@ pub struct Signing {
     /// Also write metrics.prom to this node_exporter textfile directory
     #[arg(long, value_name = "DIR", env = "RUNBOOK_TEXTFILE_DIR")]
     pub textfile_dir: Option<PathBuf>,
+    /// Fail the run when a secret had to be redacted from step output (it was printed)
+    #[arg(long)]
+    pub fail_on_leak: bool,
 }
 
 #[derive(Debug, Args)]

@@ -399,6 +399,7 @@ fn run(args: &RunArgs) -> i32 {
         engine_version: env!("CARGO_PKG_VERSION").to_owned(),
         workdir: plan.workdir.clone(),
         command_line: std::env::args().collect(),
+        context: crate::context::collect(&args.file, &plan.workdir, &plan.runbook.meta.facts),
     }) {
         Ok(r) => r,
         Err(e) => {
@@ -439,6 +440,7 @@ fn run(args: &RunArgs) -> i32 {
         approver: approver(&op),
         sign_key,
         textfile_dir: args.signing.textfile_dir.clone(),
+        fail_on_leak: args.signing.fail_on_leak,
     });
     lock.release();
     code
@@ -617,6 +619,7 @@ fn resume(args: &ResumeArgs) -> i32 {
         approver: approver(&op),
         sign_key,
         textfile_dir: args.signing.textfile_dir.clone(),
+        fail_on_leak: args.signing.fail_on_leak,
     });
     lock.release();
     code
@@ -664,6 +667,38 @@ fn unfinished_processes(events: &[(u64, RunEvent)]) -> Vec<(String, u32, u32, Op
 fn evidence(cmd: &EvidenceCommand) -> i32 {
     match cmd {
         EvidenceCommand::Verify { bundle, pubkey } => verify(bundle, pubkey.as_deref()),
+        EvidenceCommand::List { dir } => match crate::bundles::list(dir) {
+            Ok(text) => {
+                print!("{text}");
+                exit::OK
+            }
+            Err(e) => {
+                render::error(&e);
+                exit::USAGE
+            }
+        },
+        EvidenceCommand::Show { bundle } => match crate::bundles::show(bundle) {
+            Ok(text) => {
+                print!("{text}");
+                exit::OK
+            }
+            Err(e) => {
+                render::error(&e);
+                exit::USAGE
+            }
+        },
+        EvidenceCommand::Export { bundle, output } => {
+            match crate::bundles::export(bundle, output.as_deref()) {
+                Ok(path) => {
+                    eprintln!("{}", path.display());
+                    exit::OK
+                }
+                Err(e) => {
+                    render::error(&e);
+                    exit::USAGE
+                }
+            }
+        }
         EvidenceCommand::Repair { bundle } => match Recorder::repair(bundle) {
             Ok(m) => {
                 if std::fs::remove_file(bundle.join("SHA256SUMS.minisig")).is_ok() {

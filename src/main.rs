@@ -3,9 +3,11 @@
 //! `engine`, `steps` and `evidence` crates.
 
 mod approve;
+mod bundles;
 mod cli;
 mod commands;
 mod console;
+mod context;
 mod lock;
 mod render;
 mod session;

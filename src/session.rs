@@ -32,6 +32,8 @@ pub struct Session {
     pub sign_key: Option<runbook_evidence::sign::SecretKey>,
     /// node_exporter textfile directory for metrics.
     pub textfile_dir: Option<std::path::PathBuf>,
+    /// `--fail-on-leak`: a secret found in step output fails the run.
+    pub fail_on_leak: bool,
 }
 
 pub fn execute(s: Session) -> i32 {
@@ -93,6 +95,25 @@ pub fn execute(s: Session) -> i32 {
     };
     eprint!("\n{}", console.redact(&summary_table(&report)));
     print_failure_tails(&report, &bundle);
+    let mut recorder = recorder;
+    if let (true, Some(r)) = (s.fail_on_leak, recorder.as_mut()) {
+        let leaks: Vec<String> = r
+            .redaction_counts()
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(name, n)| format!("`{name}` {n} time(s)"))
+            .collect();
+        if !leaks.is_empty() {
+            let msg = format!(
+                "--fail-on-leak: secrets appeared in step output and were redacted: {}",
+                leaks.join(", ")
+            );
+            render::error(&msg);
+            if r.fail_run(&msg).is_ok() && code == exit::OK {
+                code = exit::RUN_FAILED;
+            }
+        }
+    }
     let finished = recorder.map(|r| {
         let dir = r.finish()?;
         seal(&dir, s.sign_key.as_ref(), s.textfile_dir.as_deref())?;

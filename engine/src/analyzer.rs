@@ -24,7 +24,10 @@ use crate::template::Template;
 
 type Value<'i> = Spanned<DeValue<'i>>;
 
-const TOP_KEYS: &[&str] = &["runbook", "params", "defaults", "hooks", "steps"];
+const TOP_KEYS: &[&str] = &[
+    "runbook", "params", "defaults", "hooks", "evidence", "steps",
+];
+const EVIDENCE_KEYS: &[&str] = &["facts"];
 const RUNBOOK_KEYS: &[&str] = &[
     "name",
     "title",
@@ -201,6 +204,21 @@ impl Analyzer<'_> {
             Some(v) => self.hooks(v, &params, &shifted),
             None => Hooks::default(),
         };
+        let facts = match get(root_table, "evidence") {
+            Some(v) => match self.table(v, "evidence", &shifted) {
+                Some(t) => {
+                    self.check_keys(t, EVIDENCE_KEYS, "`[evidence]`", &shifted);
+                    get(t, "facts")
+                        .and_then(|f| self.string_list(f, "facts", &shifted))
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(f, _)| f)
+                        .collect()
+                }
+                None => Vec::new(),
+            },
+            None => Vec::new(),
+        };
         let steps = match get(root_table, "steps") {
             Some(v) => self.steps(v, &defaults, &params, &shifted),
             None => {
@@ -215,9 +233,11 @@ impl Analyzer<'_> {
                 Vec::new()
             }
         };
+        let mut meta = meta?;
+        meta.facts = facts;
         Some(Runbook {
             source: self.src.clone(),
-            meta: meta?,
+            meta,
             params,
             hooks,
             steps,
@@ -578,6 +598,7 @@ impl Analyzer<'_> {
                 .into_iter()
                 .map(|(n, _)| n)
                 .collect(),
+            facts: Vec::new(),
         })
     }
 

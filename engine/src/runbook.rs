@@ -137,6 +137,9 @@ pub struct Meta {
     pub evidence_dir: Option<PathBuf>,
     /// Environment variables expressions may read as `env.NAME`.
     pub allow_env: Vec<String>,
+    /// Commands whose output is recorded in the manifest as run context
+    /// (`[evidence] facts = ["terraform version"]`).
+    pub facts: Vec<String>,
 }
 
 #[derive(Debug, Clone)]

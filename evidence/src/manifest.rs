@@ -33,6 +33,12 @@ pub struct Manifest {
     pub notes: Vec<Note>,
     /// Names of the secrets redacted from this bundle (values never appear).
     pub secrets: Vec<String>,
+    /// How many times each secret had to be redacted from step output.
+    #[serde(default)]
+    pub redactions: BTreeMap<String, u64>,
+    /// Where the runbook came from (git), the clock, the engine build, declared tool facts.
+    #[serde(default)]
+    pub context: serde_json::Value,
     /// Each time the run was continued with `runbook resume`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub resumed: Vec<Resumption>,

@@ -38,6 +38,8 @@ pub struct RecorderConfig {
     pub engine_version: String,
     pub workdir: PathBuf,
     pub command_line: Vec<String>,
+    /// Run context (git commit, clock, facts): recorded as given, redacted.
+    pub context: serde_json::Value,
 }
 
 type AttemptKey = (String, String, u32);
@@ -136,13 +138,15 @@ impl Recorder {
             secrets: cfg.secrets.iter().map(|(n, _)| n.clone()).collect(),
             resumed: Vec::new(),
             approvals: Vec::new(),
+            redactions: Default::default(),
+            context: cfg.context,
         };
         let recorder = Self {
             dir,
             journal,
             journal_path,
             seq: 0,
-            redactor: ByteRedactor::new(&cfg.secrets),
+            redactor: ByteRedactor::with_counts(&cfg.secrets, Some(Arc::default())),
             secrets: cfg.secrets,
             logs: HashMap::new(),
             casts: HashMap::new(),
@@ -183,7 +187,7 @@ impl Recorder {
         } = event
         {
             self.secrets.push((name.clone(), value.clone()));
-            self.redactor = ByteRedactor::new(&self.secrets);
+            self.redactor = ByteRedactor::with_counts(&self.secrets, self.redactor.counts_handle());
             // Output that showed the value before it was known to be secret (a token printed
             // by the step whose `outputs` call `secret()`) is redacted after the fact.
             for log in self.logs.values_mut() {
@@ -191,7 +195,7 @@ impl Recorder {
                 log.rewrite_redacted()?;
             }
             for cast in self.casts.values_mut() {
-                cast.redactor = self.redactor.clone();
+                cast.redactor = self.redactor.uncounted();
                 cast.rewrite_redacted()?;
             }
             if let Some(step) = step {
@@ -232,12 +236,13 @@ impl Recorder {
                     "{} / {step} [{target}] attempt {attempt}",
                     self.manifest.runbook.name
                 );
+                // Counted once, in the log; the transcript holds the same bytes.
                 let cast = crate::cast::CastWriter::create(
                     &cast_path,
                     *at,
                     &title,
                     command,
-                    self.redactor.clone(),
+                    self.redactor.uncounted(),
                 )?;
                 self.casts.insert(key, cast);
             }
@@ -474,7 +479,7 @@ impl Recorder {
             journal,
             journal_path,
             seq: read.last_seq(),
-            redactor: ByteRedactor::new(&known),
+            redactor: ByteRedactor::with_counts(&known, Some(Arc::default())),
             secrets: known,
             logs: HashMap::new(),
             casts: HashMap::new(),
@@ -499,6 +504,24 @@ impl Recorder {
             }
         }
         Ok(recorder)
+    }
+
+    /// How often each secret had to be redacted from step output so far.
+    pub fn redaction_counts(&self) -> std::collections::BTreeMap<String, u64> {
+        self.redactor.counts()
+    }
+
+    /// Fails a run that otherwise succeeded (`--fail-on-leak`): recorded in journal and manifest.
+    pub fn fail_run(&mut self, message: &str) -> Result<(), EvidenceError> {
+        self.note(message)?;
+        if self.manifest.status == RunStatus::Succeeded {
+            // A second end event, so the journal and the manifest keep agreeing.
+            self.record(&RunEvent::RunFinished {
+                at: Utc::now(),
+                status: RunStatus::Failed,
+            })?;
+        }
+        Ok(())
     }
 
     /// The status the journal ends in (`interrupted` when it has no end).
@@ -547,6 +570,7 @@ impl Recorder {
             *summary.entry(key.to_owned()).or_insert(0) += 1;
         }
         self.manifest.summary = summary;
+        self.manifest.redactions = self.redactor.counts();
         self.write_manifest()?;
         // The human and machine views of the same record, covered by the checksums.
         let report = crate::report::render_report(&self.manifest, &self.dir)?;

@@ -1,28 +1,142 @@
 //! Byte-level secret redaction for streamed output. A secret split across two reads is still
 //! found because callers keep the last `overlap()` bytes of a chunk back until more arrives.
 
-/// Replaces every secret value with `[REDACTED:<name>]`.
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use aho_corasick::{AhoCorasick, MatchKind};
+
+/// Replaces every secret value — and the forms it takes when a tool re-encodes it — with
+/// `[REDACTED:<name>]`. Counts how often each secret was found.
 #[derive(Debug, Clone, Default)]
 pub struct ByteRedactor {
-    /// (name, value), longest value first so a secret containing another is replaced whole.
-    secrets: Vec<(String, Vec<u8>)>,
+    /// (name, pattern): each secret's value and its encodings.
+    patterns: Vec<(String, Vec<u8>)>,
+    matcher: Option<Arc<AhoCorasick>>,
     longest: usize,
+    /// Shared by clones; `None` for redactors whose matches must not be counted again.
+    counts: Option<Arc<Mutex<BTreeMap<String, u64>>>>,
+}
+
+/// Encodings shorter than this are not redacted on their own: they would match ordinary text.
+const MIN_VARIANT: usize = 6;
+
+/// The forms a secret takes in output besides itself: JSON-escaped, URL-encoded, base64
+/// (standard and URL-safe, whole and as it appears inside a longer base64 stream at each of the
+/// three byte alignments), and each line of a multi-line secret (a private key printed line by
+/// line). This is the leak class peers keep reopening bugs for.
+pub fn variants(value: &str) -> Vec<Vec<u8>> {
+    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+    use base64::Engine as _;
+    let raw = value.as_bytes();
+    let mut out: Vec<Vec<u8>> = vec![raw.to_vec()];
+    let json = serde_json::to_string(value).unwrap_or_default();
+    out.push(json.trim_matches('"').as_bytes().to_vec());
+    out.push(percent_encode(raw, false));
+    out.push(percent_encode(raw, true));
+    for engine in [&STANDARD, &URL_SAFE] {
+        out.push(engine.encode(raw).into_bytes());
+    }
+    for engine in [&STANDARD_NO_PAD, &URL_SAFE_NO_PAD] {
+        for k in 0..3usize {
+            let mut data = vec![0u8; k];
+            data.extend_from_slice(raw);
+            let enc = engine.encode(&data).into_bytes();
+            // Characters that depend on the secret's bits only.
+            let start = (8 * k).div_ceil(6);
+            let end = (8 * (k + raw.len())) / 6;
+            if start < end && end <= enc.len() {
+                out.push(enc[start..end].to_vec());
+            }
+        }
+    }
+    if value.contains('\n') {
+        for line in value.lines() {
+            let line = line.trim();
+            if line.len() >= 8 {
+                out.push(line.as_bytes().to_vec());
+            }
+        }
+    }
+    out.retain(|v| v.len() >= MIN_VARIANT.min(raw.len()) && !v.is_empty());
+    out.sort();
+    out.dedup();
+    out
+}
+
+fn percent_encode(data: &[u8], form: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() * 3);
+    for &b in data {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b);
+        } else if form && b == b' ' {
+            out.push(b'+');
+        } else {
+            out.extend_from_slice(format!("%{b:02X}").as_bytes());
+        }
+    }
+    out
 }
 
 impl ByteRedactor {
     pub fn new(secrets: &[(String, String)]) -> Self {
-        let mut secrets: Vec<(String, Vec<u8>)> = secrets
-            .iter()
-            .filter(|(_, v)| !v.is_empty())
-            .map(|(n, v)| (n.clone(), v.as_bytes().to_vec()))
-            .collect();
-        secrets.sort_by_key(|s| std::cmp::Reverse(s.1.len()));
-        let longest = secrets.first().map_or(0, |s| s.1.len());
-        Self { secrets, longest }
+        Self::with_counts(secrets, None)
+    }
+
+    /// A redactor that counts its matches in `counts` (shared with its clones).
+    pub fn with_counts(
+        secrets: &[(String, String)],
+        counts: Option<Arc<Mutex<BTreeMap<String, u64>>>>,
+    ) -> Self {
+        let mut patterns: Vec<(String, Vec<u8>)> = Vec::new();
+        for (name, value) in secrets.iter().filter(|(_, v)| !v.is_empty()) {
+            for v in variants(value) {
+                if !patterns.iter().any(|(_, p)| *p == v) {
+                    patterns.push((name.clone(), v));
+                }
+            }
+        }
+        let longest = patterns.iter().map(|p| p.1.len()).max().unwrap_or(0);
+        let matcher = if patterns.is_empty() {
+            None
+        } else {
+            AhoCorasick::builder()
+                .match_kind(MatchKind::LeftmostLongest)
+                .build(patterns.iter().map(|p| &p.1))
+                .ok()
+                .map(Arc::new)
+        };
+        Self {
+            patterns,
+            matcher,
+            longest,
+            counts,
+        }
+    }
+
+    /// The same secrets, without counting (for rewriting what was already counted).
+    pub fn uncounted(&self) -> Self {
+        Self {
+            counts: None,
+            ..self.clone()
+        }
+    }
+
+    /// The shared counter, to carry over when the redactor is rebuilt with more secrets.
+    pub fn counts_handle(&self) -> Option<Arc<Mutex<BTreeMap<String, u64>>>> {
+        self.counts.clone()
+    }
+
+    /// How many times each secret was found (names only).
+    pub fn counts(&self) -> BTreeMap<String, u64> {
+        self.counts
+            .as_ref()
+            .and_then(|c| c.lock().ok().map(|m| m.clone()))
+            .unwrap_or_default()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.secrets.is_empty()
+        self.patterns.is_empty()
     }
 
     /// Bytes a streaming caller must hold back so that a secret cut by a chunk boundary is
@@ -39,30 +153,39 @@ impl ByteRedactor {
     /// covers (a match straddling `cut` is taken whole). Callers streaming a file keep the rest
     /// for the next chunk; with `cut = len - overlap()` no match is ever split.
     pub fn redact_prefix(&self, data: &[u8], cut: usize) -> (Vec<u8>, usize) {
-        if self.secrets.is_empty() {
+        let Some(matcher) = &self.matcher else {
             return (data[..cut].to_vec(), cut);
-        }
+        };
         let mut out = Vec::with_capacity(data.len());
-        let mut i = 0;
-        'outer: while i < cut {
-            for (name, value) in &self.secrets {
-                if data[i..].starts_with(value) {
-                    out.extend_from_slice(format!("[REDACTED:{name}]").as_bytes());
-                    i += value.len();
-                    continue 'outer;
+        let mut pos = 0;
+        let mut found: Vec<usize> = Vec::new();
+        for m in matcher.find_iter(data) {
+            if m.start() >= cut {
+                break;
+            }
+            out.extend_from_slice(&data[pos..m.start()]);
+            let name = &self.patterns[m.pattern().as_usize()].0;
+            out.extend_from_slice(format!("[REDACTED:{name}]").as_bytes());
+            found.push(m.pattern().as_usize());
+            pos = m.end();
+        }
+        let end = pos.max(cut);
+        out.extend_from_slice(&data[pos..end]);
+        if let (Some(counts), false) = (&self.counts, found.is_empty()) {
+            if let Ok(mut c) = counts.lock() {
+                for p in found {
+                    *c.entry(self.patterns[p].0.clone()).or_insert(0) += 1;
                 }
             }
-            out.push(data[i]);
-            i += 1;
         }
-        (out, i)
+        (out, end)
     }
 
     /// Rewrites a file with every known secret redacted, streaming in chunks. Used when a
     /// secret is registered after output that contains it was already written.
     pub fn redact_file(&self, path: &std::path::Path) -> std::io::Result<()> {
         use std::io::{Read, Write};
-        if self.secrets.is_empty() {
+        if self.patterns.is_empty() {
             return Ok(());
         }
         let tmp = path.with_extension("redacting");
@@ -94,7 +217,7 @@ impl ByteRedactor {
     /// Redacts every string (and key) in a JSON value, before it is serialised.
     pub fn redact_json(&self, value: &mut serde_json::Value) {
         use serde_json::Value;
-        if self.secrets.is_empty() {
+        if self.patterns.is_empty() {
             return;
         }
         match value {
@@ -150,6 +273,47 @@ mod tests {
         r.redact_json(&mut v);
         assert!(!v.to_string().contains("pa\\\"ss"), "{v}");
         assert_eq!(v["command_line"][2], "pw=[REDACTED:pw]");
+    }
+
+    #[test]
+    fn encoded_forms_of_a_secret_are_redacted() {
+        use base64::Engine as _;
+        let secret = "hunter2-Secret/Value+x";
+        let r = ByteRedactor::new(&[("pw".into(), secret.into())]);
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let cases = [
+            format!(
+                "Authorization: Basic {}",
+                b64.encode(format!("admin:{secret}"))
+            ),
+            format!("token={}", b64.encode(secret)),
+            format!(
+                "{{\"pw\": {}}}",
+                serde_json::to_string(secret).unwrap_or_default()
+            ),
+            "url?pw=hunter2-Secret%2FValue%2Bx&x=1".to_owned(),
+            format!("x{}y", b64.encode(format!("ab{secret}cd"))),
+        ];
+        for case in cases {
+            let out = String::from_utf8_lossy(&r.redact(case.as_bytes())).into_owned();
+            assert!(out.contains("[REDACTED:pw]"), "{case} -> {out}");
+            assert!(!out.contains("hunter2"), "{out}");
+        }
+        let key = "-----BEGIN KEY-----\nAAAAB3NzaC1yc2EAAAADAQAB\nQmFzZTY0LWVuY29kZWQtbGluZQ\n-----END KEY-----";
+        let r = ByteRedactor::new(&[("key".into(), key.into())]);
+        let out =
+            String::from_utf8_lossy(&r.redact(b"line: QmFzZTY0LWVuY29kZWQtbGluZQ\n")).into_owned();
+        assert_eq!(out, "line: [REDACTED:key]\n");
+    }
+
+    #[test]
+    fn matches_are_counted_per_secret() {
+        let counts = Arc::new(Mutex::new(BTreeMap::new()));
+        let r = ByteRedactor::with_counts(&[("a".into(), "alpha-1".into())], Some(counts));
+        let _ = r.redact(b"alpha-1 and alpha-1");
+        assert_eq!(r.clone().counts().get("a"), Some(&2));
+        let _ = r.uncounted().redact(b"alpha-1");
+        assert_eq!(r.counts().get("a"), Some(&2));
     }
 
     #[test]
