@@ -420,3 +420,55 @@ fn bundles_can_be_listed_shown_and_exported() {
     assert!(sums.success());
     let _ = step(&read_json(&bundle.join("manifest.json")), "ok");
 }
+
+#[test]
+fn the_report_opens_in_headless_chromium_and_shows_the_verdict() {
+    let (t, bundle) = simple_bundle();
+    let profile = t.path().join("chromium-profile");
+    let url = format!("file://{}", bundle.join("report.html").display());
+    let flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+    ];
+    let dom = Command::new("chromium")
+        .args(flags)
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(["--dump-dom", &url])
+        .output()
+        .expect("chromium is installed by scripts/test (apt-get install chromium)");
+    let html = String::from_utf8_lossy(&dom.stdout);
+    assert!(
+        dom.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dom.stderr)
+    );
+    // The run tolerated its failing step: the verdict says succeeded, and the failure is shown.
+    assert!(
+        html.to_uppercase().contains("SUCCEEDED"),
+        "verdict rendered"
+    );
+    assert!(html.contains("exit code 3"), "the failed step is explained");
+    let shot = t.path().join("report.png");
+    let png = Command::new("chromium")
+        .args(flags)
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg(format!("--screenshot={}", shot.display()))
+        .args(["--window-size=1280,1000", &url])
+        .output()
+        .expect("chromium");
+    assert!(
+        png.status.success(),
+        "{}",
+        String::from_utf8_lossy(&png.stderr)
+    );
+    let data = std::fs::read(&shot).expect("screenshot written");
+    assert!(
+        data.starts_with(b"\x89PNG") && data.len() > 20_000,
+        "a real, non-blank screenshot"
+    );
+}
