@@ -428,7 +428,13 @@ fn run(args: &RunArgs) -> i32 {
         }
     };
     let live = !args.no_progress && std::io::stderr().is_terminal();
-    let console = Console::new(live, args.stream, stderr_color(), plan.params.secrets());
+    let console = Console::new(
+        live,
+        args.stream,
+        stderr_color(),
+        plan.params.secrets(),
+        &plan.runbook.meta.redact,
+    );
     let code = session::execute(Session {
         plan,
         host,
@@ -586,6 +592,7 @@ fn resume(args: &ResumeArgs) -> i32 {
     }
     plan.resume_of = Some((previous, by));
     recorder.note_resume(&prior);
+    recorder.set_shapes(&plan.runbook.meta.redact);
     let run_info = RunInfo {
         id: manifest.run_id.clone(),
         started_at: manifest.started_at,
@@ -607,7 +614,13 @@ fn resume(args: &ResumeArgs) -> i32 {
     };
     let plan = Arc::new(plan);
     let live = !args.no_progress && std::io::stderr().is_terminal();
-    let console = Console::new(live, args.stream, stderr_color(), plan.params.secrets());
+    let console = Console::new(
+        live,
+        args.stream,
+        stderr_color(),
+        plan.params.secrets(),
+        &plan.runbook.meta.redact,
+    );
     let code = session::execute(Session {
         plan,
         host,

@@ -32,7 +32,9 @@ impl Console {
         stream_output: bool,
         color: bool,
         secrets: Vec<(String, String)>,
+        patterns: &[String],
     ) -> Self {
+        let shapes = runbook_evidence::redact::ShapeRules::new(patterns).unwrap_or_default();
         Self {
             live: live
                 .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(10))),
@@ -41,7 +43,7 @@ impl Console {
             partial: HashMap::new(),
             last_line: HashMap::new(),
             color,
-            redactor: ByteRedactor::new(&secrets),
+            redactor: ByteRedactor::new(&secrets).with_shapes(shapes),
             secrets,
         }
     }
@@ -221,7 +223,8 @@ impl Console {
             }
             RunEvent::SecretRegistered { name, value, .. } => {
                 self.secrets.push((name.clone(), value.clone()));
-                self.redactor = ByteRedactor::new(&self.secrets);
+                self.redactor =
+                    ByteRedactor::new(&self.secrets).with_shapes(self.redactor.shapes().clone());
             }
             RunEvent::Note { message, .. } => self.line(&format!("note: {message}")),
             RunEvent::RunResumed {

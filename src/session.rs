@@ -54,7 +54,13 @@ pub fn execute(s: Session) -> i32 {
     // Bounded: output waits for the evidence writer instead of piling up (at most this many
     // chunks of at most 64 KiB are ever in flight).
     let (tx, rx) = mpsc::channel::<RunEvent>(256);
-    let consumer = spawn_consumer(rx, s.recorder, s.console, cancel.clone());
+    let consumer = spawn_consumer(
+        rx,
+        s.recorder,
+        s.console,
+        cancel.clone(),
+        runtime.handle().clone(),
+    );
 
     let report: RunReport = runtime.block_on(async {
         // A file-size limit (ulimit -f) must surface as a write error the recorder reports, not
@@ -238,24 +244,56 @@ fn spawn_consumer(
     recorder: Recorder,
     mut console: Console,
     cancel: CancellationToken,
+    runtime: tokio::runtime::Handle,
 ) -> std::thread::JoinHandle<ConsumerResult> {
     std::thread::spawn(move || {
         let mut recorder = Some(recorder);
         let mut error = None;
-        while let Some(event) = rx.blocking_recv() {
-            if let Some(r) = recorder.as_mut() {
-                if let Err(e) = r.record(&event) {
-                    render::error(&format!("{e}: stopping the run, no new step will start"));
-                    error = Some(e);
-                    cancel.cancel();
-                    recorder = None;
+        let mut last_flush = std::time::Instant::now();
+        loop {
+            let dirty = recorder.as_ref().is_some_and(Recorder::is_dirty);
+            let event = if dirty {
+                // Wait for more only until the commit window closes, then sync.
+                let left = COMMIT_WINDOW.saturating_sub(last_flush.elapsed());
+                match runtime.block_on(async { tokio::time::timeout(left, rx.recv()).await }) {
+                    Ok(Some(e)) => Some(e),
+                    Ok(None) => break,
+                    Err(_) => None,
+                }
+            } else {
+                match rx.blocking_recv() {
+                    Some(e) => Some(e),
+                    None => break,
+                }
+            };
+            let mut result = Ok(());
+            if let (Some(r), Some(e)) = (recorder.as_mut(), event.as_ref()) {
+                result = r.record(e);
+            }
+            if let (Some(r), true) = (recorder.as_mut(), result.is_ok()) {
+                if r.is_dirty() && last_flush.elapsed() >= COMMIT_WINDOW {
+                    result = r.flush();
+                    last_flush = std::time::Instant::now();
                 }
             }
-            console.event(&event);
+            if let Err(e) = result {
+                render::error(&format!("{e}: stopping the run, no new step will start"));
+                error = Some(e);
+                cancel.cancel();
+                recorder = None;
+            }
+            if let Some(e) = event {
+                console.event(&e);
+            }
         }
         (recorder, console, error)
     })
 }
+
+/// Group commit: boundary events are made durable at most this long after they are recorded,
+/// in one sync for everything recorded meanwhile (a crash of the runner itself loses nothing:
+/// the kernel has the data; this bounds what a power cut can take).
+const COMMIT_WINDOW: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// First SIGINT/SIGTERM: stop scheduling, TERM running steps, KILL after their grace. Second:
 /// KILL now (`run_on_cancel` cleanup steps still run). Third: stop those too.

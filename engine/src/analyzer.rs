@@ -27,7 +27,7 @@ type Value<'i> = Spanned<DeValue<'i>>;
 const TOP_KEYS: &[&str] = &[
     "runbook", "params", "defaults", "hooks", "evidence", "steps",
 ];
-const EVIDENCE_KEYS: &[&str] = &["facts"];
+const EVIDENCE_KEYS: &[&str] = &["facts", "redact"];
 const RUNBOOK_KEYS: &[&str] = &[
     "name",
     "title",
@@ -204,10 +204,29 @@ impl Analyzer<'_> {
             Some(v) => self.hooks(v, &params, &shifted),
             None => Hooks::default(),
         };
+        let mut redact = Vec::new();
         let facts = match get(root_table, "evidence") {
             Some(v) => match self.table(v, "evidence", &shifted) {
                 Some(t) => {
                     self.check_keys(t, EVIDENCE_KEYS, "`[evidence]`", &shifted);
+                    for (re, span) in get(t, "redact")
+                        .and_then(|f| self.string_list(f, "redact", &shifted))
+                        .unwrap_or_default()
+                    {
+                        match regex::bytes::Regex::new(&re) {
+                            Ok(_) => redact.push(re),
+                            Err(e) => {
+                                let first =
+                                    e.to_string().lines().last().unwrap_or("").trim().to_owned();
+                                self.error(
+                                    Code::BadValue,
+                                    span,
+                                    format!("`redact` pattern is not a valid regular expression: {first}"),
+                                    "invalid regular expression",
+                                );
+                            }
+                        }
+                    }
                     get(t, "facts")
                         .and_then(|f| self.string_list(f, "facts", &shifted))
                         .unwrap_or_default()
@@ -235,6 +254,7 @@ impl Analyzer<'_> {
         };
         let mut meta = meta?;
         meta.facts = facts;
+        meta.redact = redact;
         Some(Runbook {
             source: self.src.clone(),
             meta,
@@ -599,6 +619,7 @@ impl Analyzer<'_> {
                 .map(|(n, _)| n)
                 .collect(),
             facts: Vec::new(),
+            redact: Vec::new(),
         })
     }
 

@@ -11,6 +11,9 @@ use petgraph::Direction;
 use crate::diagnostic::{suggest, Code, Diagnostic, Diagnostics};
 use crate::runbook::Runbook;
 
+/// How many unknown-need diagnostics get a "did you mean" (each costs a pass over all ids).
+const MAX_SUGGESTIONS: usize = 50;
+
 /// Index of a step in `Runbook::steps` (and node index in the graph: they are the same).
 pub type StepIdx = usize;
 
@@ -49,10 +52,17 @@ impl StepGraph {
                             need.span.clone(),
                             "no step has this id",
                         );
-                        if let Some(near) = suggest(
-                            need.id.as_str(),
-                            runbook.steps.iter().map(|s| s.id.as_str()),
-                        ) {
+                        // Suggestions compare against every id: keep a generated runbook with
+                        // thousands of bad needs from taking seconds to report them.
+                        let near = (diags.0.len() < MAX_SUGGESTIONS)
+                            .then(|| {
+                                suggest(
+                                    need.id.as_str(),
+                                    runbook.steps.iter().map(|s| s.id.as_str()),
+                                )
+                            })
+                            .flatten();
+                        if let Some(near) = near {
                             d = d.help(format!("did you mean `{near}`?"));
                         }
                         diags.push(d);

@@ -140,6 +140,9 @@ pub struct Meta {
     /// Commands whose output is recorded in the manifest as run context
     /// (`[evidence] facts = ["terraform version"]`).
     pub facts: Vec<String>,
+    /// Regular expressions for secrets recognised by shape (`[evidence] redact`); a group named
+    /// `v` limits the redaction to that group.
+    pub redact: Vec<String>,
 }
 
 #[derive(Debug, Clone)]

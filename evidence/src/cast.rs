@@ -40,6 +40,8 @@ struct StreamState {
     carry: Vec<u8>,
     /// The last character written for this stream was `\r` (so a following `\n` stays as is).
     last_cr: bool,
+    /// Inside a private key block?
+    pem: crate::redact::PemFilter,
 }
 
 pub struct CastWriter {
@@ -110,6 +112,41 @@ impl CastWriter {
     ) -> Result<(), EvidenceError> {
         let i = index(stream);
         self.streams[i].pending.extend_from_slice(data);
+        // Complete lines pass the private-key filter; inside a block, nothing more goes out
+        // until the line is complete.
+        let complete = self.streams[i]
+            .pending
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |n| n + 1);
+        if complete > 0 {
+            let state = &mut self.streams[i];
+            let mut filtered = Vec::with_capacity(complete);
+            for line in state.pending[..complete].split_inclusive(|&b| b == b'\n') {
+                let body = &line[..line.len() - 1];
+                match state.pem.line(body) {
+                    Some(r) => filtered.extend_from_slice(r),
+                    None => filtered.extend_from_slice(body),
+                }
+                filtered.push(b'\n');
+            }
+            state.pending.splice(..complete, filtered);
+        }
+        if self.streams[i].pem.inside() {
+            let keep_from = self.streams[i]
+                .pending
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |n| n + 1);
+            if keep_from == 0 {
+                return Ok(());
+            }
+            let (out, used) = self
+                .redactor
+                .redact_prefix(&self.streams[i].pending, keep_from);
+            self.streams[i].pending.drain(..used);
+            return self.emit(at, stream, &out, false);
+        }
         let pending = &self.streams[i].pending;
         let len = pending.len();
         let overlap = self.redactor.overlap();
@@ -137,7 +174,12 @@ impl CastWriter {
     pub fn finish(mut self, at: DateTime<Utc>, outcome_text: &str) -> Result<(), EvidenceError> {
         for stream in [Stream::Stdout, Stream::Stderr] {
             let i = index(stream);
-            let pending = std::mem::take(&mut self.streams[i].pending);
+            let mut pending = std::mem::take(&mut self.streams[i].pending);
+            if !pending.is_empty() {
+                if let Some(r) = self.streams[i].pem.line(&pending) {
+                    pending = r.to_vec();
+                }
+            }
             let out = self.redactor.redact(&pending);
             self.emit(at, stream, &out, true)?;
         }
@@ -151,11 +193,8 @@ impl CastWriter {
         marker.push_str(RESET);
         marker.push_str("\r\n");
         self.event(at, &marker)?;
-        self.file.flush().map_err(write_err(&self.path))?;
-        self.file
-            .get_ref()
-            .sync_data()
-            .map_err(write_err(&self.path))
+        // Synced by the recorder together with the journal (group commit).
+        self.file.flush().map_err(write_err(&self.path))
     }
 
     /// Re-redacts what was already written, with the current `redactor` (a secret registered

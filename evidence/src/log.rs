@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, SecondsFormat, Utc};
 use runbook_engine::event::Stream;
 
-use crate::redact::ByteRedactor;
+use crate::redact::{ByteRedactor, PemFilter};
 use crate::{write_err, EvidenceError};
 
 /// Longest fragment kept in memory while waiting for a newline.
@@ -27,6 +27,8 @@ pub struct LogWriter {
     path: PathBuf,
     file: BufWriter<File>,
     pending: [Pending; 2],
+    /// Per stream: inside a private key block?
+    pem: [PemFilter; 2],
     /// Secrets as known when the last bytes arrived; the recorder updates it when a secret is
     /// registered mid-run.
     pub redactor: ByteRedactor,
@@ -59,6 +61,7 @@ impl LogWriter {
                 },
             ],
             redactor,
+            pem: Default::default(),
         })
     }
 
@@ -85,6 +88,9 @@ impl LogWriter {
             let since = self.pending[i].since.take().unwrap_or(at);
             let mut line = std::mem::take(&mut self.pending[i].bytes);
             line.extend_from_slice(&data[..nl]);
+            if let Some(r) = self.pem[i].line(&line) {
+                line = r.to_vec();
+            }
             self.record(since, stream.tag(), &line)?;
             data = &data[nl + 1..];
         }
@@ -92,7 +98,10 @@ impl LogWriter {
             let p = &mut self.pending[i];
             p.since.get_or_insert(at);
             p.bytes.extend_from_slice(data);
-            if p.bytes.len() > MAX_FRAGMENT {
+            if p.bytes.len() > MAX_FRAGMENT && self.pem[i].inside() {
+                // Inside a private key block: nothing of it may be written.
+                p.bytes = b"[REDACTED:private-key]".to_vec();
+            } else if p.bytes.len() > MAX_FRAGMENT {
                 // Redact what can be decided now; a secret that may continue past the end stays
                 // in the buffer until more arrives, so no cut ever splits one.
                 let cut = p.bytes.len().saturating_sub(self.redactor.overlap());
@@ -152,7 +161,10 @@ impl LogWriter {
         for stream in [Stream::Stdout, Stream::Stderr] {
             let i = index(stream);
             if !self.pending[i].bytes.is_empty() {
-                let bytes = std::mem::take(&mut self.pending[i].bytes);
+                let mut bytes = std::mem::take(&mut self.pending[i].bytes);
+                if let Some(r) = self.pem[i].line(&bytes) {
+                    bytes = r.to_vec();
+                }
                 let since = self.pending[i].since.take().unwrap_or_else(Utc::now);
                 self.record(since, &format!("{}+", stream.tag()), &bytes)?;
             }
@@ -160,13 +172,11 @@ impl LogWriter {
         Ok(())
     }
 
-    /// Writes out partial lines and closes the file, synced to disk.
+    /// Writes out partial lines and closes the file.
+    /// (Synced by the recorder together with the journal: group commit.)
     pub fn finish(mut self) -> Result<(), EvidenceError> {
-        self.file.flush().map_err(write_err(&self.path))?;
-        self.file
-            .get_ref()
-            .sync_data()
-            .map_err(write_err(&self.path))
+        self.flush_partial()?;
+        self.file.flush().map_err(write_err(&self.path))
     }
 }
 

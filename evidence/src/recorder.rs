@@ -22,6 +22,14 @@ use crate::manifest::{
 use crate::redact::ByteRedactor;
 use crate::{write_err, EvidenceError};
 
+impl RecorderConfig {
+    /// The runbook's `[evidence] redact` patterns with the built-in ones (checked valid
+    /// when the runbook was).
+    fn runbook_shapes(&self) -> crate::redact::ShapeRules {
+        crate::redact::ShapeRules::new(&self.runbook.meta.redact).unwrap_or_default()
+    }
+}
+
 /// What the recorder needs to know before the first event.
 pub struct RecorderConfig {
     /// `<evidence-dir>`: bundles go to `<evidence-dir>/<runbook>/<stamp>-<run id>/`.
@@ -51,6 +59,8 @@ pub struct Recorder {
     seq: u64,
     secrets: Vec<(String, String)>,
     redactor: ByteRedactor,
+    /// Set when the journal holds boundary events not yet synced.
+    unsynced: bool,
     logs: HashMap<AttemptKey, LogWriter>,
     casts: HashMap<AttemptKey, crate::cast::CastWriter>,
     manifest: Manifest,
@@ -61,6 +71,7 @@ impl Recorder {
     /// Creates the bundle directory, copies the runbook into it and opens the journal. Fails
     /// before anything runs when the evidence directory cannot be written.
     pub fn create(cfg: RecorderConfig) -> Result<Self, EvidenceError> {
+        let shapes = cfg.runbook_shapes();
         let stamp = cfg.started_at.format("%Y%m%dT%H%M%SZ");
         let dir = cfg
             .evidence_dir
@@ -146,8 +157,10 @@ impl Recorder {
             journal,
             journal_path,
             seq: 0,
-            redactor: ByteRedactor::with_counts(&cfg.secrets, Some(Arc::default())),
+            redactor: ByteRedactor::with_counts(&cfg.secrets, Some(Arc::default()))
+                .with_shapes(shapes),
             secrets: cfg.secrets,
+            unsynced: false,
             logs: HashMap::new(),
             casts: HashMap::new(),
             manifest,
@@ -187,7 +200,8 @@ impl Recorder {
         } = event
         {
             self.secrets.push((name.clone(), value.clone()));
-            self.redactor = ByteRedactor::with_counts(&self.secrets, self.redactor.counts_handle());
+            self.redactor = ByteRedactor::with_counts(&self.secrets, self.redactor.counts_handle())
+                .with_shapes(self.redactor.shapes().clone());
             // Output that showed the value before it was known to be secret (a token printed
             // by the step whose `outputs` call `secret()`) is redacted after the fact.
             for log in self.logs.values_mut() {
@@ -481,6 +495,7 @@ impl Recorder {
             seq: read.last_seq(),
             redactor: ByteRedactor::with_counts(&known, Some(Arc::default())),
             secrets: known,
+            unsynced: false,
             logs: HashMap::new(),
             casts: HashMap::new(),
             manifest,
@@ -504,6 +519,13 @@ impl Recorder {
             }
         }
         Ok(recorder)
+    }
+
+    /// Applies the runbook's `[evidence] redact` patterns (for a reopened bundle).
+    pub fn set_shapes(&mut self, patterns: &[String]) {
+        if let Ok(shapes) = crate::redact::ShapeRules::new(patterns) {
+            self.redactor = self.redactor.clone().with_shapes(shapes);
+        }
     }
 
     /// How often each secret had to be redacted from step output so far.
@@ -592,6 +614,8 @@ impl Recorder {
         self.journal
             .sync_all()
             .map_err(write_err(&self.journal_path))?;
+        self.unsynced = true;
+        self.flush()?;
         checksums::write(&self.dir)?;
         Ok(self.dir)
     }
@@ -627,11 +651,28 @@ impl Recorder {
                 | RunEvent::Approval { .. }
                 | RunEvent::RunFinished { .. }
         );
-        if boundary {
-            self.journal
-                .sync_data()
-                .map_err(write_err(&self.journal_path))?;
+        self.unsynced |= boundary;
+        Ok(())
+    }
+
+    /// Whether boundary events wait for [`Recorder::flush`].
+    pub fn is_dirty(&self) -> bool {
+        self.unsynced
+    }
+
+    /// Group commit: makes the journal durable up to here, in one sync for every boundary
+    /// event recorded since the last one. The consumer calls it at most every few tens of
+    /// milliseconds. Logs and transcripts are left to the kernel's write-back: a crash of the
+    /// runner loses nothing (the kernel has the data), and after a power cut `verify` names any
+    /// file that did not reach the disk, while the journal says what had happened.
+    pub fn flush(&mut self) -> Result<(), EvidenceError> {
+        if !self.unsynced {
+            return Ok(());
         }
+        self.journal
+            .sync_data()
+            .map_err(write_err(&self.journal_path))?;
+        self.unsynced = false;
         Ok(())
     }
 

@@ -6,10 +6,118 @@ use std::sync::{Arc, Mutex};
 
 use aho_corasick::{AhoCorasick, MatchKind};
 
+/// Secrets recognised by their shape rather than their value: `Authorization:` header values,
+/// bearer tokens, private key blocks, and the runbook's own `[evidence] redact` patterns.
+#[derive(Debug, Clone)]
+pub struct ShapeRules {
+    /// (name, pattern); a pattern with a group named `v` has only that group replaced.
+    rules: Arc<Vec<(String, regex::bytes::Regex)>>,
+}
+
+impl Default for ShapeRules {
+    fn default() -> Self {
+        Self::new(&[]).unwrap_or(Self {
+            rules: Arc::default(),
+        })
+    }
+}
+
+const BUILTIN_SHAPES: &[(&str, &str)] = &[
+    (
+        "authorization",
+        r#"(?i)\bauthorization["']?\s*[:=]\s*["']?(?:(?:basic|bearer|token|digest|negotiate)\s+)?(?P<v>[^\s"',;]{4,})"#,
+    ),
+    (
+        "bearer-token",
+        r"(?i)\bbearer\s+(?P<v>[A-Za-z0-9._~+/=-]{8,})",
+    ),
+    (
+        "private-key",
+        r"(?s)-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\z)",
+    ),
+];
+
+impl ShapeRules {
+    /// The built-in shapes plus `custom` regular expressions (named `pattern-1`, …).
+    pub fn new(custom: &[String]) -> Result<Self, regex::Error> {
+        let mut rules = Vec::new();
+        for (name, re) in BUILTIN_SHAPES {
+            rules.push(((*name).to_owned(), regex::bytes::Regex::new(re)?));
+        }
+        for (i, re) in custom.iter().enumerate() {
+            rules.push((format!("pattern-{}", i + 1), regex::bytes::Regex::new(re)?));
+        }
+        Ok(Self {
+            rules: Arc::new(rules),
+        })
+    }
+
+    /// Applies every rule; returns the text and the names of the rules that matched.
+    fn apply(&self, data: &[u8], found: &mut Vec<String>) -> Vec<u8> {
+        let mut text = data.to_vec();
+        for (name, re) in self.rules.iter() {
+            if !re.is_match(&text) {
+                continue;
+            }
+            let placeholder = format!("[REDACTED:{name}]");
+            let mut out = Vec::with_capacity(text.len());
+            let mut last = 0;
+            for caps in re.captures_iter(&text) {
+                let Some(m) = caps.name("v").or_else(|| caps.get(0)) else {
+                    continue;
+                };
+                // Already redacted by value: keep the more precise name.
+                if m.as_bytes().starts_with(b"[REDACTED:") {
+                    continue;
+                }
+                out.extend_from_slice(&text[last..m.start()]);
+                out.extend_from_slice(placeholder.as_bytes());
+                last = m.end();
+                found.push(name.clone());
+            }
+            out.extend_from_slice(&text[last..]);
+            text = out;
+        }
+        text
+    }
+}
+
+/// Follows private key blocks across lines of one stream: every line from a `BEGIN … PRIVATE
+/// KEY` line to its `END` line is replaced whole.
+#[derive(Debug, Clone, Default)]
+pub struct PemFilter {
+    inside: bool,
+}
+
+impl PemFilter {
+    /// A complete line (without its newline): `Some(replacement)` when it belongs to a block.
+    pub fn line(&mut self, line: &[u8]) -> Option<&'static [u8]> {
+        let has = |needle: &[u8]| line.windows(needle.len()).any(|w| w == needle);
+        let marker = has(b"PRIVATE KEY-----");
+        if marker && has(b"-----BEGIN ") {
+            self.inside = !has(b"-----END ");
+            return Some(b"[REDACTED:private-key]");
+        }
+        if self.inside {
+            if marker && has(b"-----END ") {
+                self.inside = false;
+            }
+            return Some(b"[REDACTED:private-key]");
+        }
+        None
+    }
+
+    pub fn inside(&self) -> bool {
+        self.inside
+    }
+}
+
 /// Replaces every secret value — and the forms it takes when a tool re-encodes it — with
-/// `[REDACTED:<name>]`. Counts how often each secret was found.
+/// `[REDACTED:<name>]`, and secrets recognised by shape (see [`ShapeRules`]). Counts how often
+/// each was found.
 #[derive(Debug, Clone, Default)]
 pub struct ByteRedactor {
+    shapes: ShapeRules,
     /// (name, pattern): each secret's value and its encodings.
     patterns: Vec<(String, Vec<u8>)>,
     matcher: Option<Arc<AhoCorasick>>,
@@ -84,6 +192,17 @@ impl ByteRedactor {
     }
 
     /// A redactor that counts its matches in `counts` (shared with its clones).
+    /// Uses `shapes` (built-in plus the runbook's patterns) instead of the built-ins alone.
+    #[must_use]
+    pub fn with_shapes(mut self, shapes: ShapeRules) -> Self {
+        self.shapes = shapes;
+        self
+    }
+
+    pub fn shapes(&self) -> &ShapeRules {
+        &self.shapes
+    }
+
     pub fn with_counts(
         secrets: &[(String, String)],
         counts: Option<Arc<Mutex<BTreeMap<String, u64>>>>,
@@ -107,6 +226,7 @@ impl ByteRedactor {
                 .map(Arc::new)
         };
         Self {
+            shapes: ShapeRules::default(),
             patterns,
             matcher,
             longest,
@@ -135,6 +255,7 @@ impl ByteRedactor {
             .unwrap_or_default()
     }
 
+    /// Whether there is nothing to redact by value (shapes always apply).
     pub fn is_empty(&self) -> bool {
         self.patterns.is_empty()
     }
@@ -153,28 +274,28 @@ impl ByteRedactor {
     /// covers (a match straddling `cut` is taken whole). Callers streaming a file keep the rest
     /// for the next chunk; with `cut = len - overlap()` no match is ever split.
     pub fn redact_prefix(&self, data: &[u8], cut: usize) -> (Vec<u8>, usize) {
-        let Some(matcher) = &self.matcher else {
-            return (data[..cut].to_vec(), cut);
-        };
         let mut out = Vec::with_capacity(data.len());
         let mut pos = 0;
-        let mut found: Vec<usize> = Vec::new();
-        for m in matcher.find_iter(data) {
-            if m.start() >= cut {
-                break;
+        let mut found: Vec<String> = Vec::new();
+        if let Some(matcher) = &self.matcher {
+            for m in matcher.find_iter(data) {
+                if m.start() >= cut {
+                    break;
+                }
+                out.extend_from_slice(&data[pos..m.start()]);
+                let name = &self.patterns[m.pattern().as_usize()].0;
+                out.extend_from_slice(format!("[REDACTED:{name}]").as_bytes());
+                found.push(name.clone());
+                pos = m.end();
             }
-            out.extend_from_slice(&data[pos..m.start()]);
-            let name = &self.patterns[m.pattern().as_usize()].0;
-            out.extend_from_slice(format!("[REDACTED:{name}]").as_bytes());
-            found.push(m.pattern().as_usize());
-            pos = m.end();
         }
         let end = pos.max(cut);
         out.extend_from_slice(&data[pos..end]);
+        let out = self.shapes.apply(&out, &mut found);
         if let (Some(counts), false) = (&self.counts, found.is_empty()) {
             if let Ok(mut c) = counts.lock() {
-                for p in found {
-                    *c.entry(self.patterns[p].0.clone()).or_insert(0) += 1;
+                for name in found {
+                    *c.entry(name).or_insert(0) += 1;
                 }
             }
         }
@@ -217,9 +338,6 @@ impl ByteRedactor {
     /// Redacts every string (and key) in a JSON value, before it is serialised.
     pub fn redact_json(&self, value: &mut serde_json::Value) {
         use serde_json::Value;
-        if self.patterns.is_empty() {
-            return;
-        }
         match value {
             Value::String(s) => {
                 let r = self.redact_str(s);
@@ -296,7 +414,7 @@ mod tests {
         ];
         for case in cases {
             let out = String::from_utf8_lossy(&r.redact(case.as_bytes())).into_owned();
-            assert!(out.contains("[REDACTED:pw]"), "{case} -> {out}");
+            assert!(out.contains("[REDACTED:"), "{case} -> {out}");
             assert!(!out.contains("hunter2"), "{out}");
         }
         let key = "-----BEGIN KEY-----\nAAAAB3NzaC1yc2EAAAADAQAB\nQmFzZTY0LWVuY29kZWQtbGluZQ\n-----END KEY-----";
@@ -314,6 +432,45 @@ mod tests {
         assert_eq!(r.clone().counts().get("a"), Some(&2));
         let _ = r.uncounted().redact(b"alpha-1");
         assert_eq!(r.counts().get("a"), Some(&2));
+    }
+
+    #[test]
+    fn secrets_are_found_by_shape() {
+        let r = ByteRedactor::new(&[]);
+        let out = |s: &str| String::from_utf8_lossy(&r.redact(s.as_bytes())).into_owned();
+        assert_eq!(
+            out("Authorization: Bearer abc.def-123_xyz"),
+            "Authorization: Bearer [REDACTED:authorization]"
+        );
+        assert_eq!(
+            out("curl -H 'authorization: token ghp_abcdef123456'"),
+            "curl -H 'authorization: token [REDACTED:authorization]'"
+        );
+        assert_eq!(
+            out("using bearer eyJhbGciOiJIUzI1NiJ9.x"),
+            "using bearer [REDACTED:bearer-token]"
+        );
+        let pem = "key:\n-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----\nafter";
+        assert_eq!(out(pem), "key:\n[REDACTED:private-key]\nafter");
+        let custom = ByteRedactor::new(&[])
+            .with_shapes(ShapeRules::new(&["password=(?P<v>\\S+)".into()]).expect("regex"));
+        assert_eq!(
+            String::from_utf8_lossy(&custom.redact(b"password=hunter2 ok")),
+            "password=[REDACTED:pattern-1] ok"
+        );
+        let mut f = PemFilter::default();
+        let lines: Vec<Option<&[u8]>> = [
+            "x",
+            "-----BEGIN RSA PRIVATE KEY-----",
+            "MIIE",
+            "-----END RSA PRIVATE KEY-----",
+            "y",
+        ]
+        .iter()
+        .map(|l| f.line(l.as_bytes()))
+        .collect();
+        assert_eq!(lines.iter().filter(|l| l.is_some()).count(), 3);
+        assert!(lines[0].is_none() && lines[4].is_none());
     }
 
     #[test]

@@ -472,3 +472,79 @@ fn the_report_opens_in_headless_chromium_and_shows_the_verdict() {
         "a real, non-blank screenshot"
     );
 }
+
+#[test]
+fn secrets_recognised_by_shape_are_redacted_everywhere() {
+    let toml = r#"[runbook]
+name = "shapes"
+[evidence]
+redact = ['db_password=(?P<v>\S+)']
+[[steps]]
+id = "print"
+run = '''
+echo "curl -H 'Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.c2VjcmV0LXBheWxvYWQ.sig123' https://api"
+printf -- '-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUtc2VjcmV0\nQUFBQUMzTnphQzFsWkRJMU5URTVBQUFBSU5vdA\n-----END OPENSSH PRIVATE KEY-----\n'
+echo "connecting with db_password=Tr0ub4dor&3 now"
+echo visible
+'''
+"#;
+    let t = Test::new().runbook(toml);
+    let out = runbook(
+        t.path(),
+        &[
+            "run",
+            "runbook.toml",
+            "--evidence-dir",
+            "proof",
+            "--no-progress",
+            "-v",
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bundle = find_bundle(t.path());
+    // The runbook copy is exact (its sha256 is the evidence); here it holds the literals itself.
+    for f in all_files(&bundle)
+        .into_iter()
+        .filter(|f| !f.starts_with(bundle.join("runbook")))
+    {
+        let text = String::from_utf8_lossy(&std::fs::read(&f).expect("read")).into_owned();
+        for leaked in [
+            "eyJhbGciOiJIUzI1NiJ9",
+            "b3BlbnNzaC1rZXktdjEAAAAABG5vbmUtc2VjcmV0",
+            "QUFBQUMzTnphQzFsWkRJMU5URTVBQUFBSU5vdA",
+            "Tr0ub4dor",
+        ] {
+            assert!(!text.contains(leaked), "`{leaked}` in {}", f.display());
+        }
+    }
+    let console = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !console.contains("Tr0ub4dor") && !console.contains("eyJhbGci"),
+        "{console}"
+    );
+    let log = std::fs::read_to_string(bundle.join("steps/print/local/attempt-1.log")).expect("log");
+    assert!(log.contains("out visible"), "{log}");
+    assert!(
+        log.contains("[REDACTED:private-key]") && log.contains("[REDACTED:pattern-1]"),
+        "{log}"
+    );
+    let m = read_json(&bundle.join("manifest.json"));
+    assert!(
+        m["redactions"]["private-key"].as_u64().unwrap_or(0) >= 1,
+        "{}",
+        m["redactions"]
+    );
+
+    let bad = Test::new()
+        .runbook("[runbook]\nname = \"t\"\n[evidence]\nredact = ['(unclosed']\n[[steps]]\nid = \"a\"\nrun = \"true\"\n")
+        .args(["check", "runbook.toml"])
+        .run();
+    bad.assert_code(2)
+        .assert_stderr_contains("runbook.toml:4:11")
+        .assert_stderr_contains("not a valid regular expression");
+}

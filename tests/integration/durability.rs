@@ -80,6 +80,16 @@ fn counter(dir: &Path) -> Vec<String> {
 }
 
 fn sums_ok(bundle: &Path) {
+    let verify = Command::new(BIN)
+        .args(["evidence", "verify"])
+        .arg(bundle)
+        .output()
+        .expect("verify");
+    assert!(
+        verify.status.success(),
+        "runbook evidence verify: {}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
     let out = Command::new("sha256sum")
         .args(["--quiet", "-c", "SHA256SUMS"])
         .current_dir(bundle)
