@@ -83,11 +83,7 @@ fn a_secret_never_reaches_any_bundle_file_in_any_form() {
     let count = m["redactions"]["token"].as_u64().unwrap_or(0);
     assert!(count >= 5, "every printed form was counted: {count}");
     let log = std::fs::read_to_string(bundle.join("steps/leak/local/attempt-1.log")).expect("log");
-    assert!(
-        log.contains("Authorization: Basic [REDACTED:token]")
-            || log.contains("Authorization: Basic YWRta"),
-        "{log}"
-    );
+    assert!(log.contains("out Authorization: Basic [REDACTED:"), "{log}");
 
     // --fail-on-leak turns the leak into a failed run.
     let out = Command::new(BIN)
