@@ -141,19 +141,8 @@ pub struct ResumeArgs {
     pub params: ParamArgs,
     #[command(flatten)]
     pub selection: Selection,
-    #[arg(long, short = 'j', value_name = "N")]
-    pub parallel: Option<usize>,
-    #[arg(long)]
-    pub json: bool,
-    #[arg(long, short = 'v')]
-    pub stream: bool,
-    #[arg(long)]
-    pub no_progress: bool,
-    /// Take over the run lock even if another, dead run holds it
-    #[arg(long)]
-    pub break_lock: bool,
     #[command(flatten)]
-    pub signing: Signing,
+    pub exec: ExecArgs,
 }
 
 #[derive(Debug, Args)]
@@ -184,15 +173,22 @@ pub struct RunArgs {
     pub params: ParamArgs,
     #[command(flatten)]
     pub selection: Selection,
-    /// How many attempts may run at once [default: number of CPUs]
-    #[arg(long, short = 'j', value_name = "N")]
-    pub parallel: Option<usize>,
     /// Where evidence bundles go [default: `[runbook] evidence_dir`, else ./proof]
     #[arg(long, value_name = "DIR", env = "RUNBOOK_EVIDENCE_DIR")]
     pub evidence_dir: Option<PathBuf>,
     /// Print the plan and stop: nothing runs, no bundle is written
     #[arg(long)]
     pub dry_run: bool,
+    #[command(flatten)]
+    pub exec: ExecArgs,
+}
+
+/// How a run executes and reports: shared by `run` and `resume`.
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// How many attempts may run at once [default: number of CPUs]
+    #[arg(long, short = 'j', value_name = "N")]
+    pub parallel: Option<usize>,
     /// Print a JSON summary on stdout at the end
     #[arg(long)]
     pub json: bool,
@@ -202,7 +198,7 @@ pub struct RunArgs {
     /// Plain line-per-event output even on a terminal
     #[arg(long)]
     pub no_progress: bool,
-    /// Start even though a previous run of this runbook died holding the run lock
+    /// Take over the run lock of a run that died without finishing
     #[arg(long)]
     pub break_lock: bool,
     #[command(flatten)]

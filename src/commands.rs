@@ -19,8 +19,8 @@ use runbook_evidence::{Recorder, RecorderConfig};
 
 use crate::approve::TerminalApprover;
 use crate::cli::{
-    exit, CheckArgs, Cli, Command, EvidenceCommand, GraphArgs, GraphFormat, PlanArgs, ResumeArgs,
-    RunArgs, Signing,
+    exit, CheckArgs, Cli, Command, EvidenceCommand, ExecArgs, GraphArgs, GraphFormat, PlanArgs,
+    ResumeArgs, RunArgs, Signing,
 };
 use crate::console::Console;
 use crate::lock::{Holder, RunLock};
@@ -340,6 +340,39 @@ fn verify(bundle: &Path, pubkey: Option<&str>) -> i32 {
     }
 }
 
+/// Runs a plan into a recorder with the options `run` and `resume` share.
+fn launch(
+    plan: Arc<Plan>,
+    host: ExprHost,
+    run: RunInfo,
+    recorder: Recorder,
+    op: &Operator,
+    exec: &ExecArgs,
+    sign_key: Option<SecretKey>,
+) -> i32 {
+    let live = !exec.no_progress && std::io::stderr().is_terminal();
+    let console = Console::new(
+        live,
+        exec.stream,
+        stderr_color(),
+        plan.params.secrets(),
+        &plan.runbook.meta.redact,
+    );
+    session::execute(Session {
+        host,
+        run,
+        recorder,
+        parallel: parallelism(exec.parallel),
+        console,
+        json: exec.json,
+        approver: approver(op),
+        sign_key,
+        textfile_dir: exec.signing.textfile_dir.clone(),
+        fail_on_leak: exec.signing.fail_on_leak,
+        plan,
+    })
+}
+
 fn take_lock(dir: &Path, me: &Holder, break_lock: bool) -> Result<RunLock, i32> {
     match RunLock::acquire(dir, me, break_lock) {
         Ok((lock, stale)) => {
@@ -357,7 +390,7 @@ fn take_lock(dir: &Path, me: &Holder, break_lock: bool) -> Result<RunLock, i32> 
 
 fn run(args: &RunArgs) -> i32 {
     let host = ExprHost::new();
-    let sign_key = match load_sign_key(&args.signing) {
+    let sign_key = match load_sign_key(&args.exec.signing) {
         Ok(k) => k,
         Err(code) => return code,
     };
@@ -418,7 +451,7 @@ fn run(args: &RunArgs) -> i32 {
     let lock = match take_lock(
         &evidence_dir.join(&plan.runbook.meta.name),
         &me,
-        args.break_lock,
+        args.exec.break_lock,
     ) {
         Ok(l) => l,
         Err(code) => {
@@ -427,27 +460,7 @@ fn run(args: &RunArgs) -> i32 {
             return code;
         }
     };
-    let live = !args.no_progress && std::io::stderr().is_terminal();
-    let console = Console::new(
-        live,
-        args.stream,
-        stderr_color(),
-        plan.params.secrets(),
-        &plan.runbook.meta.redact,
-    );
-    let code = session::execute(Session {
-        plan,
-        host,
-        run: run_info,
-        recorder,
-        parallel: parallelism(args.parallel),
-        console,
-        json: args.json,
-        approver: approver(&op),
-        sign_key,
-        textfile_dir: args.signing.textfile_dir.clone(),
-        fail_on_leak: args.signing.fail_on_leak,
-    });
+    let code = launch(plan, host, run_info, recorder, &op, &args.exec, sign_key);
     lock.release();
     code
 }
@@ -455,7 +468,7 @@ fn run(args: &RunArgs) -> i32 {
 fn resume(args: &ResumeArgs) -> i32 {
     let bundle = &args.bundle;
     let host = ExprHost::new();
-    let sign_key = match load_sign_key(&args.signing) {
+    let sign_key = match load_sign_key(&args.exec.signing) {
         Ok(k) => k,
         Err(code) => return code,
     };
@@ -541,7 +554,14 @@ fn resume(args: &ResumeArgs) -> i32 {
         }
     };
     let previous = recorder.status();
-    // A runner killed hard leaves its steps' processes running: stop them before going on.
+    // A runner killed hard leaves its steps' processes running: stop them before going on —
+    // those the journal names, and any other process still carrying this run's id.
+    for g in runbook_steps::stop_run_processes(&manifest.run_id, std::time::Duration::from_secs(5))
+    {
+        let msg = format!("stopped process group {g}, left running by the interrupted run");
+        eprintln!("note: {msg}");
+        let _ = recorder.note(&msg);
+    }
     if let Ok(read) = runbook_evidence::journal::read(&bundle.join("journal.jsonl")) {
         for (step, attempt, pid, ticks) in unfinished_processes(&read.events) {
             if runbook_steps::stop_leftover_group(pid, ticks, std::time::Duration::from_secs(5)) {
@@ -608,32 +628,19 @@ fn resume(args: &ResumeArgs) -> i32 {
         run_id: manifest.run_id.clone(),
         bundle: canonical(bundle),
     };
-    let lock = match take_lock(&evidence_dir, &me, args.break_lock) {
+    let lock = match take_lock(&evidence_dir, &me, args.exec.break_lock) {
         Ok(l) => l,
         Err(code) => return code,
     };
-    let plan = Arc::new(plan);
-    let live = !args.no_progress && std::io::stderr().is_terminal();
-    let console = Console::new(
-        live,
-        args.stream,
-        stderr_color(),
-        plan.params.secrets(),
-        &plan.runbook.meta.redact,
-    );
-    let code = session::execute(Session {
-        plan,
+    let code = launch(
+        Arc::new(plan),
         host,
-        run: run_info,
+        run_info,
         recorder,
-        parallel: parallelism(args.parallel),
-        console,
-        json: args.json,
-        approver: approver(&op),
+        &op,
+        &args.exec,
         sign_key,
-        textfile_dir: args.signing.textfile_dir.clone(),
-        fail_on_leak: args.signing.fail_on_leak,
-    });
+    );
     lock.release();
     code
 }

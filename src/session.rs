@@ -78,6 +78,7 @@ pub fn execute(s: Session) -> i32 {
             tx,
             cancel.clone(),
         )
+        .with_record_barrier()
         .with_force(force.clone())
         .with_abort(abort.clone())
         .with_approver(s.approver);
@@ -283,6 +284,8 @@ fn spawn_consumer(
                 recorder = None;
             }
             if let Some(e) = event {
+                // Recorded (or failed, with the run cancelled): the executor may go on.
+                e.acknowledge();
                 console.event(&e);
             }
         }

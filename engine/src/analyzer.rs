@@ -455,7 +455,7 @@ impl Analyzer<'_> {
 
     /// Reports `params.NAME` references to undeclared parameters in one expression.
     fn check_param_refs(&mut self, code: &str, offset: usize, at: &Located, params: &[ParamSpec]) {
-        for (name, at_name) in param_references(code) {
+        for (name, at_name) in references(code, "params") {
             if !params.iter().any(|p| p.name == name) {
                 let here = at.at(offset + at_name);
                 let here = here.start..here.start + "params.".len() + name.len();
@@ -1223,14 +1223,15 @@ fn string_origin(token: &str, value: &str) -> Option<usize> {
     None
 }
 
-/// `params.NAME` and `params["NAME"]` references in an expression, with their offsets.
-fn param_references(code: &str) -> Vec<(String, usize)> {
-    let mut out = Vec::new();
+/// `ROOT.NAME` and `ROOT["NAME"]` references in an expression (`params`, `steps`), with the
+/// offset of each.
+pub fn references(code: &str, root: &str) -> Vec<(String, usize)> {
     let bytes = code.as_bytes();
+    let mut out = Vec::new();
     let mut from = 0;
-    while let Some(i) = code[from..].find("params") {
+    while let Some(i) = code[from..].find(root) {
         let at = from + i;
-        from = at + "params".len();
+        from = at + root.len();
         let preceded = at > 0
             && (bytes[at - 1].is_ascii_alphanumeric()
                 || bytes[at - 1] == b'_'
@@ -1260,37 +1261,7 @@ fn param_references(code: &str) -> Vec<(String, usize)> {
 
 /// `steps.ID` and `steps["ID"]` references in an expression, with their offsets.
 pub fn step_references(code: &str) -> Vec<(String, usize)> {
-    let bytes = code.as_bytes();
-    let mut out = Vec::new();
-    let mut from = 0;
-    while let Some(i) = code[from..].find("steps") {
-        let at = from + i;
-        from = at + "steps".len();
-        let preceded = at > 0
-            && (bytes[at - 1].is_ascii_alphanumeric()
-                || bytes[at - 1] == b'_'
-                || bytes[at - 1] == b'.');
-        if preceded {
-            continue;
-        }
-        let rest = &code[from..];
-        let name: String = if let Some(r) = rest.strip_prefix('.') {
-            r.chars()
-                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                .collect()
-        } else if let Some(r) = rest.strip_prefix("[\"") {
-            match r.find('"') {
-                Some(end) => r[..end].to_owned(),
-                None => continue,
-            }
-        } else {
-            continue;
-        };
-        if !name.is_empty() {
-            out.push((name, at));
-        }
-    }
-    out
+    references(code, "steps")
 }
 
 fn is_identifier(name: &str) -> bool {
@@ -1312,7 +1283,10 @@ mod tests {
 
     #[test]
     fn finds_param_references() {
-        let refs = param_references("params.a + params[\"b\"] + xparams.c + p.params.d");
+        let refs = references(
+            "params.a + params[\"b\"] + xparams.c + p.params.d",
+            "params",
+        );
         assert_eq!(refs, vec![("a".into(), 0), ("b".into(), 11)]);
     }
 

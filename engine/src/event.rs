@@ -171,16 +171,29 @@ pub struct OutputCounts {
     pub stderr: u64,
 }
 
-/// Held by an event until its consumer is done with it; the sender of the event can wait for
-/// that with [`Receipt::new`]'s receiver.
+type Ack = std::sync::Arc<std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>>;
+
+/// Lets the sender of an event wait until a consumer is done with it: the receiver from
+/// [`Receipt::new`] completes when the consumer calls [`RunEvent::acknowledge`], or when every
+/// copy of the event is dropped.
 #[derive(Debug, Clone, Default)]
-pub struct Receipt(#[allow(dead_code)] Option<std::sync::Arc<tokio::sync::oneshot::Sender<()>>>);
+pub struct Receipt(Option<Ack>);
 
 impl Receipt {
-    /// A receipt and the future that completes when every copy of it is dropped.
     pub fn new() -> (Self, tokio::sync::oneshot::Receiver<()>) {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        (Self(Some(std::sync::Arc::new(tx))), rx)
+        (
+            Self(Some(std::sync::Arc::new(std::sync::Mutex::new(Some(tx))))),
+            rx,
+        )
+    }
+
+    fn ack(&self) {
+        if let Some(slot) = &self.0 {
+            if let Some(tx) = slot.lock().ok().and_then(|mut s| s.take()) {
+                let _ = tx.send(());
+            }
+        }
     }
 }
 
@@ -248,6 +261,10 @@ pub enum RunEvent {
     },
     StepFinished {
         at: Timestamp,
+        /// Dropped once the step's record is written: dependents start only after that, so
+        /// a run that can no longer be recorded starts nothing new.
+        #[serde(skip)]
+        receipt: Receipt,
         step: StepId,
         status: StepStatus,
         attempts: u32,
@@ -315,6 +332,16 @@ pub enum RunEvent {
 }
 
 impl RunEvent {
+    /// Tells the executor this event has been dealt with (recorded): see [`Receipt`].
+    pub fn acknowledge(&self) {
+        match self {
+            RunEvent::Collect { receipt, .. } | RunEvent::StepFinished { receipt, .. } => {
+                receipt.ack()
+            }
+            _ => {}
+        }
+    }
+
     pub fn at(&self) -> Timestamp {
         match self {
             RunEvent::RunStarted { at, .. }

@@ -12,8 +12,7 @@
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -70,6 +69,7 @@ pub struct Executor {
     force: CancellationToken,
     abort: CancellationToken,
     approver: Arc<dyn Approver>,
+    barrier: bool,
 }
 
 /// What a step task hands back to the scheduler loop.
@@ -113,6 +113,7 @@ impl Executor {
             force: CancellationToken::new(),
             abort: CancellationToken::new(),
             approver: Arc::new(NoApprover),
+            barrier: false,
         }
     }
 
@@ -128,6 +129,15 @@ impl Executor {
     #[must_use]
     pub fn with_abort(mut self, abort: CancellationToken) -> Self {
         self.abort = abort;
+        self
+    }
+
+    /// Wait for the consumer to acknowledge each step's record (and collected files) before
+    /// going on: a run whose evidence can no longer be written starts nothing new. The consumer
+    /// must call [`RunEvent::acknowledge`] (or drop the events).
+    #[must_use]
+    pub fn with_record_barrier(mut self) -> Self {
+        self.barrier = true;
         self
     }
 
@@ -168,7 +178,8 @@ impl Executor {
         let mut unfinished_needs: Vec<usize> =
             (0..n).map(|i| plan.graph.needs(i).count()).collect();
         let mut ready: VecDeque<StepIdx> = (0..n).filter(|&i| unfinished_needs[i] == 0).collect();
-        let halted = Arc::new(AtomicBool::new(false));
+        // Why the run stopped starting steps, once it did: shared with the step tasks.
+        let halted: Arc<OnceLock<String>> = Arc::new(OnceLock::new());
         let mut halted_by: Option<String> = None;
         let mut awaiting: Option<String> = None;
         let semaphore = Arc::new(Semaphore::new(self.parallel));
@@ -189,7 +200,7 @@ impl Executor {
             .await
             {
                 halted_by = Some("before_run".into());
-                halted.store(true, Ordering::SeqCst);
+                let _ = halted.set("the `before_run` hook failed".into());
                 run_failure = Some(message);
             }
         }
@@ -266,6 +277,7 @@ impl Executor {
                         &self.events,
                         RunEvent::StepFinished {
                             at: Utc::now(),
+                            receipt: crate::event::Receipt::default(),
                             step: step.id.clone(),
                             status,
                             attempts: 0,
@@ -295,6 +307,7 @@ impl Executor {
                     cancel,
                     force,
                     approver: self.approver.clone(),
+                    barrier: self.barrier,
                     semaphore: semaphore.clone(),
                     halted: halted.clone(),
                     results: results.clone(),
@@ -319,19 +332,21 @@ impl Executor {
             if result.deferred && halted_by.is_none() {
                 awaiting = Some(step.id.to_string());
                 halted_by = Some(step.id.to_string());
-                halted.store(true, Ordering::SeqCst);
+                let _ = halted.set(format!("the run is waiting for approval of `{}`", step.id));
             }
             if result.status == StepStatus::Failed
                 && !step.continue_on_failure
                 && halted_by.is_none()
             {
                 halted_by = Some(step.id.to_string());
-                halted.store(true, Ordering::SeqCst);
+                let _ = halted.set(format!("the run stopped after `{}` failed", step.id));
             }
+            let (receipt, recorded) = crate::event::Receipt::new();
             emit(
                 &self.events,
                 RunEvent::StepFinished {
                     at: Utc::now(),
+                    receipt,
                     step: step.id.clone(),
                     status: result.status,
                     attempts: result.attempts,
@@ -348,6 +363,10 @@ impl Executor {
                 duration: result.duration,
                 reason: result.reason,
             });
+            // Completes when the consumer has written the step's record (or gone away).
+            if self.barrier {
+                let _ = recorded.await;
+            }
             release(&plan, i, &mut unfinished_needs, &mut ready);
         }
 
@@ -453,6 +472,7 @@ impl Executor {
             &self.events,
             RunEvent::StepFinished {
                 at: Utc::now(),
+                receipt: crate::event::Receipt::default(),
                 step: step.id.clone(),
                 status: StepStatus::Succeeded,
                 attempts: prior.attempts,
@@ -655,8 +675,9 @@ struct StepTask {
     cancel: CancellationToken,
     force: CancellationToken,
     approver: Arc<dyn Approver>,
+    barrier: bool,
     semaphore: Arc<Semaphore>,
-    halted: Arc<AtomicBool>,
+    halted: Arc<OnceLock<String>>,
     results: Results,
     index: StepIdx,
 }
@@ -918,7 +939,7 @@ impl StepTask {
                     last_failure,
                 );
             }
-            if self.halted.load(Ordering::SeqCst) && !step.always {
+            if let (Some(why), false) = (self.halted.get(), step.always) {
                 if attempts > offset {
                     self.collect(&cwd_for_collect).await;
                 }
@@ -926,7 +947,7 @@ impl StepTask {
                     attempts,
                     offset,
                     started,
-                    "the run stopped",
+                    why,
                     StepStatus::Failed,
                     last_failure,
                 );
@@ -1174,6 +1195,7 @@ impl StepTask {
                             kill_grace: step.kill_grace,
                             cancel: self.cancel.clone(),
                             force: self.force.clone(),
+                            run_id: self.run.id.clone(),
                         };
                         let mut sink = OutputSink::new(
                             self.events.clone(),
@@ -1237,35 +1259,29 @@ impl StepTask {
             self.host.eval_with_effects(&e.expr, scope)
         };
 
-        if let Some(until) = &step.until {
-            let (value, effects) = eval(until, &mut scope);
+        // `until` false is retried (the polling idiom); `check` false is final.
+        let conditions = [
+            (
+                &step.until,
+                "`until`",
+                FailureKind::Until,
+                "`until` is still false",
+            ),
+            (&step.check, "`check`", FailureKind::Check, "check failed"),
+        ];
+        for (cond, what, kind, when_false) in conditions {
+            let Some(cond) = cond else { continue };
+            let (value, effects) = eval(cond, &mut scope);
             apply_effects(&self.plan, &self.events, Some(step), effects).await;
             match value
-                .map_err(|e| expr_failure(&self.plan, "`until`", until, &e))
+                .map_err(|e| expr_failure(&self.plan, what, cond, &e))
                 .and_then(|v| truthy(&v))
             {
                 Ok(true) => {}
                 Ok(false) => {
                     return Err(fail(
-                        FailureKind::Until,
-                        format!("`until` is still false: {}", until.expr.text.trim()),
-                    ))
-                }
-                Err(m) => return Err(fail(FailureKind::Check, m)),
-            }
-        }
-        if let Some(check) = &step.check {
-            let (value, effects) = eval(check, &mut scope);
-            apply_effects(&self.plan, &self.events, Some(step), effects).await;
-            match value
-                .map_err(|e| expr_failure(&self.plan, "`check`", check, &e))
-                .and_then(|v| truthy(&v))
-            {
-                Ok(true) => {}
-                Ok(false) => {
-                    return Err(fail(
-                        FailureKind::Check,
-                        format!("check failed: {}", check.expr.text.trim()),
+                        kind,
+                        format!("{when_false}: {}", cond.expr.text.trim()),
                     ))
                 }
                 Err(m) => return Err(fail(FailureKind::Check, m)),
@@ -1392,8 +1408,10 @@ impl StepTask {
                         },
                     )
                     .await;
-                    // Completes (with an error, as nothing is sent) when the recorder is done.
-                    let _ = copied.await;
+                    // Completes when the recorder has copied the file.
+                    if self.barrier {
+                        let _ = copied.await;
+                    }
                     continue;
                 }
                 Err(e) => format!("step `{}`: could not collect `{}`: {e}", step.id, tpl.raw()),

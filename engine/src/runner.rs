@@ -22,6 +22,9 @@ pub struct AttemptContext {
     pub step: StepId,
     pub target: Target,
     pub attempt: u32,
+    /// The run's id: exported to the process so that a later `resume` can find whatever a
+    /// crashed runner left running.
+    pub run_id: String,
     /// The rendered command (secrets included: this is what runs).
     pub command: String,
     pub shell: Vec<String>,

@@ -132,10 +132,11 @@ async fn run(
         observed: observed.clone(),
         t0: Instant::now(),
     };
-    let (tx, mut rx) = mpsc::channel(16);
+    let (tx, mut rx) = mpsc::channel::<RunEvent>(16);
     let collector = tokio::spawn(async move {
         let mut events = Vec::new();
         while let Some(e) = rx.recv().await {
+            e.acknowledge();
             events.push(e);
         }
         events

@@ -3,4 +3,4 @@
 
 pub mod local;
 
-pub use local::{stop_leftover_group, LocalRunner};
+pub use local::{stop_leftover_group, stop_run_processes, LocalRunner};

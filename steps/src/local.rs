@@ -60,6 +60,7 @@ async fn run(ctx: AttemptContext, out: &mut OutputSink) -> AttemptOutcome {
         .envs(ctx.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .env("RUNBOOK_STEP", ctx.step.as_str())
         .env("RUNBOOK_ATTEMPT", ctx.attempt.to_string())
+        .env("RUNBOOK_RUN_ID", &ctx.run_id)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -265,6 +266,60 @@ pub fn stop_leftover_group(pid: u32, start_ticks: Option<u64>, grace: Duration) 
     }
     signal_group(pgid, Signal::SIGKILL);
     true
+}
+
+/// Stops every process that carries `RUNBOOK_RUN_ID=<run_id>` in its environment — what a
+/// runner killed hard left behind, including processes started before their group could be
+/// recorded — group by group: TERM, up to `grace`, KILL. Returns the groups stopped.
+pub fn stop_run_processes(run_id: &str, grace: Duration) -> Vec<u32> {
+    let needle = format!("RUNBOOK_RUN_ID={run_id}");
+    let me = std::process::id();
+    let mut groups: Vec<u32> = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(env) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        if !env.split(|&b| b == 0).any(|v| v == needle.as_bytes()) {
+            continue;
+        }
+        let pgid = std::fs::read_to_string(entry.path().join("stat"))
+            .ok()
+            .and_then(|stat| {
+                stat.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(2).map(String::from))
+            })
+            .and_then(|g| g.parse::<u32>().ok());
+        if let Some(g) = pgid {
+            if !groups.contains(&g) {
+                groups.push(g);
+            }
+        }
+    }
+    for &g in &groups {
+        if let Ok(raw) = i32::try_from(g) {
+            signal_group(Pid::from_raw(raw), Signal::SIGTERM);
+        }
+    }
+    let until = std::time::Instant::now() + grace;
+    while std::time::Instant::now() < until
+        && groups
+            .iter()
+            .any(|&g| i32::try_from(g).is_ok_and(|raw| group_alive(Pid::from_raw(raw))))
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for &g in &groups {
+        if let Ok(raw) = i32::try_from(g) {
+            signal_group(Pid::from_raw(raw), Signal::SIGKILL);
+        }
+    }
+    groups
 }
 
 /// Whether any process of the group is still there (signal 0 checks without sending).
