@@ -249,8 +249,18 @@ fn canonical(p: &Path) -> String {
         .to_string()
 }
 
-/// Loads the signing key before anything runs, so a wrong path or password fails early.
+/// Loads the signing key before anything runs, so a wrong path or password fails early (and
+/// checks the metrics textfile directory the same way).
 fn load_sign_key(s: &Signing) -> Result<Option<SecretKey>, i32> {
+    if let Some(dir) = &s.textfile_dir {
+        if !dir.is_dir() {
+            render::error(&format!(
+                "--textfile-dir `{}` is not a directory; nothing was run",
+                dir.display()
+            ));
+            return Err(exit::USAGE);
+        }
+    }
     let Some(path) = &s.sign_key else {
         return Ok(None);
     };
@@ -488,6 +498,23 @@ fn resume(args: &ResumeArgs) -> i32 {
             return exit::USAGE;
         }
     };
+    // The lock first: never touch a bundle whose run is still alive.
+    let op = operator();
+    let evidence_dir = bundle
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    let me = Holder {
+        pid: std::process::id(),
+        host: op.host.clone(),
+        user: op.user.clone(),
+        started_at: chrono::Utc::now().to_rfc3339(),
+        run_id: manifest.run_id.clone(),
+        bundle: canonical(bundle),
+    };
+    let lock = match take_lock(&evidence_dir, &me, args.exec.break_lock) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
     let workdir = PathBuf::from(&manifest.workdir);
     let recorded = PathBuf::from(&manifest.runbook.path);
     let path = if recorded.is_absolute() {
@@ -503,9 +530,16 @@ fn resume(args: &ResumeArgs) -> i32 {
         }
     };
     let sha = runbook_evidence::checksums::sha256_bytes(source.text().as_bytes());
+    let mut changed_note: Option<String> = None;
     if sha != manifest.runbook.sha256 {
         if args.allow_changed {
             eprintln!("note: `{}` changed since the run started; resuming with the new version (--allow-changed)", path.display());
+            changed_note = Some(format!(
+                "resumed with a changed runbook (--allow-changed): `{}` sha256 {} (the run started with {})",
+                path.display(),
+                sha,
+                manifest.runbook.sha256
+            ));
         } else {
             render::error(&format!(
                 "`{}` changed since this run started (sha256 {} now, {} then); refusing to resume a different runbook — pass `--allow-changed` to do it anyway",
@@ -554,6 +588,9 @@ fn resume(args: &ResumeArgs) -> i32 {
         }
     };
     let previous = recorder.status();
+    if let Some(n) = &changed_note {
+        let _ = recorder.note(n);
+    }
     // A runner killed hard leaves its steps' processes running: stop them before going on —
     // those the journal names, and any other process still carrying this run's id.
     for g in runbook_steps::stop_run_processes(&manifest.run_id, std::time::Duration::from_secs(5))
@@ -593,7 +630,7 @@ fn resume(args: &ResumeArgs) -> i32 {
             return exit::USAGE;
         }
     };
-    let op = operator();
+
     let by = format!("{}@{}", op.user, op.host);
     for id in &args.approve {
         if plan.runbook.step(id).is_none_or(|s| s.approve.is_none()) {
@@ -611,27 +648,14 @@ fn resume(args: &ResumeArgs) -> i32 {
         }
     }
     plan.resume_of = Some((previous, by));
+    plan.rerun_selected = !args.selection.only.is_empty() || args.selection.from.is_some();
     recorder.note_resume(&prior);
     recorder.set_shapes(&plan.runbook.meta.redact);
     let run_info = RunInfo {
         id: manifest.run_id.clone(),
         started_at: manifest.started_at,
     };
-    let evidence_dir = bundle
-        .parent()
-        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
-    let me = Holder {
-        pid: std::process::id(),
-        host: op.host.clone(),
-        user: op.user.clone(),
-        started_at: chrono::Utc::now().to_rfc3339(),
-        run_id: manifest.run_id.clone(),
-        bundle: canonical(bundle),
-    };
-    let lock = match take_lock(&evidence_dir, &me, args.exec.break_lock) {
-        Ok(l) => l,
-        Err(code) => return code,
-    };
+
     let code = launch(
         Arc::new(plan),
         host,
@@ -643,6 +667,24 @@ fn resume(args: &ResumeArgs) -> i32 {
     );
     lock.release();
     code
+}
+
+/// `evidence repair`, refused while a live run holds the bundle's run lock.
+fn repair_locked(
+    bundle: &Path,
+) -> Result<runbook_evidence::manifest::Manifest, runbook_evidence::EvidenceError> {
+    let dir = bundle
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    if let Some(h) = RunLock::live_holder(&dir) {
+        return Err(runbook_evidence::EvidenceError::Write {
+            path: bundle.to_path_buf(),
+            source: std::io::Error::other(format!(
+                "a run is in progress ({h}); repair it once it has ended"
+            )),
+        });
+    }
+    Recorder::repair(bundle)
 }
 
 /// Local attempts that started a process but never reported an end.
@@ -719,7 +761,7 @@ fn evidence(cmd: &EvidenceCommand) -> i32 {
                 }
             }
         }
-        EvidenceCommand::Repair { bundle } => match Recorder::repair(bundle) {
+        EvidenceCommand::Repair { bundle } => match repair_locked(bundle) {
             Ok(m) => {
                 if std::fs::remove_file(bundle.join("SHA256SUMS.minisig")).is_ok() {
                     eprintln!("note: the old signature was removed: the checksums it covered were rewritten");

@@ -105,6 +105,22 @@ impl RunLock {
         Ok((Self { lock }, stale))
     }
 
+    /// The holder, when a live run holds the lock (without taking it or changing the file).
+    pub fn live_holder(dir: &Path) -> Option<Holder> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .open(dir.join(".lock"))
+            .ok()?;
+        match Flock::lock(file, FlockArg::LockSharedNonblock) {
+            Ok(_) => None,
+            Err((mut file, _)) => {
+                let mut text = String::new();
+                let _ = file.read_to_string(&mut text);
+                serde_json::from_str(&text).ok()
+            }
+        }
+    }
+
     /// Clears the holder's details and unlocks: a clean end leaves no stale lock.
     pub fn release(self) {
         let _ = self.lock.set_len(0);

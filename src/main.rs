@@ -2,6 +2,37 @@
 //! evidence recorder, progress display and error rendering. Everything else lives in the
 //! `engine`, `steps` and `evidence` crates.
 
+/// stdout and stderr may be closed (`runbook run … 2>&1 | head`): printing must never stop the
+/// runner before the bundle is sealed, so these shadow the std macros, which panic on a write
+/// error.
+macro_rules! eprintln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+macro_rules! eprint {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+macro_rules! println {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+macro_rules! print {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 mod approve;
 mod bundles;
 mod cli;

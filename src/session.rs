@@ -19,6 +19,16 @@ use crate::cli::exit;
 use crate::console::{summary_table, Console};
 use crate::render;
 
+/// Writes to stderr, ignoring errors: a closed stderr (`runbook run … 2>&1 | head`) must not
+/// stop the runner before the bundle is sealed.
+fn say(text: &str) {
+    let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), text.as_bytes());
+}
+
+macro_rules! sayln {
+    ($($arg:tt)*) => { say(&format!("{}\n", format!($($arg)*))) };
+}
+
 pub struct Session {
     pub plan: Arc<Plan>,
     pub host: ExprHost,
@@ -100,7 +110,7 @@ pub fn execute(s: Session) -> i32 {
         RunStatus::Cancelled => exit::INTERRUPTED,
         RunStatus::AwaitingApproval => exit::AWAITING_APPROVAL,
     };
-    eprint!("\n{}", console.redact(&summary_table(&report)));
+    say(&format!("\n{}", console.redact(&summary_table(&report))));
     print_failure_tails(&report, &bundle);
     let mut recorder = recorder;
     if let (true, Some(r)) = (s.fail_on_leak, recorder.as_mut()) {
@@ -128,7 +138,7 @@ pub fn execute(s: Session) -> i32 {
     });
     match (evidence_error, finished) {
         (None, Some(Ok(dir))) => {
-            eprintln!(
+            sayln!(
                 "\nrun {} {} in {} — evidence: {}",
                 report.run_id,
                 report.status.as_str(),
@@ -136,7 +146,7 @@ pub fn execute(s: Session) -> i32 {
                 dir.display()
             );
             if report.status == RunStatus::AwaitingApproval {
-                eprintln!(
+                sayln!(
                     "continue with: runbook resume {} --approve STEP",
                     dir.display()
                 );
@@ -180,7 +190,7 @@ fn seal(
         }
         None if sig.exists() => {
             let _ = std::fs::remove_file(&sig);
-            eprintln!("note: the bundle's old signature was removed: its checksums changed; sign again with --sign-key");
+            sayln!("note: the bundle's old signature was removed: its checksums changed; sign again with --sign-key");
         }
         None => {}
     }
@@ -220,14 +230,14 @@ fn print_failure_tails(report: &RunReport, bundle: &Path) {
             .filter_map(|l| l.split_once(' ').map(|(_, rest)| rest))
             .filter(|l| !l.starts_with("--- "))
             .collect();
-        eprintln!(
+        sayln!(
             "\n{} failed: {}",
             s.id,
             s.reason.as_deref().unwrap_or("failed")
         );
-        eprintln!("  log: {}", log.display());
+        sayln!("  log: {}", log.display());
         for l in &lines[lines.len().saturating_sub(10)..] {
-            eprintln!("  | {l}");
+            sayln!("  | {l}");
         }
     }
 }
@@ -276,6 +286,9 @@ fn spawn_consumer(
                     result = r.flush();
                     last_flush = std::time::Instant::now();
                 }
+                if result.is_ok() && rx.is_empty() {
+                    result = r.flush_buffers();
+                }
             }
             if let Err(e) = result {
                 render::error(&format!("{e}: stopping the run, no new step will start"));
@@ -306,9 +319,11 @@ async fn watch_signals(
     abort: CancellationToken,
 ) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut int), Ok(mut term)) = (
+    // SIGHUP (the operator's SSH session dropped) stops the run like SIGTERM, cleanly.
+    let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
     ) else {
         return;
     };
@@ -316,15 +331,16 @@ async fn watch_signals(
         tokio::select! {
             _ = int.recv() => {}
             _ = term.recv() => {}
+            _ = hup.recv() => {}
         }
         if n == 0 {
-            eprintln!("\nstopping: TERM sent to running steps, KILL after their grace period (interrupt again to kill now)");
+            sayln!("\nstopping: TERM sent to running steps, KILL after their grace period (interrupt again to kill now)");
             cancel.cancel();
         } else if n == 1 {
-            eprintln!("\nkilling running steps now (`run_on_cancel` steps still run; interrupt again to stop them)");
+            sayln!("\nkilling running steps now (`run_on_cancel` steps still run; interrupt again to stop them)");
             force.cancel();
         } else {
-            eprintln!("\nstopping `run_on_cancel` steps too");
+            sayln!("\nstopping `run_on_cancel` steps too");
             abort.cancel();
         }
     }

@@ -208,7 +208,11 @@ impl Executor {
         loop {
             while let Some(i) = ready.pop_front() {
                 let step = &steps[i];
-                if plan.selected[i] {
+                // On resume, a success is kept — unless the operator picked the step again
+                // (`--only`/`--from`) or it is an `always` step (cleanup runs again after the
+                // rest of the run).
+                let keep_earlier = !plan.selected[i] || !(plan.rerun_selected || step.always);
+                if keep_earlier {
                     if let Some(report) = self.restore_prior(i, &results).await {
                         state[i] = State::Done(StepStatus::Succeeded);
                         satisfied[i] = true;
@@ -217,7 +221,15 @@ impl Executor {
                         continue;
                     }
                 }
-                let decision = if !plan.selected[i] {
+                let failed_earlier = plan.prior[i].attempts > 0;
+                let decision = if !plan.selected[i] && failed_earlier {
+                    // Left out of a resume: its earlier failure stands.
+                    Some((
+                        StepStatus::Failed,
+                        "not run again (not selected); it failed earlier".to_owned(),
+                        false,
+                    ))
+                } else if !plan.selected[i] {
                     Some((StepStatus::Skipped, "not selected".to_owned(), true))
                 } else if self.cancel.is_cancelled() && !(step.always && step.run_on_cancel) {
                     Some((
@@ -848,7 +860,12 @@ impl StepTask {
                 .map(|(_, by)| by.clone());
             let answer = match pre {
                 Some(by) => Approval::Granted { by },
-                None => self.approver.ask(&step.id, question).await,
+                None => tokio::select! {
+                    a = self.approver.ask(&step.id, question) => a,
+                    () = self.cancel.cancelled() => {
+                        return finish(StepStatus::Skipped, self.plan.prior[self.index].attempts, Some("not started: the run was cancelled while asking for approval".into()));
+                    }
+                },
             };
             let (granted, by) = match answer {
                 Approval::Granted { by } => (true, by),

@@ -81,6 +81,8 @@ pub struct Plan {
     pub resume_of: Option<(crate::event::RunStatus, String)>,
     /// Steps whose `approve` question was answered yes in advance (`--approve STEP`), by whom.
     pub approved: Vec<(String, String)>,
+    /// On resume with `--only`/`--from`: selected steps run again even if they succeeded.
+    pub rerun_selected: bool,
 }
 
 /// A step as an earlier run of the same bundle left it.
@@ -193,6 +195,7 @@ impl Plan {
             prior: vec![PriorStep::default(); n],
             resume_of: None,
             approved: Vec::new(),
+            rerun_selected: false,
         })
     }
 

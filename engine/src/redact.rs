@@ -10,7 +10,8 @@ pub struct Redactor {
 
 impl Redactor {
     pub fn new(mut secrets: Vec<(String, String)>) -> Self {
-        secrets.retain(|(_, v)| !v.is_empty());
+        // Too short to redact without mangling ordinary text (see the evidence redactor).
+        secrets.retain(|(_, v)| v.len() >= 4);
         secrets.sort_by_key(|s| std::cmp::Reverse(s.1.len()));
         Self { secrets }
     }

@@ -197,6 +197,11 @@ impl CastWriter {
         self.file.flush().map_err(write_err(&self.path))
     }
 
+    /// Hands buffered bytes to the kernel, so a crash of the runner loses none of them.
+    pub fn flush_buffer(&mut self) -> Result<(), EvidenceError> {
+        self.file.flush().map_err(write_err(&self.path))
+    }
+
     /// Re-redacts what was already written, with the current `redactor` (a secret registered
     /// after it was printed). Consecutive events of one stream are joined for matching, so a
     /// value printed in several reads is still found; the events it spanned are merged.

@@ -136,6 +136,11 @@ impl LogWriter {
         self.file.write_all(&rec).map_err(write_err(&self.path))
     }
 
+    /// Hands buffered bytes to the kernel, so a crash of the runner loses none of them.
+    pub fn flush_buffer(&mut self) -> Result<(), EvidenceError> {
+        self.file.flush().map_err(write_err(&self.path))
+    }
+
     /// Re-redacts what was already written (a secret registered after it was printed).
     pub fn rewrite_redacted(&mut self) -> Result<(), EvidenceError> {
         self.file.flush().map_err(write_err(&self.path))?;

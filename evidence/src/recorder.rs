@@ -655,6 +655,18 @@ impl Recorder {
         Ok(())
     }
 
+    /// Writes what the open logs and transcripts buffer to the kernel (no sync): called when the
+    /// consumer is idle, so the files of a running attempt survive a crash of the runner.
+    pub fn flush_buffers(&mut self) -> Result<(), EvidenceError> {
+        for log in self.logs.values_mut() {
+            log.flush_buffer()?;
+        }
+        for cast in self.casts.values_mut() {
+            cast.flush_buffer()?;
+        }
+        Ok(())
+    }
+
     /// Whether boundary events wait for [`Recorder::flush`].
     pub fn is_dirty(&self) -> bool {
         self.unsynced

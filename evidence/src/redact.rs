@@ -126,6 +126,10 @@ pub struct ByteRedactor {
     counts: Option<Arc<Mutex<BTreeMap<String, u64>>>>,
 }
 
+/// Secret values shorter than this are not redacted (a 1-character "secret" would match
+/// everywhere).
+pub const MIN_SECRET: usize = 4;
+
 /// Encodings shorter than this are not redacted on their own: they would match ordinary text.
 const MIN_VARIANT: usize = 6;
 
@@ -208,7 +212,9 @@ impl ByteRedactor {
         counts: Option<Arc<Mutex<BTreeMap<String, u64>>>>,
     ) -> Self {
         let mut patterns: Vec<(String, Vec<u8>)> = Vec::new();
-        for (name, value) in secrets.iter().filter(|(_, v)| !v.is_empty()) {
+        // A value shorter than this would be "found" all over ordinary text (and inside the
+        // placeholders themselves), destroying the bundle instead of protecting anything.
+        for (name, value) in secrets.iter().filter(|(_, v)| v.len() >= MIN_SECRET) {
             for v in variants(value) {
                 if !patterns.iter().any(|(_, p)| *p == v) {
                     patterns.push((name.clone(), v));
