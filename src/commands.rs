@@ -77,7 +77,7 @@ struct Loaded {
 /// Loads and compiles, printing diagnostics. `Err` carries the exit code.
 fn load(path: &Path, host: &ExprHost) -> Result<Loaded, i32> {
     let source = runbook_engine::load_source(path).map_err(|e| {
-        render::error(&e.to_string());
+        print_load_error(path, &e);
         exit::USAGE
     })?;
     match runbook_engine::compile(&source, host) {
@@ -96,6 +96,23 @@ fn load(path: &Path, host: &ExprHost) -> Result<Loaded, i32> {
             Err(exit::USAGE)
         }
     }
+}
+
+/// A file that cannot be read or is not UTF-8, as an RB0015 diagnostic (with the position of
+/// the first bad byte when there is one).
+fn print_load_error(path: &Path, e: &runbook_engine::LoadError) {
+    use runbook_engine::diagnostic::{Code, Diagnostic};
+    let mut d = Diagnostic::error(Code::Unreadable, e.to_string());
+    if let runbook_engine::LoadError::NotUtf8 { offset, .. } = e {
+        if let Ok(bytes) = std::fs::read(path) {
+            let text = String::from_utf8_lossy(&bytes[..(*offset).min(bytes.len())]).into_owned();
+            let source = runbook_engine::Source::new(path, text.clone() + "\u{fffd}");
+            d = d
+                .at(&source, text.len()..text.len() + 1, "not UTF-8")
+                .help("save the file as UTF-8 text");
+        }
+    }
+    print_diagnostics(&Diagnostics(vec![d]));
 }
 
 fn print_diagnostics(diags: &Diagnostics) {

@@ -457,8 +457,14 @@ impl Analyzer<'_> {
     fn check_param_refs(&mut self, code: &str, offset: usize, at: &Located, params: &[ParamSpec]) {
         for (name, at_name) in references(code, "params") {
             if !params.iter().any(|p| p.name == name) {
-                let here = at.at(offset + at_name);
-                let here = here.start..here.start + "params.".len() + name.len();
+                // Exact when the string holds its text verbatim; the whole string otherwise.
+                let here = match at.origin {
+                    Some(_) => {
+                        let start = at.at(offset + at_name).start;
+                        start..start + "params.".len() + name.len()
+                    }
+                    None => at.span.clone(),
+                };
                 let mut d =
                     Diagnostic::error(Code::UnknownParam, format!("unknown parameter `{name}`"))
                         .at(&self.src, here, "not declared under `[params]`");
@@ -1112,10 +1118,16 @@ impl Analyzer<'_> {
         {
             let mut scan = |code: &str, offset: usize, at: &Located| {
                 for (name, pos) in step_references(code) {
-                    let here = at.at(offset + pos);
+                    let span = match at.origin {
+                        Some(_) => {
+                            let start = at.at(offset + pos).start;
+                            start..start + "steps.".len() + name.len()
+                        }
+                        None => at.span.clone(),
+                    };
                     refs.push(Need {
                         id: StepId::new(&name),
-                        span: here.start..here.start + "steps.".len() + name.len(),
+                        span,
                     });
                 }
             };

@@ -88,7 +88,13 @@ pub struct Effects {
     pub secrets: Vec<(String, String)>,
 }
 
+/// Wall-clock bound per evaluation: the operation limit alone does not bound an expression
+/// whose few operations are each expensive (building large strings in a nested loop).
+const MAX_EVAL_TIME: std::time::Duration = std::time::Duration::from_secs(3);
+
 thread_local! {
+    /// When the evaluation running on this thread must stop.
+    static DEADLINE: std::cell::Cell<Option<std::time::Instant>> = const { std::cell::Cell::new(None) };
     /// Effects of the evaluation running on this thread. Evaluation is synchronous, so the
     /// slot is set just before and taken just after each one.
     static EFFECTS: RefCell<Option<Effects>> = const { RefCell::new(None) };
@@ -144,6 +150,16 @@ impl ExprHost {
             .set_fail_on_invalid_map_property(true)
             // Compile-time scopes hold placeholders; constant folding must never see them.
             .set_optimization_level(OptimizationLevel::None)
+            .on_progress(|_| {
+                let late =
+                    DEADLINE.with(|d| d.get().is_some_and(|t| std::time::Instant::now() > t));
+                late.then(|| {
+                    Dynamic::from(format!(
+                        "evaluation took longer than {}s",
+                        MAX_EVAL_TIME.as_secs()
+                    ))
+                })
+            })
             .on_print(|s| with_effects(|e| e.logs.push(s.to_owned())))
             .on_debug(|s, _, _| with_effects(|e| e.logs.push(s.to_owned())));
         // `eval` would let an expression run code the checker never saw.
@@ -200,6 +216,7 @@ impl ExprHost {
         scope: &mut Scope<'_>,
     ) -> (Result<Dynamic, EvalError>, Effects) {
         EFFECTS.with(|slot| *slot.borrow_mut() = Some(Effects::default()));
+        DEADLINE.with(|d| d.set(Some(std::time::Instant::now() + MAX_EVAL_TIME)));
         if !scope.contains("evidence") {
             scope.push_constant("evidence", EvidenceApi);
         }
@@ -210,6 +227,7 @@ impl ExprHost {
         let effects = EFFECTS
             .with(|slot| slot.borrow_mut().take())
             .unwrap_or_default();
+        DEADLINE.with(|d| d.set(None));
         (result, effects)
     }
 }
@@ -238,6 +256,7 @@ fn eval_error(e: &EvalAltResult) -> EvalError {
                 None => (text, false),
             }
         }
+        EvalAltResult::ErrorTerminated(d, _) => (d.to_string(), false),
         other => {
             // Rhai appends " (line l, position p)"; the caller reports positions itself.
             let text = other.to_string();

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 
-use petgraph::algo::tarjan_scc;
+use petgraph::algo::kosaraju_scc;
 use petgraph::graph::{DiGraph, NodeIndex};
 use petgraph::Direction;
 
@@ -303,15 +303,18 @@ fn quote(s: &str) -> String {
 /// component that has one.
 fn cycles(graph: &DiGraph<StepIdx, ()>) -> Vec<Vec<StepIdx>> {
     let mut out = Vec::new();
-    for scc in tarjan_scc(graph) {
-        let in_scc = |n: NodeIndex| scc.contains(&n);
+    // Kosaraju, not Tarjan: petgraph's Tarjan recurses once per node and overflows the stack on
+    // a 100,000-step chain.
+    for scc in kosaraju_scc(graph) {
         let start = *scc.iter().min().unwrap_or(&scc[0]);
         if scc.len() == 1 && !graph.contains_edge(start, start) {
             continue;
         }
+        let members: std::collections::HashSet<NodeIndex> = scc.iter().copied().collect();
+        let in_scc = |n: NodeIndex| members.contains(&n);
         // Walk `needs` edges (incoming) inside the component until we come back to `start`.
         let mut path = vec![start];
-        let mut visited = vec![start];
+        let mut visited: std::collections::HashSet<NodeIndex> = std::iter::once(start).collect();
         let mut current = start;
         loop {
             let next = graph
@@ -321,7 +324,7 @@ fn cycles(graph: &DiGraph<StepIdx, ()>) -> Vec<Vec<StepIdx>> {
             match next {
                 Some(n) if n == start => break,
                 Some(n) if !visited.contains(&n) => {
-                    visited.push(n);
+                    visited.insert(n);
                     path.push(n);
                     current = n;
                 }

@@ -481,9 +481,9 @@ mod tests {
 
     #[test]
     fn replaces_longest_first() {
-        let r = ByteRedactor::new(&[("a".into(), "tok".into()), ("b".into(), "token123".into())]);
+        let r = ByteRedactor::new(&[("a".into(), "toke".into()), ("b".into(), "token123".into())]);
         assert_eq!(
-            r.redact_str("x token123 tok"),
+            r.redact_str("x token123 toke"),
             "x [REDACTED:b] [REDACTED:a]"
         );
     }
