@@ -104,7 +104,7 @@ impl LogWriter {
             } else if p.bytes.len() > MAX_FRAGMENT {
                 // Redact what can be decided now; a secret that may continue past the end stays
                 // in the buffer until more arrives, so no cut ever splits one.
-                let cut = p.bytes.len().saturating_sub(self.redactor.overlap());
+                let cut = fragment_cut(&p.bytes, self.redactor.overlap());
                 let (head, used) = self.redactor.redact_prefix(&p.bytes, cut);
                 p.bytes.drain(..used);
                 let since = p.since.replace(at).unwrap_or(at);
@@ -183,6 +183,23 @@ impl LogWriter {
         self.flush_partial()?;
         self.file.flush().map_err(write_err(&self.path))
     }
+}
+
+/// Where to cut a long unfinished line: keep back what a secret value could still continue
+/// in, and never cut between a shape trigger (`authorization`, `bearer`) and the value after
+/// it, so redaction by shape sees both in the same piece.
+fn fragment_cut(bytes: &[u8], overlap: usize) -> usize {
+    const KEEP: usize = 256;
+    let len = bytes.len();
+    let mut cut = len.saturating_sub(overlap.max(KEEP));
+    let window = cut.saturating_sub(KEEP);
+    let lower = bytes[window..].to_ascii_lowercase();
+    for trigger in [&b"authorization"[..], b"bearer"] {
+        if let Some(pos) = lower.windows(trigger.len()).rposition(|w| w == trigger) {
+            cut = cut.min(window + pos);
+        }
+    }
+    cut.max(1)
 }
 
 pub fn stamp(at: DateTime<Utc>) -> String {

@@ -3,9 +3,11 @@
 
 mod assessor;
 mod common;
+mod corpus;
 mod diagnostics;
 mod durability;
 mod evidence;
 mod execution;
 mod expressions;
+mod output_edges;
 mod processes;
