@@ -1727,12 +1727,6 @@ pub(crate) mod test_support {
         });
         serde_json::from_value(v).expect("manifest from json")
     }
-
-    /// Reads a real bundle's `manifest.json`.
-    pub fn from_bundle(bundle: &Path) -> Manifest {
-        let text = std::fs::read_to_string(bundle.join("manifest.json")).expect("manifest.json");
-        serde_json::from_str(&text).expect("parse manifest.json")
-    }
 }
 
 #[cfg(test)]
@@ -1881,86 +1875,5 @@ mod tests {
                 assert!(html.contains("carol"));
             }
         }
-    }
-
-    /// Manual check: renders report.html, junit.xml, metrics.prom and one .cast per attempt
-    /// (replayed from the attempt logs) for a real bundle.
-    /// `RUNBOOK_BUNDLE=<bundle dir> RUNBOOK_OUT=<dir> cargo test -p runbook-evidence -- --ignored render_real_bundle`
-    #[test]
-    #[ignore]
-    fn render_real_bundle() {
-        let Ok(bundle) = std::env::var("RUNBOOK_BUNDLE") else {
-            eprintln!("set RUNBOOK_BUNDLE to a bundle directory");
-            return;
-        };
-        let out = std::env::var("RUNBOOK_OUT")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|_| std::path::PathBuf::from(&bundle));
-        std::fs::create_dir_all(&out).expect("out dir");
-        // `RUNBOOK_BUNDLE=sample`: the hand-made failed run of these tests, written into OUT.
-        let (bundle, m) = if bundle == "sample" {
-            (out.clone(), failed_run(&out))
-        } else {
-            let bundle = std::path::PathBuf::from(bundle);
-            let m = from_bundle(&bundle);
-            (bundle, m)
-        };
-        let html = render_report(&m, &bundle).expect("render");
-        std::fs::write(out.join("report.html"), html).expect("write report");
-        std::fs::write(
-            out.join("junit.xml"),
-            crate::junit::render_junit(&m, &bundle),
-        )
-        .expect("write junit");
-        let prom = crate::metrics::render_metrics(&m);
-        crate::metrics::write_textfile(&out, "metrics.prom", &prom).expect("write metrics");
-        for s in &m.steps {
-            for a in &s.attempts {
-                let log = bundle.join(&a.log);
-                let Ok(data) = std::fs::read(&log) else {
-                    continue;
-                };
-                let cast = out.join(a.log.replace(".log", ".cast"));
-                let mut w = crate::cast::CastWriter::create(
-                    &cast,
-                    a.started_at,
-                    &format!(
-                        "{} / {} [{}] attempt {}",
-                        m.runbook.name, s.id, a.target, a.attempt
-                    ),
-                    &a.command,
-                    crate::redact::ByteRedactor::default(),
-                )
-                .expect("cast");
-                let mut last = a.started_at;
-                for raw in data.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-                    let (time, rest) =
-                        raw.split_at(raw.iter().position(|&b| b == b' ').unwrap_or(0));
-                    let rest = rest.get(1..).unwrap_or_default();
-                    let (tag, bytes) =
-                        rest.split_at(rest.iter().position(|&b| b == b' ').unwrap_or(rest.len()));
-                    let bytes = bytes.get(1..).unwrap_or_default();
-                    if let Ok(t) = DateTime::parse_from_rfc3339(&String::from_utf8_lossy(time)) {
-                        last = t.with_timezone(&Utc);
-                    }
-                    let stream = match tag {
-                        b"out" | b"out+" => runbook_engine::event::Stream::Stdout,
-                        b"err" | b"err+" => runbook_engine::event::Stream::Stderr,
-                        _ => continue,
-                    };
-                    let mut chunk = bytes.to_vec();
-                    if !tag.ends_with(b"+") {
-                        chunk.push(b'\n');
-                    }
-                    w.write(last, stream, &chunk).expect("cast write");
-                }
-                w.finish(
-                    a.finished_at.unwrap_or(last),
-                    &format!("attempt {}: {}", a.attempt, attempt_outcome_text(a)),
-                )
-                .expect("cast finish");
-            }
-        }
-        eprintln!("wrote {}", out.display());
     }
 }

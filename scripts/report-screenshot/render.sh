@@ -1,26 +1,20 @@
 #!/usr/bin/env bash
-# Renders report.html, junit.xml, metrics.prom and per-attempt .cast files for an existing
-# evidence bundle (into OUT, not into the bundle, so its SHA256SUMS stays valid), then takes a
-# screenshot of the report with headless Chromium.
+# Takes a screenshot of a bundle's report.html with headless Chromium, to look at what an
+# assessor sees. The report is written by `runbook` itself when the bundle is sealed (and
+# rewritten by `runbook evidence repair`).
 #
-#   scripts/report-screenshot/render.sh <bundle dir>|sample <out dir> [height]
+#   scripts/report-screenshot/render.sh <bundle dir> <out dir> [height]
 #
-# `sample` renders the hand-made failed run used by the unit tests (report::test_support).
-#
-# Needs: cargo, chromium (apt-get install -y chromium). Uses CARGO_TARGET_DIR if set.
+# Needs: chromium (apt-get install -y chromium).
 set -euo pipefail
-if [ "$1" = sample ]; then bundle=sample; else bundle=$(cd "$1" && pwd); fi
+bundle=$(cd "$1" && pwd)
 out=$(mkdir -p "$2" && cd "$2" && pwd)
 height=${3:-1600}
-here=$(cd "$(dirname "$0")/../.." && pwd)
-cd "$here"
-RUNBOOK_BUNDLE="$bundle" RUNBOOK_OUT="$out" \
-  cargo test -q -p runbook-evidence --lib -- --ignored --exact report::tests::render_real_bundle >/dev/null
+[ -f "$bundle/report.html" ] || { echo "no report.html in $bundle" >&2; exit 2; }
 profile=$(mktemp -d)
 trap 'rm -rf "$profile"' EXIT
 chromium --headless --no-sandbox --disable-gpu --disable-background-networking \
   --disable-component-update --disable-sync --no-first-run --user-data-dir="$profile" \
   --hide-scrollbars --screenshot="$out/report.png" --window-size="1280,$height" \
-  "file://$out/report.html" 2>/dev/null
-echo "$out/report.html"
+  "file://$bundle/report.html" 2>/dev/null
 echo "$out/report.png"
