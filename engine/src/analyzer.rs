@@ -82,8 +82,9 @@ const STEP_KEYS: &[&str] = &[
     "approve",
 ];
 
-/// Parses and validates a runbook. Returns the runbook only when there are no errors; the
-/// diagnostics may hold warnings either way.
+/// Parses and validates a runbook. Returns the runbook whenever its structure could be read —
+/// also when there are errors, so that the graph checks can still report theirs in the same
+/// pass; callers must not run a runbook whose diagnostics hold errors.
 pub fn analyze(source: &Arc<Source>, host: &ExprHost) -> (Option<Runbook>, Diagnostics) {
     let mut analyzer = Analyzer {
         src: source.clone(),
@@ -93,11 +94,7 @@ pub fn analyze(source: &Arc<Source>, host: &ExprHost) -> (Option<Runbook>, Diagn
     let runbook = analyzer.runbook();
     let mut diags = analyzer.diags;
     diags.sort();
-    if diags.has_errors() {
-        (None, diags)
-    } else {
-        (runbook, diags)
-    }
+    (runbook, diags)
 }
 
 struct Analyzer<'h> {
@@ -1191,7 +1188,11 @@ impl Analyzer<'_> {
             id,
             id_span,
             needs,
-            action: action?,
+            // A step whose action did not parse stays in the (never runnable) runbook, so that
+            // steps needing it are not also reported as needing a missing step.
+            action: action.unwrap_or_else(|| Action::Run {
+                command: Template::literal(""),
+            }),
             env,
             cwd,
             shell,

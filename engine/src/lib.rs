@@ -65,8 +65,10 @@ pub fn compile(
     let Some(runbook) = runbook else {
         return Err(diags);
     };
+    // Graph problems (unknown needs, cycles) are reported in the same pass as the rest.
     match graph::StepGraph::compile(&runbook) {
-        Ok(graph) => Ok((Arc::new(runbook), graph, diags)),
+        Ok(graph) if !diags.has_errors() => Ok((Arc::new(runbook), graph, diags)),
+        Ok(_) => Err(diags),
         Err(more) => {
             diags.extend(more);
             diags.sort();

@@ -323,3 +323,16 @@ fn unknown_set_param_and_selection_are_usage_errors() {
         "no step `biuld` in this runbook (given to `--only`); did you mean `build`?",
     );
 }
+
+/// Regression: graph problems (unknown needs, cycles) were only reported once every other
+/// error was fixed.
+#[test]
+fn graph_problems_are_reported_with_the_others() {
+    let out = check(&format!(
+        "{HEAD}[[steps]]\nid = \"a\"\nrun = \"true\"\ntimout = \"5s\"\nneeds = [\"b\"]\n[[steps]]\nid = \"c\"\nneeds = [\"d\"]\n[[steps]]\nid = \"d\"\nneeds = [\"c\"]\nrun = \"true\"\n"
+    ));
+    out.assert_code(2);
+    for code in ["RB0002", "RB0006", "RB0007", "RB0013"] {
+        out.assert_stderr_contains(&format!("[{code}]"));
+    }
+}
