@@ -108,7 +108,7 @@ pub enum EvidenceCommand {
     /// List the bundles under an evidence directory: when, what, status, who
     List {
         /// The evidence directory
-        #[arg(default_value = "proof")]
+        #[arg(default_value = "proof", env = "RUNBOOK_EVIDENCE_DIR")]
         dir: PathBuf,
     },
     /// Summarise one bundle in the terminal

@@ -276,6 +276,12 @@ impl Plan {
                 if step.continue_on_failure {
                     flags.push("continue on failure".into());
                 }
+                if step.run_on_cancel {
+                    flags.push("runs on cancel".into());
+                }
+                if step.approve.is_some() {
+                    flags.push("needs approval".into());
+                }
                 let needs: Vec<&str> = step.needs.iter().map(|n| n.id.as_str()).collect();
                 let _ = write!(out, "  {}", step.id);
                 if !needs.is_empty() {
