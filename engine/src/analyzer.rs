@@ -498,15 +498,7 @@ impl Analyzer<'_> {
                 .at(&self.src, at.at(e.offset), e.message.clone())
                 .help("`{{ expr }}` holds a Rhai expression; write a literal `{{` as `\\{{`");
                 if e.message.contains("Undefined variable") {
-                    d = d.note(format!(
-                        "templates can use: {}",
-                        Context::Step
-                            .variables()
-                            .iter()
-                            .map(|v| format!("`{v}`"))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ));
+                    d = d.note(format!("templates can use: {}", Context::Step.describe()));
                 }
                 self.push(d);
                 None
@@ -544,15 +536,7 @@ impl Analyzer<'_> {
                 )
                 .at(&self.src, at.at(offset), e.message.clone());
                 if e.message.contains("Undefined variable") {
-                    d = d.help(format!(
-                        "`{key}` can use: {}",
-                        context
-                            .variables()
-                            .iter()
-                            .map(|v| format!("`{v}`"))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ));
+                    d = d.help(format!("`{key}` can use: {}", context.describe()));
                 }
                 self.push(d);
                 None

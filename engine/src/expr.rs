@@ -39,6 +39,15 @@ pub enum Context {
 }
 
 impl Context {
+    /// The variables as a diagnostic lists them: `` `params`, `run`, … ``.
+    pub fn describe(self) -> String {
+        self.variables()
+            .iter()
+            .map(|v| format!("`{v}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     pub fn variables(self) -> &'static [&'static str] {
         match self {
             Context::Step => &["params", "run", "steps", "env", "evidence"],
