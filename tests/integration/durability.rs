@@ -161,7 +161,15 @@ fn kill_9_mid_attempt_then_resume_runs_only_what_did_not_finish() {
         .file("flaky-ok", "");
     let dir = t.path().to_path_buf();
     let mut child = start_run(&dir, &[]);
-    wait_for("b to start", || counter(&dir).contains(&"b".to_owned()));
+    // Started, and its start recorded: the journal is written by another thread than the one
+    // that starts processes, so the counter alone can run ahead of it.
+    wait_for("b to start", || {
+        counter(&dir).contains(&"b".to_owned())
+            && std::fs::read_to_string(find_bundle(&dir).join("journal.jsonl")).is_ok_and(|j| {
+                j.lines()
+                    .any(|l| l.contains("process_started") && l.contains("\"step\":\"b\""))
+            })
+    });
     kill9(&mut child);
     assert!(
         !processes_matching(&format!("sleep {marker}")).is_empty(),
@@ -269,7 +277,15 @@ fn a_torn_journal_line_is_tolerated() {
         .file("flaky-ok", "");
     let dir = t.path().to_path_buf();
     let mut child = start_run(&dir, &[]);
-    wait_for("b to start", || counter(&dir).contains(&"b".to_owned()));
+    // Started, and its start recorded: the journal is written by another thread than the one
+    // that starts processes, so the counter alone can run ahead of it.
+    wait_for("b to start", || {
+        counter(&dir).contains(&"b".to_owned())
+            && std::fs::read_to_string(find_bundle(&dir).join("journal.jsonl")).is_ok_and(|j| {
+                j.lines()
+                    .any(|l| l.contains("process_started") && l.contains("\"step\":\"b\""))
+            })
+    });
     kill9(&mut child);
     let bundle = find_bundle(&dir);
     let journal = bundle.join("journal.jsonl");
