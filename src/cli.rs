@@ -89,6 +89,41 @@ pub enum Command {
         #[command(subcommand)]
         command: EvidenceCommand,
     },
+    /// Show or export an inventory (an inventory file, or a runbook's `[runbook] inventory`)
+    Inventory {
+        #[command(subcommand)]
+        command: InventoryCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum InventoryCommand {
+    /// List hosts with their address, user, groups and host-key policy
+    Show {
+        /// An inventory file, or a runbook naming one
+        file: PathBuf,
+        /// Only the hosts this selector picks (`servers[0]`, `all,!bastion`)
+        #[arg(long, value_name = "SELECTOR")]
+        select: Option<String>,
+    },
+    /// Write the inventory in a form other tools read
+    #[command(
+        after_help = "Examples:\n  runbook inventory export runbooks/inventory/lab.toml --format ansible > hosts.ini\n  ansible-playbook -i hosts.ini site.yml"
+    )]
+    Export {
+        /// An inventory file, or a runbook naming one
+        file: PathBuf,
+        #[arg(long, value_enum, default_value_t = ExportFormat::Ansible)]
+        format: ExportFormat,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ExportFormat {
+    /// Ansible INI inventory
+    Ansible,
+    /// Ansible YAML inventory
+    AnsibleYaml,
 }
 
 #[derive(Debug, Subcommand)]
@@ -163,6 +198,9 @@ pub struct ParamArgs {
     /// Set a parameter: `--set name=value` (repeatable)
     #[arg(long = "set", value_name = "NAME=VALUE")]
     pub set: Vec<String>,
+    /// The inventory for steps with `on` [default: `[runbook] inventory`]
+    #[arg(long, short = 'i', value_name = "FILE", env = "RUNBOOK_INVENTORY")]
+    pub inventory: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -176,7 +214,7 @@ pub struct RunArgs {
     /// Where evidence bundles go [default: `[runbook] evidence_dir`, else ./proof]
     #[arg(long, value_name = "DIR", env = "RUNBOOK_EVIDENCE_DIR")]
     pub evidence_dir: Option<PathBuf>,
-    /// Print the plan and stop: nothing runs, no bundle is written
+    /// Print the plan; run only the steps' `plan` commands (terraform plan, ansible --check)
     #[arg(long)]
     pub dry_run: bool,
     #[command(flatten)]
@@ -189,6 +227,9 @@ pub struct ExecArgs {
     /// How many attempts may run at once [default: number of CPUs]
     #[arg(long, short = 'j', value_name = "N")]
     pub parallel: Option<usize>,
+    /// How many host attempts may run at once over SSH [default: 50]
+    #[arg(long, value_name = "N")]
+    pub forks: Option<usize>,
     /// Print a JSON summary on stdout at the end
     #[arg(long)]
     pub json: bool,

@@ -10,6 +10,7 @@ use runbook_engine::diagnostic::Code;
 use runbook_engine::event::{RunEvent, RunStatus};
 use runbook_engine::expr::ExprHost;
 use runbook_engine::graph::StepGraph;
+use runbook_engine::inventory::Inventory;
 use runbook_engine::params::BoundParams;
 use runbook_engine::plan::{Plan, RunInfo, Selection};
 use runbook_engine::runner::{Approver, NoApprover};
@@ -55,6 +56,7 @@ pub fn main() -> i32 {
             password,
         } => keygen(&secret_key, &public_key, force, password.as_deref()),
         Command::Evidence { command } => evidence(&command),
+        Command::Inventory { command } => crate::inventory_cmd::run(&command),
     }
 }
 
@@ -115,6 +117,10 @@ fn print_load_error(path: &Path, e: &runbook_engine::LoadError) {
     print_diagnostics(&Diagnostics(vec![d]));
 }
 
+pub(crate) fn print_diagnostics_pub(diags: &Diagnostics) {
+    print_diagnostics(diags);
+}
+
 fn print_diagnostics(diags: &Diagnostics) {
     if !diags.0.is_empty() {
         eprint!("{}", diagnostics_to_string(&diags.0, stderr_color()));
@@ -138,20 +144,76 @@ fn selection(s: &crate::cli::Selection) -> Selection {
     }
 }
 
-fn make_plan(loaded: Loaded, sets: &[String], sel: &crate::cli::Selection) -> Result<Plan, i32> {
-    let params = bind_params(&loaded.runbook, sets)?;
+fn make_plan(
+    loaded: Loaded,
+    params: &crate::cli::ParamArgs,
+    sel: &crate::cli::Selection,
+) -> Result<Plan, i32> {
+    let inventory = load_inventory(&loaded.runbook, params.inventory.as_deref(), true)?;
+    let bound = bind_params(&loaded.runbook, &params.set)?;
     let workdir = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
-    Plan::new(
+    let plan = Plan::new(
         loaded.runbook,
         loaded.graph,
-        params,
+        bound,
         &selection(sel),
         workdir,
     )
     .map_err(|e| {
         render::error(&e.to_string());
         exit::USAGE
-    })
+    })?;
+    if let Some(inv) = inventory {
+        plan.set_inventory(inv);
+    }
+    Ok(plan)
+}
+
+/// The inventory a run uses: `--inventory`, else the runbook's `[runbook] inventory`
+/// (relative to the runbook). Every `on` selector is checked against it; without one,
+/// steps with `on` are errors when `required` (run, plan) and warnings otherwise (check).
+pub(crate) fn load_inventory(
+    runbook: &runbook_engine::Runbook,
+    explicit: Option<&Path>,
+    required: bool,
+) -> Result<Option<Inventory>, i32> {
+    let path = match (explicit, &runbook.meta.inventory) {
+        (Some(p), _) => Some(p.to_path_buf()),
+        (None, Some(rel)) => Some(runbook.base_dir().join(rel)),
+        (None, None) => None,
+    };
+    let inventory = match path {
+        None => None,
+        Some(path) => {
+            let source = runbook_engine::load_source(&path).map_err(|e| {
+                print_load_error(&path, &e);
+                exit::USAGE
+            })?;
+            match Inventory::parse(&source) {
+                Ok(inv) => Some(inv),
+                Err(diags) => {
+                    print_diagnostics(&diags);
+                    render::error(&format!(
+                        "inventory `{}` has {} error(s); nothing was run",
+                        path.display(),
+                        diags.error_count()
+                    ));
+                    return Err(exit::USAGE);
+                }
+            }
+        }
+    };
+    let diags = runbook_engine::inventory::check_targets(runbook, inventory.as_ref(), required);
+    print_diagnostics(&diags);
+    if diags.has_errors() {
+        render::error(&format!(
+            "`{}`: {} step(s) cannot find their hosts; nothing was run",
+            runbook.source.path().display(),
+            diags.error_count()
+        ));
+        return Err(exit::USAGE);
+    }
+    Ok(inventory)
 }
 
 fn check(args: &CheckArgs) -> i32 {
@@ -159,11 +221,14 @@ fn check(args: &CheckArgs) -> i32 {
     let mut failed = 0;
     for file in &args.files {
         match load(file, &host) {
-            Ok(loaded) => eprintln!(
-                "{}: ok ({} steps)",
-                file.display(),
-                loaded.runbook.steps.len()
-            ),
+            Ok(loaded) => match load_inventory(&loaded.runbook, None, false) {
+                Ok(_) => eprintln!(
+                    "{}: ok ({} steps)",
+                    file.display(),
+                    loaded.runbook.steps.len()
+                ),
+                Err(_) => failed += 1,
+            },
             Err(_) => failed += 1,
         }
     }
@@ -176,12 +241,11 @@ fn check(args: &CheckArgs) -> i32 {
 
 fn plan(args: &PlanArgs) -> i32 {
     let host = ExprHost::new();
-    let plan = match load(&args.file, &host)
-        .and_then(|l| make_plan(l, &args.params.set, &args.selection))
-    {
-        Ok(p) => p,
-        Err(code) => return code,
-    };
+    let plan =
+        match load(&args.file, &host).and_then(|l| make_plan(l, &args.params, &args.selection)) {
+            Ok(p) => p,
+            Err(code) => return code,
+        };
     print!("{}", plan.to_text(&host, &RunInfo::generate()));
     exit::OK
 }
@@ -421,17 +485,32 @@ fn run(args: &RunArgs) -> i32 {
         Ok(k) => k,
         Err(code) => return code,
     };
-    let plan = match load(&args.file, &host)
-        .and_then(|l| make_plan(l, &args.params.set, &args.selection))
-    {
-        Ok(p) => p,
-        Err(code) => return code,
-    };
+    let plan =
+        match load(&args.file, &host).and_then(|l| make_plan(l, &args.params, &args.selection)) {
+            Ok(p) => p,
+            Err(code) => return code,
+        };
+    let mut plan = plan;
+    plan.forks = args
+        .exec
+        .forks
+        .unwrap_or(runbook_engine::plan::DEFAULT_FORKS)
+        .max(1);
     let run_info = RunInfo::generate();
     if args.dry_run {
         print!("{}", plan.to_text(&host, &run_info));
-        eprintln!("dry run: nothing was run and no evidence was written");
-        return exit::OK;
+        let has_plan_commands = plan
+            .runbook
+            .steps
+            .iter()
+            .enumerate()
+            .any(|(i, s)| plan.selected[i] && s.plan.is_some());
+        if !has_plan_commands {
+            eprintln!("dry run: nothing was run and no evidence was written");
+            return exit::OK;
+        }
+        eprintln!("dry run: running only the steps' `plan` commands; the bundle records them");
+        plan.dry_run = true;
     }
     let plan = Arc::new(plan);
     let evidence_dir = evidence_dir_for(&plan, args.evidence_dir.as_ref());
@@ -460,6 +539,7 @@ fn run(args: &RunArgs) -> i32 {
         workdir: plan.workdir.clone(),
         command_line: std::env::args().collect(),
         context: crate::context::collect(&args.file, &plan.workdir, &plan.runbook.meta.facts),
+        inventory: plan.inventory().source.clone(),
     }) {
         Ok(r) => r,
         Err(e) => {
@@ -634,6 +714,10 @@ fn resume(args: &ResumeArgs) -> i32 {
         ));
         return exit::USAGE;
     }
+    let inventory = match load_inventory(&loaded.runbook, args.params.inventory.as_deref(), true) {
+        Ok(i) => i,
+        Err(code) => return code,
+    };
     let mut plan = match Plan::new(
         loaded.runbook,
         loaded.graph,
@@ -647,6 +731,14 @@ fn resume(args: &ResumeArgs) -> i32 {
             return exit::USAGE;
         }
     };
+    if let Some(inv) = inventory {
+        plan.set_inventory(inv);
+    }
+    plan.forks = args
+        .exec
+        .forks
+        .unwrap_or(runbook_engine::plan::DEFAULT_FORKS)
+        .max(1);
 
     let by = format!("{}@{}", op.user, op.host);
     for id in &args.approve {

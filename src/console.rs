@@ -85,8 +85,63 @@ impl Console {
             }
             RunEvent::StepStarted { .. }
             | RunEvent::Collect { .. }
+            | RunEvent::Artifact { .. }
+            | RunEvent::Clock { .. }
             | RunEvent::ProcessStarted { .. }
             | RunEvent::RunFinished { .. } => {}
+            RunEvent::Batch {
+                step,
+                number,
+                hosts,
+                failed,
+                ..
+            } => self.line(&format!(
+                "▣ {step} batch {number} done ({}){}",
+                hosts.join(", "),
+                if *failed > 0 {
+                    format!(", {failed} failed")
+                } else {
+                    String::new()
+                }
+            )),
+            RunEvent::HostAdded {
+                name,
+                address,
+                groups,
+                ..
+            } => self.line(&format!(
+                "+ host {name} ({address}) added to {}",
+                if groups.is_empty() {
+                    "the inventory".to_owned()
+                } else {
+                    groups.join(", ")
+                }
+            )),
+            RunEvent::DrillMeasured { report, .. } => {
+                let part = |name: &str, o: &Option<runbook_engine::event::Objective>| {
+                    o.as_ref().map(|o| {
+                        format!(
+                            "{name} {} (target {}){}",
+                            o.measured_seconds.map_or("not measured".to_owned(), |m| {
+                                runbook_engine::duration::format_spec(Duration::from_secs_f64(m))
+                            }),
+                            runbook_engine::duration::format_spec(Duration::from_secs_f64(
+                                o.target_seconds
+                            )),
+                            o.why.as_ref().map(|w| format!(": {w}")).unwrap_or_default()
+                        )
+                    })
+                };
+                let parts: Vec<String> = [part("RTO", &report.rto), part("RPO", &report.rpo)]
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                self.line(&format!(
+                    "drill {}: {}",
+                    report.verdict.as_str().to_uppercase(),
+                    parts.join("; ")
+                ));
+            }
             RunEvent::AttemptStarted {
                 step,
                 attempt,

@@ -39,6 +39,7 @@ mod cli;
 mod commands;
 mod console;
 mod context;
+mod inventory_cmd;
 mod lock;
 mod render;
 mod session;

@@ -11,7 +11,7 @@ use runbook_engine::expr::ExprHost;
 use runbook_engine::plan::{Plan, RunInfo};
 use runbook_engine::runner::Approver;
 use runbook_evidence::Recorder;
-use runbook_steps::LocalRunner;
+use runbook_steps::Dispatcher;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -81,7 +81,7 @@ pub fn execute(s: Session) -> i32 {
         let signals = tokio::spawn(watch_signals(cancel.clone(), force.clone(), abort.clone()));
         let executor = Executor::new(
             s.plan.clone(),
-            Arc::new(LocalRunner),
+            Arc::new(Dispatcher::new()),
             s.host.clone(),
             s.run,
             s.parallel,

@@ -14,10 +14,12 @@ use toml::Spanned;
 use crate::diagnostic::{suggest, Code, Diagnostic, Diagnostics};
 use crate::duration::parse_duration;
 use crate::expr::{Context, ExprHost};
+use crate::inventory::Selector;
 use crate::retry::{Backoff, RetryPolicy};
 use crate::runbook::{
-    default_shell, Action, Capture, Hooks, Located, Meta, Need, ParamSpec, Runbook, SpannedExpr,
-    StepId, StepSpec, DEFAULT_KILL_GRACE,
+    default_shell, Action, Budget, Capture, DrillSpec, Gate, Hooks, Located, Meta, Need, ParamSpec,
+    RequestKind, Runbook, SpannedExpr, Spec, StepId, StepSpec, Strategy, StrategyKind,
+    DEFAULT_KILL_GRACE,
 };
 use crate::source::{Source, Span};
 use crate::template::Template;
@@ -25,7 +27,46 @@ use crate::template::Template;
 type Value<'i> = Spanned<DeValue<'i>>;
 
 const TOP_KEYS: &[&str] = &[
-    "runbook", "params", "defaults", "hooks", "evidence", "steps",
+    "runbook", "params", "defaults", "hooks", "evidence", "steps", "drill", "notify",
+];
+const DRILL_KEYS: &[&str] = &[
+    "rto",
+    "rpo",
+    "clock_start",
+    "clock_stop",
+    "restored_data_time",
+];
+const STRATEGY_KEYS: &[&str] = &["parallel", "rolling", "max_failures", "pause", "gate"];
+/// Keys a sub-step of a block takes: no `needs`, `on` or nested blocks of its own.
+const BLOCK_STEP_KEYS: &[&str] = &[
+    "id",
+    "title",
+    "description",
+    "run",
+    "env",
+    "cwd",
+    "shell",
+    "timeout",
+    "kill_grace",
+    "retry",
+    "continue_on_failure",
+    "always",
+    "script",
+    "when",
+    "until",
+    "check",
+    "outputs",
+    "capture",
+    "before",
+    "after",
+    "sudo",
+    "pty",
+    "local",
+    "http",
+    "tcp",
+    "screenshot",
+    "upload",
+    "plan",
 ];
 const EVIDENCE_KEYS: &[&str] = &["facts", "redact"];
 const RUNBOOK_KEYS: &[&str] = &[
@@ -35,6 +76,7 @@ const RUNBOOK_KEYS: &[&str] = &[
     "refs",
     "evidence_dir",
     "allow_env",
+    "inventory",
 ];
 const HOOK_KEYS: &[&str] = &[
     "before_run",
@@ -80,6 +122,16 @@ const STEP_KEYS: &[&str] = &[
     "after",
     "run_on_cancel",
     "approve",
+    "on",
+    "strategy",
+    "steps",
+    "sudo",
+    "pty",
+    "http",
+    "tcp",
+    "screenshot",
+    "upload",
+    "plan",
 ];
 
 /// Parses and validates a runbook. Returns the runbook whenever its structure could be read —
@@ -249,6 +301,11 @@ impl Analyzer<'_> {
                 Vec::new()
             }
         };
+        let drill = get(root_table, "drill").and_then(|v| self.drill(v, &params, &shifted));
+        let notify = get(root_table, "notify").and_then(|v| {
+            self.table(v, "notify", &shifted)?;
+            Some((self.json(v, &shifted)?, shifted.span(v.span())))
+        });
         let mut meta = meta?;
         meta.facts = facts;
         meta.redact = redact;
@@ -258,6 +315,8 @@ impl Analyzer<'_> {
             params,
             hooks,
             steps,
+            drill,
+            notify,
         })
     }
 
@@ -607,6 +666,7 @@ impl Analyzer<'_> {
                 .collect(),
             facts: Vec::new(),
             redact: Vec::new(),
+            inventory: self.opt_string(t, "inventory", s).map(PathBuf::from),
         })
     }
 
@@ -905,7 +965,7 @@ impl Analyzer<'_> {
         let mut out = Vec::with_capacity(items.len());
         let mut seen: HashMap<String, (StepId, Span)> = HashMap::with_capacity(items.len());
         for item in items.iter() {
-            let Some(step) = self.step(item, defaults, params, s) else {
+            let Some(step) = self.step(item, defaults, params, s, false) else {
                 continue;
             };
             let norm = step.id.normalized();
@@ -928,15 +988,389 @@ impl Analyzer<'_> {
         out
     }
 
+    /// What a step does: exactly one of `run`, `script`, `http`, `tcp`, `screenshot`, `upload`
+    /// or a block of `steps`.
+    #[allow(clippy::too_many_arguments)]
+    fn action(
+        &mut self,
+        t: &DeTable<'_>,
+        id: &StepId,
+        id_span: &Span,
+        defaults: &Defaults,
+        params: &[ParamSpec],
+        s: &ShiftedSpans,
+        in_block: bool,
+    ) -> Option<Action> {
+        let mut keys: Vec<&str> = vec!["run", "script"];
+        keys.extend(RequestKind::ALL.iter().map(|k| k.key()));
+        if !in_block {
+            keys.push("steps");
+        }
+        let present: Vec<(&str, &Value<'_>)> = keys
+            .iter()
+            .filter_map(|k| get(t, k).map(|v| (*k, v)))
+            .collect();
+        match present.as_slice() {
+            [] => {
+                let d = Diagnostic::error(Code::StepAction, format!("step `{id}` has nothing to do"))
+                    .at(&self.src, id_span.clone(), "no action in this step")
+                    .help("add one of `run = \"<shell command>\"`, `script = \"<Rhai>\"`, `http = { url = \"…\" }`, `tcp = { host = \"…\", port = 22 }`, `screenshot = { url = \"…\" }`, `upload = { dest = \"…\", content = \"…\" }` or a block `steps = [ … ]`");
+                self.push(d);
+                None
+            }
+            [(key, v)] => match *key {
+                "run" => self
+                    .template(v, "run", params, s)
+                    .map(|command| Action::Run { command }),
+                "script" => self
+                    .expression(v, "script", Context::Step, true, params, s)
+                    .map(|script| Action::Script { script }),
+                "steps" => self.block(v, defaults, params, s),
+                other => {
+                    let kind = RequestKind::ALL.into_iter().find(|k| k.key() == other)?;
+                    self.request(kind, v, params, s)
+                }
+            },
+            [(first, _), (second, v2), ..] => {
+                let d = Diagnostic::error(
+                    Code::StepAction,
+                    format!("step `{id}` has both `{first}` and `{second}`"),
+                )
+                .at(&self.src, s.span(v2.span()), "second action")
+                .help("a step does one thing: split it into two steps");
+                self.push(d);
+                None
+            }
+        }
+    }
+
+    fn block(
+        &mut self,
+        v: &Value<'_>,
+        defaults: &Defaults,
+        params: &[ParamSpec],
+        s: &ShiftedSpans,
+    ) -> Option<Action> {
+        let DeValue::Array(items) = v.get_ref() else {
+            self.wrong_type(
+                v,
+                "steps",
+                "an array of step tables (`steps = [ { id = \"…\", run = \"…\" }, … ]`)",
+                s,
+            );
+            return None;
+        };
+        let mut steps: Vec<StepSpec> = Vec::new();
+        for item in items.iter() {
+            let Some(sub) = self.step(item, defaults, params, s, true) else {
+                continue;
+            };
+            if let Some(first) = steps
+                .iter()
+                .find(|o| o.id.normalized() == sub.id.normalized())
+            {
+                let d = Diagnostic::error(
+                    Code::DuplicateStep,
+                    format!("duplicate step id `{}` in the block", sub.id),
+                )
+                .at(&self.src, sub.id_span.clone(), "defined again here")
+                .also(&self.src, first.id_span.clone(), "first defined here");
+                self.push(d);
+                continue;
+            }
+            steps.push(sub);
+        }
+        if steps.is_empty() && items.is_empty() {
+            self.error(
+                Code::StepAction,
+                s.span(v.span()),
+                "the block has no steps",
+                "add `{ id = \"…\", run = \"…\" }` entries",
+            );
+            return None;
+        }
+        Some(Action::Block { steps })
+    }
+
+    /// `http = { … }` and friends: keys checked against the kind, strings read as templates.
+    fn request(
+        &mut self,
+        kind: RequestKind,
+        v: &Value<'_>,
+        params: &[ParamSpec],
+        s: &ShiftedSpans,
+    ) -> Option<Action> {
+        let t = self.table(v, kind.key(), s)?;
+        self.check_keys(t, kind.keys(), &format!("`{}`", kind.key()), s);
+        let mut ok = true;
+        for required in kind.required() {
+            if get(t, required).is_none() {
+                self.error(
+                    Code::MissingKey,
+                    s.span(v.span()),
+                    format!("`{}` needs `{required}`", kind.key()),
+                    &format!("add `{required} = …`"),
+                );
+                ok = false;
+            }
+        }
+        if kind == RequestKind::Upload && (get(t, "src").is_some() == get(t, "content").is_some()) {
+            self.error(
+                Code::BadValue,
+                s.span(v.span()),
+                "`upload` needs exactly one of `src` (a file, relative to the runbook) and `content` (text, templates rendered)",
+                "one of `src` or `content`",
+            );
+            ok = false;
+        }
+        if kind == RequestKind::Http {
+            let bodies: Vec<&str> = ["body", "json", "form"]
+                .into_iter()
+                .filter(|k| get(t, k).is_some())
+                .collect();
+            if bodies.len() > 1 {
+                self.error(
+                    Code::BadValue,
+                    s.span(v.span()),
+                    format!("`http` has both `{}` and `{}`", bodies[0], bodies[1]),
+                    "a request has one body",
+                );
+                ok = false;
+            }
+        }
+        let spec = self.spec(v, kind.key(), params, s)?;
+        ok.then_some(Action::Request { kind, spec })
+    }
+
+    fn spec(
+        &mut self,
+        v: &Value<'_>,
+        key: &str,
+        params: &[ParamSpec],
+        s: &ShiftedSpans,
+    ) -> Option<Spec> {
+        Some(match v.get_ref() {
+            DeValue::String(text) => {
+                Spec::Template(self.template_text(text, s.span(v.span()), params)?)
+            }
+            DeValue::Array(items) => Spec::Array(
+                items
+                    .iter()
+                    .filter_map(|i| self.spec(i, key, params, s))
+                    .collect(),
+            ),
+            DeValue::Table(t) => Spec::Table(
+                t.iter()
+                    .filter_map(|(k, v)| {
+                        let name = k.get_ref().to_string();
+                        Some((name.clone(), self.spec(v, &name, params, s)?))
+                    })
+                    .collect(),
+            ),
+            _ => Spec::Value(self.json(v, s)?),
+        })
+    }
+
+    fn budget(&mut self, v: &Value<'_>, key: &str, s: &ShiftedSpans) -> Option<Budget> {
+        match v.get_ref() {
+            DeValue::Integer(_) => {
+                let n = self.integer(v, key, s)?;
+                match usize::try_from(n) {
+                    Ok(n) => Some(Budget::Count(n)),
+                    Err(_) => {
+                        self.error(
+                            Code::BadValue,
+                            s.span(v.span()),
+                            format!("`{key}` cannot be negative"),
+                            "a number of hosts or a percentage like \"25%\"",
+                        );
+                        None
+                    }
+                }
+            }
+            DeValue::String(text) => {
+                let parsed = text
+                    .trim()
+                    .strip_suffix('%')
+                    .and_then(|p| p.trim().parse::<f64>().ok())
+                    .filter(|p| (0.0..=100.0).contains(p));
+                match parsed {
+                    Some(p) => Some(Budget::Percent(p)),
+                    None => {
+                        self.error(
+                            Code::BadValue,
+                            s.span(v.span()),
+                            format!("`{key} = \"{text}\"` is not a percentage"),
+                            "a number of hosts or a percentage from \"0%\" to \"100%\"",
+                        );
+                        None
+                    }
+                }
+            }
+            _ => {
+                self.wrong_type(v, key, "a number of hosts or a percentage like \"25%\"", s);
+                None
+            }
+        }
+    }
+
+    fn strategy(
+        &mut self,
+        v: &Value<'_>,
+        defaults: &Defaults,
+        params: &[ParamSpec],
+        s: &ShiftedSpans,
+    ) -> Strategy {
+        let mut out = Strategy::default();
+        let Some(t) = self.table(v, "strategy", s) else {
+            return out;
+        };
+        self.check_keys(t, STRATEGY_KEYS, "`strategy`", s);
+        if let Some(mv) = get(t, "max_failures") {
+            if let Some(b) = self.budget(mv, "max_failures", s) {
+                out.max_failures = b;
+            }
+        }
+        match (get(t, "parallel"), get(t, "rolling")) {
+            (Some(pv), None) => {
+                let limit = self.integer(pv, "parallel", s).and_then(|n| {
+                    if n < 1 {
+                        self.error(
+                            Code::BadValue,
+                            s.span(pv.span()),
+                            "`parallel` must be at least 1",
+                            "how many hosts at a time",
+                        );
+                        None
+                    } else {
+                        usize::try_from(n).ok()
+                    }
+                });
+                for key in ["pause", "gate"] {
+                    if let Some(x) = get(t, key) {
+                        self.error(
+                            Code::BadValue,
+                            s.span(x.span()),
+                            format!("`{key}` applies to `rolling`"),
+                            "batches only exist with `rolling`",
+                        );
+                    }
+                }
+                out.kind = StrategyKind::Parallel { limit };
+            }
+            (None, Some(rv)) => {
+                let batches = match rv.get_ref() {
+                    DeValue::Array(items) => items
+                        .iter()
+                        .filter_map(|i| self.budget(i, "rolling", s))
+                        .collect(),
+                    _ => self
+                        .budget(rv, "rolling", s)
+                        .into_iter()
+                        .collect::<Vec<_>>(),
+                };
+                if batches.iter().any(|b| *b == Budget::Count(0)) {
+                    self.error(
+                        Code::BadValue,
+                        s.span(rv.span()),
+                        "a rolling batch of 0 hosts",
+                        "batch sizes are at least 1 (or a percentage)",
+                    );
+                }
+                let pause = get(t, "pause").and_then(|p| self.duration(p, "pause", s));
+                let gate = get(t, "gate").and_then(|g| match g.get_ref() {
+                    DeValue::String(_) => self
+                        .expression(g, "gate", Context::Result, false, params, s)
+                        .map(Gate::Expr),
+                    DeValue::Table(_) => self
+                        .step(g, defaults, params, s, true)
+                        .map(|st| Gate::Step(Box::new(st))),
+                    _ => {
+                        self.wrong_type(g, "gate", "a Rhai condition or a probe step table", s);
+                        None
+                    }
+                });
+                out.kind = StrategyKind::Rolling {
+                    batches: if batches.is_empty() {
+                        vec![Budget::Count(1)]
+                    } else {
+                        batches
+                    },
+                    pause,
+                    gate,
+                };
+            }
+            (Some(_), Some(rv)) => {
+                self.error(
+                    Code::BadValue,
+                    s.span(rv.span()),
+                    "`strategy` has both `parallel` and `rolling`",
+                    "choose one",
+                );
+            }
+            (None, None) => {}
+        }
+        out
+    }
+
+    fn drill(
+        &mut self,
+        v: &Value<'_>,
+        params: &[ParamSpec],
+        s: &ShiftedSpans,
+    ) -> Option<DrillSpec> {
+        let t = self.table(v, "drill", s)?;
+        self.check_keys(t, DRILL_KEYS, "`[drill]`", s);
+        let step_ref = |this: &mut Self, key: &str| {
+            get(t, key)
+                .and_then(|v| this.string(v, key, s))
+                .map(|(id, span)| Need {
+                    id: StepId::new(&id),
+                    span,
+                })
+        };
+        let spec = DrillSpec {
+            rto: get(t, "rto").and_then(|d| self.duration(d, "rto", s)),
+            rpo: get(t, "rpo").and_then(|d| self.duration(d, "rpo", s)),
+            clock_start: step_ref(self, "clock_start"),
+            clock_stop: step_ref(self, "clock_stop"),
+            restored_data_time: get(t, "restored_data_time").and_then(|e| {
+                self.expression(e, "restored_data_time", Context::RunHook, false, params, s)
+            }),
+        };
+        if spec.rto.is_none() && spec.rpo.is_none() {
+            self.error(
+                Code::MissingKey,
+                s.span(v.span()),
+                "`[drill]` sets no objective",
+                "add `rto = \"30m\"` and/or `rpo = \"24h\"`",
+            );
+        }
+        if spec.rpo.is_some() && spec.restored_data_time.is_none() {
+            self.error(Code::MissingKey, s.span(v.span()), "`rpo` needs `restored_data_time`", "an expression giving the restored data's time, e.g. `steps[\"restore\"].outputs.snapshot_time`");
+        }
+        Some(spec)
+    }
+
     fn step(
         &mut self,
         v: &Value<'_>,
         defaults: &Defaults,
         params: &[ParamSpec],
         s: &ShiftedSpans,
+        in_block: bool,
     ) -> Option<StepSpec> {
         let t = self.table(v, "steps", s)?;
-        self.check_keys(t, STEP_KEYS, "a step", s);
+        self.check_keys(
+            t,
+            if in_block { BLOCK_STEP_KEYS } else { STEP_KEYS },
+            if in_block {
+                "a step in a block"
+            } else {
+                "a step"
+            },
+            s,
+        );
         let (id, id_span) = match get(t, "id") {
             Some(iv) => {
                 let (id, span) = self.string(iv, "id", s)?;
@@ -975,36 +1409,7 @@ impl Analyzer<'_> {
                 .collect(),
             None => Vec::new(),
         };
-        let action = match (get(t, "run"), get(t, "script")) {
-            (Some(rv), None) => self
-                .template(rv, "run", params, s)
-                .map(|command| Action::Run { command }),
-            (None, Some(sv)) => self
-                .expression(sv, "script", Context::Step, true, params, s)
-                .map(|script| Action::Script { script }),
-            (Some(_), Some(sv)) => {
-                let d = Diagnostic::error(
-                    Code::StepAction,
-                    format!("step `{id}` has both `run` and `script`"),
-                )
-                .at(&self.src, s.span(sv.span()), "second action")
-                .help("a step does one thing: split it into two steps");
-                self.push(d);
-                None
-            }
-            (None, None) => {
-                let d =
-                    Diagnostic::error(Code::StepAction, format!("step `{id}` has nothing to do"))
-                        .at(
-                            &self.src,
-                            id_span.clone(),
-                            "no `run` or `script` in this step",
-                        )
-                        .help("add `run = \"<shell command>\"` or `script = \"<Rhai>\"`");
-                self.push(d);
-                None
-            }
-        };
+        let action = self.action(t, &id, &id_span, defaults, params, s, in_block);
         let mut expr = |key: &str, context: Context, script: bool| {
             get(t, key).and_then(|v| self.expression(v, key, context, script, params, s))
         };
@@ -1112,11 +1517,12 @@ impl Analyzer<'_> {
                     });
                 }
             };
-            let command = match &action {
-                Some(Action::Run { command }) => Some(command),
-                _ => None,
+            let templates: Vec<&Template> = match &action {
+                Some(Action::Run { command }) => vec![command],
+                Some(Action::Request { spec, .. }) => spec.templates(),
+                _ => Vec::new(),
             };
-            for tpl in command
+            for tpl in templates
                 .into_iter()
                 .chain(env.iter().map(|(_, t)| t))
                 .chain(cwd.iter())
@@ -1153,7 +1559,91 @@ impl Analyzer<'_> {
             }
         }
         let approve = self.opt_string(t, "approve", s);
+        let on = get(t, "on").and_then(|ov| {
+            let (text, span) = self.string(ov, "on", s)?;
+            match Selector::parse(&text) {
+                Ok(sel) => Some((sel, span)),
+                Err(e) => {
+                    self.error(
+                        Code::UnknownTarget,
+                        span,
+                        format!("`on` does not parse: {e}"),
+                        "expected hosts or groups, e.g. `servers[0]`, `workers`, `all,!bastion`",
+                    );
+                    None
+                }
+            }
+        });
+        let strategy = match get(t, "strategy") {
+            Some(sv) => self.strategy(sv, defaults, params, s),
+            None => Strategy::default(),
+        };
+        if on.is_none() {
+            if let Some(sv) = get(t, "strategy") {
+                self.error(
+                    Code::BadValue,
+                    s.span(sv.span()),
+                    "`strategy` needs `on`",
+                    "a step without `on` runs once, locally",
+                );
+            }
+            if let Some(Action::Block { .. }) = &action {
+                self.error(
+                    Code::StepAction,
+                    id_span.clone(),
+                    format!("step `{id}` has a block of `steps` but no `on`"),
+                    "a block runs its steps on each host `on` selects",
+                );
+            }
+        }
+        let plan = get(t, "plan").and_then(|pv| self.template(pv, "plan", params, s));
+        // What sub-steps and gates read counts as read by the step (ordering checks).
+        if let Some(Action::Block { steps }) = &action {
+            refs.extend(steps.iter().flat_map(|sub| sub.refs.iter().cloned()));
+        }
+        if let StrategyKind::Rolling {
+            gate: Some(gate), ..
+        } = &strategy.kind
+        {
+            match gate {
+                Gate::Step(probe) => refs.extend(probe.refs.iter().cloned()),
+                Gate::Expr(e) => {
+                    for (name, pos) in step_references(&e.expr.text) {
+                        let span = match e.at.origin {
+                            Some(_) => {
+                                let start = e.at.at(pos).start;
+                                start..start + "steps.".len() + name.len()
+                            }
+                            None => e.at.span.clone(),
+                        };
+                        refs.push(Need {
+                            id: StepId::new(&name),
+                            span,
+                        });
+                    }
+                }
+            }
+        }
+        if let Some(p) = &plan {
+            if let Some(at) = &p.at {
+                for (e, offset) in p.expressions() {
+                    for (name, pos) in step_references(&e.text) {
+                        let start = at.at(offset + pos).start;
+                        refs.push(Need {
+                            id: StepId::new(&name),
+                            span: start..start + "steps.".len() + name.len(),
+                        });
+                    }
+                }
+            }
+        }
         Some(StepSpec {
+            on,
+            strategy,
+            sudo: self.boolean(t, "sudo", s).unwrap_or(false),
+            pty: self.boolean(t, "pty", s).unwrap_or(false),
+            local: self.boolean(t, "local", s).unwrap_or(false),
+            plan,
             run_on_cancel,
             approve,
             when,

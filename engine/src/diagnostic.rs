@@ -26,10 +26,12 @@ pub enum Code {
     Unreadable,
     UnknownStepRef,
     UnorderedStepRef,
+    Inventory,
+    UnknownTarget,
 }
 
 impl Code {
-    pub const ALL: [Code; 17] = [
+    pub const ALL: [Code; 19] = [
         Code::TomlSyntax,
         Code::UnknownKey,
         Code::WrongType,
@@ -47,6 +49,8 @@ impl Code {
         Code::Unreadable,
         Code::UnknownStepRef,
         Code::UnorderedStepRef,
+        Code::Inventory,
+        Code::UnknownTarget,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -68,6 +72,8 @@ impl Code {
             Code::Unreadable => "RB0015",
             Code::UnknownStepRef => "RB0016",
             Code::UnorderedStepRef => "RB0017",
+            Code::Inventory => "RB0018",
+            Code::UnknownTarget => "RB0019",
         }
     }
 
@@ -97,6 +103,8 @@ impl Code {
             Code::Unreadable => "A file could not be read, or is not UTF-8 text.",
             Code::UnknownStepRef => "An expression reads `steps.ID` (or `steps[\"ID\"]`) but no step has that id. Ids containing `-` or `.` must be written `steps[\"facts-os\"]`: in Rhai `steps.facts-os` means `steps.facts - os`.",
             Code::UnorderedStepRef => "An expression reads the result of a step that is not guaranteed to have finished first. A step may only read `steps.ID` when ID is among its `needs` (directly or through other steps); add it to `needs`.",
+            Code::Inventory => "The inventory file is not valid: a TOML error, an unknown key (the message lists the keys a host, group or `[defaults]` table takes), a host name that cannot name a directory in the evidence bundle, a group listing a host that does not exist, or a `proxy_jump` naming an unknown host. See docs/inventory.md.",
+            Code::UnknownTarget => "A step's `on` selector does not parse, or names a host or group the inventory does not have. Selectors are comma-separated terms: `all`, a host, a group, an index or slice of one (`servers[0]`, `servers[1:]`, `workers[-1]`), `&group` to intersect and `!name` to exclude (`all,!bastion`). Hosts added at run time with `inventory.add_host` are only known once the step that adds them ran, so a runbook that adds hosts is checked without this test.",
         }
     }
 }

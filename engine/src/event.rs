@@ -51,6 +51,49 @@ pub enum FailureKind {
     Check,
     /// An `outputs` expression or an `after`/`before` hook failed.
     Hook,
+    /// The host name did not resolve.
+    Dns,
+    /// Nothing listens at the address (connection refused).
+    Refused,
+    /// Connecting (or the SSH/TLS handshake) took longer than allowed.
+    ConnectTimeout,
+    /// The server refused every credential offered.
+    Auth,
+    /// The host's key is unknown or differs from `known_hosts`: nothing was sent.
+    HostKey,
+    /// The connection or channel closed before the command's exit status arrived.
+    Channel,
+    /// TLS certificate verification failed.
+    Tls,
+    /// An HTTP response had a status the step does not expect.
+    Status,
+    /// The browser for a `screenshot` step is missing or failed.
+    Browser,
+    /// The step's settings are unusable (a CA file that does not parse, a bad URL).
+    Config,
+}
+
+impl FailureKind {
+    /// Maps the error kinds runners report (`"connect_refused"`, `"auth"`, …) to a kind.
+    pub fn from_name(name: &str) -> FailureKind {
+        match name {
+            "dns" => FailureKind::Dns,
+            "connect_refused" | "refused" => FailureKind::Refused,
+            "connect_timeout" | "timeout" => FailureKind::ConnectTimeout,
+            "auth" | "key" => FailureKind::Auth,
+            "host_key_mismatch" | "host_key_unknown" | "host_key" => FailureKind::HostKey,
+            "channel" => FailureKind::Channel,
+            "tls" => FailureKind::Tls,
+            "unexpected_status" | "status" => FailureKind::Status,
+            "browser" | "browser_missing" | "navigation" | "protocol" | "wait_timeout" => {
+                FailureKind::Browser
+            }
+            "config" => FailureKind::Config,
+            "template" => FailureKind::Template,
+            "spawn" => FailureKind::Spawn,
+            _ => FailureKind::Io,
+        }
+    }
 }
 
 /// How one attempt ended.
@@ -89,7 +132,15 @@ impl AttemptOutcome {
             AttemptOutcome::Failed { failure, .. } => {
                 matches!(
                     failure,
-                    FailureKind::Io | FailureKind::Until | FailureKind::Capture
+                    FailureKind::Io
+                        | FailureKind::Until
+                        | FailureKind::Capture
+                        | FailureKind::Dns
+                        | FailureKind::Refused
+                        | FailureKind::ConnectTimeout
+                        | FailureKind::Channel
+                        | FailureKind::Status
+                        | FailureKind::Browser
                 )
             }
             AttemptOutcome::Cancelled => false,
@@ -162,6 +213,62 @@ impl RunStatus {
             RunStatus::AwaitingApproval => "awaiting_approval",
         }
     }
+}
+
+/// A drill's verdict on one objective, or on the whole drill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Pass,
+    Fail,
+    NotMeasured,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Pass => "pass",
+            Verdict::Fail => "fail",
+            Verdict::NotMeasured => "not_measured",
+        }
+    }
+}
+
+/// One recovery objective: the target, what was measured, and the verdict with why.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Objective {
+    pub target_seconds: f64,
+    pub measured_seconds: Option<f64>,
+    pub verdict: Verdict,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub why: Option<String>,
+}
+
+/// What a drill measured (`[drill]`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DrillReport {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rto: Option<Objective>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpo: Option<Objective>,
+    pub verdict: Verdict,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_started_at: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_stopped_at: Option<Timestamp>,
+    /// The restored data's time, as the `restored_data_time` expression gave it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored_data_time: Option<Timestamp>,
+}
+
+/// How a step went on one host.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TargetResult {
+    pub target: String,
+    pub status: StepStatus,
+    pub attempts: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// Bytes an attempt wrote, per stream.
@@ -238,6 +345,21 @@ pub enum RunEvent {
         duration: Duration,
         outcome: AttemptOutcome,
         output: OutputCounts,
+        /// Structured results the runner reported (HTTP status, TLS peer, accepted host key).
+        #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+        details: serde_json::Map<String, serde_json::Value>,
+    },
+    /// A file an attempt produced (a screenshot); the recorder copies it into the bundle.
+    Artifact {
+        at: Timestamp,
+        #[serde(skip)]
+        receipt: Receipt,
+        step: StepId,
+        target: Target,
+        attempt: u32,
+        ext: String,
+        path: PathBuf,
+        sidecar: serde_json::Value,
     },
     RetryScheduled {
         at: Timestamp,
@@ -276,6 +398,35 @@ pub enum RunEvent {
         /// Values from `outputs` (or a `script` step's returned map).
         #[serde(skip_serializing_if = "Option::is_none")]
         outputs: Option<serde_json::Value>,
+        /// Per host, for steps that ran on hosts.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        targets: Vec<TargetResult>,
+    },
+    /// A rolling step finished a batch (and passed or failed its gate).
+    Batch {
+        at: Timestamp,
+        step: StepId,
+        number: usize,
+        hosts: Vec<String>,
+        failed: usize,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        gate: Option<String>,
+    },
+    /// A drill's clock started or stopped.
+    Clock {
+        at: Timestamp,
+        start: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        step: Option<StepId>,
+    },
+    /// A host was added to the inventory at run time.
+    HostAdded {
+        at: Timestamp,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        step: Option<StepId>,
+        name: String,
+        address: String,
+        groups: Vec<String>,
     },
     /// `log(msg)` from an expression or hook.
     Log {
@@ -325,6 +476,11 @@ pub enum RunEvent {
         by: String,
         granted: bool,
     },
+    /// The drill's measurements and verdict, just before the run finishes.
+    DrillMeasured {
+        at: Timestamp,
+        report: DrillReport,
+    },
     RunFinished {
         at: Timestamp,
         status: RunStatus,
@@ -335,9 +491,9 @@ impl RunEvent {
     /// Tells the executor this event has been dealt with (recorded): see [`Receipt`].
     pub fn acknowledge(&self) {
         match self {
-            RunEvent::Collect { receipt, .. } | RunEvent::StepFinished { receipt, .. } => {
-                receipt.ack()
-            }
+            RunEvent::Collect { receipt, .. }
+            | RunEvent::StepFinished { receipt, .. }
+            | RunEvent::Artifact { receipt, .. } => receipt.ack(),
             _ => {}
         }
     }
@@ -358,6 +514,11 @@ impl RunEvent {
             | RunEvent::RunResumed { at, .. }
             | RunEvent::ProcessStarted { at, .. }
             | RunEvent::Approval { at, .. }
+            | RunEvent::Artifact { at, .. }
+            | RunEvent::Batch { at, .. }
+            | RunEvent::Clock { at, .. }
+            | RunEvent::HostAdded { at, .. }
+            | RunEvent::DrillMeasured { at, .. }
             | RunEvent::RunFinished { at, .. } => *at,
         }
     }

@@ -21,13 +21,17 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::event::TargetResult;
 use crate::event::{
     AttemptOutcome, FailureKind, OutputCounts, RunEvent, RunStatus, StepStatus, Stream, Target,
 };
 use crate::expr::{display_value, dynamic_to_json, truthy, Effects, EvalError, ExprHost};
 use crate::graph::StepIdx;
+use crate::inventory::{Host, Selector};
 use crate::plan::{Plan, RunInfo};
-use crate::runbook::{Action, Capture, SpannedExpr, StepSpec};
+use crate::runbook::{
+    Action, Budget, Capture, Gate, RequestKind, SpannedExpr, Spec, StepSpec, StrategyKind,
+};
 use crate::runner::{Approval, Approver, AttemptContext, NoApprover, OutputSink, StepRunner};
 use crate::template::{RenderError, Template};
 
@@ -83,6 +87,8 @@ struct StepResult {
     skipped_by_when: bool,
     /// Not run because its `approve` question is still open: the run stops, awaiting approval.
     deferred: bool,
+    /// Per host, for steps with `on`.
+    targets: Vec<TargetResult>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -183,6 +189,7 @@ impl Executor {
         let mut halted_by: Option<String> = None;
         let mut awaiting: Option<String> = None;
         let semaphore = Arc::new(Semaphore::new(self.parallel));
+        let forks = Arc::new(Semaphore::new(plan.forks.max(1)));
         let mut tasks: JoinSet<(StepIdx, StepResult)> = JoinSet::new();
 
         let mut run_failure: Option<String> = None;
@@ -296,6 +303,7 @@ impl Executor {
                             duration: Duration::ZERO,
                             reason: Some(reason),
                             outputs: None,
+                            targets: Vec::new(),
                         },
                     )
                     .await;
@@ -321,9 +329,11 @@ impl Executor {
                     approver: self.approver.clone(),
                     barrier: self.barrier,
                     semaphore: semaphore.clone(),
+                    forks: forks.clone(),
                     halted: halted.clone(),
                     results: results.clone(),
                     index: i,
+                    step_started: Arc::default(),
                 };
                 tasks.spawn(async move { (i, task.run().await) });
             }
@@ -365,6 +375,7 @@ impl Executor {
                     duration: result.duration,
                     reason: result.reason.clone(),
                     outputs: result.outputs.clone(),
+                    targets: result.targets.clone(),
                 },
             )
             .await;
@@ -491,6 +502,7 @@ impl Executor {
                 duration,
                 reason: Some(reason.clone()),
                 outputs: earlier.outputs.clone(),
+                targets: Vec::new(),
             },
         )
         .await;
@@ -620,6 +632,50 @@ async fn apply_effects(
         )
         .await;
     }
+    for new in &effects.new_hosts {
+        let errors = plan.add_hosts(std::slice::from_ref(new));
+        let added = plan.inventory().host(&new.name).cloned();
+        match (errors.first(), added) {
+            (None, Some(h)) => {
+                emit(
+                    events,
+                    RunEvent::HostAdded {
+                        at: Utc::now(),
+                        step: step.map(|s| s.id.clone()),
+                        name: h.name.clone(),
+                        address: plan.redact(&h.address),
+                        groups: h.groups.clone(),
+                    },
+                )
+                .await;
+            }
+            (error, _) => {
+                emit(
+                    events,
+                    RunEvent::Note {
+                        at: Utc::now(),
+                        message: format!(
+                            "inventory.add_host(`{}`) failed: {}",
+                            new.name,
+                            error.map_or("unknown error", String::as_str)
+                        ),
+                    },
+                )
+                .await;
+            }
+        }
+    }
+    for start in effects.clock {
+        emit(
+            events,
+            RunEvent::Clock {
+                at: Utc::now(),
+                start,
+                step: step.map(|s| s.id.clone()),
+            },
+        )
+        .await;
+    }
     for message in effects.notes {
         let message = match step {
             Some(s) => format!("{}: {}", s.id, plan.redact(&message)),
@@ -678,6 +734,7 @@ async fn run_hook(
 }
 
 /// One step's attempts, retries and collection, run as its own task.
+#[derive(Clone)]
 struct StepTask {
     plan: Arc<Plan>,
     runner: Arc<dyn StepRunner>,
@@ -689,9 +746,13 @@ struct StepTask {
     approver: Arc<dyn Approver>,
     barrier: bool,
     semaphore: Arc<Semaphore>,
+    /// Host attempts at once, over all steps (`--forks`).
+    forks: Arc<Semaphore>,
     halted: Arc<OnceLock<String>>,
     results: Results,
     index: StepIdx,
+    /// Set once `StepStarted` was sent (by the first attempt on any target).
+    step_started: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A step's templates, rendered for one attempt.
@@ -699,6 +760,103 @@ struct Rendered {
     command: String,
     env: Vec<(String, String)>,
     cwd: PathBuf,
+    /// A step kind's rendered settings (`Null` for a shell command).
+    spec: serde_json::Value,
+}
+
+/// How a step went on one target.
+struct TargetRun {
+    status: StepStatus,
+    attempts: u32,
+    reason: Option<String>,
+    /// The last attempt's `output` (what `steps.<id>` shows).
+    output: Option<Map>,
+    outputs: Option<Map>,
+}
+
+impl TargetRun {
+    fn not_started(attempts: u32, why: &str) -> Self {
+        TargetRun {
+            status: StepStatus::Skipped,
+            attempts,
+            reason: Some(format!("not started: {why}")),
+            output: None,
+            outputs: None,
+        }
+    }
+
+    /// Outputs as recorded in evidence, secrets redacted.
+    fn outputs_json(&self, plan: &Plan) -> Option<serde_json::Value> {
+        self.outputs.as_ref().map(|m| {
+            let j = serde_json::Value::Object(
+                m.iter()
+                    .map(|(k, v)| (k.to_string(), dynamic_to_json(v)))
+                    .collect(),
+            );
+            serde_json::from_str(&plan.redact(&j.to_string())).unwrap_or(j)
+        })
+    }
+}
+
+/// Rolling batches: sizes as written, the last size repeating until every host has one.
+fn split_batches(hosts: &[Arc<Host>], sizes: &[Budget]) -> Vec<Vec<Arc<Host>>> {
+    let total = hosts.len();
+    let mut out = Vec::new();
+    let mut i = 0;
+    let mut k = 0;
+    while i < total {
+        let size = sizes
+            .get(k)
+            .or(sizes.last())
+            .map_or(1, |b| b.of(total))
+            .max(1);
+        // A growing list (`[1, "25%", "100%"]`) gives sizes of the whole, not increments.
+        let n = size.min(total - i);
+        out.push(hosts[i..i + n].to_vec());
+        i += n;
+        k += 1;
+    }
+    out
+}
+
+/// One line for the journal and console: what a step kind's attempt does.
+fn describe_request(kind: RequestKind, spec: &serde_json::Value) -> String {
+    let s = |k: &str| {
+        spec.get(k).map(|v| match v {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        })
+    };
+    match kind {
+        RequestKind::Http => format!(
+            "{} {}",
+            s("method").unwrap_or_else(|| "GET".into()).to_uppercase(),
+            s("url").unwrap_or_default()
+        ),
+        RequestKind::Tcp => format!(
+            "tcp {}:{}",
+            s("host").unwrap_or_default(),
+            s("port").unwrap_or_default()
+        ),
+        RequestKind::Screenshot => format!("screenshot {}", s("url").unwrap_or_default()),
+        RequestKind::Upload => format!(
+            "upload {} → {}",
+            s("src").unwrap_or_else(|| "(content)".into()),
+            s("dest").unwrap_or_default()
+        ),
+    }
+}
+
+/// A runner's details with every known secret redacted, for the journal.
+fn redact_json(
+    plan: &Plan,
+    details: &serde_json::Map<String, serde_json::Value>,
+) -> serde_json::Map<String, serde_json::Value> {
+    let text = serde_json::Value::Object(details.clone()).to_string();
+    match serde_json::from_str(&plan.redact(&text)) {
+        Ok(serde_json::Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    }
 }
 
 /// How an attempt went, before the result expressions looked at it.
@@ -708,6 +866,8 @@ struct AttemptRun {
     output: Map,
     /// A `script` step's returned map.
     script_outputs: Option<Map>,
+    /// Structured results the runner reported.
+    details: serde_json::Map<String, serde_json::Value>,
 }
 
 impl StepTask {
@@ -716,8 +876,14 @@ impl StepTask {
     }
 
     /// The scope for this step's expressions: params, run, env and the steps it reads.
-    fn scope(&self) -> Scope<'static> {
+    fn scope(&self, host: Option<&Arc<Host>>) -> Scope<'static> {
         let mut scope = self.plan.scope(&self.run);
+        scope.push_constant(
+            "host",
+            host.map_or(Dynamic::UNIT, |h| {
+                crate::expr::json_to_dynamic(&h.to_json())
+            }),
+        );
         push_steps(
             &mut scope,
             &self.plan,
@@ -730,6 +896,7 @@ impl StepTask {
     /// The scope for the run-wide step hooks, with `step` describing this step.
     fn hook_scope(&self, step_map: Map, output: Option<&Map>) -> Scope<'static> {
         let mut scope = self.plan.scope(&self.run);
+        scope.push_constant("host", Dynamic::UNIT);
         let mut which = self.plan.hook_refs.clone();
         which.extend(self.plan.step_refs[self.index].iter().copied());
         push_steps(&mut scope, &self.plan, &self.results, &which);
@@ -819,7 +986,6 @@ impl StepTask {
     #[allow(clippy::too_many_lines)]
     async fn run_inner(&self, started: Instant) -> StepResult {
         let step = self.step();
-        let target: Target = Arc::from("local");
         let finish = |status, attempts, reason: Option<String>| StepResult {
             status,
             attempts,
@@ -828,10 +994,13 @@ impl StepTask {
             outputs: None,
             skipped_by_when: false,
             deferred: false,
+            targets: Vec::new(),
         };
 
         if let Some(when) = &step.when {
-            let (value, effects) = self.host.eval_with_effects(&when.expr, &mut self.scope());
+            let (value, effects) = self
+                .host
+                .eval_with_effects(&when.expr, &mut self.scope(None));
             apply_effects(&self.plan, &self.events, Some(step), effects).await;
             match value
                 .map_err(|e| expr_failure(&self.plan, "`when`", when, &e))
@@ -910,7 +1079,7 @@ impl StepTask {
                 let mut scope = if global {
                     self.hook_scope(self.step_map(), None)
                 } else {
-                    self.scope()
+                    self.scope(None)
                 };
                 if !global {
                     scope.push_constant("step", self.step_map());
@@ -934,20 +1103,437 @@ impl StepTask {
 
         // Attempts of an earlier (resumed) run keep their numbers and logs.
         let offset = self.plan.prior[self.index].attempts;
+        if self.plan.dry_run && step.plan.is_none() {
+            return StepResult {
+                skipped_by_when: true,
+                ..finish(
+                    StepStatus::Skipped,
+                    offset,
+                    Some("dry run: not run (the step has no `plan` command)".into()),
+                )
+            };
+        }
+        match &step.on {
+            None => {
+                let t = self
+                    .run_target(step, Arc::from("local"), None, false, offset)
+                    .await;
+                self.store(t.output.clone());
+                let outputs = t.outputs_json(&self.plan);
+                StepResult {
+                    outputs,
+                    ..finish(t.status, t.attempts, t.reason)
+                }
+            }
+            Some((selector, _)) => {
+                let mut r = self.fan_out(step, selector, offset).await;
+                r.duration = started.elapsed();
+                r
+            }
+        }
+    }
+
+    /// Stores what downstream expressions see as `steps.<id>` (before the step's record).
+    fn store(&self, output: Option<Map>) {
+        if let (Some(o), Ok(mut r)) = (output, self.results.lock()) {
+            r[self.index] = Some(o);
+        }
+    }
+
+    /// Runs a step with `on` on each selected host, as its strategy says.
+    #[allow(clippy::too_many_lines)]
+    async fn fan_out(&self, step: &StepSpec, selector: &Selector, offset: u32) -> StepResult {
+        let result = |status, attempts, reason: Option<String>| StepResult {
+            status,
+            attempts,
+            duration: Duration::ZERO,
+            reason,
+            outputs: None,
+            skipped_by_when: false,
+            deferred: false,
+            targets: Vec::new(),
+        };
+        let hosts = match self.plan.inventory().select(selector) {
+            Ok(h) => h,
+            Err(e) => {
+                return result(
+                    StepStatus::Failed,
+                    offset,
+                    Some(format!("`on = \"{selector}\"`: {e}")),
+                )
+            }
+        };
+        if hosts.is_empty() {
+            return StepResult {
+                skipped_by_when: true,
+                ..result(
+                    StepStatus::Skipped,
+                    offset,
+                    Some(format!("no host matches `on = \"{selector}\"`")),
+                )
+            };
+        }
+        let total = hosts.len();
+        let budget = step.strategy.max_failures.of(total);
+        let (batches, limit, pause, gate) = match &step.strategy.kind {
+            StrategyKind::Parallel { limit } => (vec![hosts.clone()], *limit, None, None),
+            StrategyKind::Rolling {
+                batches,
+                pause,
+                gate,
+            } => (split_batches(&hosts, batches), None, *pause, gate.as_ref()),
+        };
+        let step_limit = Arc::new(Semaphore::new(limit.unwrap_or(total).max(1)));
+        let failed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut done: Vec<(Arc<Host>, TargetRun)> = Vec::with_capacity(total);
+        let mut stop: Option<String> = None;
+        for (b, batch) in batches.iter().enumerate() {
+            if stop.is_none() && b > 0 {
+                if let Some(p) = pause {
+                    tokio::select! {
+                        () = tokio::time::sleep(p) => {}
+                        () = self.cancel.cancelled() => {}
+                    }
+                }
+                if let Some(gate) = gate {
+                    if let Err(why) = self.gate(step, gate, b, &done).await {
+                        stop = Some(why);
+                    }
+                }
+            }
+            if self.cancel.is_cancelled() && stop.is_none() {
+                stop = Some("the run was cancelled".into());
+            }
+            if let Some(why) = &stop {
+                for h in batch {
+                    done.push((h.clone(), TargetRun::not_started(offset, why)));
+                }
+                continue;
+            }
+            let mut tasks = JoinSet::new();
+            for (pos, h) in batch.iter().enumerate() {
+                let me = self.clone();
+                let h = h.clone();
+                let step_limit = step_limit.clone();
+                let failed = failed.clone();
+                tasks.spawn(async move {
+                    let permit = step_limit.acquire_owned().await.ok();
+                    let so_far = failed.load(std::sync::atomic::Ordering::SeqCst);
+                    if permit.is_none() || so_far > budget {
+                        let why = format!(
+                            "{so_far} host(s) failed, more than `max_failures` ({budget}) allows"
+                        );
+                        return (pos, h, TargetRun::not_started(offset, &why));
+                    }
+                    let step = me.step();
+                    let run = me.run_host(step, &h, offset).await;
+                    if run.status == StepStatus::Failed {
+                        failed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    (pos, h, run)
+                });
+            }
+            let mut in_batch: Vec<(usize, Arc<Host>, TargetRun)> = Vec::new();
+            while let Some(joined) = tasks.join_next().await {
+                match joined {
+                    Ok(r) => in_batch.push(r),
+                    Err(e) => panic!("host task failed: {e}"),
+                }
+            }
+            in_batch.sort_by_key(|(pos, _, _)| *pos);
+            let batch_failed = in_batch
+                .iter()
+                .filter(|(_, _, r)| r.status == StepStatus::Failed)
+                .count();
+            done.extend(in_batch.into_iter().map(|(_, h, r)| (h, r)));
+            let failed_now = failed.load(std::sync::atomic::Ordering::SeqCst);
+            if matches!(step.strategy.kind, StrategyKind::Rolling { .. }) {
+                emit(
+                    &self.events,
+                    RunEvent::Batch {
+                        at: Utc::now(),
+                        step: step.id.clone(),
+                        number: b + 1,
+                        hosts: batch.iter().map(|h| h.name.clone()).collect(),
+                        failed: batch_failed,
+                        gate: None,
+                    },
+                )
+                .await;
+            }
+            if failed_now > budget && stop.is_none() {
+                stop = Some(format!(
+                    "{failed_now} host(s) failed, more than `max_failures` ({budget}) allows"
+                ));
+            }
+        }
+        // Selection order, whatever order hosts finished in.
+        done.sort_by_key(|(h, _)| hosts.iter().position(|x| x.name == h.name));
+        let mut hosts_map = Map::new();
+        let mut targets = Vec::with_capacity(done.len());
+        let mut attempts = offset;
+        let mut failures = Vec::new();
+        let mut cancelled = false;
+        for (h, r) in &done {
+            attempts = attempts.max(r.attempts);
+            let mut m = r.output.clone().unwrap_or_default();
+            m.insert("status".into(), r.status.as_str().into());
+            m.insert(
+                "reason".into(),
+                r.reason.clone().map_or(Dynamic::UNIT, Into::into),
+            );
+            m.entry("outputs".into())
+                .or_insert_with(|| Dynamic::from_map(Map::new()));
+            hosts_map.insert(h.name.as_str().into(), Dynamic::from_map(m));
+            match r.status {
+                StepStatus::Failed => failures.push(format!(
+                    "{} ({})",
+                    h.name,
+                    r.reason.as_deref().unwrap_or("failed")
+                )),
+                StepStatus::Cancelled => cancelled = true,
+                _ => {}
+            }
+            targets.push(TargetResult {
+                target: h.name.clone(),
+                status: r.status,
+                attempts: r.attempts,
+                reason: r.reason.clone(),
+            });
+        }
+        // `steps.<id>` is the first host's result, with every host's under `hosts`.
+        let first = done.iter().find(|(_, r)| r.output.is_some());
+        let mut output = first
+            .and_then(|(_, r)| r.output.clone())
+            .unwrap_or_default();
+        output.insert("hosts".into(), Dynamic::from_map(hosts_map));
+        self.store(Some(output));
+        let outputs = first.and_then(|(_, r)| r.outputs_json(&self.plan));
+        let ran = done
+            .iter()
+            .filter(|(_, r)| r.status != StepStatus::Skipped)
+            .count();
+        let (status, reason) = if cancelled || (self.cancel.is_cancelled() && ran < total) {
+            (
+                StepStatus::Cancelled,
+                Some("cancelled while running".into()),
+            )
+        } else if failures.len() > budget || stop.is_some() {
+            let mut why = if failures.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "{} of {total} host(s) failed: {}",
+                    failures.len(),
+                    failures.join(", ")
+                )
+            };
+            if let Some(s) = &stop {
+                if ran < total {
+                    if !why.is_empty() {
+                        why.push_str("; ");
+                    }
+                    why.push_str(&format!("{} host(s) not started: {s}", total - ran));
+                }
+            }
+            (StepStatus::Failed, Some(why))
+        } else if !failures.is_empty() {
+            (
+                StepStatus::Succeeded,
+                Some(format!(
+                    "{} of {total} host(s) failed, within `max_failures` ({budget}): {}",
+                    failures.len(),
+                    failures.join(", ")
+                )),
+            )
+        } else if done.iter().all(|(_, r)| r.status == StepStatus::Skipped) {
+            (StepStatus::Skipped, Some("skipped on every host".into()))
+        } else {
+            (StepStatus::Succeeded, None)
+        };
+        StepResult {
+            outputs,
+            targets,
+            ..result(status, attempts, reason)
+        }
+    }
+
+    /// Between two batches of a rolling step: what must hold before the next starts.
+    async fn gate(
+        &self,
+        step: &StepSpec,
+        gate: &Gate,
+        batch: usize,
+        done: &[(Arc<Host>, TargetRun)],
+    ) -> Result<(), String> {
+        let outcome = match gate {
+            Gate::Expr(e) => {
+                let mut scope = self.scope(None);
+                let mut info = Map::new();
+                info.insert("batch".into(), Dynamic::from_int(batch as i64));
+                info.insert(
+                    "hosts".into(),
+                    Dynamic::from_array(
+                        done.iter()
+                            .map(|(h, _)| Dynamic::from(h.name.clone()))
+                            .collect(),
+                    ),
+                );
+                info.insert(
+                    "failed".into(),
+                    Dynamic::from_int(
+                        done.iter()
+                            .filter(|(_, r)| r.status == StepStatus::Failed)
+                            .count() as i64,
+                    ),
+                );
+                scope.push_constant("output", info);
+                let (value, effects) = self.host.eval_with_effects(&e.expr, &mut scope);
+                apply_effects(&self.plan, &self.events, Some(step), effects).await;
+                match value
+                    .map_err(|err| expr_failure(&self.plan, "`gate`", e, &err))
+                    .and_then(|v| truthy(&v))
+                {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err(format!(
+                        "the gate after batch {batch} was false: {}",
+                        e.expr.text.trim()
+                    )),
+                    Err(m) => Err(m),
+                }
+            }
+            Gate::Step(probe) => {
+                let label: Target = Arc::from(format!("gate-{batch}").as_str());
+                let r = self.run_target(probe, label, None, false, 0).await;
+                if r.status == StepStatus::Succeeded {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "the gate after batch {batch} failed: {}",
+                        r.reason.as_deref().unwrap_or("failed")
+                    ))
+                }
+            }
+        };
+        emit(
+            &self.events,
+            RunEvent::Note {
+                at: Utc::now(),
+                message: match &outcome {
+                    Ok(()) => format!("{}: gate after batch {batch} passed", step.id),
+                    Err(why) => format!("{}: {why}", step.id),
+                },
+            },
+        )
+        .await;
+        outcome
+    }
+
+    /// A step (or block) on one host.
+    async fn run_host(&self, step: &StepSpec, host: &Arc<Host>, offset: u32) -> TargetRun {
+        let label: Target = Arc::from(host.name.as_str());
+        let Action::Block { steps } = &step.action else {
+            return self
+                .run_target(step, label, Some(host), !step.local, offset)
+                .await;
+        };
+        let mut failed: Option<(StepStatus, String)> = None;
+        let mut attempts = 0;
+        let mut block = Map::new();
+        for sub in steps {
+            if failed.is_some() && !sub.always {
+                continue;
+            }
+            let sub_label: Target = Arc::from(format!("{}/{}", host.name, sub.id).as_str());
+            if let Some(when) = &sub.when {
+                let (value, effects) = self
+                    .host
+                    .eval_with_effects(&when.expr, &mut self.scope(Some(host)));
+                apply_effects(&self.plan, &self.events, Some(step), effects).await;
+                match value
+                    .map_err(|e| expr_failure(&self.plan, "`when`", when, &e))
+                    .and_then(|v| truthy(&v))
+                {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(m) => {
+                        failed.get_or_insert((StepStatus::Failed, format!("`{}`: {m}", sub.id)));
+                        continue;
+                    }
+                }
+            }
+            let r = self
+                .run_target(sub, sub_label, Some(host), !sub.local, 0)
+                .await;
+            attempts += r.attempts;
+            let mut m = r.output.clone().unwrap_or_default();
+            m.insert("status".into(), r.status.as_str().into());
+            block.insert(sub.id.as_str().into(), Dynamic::from_map(m));
+            if r.status != StepStatus::Succeeded
+                && !(sub.continue_on_failure && r.status == StepStatus::Failed)
+            {
+                failed.get_or_insert((
+                    r.status,
+                    format!("`{}`: {}", sub.id, r.reason.as_deref().unwrap_or("failed")),
+                ));
+            }
+        }
+        let mut output = Map::new();
+        output.insert("steps".into(), Dynamic::from_map(block));
+        let (status, reason) = match failed {
+            None => (StepStatus::Succeeded, None),
+            Some((StepStatus::Cancelled, why)) => (StepStatus::Cancelled, Some(why)),
+            Some((_, why)) => (StepStatus::Failed, Some(why)),
+        };
+        TargetRun {
+            status,
+            attempts: offset + attempts,
+            reason,
+            output: Some(output),
+            outputs: None,
+        }
+    }
+
+    /// The attempts of one step (or block sub-step) on one target, with retries.
+    #[allow(clippy::too_many_lines)]
+    async fn run_target(
+        &self,
+        spec: &StepSpec,
+        target: Target,
+        host: Option<&Arc<Host>>,
+        remote: bool,
+        offset: u32,
+    ) -> TargetRun {
+        let started = Instant::now();
+        let step = self.step();
         let mut attempts = offset;
         let mut last_failure: Option<String> = None;
+        let mut last_output: Option<Map> = None;
         let mut cwd_for_collect = self.plan.workdir.clone();
-        let max = offset + step.retry.attempts;
+        let max = offset + spec.retry.attempts;
+        let end = |status, attempts, reason: Option<String>, output: Option<Map>| TargetRun {
+            status,
+            attempts,
+            reason,
+            output,
+            outputs: None,
+        };
+        // Hosts share `--forks`; a local step takes a slot of `--parallel`.
+        let slots = if host.is_some() {
+            &self.forks
+        } else {
+            &self.semaphore
+        };
         for attempt in offset + 1..=max {
             let permit = tokio::select! {
-                permit = self.semaphore.clone().acquire_owned() => permit.ok(),
+                permit = slots.clone().acquire_owned() => permit.ok(),
                 () = self.cancel.cancelled() => None,
             };
             if self.cancel.is_cancelled() || permit.is_none() {
                 if attempts > offset {
-                    self.collect(&cwd_for_collect).await;
+                    self.collect(spec, host, &cwd_for_collect).await;
                 }
-                return self.stopped(
+                let r = self.stopped(
                     attempts,
                     offset,
                     started,
@@ -955,12 +1541,13 @@ impl StepTask {
                     StepStatus::Cancelled,
                     last_failure,
                 );
+                return end(r.status, r.attempts, r.reason, last_output);
             }
             if let (Some(why), false) = (self.halted.get(), step.always) {
                 if attempts > offset {
-                    self.collect(&cwd_for_collect).await;
+                    self.collect(spec, host, &cwd_for_collect).await;
                 }
-                return self.stopped(
+                let r = self.stopped(
                     attempts,
                     offset,
                     started,
@@ -968,8 +1555,12 @@ impl StepTask {
                     StepStatus::Failed,
                     last_failure,
                 );
+                return end(r.status, r.attempts, r.reason, last_output);
             }
-            if attempt == offset + 1 {
+            if !self
+                .step_started
+                .swap(true, std::sync::atomic::Ordering::SeqCst)
+            {
                 emit(
                     &self.events,
                     RunEvent::StepStarted {
@@ -982,11 +1573,19 @@ impl StepTask {
             attempts = attempt;
             let attempt_start = Instant::now();
             let mut run = self
-                .attempt(attempt, max, &target, &mut cwd_for_collect)
+                .attempt(
+                    spec,
+                    attempt,
+                    max,
+                    &target,
+                    host,
+                    remote,
+                    &mut cwd_for_collect,
+                )
                 .await;
             let mut outputs = None;
             if run.outcome.succeeded() {
-                match self.judge(&mut run).await {
+                match self.judge(spec, host, &mut run).await {
                     Ok(o) => outputs = o,
                     Err(outcome) => run.outcome = outcome,
                 }
@@ -1007,49 +1606,37 @@ impl StepTask {
                     duration,
                     outcome: run.outcome.clone(),
                     output: run.counts,
+                    details: run.details.clone(),
                 },
             )
             .await;
-            // Keep the latest attempt's output for downstream expressions and hooks.
-            if let Ok(mut r) = self.results.lock() {
-                r[self.index] = Some(run.output.clone());
-            }
+            last_output = Some(run.output.clone());
             if run.outcome.succeeded() {
-                self.collect(&cwd_for_collect).await;
-                let outputs_json = outputs.as_ref().map(|m| {
-                    serde_json::Value::Object(
-                        m.iter()
-                            .map(|(k, v)| (k.to_string(), dynamic_to_json(v)))
-                            .collect(),
-                    )
-                });
-                if let Some(o) = outputs {
-                    run.output.insert("outputs".into(), Dynamic::from_map(o));
-                    if let Ok(mut r) = self.results.lock() {
-                        r[self.index] = Some(run.output.clone());
-                    }
+                self.collect(spec, host, &cwd_for_collect).await;
+                if let Some(o) = &outputs {
+                    run.output
+                        .insert("outputs".into(), Dynamic::from_map(o.clone()));
                 }
-                return StepResult {
-                    outputs: outputs_json.map(|j| {
-                        serde_json::from_str(&self.plan.redact(&j.to_string())).unwrap_or(j)
-                    }),
-                    ..finish(StepStatus::Succeeded, attempts, None)
+                return TargetRun {
+                    outputs,
+                    ..end(StepStatus::Succeeded, attempts, None, Some(run.output))
                 };
             }
             if run.outcome == AttemptOutcome::Cancelled {
-                self.collect(&cwd_for_collect).await;
-                return finish(
+                self.collect(spec, host, &cwd_for_collect).await;
+                return end(
                     StepStatus::Cancelled,
                     attempts,
                     Some("cancelled while running".into()),
+                    last_output,
                 );
             }
             last_failure = Some(run.outcome.describe());
             if !run.outcome.retryable() || attempt == max {
                 break;
             }
-            let delay = step.retry.delay_before(attempt + 1, random_unit());
-            if let Some(deadline) = step.retry.deadline {
+            let delay = spec.retry.delay_before(attempt + 1, random_unit());
+            if let Some(deadline) = spec.retry.deadline {
                 if started.elapsed() + delay > deadline {
                     last_failure = Some(format!(
                         "{}; gave up: the retry deadline of {} would pass",
@@ -1072,26 +1659,30 @@ impl StepTask {
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 () = self.cancel.cancelled() => {
-                    self.collect(&cwd_for_collect).await;
-                    return finish(StepStatus::Cancelled, attempts, Some(format!("cancelled while waiting to retry; last attempt: {}", last_failure.unwrap_or_default())));
+                    self.collect(spec, host, &cwd_for_collect).await;
+                    return end(StepStatus::Cancelled, attempts, Some(format!("cancelled while waiting to retry; last attempt: {}", last_failure.unwrap_or_default())), last_output);
                 }
             }
         }
-        self.collect(&cwd_for_collect).await;
+        self.collect(spec, host, &cwd_for_collect).await;
         let reason = match (last_failure, attempts) {
             (Some(f), n) if n - offset > 1 => format!("{f} (after {} attempts)", n - offset),
             (Some(f), _) => f,
             (None, _) => "failed".into(),
         };
-        finish(StepStatus::Failed, attempts, Some(reason))
+        end(StepStatus::Failed, attempts, Some(reason), last_output)
     }
 
     /// Runs one attempt of the step's action.
+    #[allow(clippy::too_many_lines, clippy::too_many_arguments)]
     async fn attempt(
         &self,
+        spec: &StepSpec,
         attempt: u32,
         max: u32,
         target: &Target,
+        host: Option<&Arc<Host>>,
+        remote: bool,
         cwd_for_collect: &mut PathBuf,
     ) -> AttemptRun {
         let step = self.step();
@@ -1106,8 +1697,81 @@ impl StepTask {
             command,
             cwd,
         };
-        match &step.action {
-            Action::Script { script } => {
+        let failed_before_start = |output: Map, failure, message: String| AttemptRun {
+            outcome: AttemptOutcome::Failed { failure, message },
+            counts: OutputCounts::default(),
+            output,
+            script_outputs: None,
+            details: serde_json::Map::new(),
+        };
+        let mut sink = OutputSink::new(
+            self.events.clone(),
+            step.id.clone(),
+            target.clone(),
+            attempt,
+        );
+        // In `--dry-run`, a step's `plan` command stands in for its action.
+        let dry_plan = if self.plan.dry_run {
+            spec.plan.as_ref()
+        } else {
+            None
+        };
+        let (kind, rendered) = match (&spec.action, dry_plan) {
+            (_, Some(plan_cmd)) | (Action::Run { command: plan_cmd }, None) => {
+                let mut effects = Effects::default();
+                let rendered = self.render(spec, host, plan_cmd, &mut effects);
+                apply_effects(&self.plan, &self.events, Some(step), effects).await;
+                match rendered {
+                    Err(message) => {
+                        emit(
+                            &self.events,
+                            started_event(
+                                self.plan.redact(plan_cmd.raw()),
+                                self.plan.workdir.clone(),
+                            ),
+                        )
+                        .await;
+                        return failed_before_start(
+                            output,
+                            FailureKind::Template,
+                            self.plan.redact(&message),
+                        );
+                    }
+                    Ok(r) => (None, r),
+                }
+            }
+            (Action::Request { kind, spec: table }, None) => {
+                let mut effects = Effects::default();
+                let rendered = self.render_spec(table, host, &mut effects);
+                apply_effects(&self.plan, &self.events, Some(step), effects).await;
+                match rendered {
+                    Err(message) => {
+                        emit(
+                            &self.events,
+                            started_event(
+                                format!("{} (settings did not render)", kind.key()),
+                                self.plan.workdir.clone(),
+                            ),
+                        )
+                        .await;
+                        return failed_before_start(
+                            output,
+                            FailureKind::Template,
+                            self.plan.redact(&message),
+                        );
+                    }
+                    Ok(value) => (
+                        Some(*kind),
+                        Rendered {
+                            command: describe_request(*kind, &value),
+                            env: Vec::new(),
+                            cwd: self.plan.workdir.clone(),
+                            spec: value,
+                        },
+                    ),
+                }
+            }
+            (Action::Script { script }, None) => {
                 let first = script
                     .expr
                     .text
@@ -1121,13 +1785,7 @@ impl StepTask {
                     started_event(format!("(rhai) {first}"), self.plan.workdir.clone()),
                 )
                 .await;
-                let mut sink = OutputSink::new(
-                    self.events.clone(),
-                    step.id.clone(),
-                    target.clone(),
-                    attempt,
-                );
-                let mut scope = self.scope();
+                let mut scope = self.scope(host);
                 let (value, effects) = self.host.eval_with_effects(&script.expr, &mut scope);
                 // A script's log lines are its output.
                 for line in &effects.logs {
@@ -1161,92 +1819,86 @@ impl StepTask {
                 );
                 output.insert("stdout".into(), sink.tail(Stream::Stdout).into());
                 output.insert("stderr".into(), "".into());
-                AttemptRun {
+                return AttemptRun {
                     outcome,
                     counts: sink.counts(),
                     output,
                     script_outputs,
-                }
+                    details: serde_json::Map::new(),
+                };
             }
-            Action::Run { command } => {
-                let mut effects = Effects::default();
-                let rendered = self.render(command, &mut effects);
-                apply_effects(&self.plan, &self.events, Some(step), effects).await;
-                match rendered {
-                    Err(message) => {
-                        emit(
-                            &self.events,
-                            started_event(
-                                self.plan.redact(command.raw()),
-                                self.plan.workdir.clone(),
-                            ),
-                        )
-                        .await;
-                        let outcome = AttemptOutcome::Failed {
-                            failure: FailureKind::Template,
-                            message: self.plan.redact(&message),
-                        };
-                        AttemptRun {
-                            outcome,
-                            counts: OutputCounts::default(),
-                            output,
-                            script_outputs: None,
-                        }
-                    }
-                    Ok(r) => {
-                        cwd_for_collect.clone_from(&r.cwd);
-                        emit(
-                            &self.events,
-                            started_event(self.plan.redact(&r.command), r.cwd.clone()),
-                        )
-                        .await;
-                        let ctx = AttemptContext {
-                            step: step.id.clone(),
-                            target: target.clone(),
-                            attempt,
-                            command: r.command,
-                            shell: step.shell.clone(),
-                            env: r.env,
-                            cwd: r.cwd,
-                            timeout: step.timeout,
-                            kill_grace: step.kill_grace,
-                            cancel: self.cancel.clone(),
-                            force: self.force.clone(),
-                            run_id: self.run.id.clone(),
-                        };
-                        let mut sink = OutputSink::new(
-                            self.events.clone(),
-                            step.id.clone(),
-                            target.clone(),
-                            attempt,
-                        );
-                        let outcome = self.runner.run(ctx, &mut sink).await;
-                        output.insert(
-                            "exit_code".into(),
-                            outcome
-                                .exit_code()
-                                .map_or(Dynamic::UNIT, |c| Dynamic::from_int(i64::from(c))),
-                        );
-                        output.insert("stdout".into(), sink.tail(Stream::Stdout).into());
-                        output.insert("stderr".into(), sink.tail(Stream::Stderr).into());
-                        AttemptRun {
-                            outcome,
-                            counts: sink.counts(),
-                            output,
-                            script_outputs: None,
-                        }
-                    }
-                }
+            (Action::Block { .. }, None) => {
+                // Blocks are run sub-step by sub-step in `run_host`; never as one attempt.
+                return failed_before_start(
+                    output,
+                    FailureKind::Config,
+                    "a block cannot be run as one attempt".into(),
+                );
             }
+        };
+        cwd_for_collect.clone_from(&rendered.cwd);
+        let shown = if remote {
+            match host {
+                Some(h) => format!("{} (on {})", self.plan.redact(&rendered.command), h.name),
+                None => self.plan.redact(&rendered.command),
+            }
+        } else {
+            self.plan.redact(&rendered.command)
+        };
+        emit(&self.events, started_event(shown, rendered.cwd.clone())).await;
+        let ctx = AttemptContext {
+            step: step.id.clone(),
+            target: target.clone(),
+            attempt,
+            command: rendered.command,
+            shell: spec.shell.clone(),
+            env: rendered.env,
+            cwd: rendered.cwd,
+            timeout: spec.timeout,
+            kill_grace: spec.kill_grace,
+            cancel: self.cancel.clone(),
+            force: self.force.clone(),
+            run_id: self.run.id.clone(),
+            kind,
+            spec: rendered.spec,
+            host: if remote { host.cloned() } else { None },
+            sudo: spec.sudo,
+            pty: spec.pty,
+            secrets: self.plan.secret_values(),
+            base_dir: self.plan.runbook.base_dir(),
+        };
+        let outcome = self.runner.run(ctx, &mut sink).await;
+        output.insert(
+            "exit_code".into(),
+            outcome
+                .exit_code()
+                .map_or(Dynamic::UNIT, |c| Dynamic::from_int(i64::from(c))),
+        );
+        output.insert("stdout".into(), sink.tail(Stream::Stdout).into());
+        output.insert("stderr".into(), sink.tail(Stream::Stderr).into());
+        for (k, v) in sink.details() {
+            output.insert(k.as_str().into(), crate::expr::json_to_dynamic(v));
+        }
+        AttemptRun {
+            outcome,
+            counts: sink.counts(),
+            output,
+            script_outputs: None,
+            details: redact_json(&self.plan, sink.details()),
         }
     }
 
     /// After an attempt that exited 0: capture, `until`, `check`, `outputs`, `after`. Returns
     /// the step's outputs, or the outcome that replaces success.
-    async fn judge(&self, run: &mut AttemptRun) -> Result<Option<Map>, AttemptOutcome> {
+    async fn judge(
+        &self,
+        spec: &StepSpec,
+        host: Option<&Arc<Host>>,
+        run: &mut AttemptRun,
+    ) -> Result<Option<Map>, AttemptOutcome> {
         let step = self.step();
         let fail = |failure, message: String| AttemptOutcome::Failed { failure, message };
-        if step.capture == Capture::Json {
+        if spec.capture == Capture::Json {
             let stdout = display_value(run.output.get("stdout").unwrap_or(&Dynamic::UNIT));
             if run.counts.stdout as usize > stdout.len() {
                 return Err(fail(FailureKind::Capture, format!(
@@ -1270,7 +1922,7 @@ impl StepTask {
         } else {
             run.output.insert("json".into(), Dynamic::UNIT);
         }
-        let mut scope = self.scope();
+        let mut scope = self.scope(host);
         scope.push_constant("output", Dynamic::from_map(run.output.clone()));
         let eval = |e: &SpannedExpr, scope: &mut Scope<'static>| {
             self.host.eval_with_effects(&e.expr, scope)
@@ -1279,12 +1931,12 @@ impl StepTask {
         // `until` false is retried (the polling idiom); `check` false is final.
         let conditions = [
             (
-                &step.until,
+                &spec.until,
                 "`until`",
                 FailureKind::Until,
                 "`until` is still false",
             ),
-            (&step.check, "`check`", FailureKind::Check, "check failed"),
+            (&spec.check, "`check`", FailureKind::Check, "check failed"),
         ];
         for (cond, what, kind, when_false) in conditions {
             let Some(cond) = cond else { continue };
@@ -1305,7 +1957,7 @@ impl StepTask {
             }
         }
         let mut outputs = run.script_outputs.take();
-        for (name, e) in &step.outputs {
+        for (name, e) in &spec.outputs {
             let (value, effects) = eval(e, &mut scope);
             apply_effects(&self.plan, &self.events, Some(step), effects).await;
             match value {
@@ -1322,7 +1974,7 @@ impl StepTask {
                 }
             }
         }
-        if let Some(after) = &step.after {
+        if let Some(after) = &spec.after {
             let mut o = run.output.clone();
             if let Some(outs) = &outputs {
                 o.insert("outputs".into(), Dynamic::from_map(outs.clone()));
@@ -1367,12 +2019,18 @@ impl StepTask {
             outputs: None,
             skipped_by_when: false,
             deferred: false,
+            targets: Vec::new(),
         }
     }
 
-    fn render(&self, command: &Template, effects: &mut Effects) -> Result<Rendered, String> {
-        let step = self.step();
-        let mut scope = self.scope();
+    fn render(
+        &self,
+        step: &StepSpec,
+        host: Option<&Arc<Host>>,
+        command: &Template,
+        effects: &mut Effects,
+    ) -> Result<Rendered, String> {
+        let mut scope = self.scope(host);
         let source = &self.plan.runbook.source;
         let what = |field: &str, tpl: &Template, e: RenderError| match &tpl.at {
             Some(at) => {
@@ -1404,13 +2062,82 @@ impl StepTask {
             ),
             None => self.plan.workdir.clone(),
         };
-        Ok(Rendered { command, env, cwd })
+        Ok(Rendered {
+            command,
+            env,
+            cwd,
+            spec: serde_json::Value::Null,
+        })
     }
 
-    async fn collect(&self, cwd: &std::path::Path) {
+    /// Renders a step kind's settings. A string that is one whole `{{ expr }}` keeps the
+    /// expression's type (`port = "{{ params.port }}"` stays a number).
+    fn render_spec(
+        &self,
+        table: &Spec,
+        host: Option<&Arc<Host>>,
+        effects: &mut Effects,
+    ) -> Result<serde_json::Value, String> {
+        let mut scope = self.scope(host);
+        let source = &self.plan.runbook.source;
+        fn go(
+            this: &StepTask,
+            spec: &Spec,
+            key: &str,
+            scope: &mut Scope<'static>,
+            effects: &mut Effects,
+            source: &crate::source::Source,
+        ) -> Result<serde_json::Value, String> {
+            Ok(match spec {
+                Spec::Value(v) => v.clone(),
+                Spec::Array(items) => serde_json::Value::Array(
+                    items
+                        .iter()
+                        .map(|i| go(this, i, key, scope, effects, source))
+                        .collect::<Result<_, _>>()?,
+                ),
+                Spec::Table(entries) => serde_json::Value::Object(
+                    entries
+                        .iter()
+                        .map(|(k, v)| Ok((k.clone(), go(this, v, k, scope, effects, source)?)))
+                        .collect::<Result<_, String>>()?,
+                ),
+                Spec::Template(t) => {
+                    let place = |offset: usize| match &t.at {
+                        Some(at) => {
+                            let lc = source.line_col(at.at(offset).start);
+                            format!(" at {}:{}:{}", source.path().display(), lc.line, lc.column)
+                        }
+                        None => String::new(),
+                    };
+                    if let [crate::template::Part::Expr { expr, offset }] = t.parts() {
+                        let (value, more) = this.host.eval_with_effects(expr, scope);
+                        effects.merge(more);
+                        let v = value.map_err(|e| {
+                            format!(
+                                "in `{key}`{}: expression `{}` failed: {}",
+                                place(*offset),
+                                expr.text.trim(),
+                                e.message
+                            )
+                        })?;
+                        dynamic_to_json(&v)
+                    } else {
+                        serde_json::Value::String(
+                            t.render_with_effects(&this.host, scope, effects)
+                                .map_err(|e| format!("in `{key}`{}: {e}", place(e.offset)))?,
+                        )
+                    }
+                }
+            })
+        }
+        go(self, table, "", &mut scope, effects, source)
+    }
+
+    async fn collect(&self, spec: &StepSpec, host: Option<&Arc<Host>>, cwd: &std::path::Path) {
         let step = self.step();
-        let mut scope = self.scope();
-        for tpl in &step.collect {
+        let mut scope = self.scope(host);
+        for tpl in &spec.collect {
             let message = match tpl.render(&self.host, &mut scope) {
                 Ok(name) => {
                     let (receipt, copied) = crate::event::Receipt::new();

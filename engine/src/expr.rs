@@ -50,12 +50,48 @@ impl Context {
 
     pub fn variables(self) -> &'static [&'static str] {
         match self {
-            Context::Step => &["params", "run", "steps", "env", "evidence"],
-            Context::Result => &["params", "run", "steps", "env", "evidence", "output"],
-            Context::StepHook => &[
-                "params", "run", "steps", "env", "evidence", "step", "output",
+            Context::Step => &[
+                "params",
+                "run",
+                "steps",
+                "env",
+                "evidence",
+                "host",
+                "inventory",
+                "drill",
             ],
-            Context::RunHook => &["params", "run", "steps", "env", "evidence"],
+            Context::Result => &[
+                "params",
+                "run",
+                "steps",
+                "env",
+                "evidence",
+                "host",
+                "inventory",
+                "drill",
+                "output",
+            ],
+            Context::StepHook => &[
+                "params",
+                "run",
+                "steps",
+                "env",
+                "evidence",
+                "host",
+                "inventory",
+                "drill",
+                "step",
+                "output",
+            ],
+            Context::RunHook => &[
+                "params",
+                "run",
+                "steps",
+                "env",
+                "evidence",
+                "inventory",
+                "drill",
+            ],
         }
     }
 }
@@ -95,6 +131,21 @@ pub struct Effects {
     pub notes: Vec<String>,
     /// `secret(value)` / `secret(name, value)`: redacted from then on.
     pub secrets: Vec<(String, String)>,
+    /// `inventory.add_host(name, #{ … })`: hosts for later steps.
+    pub new_hosts: Vec<crate::inventory::NewHost>,
+    /// `drill.start_clock()` / `drill.stop_clock()`, in call order (true = start).
+    pub clock: Vec<bool>,
+}
+
+impl Effects {
+    /// Adds what another evaluation asked for.
+    pub fn merge(&mut self, more: Effects) {
+        self.logs.extend(more.logs);
+        self.notes.extend(more.notes);
+        self.secrets.extend(more.secrets);
+        self.new_hosts.extend(more.new_hosts);
+        self.clock.extend(more.clock);
+    }
 }
 
 /// Wall-clock bound per evaluation: the operation limit alone does not bound an expression
@@ -120,6 +171,15 @@ fn with_effects(f: impl FnOnce(&mut Effects)) {
 /// The value of `evidence` in scope: `evidence.note(msg)`.
 #[derive(Debug, Clone, Copy)]
 pub struct EvidenceApi;
+
+/// The value of `drill` in scope: `drill.start_clock()`, `drill.stop_clock()`.
+#[derive(Debug, Clone, Copy)]
+pub struct DrillApi;
+
+/// The value of `inventory` in scope: the hosts known when the expression started, and
+/// `add_host` for hosts later steps run on.
+#[derive(Debug, Clone)]
+pub struct InventoryApi(pub Arc<crate::inventory::Inventory>);
 
 #[derive(Debug, Clone)]
 pub struct ExprHost {
@@ -229,6 +289,18 @@ impl ExprHost {
         if !scope.contains("evidence") {
             scope.push_constant("evidence", EvidenceApi);
         }
+        if !scope.contains("drill") {
+            scope.push_constant("drill", DrillApi);
+        }
+        if !scope.contains("inventory") {
+            scope.push_constant(
+                "inventory",
+                InventoryApi(Arc::new(crate::inventory::Inventory::default())),
+            );
+        }
+        if !scope.contains("host") {
+            scope.push_constant("host", Dynamic::UNIT);
+        }
         let result = self
             .engine
             .eval_ast_with_scope::<Dynamic>(scope, &expr.ast)
@@ -304,6 +376,40 @@ fn register_functions(engine: &mut Engine) {
     engine.register_fn("note", |_: &mut EvidenceApi, msg: Dynamic| {
         with_effects(|e| e.notes.push(display_value(&msg)));
     });
+    engine.register_type_with_name::<DrillApi>("Drill");
+    engine.register_fn("start_clock", |_: &mut DrillApi| {
+        with_effects(|e| e.clock.push(true));
+    });
+    engine.register_fn("stop_clock", |_: &mut DrillApi| {
+        with_effects(|e| e.clock.push(false));
+    });
+    engine.register_type_with_name::<InventoryApi>("Inventory");
+    engine.register_fn(
+        "add_host",
+        |_: &mut InventoryApi, name: ImmutableString, spec: Dynamic| -> FnResult<()> {
+            let new = crate::inventory::NewHost {
+                name: name.to_string(),
+                spec: dynamic_to_json(&spec),
+            };
+            // Checked now, so that a bad host fails the expression that added it.
+            crate::inventory::Inventory::default()
+                .add_host(&new)
+                .map_err(|e| runtime_error(e.to_string()))?;
+            with_effects(|e| e.new_hosts.push(new));
+            Ok(())
+        },
+    );
+    engine.register_fn(
+        "hosts",
+        |inv: &mut InventoryApi, selector: ImmutableString| -> FnResult<rhai::Array> {
+            let sel = crate::inventory::Selector::parse(&selector).map_err(runtime_error)?;
+            let hosts = inv.0.select(&sel).map_err(runtime_error)?;
+            Ok(hosts
+                .iter()
+                .map(|h| json_to_dynamic(&h.to_json()))
+                .collect())
+        },
+    );
     engine.register_fn("fail", |msg: Dynamic| -> FnResult<Dynamic> {
         Err(runtime_error(format!("{FAIL_MARK}{}", display_value(&msg))))
     });

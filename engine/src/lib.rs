@@ -13,6 +13,7 @@ pub mod event;
 pub mod executor;
 pub mod expr;
 pub mod graph;
+pub mod inventory;
 pub mod params;
 pub mod plan;
 pub mod redact;

@@ -11,9 +11,35 @@ use rhai::Scope;
 use crate::diagnostic::suggest;
 use crate::expr::{json_to_dynamic, ExprHost};
 use crate::graph::{StepGraph, StepIdx};
+use crate::inventory::Inventory;
 use crate::params::BoundParams;
 use crate::redact::Redactor;
 use crate::runbook::{Action, Runbook};
+
+/// A step kind's settings as one line, templates unrendered (`{url = "…", port = 22}`).
+fn spec_text(spec: &crate::runbook::Spec) -> String {
+    use crate::runbook::Spec;
+    match spec {
+        Spec::Template(t) => format!("{:?}", t.raw()),
+        Spec::Value(v) => v.to_string(),
+        Spec::Array(items) => format!(
+            "[{}]",
+            items.iter().map(spec_text).collect::<Vec<_>>().join(", ")
+        ),
+        Spec::Table(entries) => format!(
+            "{{ {} }}",
+            entries
+                .iter()
+                .map(|(k, v)| format!("{k} = {}", spec_text(v)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// Host attempts at once when `--forks` is not given (Ansible's default is 5; SSH to many
+/// hosts is I/O-bound, so runbook goes wider).
+pub const DEFAULT_FORKS: usize = 50;
 
 /// Which steps the operator asked for.
 #[derive(Debug, Clone, Default)]
@@ -83,6 +109,12 @@ pub struct Plan {
     pub approved: Vec<(String, String)>,
     /// On resume with `--only`/`--from`: selected steps run again even if they succeeded.
     pub rerun_selected: bool,
+    /// The hosts remote steps run on; grows when expressions call `inventory.add_host`.
+    pub inventory: RwLock<Arc<Inventory>>,
+    /// At most this many host attempts at once, over all steps (`--forks`).
+    pub forks: usize,
+    /// `--dry-run`: only `plan` commands run; every other step is reported, not run.
+    pub dry_run: bool,
 }
 
 /// A step as an earlier run of the same bundle left it.
@@ -182,6 +214,7 @@ impl Plan {
         hook_refs.sort_unstable();
         hook_refs.dedup();
         let n = runbook.steps.len();
+        let runbook_dir = runbook.base_dir();
         Ok(Self {
             runbook,
             graph,
@@ -196,7 +229,46 @@ impl Plan {
             resume_of: None,
             approved: Vec::new(),
             rerun_selected: false,
+            inventory: RwLock::new(Arc::new(Inventory::empty(&runbook_dir))),
+            forks: DEFAULT_FORKS,
+            dry_run: false,
         })
+    }
+
+    /// The inventory as it is now.
+    pub fn inventory(&self) -> Arc<Inventory> {
+        self.inventory
+            .read()
+            .map_or_else(|_| Arc::new(Inventory::default()), |i| i.clone())
+    }
+
+    /// Replaces the inventory (the CLI sets the one it loaded).
+    pub fn set_inventory(&self, inventory: Inventory) {
+        if let Ok(mut i) = self.inventory.write() {
+            *i = Arc::new(inventory);
+        }
+    }
+
+    /// Adds hosts from `inventory.add_host`; each error says which host and why.
+    pub fn add_hosts(&self, hosts: &[crate::inventory::NewHost]) -> Vec<String> {
+        let mut errors = Vec::new();
+        if let Ok(mut i) = self.inventory.write() {
+            let inv = Arc::make_mut(&mut i);
+            for h in hosts {
+                if let Err(e) = inv.add_host(h) {
+                    errors.push(e.to_string());
+                }
+            }
+        }
+        errors
+    }
+
+    /// Secret values known so far, for runners that must keep them out of what they print.
+    pub fn secret_values(&self) -> Vec<String> {
+        self.redactor
+            .read()
+            .map(|r| r.secrets().iter().map(|(_, v)| v.clone()).collect())
+            .unwrap_or_default()
     }
 
     /// Redacts every secret known so far.
@@ -229,6 +301,9 @@ impl Plan {
                 "started_at": run.started_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             })),
         );
+        scope.push_constant("evidence", crate::expr::EvidenceApi);
+        scope.push_constant("drill", crate::expr::DrillApi);
+        scope.push_constant("inventory", crate::expr::InventoryApi(self.inventory()));
         scope
     }
 
@@ -306,6 +381,44 @@ impl Plan {
                     Action::Script { script } => {
                         for line in script.expr.text.trim().lines() {
                             let _ = writeln!(out, "      rhai> {line}");
+                        }
+                    }
+                    Action::Request { kind, spec } => {
+                        let _ = writeln!(
+                            out,
+                            "      {} {}",
+                            kind.key(),
+                            self.redact(&spec_text(spec))
+                        );
+                    }
+                    Action::Block { steps } => {
+                        for sub in steps {
+                            let what = match &sub.action {
+                                Action::Run { command } => {
+                                    format!("$ {}", self.redact(command.raw()))
+                                }
+                                Action::Script { .. } => "rhai script".to_owned(),
+                                Action::Request { kind, spec } => {
+                                    format!("{} {}", kind.key(), self.redact(&spec_text(spec)))
+                                }
+                                Action::Block { .. } => String::new(),
+                            };
+                            let mut flags = Vec::new();
+                            if sub.local {
+                                flags.push("local");
+                            }
+                            if sub.sudo {
+                                flags.push("sudo");
+                            }
+                            if sub.always {
+                                flags.push("always");
+                            }
+                            let flags = if flags.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" [{}]", flags.join(", "))
+                            };
+                            let _ = writeln!(out, "      - {}{flags}: {what}", sub.id);
                         }
                     }
                 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::expr::Expr;
+use crate::inventory::Selector;
 use crate::retry::RetryPolicy;
 use crate::source::{Source, Span};
 use crate::template::Template;
@@ -53,6 +54,26 @@ pub struct Runbook {
     pub params: Vec<ParamSpec>,
     pub hooks: Hooks,
     pub steps: Vec<StepSpec>,
+    /// `[drill]`: recovery objectives this run measures.
+    pub drill: Option<DrillSpec>,
+    /// `[notify]`: webhooks told how the run ended (checked and sent by the CLI).
+    pub notify: Option<(serde_json::Value, Span)>,
+}
+
+/// `[drill]`: a disaster-recovery drill's objectives and how to measure them.
+#[derive(Debug, Clone, Default)]
+pub struct DrillSpec {
+    /// Recovery time objective: the longest the clock may run.
+    pub rto: Option<Duration>,
+    /// Recovery point objective: the oldest the restored data may be when the clock starts.
+    pub rpo: Option<Duration>,
+    /// The step whose start starts the clock (or `drill.start_clock()` in a hook).
+    pub clock_start: Option<Need>,
+    /// The step whose success stops the clock (or `drill.stop_clock()`).
+    pub clock_stop: Option<Need>,
+    /// An expression giving the restored data's time (RFC 3339 or Unix seconds), evaluated
+    /// when the run ends: `steps["restore"].outputs.snapshot_time`.
+    pub restored_data_time: Option<SpannedExpr>,
 }
 
 /// Where a string value sits in the runbook file, to turn positions inside it into
@@ -143,6 +164,8 @@ pub struct Meta {
     /// Regular expressions for secrets recognised by shape (`[evidence] redact`); a group named
     /// `v` limits the redaction to that group.
     pub redact: Vec<String>,
+    /// The inventory file, relative to the runbook's directory (`--inventory` overrides).
+    pub inventory: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -165,6 +188,186 @@ pub enum Action {
     Run { command: Template },
     /// A Rhai script run by the engine; a returned map becomes the step's outputs.
     Script { script: SpannedExpr },
+    /// A step kind other than a shell command (`http`, `tcp`, `screenshot`, `upload`): its
+    /// settings table, with templates in its strings, rendered per attempt and handed to the
+    /// runner for that kind.
+    Request { kind: RequestKind, spec: Spec },
+    /// `steps = [ … ]`: sub-steps run in order on each selected host, so that drain → upgrade
+    /// → uncordon happens host by host.
+    Block { steps: Vec<StepSpec> },
+}
+
+/// The step kinds that take a settings table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestKind {
+    Http,
+    Tcp,
+    Screenshot,
+    Upload,
+}
+
+impl RequestKind {
+    pub const ALL: [RequestKind; 4] = [
+        RequestKind::Http,
+        RequestKind::Tcp,
+        RequestKind::Screenshot,
+        RequestKind::Upload,
+    ];
+
+    /// The step key that introduces it.
+    pub fn key(self) -> &'static str {
+        match self {
+            RequestKind::Http => "http",
+            RequestKind::Tcp => "tcp",
+            RequestKind::Screenshot => "screenshot",
+            RequestKind::Upload => "upload",
+        }
+    }
+
+    /// The keys its table takes (checked before anything runs).
+    pub fn keys(self) -> &'static [&'static str] {
+        match self {
+            RequestKind::Http => &[
+                "method",
+                "url",
+                "headers",
+                "query",
+                "body",
+                "json",
+                "form",
+                "timeout",
+                "expect_status",
+                "follow_redirects",
+                "ca_file",
+                "client_cert",
+                "client_key",
+                "insecure_skip_verify",
+                "basic",
+                "bearer",
+                "max_body",
+            ],
+            RequestKind::Tcp => &["host", "port", "timeout"],
+            RequestKind::Screenshot => &[
+                "url",
+                "width",
+                "height",
+                "wait_for",
+                "full_page",
+                "headers",
+                "ca_file",
+                "insecure_skip_verify",
+                "timeout",
+                "browser",
+            ],
+            RequestKind::Upload => &["src", "content", "dest", "mode"],
+        }
+    }
+
+    /// Keys that must be present.
+    pub fn required(self) -> &'static [&'static str] {
+        match self {
+            RequestKind::Http | RequestKind::Screenshot => &["url"],
+            RequestKind::Tcp => &["host", "port"],
+            RequestKind::Upload => &["dest"],
+        }
+    }
+}
+
+/// A settings value as written: strings are templates, rendered when the attempt starts.
+#[derive(Debug, Clone)]
+pub enum Spec {
+    Template(Template),
+    /// A number, boolean or date: used as written.
+    Value(serde_json::Value),
+    Array(Vec<Spec>),
+    Table(Vec<(String, Spec)>),
+}
+
+impl Spec {
+    /// Every template inside, for reference checks.
+    pub fn templates(&self) -> Vec<&Template> {
+        match self {
+            Spec::Template(t) => vec![t],
+            Spec::Value(_) => Vec::new(),
+            Spec::Array(items) => items.iter().flat_map(Spec::templates).collect(),
+            Spec::Table(entries) => entries.iter().flat_map(|(_, v)| v.templates()).collect(),
+        }
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Spec> {
+        match self {
+            Spec::Table(entries) => entries.iter().find(|(k, _)| k == key).map(|(_, v)| v),
+            _ => None,
+        }
+    }
+}
+
+/// How a step on several hosts goes through them.
+#[derive(Debug, Clone, Default)]
+pub struct Strategy {
+    pub kind: StrategyKind,
+    /// Host failures tolerated over the whole step (not per batch) before it stops and fails.
+    pub max_failures: Budget,
+}
+
+#[derive(Debug, Clone)]
+pub enum StrategyKind {
+    /// All selected hosts at once, at most `limit` at a time (and at most `--forks`).
+    Parallel { limit: Option<usize> },
+    /// Batches one after another: sizes as written, the last repeating until every host ran.
+    Rolling {
+        batches: Vec<Budget>,
+        pause: Option<Duration>,
+        gate: Option<Gate>,
+    },
+}
+
+impl Default for StrategyKind {
+    fn default() -> Self {
+        StrategyKind::Parallel { limit: None }
+    }
+}
+
+/// A number of hosts, absolute or a percentage of those selected.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Budget {
+    Count(usize),
+    Percent(f64),
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Budget::Count(0)
+    }
+}
+
+impl Budget {
+    /// The number of hosts out of `total`; a percentage rounds down, but a batch is never empty.
+    pub fn of(self, total: usize) -> usize {
+        match self {
+            Budget::Count(n) => n,
+            Budget::Percent(p) => ((total as f64) * p / 100.0).floor() as usize,
+        }
+    }
+}
+
+impl fmt::Display for Budget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Budget::Count(n) => write!(f, "{n}"),
+            Budget::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+/// What must hold between two batches of a rolling step before the next starts.
+#[derive(Debug, Clone)]
+pub enum Gate {
+    /// A Rhai condition (it may read `steps.<id>` and `batch`).
+    Expr(SpannedExpr),
+    /// A probe run locally (an `http`/`tcp`/`run` step with its own retry and `until`).
+    Step(Box<StepSpec>),
 }
 
 /// How a step's stdout is offered to expressions besides as text.
@@ -224,6 +427,17 @@ pub struct StepSpec {
     pub run_on_cancel: bool,
     /// A question a person must answer yes to before the step runs.
     pub approve: Option<String>,
+    /// `on = "<selector>"`: the hosts it runs on (none: the machine running `runbook`).
+    pub on: Option<(Selector, Span)>,
+    pub strategy: Strategy,
+    /// On hosts: run the command through `sudo -n`.
+    pub sudo: bool,
+    /// On hosts: ask for a terminal.
+    pub pty: bool,
+    /// In a block: run on the machine running `runbook` (with `host` still in scope).
+    pub local: bool,
+    /// `plan = "…"`: a side-effect-free command `--dry-run` runs instead of `run`.
+    pub plan: Option<Template>,
 }
 
 /// The shell used when neither the step nor `[defaults]` names one: bash with errexit and

@@ -11,8 +11,10 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::event::{AttemptOutcome, OutputCounts, RunEvent, Stream, Target};
-use crate::runbook::StepId;
+use crate::event::{AttemptOutcome, OutputCounts, Receipt, RunEvent, Stream, Target};
+use crate::inventory::Host;
+use crate::runbook::{RequestKind, StepId};
+use std::sync::Arc;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -37,6 +39,19 @@ pub struct AttemptContext {
     pub cancel: CancellationToken,
     /// Cancelled on a second interrupt: KILL now, no grace.
     pub force: CancellationToken,
+    /// `None` for a shell command (`command`, `shell`, `env`, `cwd`); otherwise the step
+    /// kind whose settings are in `spec`.
+    pub kind: Option<RequestKind>,
+    /// The step kind's settings table, templates rendered (`Null` for shell commands).
+    pub spec: serde_json::Value,
+    /// The host to run on; `None` runs on this machine.
+    pub host: Option<Arc<Host>>,
+    pub sudo: bool,
+    pub pty: bool,
+    /// Secret values a runner must keep out of what it writes (headers it echoes, URLs).
+    pub secrets: Vec<String>,
+    /// The runbook's directory: relative files named in `spec` (`src`, `ca_file`) resolve here.
+    pub base_dir: PathBuf,
 }
 
 /// The answer to a step's `approve` question.
@@ -89,6 +104,7 @@ pub struct OutputSink {
     tail_limit: usize,
     stdout_tail: VecDeque<u8>,
     stderr_tail: VecDeque<u8>,
+    details: serde_json::Map<String, serde_json::Value>,
 }
 
 impl OutputSink {
@@ -102,6 +118,7 @@ impl OutputSink {
             tail_limit: DEFAULT_TAIL_BYTES,
             stdout_tail: VecDeque::new(),
             stderr_tail: VecDeque::new(),
+            details: serde_json::Map::new(),
         }
     }
 
@@ -145,6 +162,39 @@ impl OutputSink {
                 start_ticks,
             })
             .await;
+    }
+
+    /// Structured results of the attempt (an HTTP status, a TLS certificate, a key accepted
+    /// on first use): offered to expressions as `output.<key>` and kept in the journal.
+    pub fn detail(&mut self, key: &str, value: serde_json::Value) {
+        self.details.insert(key.to_owned(), value);
+    }
+
+    pub fn details(&self) -> &serde_json::Map<String, serde_json::Value> {
+        &self.details
+    }
+
+    /// Hands a file the attempt produced (a screenshot) to the evidence recorder, which stores
+    /// it as `steps/<id>/<target>/attempt-<n>.<ext>` with `sidecar` as `….<ext>.json`. Returns
+    /// once the file is copied, so the runner may delete its copy.
+    pub async fn artifact(&mut self, ext: &str, path: PathBuf, sidecar: serde_json::Value) {
+        let (receipt, done) = Receipt::new();
+        let sent = self
+            .events
+            .send(RunEvent::Artifact {
+                at: chrono::Utc::now(),
+                receipt,
+                step: self.step.clone(),
+                target: self.target.clone(),
+                attempt: self.attempt,
+                ext: ext.to_owned(),
+                path,
+                sidecar,
+            })
+            .await;
+        if sent.is_ok() {
+            let _ = done.await;
+        }
     }
 
     pub fn counts(&self) -> OutputCounts {

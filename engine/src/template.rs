@@ -138,9 +138,7 @@ impl Template {
                 Part::Literal(s) => out.push_str(s),
                 Part::Expr { expr, offset } => {
                     let (value, more) = host.eval_with_effects(expr, scope);
-                    effects.logs.extend(more.logs);
-                    effects.notes.extend(more.notes);
-                    effects.secrets.extend(more.secrets);
+                    effects.merge(more);
                     let value = value.map_err(|e| RenderError {
                         expression: expr.text.trim().to_owned(),
                         offset: *offset + e.column.map_or(0, |c| c.saturating_sub(1)),

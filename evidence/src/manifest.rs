@@ -45,6 +45,15 @@ pub struct Manifest {
     /// Steps approved (or refused) with `approve`: who and when.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub approvals: Vec<ApprovalRecord>,
+    /// `[drill]`: objectives, measurements and verdict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drill: Option<runbook_engine::event::DrillReport>,
+    /// Hosts added to the inventory while the run went on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts_added: Vec<serde_json::Value>,
+    /// The inventory the run started with (sha256 and copy in `runbook/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inventory: Option<RunbookInfo>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -103,6 +112,9 @@ pub struct StepRecord {
     pub duration_seconds: f64,
     pub attempts: Vec<AttemptRecord>,
     pub collected: Vec<Collected>,
+    /// Per host, for steps that ran on hosts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<runbook_engine::event::TargetResult>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outputs: Option<serde_json::Value>,
 }
@@ -129,6 +141,12 @@ pub struct AttemptRecord {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry_delay_seconds: Option<f64>,
     pub log: String,
+    /// Structured results from the runner (HTTP status, TLS peer, host key accepted).
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub details: serde_json::Map<String, serde_json::Value>,
+    /// Files the attempt produced (screenshots), relative to the bundle.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

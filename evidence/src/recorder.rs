@@ -48,6 +48,8 @@ pub struct RecorderConfig {
     pub command_line: Vec<String>,
     /// Run context (git commit, clock, facts): recorded as given, redacted.
     pub context: serde_json::Value,
+    /// The inventory file the run started with, copied into `runbook/` with its sha256.
+    pub inventory: Option<Arc<runbook_engine::Source>>,
 }
 
 type AttemptKey = (String, String, u32);
@@ -88,6 +90,31 @@ impl Recorder {
         let copy = dir.join(&copy_rel);
         std::fs::create_dir_all(dir.join("runbook")).map_err(write_err(dir.join("runbook")))?;
         std::fs::write(&copy, source.text()).map_err(write_err(&copy))?;
+        let inventory = match &cfg.inventory {
+            Some(inv) => {
+                let name = inv.path().file_name().map_or_else(
+                    || "inventory.toml".into(),
+                    |n| n.to_string_lossy().into_owned(),
+                );
+                // Never overwrite the runbook's copy when both files have the same name.
+                let rel = if format!("runbook/{name}") == copy_rel {
+                    format!("runbook/inventory-{name}")
+                } else {
+                    format!("runbook/{name}")
+                };
+                let path = dir.join(&rel);
+                std::fs::write(&path, inv.text()).map_err(write_err(&path))?;
+                Some(RunbookInfo {
+                    name,
+                    title: None,
+                    refs: Vec::new(),
+                    path: inv.path().display().to_string(),
+                    sha256: checksums::sha256_bytes(inv.text().as_bytes()),
+                    copy: rel,
+                })
+            }
+            None => None,
+        };
 
         let journal_path = dir.join("journal.jsonl");
         let journal = OpenOptions::new()
@@ -111,6 +138,7 @@ impl Recorder {
                 attempts: Vec::new(),
                 collected: Vec::new(),
                 outputs: None,
+                targets: Vec::new(),
             })
             .collect();
         let step_index = rb
@@ -149,6 +177,9 @@ impl Recorder {
             secrets: cfg.secrets.iter().map(|(n, _)| n.clone()).collect(),
             resumed: Vec::new(),
             approvals: Vec::new(),
+            drill: None,
+            hosts_added: Vec::new(),
+            inventory,
             redactions: Default::default(),
             context: cfg.context,
         };
@@ -280,6 +311,26 @@ impl Recorder {
             RunEvent::Collect {
                 step, name, path, ..
             } => collected = Some(self.collect(step.as_str(), name, path)),
+            RunEvent::Artifact {
+                step,
+                target,
+                attempt,
+                ext,
+                path,
+                sidecar,
+                ..
+            } => {
+                let rel = attempt_log(step.as_str(), target, *attempt)
+                    .replace(".log", &format!(".{}", safe_ext(ext)));
+                let dest = self.dir.join(&rel);
+                if let Some(parent) = dest.parent() {
+                    std::fs::create_dir_all(parent).map_err(write_err(parent))?;
+                }
+                std::fs::copy(path, &dest).map_err(write_err(&dest))?;
+                let side = self.dir.join(format!("{rel}.json"));
+                let text = serde_json::to_string_pretty(sidecar).unwrap_or_default();
+                std::fs::write(&side, self.redactor.redact_str(&text)).map_err(write_err(&side))?;
+            }
             _ => {}
         }
         self.apply(event, collected);
@@ -293,7 +344,49 @@ impl Recorder {
             RunEvent::RunStarted { .. }
             | RunEvent::Output { .. }
             | RunEvent::Log { .. }
+            | RunEvent::Clock { .. }
             | RunEvent::ProcessStarted { .. } => {}
+            RunEvent::Batch {
+                at,
+                step,
+                number,
+                hosts,
+                failed,
+                ..
+            } => self.manifest.notes.push(Note {
+                at: *at,
+                message: format!(
+                    "{step}: batch {number} ({}) finished, {failed} failed",
+                    hosts.join(", ")
+                ),
+            }),
+            RunEvent::HostAdded {
+                at,
+                step,
+                name,
+                address,
+                groups,
+            } => self.manifest.hosts_added.push(serde_json::json!({
+                "at": at,
+                "step": step,
+                "name": name,
+                "address": address,
+                "groups": groups,
+            })),
+            RunEvent::DrillMeasured { report, .. } => self.manifest.drill = Some(report.clone()),
+            RunEvent::Artifact {
+                step,
+                target,
+                attempt,
+                ext,
+                ..
+            } => {
+                let rel = attempt_log(step.as_str(), target, *attempt)
+                    .replace(".log", &format!(".{}", safe_ext(ext)));
+                if let Some(a) = self.attempt_mut(step.as_str(), target, *attempt) {
+                    a.artifacts.push(rel);
+                }
+            }
             RunEvent::SecretRegistered { name, .. } => {
                 if !self.manifest.secrets.contains(name) {
                     self.manifest.secrets.push(name.clone());
@@ -327,6 +420,8 @@ impl Recorder {
                     output: Default::default(),
                     retry_delay_seconds: None,
                     log: attempt_log(step.as_str(), target, *attempt),
+                    details: serde_json::Map::new(),
+                    artifacts: Vec::new(),
                 };
                 if let Some(s) = self.step_mut(step.as_str()) {
                     s.attempts.push(record);
@@ -340,6 +435,7 @@ impl Recorder {
                 duration,
                 outcome,
                 output,
+                details,
             } => {
                 let error =
                     (!outcome.succeeded()).then(|| self.redactor.redact_str(&outcome.describe()));
@@ -350,6 +446,7 @@ impl Recorder {
                     a.outcome = Some(outcome.clone());
                     a.error = error;
                     a.output = *output;
+                    a.details.clone_from(details);
                 }
             }
             RunEvent::RetryScheduled {
@@ -386,11 +483,20 @@ impl Recorder {
                 duration,
                 reason,
                 outputs,
+                targets,
                 ..
             } => {
                 let reason = reason.as_ref().map(|r| self.redactor.redact_str(r));
+                let targets: Vec<_> = targets
+                    .iter()
+                    .map(|t| runbook_engine::event::TargetResult {
+                        reason: t.reason.as_ref().map(|r| self.redactor.redact_str(r)),
+                        ..t.clone()
+                    })
+                    .collect();
                 if let Some(s) = self.step_mut(step.as_str()) {
                     s.outputs.clone_from(outputs);
+                    s.targets = targets;
                     s.status = Some(*status);
                     s.reason = reason;
                     s.finished_at = Some(*at);
@@ -468,9 +574,12 @@ impl Recorder {
                 attempts: Vec::new(),
                 collected: Vec::new(),
                 outputs: None,
+                targets: Vec::new(),
             };
         }
         manifest.notes.clear();
+        manifest.hosts_added.clear();
+        manifest.drill = None;
         manifest.resumed.clear();
         manifest.approvals.clear();
         manifest.status = RunStatus::Running;
@@ -741,6 +850,20 @@ impl Recorder {
             }
         }
         record
+    }
+}
+
+/// A file extension from a runner, made safe for a file name.
+fn safe_ext(ext: &str) -> String {
+    let e: String = ext
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(8)
+        .collect();
+    if e.is_empty() {
+        "bin".into()
+    } else {
+        e
     }
 }
 

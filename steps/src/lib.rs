@@ -1,6 +1,8 @@
 //! Step runners: the [`StepRunner`](runbook_engine::runner::StepRunner) implementations that do
 //! the work. Each knows how to run one attempt and nothing about graphs, retries or evidence.
 
+pub mod dispatch;
 pub mod local;
 
+pub use dispatch::Dispatcher;
 pub use local::{stop_leftover_group, stop_run_processes, LocalRunner};

@@ -1,0 +1,1012 @@
+//! Inventories: the hosts a runbook's remote steps run on, their groups and connection
+//! settings, and the `on = "…"` selectors that pick hosts out of them.
+//!
+//! An inventory is read from TOML (`runbook/inventory.toml`, `--inventory`) and may grow while a
+//! run goes on (`inventory.add_host(…)` from Rhai, e.g. from `terraform output -json`). Hosts
+//! keep the order they were declared in: selectors such as `servers[0]` depend on it.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::diagnostic::{Code, Diagnostic, Diagnostics};
+use crate::runbook::StepId;
+use crate::source::Source;
+
+/// How an unknown or changed host key is treated. There is deliberately no "accept anything".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HostKeyPolicy {
+    /// The key must already be in `known_hosts`.
+    #[default]
+    Strict,
+    /// Trust on first use: an unknown key is added (and recorded in evidence); a changed one is
+    /// still refused.
+    AcceptNew,
+}
+
+/// One host, with every connection setting resolved (defaults applied, paths absolute).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Host {
+    pub name: String,
+    pub address: String,
+    pub port: u16,
+    pub user: String,
+    pub identity_files: Vec<PathBuf>,
+    /// Environment variable holding the identity file's passphrase.
+    pub passphrase_env: Option<String>,
+    pub use_agent: bool,
+    pub known_hosts: PathBuf,
+    pub host_key_check: HostKeyPolicy,
+    /// Another host of the inventory to connect through (a bastion).
+    pub proxy_jump: Option<String>,
+    #[serde(serialize_with = "crate::serde_duration::serialize")]
+    pub connect_timeout: Duration,
+    #[serde(serialize_with = "crate::serde_duration::serialize_opt")]
+    pub keepalive: Option<Duration>,
+    pub groups: Vec<String>,
+    pub vars: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Host {
+    /// What expressions see as `host`.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "name": self.name,
+            "address": self.address,
+            "port": self.port,
+            "user": self.user,
+            "groups": self.groups,
+            "vars": self.vars,
+        })
+    }
+}
+
+/// The inventory of a run.
+#[derive(Debug, Clone, Default)]
+pub struct Inventory {
+    /// The file it was read from, if any.
+    pub source: Option<Arc<Source>>,
+    hosts: Vec<Arc<Host>>,
+    /// Groups declared with a `hosts` list, in declaration order, with their variables.
+    groups: Vec<(String, Vec<String>)>,
+    defaults: Settings,
+    base_dir: PathBuf,
+}
+
+/// `[defaults]` and the per-host connection settings share these keys.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Settings {
+    user: Option<String>,
+    port: Option<u16>,
+    identity_file: Option<OneOrMany>,
+    passphrase_env: Option<String>,
+    use_agent: Option<bool>,
+    known_hosts: Option<String>,
+    host_key_check: Option<String>,
+    proxy_jump: Option<String>,
+    connect_timeout: Option<String>,
+    keepalive: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HostFile {
+    address: Option<String>,
+    #[serde(default)]
+    groups: Vec<String>,
+    #[serde(default)]
+    vars: serde_json::Map<String, serde_json::Value>,
+    #[serde(flatten)]
+    settings: Settings,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GroupFile {
+    #[serde(default)]
+    hosts: Vec<String>,
+    #[serde(default)]
+    vars: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InventoryFile {
+    #[serde(default)]
+    defaults: Option<Settings>,
+    #[serde(default)]
+    hosts: toml::map::Map<String, toml::Value>,
+    #[serde(default)]
+    groups: toml::map::Map<String, toml::Value>,
+}
+
+/// A new host as `inventory.add_host(name, #{ … })` describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NewHost {
+    pub name: String,
+    /// The map given to `add_host`, as JSON.
+    pub spec: serde_json::Value,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum InventoryError {
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Keys a host table takes, for messages.
+const HOST_KEYS: &str = "address, groups, vars, user, port, identity_file, passphrase_env, use_agent, known_hosts, host_key_check, proxy_jump, connect_timeout, keepalive";
+
+impl Inventory {
+    /// Reads an inventory file. Every problem found is reported, each with its position.
+    pub fn parse(source: &Arc<Source>) -> Result<Inventory, Diagnostics> {
+        let mut diags = Diagnostics::default();
+        let text = source.text().trim_start_matches('\u{feff}');
+        let shift = source.text().len() - text.len();
+        let error =
+            |diags: &mut Diagnostics, span: std::ops::Range<usize>, msg: String, label: &str| {
+                let span = span.start + shift..span.end + shift;
+                diags.push(Diagnostic::error(Code::Inventory, msg).at(source, span, label));
+            };
+        let file: InventoryFile = match toml::from_str(text) {
+            Ok(f) => f,
+            Err(e) => {
+                let span = e.span().unwrap_or(0..0);
+                let span = if span.is_empty() {
+                    span.start..(span.start + 1).min(text.len())
+                } else {
+                    span
+                };
+                error(
+                    &mut diags,
+                    span,
+                    format!("inventory: {}", e.message().trim()),
+                    "here",
+                );
+                return Err(diags);
+            }
+        };
+        let base_dir = match source.path().parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let mut inv = Inventory {
+            source: Some(source.clone()),
+            defaults: file.defaults.clone().unwrap_or_default(),
+            base_dir,
+            ..Inventory::default()
+        };
+        // Hosts and groups are read as plain TOML values first so that one bad table does not
+        // hide the others; their spans come from a second, spanned parse.
+        let spans = SpanIndex::new(text);
+        for (name, value) in &file.hosts {
+            let at = spans.key("hosts", name);
+            if !StepId::is_valid(name) {
+                error(
+                    &mut diags,
+                    at.clone(),
+                    format!("host name `{}` is not valid", name.escape_debug()),
+                    "use letters, digits, `-`, `_` and `.`: it names a directory in the evidence bundle",
+                );
+                continue;
+            }
+            let host: HostFile = match value.clone().try_into() {
+                Ok(h) => h,
+                Err(e) => {
+                    error(
+                        &mut diags,
+                        at,
+                        format!(
+                            "host `{name}`: {} (a host takes: {HOST_KEYS})",
+                            e.message().trim()
+                        ),
+                        "in this host",
+                    );
+                    continue;
+                }
+            };
+            match inv.build_host(
+                name,
+                host.address.as_deref(),
+                &host.settings,
+                host.groups.clone(),
+                host.vars,
+            ) {
+                Ok(h) => inv.hosts.push(Arc::new(h)),
+                Err(InventoryError::Invalid(m)) => error(
+                    &mut diags,
+                    at,
+                    format!("host `{name}`: {m}"),
+                    "in this host",
+                ),
+            }
+        }
+        for (name, value) in &file.groups {
+            let at = spans.key("groups", name);
+            let group: GroupFile = match value.clone().try_into() {
+                Ok(g) => g,
+                Err(e) => {
+                    error(
+                        &mut diags,
+                        at,
+                        format!(
+                            "group `{name}`: {} (a group takes: hosts, vars)",
+                            e.message().trim()
+                        ),
+                        "in this group",
+                    );
+                    continue;
+                }
+            };
+            let mut members = Vec::new();
+            for h in &group.hosts {
+                if inv.host(h).is_none() {
+                    let suggestion =
+                        crate::diagnostic::suggest(h, inv.hosts.iter().map(|h| h.name.as_str()));
+                    error(
+                        &mut diags,
+                        at.clone(),
+                        format!(
+                            "group `{name}` lists `{}`, which is not a host of this inventory{}",
+                            h,
+                            suggestion
+                                .map(|s| format!(" (did you mean `{s}`?)"))
+                                .unwrap_or_default()
+                        ),
+                        "in this group",
+                    );
+                    continue;
+                }
+                members.push(h.clone());
+            }
+            // Group variables apply to members unless the host sets the same variable.
+            for m in &members {
+                if let Some(pos) = inv.hosts.iter().position(|h| &h.name == m) {
+                    let h = Arc::make_mut(&mut inv.hosts[pos]);
+                    for (k, v) in &group.vars {
+                        h.vars.entry(k.clone()).or_insert_with(|| v.clone());
+                    }
+                    if !h.groups.contains(name) {
+                        h.groups.push(name.clone());
+                    }
+                }
+            }
+            inv.groups.push((name.clone(), members));
+        }
+        for h in &inv.hosts {
+            if let Some(jump) = &h.proxy_jump {
+                if inv.host(jump).is_none() {
+                    error(
+                        &mut diags,
+                        spans.key("hosts", &h.name),
+                        format!(
+                            "host `{}`: `proxy_jump = \"{jump}\"` is not a host of this inventory",
+                            h.name
+                        ),
+                        "in this host",
+                    );
+                } else if jump == &h.name {
+                    error(
+                        &mut diags,
+                        spans.key("hosts", &h.name),
+                        format!("host `{}` jumps through itself", h.name),
+                        "in this host",
+                    );
+                }
+            }
+        }
+        if diags.has_errors() {
+            diags.sort();
+            return Err(diags);
+        }
+        Ok(inv)
+    }
+
+    /// An inventory with no hosts (runbooks with no remote steps, or hosts added at run time).
+    pub fn empty(base_dir: &Path) -> Inventory {
+        Inventory {
+            base_dir: base_dir.to_path_buf(),
+            ..Inventory::default()
+        }
+    }
+
+    pub fn hosts(&self) -> &[Arc<Host>] {
+        &self.hosts
+    }
+
+    pub fn host(&self, name: &str) -> Option<&Arc<Host>> {
+        self.hosts.iter().find(|h| h.name == name)
+    }
+
+    /// Every group name, declared or mentioned by a host, in first-seen order.
+    pub fn group_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.groups.iter().map(|(g, _)| g.clone()).collect();
+        for h in &self.hosts {
+            for g in &h.groups {
+                if !names.contains(g) {
+                    names.push(g.clone());
+                }
+            }
+        }
+        names
+    }
+
+    /// Hosts of a group, in inventory order.
+    pub fn group(&self, name: &str) -> Option<Vec<Arc<Host>>> {
+        let members: Vec<Arc<Host>> = self
+            .hosts
+            .iter()
+            .filter(|h| h.groups.iter().any(|g| g == name))
+            .cloned()
+            .collect();
+        (!members.is_empty() || self.groups.iter().any(|(g, _)| g == name)).then_some(members)
+    }
+
+    /// Adds (or replaces) a host at run time, with the inventory's defaults applied.
+    pub fn add_host(&mut self, new: &NewHost) -> Result<Arc<Host>, InventoryError> {
+        if !StepId::is_valid(&new.name) {
+            return Err(InventoryError::Invalid(format!(
+                "host name `{}` is not valid: use letters, digits, `-`, `_` and `.`",
+                new.name.escape_debug()
+            )));
+        }
+        let spec = match &new.spec {
+            serde_json::Value::Object(m) => m.clone(),
+            serde_json::Value::String(address) => {
+                let mut m = serde_json::Map::new();
+                m.insert("address".into(), address.clone().into());
+                m
+            }
+            other => {
+                return Err(InventoryError::Invalid(format!(
+                    "add_host(`{}`, …): expected a map like #{{ address: \"10.0.0.5\", groups: [\"workers\"] }}, got {other}",
+                    new.name
+                )))
+            }
+        };
+        let toml_value = toml::Value::try_from(&spec)
+            .map_err(|e| InventoryError::Invalid(format!("add_host(`{}`): {e}", new.name)))?;
+        let host: HostFile = toml_value.try_into().map_err(|e: toml::de::Error| {
+            InventoryError::Invalid(format!(
+                "add_host(`{}`): {} (a host takes: {HOST_KEYS})",
+                new.name,
+                e.message().trim()
+            ))
+        })?;
+        let groups = host.groups.clone();
+        let built = Arc::new(self.build_host(
+            &new.name,
+            host.address.as_deref(),
+            &host.settings,
+            groups,
+            host.vars,
+        )?);
+        match self.hosts.iter().position(|h| h.name == new.name) {
+            Some(i) => self.hosts[i] = built.clone(),
+            None => self.hosts.push(built.clone()),
+        }
+        Ok(built)
+    }
+
+    fn build_host(
+        &self,
+        name: &str,
+        address: Option<&str>,
+        own: &Settings,
+        groups: Vec<String>,
+        vars: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Host, InventoryError> {
+        let d = &self.defaults;
+        let pick = |a: &Option<String>, b: &Option<String>| a.clone().or_else(|| b.clone());
+        let duration = |key: &str,
+                        own: &Option<String>,
+                        def: &Option<String>|
+         -> Result<Option<Duration>, InventoryError> {
+            match pick(own, def) {
+                None => Ok(None),
+                Some(t) => crate::duration::parse_duration(&t)
+                    .map(Some)
+                    .map_err(|e| InventoryError::Invalid(format!("`{key}`: {e}"))),
+            }
+        };
+        let host_key_check = match pick(&own.host_key_check, &d.host_key_check).as_deref() {
+            None | Some("strict") | Some("yes") => HostKeyPolicy::Strict,
+            Some("accept-new") => HostKeyPolicy::AcceptNew,
+            Some(other) => {
+                return Err(InventoryError::Invalid(format!(
+                    "`host_key_check = \"{other}\"`: expected \"strict\" or \"accept-new\" (there is no setting that accepts any key)"
+                )))
+            }
+        };
+        let identity_files = match own
+            .identity_file
+            .clone()
+            .or_else(|| d.identity_file.clone())
+        {
+            None => Vec::new(),
+            Some(OneOrMany::One(p)) => vec![self.path(&p)],
+            Some(OneOrMany::Many(ps)) => ps.iter().map(|p| self.path(p)).collect(),
+        };
+        let known_hosts = pick(&own.known_hosts, &d.known_hosts)
+            .map(|p| self.path(&p))
+            .unwrap_or_else(|| home().join(".ssh/known_hosts"));
+        Ok(Host {
+            name: name.to_owned(),
+            address: address.unwrap_or(name).to_owned(),
+            port: own.port.or(d.port).unwrap_or(22),
+            user: pick(&own.user, &d.user).unwrap_or_else(current_user),
+            identity_files,
+            passphrase_env: pick(&own.passphrase_env, &d.passphrase_env),
+            use_agent: own.use_agent.or(d.use_agent).unwrap_or(true),
+            known_hosts,
+            host_key_check,
+            proxy_jump: own
+                .proxy_jump
+                .as_ref()
+                .or(d.proxy_jump.as_ref())
+                .cloned()
+                .filter(|j| j != name),
+            connect_timeout: duration("connect_timeout", &own.connect_timeout, &d.connect_timeout)?
+                .unwrap_or(Duration::from_secs(10)),
+            keepalive: duration("keepalive", &own.keepalive, &d.keepalive)?
+                .or(Some(Duration::from_secs(30))),
+            groups,
+            vars,
+        })
+    }
+
+    /// `~/x` is the home directory's; other relative paths are the inventory file's.
+    fn path(&self, p: &str) -> PathBuf {
+        if let Some(rest) = p.strip_prefix("~/") {
+            home().join(rest)
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+
+    /// Selects hosts (see [`Selector`]), in inventory order, each once.
+    pub fn select(&self, selector: &Selector) -> Result<Vec<Arc<Host>>, String> {
+        let mut chosen: Vec<Arc<Host>> = Vec::new();
+        for term in &selector.terms {
+            let hosts = self.resolve(&term.pattern)?;
+            match term.op {
+                TermOp::Union => {
+                    for h in hosts {
+                        if !chosen.iter().any(|c| c.name == h.name) {
+                            chosen.push(h);
+                        }
+                    }
+                }
+                TermOp::Intersect => chosen.retain(|c| hosts.iter().any(|h| h.name == c.name)),
+                TermOp::Exclude => chosen.retain(|c| !hosts.iter().any(|h| h.name == c.name)),
+            }
+        }
+        let position = |h: &Arc<Host>| self.hosts.iter().position(|x| x.name == h.name);
+        chosen.sort_by_key(position);
+        Ok(chosen)
+    }
+
+    fn resolve(&self, pattern: &Pattern) -> Result<Vec<Arc<Host>>, String> {
+        let base: Vec<Arc<Host>> = if pattern.name == "all" {
+            self.hosts.clone()
+        } else if let Some(members) = self.group(&pattern.name) {
+            members
+        } else if let Some(h) = self.host(&pattern.name) {
+            vec![h.clone()]
+        } else {
+            let names = self
+                .hosts
+                .iter()
+                .map(|h| h.name.clone())
+                .chain(self.group_names())
+                .collect::<Vec<_>>();
+            let hint = crate::diagnostic::suggest(&pattern.name, names.iter().map(String::as_str))
+                .map(|s| format!(" (did you mean `{s}`?)"))
+                .unwrap_or_default();
+            return Err(format!(
+                "`{}` is neither a host nor a group of the inventory{hint}",
+                pattern.name
+            ));
+        };
+        Ok(match &pattern.slice {
+            None => base,
+            Some(slice) => slice.apply(&base),
+        })
+    }
+}
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME").map_or_else(|| PathBuf::from("/"), PathBuf::from)
+}
+
+fn current_user() -> String {
+    std::env::var("USER")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "root".into())
+}
+
+/// Finds the spans of `[table.key]` / `table.key = …` definitions for messages.
+struct SpanIndex {
+    spans: Vec<(String, String, std::ops::Range<usize>)>,
+}
+
+impl SpanIndex {
+    fn new(text: &str) -> Self {
+        let mut spans = Vec::new();
+        if let Ok(doc) = toml::de::DeTable::parse(text) {
+            for (k, v) in doc.get_ref() {
+                if let toml::de::DeValue::Table(t) = v.get_ref() {
+                    for (k2, v2) in t {
+                        let span = if k2.span().is_empty() {
+                            v2.span()
+                        } else {
+                            k2.span()
+                        };
+                        spans.push((k.get_ref().to_string(), k2.get_ref().to_string(), span));
+                    }
+                }
+            }
+        }
+        Self { spans }
+    }
+
+    fn key(&self, table: &str, key: &str) -> std::ops::Range<usize> {
+        self.spans
+            .iter()
+            .find(|(t, k, _)| t == table && k == key)
+            .map_or(0..1, |(_, _, s)| s.clone())
+    }
+}
+
+/// Which hosts a step runs on: `on = "servers[0]"`, `"workers"`, `"all,!bastion"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Selector {
+    pub text: String,
+    pub terms: Vec<Term>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Term {
+    pub op: TermOp,
+    pub pattern: Pattern,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TermOp {
+    Union,
+    Intersect,
+    Exclude,
+}
+
+/// A host, a group or `all`, optionally indexed or sliced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pattern {
+    pub name: String,
+    pub slice: Option<Slice>,
+}
+
+/// `[i]` or `[start:end]`; negative numbers count from the end, like Python.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slice {
+    Index(i64),
+    Range(Option<i64>, Option<i64>),
+}
+
+impl Slice {
+    fn apply(self, hosts: &[Arc<Host>]) -> Vec<Arc<Host>> {
+        let n = hosts.len() as i64;
+        let norm = |i: i64| if i < 0 { (n + i).max(0) } else { i.min(n) };
+        match self {
+            Slice::Index(i) => {
+                let i = if i < 0 { n + i } else { i };
+                if (0..n).contains(&i) {
+                    vec![hosts[i as usize].clone()]
+                } else {
+                    Vec::new()
+                }
+            }
+            Slice::Range(a, b) => {
+                let a = norm(a.unwrap_or(0));
+                let b = norm(b.unwrap_or(n));
+                if a >= b {
+                    Vec::new()
+                } else {
+                    hosts[a as usize..b as usize].to_vec()
+                }
+            }
+        }
+    }
+}
+
+impl fmt::Display for Selector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl Selector {
+    /// Parses a selector; the error says what was expected.
+    pub fn parse(text: &str) -> Result<Selector, String> {
+        let mut terms = Vec::new();
+        for (i, raw) in text.split(',').enumerate() {
+            let raw = raw.trim();
+            let (op, rest) = if let Some(r) = raw.strip_prefix('!') {
+                (TermOp::Exclude, r)
+            } else if let Some(r) = raw.strip_prefix('&') {
+                (TermOp::Intersect, r)
+            } else {
+                (TermOp::Union, raw)
+            };
+            if i == 0 && op != TermOp::Union {
+                return Err(format!(
+                    "`{raw}`: a selector starts with a host or group; `!`/`&` narrow what comes before (`all,!{}`)",
+                    rest
+                ));
+            }
+            let (name, slice) = match rest.find('[') {
+                None => (rest, None),
+                Some(open) => {
+                    let Some(inner) = rest[open + 1..].strip_suffix(']') else {
+                        return Err(format!(
+                            "`{rest}`: expected `name[index]` or `name[start:end]`"
+                        ));
+                    };
+                    (
+                        &rest[..open],
+                        Some(parse_slice(inner).map_err(|e| format!("`{rest}`: {e}"))?),
+                    )
+                }
+            };
+            if name.is_empty() {
+                return Err(format!(
+                    "empty term in `{text}`: expected host or group names separated by commas"
+                ));
+            }
+            if !StepId::is_valid(name) {
+                return Err(format!("`{name}` is not a host or group name"));
+            }
+            terms.push(Term {
+                op,
+                pattern: Pattern {
+                    name: name.to_owned(),
+                    slice,
+                },
+            });
+        }
+        Ok(Selector {
+            text: text.trim().to_owned(),
+            terms,
+        })
+    }
+
+    /// The names the selector mentions (to check them against an inventory).
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.terms.iter().map(|t| t.pattern.name.as_str())
+    }
+}
+
+fn parse_slice(inner: &str) -> Result<Slice, String> {
+    let num = |s: &str| -> Result<Option<i64>, String> {
+        let s = s.trim();
+        if s.is_empty() {
+            Ok(None)
+        } else {
+            s.parse::<i64>()
+                .map(Some)
+                .map_err(|_| format!("`{s}` is not an index"))
+        }
+    };
+    match inner.split_once(':') {
+        None => num(inner)?
+            .map(Slice::Index)
+            .ok_or_else(|| "empty index: expected `[0]`, `[1:]`, `[:2]` or `[-1]`".to_owned()),
+        Some((a, b)) => Ok(Slice::Range(num(a)?, num(b)?)),
+    }
+}
+
+/// The inventory in a form `ansible-playbook -i` reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnsibleFormat {
+    Ini,
+    Yaml,
+}
+
+impl Inventory {
+    /// Exports the inventory for Ansible: connection settings as `ansible_*` variables, the
+    /// host's own variables alongside, one section per group.
+    pub fn to_ansible(&self, format: AnsibleFormat) -> String {
+        let host_vars = |h: &Host| -> Vec<(String, serde_json::Value)> {
+            let mut v: Vec<(String, serde_json::Value)> = vec![
+                ("ansible_host".into(), h.address.clone().into()),
+                ("ansible_port".into(), h.port.into()),
+                ("ansible_user".into(), h.user.clone().into()),
+            ];
+            if let Some(key) = h.identity_files.first() {
+                v.push((
+                    "ansible_ssh_private_key_file".into(),
+                    key.display().to_string().into(),
+                ));
+            }
+            let mut ssh_args = format!("-o UserKnownHostsFile={}", h.known_hosts.display());
+            if h.host_key_check == HostKeyPolicy::AcceptNew {
+                ssh_args.push_str(" -o StrictHostKeyChecking=accept-new");
+            } else {
+                ssh_args.push_str(" -o StrictHostKeyChecking=yes");
+            }
+            if let Some(jump) = h.proxy_jump.as_ref().and_then(|j| self.host(j)) {
+                ssh_args.push_str(&format!(
+                    " -o ProxyJump={}@{}:{}",
+                    jump.user, jump.address, jump.port
+                ));
+            }
+            v.push(("ansible_ssh_common_args".into(), ssh_args.into()));
+            for (k, val) in &h.vars {
+                v.push((k.clone(), val.clone()));
+            }
+            v
+        };
+        let groups = self.group_names();
+        match format {
+            AnsibleFormat::Ini => {
+                let mut out = String::from("# generated by runbook inventory export\n");
+                let ini = |v: &serde_json::Value| match v {
+                    serde_json::Value::String(s) if !s.contains([' ', '"', '\'', '=']) => s.clone(),
+                    other => other.to_string(),
+                };
+                for h in &self.hosts {
+                    out.push_str(&h.name);
+                    for (k, v) in host_vars(h) {
+                        out.push_str(&format!(" {k}={}", ini(&v)));
+                    }
+                    out.push('\n');
+                }
+                for g in &groups {
+                    out.push_str(&format!("\n[{g}]\n"));
+                    for h in self.group(g).unwrap_or_default() {
+                        out.push_str(&format!("{}\n", h.name));
+                    }
+                }
+                out
+            }
+            AnsibleFormat::Yaml => {
+                // YAML is a superset of JSON: values are written as JSON, which YAML reads.
+                let mut out =
+                    String::from("# generated by runbook inventory export\nall:\n  hosts:\n");
+                for h in &self.hosts {
+                    out.push_str(&format!("    {}:\n", json_key(&h.name)));
+                    for (k, v) in host_vars(h) {
+                        out.push_str(&format!("      {}: {v}\n", json_key(&k)));
+                    }
+                }
+                if !groups.is_empty() {
+                    out.push_str("  children:\n");
+                    for g in &groups {
+                        out.push_str(&format!("    {}:\n      hosts:\n", json_key(g)));
+                        let members = self.group(g).unwrap_or_default();
+                        if members.is_empty() {
+                            out.push_str("        {}\n");
+                        }
+                        for h in members {
+                            out.push_str(&format!("        {}: {{}}\n", json_key(&h.name)));
+                        }
+                    }
+                }
+                out
+            }
+        }
+    }
+}
+
+fn json_key(k: &str) -> String {
+    serde_json::Value::String(k.to_owned()).to_string()
+}
+
+/// Reads the groups/hosts a runbook expects from a shared inventory; convenience for tests.
+pub fn parse_str(path: &str, text: &str) -> Result<Inventory, Diagnostics> {
+    Inventory::parse(&Source::new(path, text))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LAB: &str = r#"
+[defaults]
+user = "rocky"
+identity_file = "~/.ssh/id_ed25519"
+host_key_check = "accept-new"
+
+[hosts.cp-1]
+address = "10.0.0.11"
+groups = ["servers"]
+[hosts.cp-2]
+address = "10.0.0.12"
+groups = ["servers"]
+[hosts.cp-3]
+address = "10.0.0.13"
+groups = ["servers"]
+[hosts.wk-1]
+address = "10.0.0.21"
+vars = { disk = "/dev/sdb" }
+[hosts.bastion]
+address = "192.0.2.1"
+
+[groups.workers]
+hosts = ["wk-1"]
+vars = { role = "agent" }
+"#;
+
+    fn names(hosts: &[Arc<Host>]) -> Vec<&str> {
+        hosts.iter().map(|h| h.name.as_str()).collect()
+    }
+
+    #[test]
+    fn selectors_pick_hosts_in_inventory_order() {
+        let inv = parse_str("lab.toml", LAB).expect("valid");
+        let sel = |s: &str| {
+            inv.select(&Selector::parse(s).expect("parses"))
+                .expect("resolves")
+        };
+        assert_eq!(names(&sel("servers")), ["cp-1", "cp-2", "cp-3"]);
+        assert_eq!(names(&sel("servers[0]")), ["cp-1"]);
+        assert_eq!(names(&sel("servers[1:]")), ["cp-2", "cp-3"]);
+        assert_eq!(names(&sel("servers[-1]")), ["cp-3"]);
+        assert_eq!(names(&sel("servers[:2]")), ["cp-1", "cp-2"]);
+        assert_eq!(names(&sel("servers[7]")), Vec::<&str>::new());
+        assert_eq!(
+            names(&sel("all,!bastion,!servers[0]")),
+            ["cp-2", "cp-3", "wk-1"]
+        );
+        assert_eq!(names(&sel("workers,cp-1")), ["cp-1", "wk-1"]);
+        assert_eq!(names(&sel("all,&servers")), ["cp-1", "cp-2", "cp-3"]);
+        let err = inv
+            .select(&Selector::parse("server").expect("parses"))
+            .expect_err("unknown");
+        assert!(err.contains("did you mean `servers`"), "{err}");
+        assert!(Selector::parse("!all").is_err());
+        assert!(Selector::parse("servers[a]").is_err());
+        assert!(Selector::parse("servers,").is_err());
+    }
+
+    #[test]
+    fn defaults_and_group_vars_apply() {
+        let inv = parse_str("lab.toml", LAB).expect("valid");
+        let wk = inv.host("wk-1").expect("host");
+        assert_eq!(wk.user, "rocky");
+        assert_eq!(wk.port, 22);
+        assert_eq!(wk.host_key_check, HostKeyPolicy::AcceptNew);
+        assert_eq!(wk.vars["role"], "agent");
+        assert_eq!(wk.vars["disk"], "/dev/sdb");
+        assert_eq!(wk.groups, ["workers"]);
+    }
+
+    #[test]
+    fn errors_name_the_place_and_the_expected_keys() {
+        let bad = "[hosts.a]\nadress = \"x\"\n[groups.g]\nhosts = [\"b\"]\n[hosts.c]\naddress = \"y\"\nhost_key_check = \"no\"\n";
+        let diags = parse_str("inv.toml", bad).expect_err("invalid");
+        let text = format!("{diags:?}");
+        assert!(text.contains("adress"), "{text}");
+        assert!(text.contains("lists `b`"), "{text}");
+        assert!(text.contains("accept-new"), "{text}");
+    }
+
+    #[test]
+    fn hosts_added_at_run_time_take_the_defaults() {
+        let mut inv = parse_str("lab.toml", LAB).expect("valid");
+        let h = inv
+            .add_host(&NewHost {
+                name: "wk-2".into(),
+                spec: serde_json::json!({"address": "10.0.0.22", "groups": ["workers"]}),
+            })
+            .expect("added");
+        assert_eq!(h.user, "rocky");
+        assert_eq!(
+            names(&inv.group("workers").expect("group")),
+            ["wk-1", "wk-2"]
+        );
+        assert!(inv
+            .add_host(&NewHost {
+                name: "x".into(),
+                spec: serde_json::json!({"adress": "1"}),
+            })
+            .is_err());
+    }
+
+    #[test]
+    fn ansible_export_lists_groups_and_connection_vars() {
+        let inv = parse_str("lab.toml", LAB).expect("valid");
+        let ini = inv.to_ansible(AnsibleFormat::Ini);
+        assert!(
+            ini.contains("cp-1 ansible_host=10.0.0.11 ansible_port=22 ansible_user=rocky"),
+            "{ini}"
+        );
+        assert!(ini.contains("[servers]\ncp-1\ncp-2\ncp-3\n"), "{ini}");
+        let yaml = inv.to_ansible(AnsibleFormat::Yaml);
+        assert!(
+            yaml.contains("\"servers\":\n      hosts:\n        \"cp-1\": {}"),
+            "{yaml}"
+        );
+    }
+}
+
+/// Checks that every `on` selector names hosts or groups the inventory has. A runbook that
+/// adds hosts at run time (`inventory.add_host`) is only checked for selectors that parse:
+/// its groups may not exist yet. Without an inventory, steps with `on` are reported as
+/// `missing` says (an error when running, a warning for `runbook check`).
+pub fn check_targets(
+    runbook: &crate::runbook::Runbook,
+    inventory: Option<&Inventory>,
+    missing_is_error: bool,
+) -> Diagnostics {
+    let mut diags = Diagnostics::default();
+    let adds_hosts = runbook.source.text().contains("add_host");
+    for step in &runbook.steps {
+        let Some((selector, span)) = &step.on else {
+            continue;
+        };
+        let Some(inv) = inventory else {
+            if adds_hosts {
+                continue;
+            }
+            let message = format!(
+                "step `{}` runs on hosts (`on = \"{selector}\"`) but there is no inventory",
+                step.id
+            );
+            let d = if missing_is_error {
+                Diagnostic::error(Code::UnknownTarget, message)
+            } else {
+                Diagnostic::warning(Code::UnknownTarget, message)
+            };
+            diags.push(
+                d.at(&runbook.source, span.clone(), "no inventory to pick hosts from")
+                    .help("name one with `[runbook] inventory = \"inventory.toml\"` or `--inventory FILE`"),
+            );
+            continue;
+        };
+        if adds_hosts {
+            continue;
+        }
+        for name in selector.names() {
+            if name == "all" || inv.host(name).is_some() || inv.group(name).is_some() {
+                continue;
+            }
+            let names: Vec<String> = inv
+                .hosts()
+                .iter()
+                .map(|h| h.name.clone())
+                .chain(inv.group_names())
+                .collect();
+            let mut d = Diagnostic::error(
+                Code::UnknownTarget,
+                format!(
+                    "`on` names `{name}`, which is neither a host nor a group of the inventory"
+                ),
+            )
+            .at(&runbook.source, span.clone(), "unknown host or group");
+            if let Some(s) = crate::diagnostic::suggest(name, names.iter().map(String::as_str)) {
+                d = d.help(format!("did you mean `{s}`?"));
+            } else if let Some(src) = &inv.source {
+                d = d.note(format!(
+                    "`{}` has groups: {}",
+                    src.path().display(),
+                    inv.group_names().join(", ")
+                ));
+            }
+            diags.push(d);
+        }
+    }
+    diags
+}
