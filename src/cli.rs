@@ -11,6 +11,8 @@ pub mod exit {
     pub const USAGE: i32 = 2;
     pub const VERIFY_FAILED: i32 = 3;
     pub const AWAITING_APPROVAL: i32 = 4;
+    /// A `[drill]` run whose steps succeeded but whose RTO/RPO was missed or not measured.
+    pub const DRILL_FAILED: i32 = 5;
     pub const INTERRUPTED: i32 = 130;
 }
 

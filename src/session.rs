@@ -110,6 +110,17 @@ pub fn execute(s: Session) -> i32 {
         RunStatus::Cancelled => exit::INTERRUPTED,
         RunStatus::AwaitingApproval => exit::AWAITING_APPROVAL,
     };
+    // Every step succeeded but an objective was missed (or could not be measured): the drill
+    // failed, and says so with its own exit code.
+    if let (exit::OK, Some(d)) = (code, &report.drill) {
+        if d.verdict != runbook_engine::event::Verdict::Pass {
+            render::error(&format!(
+                "drill {}: the steps succeeded but the recovery objectives were not met (see the drill section of the report)",
+                d.verdict.as_str().replace('_', " ")
+            ));
+            code = exit::DRILL_FAILED;
+        }
+    }
     say(&format!("\n{}", console.redact(&summary_table(&report))));
     print_failure_tails(&report, &bundle);
     let mut recorder = recorder;

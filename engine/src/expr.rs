@@ -480,7 +480,7 @@ fn unix_now() -> f64 {
     now.timestamp() as f64 + f64::from(now.timestamp_subsec_millis()) / 1000.0
 }
 
-fn parse_timestamp(text: &str) -> Option<f64> {
+pub fn parse_timestamp(text: &str) -> Option<f64> {
     let t = text.trim();
     if let Ok(secs) = t.parse::<f64>() {
         return Some(secs);

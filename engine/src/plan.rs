@@ -16,6 +16,15 @@ use crate::params::BoundParams;
 use crate::redact::Redactor;
 use crate::runbook::{Action, Runbook};
 
+/// A drill clock start or stop.
+#[derive(Debug, Clone, Copy)]
+pub struct ClockMark {
+    pub start: bool,
+    pub at: chrono::DateTime<chrono::Utc>,
+    /// Monotonic: RTO is measured with this, immune to wall-clock steps (NTP).
+    pub instant: tokio::time::Instant,
+}
+
 /// A step kind's settings as one line, templates unrendered (`{url = "…", port = 22}`).
 fn spec_text(spec: &crate::runbook::Spec) -> String {
     use crate::runbook::Spec;
@@ -115,6 +124,10 @@ pub struct Plan {
     pub forks: usize,
     /// `--dry-run`: only `plan` commands run; every other step is reported, not run.
     pub dry_run: bool,
+    /// A drill's clock: (started?, when), in order — from its clock steps and from
+    /// `drill.start_clock()`/`stop_clock()` in hooks.
+    /// The monotonic instant measures; the wall-clock time is what evidence shows.
+    pub clock: std::sync::Mutex<Vec<ClockMark>>,
 }
 
 /// A step as an earlier run of the same bundle left it.
@@ -232,6 +245,7 @@ impl Plan {
             inventory: RwLock::new(Arc::new(Inventory::empty(&runbook_dir))),
             forks: DEFAULT_FORKS,
             dry_run: false,
+            clock: std::sync::Mutex::default(),
         })
     }
 
@@ -261,6 +275,17 @@ impl Plan {
             }
         }
         errors
+    }
+
+    /// Records a drill clock start (`true`) or stop, now.
+    pub fn clock(&self, start: bool, at: chrono::DateTime<chrono::Utc>) {
+        if let Ok(mut c) = self.clock.lock() {
+            c.push(ClockMark {
+                start,
+                at,
+                instant: tokio::time::Instant::now(),
+            });
+        }
     }
 
     /// Secret values known so far, for runners that must keep them out of what they print.

@@ -88,10 +88,39 @@ pub fn render_junit(manifest: &Manifest, bundle: &Path) -> String {
         }
     }
 
+    // A drill's objectives are test cases of their own: a missed RTO fails the build.
+    let drill_cases: Vec<(String, f64, Option<String>)> = m
+        .drill
+        .iter()
+        .flat_map(|d| [("RTO", &d.rto), ("RPO", &d.rpo)])
+        .filter_map(|(name, o)| o.as_ref().map(|o| (name, o)))
+        .map(|(name, o)| {
+            let measured = o
+                .measured_seconds
+                .map_or("not measured".to_owned(), |s| format!("{s:.1}s"));
+            let message = format!(
+                "{name} {measured}, target {:.1}s: {}{}",
+                o.target_seconds,
+                o.verdict.as_str(),
+                o.why
+                    .as_ref()
+                    .map(|w| format!(" ({w})"))
+                    .unwrap_or_default()
+            );
+            let failed = o.verdict != runbook_engine::event::Verdict::Pass;
+            (
+                format!("drill {name}"),
+                o.measured_seconds.unwrap_or(0.0),
+                failed.then_some(message),
+            )
+        })
+        .collect();
     let count = |f: fn(&Verdict) -> bool| cases.iter().filter(|c| f(&c.verdict)).count();
-    let failures = count(|v| matches!(v, Verdict::Failure { .. }));
+    let failures = count(|v| matches!(v, Verdict::Failure { .. }))
+        + drill_cases.iter().filter(|c| c.2.is_some()).count();
     let errors = count(|v| matches!(v, Verdict::Error { .. }));
     let skipped = count(|v| matches!(v, Verdict::Skipped { .. }));
+    let total = cases.len() + drill_cases.len();
     let time = run_duration(m);
     // The junit schema's timestamp is an xs:dateTime without zone; it is UTC here (the exact
     // instant, with zone, is the `started_at` property).
@@ -103,14 +132,14 @@ pub fn render_junit(manifest: &Manifest, bundle: &Path) -> String {
         x,
         "<testsuites name=\"{}\" tests=\"{}\" failures=\"{failures}\" errors=\"{errors}\" time=\"{time:.3}\">",
         attr(&m.runbook.name),
-        cases.len(),
+        total,
     );
     let _ = writeln!(
         x,
         "  <testsuite name=\"{}\" tests=\"{}\" failures=\"{failures}\" errors=\"{errors}\" \
          skipped=\"{skipped}\" time=\"{time:.3}\" timestamp=\"{timestamp}\" hostname=\"{}\" id=\"{}\">",
         attr(&m.runbook.name),
-        cases.len(),
+        total,
         attr(&m.operator.host),
         attr(&m.run_id),
     );
@@ -199,6 +228,23 @@ pub fn render_junit(manifest: &Manifest, bundle: &Path) -> String {
             }
         }
         let _ = writeln!(x, "      <system-out>{}</system-out>", text(&out));
+        x.push_str("    </testcase>\n");
+    }
+    for (name, time, failure) in &drill_cases {
+        let _ = write!(
+            x,
+            "    <testcase classname=\"{}.drill\" name=\"{}\" time=\"{time:.3}\">\n",
+            attr(&m.runbook.name),
+            attr(name)
+        );
+        if let Some(message) = failure {
+            let _ = writeln!(
+                x,
+                "      <failure message=\"{}\" type=\"objective\">{}</failure>",
+                attr(message),
+                text(message)
+            );
+        }
         x.push_str("    </testcase>\n");
     }
     x.push_str("  </testsuite>\n</testsuites>\n");

@@ -78,6 +78,47 @@ pub fn render_metrics(manifest: &Manifest) -> String {
             .map(|t| vec![(format!("runbook=\"{rb}\""), t)])
             .unwrap_or_default(),
     );
+    if let Some(d) = &m.drill {
+        let label = format!("runbook=\"{rb}\"");
+        for (name, o) in [("rto", &d.rto), ("rpo", &d.rpo)] {
+            let Some(o) = o else { continue };
+            family(
+                &format!("runbook_drill_{name}_seconds"),
+                &format!(
+                    "Measured {} of the last drill (absent when it could not be measured).",
+                    name.to_uppercase()
+                ),
+                o.measured_seconds
+                    .map(|v| vec![(label.clone(), v)])
+                    .unwrap_or_default(),
+            );
+            family(
+                &format!("runbook_drill_{name}_target_seconds"),
+                &format!("{} objective of the drill.", name.to_uppercase()),
+                vec![(label.clone(), o.target_seconds)],
+            );
+        }
+        family(
+            "runbook_drill_verdict",
+            "Verdict of the last drill: 1 for its verdict, 0 for the others.",
+            ["pass", "fail", "not_measured"]
+                .iter()
+                .map(|v| {
+                    (
+                        format!("{label},verdict=\"{v}\""),
+                        f64::from(u8::from(*v == d.verdict.as_str())),
+                    )
+                })
+                .collect(),
+        );
+        let passed = (d.verdict == runbook_engine::event::Verdict::Pass)
+            .then(|| m.finished_at.map_or_else(|| unix(m.started_at), unix));
+        family(
+            "runbook_drill_last_success_timestamp_seconds",
+            "Unix time of the last drill that met every objective.",
+            passed.map(|t| vec![(label.clone(), t)]).unwrap_or_default(),
+        );
+    }
     let step_label = |id: &str| format!("runbook=\"{rb}\",step=\"{}\"", escape_label(id));
     family(
         "runbook_step_duration_seconds",

@@ -439,6 +439,11 @@ pub fn render_report(manifest: &Manifest, bundle: &Path) -> Result<String, Evide
     let _ = writeln!(h, "<div class=\"vline\">{}</div>", verdict_line(m, &failed));
     h.push_str("</div>\n</header>\n<main>\n");
 
+    // ---- Drill verdict ------------------------------------------------------------------
+    if let Some(d) = &m.drill {
+        render_drill(&mut h, d);
+    }
+
     // ---- What failed --------------------------------------------------------------------
     if !failed.is_empty() {
         h.push_str("<section id=\"failures\">\n<h2>What failed</h2>\n");
@@ -942,6 +947,44 @@ fn param_source(v: &serde_json::Value) -> String {
     }
 }
 
+/// The drill's objectives, measurements and verdict, first thing after the header.
+fn render_drill(h: &mut String, d: &runbook_engine::event::DrillReport) {
+    use runbook_engine::event::Verdict;
+    let class = match d.verdict {
+        Verdict::Pass => "succeeded",
+        Verdict::Fail => "failed",
+        Verdict::NotMeasured => "cancelled",
+    };
+    let _ = writeln!(
+        h,
+        "<section id=\"drill\">\n<h2>Drill <span class=\"badge b-{class}\">{}</span></h2>\n\
+         <table class=\"drill\"><tr><th>Objective</th><th>Target</th><th>Measured</th><th>Verdict</th><th>Why</th></tr>",
+        escape_html(&d.verdict.as_str().replace('_', " "))
+    );
+    for (name, o) in [("RTO (recovery time)", &d.rto), ("RPO (data age)", &d.rpo)] {
+        let Some(o) = o else { continue };
+        let _ = writeln!(
+            h,
+            "<tr><td>{name}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            escape_html(&fmt_duration(o.target_seconds)),
+            escape_html(&o.measured_seconds.map_or("—".to_owned(), fmt_duration)),
+            escape_html(&o.verdict.as_str().replace('_', " ")),
+            escape_html(o.why.as_deref().unwrap_or(""))
+        );
+    }
+    h.push_str("</table>\n<p class=\"dim\">");
+    if let Some(t) = d.clock_started_at {
+        let _ = write!(h, "clock started {} ", escape_html(&fmt_time(t)));
+    }
+    if let Some(t) = d.clock_stopped_at {
+        let _ = write!(h, "· stopped {} ", escape_html(&fmt_time(t)));
+    }
+    if let Some(t) = d.restored_data_time {
+        let _ = write!(h, "· restored data from {}", escape_html(&fmt_time(t)));
+    }
+    h.push_str("</p>\n</section>\n");
+}
+
 fn verdict_line(m: &Manifest, failed: &[(usize, &StepRecord)]) -> String {
     let n = m.steps.len();
     let succeeded = m
@@ -1054,6 +1097,22 @@ fn render_step_details(h: &mut String, s: &StepRecord, logs: &[Result<LogTail, S
             "<p class=\"reason\"><b>Reason:</b> {}</p>",
             escape_html(&clean_text(r))
         );
+    }
+    if !s.targets.is_empty() {
+        h.push_str("<table class=\"hosts\"><tr><th>Host</th><th>Status</th><th>Attempts</th><th>Reason</th></tr>\n");
+        for t in &s.targets {
+            let st = t.status.as_str();
+            let _ = writeln!(
+                h,
+                "<tr><td>{}</td><td><span class=\"badge b-{}\">{}</span></td><td>{}</td><td>{}</td></tr>",
+                escape_html(&t.target),
+                status_class(st),
+                escape_html(st),
+                t.attempts,
+                escape_html(&clean_text(t.reason.as_deref().unwrap_or("")))
+            );
+        }
+        h.push_str("</table>\n");
     }
     for (ai, a) in s.attempts.iter().enumerate() {
         let class = attempt_class(a);
