@@ -457,7 +457,7 @@ impl Inventory {
                 .as_ref()
                 .or(d.proxy_jump.as_ref())
                 .cloned()
-                .filter(|j| j != name),
+                .filter(|j| !j.is_empty() && j != name),
             connect_timeout: duration("connect_timeout", &own.connect_timeout, &d.connect_timeout)?
                 .unwrap_or(Duration::from_secs(10)),
             keepalive: duration("keepalive", &own.keepalive, &d.keepalive)?
