@@ -326,6 +326,10 @@ pub enum RunEvent {
         /// The command as run, secrets redacted.
         command: String,
         cwd: PathBuf,
+        /// A probe attempt (`http`, `tcp`): when the next attempt starts, this one's log is
+        /// dropped and only its outcome and details stay (polling can make hundreds).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        compact: bool,
     },
     #[serde(skip)]
     Output {

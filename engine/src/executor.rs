@@ -1756,6 +1756,13 @@ impl StepTask {
         let step = self.step();
         let mut output = Map::new();
         output.insert("attempt".into(), Dynamic::from_int(i64::from(attempt)));
+        let compact = matches!(
+            spec.action,
+            Action::Request {
+                kind: RequestKind::Http | RequestKind::Tcp,
+                ..
+            }
+        ) && !self.plan.dry_run;
         let started_event = |command: String, cwd: PathBuf| RunEvent::AttemptStarted {
             at: Utc::now(),
             step: step.id.clone(),
@@ -1764,6 +1771,7 @@ impl StepTask {
             max_attempts: max,
             command,
             cwd,
+            compact,
         };
         let failed_before_start = |output: Map, failure, message: String| AttemptRun {
             outcome: AttemptOutcome::Failed { failure, message },

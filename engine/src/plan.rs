@@ -394,6 +394,52 @@ impl Plan {
                 if let Some(when) = &step.when {
                     let _ = writeln!(out, "      when {}", when.expr.text.trim());
                 }
+                if let Some((selector, _)) = &step.on {
+                    let inv = self.inventory();
+                    let hosts = match inv.select(selector) {
+                        Ok(h) if h.is_empty() => {
+                            "no host yet (hosts added at run time?)".to_owned()
+                        }
+                        Ok(h) => h
+                            .iter()
+                            .map(|h| h.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        Err(e) => format!("unresolved: {e}"),
+                    };
+                    let strategy = match &step.strategy.kind {
+                        crate::runbook::StrategyKind::Parallel { limit: Some(n) } => {
+                            format!("parallel {n}")
+                        }
+                        crate::runbook::StrategyKind::Parallel { limit: None } => {
+                            "parallel".to_owned()
+                        }
+                        crate::runbook::StrategyKind::Rolling {
+                            batches,
+                            pause,
+                            gate,
+                        } => {
+                            let sizes: Vec<String> =
+                                batches.iter().map(ToString::to_string).collect();
+                            let mut s = format!("rolling [{}]", sizes.join(", "));
+                            if let Some(p) = pause {
+                                let _ = write!(s, ", pause {}", crate::duration::format_spec(*p));
+                            }
+                            if gate.is_some() {
+                                s.push_str(", gated");
+                            }
+                            s
+                        }
+                    };
+                    let _ = writeln!(
+                        out,
+                        "      on {selector} → {hosts} ({strategy}, max_failures {})",
+                        step.strategy.max_failures
+                    );
+                }
+                if let Some(p) = &step.plan {
+                    let _ = writeln!(out, "      dry-run: $ {}", self.redact(p.raw()));
+                }
                 match &step.action {
                     Action::Run { command } => {
                         let text = command

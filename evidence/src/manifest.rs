@@ -144,6 +144,9 @@ pub struct AttemptRecord {
     /// Structured results from the runner (HTTP status, TLS peer, host key accepted).
     #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
     pub details: serde_json::Map<String, serde_json::Value>,
+    /// A probe attempt: its log is dropped (`log` empty) once a later attempt starts.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub compact: bool,
     /// Files the attempt produced (screenshots), relative to the bundle.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub artifacts: Vec<String>,

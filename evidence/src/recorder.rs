@@ -269,8 +269,23 @@ impl Recorder {
                 target,
                 attempt,
                 command,
+                compact,
                 ..
             } => {
+                if *compact {
+                    // Only the last probe attempt keeps its files; earlier ones are
+                    // summarised by their journal events.
+                    if let Some(prev) = self.previous_compact(step.as_str(), target) {
+                        for ext in ["log", "cast"] {
+                            let path = self.dir.join(prev.replace(".log", &format!(".{ext}")));
+                            match std::fs::remove_file(&path) {
+                                Ok(()) => {}
+                                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                                Err(e) => return Err(write_err(&path)(e)),
+                            }
+                        }
+                    }
+                }
                 let rel = attempt_log(step.as_str(), target, *attempt);
                 let mut log = LogWriter::create(&self.dir.join(&rel), self.redactor.clone())?;
                 log.meta(*at, &format!("$ {command}"))?;
@@ -404,9 +419,25 @@ impl Recorder {
                 attempt,
                 command,
                 cwd,
+                compact,
                 ..
             } => {
+                if *compact {
+                    if let Some(s) = self.step_mut(step.as_str()) {
+                        if let Some(prev) = s
+                            .attempts
+                            .iter_mut()
+                            .rev()
+                            .find(|a| a.target == target.as_ref() && a.finished_at.is_some())
+                        {
+                            if prev.compact {
+                                prev.log = String::new();
+                            }
+                        }
+                    }
+                }
                 let record = AttemptRecord {
+                    compact: *compact,
                     attempt: *attempt,
                     target: target.to_string(),
                     command: self.redactor.redact_str(command),
@@ -810,6 +841,17 @@ impl Recorder {
     fn step_mut(&mut self, id: &str) -> Option<&mut StepRecord> {
         let i = *self.step_index.get(id)?;
         self.manifest.steps.get_mut(i)
+    }
+
+    /// The log of the last finished probe attempt of a step on a target, if it still has one.
+    fn previous_compact(&mut self, id: &str, target: &str) -> Option<String> {
+        let s = self.step_mut(id)?;
+        let prev = s
+            .attempts
+            .iter()
+            .rev()
+            .find(|a| a.target == target && a.finished_at.is_some())?;
+        (prev.compact && !prev.log.is_empty()).then(|| prev.log.clone())
     }
 
     fn attempt_mut(&mut self, id: &str, target: &str, attempt: u32) -> Option<&mut AttemptRecord> {

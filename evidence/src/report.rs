@@ -376,6 +376,13 @@ pub fn render_report(manifest: &Manifest, bundle: &Path) -> Result<String, Evide
     let mut budget = MAX_TOTAL_LOG_BYTES;
     for (i, j) in order {
         let a = &m.steps[i].attempts[j];
+        if a.log.is_empty() {
+            logs[i][j] = Some(Err(
+                "Superseded: of a probe's attempts only the last is kept in full; this one is summarised by its outcome and details (journal.jsonl)."
+                    .to_owned(),
+            ));
+            continue;
+        }
         let path = bundle.join(&a.log);
         let max_bytes = MAX_LOG_BYTES.min(budget.max(MIN_LOG_BYTES));
         let tail = match read_log_tail(&path, MAX_LOG_LINES, max_bytes) {
