@@ -5,6 +5,7 @@ mod assessor;
 mod common;
 mod corpus;
 mod diagnostics;
+mod drills;
 mod durability;
 mod evidence;
 mod execution;
