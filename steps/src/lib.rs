@@ -1,6 +1,8 @@
 //! Step runners: the [`StepRunner`](runbook_engine::runner::StepRunner) implementations that do
 //! the work. Each knows how to run one attempt and nothing about graphs, retries or evidence.
 
+pub mod http;
 pub mod local;
+pub mod tcp;
 
 pub use local::{stop_leftover_group, stop_run_processes, LocalRunner};
