@@ -592,6 +592,16 @@ fn prepare(req: &HttpRequest) -> Result<Prepared, ProbeError> {
     if req.basic.is_some() && req.bearer.is_some() {
         return Err(config("give at most one of `basic` and `bearer`"));
     }
+    if (req.basic.is_some() || req.bearer.is_some())
+        && req
+            .headers
+            .keys()
+            .any(|k| k.eq_ignore_ascii_case("authorization"))
+    {
+        return Err(config(
+            "`headers` has `Authorization` and `basic`/`bearer` sets it too: give one",
+        ));
+    }
     let expect = match &req.expect_status {
         Some(e) => e.matcher()?,
         None => StatusMatcher::default(),
