@@ -2,7 +2,9 @@
 //! the work. Each knows how to run one attempt and nothing about graphs, retries or evidence.
 
 pub mod dispatch;
+pub mod http;
 pub mod local;
+pub mod tcp;
 
 pub use dispatch::Dispatcher;
 pub use local::{stop_leftover_group, stop_run_processes, LocalRunner};
