@@ -626,6 +626,30 @@ async fn timeout_stops_the_remote_process() {
 }
 
 #[tokio::test]
+async fn timeout_stops_loops_and_processes_that_left_the_group() {
+    // A shell loop survives its child's death, and `setsid` escapes the session's process
+    // group: neither may outlive the step.
+    let sshd = Sshd::start();
+    let pool = SshPool::new();
+    let host = sshd.host("web1");
+    let looped = unique_sleep();
+    let escaped = unique_sleep();
+    let req = ExecRequest {
+        command: format!(
+            "setsid sh -c '{escaped}' </dev/null >/dev/null 2>&1 & \
+             while :; do {looped}; done"
+        ),
+        timeout: Some(Duration::from_millis(500)),
+        kill_grace: Duration::from_secs(1),
+        ..ExecRequest::default()
+    };
+    let (outcome, _) = exec(&pool, &host, &req).await;
+    assert_eq!(outcome, ExecOutcome::TimedOut(Duration::from_millis(500)));
+    assert!(processes_gone(&looped), "the loop still runs");
+    assert!(processes_gone(&escaped), "the setsid child still runs");
+}
+
+#[tokio::test]
 async fn cancel_stops_the_remote_process() {
     let sshd = Sshd::start();
     let pool = SshPool::new();
@@ -711,4 +735,15 @@ async fn proxy_jump_tunnels_through_the_bastion() {
     );
     assert_eq!(bastion.accepted_logins(), 1);
     assert_eq!(target.accepted_logins(), 1);
+}
+
+#[tokio::test]
+async fn proxy_jump_loop_is_refused() {
+    let sshd = Sshd::start();
+    let mut a = sshd.host("a");
+    let mut b = sshd.host("b");
+    b.proxy_jump = Some(Box::new(a.clone()));
+    a.proxy_jump = Some(Box::new(b));
+    let err = exec_err(&SshPool::new(), &a, "true").await;
+    assert!(matches!(err, SshError::InvalidRequest { .. }), "{err:?}");
 }

@@ -346,6 +346,23 @@ impl SshPool {
 
     /// Connects, verifies the host key and authenticates, within `connect_timeout`.
     async fn open(&self, host: &SshHost) -> Result<Connection, SshError> {
+        // A host reached through itself would wait forever on its own slot.
+        let mut seen = vec![host.name.as_str()];
+        let mut hop = host.proxy_jump.as_deref();
+        while let Some(bastion) = hop {
+            if seen.contains(&bastion.name.as_str()) {
+                return Err(SshError::InvalidRequest {
+                    reason: format!(
+                        "`{}` is reached through itself (proxy_jump: {} -> {})",
+                        bastion.name,
+                        seen.join(" -> "),
+                        bastion.name
+                    ),
+                });
+            }
+            seen.push(&bastion.name);
+            hop = bastion.proxy_jump.as_deref();
+        }
         let timeout = host.connect_timeout;
         let attempt = async {
             let (mut handle, bastion) = match &host.proxy_jump {
