@@ -64,7 +64,7 @@ fn current_user() -> String {
     run(Command::new("id").arg("-un")).trim().to_string()
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     run(Command::new("id").arg("-u")).trim() == "0"
 }
 
