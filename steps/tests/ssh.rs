@@ -194,6 +194,12 @@ async fn one_connection_per_host_is_reused() {
     }
     assert_eq!(pool.connections_opened(), 1);
     assert_eq!(sshd.accepted_logins(), 1, "log:\n{}", sshd.log());
+
+    // After close_all the next use connects again.
+    pool.close_all().await;
+    let (outcome, _) = exec(&pool, &host, &cmd("true")).await;
+    assert_eq!(outcome, ExecOutcome::Exited(0));
+    assert_eq!(pool.connections_opened(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -774,4 +780,23 @@ async fn proxy_jump_loop_is_refused() {
     a.proxy_jump = Some(Box::new(b));
     let err = exec_err(&SshPool::new(), &a, "true").await;
     assert!(matches!(err, SshError::InvalidRequest { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn dropped_connection_is_a_channel_error_then_reopened() {
+    let sshd = Sshd::start();
+    let pool = SshPool::new();
+    let host = sshd.host("web1");
+    // The command's parent is sshd's process for this connection: killing it ends the
+    // connection with no exit status sent.
+    let err = exec_err(&pool, &host, "kill -KILL $PPID; sleep 5").await;
+    assert!(
+        matches!(&err, SshError::Channel { reason, .. } if reason.contains("without an exit status")),
+        "{err:?}"
+    );
+    assert!(err.retryable());
+    let (outcome, cap) = exec(&pool, &host, &cmd("echo again")).await;
+    assert_eq!(outcome, ExecOutcome::Exited(0));
+    assert_eq!(cap.out(), "again\n");
+    assert_eq!(pool.connections_opened(), 2);
 }
