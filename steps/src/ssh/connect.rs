@@ -1,0 +1,447 @@
+//! Opening one authenticated SSH connection: the transport (TCP, or a `direct-tcpip` channel
+//! through a bastion), the handshake with host key verification, and public key auth.
+//!
+//! Host key checking happens inside the handshake callback, so a refused key aborts the
+//! connection before any credential is offered.
+
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use russh::client::{self, AuthResult, Handle};
+use russh::keys::agent::client::AgentClient;
+use russh::keys::agent::AgentIdentity;
+use russh::keys::ssh_key::{Algorithm, HashAlg, PrivateKey, PublicKey};
+use russh::keys::{PrivateKeyWithHashAlg, PublicKeyOrCertificate};
+use russh::{MethodKind, Preferred};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::known_hosts::{self, Lookup};
+use super::{AcceptedKey, HostKeyCheck, SshError, SshHost};
+
+/// The russh handler: it only verifies the server's host key.
+pub(crate) struct ClientHandler {
+    host: String,
+    entry_name: String,
+    known_hosts: PathBuf,
+    check: HostKeyCheck,
+    accepted: Arc<Mutex<Vec<AcceptedKey>>>,
+}
+
+/// Lets the handshake callback hand back a precise [`SshError`] instead of russh's generic
+/// "unknown key".
+#[derive(Debug)]
+pub(crate) enum HandlerError {
+    Russh(russh::Error),
+    Refused(SshError),
+}
+
+impl From<russh::Error> for HandlerError {
+    fn from(e: russh::Error) -> Self {
+        HandlerError::Russh(e)
+    }
+}
+
+impl client::Handler for ClientHandler {
+    type Error = HandlerError;
+
+    async fn check_server_key(
+        &mut self,
+        server_key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        let key = server_key.public_key();
+        let got = known_hosts::fingerprint(&key);
+        let verdict =
+            known_hosts::lookup(&self.known_hosts, &self.entry_name, &key).map_err(|reason| {
+                HandlerError::Refused(SshError::KnownHosts {
+                    path: self.known_hosts.clone(),
+                    reason,
+                })
+            })?;
+        match verdict {
+            Lookup::Known => Ok(true),
+            Lookup::Changed { line, expected } => {
+                Err(HandlerError::Refused(SshError::HostKeyMismatch {
+                    host: self.host.clone(),
+                    known_hosts_line: line,
+                    expected_fingerprint: expected,
+                    got_fingerprint: got,
+                }))
+            }
+            Lookup::Revoked { line } => Err(HandlerError::Refused(SshError::HostKeyMismatch {
+                host: self.host.clone(),
+                known_hosts_line: line,
+                expected_fingerprint: "(this key is marked @revoked)".into(),
+                got_fingerprint: got,
+            })),
+            Lookup::Unknown => match self.check {
+                HostKeyCheck::Strict => Err(HandlerError::Refused(SshError::HostKeyUnknown {
+                    host: self.host.clone(),
+                    fingerprint: got,
+                    known_hosts: self.known_hosts.clone(),
+                })),
+                HostKeyCheck::AcceptNew => {
+                    known_hosts::append(&self.known_hosts, &self.entry_name, &key).map_err(
+                        |reason| {
+                            HandlerError::Refused(SshError::KnownHosts {
+                                path: self.known_hosts.clone(),
+                                reason,
+                            })
+                        },
+                    )?;
+                    tracing::info!(host = %self.host, fingerprint = %got, "trusted new host key");
+                    self.accepted
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(AcceptedKey {
+                            host: self.host.clone(),
+                            fingerprint: got,
+                            known_hosts: self.known_hosts.clone(),
+                        });
+                    Ok(true)
+                }
+            },
+        }
+    }
+}
+
+pub(crate) type SshHandle = Handle<ClientHandler>;
+
+/// Host key algorithms we accept, most preferred first. `ssh-rsa` (SHA-1) is left out.
+fn host_key_preference(known: &[Algorithm]) -> Vec<Algorithm> {
+    let mut all: Vec<Algorithm> = Preferred::DEFAULT
+        .key
+        .iter()
+        .filter(|a| !matches!(a, Algorithm::Rsa { hash: None }))
+        .cloned()
+        .collect();
+    // Ask first for what we already trust, so a host with several keys shows a known one.
+    all.sort_by_key(|a| {
+        !known.iter().any(|k| match (k, a) {
+            (Algorithm::Rsa { .. }, Algorithm::Rsa { .. }) => true,
+            (k, a) => k == a,
+        })
+    });
+    all
+}
+
+pub(crate) fn client_config(host: &SshHost) -> client::Config {
+    let entry = known_hosts::host_entry_name(&host.address, host.port);
+    let known = known_hosts::known_algorithms(&host.known_hosts, &entry);
+    client::Config {
+        keepalive_interval: host.keepalive,
+        keepalive_max: 3,
+        nodelay: true,
+        preferred: Preferred {
+            key: Cow::Owned(host_key_preference(&known)),
+            ..Preferred::DEFAULT
+        },
+        ..client::Config::default()
+    }
+}
+
+pub(crate) fn handler(host: &SshHost, accepted: Arc<Mutex<Vec<AcceptedKey>>>) -> ClientHandler {
+    ClientHandler {
+        host: host.name.clone(),
+        entry_name: known_hosts::host_entry_name(&host.address, host.port),
+        known_hosts: host.known_hosts.clone(),
+        check: host.host_key_check,
+        accepted,
+    }
+}
+
+/// Runs the SSH handshake over an established stream.
+pub(crate) async fn handshake<S>(
+    host: &SshHost,
+    stream: S,
+    accepted: Arc<Mutex<Vec<AcceptedKey>>>,
+) -> Result<SshHandle, SshError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let config = Arc::new(client_config(host));
+    client::connect_stream(config, stream, handler(host, accepted))
+        .await
+        .map_err(|e| match e {
+            HandlerError::Refused(e) => e,
+            HandlerError::Russh(e) => russh_error(&host.name, "handshake", e),
+        })
+}
+
+/// Classifies a russh error that ended an operation on `host`.
+pub(crate) fn russh_error(host: &str, during: &str, e: russh::Error) -> SshError {
+    match e {
+        russh::Error::IO(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
+            SshError::ConnectRefused {
+                host: host.to_string(),
+                addr: String::new(),
+            }
+        }
+        russh::Error::IO(io) => SshError::Io {
+            host: host.to_string(),
+            reason: format!("{during}: {io}"),
+        },
+        russh::Error::ChannelOpenFailure(f) => SshError::Channel {
+            host: host.to_string(),
+            reason: format!("{during}: the server refused to open a channel ({f:?})"),
+        },
+        other => SshError::Io {
+            host: host.to_string(),
+            reason: format!("{during}: {other}"),
+        },
+    }
+}
+
+/// A key ready to offer, with how to describe it in an [`SshError::Auth`].
+struct LoadedKey {
+    key: Arc<PrivateKey>,
+    label: String,
+}
+
+fn describe(key: &PublicKey) -> String {
+    format!("{} {}", key.algorithm(), known_hosts::fingerprint(key))
+}
+
+/// The keys OpenSSH would try by default when none are configured.
+fn default_identity_files() -> Vec<PathBuf> {
+    let Some(home) = std::env::var_os("HOME").map(PathBuf::from) else {
+        return Vec::new();
+    };
+    ["id_ed25519", "id_ecdsa", "id_rsa"]
+        .iter()
+        .map(|name| home.join(".ssh").join(name))
+        .filter(|p| p.is_file())
+        .collect()
+}
+
+fn load_key(path: &Path, passphrase_env: Option<&str>) -> Result<PrivateKey, SshError> {
+    let key_error = |reason: String| SshError::Key {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| key_error(format!("cannot read: {e}")))?;
+    let passphrase = passphrase_env.and_then(|var| std::env::var(var).ok());
+    match russh::keys::decode_secret_key(&text, passphrase.as_deref()) {
+        Ok(key) => Ok(key),
+        Err(russh::keys::Error::KeyIsEncrypted) => Err(key_error(match passphrase_env {
+            Some(var) => format!("the key is encrypted and `{var}` is not set"),
+            None => "the key is encrypted and no passphrase variable is configured \
+                     (`passphrase_env`)"
+                .into(),
+        })),
+        Err(e) if passphrase.is_some() => Err(key_error(format!(
+            "cannot decrypt (wrong passphrase?): {e}"
+        ))),
+        Err(e) => Err(key_error(format!("cannot parse: {e}"))),
+    }
+}
+
+/// Loads the configured key files before connecting, so a bad key fails fast and without
+/// bothering the server. With no configured keys, the default ones that load are used and
+/// the others noted for the error report.
+fn load_identities(host: &SshHost, tried: &mut Vec<String>) -> Result<Vec<LoadedKey>, SshError> {
+    let env = host.passphrase_env.as_deref();
+    if host.identity_files.is_empty() {
+        let mut keys = Vec::new();
+        for path in default_identity_files() {
+            match load_key(&path, env) {
+                Ok(key) => keys.push(LoadedKey {
+                    label: format!("key {} ({})", path.display(), describe(key.public_key())),
+                    key: Arc::new(key),
+                }),
+                Err(e) => tried.push(format!("key {} (skipped: {e})", path.display())),
+            }
+        }
+        return Ok(keys);
+    }
+    host.identity_files
+        .iter()
+        .map(|path| {
+            let key = load_key(path, env)?;
+            Ok(LoadedKey {
+                label: format!("key {} ({})", path.display(), describe(key.public_key())),
+                key: Arc::new(key),
+            })
+        })
+        .collect()
+}
+
+/// Why the server stopped listening to us, if it did.
+fn publickey_allowed(result: &AuthResult) -> bool {
+    match result {
+        AuthResult::Failure {
+            remaining_methods, ..
+        } => remaining_methods.is_empty() || remaining_methods.contains(&MethodKind::PublicKey),
+        _ => true,
+    }
+}
+
+/// The RSA signature hash to use: SHA-2 always (OpenSSH refuses `ssh-rsa` SHA-1 signatures),
+/// SHA-512 unless the server only announces SHA-256.
+async fn rsa_hash(handle: &SshHandle) -> Option<HashAlg> {
+    match handle.best_supported_rsa_hash().await {
+        Ok(Some(Some(HashAlg::Sha256))) => Some(HashAlg::Sha256),
+        _ => Some(HashAlg::Sha512),
+    }
+}
+
+/// Offers the configured keys, then the agent's, until one is accepted.
+pub(crate) async fn authenticate(
+    handle: &mut SshHandle,
+    host: &SshHost,
+    agent_socket: Option<&Path>,
+) -> Result<(), SshError> {
+    let mut tried = Vec::new();
+    let keys = load_identities(host, &mut tried)?;
+    let auth_error = |tried: Vec<String>| SshError::Auth {
+        host: host.name.clone(),
+        user: host.user.clone(),
+        tried,
+    };
+    let failed = |e: russh::Error| russh_error(&host.name, "authentication", e);
+
+    for loaded in keys {
+        let hash = if loaded.key.algorithm().is_rsa() {
+            rsa_hash(handle).await
+        } else {
+            None
+        };
+        let result = handle
+            .authenticate_publickey(
+                host.user.clone(),
+                PrivateKeyWithHashAlg::new(loaded.key.clone(), hash),
+            )
+            .await
+            .map_err(failed)?;
+        tried.push(loaded.label);
+        if result.success() {
+            return Ok(());
+        }
+        if !publickey_allowed(&result) {
+            tried.push("(the server does not accept public keys)".into());
+            return Err(auth_error(tried));
+        }
+    }
+
+    if host.use_agent {
+        let socket = agent_socket
+            .map(Path::to_path_buf)
+            .or_else(|| std::env::var_os("SSH_AUTH_SOCK").map(PathBuf::from));
+        match socket {
+            None => tried.push("agent (SSH_AUTH_SOCK is not set)".into()),
+            Some(socket) => match AgentClient::connect_uds(&socket).await {
+                Err(e) => tried.push(format!("agent {} (unreachable: {e})", socket.display())),
+                Ok(mut agent) => {
+                    let identities = match agent.request_identities().await {
+                        Ok(ids) => ids,
+                        Err(e) => {
+                            tried.push(format!(
+                                "agent {} (cannot list keys: {e})",
+                                socket.display()
+                            ));
+                            Vec::new()
+                        }
+                    };
+                    if identities.is_empty() {
+                        tried.push(format!("agent {} (no keys)", socket.display()));
+                    }
+                    for identity in identities {
+                        let AgentIdentity::PublicKey { key, comment } = identity else {
+                            continue;
+                        };
+                        let label = format!("agent key {comment} ({})", describe(&key));
+                        let hash = if key.algorithm().is_rsa() {
+                            rsa_hash(handle).await
+                        } else {
+                            None
+                        };
+                        let result = handle
+                            .authenticate_publickey_with(host.user.clone(), key, hash, &mut agent)
+                            .await;
+                        match result {
+                            Ok(result) => {
+                                tried.push(label);
+                                if result.success() {
+                                    return Ok(());
+                                }
+                            }
+                            Err(e) => tried.push(format!("{label} (agent refused to sign: {e})")),
+                        }
+                        if handle.is_closed() {
+                            break;
+                        }
+                    }
+                }
+            },
+        }
+    }
+    Err(auth_error(tried))
+}
+
+pub(crate) type BoxFuture<'a, T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// A TCP connection to the host, trying each resolved address in turn.
+pub(crate) async fn tcp(host: &SshHost) -> Result<tokio::net::TcpStream, SshError> {
+    let addrs: Vec<std::net::SocketAddr> =
+        tokio::net::lookup_host((host.address.as_str(), host.port))
+            .await
+            .map_err(|e| SshError::Dns {
+                host: host.address.clone(),
+                reason: e.to_string(),
+            })?
+            .collect();
+    let mut last = SshError::Dns {
+        host: host.address.clone(),
+        reason: "no addresses".into(),
+    };
+    for addr in addrs {
+        match tokio::net::TcpStream::connect(addr).await {
+            Ok(stream) => {
+                // Small SSH packets (channel requests, window adjusts) must not wait for Nagle.
+                let _ = stream.set_nodelay(true);
+                return Ok(stream);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                last = SshError::ConnectRefused {
+                    host: host.name.clone(),
+                    addr: addr.to_string(),
+                };
+            }
+            Err(e) => {
+                last = SshError::Io {
+                    host: host.name.clone(),
+                    reason: format!("connect to {addr}: {e}"),
+                };
+            }
+        }
+    }
+    Err(last)
+}
+
+/// A `direct-tcpip` channel from the bastion to the host, to run the host's SSH session in.
+pub(crate) async fn tunnel(
+    host: &SshHost,
+    bastion: &SshHost,
+    via: &super::Connection,
+) -> Result<russh::ChannelStream<client::Msg>, SshError> {
+    match via
+        .handle
+        .channel_open_direct_tcpip(host.address.clone(), u32::from(host.port), "127.0.0.1", 0)
+        .await
+    {
+        Ok(channel) => Ok(channel.into_stream()),
+        // The bastion tried and could not reach the target: the same as a refused connect.
+        Err(russh::Error::ChannelOpenFailure(russh::ChannelOpenFailure::ConnectFailed)) => {
+            Err(SshError::ConnectRefused {
+                host: host.name.clone(),
+                addr: format!("{}:{} via `{}`", host.address, host.port, bastion.name),
+            })
+        }
+        Err(e) => Err(russh_error(
+            &host.name,
+            &format!("tunnel through `{}`", bastion.name),
+            e,
+        )),
+    }
+}
