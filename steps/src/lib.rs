@@ -2,5 +2,6 @@
 //! the work. Each knows how to run one attempt and nothing about graphs, retries or evidence.
 
 pub mod local;
+pub mod screenshot;
 
 pub use local::{stop_leftover_group, stop_run_processes, LocalRunner};
