@@ -697,29 +697,19 @@ async fn session(
                 "document.querySelector({}) !== null",
                 serde_json::to_string(sel).map_err(|e| ScreenshotError::Protocol(e.to_string()))?
             );
-            loop {
-                let r = cdp
-                    .call(
-                        "Runtime.evaluate",
-                        json!({ "expression": expression, "returnByValue": true }),
-                    )
-                    .await?;
-                if r.get("exceptionDetails").is_some() {
-                    return Err(ScreenshotError::Invalid(format!(
-                        "`wait_for` `{sel}` is not a valid CSS selector"
-                    )));
-                }
-                if r["result"]["value"].as_bool() == Some(true) {
-                    break;
-                }
-                if Instant::now() + SELECTOR_POLL >= deadline {
+            let waited = wait_for_selector(&mut cdp, &expression, sel, deadline).await;
+            match waited {
+                // The deadline passed while looking: that is the selector's fault, not the
+                // browser's, whichever read noticed first.
+                Err(ScreenshotError::Timeout { .. }) | Ok(false) => {
                     return Err(ScreenshotError::WaitTimeout {
                         selector: sel.clone(),
                         url: req.url.clone(),
                         after: c.timeout,
-                    });
+                    })
                 }
-                cdp.idle(SELECTOR_POLL).await?;
+                Err(e) => return Err(e),
+                Ok(true) => {}
             }
         }
     }
@@ -810,6 +800,36 @@ pub fn sidecar_path(png: &Path) -> PathBuf {
     let mut name = png.as_os_str().to_owned();
     name.push(".json");
     PathBuf::from(name)
+}
+
+/// Polls for `expression` (a `querySelector` test) until true or the deadline; `Ok(false)`
+/// when the deadline came first.
+async fn wait_for_selector(
+    cdp: &mut Cdp,
+    expression: &str,
+    sel: &str,
+    deadline: Instant,
+) -> Result<bool, ScreenshotError> {
+    loop {
+        let r = cdp
+            .call(
+                "Runtime.evaluate",
+                json!({ "expression": expression, "returnByValue": true }),
+            )
+            .await?;
+        if r.get("exceptionDetails").is_some() {
+            return Err(ScreenshotError::Invalid(format!(
+                "`wait_for` `{sel}` is not a valid CSS selector"
+            )));
+        }
+        if r["result"]["value"].as_bool() == Some(true) {
+            return Ok(true);
+        }
+        if Instant::now() + SELECTOR_POLL >= deadline {
+            return Ok(false);
+        }
+        cdp.idle(SELECTOR_POLL).await?;
+    }
 }
 
 fn str_field(v: &Value, field: &str) -> Result<String, ScreenshotError> {

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -75,7 +75,13 @@ impl Server {
     }
 }
 
-async fn serve(mut sock: tokio::net::TcpStream, me: u16, port: u16, other: u16, seen: Seen) {
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    mut sock: S,
+    me: u16,
+    port: u16,
+    other: u16,
+    seen: Seen,
+) {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -388,7 +394,7 @@ async fn a_selector_that_never_appears_times_out_and_leaves_no_process() {
     let dest = dir.path().join("attempt-1.png");
     let mut s = sink();
     let req = request(serde_json::json!({
-        "url": server.url("/never"), "wait_for": "#never", "timeout": "6s",
+        "url": server.url("/never"), "wait_for": "#never", "timeout": "8s",
     }));
     let err = capture(&req, &[], &dest, &mut s.out, &CancellationToken::new())
         .await
@@ -485,4 +491,138 @@ async fn an_unreachable_url_is_a_retryable_navigation_error() {
     );
     assert!(err.retryable());
     assert_browser_gone(&s.text());
+}
+
+/// An HTTPS server on 127.0.0.1 whose certificate is issued by a fresh private CA; `ca.pem`
+/// is written into `dir`. `send_chain`: whether the server sends the CA with its certificate.
+async fn tls_server(dir: &Path, send_chain: bool) -> u16 {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    use tokio_rustls::rustls;
+
+    let ca_key = KeyPair::generate().expect("ca key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "runbook test CA");
+    let ca = ca_params.self_signed(&ca_key).expect("ca");
+    let leaf_key = KeyPair::generate().expect("leaf key");
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .expect("leaf params")
+        .signed_by(&leaf_key, &ca, &ca_key)
+        .expect("leaf");
+    std::fs::write(dir.join("ca.pem"), ca.pem()).expect("ca.pem");
+
+    let mut chain = vec![leaf.der().clone()];
+    if send_chain {
+        chain.push(ca.der().clone());
+    }
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into());
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((sock, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                // Chromium closes connections whose certificate it rejects: not an error here.
+                if let Ok(tls) = acceptor.accept(sock).await {
+                    serve(tls, port, port, port, Seen::default()).await;
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn a_private_ca_is_accepted_only_when_asked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = tls_server(dir.path(), true).await;
+    let url = format!("https://127.0.0.1:{port}/late");
+    let ca = dir.path().join("ca.pem");
+
+    // Not trusted by default.
+    let mut s = sink();
+    let req = request(serde_json::json!({ "url": url }));
+    let err = capture(
+        &req,
+        &[],
+        &dir.path().join("a.png"),
+        &mut s.out,
+        &CancellationToken::new(),
+    )
+    .await
+    .expect_err("untrusted");
+    assert!(
+        matches!(&err, ScreenshotError::Tls { message, .. } if message.contains("ERR_CERT_AUTHORITY_INVALID")),
+        "{err:?}"
+    );
+    assert!(!err.retryable());
+
+    // ca_file: the CA's key is accepted (the server sends the CA in its chain).
+    let mut s = sink();
+    let req = request(serde_json::json!({ "url": url, "ca_file": ca, "wait_for": "#late" }));
+    let info = capture(
+        &req,
+        &[],
+        &dir.path().join("b.png"),
+        &mut s.out,
+        &CancellationToken::new(),
+    )
+    .await
+    .expect("trusted through ca_file");
+    assert_eq!(info.http_status, Some(200));
+    assert!(!info.insecure_skip_verify);
+
+    // insecure_skip_verify: works, and says so loudly.
+    let mut s = sink();
+    let req = request(serde_json::json!({ "url": url, "insecure_skip_verify": true }));
+    let info = capture(
+        &req,
+        &[],
+        &dir.path().join("c.png"),
+        &mut s.out,
+        &CancellationToken::new(),
+    )
+    .await
+    .expect("insecure");
+    settle().await;
+    assert!(info.insecure_skip_verify);
+    assert!(s
+        .text()
+        .contains("WARNING: TLS certificate verification is OFF"));
+    assert_browser_gone(&s.text());
+}
+
+#[tokio::test]
+async fn ca_file_cannot_help_when_the_server_does_not_send_the_ca() {
+    // The documented limitation: Chromium matches the keys of the chain the server sent.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = tls_server(dir.path(), false).await;
+    let mut s = sink();
+    let req = request(serde_json::json!({
+        "url": format!("https://127.0.0.1:{port}/late"), "ca_file": dir.path().join("ca.pem"),
+    }));
+    let err = capture(
+        &req,
+        &[],
+        &dir.path().join("a.png"),
+        &mut s.out,
+        &CancellationToken::new(),
+    )
+    .await
+    .expect_err("CA not in the chain");
+    assert_eq!(err.kind(), "tls", "{err:?}");
 }
