@@ -769,7 +769,7 @@ pub fn render_report(manifest: &Manifest, bundle: &Path) -> Result<String, Evide
          <button type=\"button\" onclick=\"setAll(false)\">Collapse all</button></span></h2>\n",
     );
     for (i, s) in m.steps.iter().enumerate() {
-        render_step_details(&mut h, s, &logs[i]);
+        render_step_details(&mut h, s, &logs[i], bundle);
     }
     h.push_str("</section>\n");
 
@@ -1073,7 +1073,12 @@ fn render_log_line(h: &mut String, l: &LogLine) {
     );
 }
 
-fn render_step_details(h: &mut String, s: &StepRecord, logs: &[Result<LogTail, String>]) {
+fn render_step_details(
+    h: &mut String,
+    s: &StepRecord,
+    logs: &[Result<LogTail, String>],
+    bundle: &Path,
+) {
     let st = step_status_str(s);
     let open = matches!(st, "failed" | "cancelled" | "unfinished");
     let _ = writeln!(
@@ -1197,6 +1202,7 @@ fn render_step_details(h: &mut String, s: &StepRecord, logs: &[Result<LogTail, S
             }
             None => {}
         }
+        render_attempt_screenshot(h, bundle, a);
         h.push_str("</div>\n");
     }
     if let Some(outputs) = &s.outputs {
@@ -1231,6 +1237,181 @@ fn render_step_details(h: &mut String, s: &StepRecord, logs: &[Result<LogTail, S
         h.push_str("<p class=\"dim\">No attempt was made.</p>\n");
     }
     h.push_str("</div>\n</details>\n");
+}
+
+/// Larger screenshots are linked, not embedded, so the report stays small enough to mail.
+const MAX_EMBEDDED_SCREENSHOT: u64 = 4 << 20;
+
+/// The screenshot an attempt took, if any: `attempt-<n>.png` beside the attempt's log with its
+/// `attempt-<n>.png.json` sidecar (written by the screenshot step). The image is embedded as a
+/// `data:` URI (the page loads nothing) and links to the file in the bundle; the sidecar's URL,
+/// time and sha256 are shown, and a digest that does not match the file is flagged.
+fn render_attempt_screenshot(h: &mut String, bundle: &Path, a: &AttemptRecord) {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+
+    let Some(rel) = a.log.strip_suffix(".log").map(|stem| format!("{stem}.png")) else {
+        return;
+    };
+    // The manifest names the path: stay inside the bundle.
+    if Path::new(&rel)
+        .components()
+        .any(|c| !matches!(c, std::path::Component::Normal(_)))
+    {
+        return;
+    }
+    let png_path = bundle.join(&rel);
+    let Ok(sidecar) = std::fs::read(bundle.join(format!("{rel}.json"))) else {
+        return;
+    };
+    let Ok(info) = serde_json::from_slice::<serde_json::Value>(&sidecar) else {
+        return;
+    };
+    let Ok(meta) = std::fs::metadata(&png_path) else {
+        return;
+    };
+    let text = |k: &str| info[k].as_str().map(clean_text).unwrap_or_default();
+    let recorded = text("sha256");
+    let mut img = String::new();
+    let mut digest_note = String::new();
+    if meta.len() <= MAX_EMBEDDED_SCREENSHOT {
+        if let Ok(png) = std::fs::read(&png_path) {
+            let actual = hex::encode(sha2::Sha256::digest(&png));
+            if !recorded.eq_ignore_ascii_case(&actual) {
+                digest_note = format!(
+                    " <span class=\"errtext\">— the file's sha256 is {actual}, not the recorded one</span>"
+                );
+            }
+            img = format!(
+                "<img alt=\"screenshot of {}\" src=\"data:image/png;base64,{}\" \
+                 style=\"max-width:min(480px,100%);max-height:320px;border:1px solid #d0d7de;display:block\">",
+                escape_html(&text("url")),
+                base64::engine::general_purpose::STANDARD.encode(&png)
+            );
+        }
+    }
+    if img.is_empty() {
+        img = format!(
+            "<span class=\"dim\">{} — open the file</span>",
+            escape_html(&fmt_bytes(meta.len()))
+        );
+    }
+    let status = info["http_status"]
+        .as_u64()
+        .map(|s| format!(" · HTTP {s}"))
+        .unwrap_or_default();
+    let final_url = text("final_url");
+    let redirected = if !final_url.is_empty() && final_url != text("url") {
+        format!(" → <code>{}</code>", escape_html(&final_url))
+    } else {
+        String::new()
+    };
+    let _ = writeln!(
+        h,
+        "<div class=\"cmdlabel\">Screenshot <a href=\"{href}\"><code>{rel_html}</code></a> \
+         <span class=\"dim\">· {w}×{hgt}{status}</span></div>\
+         <div class=\"shot\"><a href=\"{href}\" title=\"open full size\">{img}</a>\
+         <div class=\"small\"><code>{url}</code>{redirected}<br>taken {at} · sha256 <code>{sha}</code>{digest_note}</div></div>",
+        href = href(&rel),
+        rel_html = escape_html(&rel),
+        w = info["width"].as_u64().unwrap_or(0),
+        hgt = info["height"].as_u64().unwrap_or(0),
+        url = escape_html(&text("url")),
+        at = escape_html(&text("captured_at")),
+        sha = escape_html(&recorded),
+    );
+}
+
+#[cfg(test)]
+mod screenshot_tests {
+    use super::*;
+
+    fn attempt(log: &str) -> AttemptRecord {
+        serde_json::from_value(serde_json::json!({
+            "attempt": 1, "target": "local", "command": "screenshot", "cwd": "/",
+            "started_at": "2026-08-20T10:15:00Z", "output": {"stdout": 0, "stderr": 0},
+            "log": log
+        }))
+        .expect("attempt")
+    }
+
+    #[test]
+    fn screenshots_are_embedded_with_url_time_and_digest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let png = b"\x89PNG\r\n\x1a\nnot really an image".to_vec();
+        let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&png));
+        let shot = dir.path().join("steps/grafana/local/attempt-2.png");
+        std::fs::create_dir_all(shot.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&shot, &png).expect("png");
+        let sidecar = serde_json::json!({
+            "url": "https://grafana/d/abc?kiosk&auth=<redacted>", "final_url": "https://grafana/d/abc?kiosk",
+            "http_status": 200, "width": 1280, "height": 800, "captured_at": "2026-08-20T10:15:03.120Z",
+            "sha256": sha
+        });
+        std::fs::write(
+            dir.path().join("steps/grafana/local/attempt-2.png.json"),
+            sidecar.to_string(),
+        )
+        .expect("sidecar");
+
+        let mut h = String::new();
+        render_attempt_screenshot(
+            &mut h,
+            dir.path(),
+            &attempt("steps/grafana/local/attempt-2.log"),
+        );
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&png);
+        assert!(
+            h.contains(&format!("src=\"data:image/png;base64,{b64}\"")),
+            "{h}"
+        );
+        assert!(
+            h.contains("<a href=\"steps/grafana/local/attempt-2.png\""),
+            "{h}"
+        );
+        assert!(h.contains("auth=&lt;redacted&gt;"), "{h}");
+        assert!(h.contains("2026-08-20T10:15:03.120Z"));
+        assert!(h.contains(&sha));
+        assert!(h.contains("1280×800 · HTTP 200"));
+        assert!(!h.contains("not the recorded one"));
+
+        // A file changed after the capture is flagged.
+        std::fs::write(&shot, b"\x89PNG\r\n\x1a\nswapped").expect("png");
+        let mut h = String::new();
+        render_attempt_screenshot(
+            &mut h,
+            dir.path(),
+            &attempt("steps/grafana/local/attempt-2.log"),
+        );
+        assert!(h.contains("not the recorded one"), "{h}");
+
+        // No screenshot, or a path leaving the bundle: nothing.
+        for log in [
+            "steps/other/local/attempt-1.log",
+            "../grafana/local/attempt-2.log",
+        ] {
+            let mut h = String::new();
+            render_attempt_screenshot(&mut h, dir.path(), &attempt(log));
+            assert!(h.is_empty(), "{log}: {h}");
+        }
+    }
+
+    #[test]
+    fn the_report_shows_an_attempts_screenshot() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let m = super::test_support::failed_run(dir.path());
+        let png = b"\x89PNG\r\n\x1a\nfetch";
+        std::fs::write(dir.path().join("steps/fetch/local/attempt-1.png"), png).expect("png");
+        std::fs::write(
+            dir.path().join("steps/fetch/local/attempt-1.png.json"),
+            r#"{"url":"http://status/","captured_at":"2026-08-20T10:15:01Z","sha256":"00"}"#,
+        )
+        .expect("sidecar");
+        let html = render_report(&m, dir.path()).expect("render");
+        assert!(html.contains("data:image/png;base64,"));
+        assert!(html.contains("<a href=\"steps/fetch/local/attempt-1.png\""));
+    }
 }
 
 fn fmt_bytes(n: u64) -> String {

@@ -4,6 +4,7 @@
 pub mod dispatch;
 pub mod http;
 pub mod local;
+pub mod screenshot;
 pub mod ssh;
 pub mod tcp;
 
