@@ -55,6 +55,7 @@ pub fn main() -> i32 {
             password,
         } => keygen(&secret_key, &public_key, force, password.as_deref()),
         Command::Evidence { command } => evidence(&command),
+        Command::Schedule { command } => crate::schedule::command(&command),
     }
 }
 

@@ -40,7 +40,9 @@ mod commands;
 mod console;
 mod context;
 mod lock;
+mod notify;
 mod render;
+mod schedule;
 mod session;
 
 fn main() {
