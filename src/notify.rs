@@ -242,7 +242,9 @@ fn redact_json(v: serde_json::Value, redact: &dyn Fn(&str) -> String) -> serde_j
     use serde_json::Value;
     match v {
         Value::String(s) => Value::String(redact(&s)),
-        Value::Array(items) => Value::Array(items.into_iter().map(|i| redact_json(i, redact)).collect()),
+        Value::Array(items) => {
+            Value::Array(items.into_iter().map(|i| redact_json(i, redact)).collect())
+        }
         Value::Object(map) => Value::Object(
             map.into_iter()
                 .map(|(k, v)| (redact(&k), redact_json(v, redact)))
@@ -355,9 +357,10 @@ mod tests {
 
     #[test]
     fn spec_deserialises_with_defaults() {
-        let spec: NotifySpec =
-            toml::from_str("url = \"http://127.0.0.1:1/x\"\ntimeout = \"2s\"\non = [\"rto_missed\"]")
-                .expect("parses");
+        let spec: NotifySpec = toml::from_str(
+            "url = \"http://127.0.0.1:1/x\"\ntimeout = \"2s\"\non = [\"rto_missed\"]",
+        )
+        .expect("parses");
         assert_eq!(spec.format, NotifyFormat::Generic);
         assert_eq!(spec.timeout, Duration::from_secs(2));
         assert_eq!(spec.retries, 3);

@@ -55,7 +55,12 @@ pub struct Finished {
 }
 
 impl Finished {
-    pub fn payload(&self, schedule: &str, runbook: &str, params: &[(String, String)]) -> NotifyPayload {
+    pub fn payload(
+        &self,
+        schedule: &str,
+        runbook: &str,
+        params: &[(String, String)],
+    ) -> NotifyPayload {
         let bundle = self.outcome.bundle.as_ref().map(PathBuf::from);
         let mut p = match &self.manifest {
             Some(m) => NotifyPayload::from_manifest(m, bundle.as_deref()),
@@ -73,7 +78,8 @@ impl Finished {
             .get_or_insert_with(|| self.outcome.started.to_rfc3339());
         p.finished_at
             .get_or_insert_with(|| self.outcome.finished.to_rfc3339());
-        p.duration_seconds.get_or_insert(self.outcome.duration_seconds);
+        p.duration_seconds
+            .get_or_insert(self.outcome.duration_seconds);
         p.params = params.iter().cloned().collect();
         if p.host.is_none() {
             p.host = nix::unistd::gethostname()
@@ -132,7 +138,10 @@ pub async fn run_once(
             };
         }
     };
-    let pid = child.id().and_then(|p| i32::try_from(p).ok()).map(Pid::from_raw);
+    let pid = child
+        .id()
+        .and_then(|p| i32::try_from(p).ok())
+        .map(Pid::from_raw);
 
     let stdout = child.stdout.take();
     let stdout_task = tokio::spawn(async move {
@@ -285,11 +294,7 @@ fn bundle_from_stderr(line: &str) -> Option<PathBuf> {
 
 /// `--json` output: one JSON document, or JSON lines whose last has the bundle.
 fn bundle_from_json(stdout: &str) -> Option<PathBuf> {
-    let from = |v: serde_json::Value| {
-        v.get("bundle")
-            .and_then(|b| b.as_str())
-            .map(PathBuf::from)
-    };
+    let from = |v: serde_json::Value| v.get("bundle").and_then(|b| b.as_str()).map(PathBuf::from);
     serde_json::from_str::<serde_json::Value>(stdout)
         .ok()
         .and_then(from)
@@ -313,7 +318,9 @@ mod tests {
             Some(PathBuf::from("/p/x/20260101T000000Z-1a2b"))
         );
         assert_eq!(
-            bundle_from_stderr("error: disk full; the run was stopped; what was written so far is in `/p/b`"),
+            bundle_from_stderr(
+                "error: disk full; the run was stopped; what was written so far is in `/p/b`"
+            ),
             Some(PathBuf::from("/p/b"))
         );
         assert_eq!(bundle_from_stderr("step a succeeded"), None);
@@ -322,7 +329,9 @@ mod tests {
             Some(PathBuf::from("/p/b"))
         );
         assert_eq!(
-            bundle_from_json("{\"event\":\"x\"}\n{\"event\":\"run_finished\",\"bundle\":\"/p/c\"}\n"),
+            bundle_from_json(
+                "{\"event\":\"x\"}\n{\"event\":\"run_finished\",\"bundle\":\"/p/c\"}\n"
+            ),
             Some(PathBuf::from("/p/c"))
         );
     }

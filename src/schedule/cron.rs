@@ -250,7 +250,7 @@ mod tests {
         assert!(!spec("*/5 * * * *").has_seconds);
         assert!(spec("*/1 * * * * *").has_seconds);
         assert!(CronSpec::parse("* * * *", Tz::UTC)
-            .unwrap_err()
+            .expect_err("fails")
             .contains("4 fields"));
         assert!(CronSpec::parse("* * * * * * *", Tz::UTC).is_err());
         assert!(CronSpec::parse("61 * * * *", Tz::UTC).is_err());
@@ -312,8 +312,11 @@ mod tests {
             spec("0 30 2 * * *").cronjob_schedule().expect("ok"),
             "30 2 * * *"
         );
-        assert_eq!(spec("0 0 * * 7").cronjob_schedule().expect("ok"), "0 0 * * 0");
-        let err = spec("*/10 * * * * *").cronjob_schedule().unwrap_err();
+        assert_eq!(
+            spec("0 0 * * 7").cronjob_schedule().expect("ok"),
+            "0 0 * * 0"
+        );
+        let err = spec("*/10 * * * * *").cronjob_schedule().expect_err("fails");
         assert!(err.contains("minute resolution"), "{err}");
         assert!(spec("0 0 * * 5#2").cronjob_schedule().is_err());
     }

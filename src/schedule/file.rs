@@ -122,9 +122,8 @@ impl ScheduleFile {
 
 /// Reads and checks a schedule file: the file, or every problem found.
 pub fn load(path: &Path) -> Result<ScheduleFile, Diagnostics> {
-    let source = runbook_engine::load_source(path).map_err(|e| {
-        Diagnostics(vec![Diagnostic::error(Code::Unreadable, e.to_string())])
-    })?;
+    let source = runbook_engine::load_source(path)
+        .map_err(|e| Diagnostics(vec![Diagnostic::error(Code::Unreadable, e.to_string())]))?;
     let dir = std::fs::canonicalize(path)
         .ok()
         .and_then(|p| p.parent().map(Path::to_path_buf))
@@ -185,12 +184,15 @@ impl Reader {
         let root = match DeTable::parse(&text) {
             Ok(root) => root,
             Err(err) => {
-                let span = err
-                    .span()
-                    .map_or(0..0, |s| s.start..s.end.max(s.start + 1));
+                let span = err.span().map_or(0..0, |s| s.start..s.end.max(s.start + 1));
                 let message = err.message().trim().to_owned();
                 let first = message.lines().next().unwrap_or("invalid TOML").to_owned();
-                self.error(Code::TomlSyntax, span, format!("invalid TOML: {first}"), &first);
+                self.error(
+                    Code::TomlSyntax,
+                    span,
+                    format!("invalid TOML: {first}"),
+                    &first,
+                );
                 return None;
             }
         };
@@ -297,7 +299,8 @@ impl Reader {
                     {
                         d = d.help(format!("did you mean `{near}`?"));
                     } else {
-                        d = d.help("write a name like `UTC`, `Europe/Berlin` or `America/New_York`");
+                        d = d
+                            .help("write a name like `UTC`, `Europe/Berlin` or `America/New_York`");
                     }
                     self.diags.push(d);
                     None
@@ -490,9 +493,11 @@ impl Reader {
             if allowed.contains(&name) {
                 continue;
             }
-            let mut d =
-                Diagnostic::error(Code::UnknownKey, format!("unknown key `{name}` in {what}"))
-                    .at(&self.src, key.span(), "unknown key");
+            let mut d = Diagnostic::error(
+                Code::UnknownKey,
+                format!("unknown key `{name}` in {what}"),
+            )
+            .at(&self.src, key.span(), "unknown key");
             d = match suggest(name, allowed.iter().copied()) {
                 Some(near) => d.help(format!("did you mean `{near}`?")),
                 None => d.help(format!(
@@ -605,10 +610,7 @@ mod tests {
         let e = &f.entries[0];
         assert_eq!(e.overlap, Overlap::Skip);
         assert_eq!(e.catch_up, CatchUp::None);
-        assert_eq!(
-            e.set_args(),
-            ["--set", "cluster=staging", "--set", "n=3"]
-        );
+        assert_eq!(e.set_args(), ["--set", "cluster=staging", "--set", "n=3"]);
         assert!(f.state_file.ends_with("s.state.json"));
         assert!(e.evidence_dir.ends_with("proof"));
     }
@@ -618,12 +620,18 @@ mod tests {
         let err = load_text(
             "[[schedule]]\nname = \"a\"\nrunbook = \"r.toml\"\ncron = \"0 2 * *\"\ntimezone = \"Europe/Berlim\"\noverlap = \"wait\"\njiter = \"1s\"\n",
         )
-        .unwrap_err();
+        .expect_err("fails");
         let text: Vec<String> = err.0.iter().map(ToString::to_string).collect();
         let all = text.join("\n");
         assert!(all.contains("s.toml:4:8: invalid `cron`"), "{all}");
-        assert!(all.contains("s.toml:5:12: `Europe/Berlim` is not an IANA time zone"), "{all}");
-        assert!(all.contains("s.toml:6:11: `overlap` must be `skip` or `queue`"), "{all}");
+        assert!(
+            all.contains("s.toml:5:12: `Europe/Berlim` is not an IANA time zone"),
+            "{all}"
+        );
+        assert!(
+            all.contains("s.toml:6:11: `overlap` must be `skip` or `queue`"),
+            "{all}"
+        );
         assert!(all.contains("s.toml:7:1: unknown key `jiter`"), "{all}");
     }
 }

@@ -414,7 +414,11 @@ mod tests {
             },
         );
         let t = render(&entries, &live, &state);
-        assert_eq!(t.matches("# HELP runbook_step_duration_seconds").count(), 1, "{t}");
+        assert_eq!(
+            t.matches("# HELP runbook_step_duration_seconds").count(),
+            1,
+            "{t}"
+        );
         assert!(t.contains(
             "runbook_step_duration_seconds{schedule=\"weekly\",runbook=\"db\",step=\"a\"} 1.5"
         ));
@@ -435,6 +439,9 @@ mod tests {
             strip_label("runbook=\"a\\\",b\",step=\"x\"", "runbook"),
             "step=\"x\""
         );
-        assert_eq!(strip_label("step=\"x\",runbook=\"y\"", "runbook"), "step=\"x\"");
+        assert_eq!(
+            strip_label("step=\"x\",runbook=\"y\"", "runbook"),
+            "step=\"x\""
+        );
     }
 }

@@ -58,7 +58,12 @@ pub struct ExportArgs {
     /// The schedule file
     pub file: PathBuf,
     /// Write `runbook-<name>.service` and `.timer` here
-    #[arg(long, value_name = "DIR", conflicts_with = "cronjob", required_unless_present = "cronjob")]
+    #[arg(
+        long,
+        value_name = "DIR",
+        conflicts_with = "cronjob",
+        required_unless_present = "cronjob"
+    )]
     pub systemd: Option<PathBuf>,
     /// Write `runbook-<name>.yaml` CronJob manifests here
     #[arg(long, value_name = "DIR", required_unless_present = "systemd")]
@@ -147,8 +152,7 @@ fn load_checked(path: &Path) -> Result<(ScheduleFile, Vec<String>), i32> {
                 if !warnings.0.is_empty() {
                     print_diagnostics(&warnings);
                 }
-                let sets: Vec<String> =
-                    e.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                let sets: Vec<String> = e.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 if let Err(errs) =
                     runbook_engine::params::BoundParams::bind(&rb, &sets, |v| std::env::var(v).ok())
                 {
@@ -209,7 +213,10 @@ fn list(path: &Path, count: usize) -> i32 {
             if e.jitter.is_zero() {
                 String::new()
             } else {
-                format!(", jitter {}", runbook_engine::duration::format_spec(e.jitter))
+                format!(
+                    ", jitter {}",
+                    runbook_engine::duration::format_spec(e.jitter)
+                )
             },
             e.max_duration
                 .map(|d| format!(", max {}", runbook_engine::duration::format_spec(d)))
@@ -248,7 +255,10 @@ fn export(args: &ExportArgs) -> i32 {
             .clone()
             .or_else(|| std::env::current_exe().ok())
             .unwrap_or_else(|| PathBuf::from("/usr/local/bin/runbook"));
-        (dir, export::systemd(&schedule, &export::SystemdOptions { runbook_bin: bin }))
+        (
+            dir,
+            export::systemd(&schedule, &export::SystemdOptions { runbook_bin: bin }),
+        )
     } else if let Some(dir) = &args.cronjob {
         let Some(image) = &args.image else {
             render::error("`--cronjob` needs `--image IMAGE`: the container image with `runbook` and the runbooks");

@@ -266,7 +266,13 @@ fn jitter_delay(jitter: Duration) -> Duration {
         return Duration::ZERO;
     }
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(Utc::now().timestamp_nanos_opt().unwrap_or_default().unsigned_abs().into());
+    h.write_u128(
+        Utc::now()
+            .timestamp_nanos_opt()
+            .unwrap_or_default()
+            .unsigned_abs()
+            .into(),
+    );
     let nanos = jitter.as_nanos().max(1);
     Duration::from_nanos(u64::try_from(u128::from(h.finish()) % nanos).unwrap_or(0))
 }
@@ -405,7 +411,9 @@ async fn entry_loop(
 }
 
 fn local(t: DateTime<Utc>, tz: &chrono_tz::Tz) -> String {
-    t.with_timezone(tz).format("%Y-%m-%d %H:%M:%S %Z").to_string()
+    t.with_timezone(tz)
+        .format("%Y-%m-%d %H:%M:%S %Z")
+        .to_string()
 }
 
 /// Starts a firing for `slot`: state and metrics first, then the child, then its outcome.
@@ -539,7 +547,11 @@ fn secrets_of(entry: &super::file::Entry, spec: &notify::NotifySpec) -> Redactor
     let host = runbook_engine::expr::ExprHost::new();
     if let Ok(source) = runbook_engine::load_source(&entry.runbook) {
         if let Ok((runbook, _, _)) = runbook_engine::compile(&source, &host) {
-            let sets: Vec<String> = entry.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let sets: Vec<String> = entry
+                .params
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
             if let Ok(bound) = runbook_engine::params::BoundParams::bind(&runbook, &sets, |var| {
                 std::env::var(var).ok()
             }) {

@@ -98,7 +98,10 @@ fn a_per_second_cron_fires_once_a_second() {
         out.stderr
     );
     let state = read_json(&out.dir.path().join("schedules.state.json"));
-    assert!(state["entries"]["every-second"]["last_fire"].is_string(), "{state}");
+    assert!(
+        state["entries"]["every-second"]["last_fire"].is_string(),
+        "{state}"
+    );
     assert_eq!(
         state["entries"]["every-second"]["last_outcome"]["status"],
         "succeeded"
@@ -126,7 +129,10 @@ fn overlap_skip_skips_while_a_slow_drill_runs_and_metrics_say_so() {
     // Shutdown waited for the running drill (within the default grace).
     let found = bundles(out.dir.path());
     assert_eq!(found.len(), 1);
-    assert_eq!(read_json(&found[0].join("manifest.json"))["status"], "succeeded");
+    assert_eq!(
+        read_json(&found[0].join("manifest.json"))["status"],
+        "succeeded"
+    );
 
     let text = std::fs::read_to_string(
         out.dir
@@ -136,7 +142,10 @@ fn overlap_skip_skips_while_a_slow_drill_runs_and_metrics_say_so() {
     .expect("metrics textfile");
     promtool_accepts(&text);
     let labels = "{schedule=\"slow\",runbook=\"slow-drill\"}";
-    assert!(text.contains(&format!("runbook_schedule_firings_total{labels} 1")), "{text}");
+    assert!(
+        text.contains(&format!("runbook_schedule_firings_total{labels} 1")),
+        "{text}"
+    );
     let skipped: f64 = text
         .lines()
         .find_map(|l| l.strip_prefix(&format!("runbook_schedule_skipped_total{labels} ")))
@@ -150,7 +159,9 @@ fn overlap_skip_skips_while_a_slow_drill_runs_and_metrics_say_so() {
     assert!(text.contains("runbook_drill_last_success_timestamp_seconds{schedule=\"slow\""));
     // The step families of the last bundle, relabelled with the entry.
     assert!(
-        text.contains("runbook_step_duration_seconds{schedule=\"slow\",runbook=\"slow-drill\",step=\"work\"}"),
+        text.contains(
+            "runbook_step_duration_seconds{schedule=\"slow\",runbook=\"slow-drill\",step=\"work\"}"
+        ),
         "{text}"
     );
     // Only the textfile itself: the temporary file was renamed over it.
@@ -176,8 +187,18 @@ fn catch_up_latest_fires_once_after_downtime_and_none_does_not() {
         .args(["schedule", "run", "schedules.toml", "--stop-after", "1s"])
         .run();
     out.assert_code(0);
-    assert_eq!(lines_with(&out.stderr, "latest: catching up"), 1, "{}", out.stderr);
-    assert_eq!(lines_with(&out.stderr, "latest: firing"), 1, "{}", out.stderr);
+    assert_eq!(
+        lines_with(&out.stderr, "latest: catching up"),
+        1,
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        lines_with(&out.stderr, "latest: firing"),
+        1,
+        "{}",
+        out.stderr
+    );
     assert_eq!(lines_with(&out.stderr, "none: firing"), 0, "{}", out.stderr);
     assert_eq!(bundles(out.dir.path()).len(), 1);
     let state = read_json(&out.dir.path().join("schedules.state.json"));
@@ -185,7 +206,10 @@ fn catch_up_latest_fires_once_after_downtime_and_none_does_not() {
         .as_str()
         .expect("last_slot");
     assert!(slot.contains("-01-01T00:00:00"), "{slot}");
-    assert_eq!(state["entries"]["none"]["last_fire"], "2020-01-01T00:00:00Z");
+    assert_eq!(
+        state["entries"]["none"]["last_fire"],
+        "2020-01-01T00:00:00Z"
+    );
 }
 
 #[test]
@@ -210,8 +234,14 @@ fn sigterm_cancels_a_running_drill_which_seals_its_bundle() {
     let out = child.wait_with_output().expect("wait");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
-    assert!(stderr.contains("long: finished: cancelled (exit 130)"), "{stderr}");
-    assert_eq!(processes_matching(&format!("sleep {marker}")), Vec::<i32>::new());
+    assert!(
+        stderr.contains("long: finished: cancelled (exit 130)"),
+        "{stderr}"
+    );
+    assert_eq!(
+        processes_matching(&format!("sleep {marker}")),
+        Vec::<i32>::new()
+    );
     let found = bundles(&dir);
     assert_eq!(found.len(), 1, "{stderr}");
     let m = read_json(&found[0].join("manifest.json"));
@@ -298,7 +328,11 @@ fn webhook_server() -> (u16, std::sync::mpsc::Receiver<(String, String)>) {
             }
             let mut body = vec![0u8; length];
             let _ = reader.read_exact(&mut body);
-            let status = if n == 0 { "500 Internal Server Error" } else { "200 OK" };
+            let status = if n == 0 {
+                "500 Internal Server Error"
+            } else {
+                "200 OK"
+            };
             let _ = conn.write_all(
                 format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
                     .as_bytes(),
@@ -327,10 +361,18 @@ fn a_webhook_gets_the_outcome_with_secrets_redacted_after_a_retry() {
         .run();
     out.assert_code(0);
     assert!(out.stderr.contains("nightly: notified"), "{}", out.stderr);
-    let (_, first) = requests.recv_timeout(Duration::from_secs(5)).expect("first attempt");
-    let (head, body) = requests.recv_timeout(Duration::from_secs(5)).expect("retry");
+    let (_, first) = requests
+        .recv_timeout(Duration::from_secs(5))
+        .expect("first attempt");
+    let (head, body) = requests
+        .recv_timeout(Duration::from_secs(5))
+        .expect("retry");
     assert_eq!(first, body, "the retry sends the same payload");
-    assert!(head.to_ascii_lowercase().contains("x-api-key: hdr-key-123456"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("x-api-key: hdr-key-123456"),
+        "{head}"
+    );
     assert!(!body.contains("hunter2"), "{body}");
     let p: Value = serde_json::from_str(&body).expect("JSON payload");
     assert_eq!(p["runbook"], "restore");
@@ -341,7 +383,10 @@ fn a_webhook_gets_the_outcome_with_secrets_redacted_after_a_retry() {
     assert_eq!(p["params"]["api_token"], "[REDACTED:api_token]");
     assert_eq!(p["params"]["cluster"], "staging");
     let bundle = p["bundle"].as_str().expect("bundle path");
-    assert!(Path::new(bundle).join("manifest.json").is_file(), "{bundle}");
+    assert!(
+        Path::new(bundle).join("manifest.json").is_file(),
+        "{bundle}"
+    );
 }
 
 #[test]
@@ -359,13 +404,23 @@ fn list_prints_next_fire_times_in_the_entry_time_zone() {
         .args(["schedule", "list", "schedules.toml", "-n", "3"])
         .run();
     out.assert_code(0);
-    assert!(out.stdout.contains("berlin: `drill.toml` cron `30 2 * * *` in Europe/Berlin"), "{}", out.stdout);
     assert!(
-        out.stdout.contains("last fire: 2026-01-10 02:30:02 CET (+01:00) — drill_failed"),
+        out.stdout
+            .contains("berlin: `drill.toml` cron `30 2 * * *` in Europe/Berlin"),
         "{}",
         out.stdout
     );
-    let next: Vec<&str> = out.stdout.lines().filter(|l| l.contains("next: ")).collect();
+    assert!(
+        out.stdout
+            .contains("last fire: 2026-01-10 02:30:02 CET (+01:00) — drill_failed"),
+        "{}",
+        out.stdout
+    );
+    let next: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter(|l| l.contains("next: "))
+        .collect();
     assert_eq!(next.len(), 3, "{}", out.stdout);
     for l in next {
         assert!(l.contains(" 02:30:00 CE"), "{l}");
@@ -389,19 +444,24 @@ fn schedule_file_errors_point_at_the_value() {
         .assert_stderr_contains("`catch_up` must be `none` or `latest`");
 }
 
+const WITH_CLUSTER: &str = "[runbook]\nname = \"restore\"\n\n[params]\ncluster = { default = \"dev\" }\n\n[[steps]]\nid = \"work\"\nrun = \"true\"\n";
+
 const EXPORTED: &str = "kill_grace = \"10s\"\n\n[[schedule]]\nname = \"weekday-restore\"\nrunbook = \"drill.toml\"\ncron = \"0 2 * * 1-5\"\ntimezone = \"Europe/Berlin\"\njitter = \"5m\"\ncatch_up = \"latest\"\nmax_duration = \"1h\"\nparams = { cluster = \"staging eu\" }\n\n[[schedule]]\nname = \"half-minute\"\nrunbook = \"drill.toml\"\ncron = \"*/30 * * * * *\"\n";
 
 #[test]
 fn exported_systemd_units_verify() {
     let out = Test::new()
-        .file("drill.toml", &runbook("restore", "true"))
+        .file("drill.toml", WITH_CLUSTER)
         .file("schedules.toml", EXPORTED)
         .args(["schedule", "export", "schedules.toml", "--systemd", "units"])
         .run();
     out.assert_code(0);
     let dir = out.dir.path().join("units");
     let timer = std::fs::read_to_string(dir.join("runbook-weekday-restore.timer")).expect("timer");
-    assert!(timer.contains("OnCalendar=Mon..Fri *-*-* 02:00:00 Europe/Berlin\n"), "{timer}");
+    assert!(
+        timer.contains("OnCalendar=Mon..Fri *-*-* 02:00:00 Europe/Berlin\n"),
+        "{timer}"
+    );
     assert!(timer.contains("Persistent=true\n"), "{timer}");
     assert!(timer.contains("RandomizedDelaySec=300\n"), "{timer}");
     let service =
@@ -448,7 +508,7 @@ fn exported_systemd_units_verify() {
 #[test]
 fn exported_cronjobs_parse_and_seconds_are_refused() {
     let out = Test::new()
-        .file("drill.toml", &runbook("restore", "true"))
+        .file("drill.toml", WITH_CLUSTER)
         .file(
             "schedules.toml",
             &EXPORTED.replace("*/30 * * * * *", "0 */30 * * * *"),
@@ -502,13 +562,16 @@ fn exported_cronjobs_parse_and_seconds_are_refused() {
         pod["volumes"][0]["persistentVolumeClaim"]["claimName"],
         "runbook-evidence"
     );
-    let half = std::fs::read_to_string(out.dir.path().join("k8s/runbook-half-minute.yaml"))
-        .expect("yaml");
+    let half =
+        std::fs::read_to_string(out.dir.path().join("k8s/runbook-half-minute.yaml")).expect("yaml");
     let y: serde_norway::Value = serde_norway::from_str(&half).expect("YAML parses");
-    assert_eq!(serde_json::to_value(&y).expect("json")["spec"]["schedule"], "*/30 * * * *".replace("*/30", "0,30"));
+    assert_eq!(
+        serde_json::to_value(&y).expect("json")["spec"]["schedule"],
+        "*/30 * * * *".replace("*/30", "0,30")
+    );
 
     let refused = Test::new()
-        .file("drill.toml", &runbook("restore", "true"))
+        .file("drill.toml", WITH_CLUSTER)
         .file("schedules.toml", EXPORTED)
         .args([
             "schedule",
