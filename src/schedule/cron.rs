@@ -316,7 +316,9 @@ mod tests {
             spec("0 0 * * 7").cronjob_schedule().expect("ok"),
             "0 0 * * 0"
         );
-        let err = spec("*/10 * * * * *").cronjob_schedule().expect_err("fails");
+        let err = spec("*/10 * * * * *")
+            .cronjob_schedule()
+            .expect_err("fails");
         assert!(err.contains("minute resolution"), "{err}");
         assert!(spec("0 0 * * 5#2").cronjob_schedule().is_err());
     }

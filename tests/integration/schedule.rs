@@ -590,3 +590,77 @@ fn exported_cronjobs_parse_and_seconds_are_refused() {
         .assert_stderr_contains("nothing was written");
     assert!(!refused.dir.path().join("k8s").exists());
 }
+
+#[test]
+fn dashboard_queries_parse_and_use_metrics_that_exist() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("dashboards/runbook-drills.json");
+    let d = read_json(&path);
+    assert_eq!(d["schemaVersion"], 39);
+    assert_eq!(d["templating"]["list"][0]["type"], "datasource");
+    // Names the scheduler writes (src/schedule/metrics.rs) or a bundle's metrics.prom has.
+    let known = [
+        "runbook_drill_verdict",
+        "runbook_drill_rto_seconds",
+        "runbook_drill_rto_target_seconds",
+        "runbook_drill_rpo_seconds",
+        "runbook_drill_rpo_target_seconds",
+        "runbook_drill_last_success_timestamp_seconds",
+        "runbook_run_last_status",
+        "runbook_run_duration_seconds",
+        "runbook_step_duration_seconds",
+        "runbook_schedule_firings_total",
+        "runbook_schedule_skipped_total",
+    ];
+    let mut rules = String::from("groups:\n- name: dashboard\n  rules:\n");
+    let mut n = 0;
+    for p in d["panels"].as_array().expect("panels") {
+        for t in p["targets"].as_array().expect("targets") {
+            let expr = t["expr"].as_str().expect("expr");
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if word.starts_with("runbook_") {
+                    assert!(
+                        known.contains(&word),
+                        "panel {} uses unknown {word}",
+                        p["title"]
+                    );
+                }
+            }
+            let expr = expr
+                .replace("$__rate_interval", "5m")
+                .replace("$runbook", ".*");
+            n += 1;
+            rules.push_str(&format!(
+                "  - record: dashboard:q{n}\n    expr: {}\n",
+                serde_json::to_string(&expr).expect("quote")
+            ));
+        }
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("rules.yml");
+    std::fs::write(&file, rules).expect("write");
+    let out = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&file)
+        .output()
+        .unwrap_or_else(|_| panic!("promtool is not installed: `apt-get install prometheus`"));
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn the_example_schedule_file_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("runbooks/schedules.toml");
+    let out = Test::new()
+        .args(["schedule", "list", path.to_str().expect("utf-8"), "-n", "1"])
+        .run();
+    out.assert_code(0);
+    assert!(
+        out.stdout.contains("local-drill-nightly:"),
+        "{}",
+        out.stdout
+    );
+}
