@@ -96,6 +96,11 @@ pub enum Command {
         #[command(subcommand)]
         command: InventoryCommand,
     },
+    /// Run runbooks (drills) on cron schedules, list fire times, export to systemd or Kubernetes
+    Schedule {
+        #[command(subcommand)]
+        command: crate::schedule::ScheduleCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -57,6 +57,7 @@ pub fn main() -> i32 {
         } => keygen(&secret_key, &public_key, force, password.as_deref()),
         Command::Evidence { command } => evidence(&command),
         Command::Inventory { command } => crate::inventory_cmd::run(&command),
+        Command::Schedule { command } => crate::schedule::command(&command),
     }
 }
 

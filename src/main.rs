@@ -41,7 +41,9 @@ mod console;
 mod context;
 mod inventory_cmd;
 mod lock;
+mod notify;
 mod render;
+mod schedule;
 mod session;
 
 fn main() {

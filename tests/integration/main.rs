@@ -12,3 +12,4 @@ mod execution;
 mod expressions;
 mod output_edges;
 mod processes;
+mod schedule;

@@ -1,0 +1,408 @@
+//! Webhook notifications about finished runs and drills: when to send (`on`), the payload
+//! (generic JSON or Slack-compatible `{"text": …}`), and delivery with a timeout and retries.
+//! Every string in a payload passes through the caller's redactor first, so a secret that
+//! reached a step name, a path or a parameter never leaves the machine.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// A webhook: `[notify]` in a schedule file (or a runbook).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifySpec {
+    pub url: String,
+    #[serde(default)]
+    pub format: NotifyFormat,
+    /// When to send; default: on failure (which includes a failed drill).
+    #[serde(default = "default_on")]
+    pub on: Vec<When>,
+    /// Extra request headers (`Authorization`, …); their values are treated as secrets.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Per request.
+    #[serde(default = "default_timeout", with = "humane_duration")]
+    pub timeout: Duration,
+    /// Further attempts after a failed one (connection error, timeout, 5xx, 429).
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NotifyFormat {
+    #[default]
+    Generic,
+    Slack,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum When {
+    /// The run failed, was cancelled, or its drill missed a target.
+    Failure,
+    /// The run succeeded and its drill (if any) did not fail.
+    Success,
+    /// The drill's RTO was measured and missed.
+    RtoMissed,
+    Always,
+}
+
+pub fn default_on() -> Vec<When> {
+    vec![When::Failure]
+}
+
+pub const fn default_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+pub const fn default_retries() -> u32 {
+    3
+}
+
+/// Durations as runbooks write them (`10s`, `1m30s`).
+mod humane_duration {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        runbook_engine::duration::parse_duration(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// One target (RTO or RPO) of a drill, as the manifest's `drill` object has it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DrillTarget {
+    pub target_seconds: Option<f64>,
+    pub measured_seconds: Option<f64>,
+    /// `pass`, `fail` or `not_measured`.
+    pub verdict: String,
+    pub why: Option<String>,
+}
+
+/// What a notification says about one run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct NotifyPayload {
+    pub runbook: String,
+    /// The schedule entry that fired the run, when a scheduler did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+    /// The run's status (`succeeded`, `failed`, `cancelled`, …) or, when no bundle was
+    /// written, what happened (`error`, `timed_out`).
+    pub status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// The drill verdict (`pass`, `fail`, `not_measured`) when the runbook is a drill.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rto: Option<DrillTarget>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rpo: Option<DrillTarget>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bundle: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_seconds: Option<f64>,
+    pub failed_steps: Vec<String>,
+    /// Parameters the run was given (`--set`), secrets included until redacted.
+    pub params: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// One line for people.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+impl NotifyPayload {
+    /// Fills a payload from a bundle's `manifest.json` (as JSON, so that fields added later,
+    /// such as `drill`, are read when present and ignored when absent).
+    pub fn from_manifest(manifest: &serde_json::Value, bundle: Option<&Path>) -> Self {
+        let s = |v: &serde_json::Value| v.as_str().map(str::to_owned);
+        let drill = &manifest["drill"];
+        let target = |v: &serde_json::Value| -> Option<DrillTarget> {
+            v.is_object()
+                .then(|| serde_json::from_value(v.clone()).ok())
+                .flatten()
+        };
+        Self {
+            runbook: s(&manifest["runbook"]["name"]).unwrap_or_default(),
+            status: s(&manifest["status"]).unwrap_or_else(|| "unknown".into()),
+            verdict: s(&drill["verdict"]),
+            rto: target(&drill["rto"]),
+            rpo: target(&drill["rpo"]),
+            bundle: bundle.map(|b| b.display().to_string()),
+            started_at: s(&manifest["started_at"]),
+            finished_at: s(&manifest["finished_at"]),
+            duration_seconds: manifest["duration_seconds"].as_f64(),
+            failed_steps: manifest["steps"]
+                .as_array()
+                .map(|steps| {
+                    steps
+                        .iter()
+                        .filter(|st| st["status"] == "failed")
+                        .filter_map(|st| s(&st["id"]))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            host: s(&manifest["operator"]["host"]),
+            ..Self::default()
+        }
+    }
+
+    fn failed(&self) -> bool {
+        self.status != "succeeded" || self.verdict.as_deref() == Some("fail")
+    }
+
+    fn rto_missed(&self) -> bool {
+        self.rto.as_ref().is_some_and(|r| r.verdict == "fail")
+    }
+
+    /// A one-line summary: `db-restore (nightly): drill FAILED — RTO 312s > 300s`.
+    pub fn summary(&self) -> String {
+        let mut out = self.runbook.clone();
+        if let Some(s) = &self.schedule {
+            out.push_str(&format!(" ({s})"));
+        }
+        let outcome = match (self.status.as_str(), self.verdict.as_deref()) {
+            ("succeeded", Some("fail")) => "drill FAILED".to_owned(),
+            ("succeeded", Some("pass")) => "drill passed".to_owned(),
+            ("succeeded", _) => "succeeded".to_owned(),
+            (other, _) => other.to_uppercase(),
+        };
+        out.push_str(&format!(": {outcome}"));
+        for (name, t) in [("RTO", &self.rto), ("RPO", &self.rpo)] {
+            let Some(t) = t else { continue };
+            match (t.measured_seconds, t.target_seconds) {
+                (Some(m), Some(target)) => {
+                    let cmp = if t.verdict == "fail" { ">" } else { "≤" };
+                    out.push_str(&format!(" — {name} {m:.1}s {cmp} {target:.1}s"));
+                }
+                _ => out.push_str(&format!(" — {name} {}", t.verdict)),
+            }
+        }
+        if !self.failed_steps.is_empty() {
+            out.push_str(&format!(" — failed: {}", self.failed_steps.join(", ")));
+        }
+        if let Some(m) = &self.message {
+            out.push_str(&format!(" — {m}"));
+        }
+        out
+    }
+}
+
+impl NotifySpec {
+    /// Whether this payload is one the spec's `on` asks for.
+    pub fn wants(&self, p: &NotifyPayload) -> bool {
+        self.on.iter().any(|w| match w {
+            When::Always => true,
+            When::Failure => p.failed(),
+            When::Success => !p.failed(),
+            When::RtoMissed => p.rto_missed(),
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NotifyError {
+    #[error("webhook client: {0}")]
+    Client(String),
+    #[error("webhook `{url}` failed after {attempts} attempt(s): {last}")]
+    Failed {
+        url: String,
+        attempts: u32,
+        last: String,
+    },
+    #[error("webhook `{url}` refused the notification: HTTP {status}")]
+    Refused { url: String, status: u16 },
+}
+
+/// The request body, every string already redacted.
+pub fn body(spec: &NotifySpec, event: &NotifyPayload, redact: &dyn Fn(&str) -> String) -> String {
+    let value = match spec.format {
+        NotifyFormat::Generic => serde_json::to_value(event).unwrap_or_default(),
+        NotifyFormat::Slack => {
+            let mut text = event.summary();
+            if let Some(b) = &event.bundle {
+                text.push_str(&format!("\nevidence: `{b}`"));
+            }
+            serde_json::json!({ "text": text })
+        }
+    };
+    serde_json::to_string(&redact_json(value, redact)).unwrap_or_default()
+}
+
+fn redact_json(v: serde_json::Value, redact: &dyn Fn(&str) -> String) -> serde_json::Value {
+    use serde_json::Value;
+    match v {
+        Value::String(s) => Value::String(redact(&s)),
+        Value::Array(items) => {
+            Value::Array(items.into_iter().map(|i| redact_json(i, redact)).collect())
+        }
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(k, v)| (redact(&k), redact_json(v, redact)))
+                .collect(),
+        ),
+        other => other,
+    }
+}
+
+/// Posts the notification, retrying connection errors, timeouts, 5xx and 429 with backoff
+/// (1 s, 2 s, 4 s, … capped at 30 s). A 4xx other than 429 is not retried: the request
+/// itself is wrong. Error messages are redacted too (the URL may hold a token).
+///
+/// `redact` is `Sync` so that the future is `Send` (it is held across awaits) and can be
+/// spawned on a multi-threaded runtime.
+pub async fn send(
+    spec: &NotifySpec,
+    event: &NotifyPayload,
+    redact: &(dyn Fn(&str) -> String + Sync),
+) -> Result<(), NotifyError> {
+    let payload = body(spec, event, redact);
+    let client = reqwest::Client::builder()
+        .timeout(spec.timeout)
+        .build()
+        .map_err(|e| NotifyError::Client(redact(&e.to_string())))?;
+    let shown_url = redact(&redact_url(&spec.url));
+    let mut delay = Duration::from_secs(1);
+    let mut last = String::new();
+    for attempt in 0..=spec.retries {
+        if attempt > 0 {
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(30));
+        }
+        let mut req = client
+            .post(&spec.url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(payload.clone());
+        for (k, v) in &spec.headers {
+            req = req.header(k.as_str(), v.as_str());
+        }
+        match req.send().await {
+            Ok(resp) if resp.status().is_success() => return Ok(()),
+            Ok(resp) => {
+                let status = resp.status();
+                if status.is_client_error() && status != reqwest::StatusCode::TOO_MANY_REQUESTS {
+                    return Err(NotifyError::Refused {
+                        url: shown_url,
+                        status: status.as_u16(),
+                    });
+                }
+                last = format!("HTTP {}", status.as_u16());
+            }
+            Err(e) => last = redact(&without_url(&e)),
+        }
+    }
+    Err(NotifyError::Failed {
+        url: shown_url,
+        attempts: spec.retries + 1,
+        last,
+    })
+}
+
+/// reqwest errors name the URL, which for Slack-style webhooks is itself the secret.
+fn without_url(e: &reqwest::Error) -> String {
+    let mut text = e.to_string();
+    if let Some(u) = e.url() {
+        text = text.replace(u.as_str(), "<url>");
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    text
+}
+
+/// Scheme, host and port only: the path and query of a webhook URL often carry its token.
+pub fn redact_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(u) => format!(
+            "{}://{}{}/…",
+            u.scheme(),
+            u.host_str().unwrap_or(""),
+            u.port().map(|p| format!(":{p}")).unwrap_or_default()
+        ),
+        Err(_) => "<webhook url>".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payload() -> NotifyPayload {
+        NotifyPayload {
+            runbook: "db-restore".into(),
+            schedule: Some("nightly".into()),
+            status: "succeeded".into(),
+            verdict: Some("fail".into()),
+            rto: Some(DrillTarget {
+                target_seconds: Some(300.0),
+                measured_seconds: Some(312.0),
+                verdict: "fail".into(),
+                why: None,
+            }),
+            params: [("token".to_owned(), "hunter2-secret".to_owned())].into(),
+            ..NotifyPayload::default()
+        }
+    }
+
+    #[test]
+    fn spec_deserialises_with_defaults() {
+        let spec: NotifySpec = toml::from_str(
+            "url = \"http://127.0.0.1:1/x\"\ntimeout = \"2s\"\non = [\"rto_missed\"]",
+        )
+        .expect("parses");
+        assert_eq!(spec.format, NotifyFormat::Generic);
+        assert_eq!(spec.timeout, Duration::from_secs(2));
+        assert_eq!(spec.retries, 3);
+        assert_eq!(spec.on, [When::RtoMissed]);
+        assert!(toml::from_str::<NotifySpec>("url = \"x\"\nbogus = 1").is_err());
+    }
+
+    #[test]
+    fn when_filters() {
+        let mut spec: NotifySpec = toml::from_str("url = \"x\"").expect("parses");
+        let p = payload();
+        assert!(spec.wants(&p), "a failed drill is a failure");
+        spec.on = vec![When::Success];
+        assert!(!spec.wants(&p));
+        spec.on = vec![When::RtoMissed];
+        assert!(spec.wants(&p));
+    }
+
+    #[test]
+    fn bodies_are_redacted() {
+        let spec: NotifySpec = toml::from_str("url = \"x\"").expect("parses");
+        let redact = |s: &str| s.replace("hunter2-secret", "[REDACTED:token]");
+        let generic = body(&spec, &payload(), &redact);
+        assert!(!generic.contains("hunter2"), "{generic}");
+        assert!(generic.contains("[REDACTED:token]"), "{generic}");
+        let slack = NotifySpec {
+            format: NotifyFormat::Slack,
+            ..spec
+        };
+        let text: serde_json::Value =
+            serde_json::from_str(&body(&slack, &payload(), &redact)).expect("json");
+        assert_eq!(
+            text["text"],
+            "db-restore (nightly): drill FAILED — RTO 312.0s > 300.0s"
+        );
+    }
+
+    #[test]
+    fn urls_lose_their_path_in_messages() {
+        assert_eq!(
+            redact_url("https://hooks.example.invalid/services/T000/B000/XXXX"),
+            "https://hooks.example.invalid/…"
+        );
+    }
+}
