@@ -11,3 +11,4 @@ mod execution;
 mod expressions;
 mod output_edges;
 mod processes;
+mod rke2;
