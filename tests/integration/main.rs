@@ -12,4 +12,5 @@ mod execution;
 mod expressions;
 mod output_edges;
 mod processes;
+mod rke2;
 mod schedule;
