@@ -84,8 +84,15 @@ fn load(path: &Path, host: &ExprHost) -> Result<Loaded, i32> {
         exit::USAGE
     })?;
     match runbook_engine::compile(&source, host) {
-        Ok((runbook, graph, warnings)) => {
+        Ok((runbook, graph, mut warnings)) => {
+            let extra = cli_checks(&runbook);
+            let errors = extra.has_errors();
+            warnings.extend(extra);
             print_diagnostics(&warnings);
+            if errors {
+                render::error(&format!("`{}` has errors; nothing was run", path.display()));
+                return Err(exit::USAGE);
+            }
             Ok(Loaded { runbook, graph })
         }
         Err(diags) => {
@@ -99,6 +106,44 @@ fn load(path: &Path, host: &ExprHost) -> Result<Loaded, i32> {
             Err(exit::USAGE)
         }
     }
+}
+
+/// Checks of what the CLI, not the engine, gives meaning to: `[notify]` webhooks and whether
+/// a browser exists for `screenshot` steps.
+fn cli_checks(runbook: &Runbook) -> Diagnostics {
+    use runbook_engine::diagnostic::Diagnostic;
+    use runbook_engine::runbook::{Action, RequestKind};
+    let mut d = Diagnostics::default();
+    if let Some((value, span)) = &runbook.notify {
+        if let Err(e) = serde_json::from_value::<crate::notify::NotifySpec>(value.clone()) {
+            d.push(
+                Diagnostic::error(Code::BadValue, format!("`[notify]`: {e}"))
+                    .at(&runbook.source, span.clone(), "in this table")
+                    .help("keys: url, format = \"generic\" | \"slack\", on = [\"failure\", \"success\", \"rto_missed\", \"always\"], headers, timeout, retries"),
+            );
+        }
+    }
+    let screenshot_step = runbook.steps.iter().find(|s| {
+        let direct = matches!(s.action, Action::Request { kind: RequestKind::Screenshot, .. });
+        let in_block = matches!(&s.action, Action::Block { steps } if steps.iter().any(|b| matches!(b.action, Action::Request { kind: RequestKind::Screenshot, .. })));
+        direct || in_block
+    });
+    if let Some(step) = screenshot_step {
+        if let Err(e) = runbook_steps::screenshot::find_browser(None) {
+            d.push(
+                Diagnostic::warning(
+                    Code::BadValue,
+                    format!(
+                        "step `{}` takes screenshots but no browser was found: {e}",
+                        step.id
+                    ),
+                )
+                .at(&runbook.source, step.id_span.clone(), "needs Chromium")
+                .help("Debian: apt-get install chromium (or set RUNBOOK_CHROMIUM to the browser)"),
+            );
+        }
+    }
+    d
 }
 
 /// A file that cannot be read or is not UTF-8, as an RB0015 diagnostic (with the position of

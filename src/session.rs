@@ -79,9 +79,10 @@ pub fn execute(s: Session) -> i32 {
             nix::sys::signal::Signal::SIGXFSZ as i32,
         ));
         let signals = tokio::spawn(watch_signals(cancel.clone(), force.clone(), abort.clone()));
+        let dispatcher = Arc::new(Dispatcher::new());
         let executor = Executor::new(
             s.plan.clone(),
-            Arc::new(Dispatcher::new()),
+            dispatcher.clone(),
             s.host.clone(),
             s.run,
             s.parallel,
@@ -94,6 +95,7 @@ pub fn execute(s: Session) -> i32 {
         .with_approver(s.approver);
         let report = executor.run().await;
         signals.abort();
+        dispatcher.close().await;
         report
     });
     let (recorder, mut console, evidence_error) = match consumer.join() {
@@ -147,6 +149,15 @@ pub fn execute(s: Session) -> i32 {
         seal(&dir, s.sign_key.as_ref(), s.textfile_dir.as_deref())?;
         Ok(dir)
     });
+    let finished_dir: Option<Result<std::path::PathBuf, ()>> = finished
+        .as_ref()
+        .map(|r| r.as_ref().map(Clone::clone).map_err(|_| ()));
+    let notify = s
+        .plan
+        .runbook
+        .notify
+        .as_ref()
+        .and_then(|(v, _)| serde_json::from_value::<crate::notify::NotifySpec>(v.clone()).ok());
     match (evidence_error, finished) {
         (None, Some(Ok(dir))) => {
             sayln!(
@@ -171,6 +182,9 @@ pub fn execute(s: Session) -> i32 {
             code = exit::RUN_FAILED;
         }
         (None, None) => {}
+    }
+    if let (Some(spec), Some(Ok(dir))) = (&notify, finished_dir.as_ref()) {
+        notify_end(&runtime, spec, dir, code, &console);
     }
     if s.json {
         let mut value = serde_json::to_value(&report).unwrap_or_default();
@@ -355,4 +369,39 @@ async fn watch_signals(
             abort.cancel();
         }
     }
+}
+
+/// Tells the runbook's `[notify]` webhook how the run ended (failures to deliver are reported,
+/// never fatal: the run and its evidence are already complete).
+fn notify_end(
+    runtime: &tokio::runtime::Runtime,
+    spec: &crate::notify::NotifySpec,
+    dir: &std::path::Path,
+    code: i32,
+    console: &Console,
+) {
+    let Ok(text) = std::fs::read(dir.join("manifest.json")) else {
+        return;
+    };
+    let Ok(manifest) = serde_json::from_slice::<serde_json::Value>(&text) else {
+        return;
+    };
+    let mut payload = crate::notify::NotifyPayload::from_manifest(&manifest, Some(dir));
+    payload.exit_code = Some(code);
+    if !spec.wants(&payload) {
+        return;
+    }
+    let redact = |t: &str| console.redact(t);
+    match runtime.block_on(crate::notify::send(spec, &payload, &redact)) {
+        Ok(()) => sayln!("notified {}", host_of(&spec.url)),
+        Err(e) => render::error(&format!("[notify]: {e}")),
+    }
+}
+
+fn host_of(url: &str) -> String {
+    url.split("://")
+        .nth(1)
+        .and_then(|r| r.split(['/', '?']).next())
+        .unwrap_or(url)
+        .to_owned()
 }

@@ -1938,6 +1938,12 @@ impl StepTask {
             kind,
             spec: rendered.spec,
             host: if remote { host.cloned() } else { None },
+            jumps: if remote {
+                host.map(|h| self.plan.inventory().jump_chain(h))
+                    .unwrap_or_default()
+            } else {
+                Vec::new()
+            },
             sudo: spec.sudo,
             pty: spec.pty,
             secrets: self.plan.secret_values(),
@@ -1996,7 +2002,8 @@ impl StepTask {
                 }
             }
         } else {
-            run.output.insert("json".into(), Dynamic::UNIT);
+            // An HTTP step's parsed body (from the runner's details) stays.
+            run.output.entry("json".into()).or_insert(Dynamic::UNIT);
         }
         let mut scope = self.scope(host);
         scope.push_constant("output", Dynamic::from_map(run.output.clone()));

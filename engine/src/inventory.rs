@@ -354,6 +354,21 @@ impl Inventory {
         (!members.is_empty() || self.groups.iter().any(|(g, _)| g == name)).then_some(members)
     }
 
+    /// The bastions to reach `host` through, outermost first; a loop ends the chain.
+    pub fn jump_chain(&self, host: &Host) -> Vec<Arc<Host>> {
+        let mut chain: Vec<Arc<Host>> = Vec::new();
+        let mut next = host.proxy_jump.clone();
+        while let Some(name) = next {
+            let Some(j) = self.host(&name) else { break };
+            if j.name == host.name || chain.iter().any(|c| c.name == j.name) {
+                break;
+            }
+            next = j.proxy_jump.clone();
+            chain.insert(0, j.clone());
+        }
+        chain
+    }
+
     /// Adds (or replaces) a host at run time, with the inventory's defaults applied.
     pub fn add_host(&mut self, new: &NewHost) -> Result<Arc<Host>, InventoryError> {
         if !StepId::is_valid(&new.name) {

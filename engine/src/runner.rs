@@ -46,6 +46,8 @@ pub struct AttemptContext {
     pub spec: serde_json::Value,
     /// The host to run on; `None` runs on this machine.
     pub host: Option<Arc<Host>>,
+    /// The bastions to go through to reach `host`, outermost first (`proxy_jump`).
+    pub jumps: Vec<Arc<Host>>,
     pub sudo: bool,
     pub pty: bool,
     /// Secret values a runner must keep out of what it writes (headers it echoes, URLs).

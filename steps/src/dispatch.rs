@@ -9,17 +9,38 @@ use runbook_engine::event::{AttemptOutcome, FailureKind, Stream};
 use runbook_engine::runbook::RequestKind;
 use runbook_engine::runner::{AttemptContext, BoxFuture, OutputSink, StepRunner};
 
+use std::sync::Arc;
+
+use runbook_engine::inventory::{Host, HostKeyPolicy};
+
+use crate::http::{HttpRequest, ProbeError};
 use crate::local::LocalRunner;
+use crate::screenshot::{ScreenshotError, ScreenshotRequest};
+use crate::ssh::{
+    ExecOutcome, ExecRequest, HostKeyCheck, SshError, SshHost, SshPool, UploadRequest,
+};
+use crate::tcp::TcpRequest;
 
 /// Runs every kind of attempt; holds what lives longer than one attempt (SSH connections).
 #[derive(Default)]
 pub struct Dispatcher {
     local: LocalRunner,
+    ssh: SshPool,
 }
 
 impl Dispatcher {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Closes every SSH connection (at the end of a run).
+    pub async fn close(&self) {
+        self.ssh.close_all().await;
+    }
+
+    /// TCP connections opened to hosts so far (one per host when all goes well).
+    pub fn ssh_connections(&self) -> usize {
+        self.ssh.connections_opened()
     }
 }
 
@@ -30,19 +51,290 @@ impl StepRunner for Dispatcher {
         out: &'a mut OutputSink,
     ) -> BoxFuture<'a, AttemptOutcome> {
         Box::pin(async move {
-            match (ctx.kind, ctx.host.is_some()) {
-                (None, false) => self.local.run(ctx, out).await,
-                (Some(RequestKind::Upload), false) => upload_local(&ctx, out).await,
-                (kind, remote) => failed(
-                    FailureKind::Config,
-                    format!(
-                        "{} {} is not supported by this build",
-                        kind.map_or("a command", RequestKind::key),
-                        if remote { "on a host" } else { "here" }
-                    ),
-                ),
+            // Probes and screenshots run here even on a host step (with `host` in their
+            // templates): they test the host from where runbook runs.
+            match (ctx.kind, ctx.host.clone()) {
+                (None, None) => self.local.run(ctx, out).await,
+                (None, Some(host)) => self.remote(&ctx, &host, out).await,
+                (Some(RequestKind::Upload), None) => upload_local(&ctx, out).await,
+                (Some(RequestKind::Upload), Some(host)) => self.upload(&ctx, &host, out).await,
+                (Some(kind), _) => {
+                    let work = async {
+                        match kind {
+                            RequestKind::Http => http(&ctx, out).await,
+                            RequestKind::Tcp => tcp(&ctx, out).await,
+                            RequestKind::Screenshot => screenshot(&ctx, out).await,
+                            RequestKind::Upload => unreachable_upload(),
+                        }
+                    };
+                    match ctx.timeout {
+                        Some(limit) => tokio::time::timeout(limit, work)
+                            .await
+                            .unwrap_or(AttemptOutcome::TimedOut { after: limit }),
+                        None => work.await,
+                    }
+                }
             }
         })
+    }
+}
+
+fn unreachable_upload() -> AttemptOutcome {
+    failed(FailureKind::Config, "upload is handled before probes")
+}
+
+/// The inventory's host (and its bastions) as the SSH pool takes it.
+fn ssh_host(host: &Host, jumps: &[Arc<Host>]) -> SshHost {
+    let one = |h: &Host, via: Option<Box<SshHost>>| SshHost {
+        name: h.name.clone(),
+        address: h.address.clone(),
+        port: h.port,
+        user: h.user.clone(),
+        identity_files: h.identity_files.clone(),
+        passphrase_env: h.passphrase_env.clone(),
+        use_agent: h.use_agent,
+        known_hosts: h.known_hosts.clone(),
+        host_key_check: match h.host_key_check {
+            HostKeyPolicy::Strict => HostKeyCheck::Strict,
+            HostKeyPolicy::AcceptNew => HostKeyCheck::AcceptNew,
+        },
+        proxy_jump: via,
+        connect_timeout: h.connect_timeout,
+        keepalive: h.keepalive,
+    };
+    let mut via: Option<Box<SshHost>> = None;
+    for j in jumps {
+        via = Some(Box::new(one(j, via)));
+    }
+    one(host, via)
+}
+
+fn ssh_failure(e: &SshError) -> AttemptOutcome {
+    let failure = match e.kind() {
+        "known_hosts" | "request" | "upload" => FailureKind::Config,
+        other => FailureKind::from_name(other),
+    };
+    match e {
+        SshError::Cancelled => AttemptOutcome::Cancelled,
+        _ => failed(failure, e.to_string()),
+    }
+}
+
+impl Dispatcher {
+    async fn remote(
+        &self,
+        ctx: &AttemptContext,
+        host: &Host,
+        out: &mut OutputSink,
+    ) -> AttemptOutcome {
+        let target = ssh_host(host, &ctx.jumps);
+        let req = ExecRequest {
+            command: ctx.command.clone(),
+            sudo: ctx.sudo,
+            pty: ctx.pty,
+            env: ctx
+                .env
+                .iter()
+                .cloned()
+                .chain([
+                    ("RUNBOOK_STEP".to_owned(), ctx.step.to_string()),
+                    ("RUNBOOK_ATTEMPT".to_owned(), ctx.attempt.to_string()),
+                    ("RUNBOOK_RUN_ID".to_owned(), ctx.run_id.clone()),
+                ])
+                .collect(),
+            timeout: ctx.timeout,
+            kill_grace: ctx.kill_grace,
+        };
+        let result = self.ssh.exec(&target, &req, out, &ctx.cancel).await;
+        self.record_accepted_keys(out);
+        match result {
+            Ok(ExecOutcome::Exited(code)) => AttemptOutcome::Exited { code },
+            Ok(ExecOutcome::Signaled(name)) => AttemptOutcome::Signaled {
+                signal: signal_number(&name),
+                name: format!("SIG{name}"),
+            },
+            Ok(ExecOutcome::TimedOut(after)) => AttemptOutcome::TimedOut { after },
+            Ok(ExecOutcome::Cancelled) => AttemptOutcome::Cancelled,
+            Err(e) => ssh_failure(&e),
+        }
+    }
+
+    async fn upload(
+        &self,
+        ctx: &AttemptContext,
+        host: &Host,
+        out: &mut OutputSink,
+    ) -> AttemptOutcome {
+        let spec = match UploadSpec::parse(&ctx.spec) {
+            Ok(s) => s,
+            Err(m) => return failed(FailureKind::Config, m),
+        };
+        let (content, mode) = match (spec.bytes(&ctx.base_dir), spec.mode()) {
+            (Ok(c), Ok(m)) => (c, m),
+            (Err(m), _) | (_, Err(m)) => return failed(FailureKind::Config, m),
+        };
+        let len = content.len();
+        let req = UploadRequest {
+            content,
+            dest: spec.dest.clone(),
+            mode,
+            sudo: ctx.sudo,
+        };
+        let result = self
+            .ssh
+            .upload(&ssh_host(host, &ctx.jumps), &req, &ctx.cancel)
+            .await;
+        self.record_accepted_keys(out);
+        match result {
+            Ok(()) => {
+                let line = format!(
+                    "wrote {len} bytes to {}:{}{}\n",
+                    host.name,
+                    spec.dest,
+                    mode.map(|m| format!(" (mode {m:04o})")).unwrap_or_default()
+                );
+                out.write(Stream::Stdout, Bytes::from(line)).await;
+                AttemptOutcome::Exited { code: 0 }
+            }
+            Err(e) => ssh_failure(&e),
+        }
+    }
+
+    /// Host keys trusted on first use go into the attempt's details (and so the journal).
+    fn record_accepted_keys(&self, out: &mut OutputSink) {
+        let keys = self.ssh.take_accepted_keys();
+        if !keys.is_empty() {
+            out.detail(
+                "host_keys_accepted",
+                serde_json::Value::Array(
+                    keys.iter()
+                        .map(|k| {
+                            serde_json::json!({
+                                "host": k.host,
+                                "fingerprint": k.fingerprint,
+                                "known_hosts": k.known_hosts.display().to_string(),
+                            })
+                        })
+                        .collect(),
+                ),
+            );
+        }
+    }
+}
+
+fn signal_number(name: &str) -> i32 {
+    match name {
+        "HUP" => 1,
+        "INT" => 2,
+        "QUIT" => 3,
+        "ILL" => 4,
+        "ABRT" => 6,
+        "FPE" => 8,
+        "KILL" => 9,
+        "SEGV" => 11,
+        "PIPE" => 13,
+        "ALRM" => 14,
+        "TERM" => 15,
+        _ => 0,
+    }
+}
+
+/// Paths in a probe's settings are the runbook's, like every other path it names.
+fn under(base: &Path, p: &mut Option<PathBuf>) {
+    if let Some(path) = p {
+        if path.is_relative() {
+            *path = base.join(&*path);
+        }
+    }
+}
+
+fn probe_failure(e: &ProbeError) -> AttemptOutcome {
+    match e {
+        ProbeError::Cancelled => AttemptOutcome::Cancelled,
+        _ => failed(FailureKind::from_name(e.kind()), e.to_string()),
+    }
+}
+
+fn details(out: &mut OutputSink, value: serde_json::Value) {
+    if let serde_json::Value::Object(map) = value {
+        for (k, v) in map {
+            out.detail(&k, v);
+        }
+    }
+}
+
+async fn http(ctx: &AttemptContext, out: &mut OutputSink) -> AttemptOutcome {
+    let mut req: HttpRequest = match serde_json::from_value(ctx.spec.clone()) {
+        Ok(r) => r,
+        Err(e) => return failed(FailureKind::Config, format!("http: {e}")),
+    };
+    under(&ctx.base_dir, &mut req.ca_file);
+    under(&ctx.base_dir, &mut req.client_cert);
+    under(&ctx.base_dir, &mut req.client_key);
+    match crate::http::execute(&req, &ctx.secrets, out, &ctx.cancel).await {
+        Ok(resp) => {
+            details(out, resp.to_json());
+            AttemptOutcome::Exited { code: 0 }
+        }
+        Err(e) => probe_failure(&e),
+    }
+}
+
+async fn tcp(ctx: &AttemptContext, out: &mut OutputSink) -> AttemptOutcome {
+    let req: TcpRequest = match serde_json::from_value(ctx.spec.clone()) {
+        Ok(r) => r,
+        Err(e) => return failed(FailureKind::Config, format!("tcp: {e}")),
+    };
+    match crate::tcp::probe_tcp(&req, out, &ctx.cancel).await {
+        Ok(c) => {
+            details(out, c.to_json());
+            AttemptOutcome::Exited { code: 0 }
+        }
+        Err(e) => probe_failure(&e),
+    }
+}
+
+async fn screenshot(ctx: &AttemptContext, out: &mut OutputSink) -> AttemptOutcome {
+    let mut req: ScreenshotRequest = match serde_json::from_value(ctx.spec.clone()) {
+        Ok(r) => r,
+        Err(e) => return failed(FailureKind::Config, format!("screenshot: {e}")),
+    };
+    under(&ctx.base_dir, &mut req.ca_file);
+    let dir = match tempfile::Builder::new().prefix("runbook-shot-").tempdir() {
+        Ok(d) => d,
+        Err(e) => {
+            return failed(
+                FailureKind::Io,
+                format!("screenshot: temporary directory: {e}"),
+            )
+        }
+    };
+    let dest = dir.path().join("shot.png");
+    let result = crate::screenshot::capture(&req, &ctx.secrets, &dest, out, &ctx.cancel).await;
+    let info = match &result {
+        Ok(info) => Some(info.clone()),
+        Err(ScreenshotError::HttpStatus { info, .. }) => Some((**info).clone()),
+        Err(_) => None,
+    };
+    if let Some(info) = info {
+        let sidecar = serde_json::to_value(&info).unwrap_or_default();
+        details(out, serde_json::json!({ "screenshot": sidecar.clone() }));
+        out.artifact("png", dest.clone(), sidecar).await;
+    }
+    match result {
+        Ok(_) => AttemptOutcome::Exited { code: 0 },
+        Err(ScreenshotError::Cancelled) => AttemptOutcome::Cancelled,
+        Err(e) => {
+            // The screenshot's own judgement of what a retry can fix decides.
+            let failure = if e.retryable() {
+                FailureKind::Browser
+            } else if e.kind() == "tls" {
+                FailureKind::Tls
+            } else {
+                FailureKind::Config
+            };
+            failed(failure, e.to_string())
+        }
     }
 }
 
