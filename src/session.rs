@@ -149,9 +149,8 @@ pub fn execute(s: Session) -> i32 {
         seal(&dir, s.sign_key.as_ref(), s.textfile_dir.as_deref())?;
         Ok(dir)
     });
-    let finished_dir: Option<Result<std::path::PathBuf, ()>> = finished
-        .as_ref()
-        .map(|r| r.as_ref().map(Clone::clone).map_err(|_| ()));
+    let finished_dir: Option<std::path::PathBuf> =
+        finished.as_ref().and_then(|r| r.as_ref().ok().cloned());
     let notify = s
         .plan
         .runbook
@@ -183,7 +182,7 @@ pub fn execute(s: Session) -> i32 {
         }
         (None, None) => {}
     }
-    if let (Some(spec), Some(Ok(dir))) = (&notify, finished_dir.as_ref()) {
+    if let (Some(spec), Some(dir)) = (&notify, finished_dir.as_ref()) {
         notify_end(&runtime, spec, dir, code, &console);
     }
     if s.json {

@@ -1138,17 +1138,11 @@ impl Analyzer<'_> {
                 ok = false;
             }
         }
-        let spec = self.spec(v, kind.key(), params, s)?;
+        let spec = self.spec(v, params, s)?;
         ok.then_some(Action::Request { kind, spec })
     }
 
-    fn spec(
-        &mut self,
-        v: &Value<'_>,
-        key: &str,
-        params: &[ParamSpec],
-        s: &ShiftedSpans,
-    ) -> Option<Spec> {
+    fn spec(&mut self, v: &Value<'_>, params: &[ParamSpec], s: &ShiftedSpans) -> Option<Spec> {
         Some(match v.get_ref() {
             DeValue::String(text) => {
                 Spec::Template(self.template_text(text, s.span(v.span()), params)?)
@@ -1156,15 +1150,12 @@ impl Analyzer<'_> {
             DeValue::Array(items) => Spec::Array(
                 items
                     .iter()
-                    .filter_map(|i| self.spec(i, key, params, s))
+                    .filter_map(|i| self.spec(i, params, s))
                     .collect(),
             ),
             DeValue::Table(t) => Spec::Table(
                 t.iter()
-                    .filter_map(|(k, v)| {
-                        let name = k.get_ref().to_string();
-                        Some((name.clone(), self.spec(v, &name, params, s)?))
-                    })
+                    .filter_map(|(k, v)| Some((k.get_ref().to_string(), self.spec(v, params, s)?)))
                     .collect(),
             ),
             _ => Spec::Value(self.json(v, s)?),
@@ -1269,7 +1260,7 @@ impl Analyzer<'_> {
                         .into_iter()
                         .collect::<Vec<_>>(),
                 };
-                if batches.iter().any(|b| *b == Budget::Count(0)) {
+                if batches.contains(&Budget::Count(0)) {
                     self.error(
                         Code::BadValue,
                         s.span(rv.span()),

@@ -51,7 +51,9 @@ mod tests {
 
     #[test]
     fn refuses_bare_numbers_and_junk() {
-        assert!(parse_duration("30").unwrap_err().contains("no unit"));
+        assert!(parse_duration("30")
+            .expect_err("no unit")
+            .contains("no unit"));
         assert!(parse_duration("").is_err());
         assert!(parse_duration("ten minutes").is_err());
         assert!(parse_duration("5x").is_err());

@@ -834,6 +834,75 @@ pub fn parse_str(path: &str, text: &str) -> Result<Inventory, Diagnostics> {
     Inventory::parse(&Source::new(path, text))
 }
 
+/// Checks that every `on` selector names hosts or groups the inventory has. A runbook that
+/// adds hosts at run time (`inventory.add_host`) is only checked for selectors that parse:
+/// its groups may not exist yet. Without an inventory, steps with `on` are reported as
+/// `missing` says (an error when running, a warning for `runbook check`).
+pub fn check_targets(
+    runbook: &crate::runbook::Runbook,
+    inventory: Option<&Inventory>,
+    missing_is_error: bool,
+) -> Diagnostics {
+    let mut diags = Diagnostics::default();
+    let adds_hosts = runbook.source.text().contains("add_host");
+    for step in &runbook.steps {
+        let Some((selector, span)) = &step.on else {
+            continue;
+        };
+        let Some(inv) = inventory else {
+            if adds_hosts {
+                continue;
+            }
+            let message = format!(
+                "step `{}` runs on hosts (`on = \"{selector}\"`) but there is no inventory",
+                step.id
+            );
+            let d = if missing_is_error {
+                Diagnostic::error(Code::UnknownTarget, message)
+            } else {
+                Diagnostic::warning(Code::UnknownTarget, message)
+            };
+            diags.push(
+                d.at(&runbook.source, span.clone(), "no inventory to pick hosts from")
+                    .help("name one with `[runbook] inventory = \"inventory.toml\"` or `--inventory FILE`"),
+            );
+            continue;
+        };
+        if adds_hosts {
+            continue;
+        }
+        for name in selector.names() {
+            if name == "all" || inv.host(name).is_some() || inv.group(name).is_some() {
+                continue;
+            }
+            let names: Vec<String> = inv
+                .hosts()
+                .iter()
+                .map(|h| h.name.clone())
+                .chain(inv.group_names())
+                .collect();
+            let mut d = Diagnostic::error(
+                Code::UnknownTarget,
+                format!(
+                    "`on` names `{name}`, which is neither a host nor a group of the inventory"
+                ),
+            )
+            .at(&runbook.source, span.clone(), "unknown host or group");
+            if let Some(s) = crate::diagnostic::suggest(name, names.iter().map(String::as_str)) {
+                d = d.help(format!("did you mean `{s}`?"));
+            } else if let Some(src) = &inv.source {
+                d = d.note(format!(
+                    "`{}` has groups: {}",
+                    src.path().display(),
+                    inv.group_names().join(", ")
+                ));
+            }
+            diags.push(d);
+        }
+    }
+    diags
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -955,73 +1024,4 @@ vars = { role = "agent" }
             "{yaml}"
         );
     }
-}
-
-/// Checks that every `on` selector names hosts or groups the inventory has. A runbook that
-/// adds hosts at run time (`inventory.add_host`) is only checked for selectors that parse:
-/// its groups may not exist yet. Without an inventory, steps with `on` are reported as
-/// `missing` says (an error when running, a warning for `runbook check`).
-pub fn check_targets(
-    runbook: &crate::runbook::Runbook,
-    inventory: Option<&Inventory>,
-    missing_is_error: bool,
-) -> Diagnostics {
-    let mut diags = Diagnostics::default();
-    let adds_hosts = runbook.source.text().contains("add_host");
-    for step in &runbook.steps {
-        let Some((selector, span)) = &step.on else {
-            continue;
-        };
-        let Some(inv) = inventory else {
-            if adds_hosts {
-                continue;
-            }
-            let message = format!(
-                "step `{}` runs on hosts (`on = \"{selector}\"`) but there is no inventory",
-                step.id
-            );
-            let d = if missing_is_error {
-                Diagnostic::error(Code::UnknownTarget, message)
-            } else {
-                Diagnostic::warning(Code::UnknownTarget, message)
-            };
-            diags.push(
-                d.at(&runbook.source, span.clone(), "no inventory to pick hosts from")
-                    .help("name one with `[runbook] inventory = \"inventory.toml\"` or `--inventory FILE`"),
-            );
-            continue;
-        };
-        if adds_hosts {
-            continue;
-        }
-        for name in selector.names() {
-            if name == "all" || inv.host(name).is_some() || inv.group(name).is_some() {
-                continue;
-            }
-            let names: Vec<String> = inv
-                .hosts()
-                .iter()
-                .map(|h| h.name.clone())
-                .chain(inv.group_names())
-                .collect();
-            let mut d = Diagnostic::error(
-                Code::UnknownTarget,
-                format!(
-                    "`on` names `{name}`, which is neither a host nor a group of the inventory"
-                ),
-            )
-            .at(&runbook.source, span.clone(), "unknown host or group");
-            if let Some(s) = crate::diagnostic::suggest(name, names.iter().map(String::as_str)) {
-                d = d.help(format!("did you mean `{s}`?"));
-            } else if let Some(src) = &inv.source {
-                d = d.note(format!(
-                    "`{}` has groups: {}",
-                    src.path().display(),
-                    inv.group_names().join(", ")
-                ));
-            }
-            diags.push(d);
-        }
-    }
-    diags
 }

@@ -57,7 +57,7 @@ impl StepRunner for FakeRunner {
                 .unwrap_or((Duration::from_millis(10), 0));
             let start = self.t0.elapsed();
             {
-                let mut o = self.observed.lock().unwrap();
+                let mut o = self.observed.lock().expect("lock");
                 o.running += 1;
                 o.max_running = o.max_running.max(o.running);
             }
@@ -65,7 +65,7 @@ impl StepRunner for FakeRunner {
                 () = tokio::time::sleep(took) => AttemptOutcome::Exited { code },
                 () = ctx.cancel.cancelled() => AttemptOutcome::Cancelled,
             };
-            let mut o = self.observed.lock().unwrap();
+            let mut o = self.observed.lock().expect("lock");
             o.running -= 1;
             o.spans
                 .push((ctx.step.to_string(), ctx.attempt, start, self.t0.elapsed()));

@@ -47,7 +47,7 @@ impl StepRunner for HostRunner {
         Box::pin(async move {
             let start = self.t0.elapsed();
             {
-                let mut r = self.running.lock().unwrap();
+                let mut r = self.running.lock().expect("lock");
                 r.0 += 1;
                 r.1 = r.1.max(r.0);
             }
@@ -63,8 +63,8 @@ impl StepRunner for HostRunner {
                 bytes::Bytes::from(format!("{}\n", ctx.command)),
             )
             .await;
-            self.running.lock().unwrap().0 -= 1;
-            self.seen.lock().unwrap().push(Seen {
+            self.running.lock().expect("lock").0 -= 1;
+            self.seen.lock().expect("lock").push(Seen {
                 step: ctx.step.to_string(),
                 target: ctx.target.to_string(),
                 host: ctx.host.as_ref().map(|h| h.name.clone()),
@@ -174,8 +174,8 @@ async fn run(toml: &str, hosts: usize, codes: &[(&str, i32)], forks: usize) -> O
     .run()
     .await;
     let events = collector.await.expect("collector");
-    let seen = seen.lock().unwrap().clone();
-    let max_running = running.lock().unwrap().1;
+    let seen = seen.lock().expect("lock").clone();
+    let max_running = running.lock().expect("lock").1;
     Outcome {
         report,
         events,

@@ -231,9 +231,9 @@ pub fn render_junit(manifest: &Manifest, bundle: &Path) -> String {
         x.push_str("    </testcase>\n");
     }
     for (name, time, failure) in &drill_cases {
-        let _ = write!(
+        let _ = writeln!(
             x,
-            "    <testcase classname=\"{}.drill\" name=\"{}\" time=\"{time:.3}\">\n",
+            "    <testcase classname=\"{}.drill\" name=\"{}\" time=\"{time:.3}\">",
             attr(&m.runbook.name),
             attr(name)
         );

@@ -10,6 +10,7 @@ mod durability;
 mod evidence;
 mod execution;
 mod expressions;
+mod hosts;
 mod output_edges;
 mod processes;
 mod rke2;
