@@ -1491,22 +1491,11 @@ impl Analyzer<'_> {
                 .collect(),
             None => Vec::new(),
         };
+        let plan = get(t, "plan").and_then(|pv| self.template(pv, "plan", params, s));
         let mut refs = Vec::new();
         {
             let mut scan = |code: &str, offset: usize, at: &Located| {
-                for (name, pos) in step_references(code) {
-                    let span = match at.origin {
-                        Some(_) => {
-                            let start = at.at(offset + pos).start;
-                            start..start + "steps.".len() + name.len()
-                        }
-                        None => at.span.clone(),
-                    };
-                    refs.push(Need {
-                        id: StepId::new(&name),
-                        span,
-                    });
-                }
+                refs.extend(refs_in(code, offset, at));
             };
             let templates: Vec<&Template> = match &action {
                 Some(Action::Run { command }) => vec![command],
@@ -1518,6 +1507,7 @@ impl Analyzer<'_> {
                 .chain(env.iter().map(|(_, t)| t))
                 .chain(cwd.iter())
                 .chain(collect.iter())
+                .chain(plan.iter())
             {
                 if let Some(at) = &tpl.at {
                     for (e, offset) in tpl.expressions() {
@@ -1587,7 +1577,6 @@ impl Analyzer<'_> {
                 );
             }
         }
-        let plan = get(t, "plan").and_then(|pv| self.template(pv, "plan", params, s));
         // What sub-steps and gates read counts as read by the step (ordering checks).
         if let Some(Action::Block { steps }) = &action {
             refs.extend(steps.iter().flat_map(|sub| sub.refs.iter().cloned()));
@@ -1598,34 +1587,7 @@ impl Analyzer<'_> {
         {
             match gate {
                 Gate::Step(probe) => refs.extend(probe.refs.iter().cloned()),
-                Gate::Expr(e) => {
-                    for (name, pos) in step_references(&e.expr.text) {
-                        let span = match e.at.origin {
-                            Some(_) => {
-                                let start = e.at.at(pos).start;
-                                start..start + "steps.".len() + name.len()
-                            }
-                            None => e.at.span.clone(),
-                        };
-                        refs.push(Need {
-                            id: StepId::new(&name),
-                            span,
-                        });
-                    }
-                }
-            }
-        }
-        if let Some(p) = &plan {
-            if let Some(at) = &p.at {
-                for (e, offset) in p.expressions() {
-                    for (name, pos) in step_references(&e.text) {
-                        let start = at.at(offset + pos).start;
-                        refs.push(Need {
-                            id: StepId::new(&name),
-                            span: start..start + "steps.".len() + name.len(),
-                        });
-                    }
-                }
+                Gate::Expr(e) => refs.extend(refs_in(&e.expr.text, 0, &e.at)),
             }
         }
         Some(StepSpec {
@@ -1735,6 +1697,27 @@ pub fn references(code: &str, root: &str) -> Vec<(String, usize)> {
         }
     }
     out
+}
+
+/// The `steps.<id>` an expression at `offset` inside a located string reads, each with the
+/// span of its mention (the whole string when escapes blur positions).
+fn refs_in(code: &str, offset: usize, at: &Located) -> Vec<Need> {
+    step_references(code)
+        .into_iter()
+        .map(|(name, pos)| {
+            let span = match at.origin {
+                Some(_) => {
+                    let start = at.at(offset + pos).start;
+                    start..start + "steps.".len() + name.len()
+                }
+                None => at.span.clone(),
+            };
+            Need {
+                id: StepId::new(&name),
+                span,
+            }
+        })
+        .collect()
 }
 
 /// `steps.ID` and `steps["ID"]` references in an expression, with their offsets.

@@ -50,23 +50,15 @@ impl StepRunner for Dispatcher {
         ctx: AttemptContext,
         out: &'a mut OutputSink,
     ) -> BoxFuture<'a, AttemptOutcome> {
+        // Probes and screenshots run here even on a host step (with `host` in their
+        // templates): they test the host from where runbook runs.
         Box::pin(async move {
-            // Probes and screenshots run here even on a host step (with `host` in their
-            // templates): they test the host from where runbook runs.
             match (ctx.kind, ctx.host.clone()) {
                 (None, None) => self.local.run(ctx, out).await,
                 (None, Some(host)) => self.remote(&ctx, &host, out).await,
-                (Some(RequestKind::Upload), None) => upload_local(&ctx, out).await,
                 (Some(RequestKind::Upload), Some(host)) => self.upload(&ctx, &host, out).await,
                 (Some(kind), _) => {
-                    let work = async {
-                        match kind {
-                            RequestKind::Http => http(&ctx, out).await,
-                            RequestKind::Tcp => tcp(&ctx, out).await,
-                            RequestKind::Screenshot => screenshot(&ctx, out).await,
-                            RequestKind::Upload => unreachable_upload(),
-                        }
-                    };
+                    let work = local_request(kind, &ctx, out);
                     match ctx.timeout {
                         Some(limit) => tokio::time::timeout(limit, work)
                             .await
@@ -79,8 +71,18 @@ impl StepRunner for Dispatcher {
     }
 }
 
-fn unreachable_upload() -> AttemptOutcome {
-    failed(FailureKind::Config, "upload is handled before probes")
+/// A step kind that runs on this machine.
+async fn local_request(
+    kind: RequestKind,
+    ctx: &AttemptContext,
+    out: &mut OutputSink,
+) -> AttemptOutcome {
+    match kind {
+        RequestKind::Http => http(ctx, out).await,
+        RequestKind::Tcp => tcp(ctx, out).await,
+        RequestKind::Screenshot => screenshot(ctx, out).await,
+        RequestKind::Upload => upload_local(ctx, out).await,
+    }
 }
 
 /// The inventory's host (and its bastions) as the SSH pool takes it.
