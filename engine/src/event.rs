@@ -368,6 +368,9 @@ pub enum RunEvent {
     RetryScheduled {
         at: Timestamp,
         step: StepId,
+        /// Absent in journals written before retries were per target.
+        #[serde(default)]
+        target: Target,
         next_attempt: u32,
         #[serde(with = "crate::serde_duration")]
         delay: Duration,

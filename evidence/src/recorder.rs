@@ -482,17 +482,16 @@ impl Recorder {
             }
             RunEvent::RetryScheduled {
                 step,
+                target,
                 delay,
                 next_attempt,
                 ..
             } => {
                 if let Some(s) = self.step_mut(step.as_str()) {
-                    if let Some(a) = s
-                        .attempts
-                        .iter_mut()
-                        .rev()
-                        .find(|a| a.attempt + 1 == *next_attempt)
-                    {
+                    if let Some(a) = s.attempts.iter_mut().rev().find(|a| {
+                        a.attempt + 1 == *next_attempt
+                            && (target.is_empty() || a.target == target.as_ref())
+                    }) {
                         a.retry_delay_seconds = Some(secs(*delay));
                     }
                 }

@@ -12,6 +12,7 @@ mod execution;
 mod expressions;
 mod hosts;
 mod output_edges;
+mod probes;
 mod processes;
 mod rke2;
 mod schedule;
