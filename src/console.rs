@@ -18,9 +18,11 @@ pub struct Console {
     live: Option<MultiProgress>,
     bars: HashMap<String, ProgressBar>,
     stream_output: bool,
-    partial: HashMap<(String, Stream), Vec<u8>>,
-    /// The last non-empty output line of each running step, shown when an attempt fails.
-    last_line: HashMap<String, String>,
+    /// Unfinished output lines, per step, host and stream (the hosts of a step run at once).
+    partial: HashMap<(String, String, Stream), Vec<u8>>,
+    /// The last non-empty output line of each running attempt (per step and host), shown when
+    /// it fails.
+    last_line: HashMap<(String, String), String>,
     color: bool,
     secrets: Vec<(String, String)>,
     redactor: ByteRedactor,
@@ -144,6 +146,7 @@ impl Console {
             }
             RunEvent::AttemptStarted {
                 step,
+                target,
                 attempt,
                 max_attempts,
                 command,
@@ -172,12 +175,17 @@ impl Console {
                     bar.set_message(format!("attempt {attempt}/{max_attempts}: {cmd}{more}"));
                 } else {
                     self.line(&format!(
-                        "▶ {step} attempt {attempt}/{max_attempts}: {cmd}{more}"
+                        "▶ {step}{} attempt {attempt}/{max_attempts}: {cmd}{more}",
+                        on_host(target)
                     ));
                 }
             }
             RunEvent::Output {
-                step, stream, data, ..
+                step,
+                target,
+                stream,
+                data,
+                ..
             } => {
                 if let Some(line) = data
                     .split(|&b| b == b'\n')
@@ -185,22 +193,27 @@ impl Console {
                     .map(|l| String::from_utf8_lossy(l).trim().to_owned())
                     .find(|l| !l.is_empty())
                 {
-                    self.last_line
-                        .insert(step.to_string(), line.chars().take(160).collect());
+                    self.last_line.insert(
+                        (step.to_string(), target.to_string()),
+                        line.chars().take(160).collect(),
+                    );
                 }
                 if self.stream_output {
-                    self.output(step.as_str(), *stream, data);
+                    self.output(step.as_str(), target, *stream, data);
                 }
             }
             RunEvent::AttemptFinished {
                 step,
+                target,
                 attempt,
                 outcome,
                 duration,
                 ..
             } => {
-                self.flush_partial(step.as_str());
-                let last = self.last_line.remove(step.as_str());
+                self.flush_partial(step.as_str(), target);
+                let last = self
+                    .last_line
+                    .remove(&(step.to_string(), target.to_string()));
                 if !outcome.succeeded() {
                     let last = last.map(|l| format!(" — {l}")).unwrap_or_default();
                     let took = match outcome {
@@ -208,8 +221,9 @@ impl Console {
                         _ => format!(" after {}", format_duration(*duration)),
                     };
                     self.line(&format!(
-                        "{} {step} attempt {attempt}: {}{took}{last}",
+                        "{} {step}{} attempt {attempt}: {}{took}{last}",
                         self.paint("33", "!"),
+                        on_host(target),
                         outcome.describe(),
                     ));
                 }
@@ -237,7 +251,16 @@ impl Console {
                 reason,
                 ..
             } => {
-                self.flush_partial(step.as_str());
+                let left: Vec<String> = self
+                    .partial
+                    .keys()
+                    .filter(|(s, _, _)| s == step.as_str())
+                    .map(|(_, t, _)| t.clone())
+                    .collect();
+                for target in left {
+                    self.flush_partial(step.as_str(), &target);
+                }
+                self.last_line.retain(|(s, _), _| s != step.as_str());
                 if let Some(bar) = self.bars.remove(step.as_str()) {
                     bar.finish_and_clear();
                     if let Some(mp) = &self.live {
@@ -299,8 +322,8 @@ impl Console {
         }
     }
 
-    fn output(&mut self, step: &str, stream: Stream, data: &[u8]) {
-        let key = (step.to_owned(), stream);
+    fn output(&mut self, step: &str, target: &str, stream: Stream, data: &[u8]) {
+        let key = (step.to_owned(), target.to_owned(), stream);
         let buf = self.partial.entry(key).or_default();
         buf.extend_from_slice(data);
         let mut lines = Vec::new();
@@ -333,9 +356,12 @@ impl Console {
         }
     }
 
-    fn flush_partial(&mut self, step: &str) {
+    fn flush_partial(&mut self, step: &str, target: &str) {
         for stream in [Stream::Stdout, Stream::Stderr] {
-            if let Some(buf) = self.partial.remove(&(step.to_owned(), stream)) {
+            if let Some(buf) = self
+                .partial
+                .remove(&(step.to_owned(), target.to_owned(), stream))
+            {
                 if !buf.is_empty() {
                     self.print_output(step, stream, &String::from_utf8_lossy(&buf));
                 }
@@ -354,6 +380,15 @@ impl Console {
 
     pub fn redact(&self, text: &str) -> String {
         self.redactor.redact_str(text)
+    }
+}
+
+/// ` on <host>` for an attempt on a host; nothing for one on this machine.
+fn on_host(target: &str) -> String {
+    if target == "local" {
+        String::new()
+    } else {
+        format!(" on {target}")
     }
 }
 

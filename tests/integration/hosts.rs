@@ -2,8 +2,9 @@
 //! one connection per host across steps, per-host logs, an upload with a redacted secret, a
 //! block with a local sub-step, auth and host-key failures, and the Ansible hand-off.
 
+/// The real-sshd harness, shared with the other modules that need hosts (`crate::hosts::sshd`).
 #[path = "../../steps/tests/support/sshd.rs"]
-mod sshd;
+pub(crate) mod sshd;
 
 use std::process::Command;
 

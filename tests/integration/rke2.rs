@@ -4,7 +4,10 @@
 //! dry-run's bundle; `--dry-run` of the deploy runbook runs the `terraform plan` and
 //! `ansible-playbook --check` commands instead of the real ones; and the preflight checks run for
 //! real on this machine (a local trial: the same shell, without SSH) and say which check failed
-//! and why.
+//! and why. Against the real sshds of the test harness (`steps/tests/support/sshd.rs`): the
+//! preflight runs over SSH on every host and its per-host verdicts are asserted, and the deploy
+//! runbook's test mode (`stop_before_install`) checks the nodes, uploads every `config.yaml`
+//! with the real token (which nothing runbook writes contains) and stops before installing.
 //!
 //! Snapshots: after an intended change of a runbook, rewrite them with
 //!
@@ -17,7 +20,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::common::{all_files, BIN};
+use serde_json::Value;
+
+use crate::common::{all_files, find_bundle, read_json, BIN};
+use crate::hosts::sshd::{self, Sshd};
 
 /// Distinctive values for every secret parameter of the RKE2 runbooks, set through the variables
 /// their `env` names; none of them may show up in anything runbook prints or writes.
@@ -334,4 +340,617 @@ fn preflight_checks_run_for_real_and_name_what_failed() {
             "{stderr}"
         );
     }
+}
+
+/// The preflight's checks, in the runbook's order.
+const CHECKS: &[&str] = &[
+    "os",
+    "virt",
+    "selinux",
+    "cpu",
+    "memory",
+    "disk",
+    "swap",
+    "time-sync",
+    "hostname",
+    "ports",
+    "nm-cni",
+    "nm-cloud-setup",
+];
+
+/// The harness's sshds as RKE2 nodes: `rke2-server-N` in `servers` for the first `servers`,
+/// `rke2-agent-N` in `agents` for the rest, each line of `vars(name)` added to its table.
+fn node_inventory(
+    sshds: &[Sshd],
+    servers: usize,
+    vars: impl Fn(&str) -> Option<String>,
+) -> (String, Vec<String>) {
+    let mut toml = String::new();
+    let mut names = Vec::new();
+    for (i, s) in sshds.iter().enumerate() {
+        let (name, group) = if i < servers {
+            (format!("rke2-server-{}", i + 1), "servers")
+        } else {
+            (format!("rke2-agent-{}", i + 1 - servers), "agents")
+        };
+        toml.push_str(&format!(
+            "[hosts.{name}]\naddress = \"127.0.0.1\"\nport = {}\nuser = \"{}\"\nidentity_file = \"{}\"\nknown_hosts = \"{}\"\ngroups = [\"{group}\"]\n",
+            s.port(),
+            s.user(),
+            s.client_key_path().display(),
+            s.known_hosts_path().display(),
+        ));
+        if let Some(v) = vars(&name) {
+            toml.push_str(&format!("vars = {{ {v} }}\n"));
+        }
+        names.push(name);
+    }
+    (toml, names)
+}
+
+/// `sh -c CMD` on this machine (the sshd hosts are this machine too), stdout trimmed.
+fn sh(cmd: &str) -> String {
+    let out = Command::new("sh")
+        .args(["-c", cmd])
+        .output()
+        .expect("run sh");
+    text(&out.stdout).trim().to_owned()
+}
+
+/// The `PASS …`/`FAIL …` lines a step printed on stdout on a host, in order.
+fn verdict_lines(bundle: &Path, step: &str, host: &str) -> Vec<String> {
+    let path = bundle.join(format!("steps/{step}/{host}/attempt-1.log"));
+    let log = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    log.lines()
+        .filter_map(|l| l.split_once(" out ").map(|(_, rest)| rest))
+        .filter(|l| l.starts_with("PASS ") || l.starts_with("FAIL "))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The one `PASS …`/`FAIL …` line a check printed on a host.
+fn verdict_line(bundle: &Path, step: &str, host: &str) -> String {
+    let said = verdict_lines(bundle, step, host);
+    assert_eq!(said.len(), 1, "{step} on {host}: {said:?}");
+    said[0].clone()
+}
+
+/// `status` of every target of a step in the manifest, by host.
+fn target_status(manifest: &Value, step: &str) -> std::collections::BTreeMap<String, String> {
+    crate::common::step(manifest, step)["targets"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{step} has targets"))
+        .iter()
+        .map(|t| {
+            (
+                t["target"].as_str().unwrap_or_default().to_owned(),
+                t["status"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn preflight_over_ssh_reports_every_check_per_host() {
+    let sshds = Sshd::start_many(3);
+    let (inventory, hosts) = node_inventory(&sshds, 2, |_| None);
+    let tmp = tempfile::tempdir().expect("tmp");
+    std::fs::write(tmp.path().join("inventory.toml"), inventory).expect("inventory");
+    let preflight = repo().join("runbooks/rke2-preflight.toml");
+    let out = runbook(
+        &[
+            "run",
+            &preflight.to_string_lossy(),
+            "--inventory",
+            "inventory.toml",
+            "--no-progress",
+            "--evidence-dir",
+            "proof",
+        ],
+        tmp.path(),
+        &[],
+    );
+    let stderr = text(&out.stderr);
+    let bundle = find_bundle(tmp.path());
+    let manifest = read_json(&bundle.join("manifest.json"));
+
+    // Every check ran on every host and said one PASS or FAIL line with what it expected and
+    // found; the manifest's per-host status agrees with the line.
+    let mut failed: std::collections::BTreeMap<String, Vec<&str>> = Default::default();
+    for check in CHECKS {
+        let status = target_status(&manifest, check);
+        assert_eq!(
+            status.keys().cloned().collect::<Vec<_>>(),
+            {
+                let mut h = hosts.clone();
+                h.sort();
+                h
+            },
+            "{check}: {stderr}"
+        );
+        for host in &hosts {
+            let line = verdict_line(&bundle, check, host);
+            assert!(
+                line.starts_with(&format!("PASS {check}: expected "))
+                    || line.starts_with(&format!("FAIL {check}: expected ")),
+                "{line}"
+            );
+            assert!(line.contains("; found "), "{line}");
+            let want = if line.starts_with("PASS") {
+                "succeeded"
+            } else {
+                "failed"
+            };
+            assert_eq!(status[host], want, "{check} on {host}: {line}");
+            if want == "failed" {
+                failed.entry(host.clone()).or_default().push(check);
+            }
+        }
+    }
+
+    // The OS check: on this Debian machine it fails on every host, saying which host, what the
+    // decision wants and what the host has.
+    let (id, version) = (os_release_field("ID"), os_release_field("VERSION_ID"));
+    let pretty = os_release_field("PRETTY_NAME");
+    for host in &hosts {
+        let line = verdict_line(&bundle, "os", host);
+        if id == "rocky" && version.starts_with('9') {
+            assert!(line.starts_with("PASS os: "), "{line}");
+            continue;
+        }
+        assert_eq!(
+            line,
+            format!("FAIL os: expected ID=rocky VERSION_ID=9.x (Rocky Linux 9); found ID={id} VERSION_ID={version} ({pretty})")
+        );
+        assert!(
+            stderr.lines().any(
+                |l| l.contains(&format!("! os on {host} attempt 1: exit code 1"))
+                    && l.contains(&line)
+            ),
+            "no console line for os on {host}:\n{stderr}"
+        );
+    }
+
+    // What can pass on this machine passes, and what the hosts report is what this machine has.
+    let swaps = std::fs::read_to_string("/proc/swaps").unwrap_or_default();
+    let no_swap = swaps.lines().count() <= 1;
+    let no_nm =
+        !Path::new("/etc/NetworkManager").exists() && sh("command -v NetworkManager").is_empty();
+    let cpus: usize = sh("nproc --all").parse().unwrap_or(0);
+    let uname = sh("uname -n");
+    let disk_gib = sh("lsblk -dnbo SIZE,TYPE")
+        .lines()
+        .filter_map(|l| l.split_once(' ').filter(|(_, t)| t.trim() == "disk"))
+        .filter_map(|(size, _)| size.trim().parse::<u64>().ok())
+        .sum::<u64>()
+        / (1 << 30);
+    for host in &hosts {
+        let role = if host.starts_with("rke2-server") {
+            "a server"
+        } else {
+            "an agent"
+        };
+        let line = |check| verdict_line(&bundle, check, host);
+        if no_swap {
+            assert_eq!(
+                line("swap"),
+                "PASS swap: expected no active swap; found none"
+            );
+        }
+        if no_nm {
+            assert!(
+                line("nm-cni").starts_with("PASS nm-cni: ")
+                    && line("nm-cni").ends_with("found NetworkManager not installed"),
+                "{}",
+                line("nm-cni")
+            );
+        }
+        if cpus >= 2 {
+            assert_eq!(
+                line("cpu"),
+                format!("PASS cpu: expected >= 2 vCPU for {role}; found {cpus}")
+            );
+        }
+        if disk_gib > 0 {
+            // The total of the whole disks, in GiB (not clipped by awk's 32-bit %d).
+            assert!(
+                line("disk").contains(&format!("for {role}; found {disk_gib} GiB (")),
+                "{} (lsblk: {disk_gib} GiB)",
+                line("disk")
+            );
+        }
+        if !uname.starts_with("localhost") {
+            assert_eq!(
+                line("hostname"),
+                format!("PASS hostname: expected a node name that is not localhost; found {uname}")
+            );
+        }
+        assert!(line("memory").contains(&format!("GiB for {role}; found ")));
+        assert!(line("ports").contains(&format!(" free on {role}; found ")));
+    }
+
+    // The verdict: a block per host repeating each check's line, the hostname every node
+    // shares (they are all this machine) named as a duplicate, and the run's failure saying
+    // which checks failed on which host.
+    let verdict = std::fs::read_to_string(bundle.join("steps/verdict/local/attempt-1.log"))
+        .expect("verdict log");
+    let reason = crate::common::step(&manifest, "verdict")["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        reason.starts_with(&format!(
+            "preflight FAILED on {n} of {n} host(s): ",
+            n = hosts.len()
+        )),
+        "{reason}"
+    );
+    for host in &hosts {
+        // The others in name order, as the verdict lists them.
+        let mut others: Vec<&str> = hosts
+            .iter()
+            .filter(|h| *h != host)
+            .map(String::as_str)
+            .collect();
+        others.sort_unstable();
+        let mut checks = failed.get(host).cloned().unwrap_or_default();
+        // Uniqueness is judged among the hostnames the `hostname` check accepted.
+        let named = !checks.contains(&"hostname");
+        if named {
+            checks.push("hostname-unique");
+        }
+        assert!(
+            verdict.contains(&format!(
+                "out host {host}: FAIL ({} check(s) failed)",
+                checks.len()
+            )),
+            "{verdict}"
+        );
+        for check in CHECKS {
+            assert!(
+                verdict.contains(&format!("out   {}", verdict_line(&bundle, check, host))),
+                "verdict lacks {check} of {host}:\n{verdict}"
+            );
+        }
+        assert!(
+            !named || verdict.contains(&format!(
+                "out   FAIL hostname-unique: expected a hostname no other node has; found {uname}, also on {}",
+                others.join(", ")
+            )),
+            "{verdict}"
+        );
+        assert!(
+            reason.contains(&format!("{host} ({})", checks.join(", "))),
+            "{host} ({}) not in: {reason}",
+            checks.join(", ")
+        );
+    }
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("verdict failed: {reason}")),
+        "{stderr}"
+    );
+}
+
+/// Whether the sshd's user (this one) can run what needs root: root, or passwordless sudo.
+fn can_become_root() -> bool {
+    sshd::is_root()
+        || Command::new("sudo")
+            .args(["-n", "true"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+}
+
+/// A test-mode run of the deploy runbook against three sshds (two servers, one agent).
+struct DeployRun {
+    sshds: Vec<Sshd>,
+    tmp: tempfile::TempDir,
+    hosts: Vec<String>,
+    /// The servers' own config and manifests directories are `nodes/<host>/{etc,manifests}`.
+    nodes: PathBuf,
+    /// The params' directories, which the agent (no host vars) uses.
+    shared: PathBuf,
+    stdout: String,
+    stderr: String,
+    code: Option<i32>,
+}
+
+/// Runs the deploy runbook (as `edit` leaves its text) in test mode: no Terraform, no nested
+/// preflight, no node prep, stop before install.
+fn deploy_test_mode(edit: impl Fn(String) -> String) -> DeployRun {
+    let sshds = Sshd::start_many(3);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let nodes = tmp.path().join("nodes");
+    // Every host is this machine: the servers get a config and manifests directory of their
+    // own through host vars; the agent uses the --set default.
+    let (inventory, hosts) = node_inventory(&sshds, 2, |name| {
+        name.starts_with("rke2-server").then(|| {
+            format!(
+                "config_dir = \"{d}/{name}/etc\", manifests_dir = \"{d}/{name}/manifests\"",
+                d = nodes.display()
+            )
+        })
+    });
+    std::fs::write(tmp.path().join("inventory.toml"), inventory).expect("inventory");
+    let text_of = std::fs::read_to_string(repo().join("runbooks/rke2-vm-deploy.toml"))
+        .expect("deploy runbook");
+    let deploy = tmp.path().join("rke2-vm-deploy.toml");
+    std::fs::write(&deploy, edit(text_of)).expect("write runbook");
+    let shared = tmp.path().join("shared");
+    let out = runbook(
+        &[
+            "run",
+            &deploy.to_string_lossy(),
+            "--inventory",
+            "inventory.toml",
+            "--no-progress",
+            "--evidence-dir",
+            "proof",
+            "--set",
+            "provision=false",
+            "--set",
+            "run_preflight=false",
+            "--set",
+            "prepare_nodes=false",
+            "--set",
+            "stop_before_install=true",
+            "--set",
+            &format!("config_dir={}/etc", shared.display()),
+            "--set",
+            &format!("manifests_dir={}/manifests", shared.display()),
+        ],
+        tmp.path(),
+        &[],
+    );
+    DeployRun {
+        sshds,
+        hosts,
+        nodes,
+        shared,
+        stdout: text(&out.stdout),
+        stderr: text(&out.stderr),
+        code: out.status.code(),
+        tmp,
+    }
+}
+
+impl DeployRun {
+    fn bundle(&self) -> PathBuf {
+        find_bundle(self.tmp.path())
+    }
+
+    /// The run exited 0 and nothing runbook printed or wrote holds a secret (the hosts' files
+    /// do: they are not runbook's).
+    #[track_caller]
+    fn assert_succeeded_without_leaks(&self) {
+        assert_eq!(
+            self.code,
+            Some(0),
+            "--- stdout\n{}\n--- stderr\n{}",
+            self.stdout,
+            self.stderr
+        );
+        assert_no_secret("stdout", &self.stdout);
+        assert_no_secret("stderr", &self.stderr);
+        for f in all_files(&self.bundle()) {
+            let body = std::fs::read(&f).expect("read");
+            assert_no_secret(&f.display().to_string(), &text(&body));
+        }
+    }
+}
+
+const CONFIG_STEPS: &[&str] = &[
+    "config-dirs",
+    "first-server-config",
+    "cni-config",
+    "join-server-config",
+    "agent-config",
+];
+
+#[test]
+fn deploy_test_mode_uploads_configs_over_ssh_and_stops_before_install() {
+    use std::os::unix::fs::PermissionsExt;
+    let run = deploy_test_mode(|t| t);
+    let DeployRun {
+        hosts,
+        nodes,
+        shared,
+        stderr,
+        ..
+    } = &run;
+    let (nodes, shared, stderr) = (nodes.as_path(), shared.as_path(), stderr.as_str());
+    let bundle = run.bundle();
+    let manifest = read_json(&bundle.join("manifest.json"));
+    let status = |id: &str| {
+        crate::common::step(&manifest, id)["status"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    run.assert_succeeded_without_leaks();
+
+    // Node checks ran on every node over SSH; the hostnames are not the inventory names (node
+    // prep is off), which test mode reports and goes on.
+    let uname = sh("uname -n");
+    let verify = target_status(&manifest, "node-verify");
+    assert_eq!(verify.len(), hosts.len(), "{stderr}");
+    for host in hosts {
+        let log =
+            std::fs::read_to_string(bundle.join(format!("steps/node-verify/{host}/attempt-1.log")))
+                .expect("node-verify log");
+        assert!(
+            log.contains(&format!(
+                "out FAIL hostname: expected {host}; found {uname}"
+            )),
+            "{log}"
+        );
+        // What else is not in place depends on this machine (NetworkManager, firewalld).
+        let last = verdict_lines(&bundle, "node-verify", host)
+            .pop()
+            .unwrap_or_default();
+        assert!(
+            last.starts_with(&format!(
+                "FAIL node-verify on {host}: node prep not in place: hostname"
+            )) && last.ends_with(" (test mode: reported, the run goes on)"),
+            "{log}"
+        );
+        assert_eq!(verify[host], "failed");
+    }
+    assert_eq!(status("node-prep"), "skipped");
+    assert_eq!(status("node-verify-gate"), "skipped");
+
+    // Nothing was installed: every step from the install on was skipped, and the run said
+    // where it stopped.
+    for id in [
+        "install-first-server",
+        "join-servers",
+        "join-agents",
+        "nodes-ready",
+        "metallb-install",
+        "longhorn-install",
+        "health",
+        "evidence",
+    ] {
+        assert_eq!(status(id), "skipped", "{id}");
+    }
+    assert_eq!(status("stop-before-install"), "succeeded", "{stderr}");
+    assert!(
+        stderr.contains(
+            "note: stop-before-install: node-verify: node prep not in place on 3 node(s): rke2-agent-1, rke2-server-1, rke2-server-2"
+        ),
+        "{stderr}"
+    );
+
+    let config = |dir: &Path| {
+        let path = dir.join("etc/config.yaml");
+        let body = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}\n{stderr}", path.display()));
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{}", path.display());
+        body
+    };
+    if can_become_root() {
+        let user = run.sshds[0].user();
+        let sudo = verdict_line(&bundle, "sudo-check", "rke2-server-1");
+        assert!(
+            sudo.starts_with(&format!(
+                "PASS sudo: expected root or passwordless sudo for {user}; found "
+            )),
+            "{sudo}"
+        );
+        assert!(
+            stderr.contains("note: stop-before-install: test mode: stopped before install, after config-dirs, first-server-config, cni-config, join-server-config, agent-config; nothing was installed or started"),
+            "{stderr}"
+        );
+        // Each node got its config.yaml (mode 0600) with the real token and S3 keys.
+        let first = config(&nodes.join("rke2-server-1"));
+        for want in [
+            "token: rke2tok-7f3a9c-sekrit\n",
+            "  - rke2-api.example.internal\n",
+            "cni: cilium\n",
+            "etcd-snapshot-schedule-cron: \"0 */6 * * *\"\n",
+            "etcd-s3-access-key: AKIAETCDS3SEKRIT42\n",
+            "etcd-s3-secret-key: etcd-s3-secret-9b1e77\n",
+        ] {
+            assert!(
+                first.contains(want),
+                "first server lacks {want:?}:\n{first}"
+            );
+        }
+        assert!(!first.contains("server: "), "{first}");
+        let joining = config(&nodes.join("rke2-server-2"));
+        assert!(
+            joining.starts_with(
+                "server: https://rke2-api.example.internal:9345\ntoken: rke2tok-7f3a9c-sekrit\n"
+            ),
+            "{joining}"
+        );
+        assert!(joining.contains("cni: cilium\n"), "{joining}");
+        let agent = config(shared);
+        assert_eq!(
+            agent,
+            "server: https://rke2-api.example.internal:9345\ntoken: rke2tok-7f3a9c-sekrit\n"
+        );
+        // The Cilium HelmChartConfig is in place on every server before any first start, and
+        // only there.
+        for server in ["rke2-server-1", "rke2-server-2"] {
+            let path = nodes.join(server).join("manifests/rke2-cilium-config.yaml");
+            let m = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert!(
+                m.contains("kind: HelmChartConfig\n") && m.contains("  name: rke2-cilium\n"),
+                "{m}"
+            );
+            assert!(m.contains("    kubeProxyReplacement: false\n"), "{m}");
+        }
+        assert!(!shared.join("manifests").exists(), "no manifests on agents");
+    } else {
+        // Unprivileged without passwordless sudo: test mode skips what needs root and says so.
+        assert_eq!(status("sudo-check"), "failed");
+        for id in [
+            "config-dirs",
+            "first-server-config",
+            "cni-config",
+            "join-server-config",
+            "agent-config",
+        ] {
+            assert_eq!(status(id), "skipped", "{id}");
+        }
+        assert!(
+            stderr.contains(
+                "note: stop-before-install: sudo-check: no root and no passwordless sudo on "
+            ),
+            "{stderr}"
+        );
+        assert!(!nodes.exists() && !shared.exists());
+    }
+}
+
+/// The unprivileged path of test mode, tried here whoever runs the tests: the runbook with its
+/// root/sudo probe made to find neither (as for a user without passwordless sudo). The node
+/// checks still run; the steps that need root are skipped and the run says so, exit code 0.
+#[test]
+fn deploy_test_mode_without_sudo_skips_what_needs_root_and_says_so() {
+    let run = deploy_test_mode(|t| {
+        let probe = "if [ \"$(id -u)\" -eq 0 ]; then";
+        let sudo = "elif err=$(sudo -n true 2>&1); then";
+        assert!(t.contains(probe) && t.contains(sudo), "sudo-check changed");
+        t.replace(probe, "if false; then").replace(
+            sudo,
+            "elif err=$(echo 'sudo: a password is required'; false); then",
+        )
+    });
+    run.assert_succeeded_without_leaks();
+    let bundle = run.bundle();
+    let manifest = read_json(&bundle.join("manifest.json"));
+    let user = run.sshds[0].user().to_owned();
+    for host in &run.hosts {
+        assert_eq!(
+            verdict_line(&bundle, "sudo-check", host),
+            format!("FAIL sudo: expected root or passwordless sudo for {user}; found sudo -n true: sudo: a password is required (test mode: the steps that need root are skipped)")
+        );
+    }
+    assert_eq!(
+        target_status(&manifest, "node-verify").len(),
+        run.hosts.len()
+    );
+    for id in CONFIG_STEPS {
+        let step = crate::common::step(&manifest, id);
+        assert_eq!(step["status"], "skipped", "{id}");
+    }
+    assert!(
+        run.stderr.contains("note: stop-before-install: sudo-check: no root and no passwordless sudo on rke2-agent-1, rke2-server-1, rke2-server-2, so the steps that need root did not run: config-dirs (skipped), first-server-config (skipped), cni-config (skipped), join-server-config (skipped), agent-config (skipped)"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("note: stop-before-install: test mode: stopped before install, after sudo-check and node-verify; nothing was installed or started"),
+        "{}",
+        run.stderr
+    );
+    assert!(!run.nodes.exists() && !run.shared.exists());
+    assert_eq!(
+        crate::common::step(&manifest, "install-first-server")["status"],
+        "skipped"
+    );
 }
