@@ -23,6 +23,9 @@ pub struct Console {
     /// The last non-empty output line of each running attempt (per step and host), shown when
     /// it fails.
     last_line: HashMap<(String, String), String>,
+    /// Probe attempts being polled, per step and host: their repeated failures are summed up
+    /// rather than printed one by one (a wait can take hundreds of attempts).
+    polling: HashMap<(String, String), Polling>,
     color: bool,
     secrets: Vec<(String, String)>,
     redactor: ByteRedactor,
@@ -44,6 +47,7 @@ impl Console {
             stream_output,
             partial: HashMap::new(),
             last_line: HashMap::new(),
+            polling: HashMap::new(),
             color,
             redactor: ByteRedactor::new(&secrets).with_shapes(shapes),
             secrets,
@@ -150,8 +154,15 @@ impl Console {
                 attempt,
                 max_attempts,
                 command,
+                compact,
                 ..
             } => {
+                let key = (step.to_string(), target.to_string());
+                // A wait shows its first attempt; later ones only when they fail differently.
+                let quiet = self.polling.contains_key(&key);
+                if *compact && !quiet {
+                    self.polling.insert(key, Polling::new());
+                }
                 let first = command.lines().next().unwrap_or("");
                 let cmd: String = first.chars().take(80).collect();
                 let more = if cmd.len() < command.trim_end().len() {
@@ -173,7 +184,7 @@ impl Console {
                         bar
                     });
                     bar.set_message(format!("attempt {attempt}/{max_attempts}: {cmd}{more}"));
-                } else {
+                } else if !quiet {
                     self.line(&format!(
                         "▶ {step}{} attempt {attempt}/{max_attempts}: {cmd}{more}",
                         on_host(target)
@@ -215,21 +226,38 @@ impl Console {
                     .last_line
                     .remove(&(step.to_string(), target.to_string()));
                 if !outcome.succeeded() {
-                    let last = last.map(|l| format!(" — {l}")).unwrap_or_default();
+                    let what = outcome.describe();
+                    // A probe's transcript ends with `! kind: <the same message>`.
+                    let last = last
+                        .filter(|l| !l.contains(&what))
+                        .map(|l| format!(" — {l}"))
+                        .unwrap_or_default();
                     let took = match outcome {
                         runbook_engine::event::AttemptOutcome::TimedOut { .. } => String::new(),
                         _ => format!(" after {}", format_duration(*duration)),
                     };
-                    self.line(&format!(
-                        "{} {step}{} attempt {attempt}: {}{took}{last}",
-                        self.paint("33", "!"),
-                        on_host(target),
-                        outcome.describe(),
-                    ));
+                    let key = (step.to_string(), target.to_string());
+                    let text = match self.polling.get_mut(&key) {
+                        Some(p) => p.failed(&format!("{what}{last}")),
+                        None => Some(String::new()),
+                    };
+                    match text {
+                        Some(waited) => self.line(&format!(
+                            "{} {step}{} attempt {attempt}: {what}{took}{last}{waited}",
+                            self.paint("33", "!"),
+                            on_host(target),
+                        )),
+                        None => {
+                            if let Some(bar) = self.bars.get(step.as_str()) {
+                                bar.set_message(format!("attempt {attempt}: {what}"));
+                            }
+                        }
+                    }
                 }
             }
             RunEvent::RetryScheduled {
                 step,
+                target,
                 next_attempt,
                 delay,
                 ..
@@ -238,9 +266,14 @@ impl Console {
                     "retrying in {} (attempt {next_attempt} next)",
                     format_duration(*delay)
                 );
+                let quiet = self
+                    .polling
+                    .get(&(step.to_string(), target.to_string()))
+                    .is_some_and(|p| p.quiet);
                 match self.bars.get(step.as_str()) {
                     Some(bar) => bar.set_message(text),
-                    None => self.line(&format!("  {step} {text}")),
+                    None if quiet => {}
+                    None => self.line(&format!("  {step}{} {text}", on_host(target))),
                 }
             }
             RunEvent::StepFinished {
@@ -261,6 +294,7 @@ impl Console {
                     self.flush_partial(step.as_str(), &target);
                 }
                 self.last_line.retain(|(s, _), _| s != step.as_str());
+                self.polling.retain(|(s, _), _| s != step.as_str());
                 if let Some(bar) = self.bars.remove(step.as_str()) {
                     bar.finish_and_clear();
                     if let Some(mp) = &self.live {
@@ -332,14 +366,19 @@ impl Console {
             lines.push(String::from_utf8_lossy(&line[..line.len() - 1]).into_owned());
         }
         for l in lines {
-            self.print_output(step, stream, &l);
+            self.print_output(step, target, stream, &l);
         }
     }
 
-    fn print_output(&self, step: &str, stream: Stream, line: &str) {
+    fn print_output(&self, step: &str, target: &str, stream: Stream, line: &str) {
+        let who = if target == "local" {
+            step.to_owned()
+        } else {
+            format!("{step}@{target}")
+        };
         let prefix = match stream {
-            Stream::Stdout => format!("[{step}]"),
-            Stream::Stderr => format!("[{step}!]"),
+            Stream::Stdout => format!("[{who}]"),
+            Stream::Stderr => format!("[{who}!]"),
         };
         let text = format!(
             "{} {}",
@@ -363,7 +402,7 @@ impl Console {
                 .remove(&(step.to_owned(), target.to_owned(), stream))
             {
                 if !buf.is_empty() {
-                    self.print_output(step, stream, &String::from_utf8_lossy(&buf));
+                    self.print_output(step, target, stream, &String::from_utf8_lossy(&buf));
                 }
             }
         }
@@ -380,6 +419,59 @@ impl Console {
 
     pub fn redact(&self, text: &str) -> String {
         self.redactor.redact_str(text)
+    }
+}
+
+/// How often a probe that keeps failing the same way says it is still waiting.
+const STILL_WAITING_EVERY: Duration = Duration::from_secs(30);
+
+/// The console side of a wait: which failure was last shown, and since when.
+struct Polling {
+    started: std::time::Instant,
+    last_shown: std::time::Instant,
+    last_failure: Option<String>,
+    /// Failures like the last one shown that were not printed.
+    repeats: u32,
+    /// The last failure was not printed, so neither is the retry line after it.
+    quiet: bool,
+}
+
+impl Polling {
+    fn new() -> Self {
+        let now = std::time::Instant::now();
+        Self {
+            started: now,
+            last_shown: now,
+            last_failure: None,
+            repeats: 0,
+            quiet: false,
+        }
+    }
+
+    /// A failed attempt: `None` to stay quiet (the same failure as the last one shown, shown
+    /// recently), else the suffix for the printed line (how long it has been waiting).
+    fn failed(&mut self, failure: &str) -> Option<String> {
+        let now = std::time::Instant::now();
+        let same = self.last_failure.as_deref() == Some(failure);
+        if same && now.duration_since(self.last_shown) < STILL_WAITING_EVERY {
+            self.repeats += 1;
+            self.quiet = true;
+            return None;
+        }
+        let suffix = if same {
+            format!(
+                " (still waiting after {}; {} more like it not shown)",
+                format_duration(now.duration_since(self.started)),
+                self.repeats
+            )
+        } else {
+            String::new()
+        };
+        self.last_failure = Some(failure.to_owned());
+        self.last_shown = now;
+        self.repeats = 0;
+        self.quiet = false;
+        Some(suffix)
     }
 }
 

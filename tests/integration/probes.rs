@@ -175,6 +175,11 @@ fn a_deadline_ends_the_polling_with_a_clear_failure() {
         "the failure names the step and the deadline:\n{text}"
     );
     assert_eq!(step(&m, "after")["status"], "skipped");
+    // The console shows the wait, not every poll: the first attempt and its failure, then
+    // the end (a line every 30 s while the same failure repeats).
+    let shown = out.stderr.matches("! ready attempt").count();
+    assert_eq!(shown, 1, "{n} polls, one failure line:\n{}", out.stderr);
+    assert_eq!(out.stderr.matches("▶ ready attempt").count(), 1);
     assert_absent(&out, TOKEN);
 }
 
