@@ -238,7 +238,7 @@ impl Console {
                     };
                     let key = (step.to_string(), target.to_string());
                     let text = match self.polling.get_mut(&key) {
-                        Some(p) => p.failed(&format!("{what}{last}")),
+                        Some(p) => p.failed(&format!("{what}{last}"), std::time::Instant::now()),
                         None => Some(String::new()),
                     };
                     match text {
@@ -450,8 +450,7 @@ impl Polling {
 
     /// A failed attempt: `None` to stay quiet (the same failure as the last one shown, shown
     /// recently), else the suffix for the printed line (how long it has been waiting).
-    fn failed(&mut self, failure: &str) -> Option<String> {
-        let now = std::time::Instant::now();
+    fn failed(&mut self, failure: &str, now: std::time::Instant) -> Option<String> {
         let same = self.last_failure.as_deref() == Some(failure);
         if same && now.duration_since(self.last_shown) < STILL_WAITING_EVERY {
             self.repeats += 1;
@@ -513,4 +512,27 @@ pub fn summary_table(report: &RunReport) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wait_prints_changes_and_a_still_waiting_line_every_30_seconds() {
+        let mut p = Polling::new();
+        let t0 = p.started;
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert_eq!(p.failed("refused", at(0)).as_deref(), Some(""));
+        assert_eq!(p.failed("refused", at(5)), None);
+        assert!(p.quiet);
+        assert_eq!(p.failed("refused", at(10)), None);
+        // Another failure is shown at once.
+        assert_eq!(p.failed("status 503", at(12)).as_deref(), Some(""));
+        assert!(!p.quiet);
+        assert_eq!(p.failed("status 503", at(20)), None);
+        let line = p.failed("status 503", at(45)).expect("30 s passed");
+        assert!(line.contains("still waiting after 45.0s"), "{line}");
+        assert!(line.contains("1 more like it not shown"), "{line}");
+    }
 }
