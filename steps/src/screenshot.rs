@@ -885,7 +885,13 @@ impl Browser {
         let stderr_path = dir.join("chromium-stderr.log");
         let stderr = std::fs::File::create(&stderr_path)
             .map_err(|e| start_err(format!("cannot create `{}`: {e}", stderr_path.display())))?;
+        // Chromium's own temporary files (shared memory under --disable-dev-shm-usage) go
+        // inside the profile too: a browser killed on timeout cannot clean them up itself.
+        let tmp = dir.join("tmp");
+        std::fs::create_dir(&tmp)
+            .map_err(|e| start_err(format!("cannot create `{}`: {e}", tmp.display())))?;
         let mut cmd = tokio::process::Command::new(&c.browser);
+        cmd.env("TMPDIR", &tmp);
         cmd.args([
             "--headless",
             "--no-sandbox",

@@ -284,17 +284,18 @@ setTimeout(() => {
 }, 800);
 </script></body></html>"#;
 
-/// Width and height from a PNG's IHDR chunk.
-fn png_size(path: &Path) -> (u32, u32) {
-    let bytes = std::fs::read(path).expect("png");
-    assert_eq!(
-        &bytes[..8],
-        b"\x89PNG\r\n\x1a\n",
-        "{} is a PNG",
-        path.display()
-    );
-    let be = |i: usize| u32::from_be_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
-    (be(16), be(20))
+/// A decoded PNG: width, height and the RGB of its centre pixel.
+fn decode_png(path: &Path) -> (u32, u32, [u8; 3]) {
+    let file = std::fs::File::open(path).expect("png");
+    let mut reader = png::Decoder::new(std::io::BufReader::new(file))
+        .read_info()
+        .expect("a valid PNG");
+    let mut buf = vec![0; reader.output_buffer_size().expect("size")];
+    let info = reader.next_frame(&mut buf).expect("frame");
+    let channels = info.color_type.samples();
+    let (w, h) = (info.width, info.height);
+    let at = ((h / 2) * w + w / 2) as usize * channels;
+    (w, h, [buf[at], buf[at + 1], buf[at + 2]])
 }
 
 #[test]
@@ -323,7 +324,10 @@ screenshot = { url = "{{ params.url }}", width = 640, height = 360, wait_for = "
     out.assert_code(0);
     let dir = out.bundle().join("steps/panel/local");
     let png = dir.join("attempt-1.png");
-    assert_eq!(png_size(&png), (640, 360));
+    let (w, h, centre) = decode_png(&png);
+    assert_eq!((w, h), (640, 360));
+    // The blue block appears 0.8 s after load: it is in the picture only if `wait_for` waited.
+    assert_eq!(centre, [30, 120, 200], "the late content was captured");
     let sidecar: Value = all_files(&dir)
         .into_iter()
         .find(|p| p.to_string_lossy().ends_with(".png.json"))
@@ -337,12 +341,61 @@ screenshot = { url = "{{ params.url }}", width = 640, height = 360, wait_for = "
     // The report shows it inline, and the manifest digests it like every other file.
     let report = std::fs::read_to_string(out.bundle().join("report.html")).expect("report");
     assert!(
-        report.contains("attempt-1.png"),
-        "report links the screenshot"
+        report.contains("attempt-1.png") && report.contains("<img"),
+        "report shows the screenshot"
     );
     let manifest = std::fs::read_to_string(out.bundle().join("manifest.json")).expect("m");
     assert!(manifest.contains(&digest), "manifest digests the PNG");
     assert_absent(&out, TOKEN);
+}
+
+#[test]
+fn a_screenshot_that_times_out_leaves_no_browser_behind() {
+    let srv = serve(Httpd::new().route("/slow", |_| {
+        Response::new(200)
+            .header("content-type", "text/html")
+            .body(b"<!doctype html><p>never ready</p>".to_vec())
+    }));
+    let tmp = tempfile::tempdir().expect("tmp");
+    let out = Test::new()
+        .runbook(
+            r##"
+[runbook]
+name = "shots"
+[params]
+url = {}
+[[steps]]
+id = "panel"
+screenshot = { url = "{{ params.url }}", wait_for = "#never", timeout = "3s" }
+retry = { attempts = 2, delay = "10ms" }
+"##,
+        )
+        // Chromium's throwaway profile lives under TMPDIR, so its processes are findable.
+        .env("TMPDIR", tmp.path().to_str().expect("utf-8"))
+        .args([
+            "run",
+            "runbook.toml",
+            "--evidence-dir",
+            "proof",
+            "--no-progress",
+            "--set",
+            &format!("url={}", srv.server.url("/slow")),
+        ])
+        .run();
+    assert_ne!(out.code, 0);
+    let m = out.manifest();
+    let tries = attempts(&m, "panel");
+    assert_eq!(tries.len(), 2, "a wait timeout is retried: {tries:#?}");
+    let why = tries[1]["outcome"]["message"].as_str().unwrap_or("");
+    assert!(why.contains("#never"), "names the selector: {why}");
+    let left = crate::common::processes_matching(&tmp.path().to_string_lossy());
+    assert!(left.is_empty(), "browser processes left behind: {left:?}");
+    let profiles: Vec<_> = std::fs::read_dir(tmp.path())
+        .expect("tmp")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(profiles.is_empty(), "profiles left behind: {profiles:?}");
 }
 
 #[test]
