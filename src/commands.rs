@@ -618,6 +618,35 @@ fn run(args: &RunArgs) -> i32 {
     code
 }
 
+/// Hosts the interrupted run added with `inventory.add_host` go back into the inventory: the
+/// steps that added them succeeded and are not run again, but later steps run on them.
+fn restore_added_hosts(plan: &Plan, recorder: &mut Recorder) {
+    let mut restored = Vec::new();
+    for host in recorder.hosts_added() {
+        let message = match host {
+            Ok(new) => match plan.add_hosts(std::slice::from_ref(&new)).first() {
+                None => {
+                    restored.push(new.name);
+                    continue;
+                }
+                Some(e) => format!("resume could not add host `{}` again: {e}", new.name),
+            },
+            Err(name) => format!(
+                "resume cannot add host `{name}` again: its add_host settings held a secret, \
+                 which is never stored; resume --from the step that adds it"
+            ),
+        };
+        render::warning(&message);
+        let _ = recorder.note(&message);
+    }
+    if !restored.is_empty() {
+        let _ = recorder.note(&format!(
+            "resume added the hosts the interrupted run had added: {}",
+            restored.join(", ")
+        ));
+    }
+}
+
 fn resume(args: &ResumeArgs) -> i32 {
     let bundle = &args.bundle;
     let host = ExprHost::new();
@@ -802,6 +831,7 @@ fn resume(args: &ResumeArgs) -> i32 {
             plan.prior[i] = p.clone();
         }
     }
+    restore_added_hosts(&plan, &mut recorder);
     plan.resume_of = Some((previous, by));
     plan.rerun_selected = !args.selection.only.is_empty() || args.selection.from.is_some();
     recorder.note_resume(&prior);

@@ -70,3 +70,12 @@ pub fn error(message: &str) {
         eprintln!("error: {message}");
     }
 }
+
+/// Prints a warning: something the operator should know that does not stop the command.
+pub fn warning(message: &str) {
+    if stderr_color() {
+        eprintln!("\x1b[1;33mwarning\x1b[0m: {message}");
+    } else {
+        eprintln!("warning: {message}");
+    }
+}

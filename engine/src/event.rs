@@ -434,6 +434,9 @@ pub enum RunEvent {
         name: String,
         address: String,
         groups: Vec<String>,
+        /// The map given to `add_host`, secrets redacted: what `resume` adds again.
+        #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+        spec: serde_json::Value,
     },
     /// `log(msg)` from an expression or hook.
     Log {

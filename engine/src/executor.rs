@@ -693,6 +693,8 @@ async fn apply_effects(
                         name: h.name.clone(),
                         address: plan.redact(&h.address),
                         groups: h.groups.clone(),
+                        spec: serde_json::from_str(&plan.redact(&new.spec.to_string()))
+                            .unwrap_or_default(),
                     },
                 )
                 .await;

@@ -381,12 +381,14 @@ impl Recorder {
                 name,
                 address,
                 groups,
+                spec,
             } => self.manifest.hosts_added.push(serde_json::json!({
                 "at": at,
                 "step": step,
                 "name": name,
                 "address": address,
                 "groups": groups,
+                "spec": spec,
             })),
             RunEvent::DrillMeasured { report, .. } => self.manifest.drill = Some(report.clone()),
             RunEvent::Artifact {
@@ -1041,6 +1043,27 @@ fn read_streams(log: &Path) -> (String, String) {
 
 impl Recorder {
     /// Notes in the manifest which steps a resume takes as done and which it runs again.
+    /// The hosts the run added at run time, as `add_host` was given them, for `resume` to add
+    /// again; `Err(name)` for one whose settings held a secret (never stored, so not restorable).
+    pub fn hosts_added(&self) -> Vec<Result<runbook_engine::inventory::NewHost, String>> {
+        self.manifest
+            .hosts_added
+            .iter()
+            .filter_map(|h| {
+                let name = h["name"].as_str()?.to_owned();
+                let spec = h.get("spec").filter(|s| !s.is_null())?;
+                Some(if spec.to_string().contains("[REDACTED") {
+                    Err(name)
+                } else {
+                    Ok(runbook_engine::inventory::NewHost {
+                        name,
+                        spec: spec.clone(),
+                    })
+                })
+            })
+            .collect()
+    }
+
     pub fn note_resume(&mut self, prior: &[(String, runbook_engine::plan::PriorStep)]) {
         let rerun: Vec<&str> = self
             .manifest

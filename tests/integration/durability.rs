@@ -551,3 +551,62 @@ fn resume_refuses_a_changed_runbook_and_a_finished_run() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("already succeeded"));
 }
+
+#[test]
+fn resume_adds_again_the_hosts_the_interrupted_run_added() {
+    let t = Test::new().runbook(
+        r#"
+[runbook]
+name = "late-hosts"
+[[steps]]
+id = "provision"
+script = '''
+inventory.add_host("vm-1", #{ address: "127.0.0.1", port: 2201, groups: ["late"], vars: #{ color: "blue" } });
+inventory.add_host("vm-2", #{ address: "127.0.0.2", groups: ["late"], vars: #{ color: "green" } });
+'''
+[[steps]]
+id = "configure"
+needs = ["provision"]
+on = "late"
+steps = [
+  { id = "say", local = true, run = "test -f go && echo {{ host.name }}:{{ host.port }}:{{ host.vars.color }} >> said" },
+]
+"#,
+    );
+    let dir = t.path().to_path_buf();
+    let first = t
+        .args([
+            "run",
+            "runbook.toml",
+            "--evidence-dir",
+            "proof",
+            "--no-progress",
+        ])
+        .run();
+    assert_ne!(first.code, 0, "configure fails until `go` exists");
+    let bundle = first.bundle();
+    std::fs::write(dir.join("go"), "").expect("go");
+    let out = resume(&dir, &bundle, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let mut said: Vec<String> = std::fs::read_to_string(dir.join("said"))
+        .expect("said")
+        .lines()
+        .map(String::from)
+        .collect();
+    said.sort();
+    assert_eq!(said, ["vm-1:2201:blue", "vm-2:22:green"]);
+    let m = read_json(&bundle.join("manifest.json"));
+    assert_eq!(
+        step(&m, "provision")["attempts"].as_array().map(Vec::len),
+        Some(1),
+        "the step that added the hosts is not run again"
+    );
+    let notes = m["notes"].to_string();
+    assert!(
+        notes.contains("resume added the hosts the interrupted run had added: vm-1, vm-2"),
+        "{notes}"
+    );
+    assert_eq!(m["hosts_added"][0]["spec"]["vars"]["color"], "blue");
+    drop(first);
+}
