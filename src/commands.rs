@@ -223,16 +223,27 @@ pub(crate) fn load_inventory(
     explicit: Option<&Path>,
     required: bool,
 ) -> Result<Option<Inventory>, i32> {
-    let path = match (explicit, &runbook.meta.inventory) {
-        (Some(p), _) => Some(p.to_path_buf()),
-        (None, Some(rel)) => Some(runbook.base_dir().join(rel)),
-        (None, None) => None,
+    let (path, named_at) = match (explicit, &runbook.meta.inventory) {
+        (Some(p), _) => (Some(p.to_path_buf()), None),
+        (None, Some((rel, span))) => (Some(runbook.base_dir().join(rel)), Some(span.clone())),
+        (None, None) => (None, None),
     };
     let inventory = match path {
         None => None,
         Some(path) => {
             let source = runbook_engine::load_source(&path).map_err(|e| {
-                print_load_error(&path, &e);
+                match &named_at {
+                    // The runbook names the file: point at where, as for any runbook error.
+                    Some(span) => print_diagnostics(&Diagnostics(vec![
+                        runbook_engine::diagnostic::Diagnostic::error(
+                            Code::Unreadable,
+                            format!("cannot read the inventory: {e}"),
+                        )
+                        .at(&runbook.source, span.clone(), "the inventory named here")
+                        .help("paths are relative to the runbook's directory; --inventory FILE overrides"),
+                    ])),
+                    None => print_load_error(&path, &e),
+                }
                 exit::USAGE
             })?;
             match Inventory::parse(&source) {

@@ -666,7 +666,9 @@ impl Analyzer<'_> {
                 .collect(),
             facts: Vec::new(),
             redact: Vec::new(),
-            inventory: self.opt_string(t, "inventory", s).map(PathBuf::from),
+            inventory: get(t, "inventory")
+                .and_then(|v| self.string(v, "inventory", s))
+                .map(|(text, span)| (PathBuf::from(text), span)),
         })
     }
 

@@ -205,14 +205,17 @@ impl Inventory {
             let host: HostFile = match value.clone().try_into() {
                 Ok(h) => h,
                 Err(e) => {
+                    let message = e.message().trim();
+                    let (span, on_key) = spans.error_at("hosts", name, message);
+                    let hint = unknown_field(message)
+                        .and_then(|f| crate::diagnostic::suggest(f, HOST_KEYS.split(", ")))
+                        .map(|s| format!("did you mean `{s}`? "))
+                        .unwrap_or_default();
                     error(
                         &mut diags,
-                        at,
-                        format!(
-                            "host `{name}`: {} (a host takes: {HOST_KEYS})",
-                            e.message().trim()
-                        ),
-                        "in this host",
+                        span,
+                        format!("host `{name}`: {message} ({hint}a host takes: {HOST_KEYS})"),
+                        if on_key { "here" } else { "in this host" },
                     );
                     continue;
                 }
@@ -238,14 +241,13 @@ impl Inventory {
             let group: GroupFile = match value.clone().try_into() {
                 Ok(g) => g,
                 Err(e) => {
+                    let message = e.message().trim();
+                    let (span, on_key) = spans.error_at("groups", name, message);
                     error(
                         &mut diags,
-                        at,
-                        format!(
-                            "group `{name}`: {} (a group takes: hosts, vars)",
-                            e.message().trim()
-                        ),
-                        "in this group",
+                        span,
+                        format!("group `{name}`: {message} (a group takes: hosts, vars)"),
+                        if on_key { "here" } else { "in this group" },
                     );
                     continue;
                 }
@@ -553,29 +555,48 @@ fn current_user() -> String {
         .unwrap_or_else(|| "root".into())
 }
 
-/// Finds the spans of `[table.key]` / `table.key = …` definitions for messages.
+/// `prot` from serde's "unknown field `prot`, expected …".
+fn unknown_field(message: &str) -> Option<&str> {
+    message.strip_prefix("unknown field `")?.split('`').next()
+}
+
+/// Finds the spans of `[table.key]` / `table.key = …` definitions, and of the keys inside
+/// them, for messages.
 struct SpanIndex {
     spans: Vec<(String, String, std::ops::Range<usize>)>,
+    /// `(table, name, key)` → the span of `key` inside `[table.name]`.
+    keys: Vec<(String, String, String, std::ops::Range<usize>)>,
 }
 
 impl SpanIndex {
     fn new(text: &str) -> Self {
-        let mut spans = Vec::new();
+        let (mut spans, mut keys) = (Vec::new(), Vec::new());
         if let Ok(doc) = toml::de::DeTable::parse(text) {
             for (k, v) in doc.get_ref() {
-                if let toml::de::DeValue::Table(t) = v.get_ref() {
-                    for (k2, v2) in t {
-                        let span = if k2.span().is_empty() {
-                            v2.span()
-                        } else {
-                            k2.span()
-                        };
-                        spans.push((k.get_ref().to_string(), k2.get_ref().to_string(), span));
+                let toml::de::DeValue::Table(t) = v.get_ref() else {
+                    continue;
+                };
+                for (k2, v2) in t {
+                    let span = if k2.span().is_empty() {
+                        v2.span()
+                    } else {
+                        k2.span()
+                    };
+                    spans.push((k.get_ref().to_string(), k2.get_ref().to_string(), span));
+                    if let toml::de::DeValue::Table(inner) = v2.get_ref() {
+                        for (k3, _) in inner {
+                            keys.push((
+                                k.get_ref().to_string(),
+                                k2.get_ref().to_string(),
+                                k3.get_ref().to_string(),
+                                k3.span(),
+                            ));
+                        }
                     }
                 }
             }
         }
-        Self { spans }
+        Self { spans, keys }
     }
 
     fn key(&self, table: &str, key: &str) -> std::ops::Range<usize> {
@@ -583,6 +604,21 @@ impl SpanIndex {
             .iter()
             .find(|(t, k, _)| t == table && k == key)
             .map_or(0..1, |(_, _, s)| s.clone())
+    }
+
+    /// Where a deserialization error of `[table.name]` is: the key its message names in
+    /// backticks (`unknown field \`prot\``), else the table itself. The label says which.
+    fn error_at(&self, table: &str, name: &str, message: &str) -> (std::ops::Range<usize>, bool) {
+        let named = message.split('`').skip(1).step_by(2).find_map(|word| {
+            self.keys
+                .iter()
+                .find(|(t, n, k, _)| t == table && n == name && k == word)
+                .map(|(_, _, _, s)| s.clone())
+        });
+        match named {
+            Some(span) if !span.is_empty() => (span, true),
+            _ => (self.key(table, name), false),
+        }
     }
 }
 

@@ -164,8 +164,9 @@ pub struct Meta {
     /// Regular expressions for secrets recognised by shape (`[evidence] redact`); a group named
     /// `v` limits the redaction to that group.
     pub redact: Vec<String>,
-    /// The inventory file, relative to the runbook's directory (`--inventory` overrides).
-    pub inventory: Option<PathBuf>,
+    /// The inventory file, relative to the runbook's directory (`--inventory` overrides), and
+    /// where the runbook names it.
+    pub inventory: Option<(PathBuf, Span)>,
 }
 
 #[derive(Debug, Clone)]

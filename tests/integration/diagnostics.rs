@@ -336,3 +336,40 @@ fn graph_problems_are_reported_with_the_others() {
         out.assert_stderr_contains(&format!("[{code}]"));
     }
 }
+
+#[test]
+fn an_inventory_typo_points_at_the_key_and_suggests_the_nearest() {
+    let out = Test::new()
+        .file(
+            "inventory.toml",
+            "[defaults]\nuser = \"rocky\"\n\n[hosts.web-1]\naddress = \"10.0.0.5\"\nprot = 2222\n\n[groups.web]\nhosts = [\"web-1\"]\nvar = { a = 1 }\n",
+        )
+        .runbook(&format!(
+            "{HEAD}inventory = \"inventory.toml\"\n[[steps]]\nid = \"a\"\non = \"web\"\nrun = \"true\"\n"
+        ))
+        .args(["check", "runbook.toml"])
+        .run();
+    out.assert_code(2);
+    for (at, message) in [
+        ("inventory.toml:6:1", "host `web-1`: unknown field `prot`"),
+        ("inventory.toml:10:1", "group `web`: unknown field `var`"),
+    ] {
+        assert!(
+            out.stderr
+                .split("\nerror")
+                .any(|b| b.contains("RB0018") && b.contains(at) && b.contains(message)),
+            "{message} at {at}\n{}",
+            out.stderr
+        );
+    }
+    out.assert_stderr_contains("did you mean `port`?");
+}
+
+#[test]
+fn a_missing_inventory_points_at_where_the_runbook_names_it() {
+    let out = check(&format!(
+        "{HEAD}inventory = \"inventories/lab.toml\"\n[[steps]]\nid = \"a\"\non = \"web\"\nrun = \"true\"\n"
+    ));
+    assert_diag(&out, "RB0015", 3, 13, "cannot read the inventory");
+    out.assert_stderr_contains("inventories/lab.toml");
+}
