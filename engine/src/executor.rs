@@ -1916,14 +1916,8 @@ impl StepTask {
             }
         };
         cwd_for_collect.clone_from(&rendered.cwd);
-        let shown = if remote {
-            match host {
-                Some(h) => format!("{} (on {})", self.plan.redact(&rendered.command), h.name),
-                None => self.plan.redact(&rendered.command),
-            }
-        } else {
-            self.plan.redact(&rendered.command)
-        };
+        // Where it ran is the attempt's target, recorded beside the command.
+        let shown = self.plan.redact(&rendered.command);
         emit(&self.events, started_event(shown, rendered.cwd.clone())).await;
         let ctx = AttemptContext {
             step: step.id.clone(),

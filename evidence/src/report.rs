@@ -609,6 +609,19 @@ pub fn render_report(manifest: &Manifest, bundle: &Path) -> Result<String, Evide
             escape_html(&m.runbook.sha256)
         ),
     );
+    if let Some(inv) = &m.inventory {
+        fact(
+            "Inventory file",
+            format!(
+                "<code>{}</code> <span class=\"dim\">(copy: <a href=\"{}\">{}</a>)</span><br>\
+                 <span class=\"dim\">sha256</span> <code class=\"hash\">{}</code>",
+                escape_html(&inv.path),
+                href(&inv.copy),
+                escape_html(&inv.copy),
+                escape_html(&inv.sha256)
+            ),
+        );
+    }
     fact(
         "Command",
         format!(

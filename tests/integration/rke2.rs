@@ -453,6 +453,12 @@ fn preflight_over_ssh_reports_every_check_per_host() {
     let stderr = text(&out.stderr);
     let bundle = find_bundle(tmp.path());
     let manifest = read_json(&bundle.join("manifest.json"));
+    // The inventory the run used is in the bundle, digested, and the report names it.
+    let inv_sha = manifest["inventory"]["sha256"]
+        .as_str()
+        .expect("inventory digest");
+    let report = std::fs::read_to_string(bundle.join("report.html")).expect("report");
+    assert!(report.contains("Inventory file") && report.contains(inv_sha));
 
     // Every check ran on every host and said one PASS or FAIL line with what it expected and
     // found; the manifest's per-host status agrees with the line.
