@@ -221,3 +221,223 @@ run = "'{ansible}' -i hosts.ini site.yml"
     assert!(log.contains("ok=1") && log.contains("node-00"), "{log}");
     let _ = Command::new("true").status();
 }
+
+/// One `[hosts.<name>]` table per sshd, in the order given (not alphabetical, so "inventory
+/// order" cannot be confused with name order), with `extra` lines appended to each.
+fn named_inventory(sshds: &[Sshd], names: &[&str], extra: impl Fn(usize) -> String) -> String {
+    let mut t = String::new();
+    for (i, (s, name)) in sshds.iter().zip(names).enumerate() {
+        t.push_str(&format!(
+            "[hosts.{name}]\naddress = \"127.0.0.1\"\nport = {}\nuser = \"{}\"\nidentity_file = \"{}\"\nknown_hosts = \"{}\"\nuse_agent = false\n{}\n",
+            s.port(),
+            s.user(),
+            s.client_key_path().display(),
+            s.known_hosts_path().display(),
+            extra(i),
+        ));
+    }
+    t
+}
+
+/// Journal events of `kind` for `step`, as (line number, target, timestamp).
+fn attempt_events(
+    journal: &[serde_json::Value],
+    kind: &str,
+    step: &str,
+) -> Vec<(usize, String, chrono::DateTime<chrono::FixedOffset>)> {
+    journal
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e["event"] == kind && e["step"] == step)
+        .map(|(n, e)| {
+            let at = e["at"].as_str().expect("at");
+            (
+                n,
+                e["target"].as_str().expect("target").to_owned(),
+                chrono::DateTime::parse_from_rfc3339(at).expect("RFC 3339 timestamp"),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn rolling_one_runs_hosts_strictly_one_after_another_in_inventory_order() {
+    let names = ["web-3", "db-1", "cache-9", "app-2", "lb-0"];
+    let sshds = Sshd::start_many(names.len());
+    let t = Test::new().file(
+        "inventory.toml",
+        &named_inventory(&sshds, &names, |_| String::new()),
+    );
+    let dir = t.path().to_path_buf();
+    // Each host appends its start and end to one shared file: with any overlap, the lines of
+    // two hosts would interleave. The short sleep makes an overlap, if there were one, show.
+    let out = t
+        .runbook(
+            r#"
+[runbook]
+name = "rolling"
+inventory = "inventory.toml"
+allow_env = ["OUT"]
+[[steps]]
+id = "upgrade"
+on = "all"
+strategy = { rolling = 1 }
+run = "echo start {{ host.name }} >> {{ env.OUT }}/order.log; sleep 0.2; echo end {{ host.name }} >> {{ env.OUT }}/order.log"
+"#,
+        )
+        .env("OUT", dir.to_str().expect("utf-8 path"))
+        .args(["run", "runbook.toml", "--no-progress"])
+        .run();
+    out.assert_code(0);
+    let order = std::fs::read_to_string(dir.join("order.log")).expect("order.log");
+    let expected: String = names
+        .iter()
+        .map(|n| format!("start {n}\nend {n}\n"))
+        .collect();
+    assert_eq!(
+        order, expected,
+        "remote commands overlapped or ran out of order"
+    );
+
+    // The journal agrees: host i+1's attempt starts after host i's finished, by position in
+    // the journal and by timestamp.
+    let journal = out.journal();
+    let started = attempt_events(&journal, "attempt_started", "upgrade");
+    let finished = attempt_events(&journal, "attempt_finished", "upgrade");
+    let targets = |v: &[(usize, String, _)]| v.iter().map(|e| e.1.clone()).collect::<Vec<_>>();
+    assert_eq!(
+        targets(&started),
+        names,
+        "attempts started in inventory order"
+    );
+    assert_eq!(
+        targets(&finished),
+        names,
+        "attempts finished in inventory order"
+    );
+    for i in 0..names.len() {
+        assert!(started[i].0 < finished[i].0 && started[i].2 <= finished[i].2);
+        if i + 1 < names.len() {
+            assert!(
+                finished[i].0 < started[i + 1].0 && finished[i].2 <= started[i + 1].2,
+                "{} started before {} finished",
+                names[i + 1],
+                names[i]
+            );
+        }
+    }
+    // One batch per host, numbered in order.
+    let batches: Vec<(u64, Vec<String>)> = journal
+        .iter()
+        .filter(|e| e["event"] == "batch")
+        .map(|e| {
+            (
+                e["number"].as_u64().expect("number"),
+                serde_json::from_value(e["hosts"].clone()).expect("hosts"),
+            )
+        })
+        .collect();
+    let expected: Vec<(u64, Vec<String>)> = names
+        .iter()
+        .zip(1..)
+        .map(|(n, i)| (i, vec![(*n).to_owned()]))
+        .collect();
+    assert_eq!(batches, expected);
+}
+
+#[test]
+fn max_failures_stops_a_rolling_step_before_the_remaining_hosts() {
+    let names = ["node-a", "node-b", "node-c", "node-d", "node-e"];
+    let sshds = Sshd::start_many(names.len());
+    // node-b and node-c fail; with max_failures = 1 the second failure stops the step.
+    let inv = named_inventory(&sshds, &names, |i| {
+        format!(
+            "vars = {{ code = {} }}",
+            if i == 1 || i == 2 { 3 } else { 0 }
+        )
+    });
+    let t = Test::new().file("inventory.toml", &inv);
+    let dir = t.path().to_path_buf();
+    let out = t
+        .runbook(
+            r#"
+[runbook]
+name = "budget"
+inventory = "inventory.toml"
+allow_env = ["OUT"]
+[[steps]]
+id = "upgrade"
+on = "all"
+strategy = { rolling = 1, max_failures = 1 }
+run = "touch {{ env.OUT }}/ran-{{ host.name }}; exit {{ host.vars.code }}"
+[[steps]]
+id = "after"
+needs = ["upgrade"]
+run = "touch {{ env.OUT }}/after-ran"
+"#,
+        )
+        .env("OUT", dir.to_str().expect("utf-8 path"))
+        .args(["run", "runbook.toml", "--no-progress"])
+        .run();
+    out.assert_code(1);
+    for n in &names[..3] {
+        assert!(dir.join(format!("ran-{n}")).exists(), "{n} should have run");
+    }
+    for (n, s) in names.iter().zip(&sshds).skip(3) {
+        assert!(!dir.join(format!("ran-{n}")).exists(), "{n} ran");
+        assert_eq!(s.accepted_logins(), 0, "{n} was connected to: {}", s.log());
+    }
+    assert!(!dir.join("after-ran").exists(), "the dependent step ran");
+
+    let m = out.manifest();
+    assert_eq!(m["status"], "failed");
+    let step = crate::common::step(&m, "upgrade");
+    assert_eq!(step["status"], "failed");
+    let reason = step["reason"].as_str().unwrap_or_default();
+    for part in [
+        "2 of 5 host(s) failed",
+        "node-b (exit code 3)",
+        "node-c (exit code 3)",
+        "2 host(s) not started",
+        "more than `max_failures` (1)",
+    ] {
+        assert!(reason.contains(part), "{part:?} not in {reason:?}");
+    }
+    let targets: Vec<(String, String)> = step["targets"]
+        .as_array()
+        .expect("targets")
+        .iter()
+        .map(|t| {
+            (
+                t["target"].as_str().unwrap_or_default().to_owned(),
+                t["status"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, String)> = names
+        .iter()
+        .zip(["succeeded", "failed", "failed", "skipped", "skipped"])
+        .map(|(n, s)| ((*n).to_owned(), s.to_owned()))
+        .collect();
+    assert_eq!(targets, expected);
+    for t in &step["targets"].as_array().expect("targets")[3..] {
+        assert!(
+            t["reason"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("not started: 2 host(s) failed"),
+            "{t}"
+        );
+        assert_eq!(t["attempts"], 0, "{t}");
+    }
+    // No attempt was even started on them.
+    let attempted: Vec<String> = step["attempts"]
+        .as_array()
+        .expect("attempts")
+        .iter()
+        .map(|a| a["target"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(attempted, names[..3]);
+    assert_eq!(crate::common::step(&m, "after")["status"], "skipped");
+    out.assert_stderr_contains("more than `max_failures` (1)");
+}
