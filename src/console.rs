@@ -194,6 +194,7 @@ impl Console {
             }
             RunEvent::AttemptFinished {
                 step,
+                target,
                 attempt,
                 outcome,
                 duration,
@@ -208,20 +209,23 @@ impl Console {
                         _ => format!(" after {}", format_duration(*duration)),
                     };
                     self.line(&format!(
-                        "{} {step} attempt {attempt}: {}{took}{last}",
+                        "{} {step}{} attempt {attempt}: {}{took}{last}",
                         self.paint("33", "!"),
+                        on_target(target),
                         outcome.describe(),
                     ));
                 }
             }
             RunEvent::RetryScheduled {
                 step,
+                target,
                 next_attempt,
                 delay,
                 ..
             } => {
                 let text = format!(
-                    "retrying in {} (attempt {next_attempt} next)",
+                    "retrying{} in {} (attempt {next_attempt} next)",
+                    on_target(target),
                     format_duration(*delay)
                 );
                 match self.bars.get(step.as_str()) {
@@ -354,6 +358,16 @@ impl Console {
 
     pub fn redact(&self, text: &str) -> String {
         self.redactor.redact_str(text)
+    }
+}
+
+/// ` on <host>` for an attempt on a host (or a block sub-step, `host/sub`); nothing for a local
+/// one, whose line the step id already identifies.
+fn on_target(target: &str) -> String {
+    if target == "local" {
+        String::new()
+    } else {
+        format!(" on {target}")
     }
 }
 

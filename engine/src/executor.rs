@@ -1719,6 +1719,7 @@ impl StepTask {
                 RunEvent::RetryScheduled {
                     at: Utc::now(),
                     step: step.id.clone(),
+                    target: target.clone(),
                     next_attempt: attempt + 1,
                     delay,
                 },

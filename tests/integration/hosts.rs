@@ -441,3 +441,176 @@ run = "touch {{ env.OUT }}/after-ran"
     assert_eq!(crate::common::step(&m, "after")["status"], "skipped");
     out.assert_stderr_contains("more than `max_failures` (1)");
 }
+
+#[test]
+fn a_host_whose_sshd_dies_mid_run_fails_after_its_retries_and_the_others_go_on() {
+    use std::time::{Duration, Instant};
+
+    let names = ["node-00", "node-01", "node-02"];
+    let mut sshds = Sshd::start_many(names.len());
+    let t = Test::new().file(
+        "inventory.toml",
+        &named_inventory(&sshds, &names, |_| String::new()),
+    );
+    let dir = t.path().to_path_buf();
+    // `first` connects to every host (the connections stay open in the pool); its first
+    // attempt fails once on every host, so that all hosts retry at the same time. `pause` then
+    // tells the test it may stop node-01's sshd and waits until it has (bounded, in case the
+    // test died); `second` runs on every host with retries.
+    let (child, tmp) = t
+        .runbook(
+            r#"
+[runbook]
+name = "lost"
+inventory = "inventory.toml"
+allow_env = ["OUT"]
+[[steps]]
+id = "first"
+on = "all"
+run = "f='{{ env.OUT }}/flaky-{{ host.name }}'; [ -e \"$f\" ] || { touch \"$f\"; exit 1; }; echo connected to {{ host.name }}"
+retry = { attempts = 2, delay = "10ms" }
+[[steps]]
+id = "pause"
+needs = ["first"]
+run = '''
+touch '{{ env.OUT }}/first-done'
+i=0
+while [ ! -e '{{ env.OUT }}/sshd-stopped' ]; do
+  i=$((i + 1)); [ "$i" -gt 400 ] && exit 9
+  sleep 0.05
+done
+'''
+[[steps]]
+id = "second"
+needs = ["pause"]
+on = "all"
+run = "echo still there: {{ host.name }}"
+retry = { attempts = 3, delay = "100ms" }
+"#,
+        )
+        .env("OUT", dir.to_str().expect("utf-8 path"))
+        .args(["run", "runbook.toml", "--no-progress"])
+        .spawn();
+    let give_up = Instant::now() + Duration::from_secs(20);
+    while !dir.join("first-done").exists() {
+        assert!(Instant::now() < give_up, "`first` never finished");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let victim_logins = sshds[1].accepted_logins();
+    // The listener and the connection process serving runbook's pooled connection.
+    sshds[1].stop();
+    std::fs::write(dir.join("sshd-stopped"), "").expect("write marker");
+    let out = child.wait_with_output().expect("wait for runbook");
+    let (code, stderr) = (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert_eq!(code, 1, "{stderr}");
+    assert_eq!(victim_logins, 1, "node-01 was connected to once by `first`");
+
+    let bundle = crate::common::find_bundle(tmp.path());
+    let m = crate::common::read_json(&bundle.join("manifest.json"));
+    let first = crate::common::step(&m, "first");
+    assert_eq!(first["status"], "succeeded");
+    // Each host's retry is recorded on that host's first attempt (hosts retry concurrently:
+    // the latest attempt 1 in the list is usually another host's).
+    let retried: Vec<(String, u64, bool)> = first["attempts"]
+        .as_array()
+        .expect("attempts")
+        .iter()
+        .map(|a| {
+            (
+                a["target"].as_str().unwrap_or_default().to_owned(),
+                a["attempt"].as_u64().unwrap_or(0),
+                a["retry_delay_seconds"].is_number(),
+            )
+        })
+        .collect();
+    for n in names {
+        assert!(
+            retried.contains(&(n.to_owned(), 1, true)),
+            "{n}: {retried:?}"
+        );
+        assert!(
+            retried.contains(&(n.to_owned(), 2, false)),
+            "{n}: {retried:?}"
+        );
+    }
+    let second = crate::common::step(&m, "second");
+    assert_eq!(second["status"], "failed");
+    let targets = second["targets"].as_array().expect("targets");
+    let status_of = |n: &str| {
+        targets
+            .iter()
+            .find(|t| t["target"] == n)
+            .map(|t| {
+                (
+                    t["status"].clone(),
+                    t["attempts"].clone(),
+                    t["reason"].clone(),
+                )
+            })
+            .expect("target")
+    };
+    for n in ["node-00", "node-02"] {
+        let (status, attempts, _) = status_of(n);
+        assert_eq!((status, attempts), ("succeeded".into(), 1.into()), "{n}");
+        let log = std::fs::read_to_string(bundle.join(format!("steps/second/{n}/attempt-1.log")))
+            .expect("log");
+        assert!(log.contains(&format!("still there: {n}")), "{log}");
+    }
+    let (status, attempts, reason) = status_of("node-01");
+    assert_eq!((status, attempts), ("failed".into(), 3.into()));
+    let reason = reason.as_str().unwrap_or_default().to_owned();
+    assert!(
+        reason.contains("connection to `node-01` (127.0.0.1:") && reason.contains("refused"),
+        "{reason}"
+    );
+    assert!(reason.ends_with("(after 3 attempts)"), "{reason}");
+    // The step's reason names the host, and the console line names the step.
+    let step_reason = second["reason"].as_str().unwrap_or_default();
+    assert!(
+        step_reason.starts_with("1 of 3 host(s) failed: node-01 (connection to `node-01`"),
+        "{step_reason}"
+    );
+    for line in [
+        "second on node-01 attempt 1: connection to `node-01`",
+        "second retrying on node-01 in 100ms (attempt 2 next)",
+        "second failed",
+    ] {
+        assert!(stderr.contains(line), "{line:?} not in\n{stderr}");
+    }
+    // Every attempt on node-01 is a connection failure, and each of the first two was
+    // followed by a retry recorded on node-01's own attempt, not on another host's.
+    let attempts = second["attempts"].as_array().expect("attempts");
+    for a in attempts {
+        let victim = a["target"] == "node-01";
+        if victim {
+            let failure = a["outcome"]["failure"].as_str().unwrap_or_default();
+            assert!(
+                failure == "refused" || failure == "channel" || failure == "io",
+                "{a}"
+            );
+            assert!(
+                a["error"].as_str().unwrap_or_default().contains("node-01"),
+                "{a}"
+            );
+        }
+        let retried = victim && a["attempt"].as_u64() < Some(3);
+        assert_eq!(
+            a["retry_delay_seconds"].is_number(),
+            retried,
+            "retry delay on the wrong attempt: {a}"
+        );
+    }
+    // The last attempt could not reconnect: nothing listens any more.
+    let last = attempts
+        .iter()
+        .rfind(|a| a["target"] == "node-01")
+        .expect("node-01 attempts");
+    assert_eq!(last["outcome"]["failure"], "refused", "{last}");
+    // The healthy hosts kept their one connection.
+    for i in [0, 2] {
+        assert_eq!(sshds[i].accepted_logins(), 1, "{}", sshds[i].log());
+    }
+}
