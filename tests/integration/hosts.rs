@@ -603,6 +603,22 @@ retry = { attempts = 3, delay = "100ms" }
             "retry delay on the wrong attempt: {a}"
         );
     }
+    // The journal says whose attempt each retry is for.
+    let journal = crate::common::read_journal(&bundle);
+    let retries: Vec<(String, u64)> = journal
+        .iter()
+        .filter(|e| e["event"] == "retry_scheduled" && e["step"] == "second")
+        .map(|e| {
+            (
+                e["target"].as_str().unwrap_or_default().to_owned(),
+                e["next_attempt"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(
+        retries,
+        [("node-01".to_owned(), 2), ("node-01".to_owned(), 3)]
+    );
     // The last attempt could not reconnect: nothing listens any more.
     let last = attempts
         .iter()
