@@ -187,7 +187,7 @@ impl Console {
                 } else if !quiet {
                     self.line(&format!(
                         "▶ {step}{} attempt {attempt}/{max_attempts}: {cmd}{more}",
-                        on_host(target)
+                        on_target(target)
                     ));
                 }
             }
@@ -245,7 +245,7 @@ impl Console {
                         Some(waited) => self.line(&format!(
                             "{} {step}{} attempt {attempt}: {what}{took}{last}{waited}",
                             self.paint("33", "!"),
-                            on_host(target),
+                            on_target(target),
                         )),
                         None => {
                             if let Some(bar) = self.bars.get(step.as_str()) {
@@ -263,7 +263,8 @@ impl Console {
                 ..
             } => {
                 let text = format!(
-                    "retrying in {} (attempt {next_attempt} next)",
+                    "retrying{} in {} (attempt {next_attempt} next)",
+                    on_target(target),
                     format_duration(*delay)
                 );
                 let quiet = self
@@ -273,7 +274,7 @@ impl Console {
                 match self.bars.get(step.as_str()) {
                     Some(bar) => bar.set_message(text),
                     None if quiet => {}
-                    None => self.line(&format!("  {step}{} {text}", on_host(target))),
+                    None => self.line(&format!("  {step} {text}")),
                 }
             }
             RunEvent::StepFinished {
@@ -474,8 +475,9 @@ impl Polling {
     }
 }
 
-/// ` on <host>` for an attempt on a host; nothing for one on this machine.
-fn on_host(target: &str) -> String {
+/// ` on <host>` for an attempt on a host (or a block sub-step, `host/sub`); nothing for a local
+/// one, whose line the step id already identifies.
+fn on_target(target: &str) -> String {
     if target == "local" {
         String::new()
     } else {

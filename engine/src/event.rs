@@ -15,6 +15,10 @@ pub type Timestamp = DateTime<Utc>;
 /// Where an attempt ran: `local`, or a host name once remote steps exist.
 pub type Target = Arc<str>;
 
+fn local_target() -> Target {
+    Arc::from("local")
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Stream {
@@ -368,8 +372,9 @@ pub enum RunEvent {
     RetryScheduled {
         at: Timestamp,
         step: StepId,
-        /// Absent in journals written before retries were per target.
-        #[serde(default)]
+        /// Whose attempt is retried: on a step with hosts, each host retries on its own.
+        /// Journals written before this field existed read as `local`.
+        #[serde(default = "local_target")]
         target: Target,
         next_attempt: u32,
         #[serde(with = "crate::serde_duration")]

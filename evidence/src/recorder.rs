@@ -489,13 +489,11 @@ impl Recorder {
                 next_attempt,
                 ..
             } => {
-                if let Some(s) = self.step_mut(step.as_str()) {
-                    if let Some(a) = s.attempts.iter_mut().rev().find(|a| {
-                        a.attempt + 1 == *next_attempt
-                            && (target.is_empty() || a.target == target.as_ref())
-                    }) {
-                        a.retry_delay_seconds = Some(secs(*delay));
-                    }
+                // The attempt being retried is this target's: with hosts, another host's
+                // attempt of the same number may have been recorded after it.
+                let retried = next_attempt.saturating_sub(1);
+                if let Some(a) = self.attempt_mut(step.as_str(), target, retried) {
+                    a.retry_delay_seconds = Some(secs(*delay));
                 }
             }
             RunEvent::Collect {

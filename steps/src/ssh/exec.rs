@@ -62,13 +62,52 @@ impl Session {
     }
 }
 
+/// Nudges sent while the first channel open of a connection is unanswered: after 1, 2, 4, …
+/// ms, at most this many.
+const NUDGES: u32 = 6;
+
+/// Opens a session channel; on a connection's first one, nudges the server along.
+///
+/// Until its first session starts, OpenSSH's sshd has Nagle on. After authentication it sends
+/// a few packets (the host keys announcement), and its answer to our first channel open then
+/// waits until we acknowledge the last of them — which Linux (and most stacks) delay by
+/// 40 ms when the receiver has nothing to send: 40 ms lost on every fresh connection. A
+/// no-op packet from us (a `keepalive@openssh.com` global request without reply, which every
+/// server ignores) carries that ACK. Sent at doubling intervals, so that on a slow link the
+/// nudge that arrives after the server's packets does it.
+async fn open_first_channel(
+    conn: &Connection,
+) -> Result<russh::Channel<russh::client::Msg>, russh::Error> {
+    let open = conn.handle.channel_open_session();
+    tokio::pin!(open);
+    let mut wait = Duration::from_millis(1);
+    for _ in 0..NUDGES {
+        tokio::select! {
+            r = &mut open => return r,
+            () = tokio::time::sleep(wait) => {
+                let _ = conn.handle.send_keepalive(false).await;
+                wait *= 2;
+            }
+        }
+    }
+    open.await
+}
+
 async fn open_channel(
     host: &str,
     conn: &Connection,
 ) -> Result<russh::Channel<russh::client::Msg>, SshError> {
     let mut attempt = 1;
     loop {
-        match conn.handle.channel_open_session().await {
+        let opened = if conn
+            .first_channel
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            open_first_channel(conn).await
+        } else {
+            conn.handle.channel_open_session().await
+        };
+        match opened {
             Ok(channel) => return Ok(channel),
             Err(russh::Error::ChannelOpenFailure(_)) if attempt < OPEN_ATTEMPTS => {
                 tokio::time::sleep(OPEN_BACKOFF * attempt).await;

@@ -134,6 +134,8 @@ const MAX_SESSIONS_PER_CONNECTION: usize = 8;
 /// An authenticated connection.
 pub(crate) struct Connection {
     handle: SshHandle,
+    /// No session channel was opened on it yet (see `exec::open_first_channel`).
+    first_channel: std::sync::atomic::AtomicBool,
     sessions: Arc<Semaphore>,
     /// Keeps the bastion connection in use while this one tunnels through it.
     _bastion: Option<Arc<Connection>>,
@@ -384,6 +386,7 @@ impl SshPool {
             connect::authenticate(&mut handle, host, self.inner.agent_socket.as_deref()).await?;
             Ok(Connection {
                 handle,
+                first_channel: std::sync::atomic::AtomicBool::new(true),
                 sessions: Arc::new(Semaphore::new(MAX_SESSIONS_PER_CONNECTION)),
                 _bastion: bastion,
             })
