@@ -42,29 +42,50 @@ pub fn collect(runbook: &Path, workdir: &Path, facts: &[String]) -> Value {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let repo = git(dir, &["rev-parse", "HEAD"]).map(|commit| {
-        let dirty = git(dir, &["status", "--porcelain", "--", "."]).is_some_and(|s| !s.is_empty());
-        json!({
-            "commit": commit,
-            "dirty": dirty,
-            "branch": git(dir, &["rev-parse", "--abbrev-ref", "HEAD"]),
-            "remote": git(dir, &["config", "--get", "remote.origin.url"]),
-        })
+    // Independent commands, run side by side: they delay the start of every run.
+    let (repo, ntp, facts) = std::thread::scope(|scope| {
+        let repo = scope.spawn(|| {
+            git(dir, &["rev-parse", "HEAD"]).map(|commit| {
+                let dirty = scope.spawn(|| {
+                    git(dir, &["status", "--porcelain", "--", "."]).is_some_and(|s| !s.is_empty())
+                });
+                let branch = scope.spawn(|| git(dir, &["rev-parse", "--abbrev-ref", "HEAD"]));
+                let remote = git(dir, &["config", "--get", "remote.origin.url"]);
+                json!({
+                    "commit": commit,
+                    "dirty": dirty.join().unwrap_or(false),
+                    "branch": branch.join().unwrap_or(None),
+                    "remote": remote,
+                })
+            })
+        });
+        let ntp = scope.spawn(|| {
+            Command::new("timedatectl")
+                .args(["show", "-p", "NTPSynchronized", "--value"])
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "yes")
+        });
+        let facts: Vec<_> = facts
+            .iter()
+            .map(|cmd| {
+                scope.spawn(move || {
+                    let (code, output) = capture(cmd, workdir);
+                    json!({ "command": cmd, "exit_code": code, "output": output })
+                })
+            })
+            .collect();
+        (
+            repo.join().unwrap_or(None),
+            ntp.join().unwrap_or(None),
+            facts
+                .into_iter()
+                .map(|f| f.join().unwrap_or(Value::Null))
+                .collect::<Vec<Value>>(),
+        )
     });
-    let ntp = Command::new("timedatectl")
-        .args(["show", "-p", "NTPSynchronized", "--value"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "yes");
     let now = chrono::Local::now();
-    let facts: Vec<Value> = facts
-        .iter()
-        .map(|cmd| {
-            let (code, output) = capture(cmd, workdir);
-            json!({ "command": cmd, "exit_code": code, "output": output })
-        })
-        .collect();
     json!({
         "git": repo,
         "time": {
