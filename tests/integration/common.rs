@@ -58,6 +58,17 @@ impl Test {
         self
     }
 
+    /// `run runbook.toml --evidence-dir proof --no-progress`: the usual run of a test.
+    pub fn run_args(self) -> Self {
+        self.args([
+            "run",
+            "runbook.toml",
+            "--evidence-dir",
+            "proof",
+            "--no-progress",
+        ])
+    }
+
     fn command(&self) -> Command {
         let mut cmd = Command::new(BIN);
         cmd.args(&self.args)
@@ -97,13 +108,7 @@ impl Test {
 pub fn run_runbook(toml: &str, extra: &[&str]) -> Output {
     Test::new()
         .runbook(toml)
-        .args([
-            "run",
-            "runbook.toml",
-            "--evidence-dir",
-            "proof",
-            "--no-progress",
-        ])
+        .run_args()
         .args(extra.iter().copied())
         .run()
 }

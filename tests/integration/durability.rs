@@ -574,15 +574,7 @@ steps = [
 "#,
     );
     let dir = t.path().to_path_buf();
-    let first = t
-        .args([
-            "run",
-            "runbook.toml",
-            "--evidence-dir",
-            "proof",
-            "--no-progress",
-        ])
-        .run();
+    let first = t.run_args().run();
     assert_ne!(first.code, 0, "configure fails until `go` exists");
     let bundle = first.bundle();
     std::fs::write(dir.join("go"), "").expect("go");

@@ -36,13 +36,7 @@ fn serve(httpd: Httpd) -> Running {
 
 /// `runbook run runbook.toml` with the token in `API_TOKEN` and `--set` pairs.
 fn run(toml: &str, sets: &[(&str, &str)]) -> Output {
-    let mut t = Test::new().runbook(toml).env("API_TOKEN", TOKEN).args([
-        "run",
-        "runbook.toml",
-        "--evidence-dir",
-        "proof",
-        "--no-progress",
-    ]);
+    let mut t = Test::new().runbook(toml).env("API_TOKEN", TOKEN).run_args();
     for (k, v) in sets {
         t = t.args(["--set".to_owned(), format!("{k}={v}")]);
     }
@@ -206,13 +200,7 @@ tcp = {{ host = "127.0.0.1", port = {port}, timeout = "1s" }}
 retry = {{ attempts = 400, delay = "50ms", deadline = "30s" }}
 "#
         ))
-        .args([
-            "run",
-            "runbook.toml",
-            "--evidence-dir",
-            "proof",
-            "--no-progress",
-        ])
+        .run_args()
         .run();
     drop(done);
     let _ = opener.join();
@@ -372,15 +360,8 @@ retry = { attempts = 2, delay = "10ms" }
         )
         // Chromium's throwaway profile lives under TMPDIR, so its processes are findable.
         .env("TMPDIR", tmp.path().to_str().expect("utf-8"))
-        .args([
-            "run",
-            "runbook.toml",
-            "--evidence-dir",
-            "proof",
-            "--no-progress",
-            "--set",
-            &format!("url={}", srv.server.url("/slow")),
-        ])
+        .run_args()
+        .args(["--set", &format!("url={}", srv.server.url("/slow"))])
         .run();
     assert_ne!(out.code, 0);
     let m = out.manifest();
