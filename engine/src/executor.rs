@@ -1337,11 +1337,9 @@ impl StepTask {
                 .or_insert_with(|| Dynamic::from_map(Map::new()));
             hosts_map.insert(h.name.as_str().into(), Dynamic::from_map(m));
             match r.status {
-                StepStatus::Failed => failures.push(format!(
-                    "{} ({})",
-                    h.name,
-                    r.reason.as_deref().unwrap_or("failed")
-                )),
+                StepStatus::Failed => {
+                    failures.push((h.name.as_str(), r.reason.as_deref().unwrap_or("failed")));
+                }
                 StepStatus::Cancelled => cancelled = true,
                 _ => {}
             }
@@ -1376,7 +1374,7 @@ impl StepTask {
                 format!(
                     "{} of {total} host(s) failed: {}",
                     failures.len(),
-                    failures.join(", ")
+                    hosts_by_reason(&failures)
                 )
             };
             if let Some(s) = &stop {
@@ -1394,7 +1392,7 @@ impl StepTask {
                 Some(format!(
                     "{} of {total} host(s) failed, within `max_failures` ({budget}): {}",
                     failures.len(),
-                    failures.join(", ")
+                    hosts_by_reason(&failures)
                 )),
             )
         } else if done.iter().all(|(_, r)| r.status == StepStatus::Skipped) {
@@ -1701,7 +1699,7 @@ impl StepTask {
                     last_output,
                 );
             }
-            last_failure = Some(run.outcome.describe());
+            last_failure = Some(self.failure_summary(&run));
             if !run.outcome.retryable() || attempt == max {
                 break;
             }
@@ -1742,6 +1740,31 @@ impl StepTask {
             (None, _) => "failed".into(),
         };
         end(StepStatus::Failed, attempts, Some(reason), last_output)
+    }
+
+    /// Why an attempt failed, for the step's (or host's) reason: the outcome, and for a
+    /// command that exited non-zero its last line of output, which is usually the error
+    /// (`exit code 1: FAIL os: expected Rocky Linux 9.x; found Debian 12`).
+    fn failure_summary(&self, run: &AttemptRun) -> String {
+        let what = run.outcome.describe();
+        if !matches!(run.outcome, AttemptOutcome::Exited { .. }) {
+            return what;
+        }
+        let last_line = |stream: &str| {
+            run.output
+                .get(stream)
+                .and_then(|d| d.clone().into_string().ok())
+                .and_then(|text| {
+                    text.lines()
+                        .map(str::trim)
+                        .rfind(|l| !l.is_empty())
+                        .map(|l| l.chars().take(200).collect::<String>())
+                })
+        };
+        match last_line("stderr").or_else(|| last_line("stdout")) {
+            Some(line) => format!("{what}: {}", self.plan.redact(&line)),
+            None => what,
+        }
     }
 
     /// Runs one attempt of the step's action.
@@ -2380,4 +2403,51 @@ fn random_unit() -> f64 {
         return 0.5;
     }
     (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Failed hosts grouped by why, in the order they first appear: `a, b (exit code 1: FAIL os:
+/// …); c (refused)`. Fifty hosts failing the same way make one short line, not fifty.
+fn hosts_by_reason(failures: &[(&str, &str)]) -> String {
+    const NAMES_SHOWN: usize = 8;
+    let mut groups: Vec<(&str, Vec<&str>)> = Vec::new();
+    for (host, reason) in failures {
+        match groups.iter_mut().find(|(r, _)| r == reason) {
+            Some((_, hosts)) => hosts.push(host),
+            None => groups.push((reason, vec![host])),
+        }
+    }
+    groups
+        .iter()
+        .map(|(reason, hosts)| {
+            let mut names = hosts
+                .iter()
+                .take(NAMES_SHOWN)
+                .copied()
+                .collect::<Vec<_>>()
+                .join(", ");
+            if hosts.len() > NAMES_SHOWN {
+                names.push_str(&format!(" and {} more", hosts.len() - NAMES_SHOWN));
+            }
+            format!("{names} ({reason})")
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hosts_by_reason;
+
+    #[test]
+    fn failed_hosts_are_grouped_by_reason_and_long_groups_are_cut() {
+        let many: Vec<String> = (0..10).map(|i| format!("w{i}")).collect();
+        let mut failures: Vec<(&str, &str)> =
+            vec![("s1", "refused"), ("s2", "exit code 1: FAIL os")];
+        failures.extend(many.iter().map(|h| (h.as_str(), "exit code 1: FAIL os")));
+        failures.push(("s3", "refused"));
+        assert_eq!(
+            hosts_by_reason(&failures),
+            "s1, s3 (refused); s2, w0, w1, w2, w3, w4, w5, w6 and 3 more (exit code 1: FAIL os)"
+        );
+    }
 }

@@ -97,7 +97,11 @@ run = \"touch cleaned\"
     let m = out.manifest();
     assert_eq!(m["status"], "failed");
     assert_eq!(step(&m, "break")["status"], "failed");
-    assert_eq!(step(&m, "break")["reason"], "exit code 3");
+    assert_eq!(
+        step(&m, "break")["reason"],
+        "exit code 3: boom",
+        "the reason carries the last line the command wrote"
+    );
     assert_eq!(step(&m, "deploy")["status"], "skipped");
     assert_eq!(step(&m, "deploy")["reason"], "needs `break`, which failed");
     assert_eq!(step(&m, "cleanup")["status"], "succeeded");

@@ -397,8 +397,8 @@ run = "touch {{ env.OUT }}/after-ran"
     let reason = step["reason"].as_str().unwrap_or_default();
     for part in [
         "2 of 5 host(s) failed",
-        "node-b (exit code 3)",
-        "node-c (exit code 3)",
+        // Hosts that failed the same way are listed together.
+        "node-b, node-c (exit code 3)",
         "2 host(s) not started",
         "more than `max_failures` (1)",
     ] {
