@@ -497,6 +497,7 @@ fn launch(
     op: &Operator,
     exec: &ExecArgs,
     sign_key: Option<SecretKey>,
+    passphrases: std::collections::HashMap<PathBuf, String>,
 ) -> i32 {
     let live = !exec.no_progress && std::io::stderr().is_terminal();
     let console = Console::new(
@@ -517,6 +518,7 @@ fn launch(
         sign_key,
         textfile_dir: exec.signing.textfile_dir.clone(),
         fail_on_leak: exec.signing.fail_on_leak,
+        passphrases,
         plan,
     })
 }
@@ -569,6 +571,13 @@ fn run(args: &RunArgs) -> i32 {
         eprintln!("dry run: running only the steps' `plan` commands; the bundle records them");
         plan.dry_run = true;
     }
+    let passphrases = match crate::passphrase::ask(&plan) {
+        Ok(p) => p,
+        Err(message) => {
+            render::error(&message);
+            return exit::USAGE;
+        }
+    };
     let plan = Arc::new(plan);
     let evidence_dir = evidence_dir_for(&plan, args.evidence_dir.as_ref());
     let param_sources = plan
@@ -624,7 +633,16 @@ fn run(args: &RunArgs) -> i32 {
             return code;
         }
     };
-    let code = launch(plan, host, run_info, recorder, &op, &args.exec, sign_key);
+    let code = launch(
+        plan,
+        host,
+        run_info,
+        recorder,
+        &op,
+        &args.exec,
+        sign_key,
+        passphrases,
+    );
     lock.release();
     code
 }
@@ -852,6 +870,14 @@ fn resume(args: &ResumeArgs) -> i32 {
         started_at: manifest.started_at,
     };
 
+    let passphrases = match crate::passphrase::ask(&plan) {
+        Ok(p) => p,
+        Err(message) => {
+            render::error(&message);
+            lock.release();
+            return exit::USAGE;
+        }
+    };
     let code = launch(
         Arc::new(plan),
         host,
@@ -860,6 +886,7 @@ fn resume(args: &ResumeArgs) -> i32 {
         &op,
         &args.exec,
         sign_key,
+        passphrases,
     );
     lock.release();
     code

@@ -42,6 +42,7 @@ mod context;
 mod inventory_cmd;
 mod lock;
 mod notify;
+mod passphrase;
 mod render;
 mod schedule;
 mod session;

@@ -44,6 +44,8 @@ pub struct Session {
     pub textfile_dir: Option<std::path::PathBuf>,
     /// `--fail-on-leak`: a secret found in step output fails the run.
     pub fail_on_leak: bool,
+    /// Passphrases of encrypted SSH key files, asked at the terminal.
+    pub passphrases: std::collections::HashMap<std::path::PathBuf, String>,
 }
 
 pub fn execute(s: Session) -> i32 {
@@ -79,7 +81,7 @@ pub fn execute(s: Session) -> i32 {
             nix::sys::signal::Signal::SIGXFSZ as i32,
         ));
         let signals = tokio::spawn(watch_signals(cancel.clone(), force.clone(), abort.clone()));
-        let dispatcher = Arc::new(Dispatcher::new());
+        let dispatcher = Arc::new(Dispatcher::with_passphrases(s.passphrases));
         let executor = Executor::new(
             s.plan.clone(),
             dispatcher.clone(),

@@ -33,6 +33,14 @@ impl Dispatcher {
         Self::default()
     }
 
+    /// A dispatcher whose SSH connections decrypt these key files with these passphrases.
+    pub fn with_passphrases(passphrases: std::collections::HashMap<PathBuf, String>) -> Self {
+        Self {
+            ssh: SshPool::with_passphrases(passphrases),
+            ..Self::default()
+        }
+    }
+
     /// Closes every SSH connection (at the end of a run).
     pub async fn close(&self) {
         self.ssh.close_all().await;

@@ -631,3 +631,85 @@ retry = { attempts = 3, delay = "100ms" }
         assert_eq!(sshds[i].accepted_logins(), 1, "{}", sshds[i].log());
     }
 }
+
+/// A host whose only key is encrypted, with no `passphrase_env`.
+fn locked_key_setup() -> (Sshd, Test) {
+    let sshd = Sshd::start();
+    let key = sshd.new_client_key("locked_ed25519", "ed25519", "correct horse", true);
+    let t = Test::new()
+        .file(
+            "inventory.toml",
+            &format!(
+                "[hosts.vm-1]\naddress = \"127.0.0.1\"\nport = {}\nuser = \"{}\"\nidentity_file = \"{}\"\nknown_hosts = \"{}\"\n",
+                sshd.port(),
+                sshd.user(),
+                key.display(),
+                sshd.known_hosts_path().display(),
+            ),
+        )
+        .runbook(
+            "[runbook]\nname = \"locked\"\ninventory = \"inventory.toml\"\n[[steps]]\nid = \"hello\"\non = \"all\"\nrun = \"echo hello from $(hostname)\"\n",
+        );
+    (sshd, t)
+}
+
+#[test]
+fn an_encrypted_key_is_asked_for_at_a_terminal_and_named_without_one() {
+    // No terminal (Jenkins): nothing is asked; the key error says how to give the passphrase.
+    let (sshd, t) = locked_key_setup();
+    let out = t.run_args().run();
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    let m = out.manifest();
+    let why = crate::common::step(&m, "hello")["reason"].to_string();
+    assert!(
+        why.contains("encrypted") && why.contains("run from a terminal to be asked"),
+        "{why}"
+    );
+    assert_eq!(sshd.accepted_logins(), 0);
+
+    // At a terminal (a pty from `script`): asked once, a wrong answer is asked again, the right
+    // one opens the key; the passphrase is in no file of the bundle.
+    let (sshd, t) = locked_key_setup();
+    let dir = t.path().to_path_buf();
+    let command = format!(
+        "{} run runbook.toml --evidence-dir proof --no-progress",
+        crate::common::BIN
+    );
+    let mut child = Command::new("script")
+        .args(["-qefc", &command, "/dev/null"])
+        .current_dir(&dir)
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("script(1) from bsdutils");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        // Typed ahead: the terminal holds the lines until the prompts read them.
+        stdin
+            .write_all(b"wrong guess\ncorrect horse\n")
+            .expect("type the passphrases");
+    }
+    let out = child.wait_with_output().expect("script");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert_eq!(
+        text.matches("Enter passphrase for key").count(),
+        2,
+        "{text}"
+    );
+    assert!(text.contains("Bad passphrase, try again."), "{text}");
+    assert_eq!(sshd.accepted_logins(), 1);
+    let bundle = crate::common::find_bundle(&dir);
+    for f in all_files(&bundle) {
+        let bytes = std::fs::read(&f).expect("read");
+        assert!(
+            !bytes.windows(13).any(|w| w == b"correct horse"),
+            "{} holds the passphrase",
+            f.display()
+        );
+    }
+    drop(t);
+}

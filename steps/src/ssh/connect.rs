@@ -5,6 +5,7 @@
 //! connection before any credential is offered.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -214,19 +215,44 @@ fn default_identity_files() -> Vec<PathBuf> {
         .collect()
 }
 
-fn load_key(path: &Path, passphrase_env: Option<&str>) -> Result<PrivateKey, SshError> {
+/// Whether the key file at `path` needs a passphrase: it parses only with one. Unreadable or
+/// unparsable files say no; connecting reports what is wrong with them.
+pub fn key_is_encrypted(path: &Path) -> bool {
+    std::fs::read_to_string(path).is_ok_and(|text| {
+        matches!(
+            russh::keys::decode_secret_key(&text, None),
+            Err(russh::keys::Error::KeyIsEncrypted)
+        )
+    })
+}
+
+/// Whether `passphrase` decrypts the key file at `path`.
+pub fn passphrase_opens(path: &Path, passphrase: &str) -> bool {
+    std::fs::read_to_string(path)
+        .is_ok_and(|text| russh::keys::decode_secret_key(&text, Some(passphrase)).is_ok())
+}
+
+fn load_key(
+    path: &Path,
+    passphrase_env: Option<&str>,
+    given: &HashMap<PathBuf, String>,
+) -> Result<PrivateKey, SshError> {
     let key_error = |reason: String| SshError::Key {
         path: path.to_path_buf(),
         reason,
     };
     let text = std::fs::read_to_string(path).map_err(|e| key_error(format!("cannot read: {e}")))?;
-    let passphrase = passphrase_env.and_then(|var| std::env::var(var).ok());
+    let passphrase = passphrase_env
+        .and_then(|var| std::env::var(var).ok())
+        .or_else(|| given.get(path).cloned());
     match russh::keys::decode_secret_key(&text, passphrase.as_deref()) {
         Ok(key) => Ok(key),
         Err(russh::keys::Error::KeyIsEncrypted) => Err(key_error(match passphrase_env {
-            Some(var) => format!("the key is encrypted and `{var}` is not set"),
-            None => "the key is encrypted and no passphrase variable is configured \
-                     (`passphrase_env`)"
+            Some(var) => format!(
+                "the key is encrypted and `{var}` is not set (or run from a terminal to be asked)"
+            ),
+            None => "the key is encrypted and no passphrase was given: set `passphrase_env` \
+                     or run from a terminal to be asked"
                 .into(),
         })),
         Err(e) if passphrase.is_some() => Err(key_error(format!(
@@ -239,12 +265,16 @@ fn load_key(path: &Path, passphrase_env: Option<&str>) -> Result<PrivateKey, Ssh
 /// Loads the configured key files before connecting, so a bad key fails fast and without
 /// bothering the server. With no configured keys, the default ones that load are used and
 /// the others noted for the error report.
-fn load_identities(host: &SshHost, tried: &mut Vec<String>) -> Result<Vec<LoadedKey>, SshError> {
+fn load_identities(
+    host: &SshHost,
+    given: &HashMap<PathBuf, String>,
+    tried: &mut Vec<String>,
+) -> Result<Vec<LoadedKey>, SshError> {
     let env = host.passphrase_env.as_deref();
     if host.identity_files.is_empty() {
         let mut keys = Vec::new();
         for path in default_identity_files() {
-            match load_key(&path, env) {
+            match load_key(&path, env, given) {
                 Ok(key) => keys.push(LoadedKey {
                     label: format!("key {} ({})", path.display(), describe(key.public_key())),
                     key: Arc::new(key),
@@ -257,7 +287,7 @@ fn load_identities(host: &SshHost, tried: &mut Vec<String>) -> Result<Vec<Loaded
     host.identity_files
         .iter()
         .map(|path| {
-            let key = load_key(path, env)?;
+            let key = load_key(path, env, given)?;
             Ok(LoadedKey {
                 label: format!("key {} ({})", path.display(), describe(key.public_key())),
                 key: Arc::new(key),
@@ -290,9 +320,10 @@ pub(crate) async fn authenticate(
     handle: &mut SshHandle,
     host: &SshHost,
     agent_socket: Option<&Path>,
+    passphrases: &HashMap<PathBuf, String>,
 ) -> Result<(), SshError> {
     let mut tried = Vec::new();
-    let keys = load_identities(host, &mut tried)?;
+    let keys = load_identities(host, passphrases, &mut tried)?;
     let auth_error = |tried: Vec<String>| SshError::Auth {
         host: host.name.clone(),
         user: host.user.clone(),

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use runbook_engine::runner::OutputSink;
 
+pub use connect::{key_is_encrypted, passphrase_opens};
 pub use error::SshError;
 pub use known_hosts::default_known_hosts;
 
@@ -168,6 +169,8 @@ struct PoolInner {
     opened: AtomicUsize,
     accepted: Arc<Mutex<Vec<AcceptedKey>>>,
     agent_socket: Option<PathBuf>,
+    /// Passphrases of encrypted key files given up front (asked at the terminal), by path.
+    passphrases: HashMap<PathBuf, String>,
 }
 
 /// One lazily opened connection per host name, shared by every exec and upload. Cheap to
@@ -196,6 +199,17 @@ impl SshPool {
         Self {
             inner: Arc::new(PoolInner {
                 agent_socket: Some(socket.into()),
+                ..PoolInner::default()
+            }),
+        }
+    }
+
+    /// A pool that decrypts the key files in `passphrases` with the passphrase given there
+    /// (when the host's `passphrase_env` does not provide one).
+    pub fn with_passphrases(passphrases: HashMap<PathBuf, String>) -> Self {
+        Self {
+            inner: Arc::new(PoolInner {
+                passphrases,
                 ..PoolInner::default()
             }),
         }
@@ -383,7 +397,13 @@ impl SshPool {
                     (handle, Some(via))
                 }
             };
-            connect::authenticate(&mut handle, host, self.inner.agent_socket.as_deref()).await?;
+            connect::authenticate(
+                &mut handle,
+                host,
+                self.inner.agent_socket.as_deref(),
+                &self.inner.passphrases,
+            )
+            .await?;
             Ok(Connection {
                 handle,
                 first_channel: std::sync::atomic::AtomicBool::new(true),
