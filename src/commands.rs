@@ -488,6 +488,13 @@ fn verify(bundle: &Path, pubkey: Option<&str>) -> i32 {
     }
 }
 
+/// The secrets a run holds in memory only: the key that signs its bundle and the
+/// passphrases of its hosts' encrypted SSH keys.
+struct Keys {
+    sign_key: Option<SecretKey>,
+    passphrases: std::collections::HashMap<PathBuf, String>,
+}
+
 /// Runs a plan into a recorder with the options `run` and `resume` share.
 fn launch(
     plan: Arc<Plan>,
@@ -496,8 +503,7 @@ fn launch(
     recorder: Recorder,
     op: &Operator,
     exec: &ExecArgs,
-    sign_key: Option<SecretKey>,
-    passphrases: std::collections::HashMap<PathBuf, String>,
+    keys: Keys,
 ) -> i32 {
     let live = !exec.no_progress && std::io::stderr().is_terminal();
     let console = Console::new(
@@ -515,10 +521,10 @@ fn launch(
         console,
         json: exec.json,
         approver: approver(op),
-        sign_key,
+        sign_key: keys.sign_key,
         textfile_dir: exec.signing.textfile_dir.clone(),
         fail_on_leak: exec.signing.fail_on_leak,
-        passphrases,
+        passphrases: keys.passphrases,
         plan,
     })
 }
@@ -640,8 +646,10 @@ fn run(args: &RunArgs) -> i32 {
         recorder,
         &op,
         &args.exec,
-        sign_key,
-        passphrases,
+        Keys {
+            sign_key,
+            passphrases,
+        },
     );
     lock.release();
     code
@@ -885,8 +893,10 @@ fn resume(args: &ResumeArgs) -> i32 {
         recorder,
         &op,
         &args.exec,
-        sign_key,
-        passphrases,
+        Keys {
+            sign_key,
+            passphrases,
+        },
     );
     lock.release();
     code
