@@ -664,6 +664,12 @@ struct DeployRun {
 /// Runs the deploy runbook (as `edit` leaves its text) in test mode: no Terraform, no nested
 /// preflight, no node prep, stop before install.
 fn deploy_test_mode(edit: impl Fn(String) -> String) -> DeployRun {
+    deploy_run(edit, true)
+}
+
+/// The deploy runbook against three sshds with provisioning, preflight and node prep off;
+/// `stop_before_install` as given.
+fn deploy_run(edit: impl Fn(String) -> String, stop_before_install: bool) -> DeployRun {
     let sshds = Sshd::start_many(3);
     let tmp = tempfile::tempdir().expect("tmp");
     let nodes = tmp.path().join("nodes");
@@ -699,7 +705,7 @@ fn deploy_test_mode(edit: impl Fn(String) -> String) -> DeployRun {
             "--set",
             "prepare_nodes=false",
             "--set",
-            "stop_before_install=true",
+            &format!("stop_before_install={stop_before_install}"),
             "--set",
             &format!("config_dir={}/etc", shared.display()),
             "--set",
@@ -915,17 +921,43 @@ fn deploy_test_mode_uploads_configs_over_ssh_and_stops_before_install() {
 /// The unprivileged path of test mode, tried here whoever runs the tests: the runbook with its
 /// root/sudo probe made to find neither (as for a user without passwordless sudo). The node
 /// checks still run; the steps that need root are skipped and the run says so, exit code 0.
+/// The deploy runbook with its sudo-check seeing no root and a sudo that wants a password.
+fn without_sudo(t: String) -> String {
+    let probe = "if [ \"$(id -u)\" -eq 0 ]; then";
+    let sudo = "elif err=$(sudo -n true 2>&1); then";
+    assert!(t.contains(probe) && t.contains(sudo), "sudo-check changed");
+    t.replace(probe, "if false; then").replace(
+        sudo,
+        "elif err=$(echo 'sudo: a password is required'; false); then",
+    )
+}
+
+#[test]
+fn a_real_deploy_without_sudo_stops_before_node_prep_naming_the_nodes() {
+    let run = deploy_run(without_sudo, false);
+    assert_eq!(run.code, Some(1), "{}", run.stderr);
+    let manifest = read_json(&run.bundle().join("manifest.json"));
+    let step = crate::common::step(&manifest, "sudo-required");
+    assert_eq!(step["status"], "failed");
+    let reason = step["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("no root and no passwordless sudo on 3 node(s)")
+            && reason.contains("NOPASSWD"),
+        "{reason}"
+    );
+    for id in ["node-prep", "config-dirs", "install-first-server"] {
+        assert_eq!(
+            crate::common::step(&manifest, id)["status"],
+            "skipped",
+            "{id}"
+        );
+    }
+    assert!(!run.nodes.exists() && !run.shared.exists());
+}
+
 #[test]
 fn deploy_test_mode_without_sudo_skips_what_needs_root_and_says_so() {
-    let run = deploy_test_mode(|t| {
-        let probe = "if [ \"$(id -u)\" -eq 0 ]; then";
-        let sudo = "elif err=$(sudo -n true 2>&1); then";
-        assert!(t.contains(probe) && t.contains(sudo), "sudo-check changed");
-        t.replace(probe, "if false; then").replace(
-            sudo,
-            "elif err=$(echo 'sudo: a password is required'; false); then",
-        )
-    });
+    let run = deploy_test_mode(without_sudo);
     run.assert_succeeded_without_leaks();
     let bundle = run.bundle();
     let manifest = read_json(&bundle.join("manifest.json"));
