@@ -164,14 +164,27 @@ pub fn write_textfile(dir: &Path, name: &str, text: &str) -> std::io::Result<()>
             format!("`{name}` is not a plain file name"),
         ));
     }
-    let target = dir.join(name);
+    write_atomically(&dir.join(name), text.as_bytes())
+}
+
+/// Replaces `path` with `bytes` all at once: written to a temporary file beside it, synced,
+/// renamed over it. A reader (node_exporter, the next scheduler start) sees the old file or
+/// the new one, never half of one.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(text.as_bytes())?;
+        f.write_all(bytes)?;
         f.sync_all()?;
         drop(f);
-        std::fs::rename(&tmp, &target)
+        std::fs::rename(&tmp, path)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -184,12 +197,13 @@ pub fn write_textfile(dir: &Path, name: &str, text: &str) -> std::io::Result<()>
     Ok(())
 }
 
-fn unix(t: DateTime<Utc>) -> f64 {
+/// Seconds since the Unix epoch, as Prometheus timestamps-as-values are written.
+pub fn unix(t: DateTime<Utc>) -> f64 {
     t.timestamp_millis() as f64 / 1000.0
 }
 
 /// A sample value: Rust's shortest round-trip decimal, or the format's NaN/±Inf spelling.
-fn number(v: f64) -> String {
+pub fn number(v: f64) -> String {
     if v.is_nan() {
         "NaN".into()
     } else if v.is_infinite() {
@@ -200,7 +214,7 @@ fn number(v: f64) -> String {
 }
 
 /// Label value escaping per the text format: backslash, double quote and newline.
-fn escape_label(s: &str) -> String {
+pub fn escape_label(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {

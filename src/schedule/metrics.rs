@@ -16,6 +16,8 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use runbook_evidence::metrics::{escape_label, number, unix};
+
 use super::child::STATES;
 use super::state::State;
 
@@ -349,26 +351,6 @@ pub async fn serve(listener: TcpListener, text: Arc<Mutex<String>>, stop: Cancel
             let _ = conn.shutdown().await;
         });
     }
-}
-
-fn unix(t: DateTime<Utc>) -> f64 {
-    t.timestamp_millis() as f64 / 1000.0
-}
-
-fn number(v: f64) -> String {
-    if v.is_nan() {
-        "NaN".into()
-    } else if v.is_infinite() {
-        if v > 0.0 { "+Inf" } else { "-Inf" }.into()
-    } else {
-        format!("{v}")
-    }
-}
-
-fn escape_label(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
