@@ -495,6 +495,23 @@ struct Keys {
     passphrases: std::collections::HashMap<PathBuf, String>,
 }
 
+impl Keys {
+    /// The signing key already loaded, plus the passphrases asked at the terminal for the
+    /// plan's encrypted SSH keys (before anything runs).
+    fn gather(plan: &Plan, sign_key: Option<SecretKey>) -> Result<Self, i32> {
+        match crate::passphrase::ask(plan) {
+            Ok(passphrases) => Ok(Self {
+                sign_key,
+                passphrases,
+            }),
+            Err(message) => {
+                render::error(&message);
+                Err(exit::USAGE)
+            }
+        }
+    }
+}
+
 /// Runs a plan into a recorder with the options `run` and `resume` share.
 fn launch(
     plan: Arc<Plan>,
@@ -577,12 +594,9 @@ fn run(args: &RunArgs) -> i32 {
         eprintln!("dry run: running only the steps' `plan` commands; the bundle records them");
         plan.dry_run = true;
     }
-    let passphrases = match crate::passphrase::ask(&plan) {
-        Ok(p) => p,
-        Err(message) => {
-            render::error(&message);
-            return exit::USAGE;
-        }
+    let keys = match Keys::gather(&plan, sign_key) {
+        Ok(k) => k,
+        Err(code) => return code,
     };
     let plan = Arc::new(plan);
     let evidence_dir = evidence_dir_for(&plan, args.evidence_dir.as_ref());
@@ -639,18 +653,7 @@ fn run(args: &RunArgs) -> i32 {
             return code;
         }
     };
-    let code = launch(
-        plan,
-        host,
-        run_info,
-        recorder,
-        &op,
-        &args.exec,
-        Keys {
-            sign_key,
-            passphrases,
-        },
-    );
+    let code = launch(plan, host, run_info, recorder, &op, &args.exec, keys);
     lock.release();
     code
 }
@@ -878,12 +881,11 @@ fn resume(args: &ResumeArgs) -> i32 {
         started_at: manifest.started_at,
     };
 
-    let passphrases = match crate::passphrase::ask(&plan) {
-        Ok(p) => p,
-        Err(message) => {
-            render::error(&message);
+    let keys = match Keys::gather(&plan, sign_key) {
+        Ok(k) => k,
+        Err(code) => {
             lock.release();
-            return exit::USAGE;
+            return code;
         }
     };
     let code = launch(
@@ -893,10 +895,7 @@ fn resume(args: &ResumeArgs) -> i32 {
         recorder,
         &op,
         &args.exec,
-        Keys {
-            sign_key,
-            passphrases,
-        },
+        keys,
     );
     lock.release();
     code
