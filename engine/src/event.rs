@@ -75,6 +75,8 @@ pub enum FailureKind {
     Browser,
     /// The step's settings are unusable (a CA file that does not parse, a bad URL).
     Config,
+    /// Client and server share no algorithm (key exchange, host key, cipher, MAC).
+    Negotiation,
 }
 
 impl FailureKind {
@@ -93,6 +95,7 @@ impl FailureKind {
                 FailureKind::Browser
             }
             "config" => FailureKind::Config,
+            "negotiation" => FailureKind::Negotiation,
             "template" => FailureKind::Template,
             "spawn" => FailureKind::Spawn,
             _ => FailureKind::Io,

@@ -2406,19 +2406,23 @@ fn random_unit() -> f64 {
 }
 
 /// Failed hosts grouped by why, in the order they first appear: `a, b (exit code 1: FAIL os:
-/// …); c (refused)`. Fifty hosts failing the same way make one short line, not fifty.
+/// …); c (refused)`. Fifty hosts failing the same way make one short line, not fifty. Reasons
+/// that differ only by naming their own host (``connection to `a` (10.0.0.1:22) refused``)
+/// count as the same: the group says ``connection to each host refused``.
 fn hosts_by_reason(failures: &[(&str, &str)]) -> String {
     const NAMES_SHOWN: usize = 8;
-    let mut groups: Vec<(&str, Vec<&str>)> = Vec::new();
+    // (generic reason, first host's own reason, hosts)
+    let mut groups: Vec<(String, &str, Vec<&str>)> = Vec::new();
     for (host, reason) in failures {
-        match groups.iter_mut().find(|(r, _)| r == reason) {
-            Some((_, hosts)) => hosts.push(host),
-            None => groups.push((reason, vec![host])),
+        let generic = generic_reason(reason, host);
+        match groups.iter_mut().find(|(g, _, _)| *g == generic) {
+            Some((_, _, hosts)) => hosts.push(host),
+            None => groups.push((generic, reason, vec![host])),
         }
     }
     groups
         .iter()
-        .map(|(reason, hosts)| {
+        .map(|(generic, own, hosts)| {
             let mut names = hosts
                 .iter()
                 .take(NAMES_SHOWN)
@@ -2428,10 +2432,33 @@ fn hosts_by_reason(failures: &[(&str, &str)]) -> String {
             if hosts.len() > NAMES_SHOWN {
                 names.push_str(&format!(" and {} more", hosts.len() - NAMES_SHOWN));
             }
+            let reason: &str = if hosts.len() == 1 { own } else { generic };
             format!("{names} ({reason})")
         })
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// `reason` with its own host's name, and the address in parentheses right after it, replaced
+/// by "each host".
+fn generic_reason(reason: &str, host: &str) -> String {
+    let quoted = format!("`{host}`");
+    let Some(at) = reason.find(&quoted) else {
+        return reason.to_string();
+    };
+    let mut rest = &reason[at + quoted.len()..];
+    if let Some(inner) = rest.strip_prefix(" (") {
+        if let Some(end) = inner.find(')') {
+            if !inner[..end].contains(char::is_whitespace) {
+                rest = &inner[end + 1..];
+            }
+        }
+    }
+    format!(
+        "{}each host{}",
+        &reason[..at],
+        rest.replace(&quoted, "the host")
+    )
 }
 
 #[cfg(test)]
@@ -2448,6 +2475,45 @@ mod tests {
         assert_eq!(
             hosts_by_reason(&failures),
             "s1, s3 (refused); s2, w0, w1, w2, w3, w4, w5, w6 and 3 more (exit code 1: FAIL os)"
+        );
+    }
+
+    #[test]
+    fn reasons_that_only_name_their_own_host_are_one_group() {
+        let failures = [
+            (
+                "n1",
+                "connection to `n1` (10.0.0.1:22) refused (after 3 attempts)",
+            ),
+            (
+                "n2",
+                "connection to `n2` ([fd00::2]:2222) refused (after 3 attempts)",
+            ),
+            (
+                "n3",
+                "authentication as `root` on `n3` failed; tried: agent",
+            ),
+            ("n4", "connecting to `n4` timed out after 10.0s"),
+        ];
+        assert_eq!(
+            hosts_by_reason(&failures),
+            "n1, n2 (connection to each host refused (after 3 attempts)); \
+             n3 (authentication as `root` on `n3` failed; tried: agent); \
+             n4 (connecting to `n4` timed out after 10.0s)"
+        );
+        let same = [
+            (
+                "n1",
+                "no key exchange algorithm in common with `n1`: the server offers a",
+            ),
+            (
+                "n2",
+                "no key exchange algorithm in common with `n2`: the server offers a",
+            ),
+        ];
+        assert_eq!(
+            hosts_by_reason(&same),
+            "n1, n2 (no key exchange algorithm in common with each host: the server offers a)"
         );
     }
 }

@@ -453,6 +453,51 @@ async fn rsa_and_ecdsa_host_keys() {
     }
 }
 
+/// RHEL/Rocky 9 under the FIPS crypto policy offer no curve25519 and no ed25519: the NIST
+/// curves are what is left besides slow finite-field Diffie-Hellman.
+#[tokio::test]
+async fn fips_policy_server_negotiates_nist_ecdh() {
+    let sshd = Sshd::start_with(
+        "ecdsa",
+        "KexAlgorithms ecdh-sha2-nistp256,ecdh-sha2-nistp384,diffie-hellman-group14-sha256\n\
+         HostKeyAlgorithms ecdsa-sha2-nistp256\n\
+         LogLevel DEBUG1",
+    );
+    let (outcome, _) = exec(&SshPool::new(), &sshd.host("web1"), &cmd("true")).await;
+    assert_eq!(outcome, ExecOutcome::Exited(0));
+    let log = sshd.log();
+    assert!(log.contains("kex: algorithm: ecdh-sha2-nistp256"), "{log}");
+}
+
+#[tokio::test]
+async fn no_common_key_exchange_names_both_sides_and_is_not_retried() {
+    // SHA-1 group 14: OpenSSH still has it, runbook (like OpenSSH's client) does not offer it.
+    let sshd = Sshd::start_with("ed25519", "KexAlgorithms diffie-hellman-group14-sha1");
+    let err = exec_err(&SshPool::new(), &sshd.host("web1"), "true").await;
+    match &err {
+        SshError::Negotiation {
+            what, theirs, ours, ..
+        } => {
+            assert_eq!(*what, "key exchange");
+            assert_eq!(theirs, &["diffie-hellman-group14-sha1"], "{err}");
+            assert!(ours.iter().any(|a| a == "curve25519-sha256"), "{err}");
+            assert!(ours.iter().any(|a| a == "ecdh-sha2-nistp256"), "{err}");
+            assert!(!ours.iter().any(|a| a.starts_with("kex-strict")), "{err}");
+        }
+        other => panic!("expected Negotiation, got {other:?}"),
+    }
+    assert_eq!(err.kind(), "negotiation");
+    assert!(!err.retryable());
+    assert!(
+        err.to_string().starts_with(
+            "no key exchange algorithm in common with `web1`: the server offers \
+             diffie-hellman-group14-sha1; runbook offers "
+        ),
+        "{err}"
+    );
+    assert_eq!(sshd.accepted_logins(), 0);
+}
+
 #[tokio::test]
 async fn agent_keys_are_offered() {
     let sshd = Sshd::start();

@@ -126,6 +126,31 @@ fn host_key_preference(known: &[Algorithm]) -> Vec<Algorithm> {
     all
 }
 
+/// Key exchanges we offer, most preferred first: russh's defaults (post-quantum hybrid,
+/// curve25519, then finite-field Diffie-Hellman) with the NIST ECDH curves added before the
+/// finite-field groups. Hosts under a FIPS crypto policy (RHEL/Rocky 9 `fips=1`) offer no
+/// curve25519; without these they fall back to 2048–8192-bit DH, which costs both ends
+/// milliseconds of CPU per connection.
+fn kex_preference() -> Vec<russh::kex::Name> {
+    use russh::kex;
+    let mut all: Vec<kex::Name> = Preferred::DEFAULT.kex.to_vec();
+    let at = all
+        .iter()
+        .position(|n| n.as_ref().starts_with("diffie-hellman"))
+        .unwrap_or(all.len());
+    for (i, ecdh) in [
+        kex::ECDH_SHA2_NISTP256,
+        kex::ECDH_SHA2_NISTP384,
+        kex::ECDH_SHA2_NISTP521,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        all.insert(at + i, ecdh);
+    }
+    all
+}
+
 pub(crate) fn client_config(host: &SshHost) -> client::Config {
     let entry = known_hosts::host_entry_name(&host.address, host.port);
     let known = known_hosts::known_algorithms(&host.known_hosts, &entry);
@@ -134,6 +159,7 @@ pub(crate) fn client_config(host: &SshHost) -> client::Config {
         keepalive_max: 3,
         nodelay: true,
         preferred: Preferred {
+            kex: Cow::Owned(kex_preference()),
             key: Cow::Owned(host_key_preference(&known)),
             ..Preferred::DEFAULT
         },
@@ -182,6 +208,27 @@ pub(crate) fn russh_error(host: &str, during: &str, e: russh::Error) -> SshError
             host: host.to_string(),
             reason: format!("{during}: {io}"),
         },
+        russh::Error::NoCommonAlgo { kind, ours, theirs } => {
+            // The strict-kex and ext-info markers ride in the kex list but are not algorithms.
+            let real = |names: Vec<String>| -> Vec<String> {
+                names
+                    .into_iter()
+                    .filter(|n| !n.starts_with("ext-info-") && !n.starts_with("kex-strict-"))
+                    .collect()
+            };
+            SshError::Negotiation {
+                host: host.to_string(),
+                what: match kind {
+                    russh::AlgorithmKind::Kex => "key exchange",
+                    russh::AlgorithmKind::Key => "host key",
+                    russh::AlgorithmKind::Cipher => "cipher",
+                    russh::AlgorithmKind::Mac => "MAC",
+                    russh::AlgorithmKind::Compression => "compression",
+                },
+                theirs: real(theirs),
+                ours: real(ours),
+            }
+        }
         russh::Error::ChannelOpenFailure(f) => SshError::Channel {
             host: host.to_string(),
             reason: format!("{during}: the server refused to open a channel ({f:?})"),

@@ -74,6 +74,21 @@ pub enum SshError {
         stderr: String,
     },
 
+    /// The server and runbook share no algorithm of one kind (key exchange, host key, cipher,
+    /// MAC): a crypto policy on either side has to change, so a retry cannot help.
+    #[error(
+        "no {what} algorithm in common with `{host}`: the server offers {}; runbook offers {}",
+        theirs.join(", "),
+        ours.join(", ")
+    )]
+    Negotiation {
+        host: String,
+        /// `key exchange`, `host key`, `cipher`, `MAC` or `compression`.
+        what: &'static str,
+        theirs: Vec<String>,
+        ours: Vec<String>,
+    },
+
     #[error("cancelled")]
     Cancelled,
 
@@ -96,6 +111,7 @@ impl SshError {
             SshError::Key { .. } => "key",
             SshError::InvalidRequest { .. } => "request",
             SshError::Upload { .. } => "upload",
+            SshError::Negotiation { .. } => "negotiation",
             SshError::Cancelled => "cancelled",
             SshError::Io { .. } => "io",
         }
@@ -117,6 +133,7 @@ impl SshError {
             | SshError::Key { .. }
             | SshError::InvalidRequest { .. }
             | SshError::Upload { .. }
+            | SshError::Negotiation { .. }
             | SshError::Cancelled => false,
         }
     }

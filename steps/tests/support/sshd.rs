@@ -24,6 +24,9 @@ pub struct Sshd {
     user: String,
     child: Option<Child>,
     host_key_type: String,
+    /// `sshd_config` lines placed before the harness's own: sshd keeps the first value it
+    /// reads for a keyword, so these win.
+    extra_config: String,
 }
 
 /// Runs a command to completion, panicking with its output if it fails.
@@ -76,6 +79,12 @@ impl Sshd {
 
     /// An sshd whose host key is of `kind` (`ed25519`, `ecdsa`, `rsa`).
     pub fn start_with_host_key(kind: &str) -> Sshd {
+        Self::start_with(kind, "")
+    }
+
+    /// An sshd with a host key of `kind` and `extra` lines at the top of its `sshd_config`
+    /// (e.g. a server-side crypto policy: `KexAlgorithms ecdh-sha2-nistp256`).
+    pub fn start_with(kind: &str, extra: &str) -> Sshd {
         assert!(
             Path::new(SSHD).exists(),
             "{SSHD} is missing: install openssh-server (apt-get install openssh-server)"
@@ -90,6 +99,7 @@ impl Sshd {
             user: current_user(),
             child: None,
             host_key_type: kind.to_string(),
+            extra_config: extra.to_string(),
         };
         keygen(&sshd.host_key_path(), kind, "");
         keygen(&sshd.client_key_path(), "ed25519", "");
@@ -260,7 +270,8 @@ impl Sshd {
     fn write_config(&self) {
         let dir = self.dir();
         let config = format!(
-            "ListenAddress 127.0.0.1\n\
+            "{extra}\n\
+             ListenAddress 127.0.0.1\n\
              Port {port}\n\
              HostKey {hostkey}\n\
              PidFile {dir}/sshd.pid\n\
@@ -279,6 +290,7 @@ impl Sshd {
             hostkey = self.host_key_path().display(),
             dir = dir.display(),
             user = self.user,
+            extra = self.extra_config,
         );
         std::fs::write(self.config_path(), config).expect("write sshd_config");
     }
