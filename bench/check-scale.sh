@@ -53,8 +53,8 @@ main="$(runbook_file "$STEPS")"
 edges="$(awk -F'"' '/^needs/ { n += (NF - 1) / 2 } END { print n + 0 }' "$main")"
 log "main file: $main ($STEPS steps, $(wc -c <"$main") bytes)"
 log "timing runbook check and runbook plan, warmup $WARMUP, runs $RUNS"
-read -r check_mean check_sd check_min check_max <<<"$(measure "check-$STEPS" "" "$RUNBOOK_BIN" check "$main")"
-read -r plan_mean plan_sd plan_min plan_max <<<"$(measure "plan-$STEPS" "" "$RUNBOOK_BIN" plan "$main")"
+read -r check_mean check_sd check_min check_max _ <<<"$(measure "check-$STEPS" "" "$RUNBOOK_BIN" check "$main")"
+read -r plan_mean plan_sd plan_min plan_max _ <<<"$(measure "plan-$STEPS" "" "$RUNBOOK_BIN" plan "$main")"
 
 declare -A scale_check scale_plan
 for n in $SIZES; do

@@ -138,7 +138,9 @@ emit_make() {
 }
 
 # ---------------------------------------------------------------------------------------------
-# Timing. measure NAME PREPARE COMMAND... prints "mean_ms stddev_ms min_ms max_ms" on stdout.
+# Timing. measure NAME PREPARE COMMAND... prints "mean_ms stddev_ms min_ms max_ms user_ms sys_ms"
+# on stdout; the last two are the mean CPU time of the command and the children it waited for
+# (hyperfine's figures; "-" with the fallback loop).
 # PREPARE (may be empty) is a command line run before every timed run, untimed.
 
 measure() {
@@ -154,7 +156,7 @@ measure() {
       rm -f "$csv"; die "hyperfine failed for $name"
     fi
     # command,mean,stddev,median,user,system,min,max  (seconds)
-    awk -F, 'NR == 2 { printf "%.1f %.1f %.1f %.1f\n", $2 * 1000, $3 * 1000, $7 * 1000, $8 * 1000 }' "$csv"
+    awk -F, 'NR == 2 { printf "%.1f %.1f %.1f %.1f %.1f %.1f\n", $2 * 1000, $3 * 1000, $7 * 1000, $8 * 1000, $5 * 1000, $6 * 1000 }' "$csv"
     rm -f "$csv"
   else
     local i t0 t1 times=()
@@ -167,7 +169,7 @@ measure() {
     done
     printf '%s\n' "${times[@]}" | awk '{ s += $1; ss += $1 * $1; if (NR == 1 || $1 < mn) mn = $1; if ($1 > mx) mx = $1 }
       END { m = s / NR; v = (NR > 1) ? (ss - NR * m * m) / (NR - 1) : 0; if (v < 0) v = 0
-            printf "%.1f %.1f %.1f %.1f\n", m, sqrt(v), mn, mx }'
+            printf "%.1f %.1f %.1f %.1f - -\n", m, sqrt(v), mn, mx }'
     log "  $name: $(printf '%s ' "${times[@]}")ms"
   fi
 }

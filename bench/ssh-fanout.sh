@@ -168,6 +168,33 @@ EOF
   die "could not start sshd $i"
 }
 
+# CPU time (ms) used so far by every sshd process: the listeners, their live descendants, and
+# (through the parents' cutime/cstime) every descendant already reaped. The difference over a
+# timed block is what the servers spent on it, whichever tool drove them.
+sshd_cpu_ms() {
+  python3 - "${SSHD_PIDS[@]}" <<'PY'
+import os, sys
+tick = os.sysconf("SC_CLK_TCK")
+parent, cpu = {}, {}
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+    except OSError:
+        continue
+    f = stat[stat.rindex(")") + 2:].split()
+    parent[int(pid)] = int(f[1])
+    cpu[int(pid)] = sum(int(x) for x in f[11:15])
+roots = set(map(int, sys.argv[1:]))
+def under(p):
+    while p > 1:
+        if p in roots:
+            return True
+        p = parent.get(p, 0)
+    return False
+print(round(sum(c for p, c in cpu.items() if under(p)) * 1000 / tick))
+PY
+}
+
 logins() {
   cat "$WORK"/sshd/*/sshd.log 2>/dev/null | grep -c 'Accepted publickey' || true
 }
@@ -282,18 +309,30 @@ print(sum(1 for t in s["targets"] if t["status"] == "succeeded"))' "$m")"
   log "n=$n: verified runbook, parallel-ssh, the ControlMaster loops and ansible on all $n hosts"
 }
 
-declare -A results
+declare -A results server
+# timed N TOOL PREPARE COMMAND...: measure, and the servers' CPU per host and run meanwhile.
+timed() {
+  local n="$1" tool="$2" prepare="$3" before after runs="$RUNS"
+  shift 3
+  [[ "$tool" == ansible* ]] && runs="$ANSIBLE_RUNS"
+  before="$(sshd_cpu_ms)"
+  results[$n.$tool]="$(RUNS=$runs measure "$tool-$n" "$prepare" "$@")"
+  sleep 0.3 # let the listeners reap the last connections
+  after="$(sshd_cpu_ms)"
+  server[$n.$tool]="$(awk -v d="$((after - before))" -v r="$((WARMUP + runs))" -v n="$n" 'BEGIN { printf "%.1f", d / r / n }')"
+}
+
 bench_size() {
-  local n="$1" d="$WORK/n$1" rb ps an
+  local n="$1" d="$WORK/n$1" rb an
   read -r -a rb <<<"$(rb_args "$n")"
   read -r -a an <<<"$(ansible_args "$n")"
   log "timing n=$n: warmup $WARMUP, runs $RUNS (ansible: $ANSIBLE_RUNS)"
-  results[$n.runbook]="$(measure "runbook-$n" "rm -rf $(printf '%q' "$EVID_PARENT/evidence-$n")" "$RUNBOOK_BIN" "${rb[@]}")"
-  results[$n.pssh]="$(measure "pssh-$n" "" "$PSSH" -h "$d/pssh-hosts" -p "$FORKS" -t 0 -x "-F $WORK/ssh_config" true)"
-  results[$n.cm-parallel]="$(measure "cm-parallel-$n" "" "$d/cm-parallel.sh")"
-  results[$n.cm-sequential]="$(measure "cm-sequential-$n" "" "$d/cm-sequential.sh")"
-  results[$n.ansible]="$(RUNS=$ANSIBLE_RUNS measure "ansible-$n" "" "$ANSIBLE" "${an[@]}")"
-  results[$n.ansible-cold]="$(RUNS=$ANSIBLE_RUNS measure "ansible-cold-$n" "" env "$ANSIBLE_COLD" "$ANSIBLE" "${an[@]}")"
+  timed "$n" runbook "rm -rf $(printf '%q' "$EVID_PARENT/evidence-$n")" "$RUNBOOK_BIN" "${rb[@]}"
+  timed "$n" pssh "" "$PSSH" -h "$d/pssh-hosts" -p "$FORKS" -t 0 -x "-F $WORK/ssh_config" true
+  timed "$n" cm-parallel "" "$d/cm-parallel.sh"
+  timed "$n" cm-sequential "" "$d/cm-sequential.sh"
+  timed "$n" ansible "" "$ANSIBLE" "${an[@]}"
+  timed "$n" ansible-cold "" env "$ANSIBLE_COLD" "$ANSIBLE" "${an[@]}"
   rm -rf "$EVID_PARENT/evidence-$n"
 }
 
@@ -332,6 +371,20 @@ for tool in runbook pssh cm-parallel cm-sequential ansible ansible-cold; do
   echo
 done
 echo
+echo "CPU per run: the servers' (all sshd processes, per host) and the client's (the timed command and"
+echo "the children it waited for; Ansible's ControlPersist masters are detached and not counted)"
+printf '%-14s' tool
+for n in $SIZES; do printf ' | %9s %9s' "sshd/host" "client"; done
+echo
+for tool in runbook pssh cm-parallel cm-sequential ansible ansible-cold; do
+  printf '%-14s' "$tool"
+  for n in $SIZES; do
+    read -r _ _ _ _ u sy <<<"${results[$n.$tool]}"
+    printf ' | %6s ms %9s' "${server[$n.$tool]}" "$(awk -v u="$u" -v s="$sy" 'BEGIN { if (u == "-") print "-"; else printf "%.1f ms", u + s }')"
+  done
+  echo
+done
+echo
 verdict=met
 for n in $SIZES; do
   line="$(awk -v r="$(mean "$n.runbook")" -v p="$(mean "$n.pssh")" -v a="$(mean "$n.ansible")" \
@@ -341,6 +394,13 @@ for n in $SIZES; do
         ac / r, (ac / r >= 10) ? "met" : "NOT met", r / c }')"
   printf 'n=%-3s %s\n' "$n" "$line"
   [[ "$line" == *"NOT met"* ]] && verdict="NOT met"
+  # What the servers alone need when every host gets a fresh connection: their CPU per
+  # connection (as measured while runbook ran) times the hosts, spread over every core.
+  awk -v n="$n" -v s="${server[$n.runbook]}" -v cores="$(nproc)" -v a="$(mean "$n.ansible")" \
+    -v ac="$(mean "$n.ansible-cold")" 'BEGIN {
+      f = n * s / cores
+      printf "      servers alone: %d fresh connections x %.1f ms of sshd CPU / %d cores = %.0f ms at best;", n, s, cores, f
+      printf " 10x ansible needs <= %.0f ms, 10x ansible-cold <= %.0f ms\n", a / 10, ac / 10 }'
 done
 echo
 echo "goal (runbook <= parallel-ssh and >= 10x faster than ansible, every size): $verdict"
