@@ -670,7 +670,15 @@ fn deploy_test_mode(edit: impl Fn(String) -> String) -> DeployRun {
 /// The deploy runbook against three sshds with provisioning, preflight and node prep off;
 /// `stop_before_install` as given.
 fn deploy_run(edit: impl Fn(String) -> String, stop_before_install: bool) -> DeployRun {
-    let sshds = Sshd::start_many(3);
+    deploy_run_on(Sshd::start_many(3), edit, stop_before_install)
+}
+
+/// [`deploy_run`] against the given sshds.
+fn deploy_run_on(
+    sshds: Vec<Sshd>,
+    edit: impl Fn(String) -> String,
+    stop_before_install: bool,
+) -> DeployRun {
     let tmp = tempfile::tempdir().expect("tmp");
     let nodes = tmp.path().join("nodes");
     // Every host is this machine: the servers get a config and manifests directory of their
@@ -943,6 +951,79 @@ fn a_real_deploy_without_sudo_stops_before_node_prep_naming_the_nodes() {
     assert!(
         reason.contains("no root and no passwordless sudo on 3 node(s)")
             && reason.contains("NOPASSWD"),
+        "{reason}"
+    );
+    for id in ["node-prep", "config-dirs", "install-first-server"] {
+        assert_eq!(
+            crate::common::step(&manifest, id)["status"],
+            "skipped",
+            "{id}"
+        );
+    }
+    assert!(!run.nodes.exists() && !run.shared.exists());
+}
+
+/// Three sshds whose login is a fresh account without sudo rights, or None (and a note on
+/// stderr) when this runner cannot make one (not root).
+fn unprivileged_nodes() -> Option<(sshd::TempUser, Vec<Sshd>)> {
+    let Some(user) = sshd::TempUser::create() else {
+        eprintln!("not run: making an unprivileged account needs root and useradd");
+        return None;
+    };
+    let sshds = (0..3).map(|_| Sshd::start_for_user(&user)).collect();
+    Some((user, sshds))
+}
+
+/// The no-sudo path for real: the nodes' login is an account of its own with no password and
+/// no sudoers entry, so `sudo -n` genuinely refuses.
+#[test]
+fn deploy_test_mode_as_an_unprivileged_user_skips_what_needs_root() {
+    let Some((user, sshds)) = unprivileged_nodes() else {
+        return;
+    };
+    let run = deploy_run_on(sshds, |t| t, true);
+    run.assert_succeeded_without_leaks();
+    let bundle = run.bundle();
+    let manifest = read_json(&bundle.join("manifest.json"));
+    for host in &run.hosts {
+        let line = verdict_line(&bundle, "sudo-check", host);
+        assert!(
+            line.starts_with(&format!(
+                "FAIL sudo: expected root or passwordless sudo for {}; found sudo -n true: ",
+                user.name
+            )) && line.ends_with("(test mode: the steps that need root are skipped)"),
+            "{line}"
+        );
+    }
+    for id in CONFIG_STEPS {
+        assert_eq!(
+            crate::common::step(&manifest, id)["status"],
+            "skipped",
+            "{id}"
+        );
+    }
+    assert!(
+        run.stderr.contains("note: stop-before-install: sudo-check: no root and no passwordless sudo on rke2-agent-1, rke2-server-1, rke2-server-2"),
+        "{}",
+        run.stderr
+    );
+    assert!(!run.nodes.exists() && !run.shared.exists());
+}
+
+#[test]
+fn a_real_deploy_as_an_unprivileged_user_stops_at_sudo_required() {
+    let Some((_user, sshds)) = unprivileged_nodes() else {
+        return;
+    };
+    let run = deploy_run_on(sshds, |t| t, false);
+    assert_eq!(run.code, Some(1), "{}", run.stderr);
+    let manifest = read_json(&run.bundle().join("manifest.json"));
+    let reason = crate::common::step(&manifest, "sudo-required")["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        reason.contains("no root and no passwordless sudo on 3 node(s)"),
         "{reason}"
     );
     for id in ["node-prep", "config-dirs", "install-first-server"] {

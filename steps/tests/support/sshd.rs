@@ -85,6 +85,16 @@ impl Sshd {
     /// An sshd with a host key of `kind` and `extra` lines at the top of its `sshd_config`
     /// (e.g. a server-side crypto policy: `KexAlgorithms ecdh-sha2-nistp256`).
     pub fn start_with(kind: &str, extra: &str) -> Sshd {
+        Self::start_full(kind, extra, None)
+    }
+
+    /// An sshd (run by root) whose login is `user`, another account than the tests': its
+    /// files are made readable to it, as sshd reads `authorized_keys` as the user.
+    pub fn start_for_user(user: &TempUser) -> Sshd {
+        Self::start_full("ed25519", "", Some(&user.name))
+    }
+
+    fn start_full(kind: &str, extra: &str, login: Option<&str>) -> Sshd {
         assert!(
             Path::new(SSHD).exists(),
             "{SSHD} is missing: install openssh-server (apt-get install openssh-server)"
@@ -96,7 +106,7 @@ impl Sshd {
         let mut sshd = Sshd {
             dir,
             port: 0,
-            user: current_user(),
+            user: login.map_or_else(current_user, str::to_owned),
             child: None,
             host_key_type: kind.to_string(),
             extra_config: extra.to_string(),
@@ -104,6 +114,16 @@ impl Sshd {
         keygen(&sshd.host_key_path(), kind, "");
         keygen(&sshd.client_key_path(), "ed25519", "");
         sshd.authorize(&sshd.client_key_path());
+        if login.is_some() {
+            use std::os::unix::fs::PermissionsExt;
+            for (path, mode) in [
+                (sshd.dir().to_path_buf(), 0o755),
+                (sshd.dir().join("authorized_keys"), 0o644),
+            ] {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+                    .expect("chmod for the login user");
+            }
+        }
         sshd.launch_on_free_port();
         sshd.write_known_hosts(&sshd.known_hosts_path());
         sshd
@@ -357,6 +377,68 @@ impl Sshd {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+/// A local account made for one test, with a home of its own, no password and no sudo rights;
+/// `userdel` removes it when dropped. Only root can make one.
+pub struct TempUser {
+    pub name: String,
+    _home: tempfile::TempDir,
+}
+
+impl TempUser {
+    /// None when not root or `useradd` is missing: the caller says what it skipped.
+    pub fn create() -> Option<TempUser> {
+        use std::os::unix::fs::PermissionsExt;
+        if !is_root() || !Path::new("/usr/sbin/useradd").exists() {
+            return None;
+        }
+        let home = tempfile::Builder::new()
+            .prefix("runbook-user-")
+            .tempdir()
+            .expect("temp dir");
+        std::fs::set_permissions(home.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod home parent");
+        let name = format!("rbt{}", std::process::id() % 100_000_000);
+        let name = (0..100)
+            .map(|i| format!("{name}x{i}"))
+            .find(|n| {
+                Command::new("id")
+                    .arg(n)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| !s.success())
+            })
+            .expect("a free user name");
+        // Tests running side by side contend for the lock on /etc/passwd: try again.
+        let mut last = String::new();
+        for _ in 0..50 {
+            let out = Command::new("/usr/sbin/useradd")
+                // `*`: no password to log in with, but not a locked account, which sshd refuses.
+                .args(["--create-home", "--shell", "/bin/sh", "--password", "*", "--home-dir"])
+                .arg(home.path().join("home"))
+                .arg(&name)
+                .output()
+                .expect("run useradd");
+            if out.status.success() {
+                return Some(TempUser { name, _home: home });
+            }
+            last = String::from_utf8_lossy(&out.stderr).into_owned();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("useradd {name} failed: {last}");
+    }
+}
+
+impl Drop for TempUser {
+    fn drop(&mut self) {
+        // Its sshd sessions are gone by now (the servers are dropped first in the tests).
+        let _ = Command::new("/usr/sbin/userdel")
+            .args(["--force", &self.name])
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
