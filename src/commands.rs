@@ -672,8 +672,9 @@ fn restore_added_hosts(plan: &Plan, recorder: &mut Recorder) {
                 Some(e) => format!("resume could not add host `{}` again: {e}", new.name),
             },
             Err(name) => format!(
-                "resume cannot add host `{name}` again: its add_host settings held a secret, \
-                 which is never stored; resume --from the step that adds it"
+                "resume cannot add host `{name}` again: its add_host settings held a value \
+                 registered with secret() at run time, which is never stored; resume --from the \
+                 step that adds it"
             ),
         };
         render::warning(&message);

@@ -981,21 +981,27 @@ impl Recorder {
             .map(|s| {
                 let attempts = s.attempts.iter().map(|a| a.attempt).max().unwrap_or(0);
                 let succeeded = s.status == Some(StepStatus::Succeeded) && !s.attempts.is_empty();
-                let redacted = s
-                    .outputs
-                    .as_ref()
-                    .is_some_and(|o| o.to_string().contains("[REDACTED:"));
-                let result = (succeeded && !redacted).then(|| {
+                // Outputs redacted with secrets this resume knows again (params) are restored;
+                // a value registered with `secret()` at run time is not known, so the step
+                // runs again.
+                let outputs = match &s.outputs {
+                    Some(o) => self.unredact(o).map(Some),
+                    None => Some(None),
+                };
+                let result = outputs.filter(|_| succeeded).map(|outputs| {
                     let last = s.attempts.last();
+                    // The logs are redacted: put back what the params hold, as a rerun
+                    // would print it. Other placeholders (pattern matches) stay.
                     let (stdout, stderr) = last
                         .map(|a| read_streams(&self.dir.join(&a.log)))
+                        .map(|(o, e)| (self.put_back(o), self.put_back(e)))
                         .unwrap_or_default();
                     PriorResult {
                         exit_code: last.and_then(|a| a.exit_code),
                         json: serde_json::from_str(&stdout).ok(),
                         stdout,
                         stderr,
-                        outputs: s.outputs.clone(),
+                        outputs,
                         duration: s.duration_seconds,
                     }
                 });
@@ -1042,7 +1048,8 @@ fn read_streams(log: &Path) -> (String, String) {
 impl Recorder {
     /// Notes in the manifest which steps a resume takes as done and which it runs again.
     /// The hosts the run added at run time, as `add_host` was given them, for `resume` to add
-    /// again; `Err(name)` for one whose settings held a secret (never stored, so not restorable).
+    /// again; `Err(name)` for one whose settings held a secret this resume does not know (one
+    /// registered with `secret()` at run time: never stored, so not restorable).
     pub fn hosts_added(&self) -> Vec<Result<runbook_engine::inventory::NewHost, String>> {
         self.manifest
             .hosts_added
@@ -1050,16 +1057,50 @@ impl Recorder {
             .filter_map(|h| {
                 let name = h["name"].as_str()?.to_owned();
                 let spec = h.get("spec").filter(|s| !s.is_null())?;
-                Some(if spec.to_string().contains("[REDACTED") {
-                    Err(name)
-                } else {
-                    Ok(runbook_engine::inventory::NewHost {
-                        name,
-                        spec: spec.clone(),
-                    })
+                Some(match self.unredact(spec) {
+                    Some(spec) => Ok(runbook_engine::inventory::NewHost { name, spec }),
+                    None => Err(name),
                 })
             })
             .collect()
+    }
+
+    /// `text` with the placeholders of the secrets this recorder knows replaced by their values.
+    fn put_back(&self, mut text: String) -> String {
+        if text.contains("[REDACTED:") {
+            for (name, secret) in &self.secrets {
+                text = text.replace(&format!("[REDACTED:{name}]"), secret);
+            }
+        }
+        text
+    }
+
+    /// `value` with every `[REDACTED:NAME]` in its strings put back from the secrets this
+    /// recorder knows (the params, bound again by resume); None if any is left, because only
+    /// the run that registered it ever knew it.
+    fn unredact(&self, value: &serde_json::Value) -> Option<serde_json::Value> {
+        use serde_json::Value;
+        Some(match value {
+            Value::String(text) => {
+                let text = self.put_back(text.clone());
+                if text.contains("[REDACTED:") {
+                    return None;
+                }
+                Value::String(text)
+            }
+            Value::Array(items) => Value::Array(
+                items
+                    .iter()
+                    .map(|v| self.unredact(v))
+                    .collect::<Option<_>>()?,
+            ),
+            Value::Object(map) => Value::Object(
+                map.iter()
+                    .map(|(k, v)| Some((k.clone(), self.unredact(v)?)))
+                    .collect::<Option<_>>()?,
+            ),
+            other => other.clone(),
+        })
     }
 
     pub fn note_resume(&mut self, prior: &[(String, runbook_engine::plan::PriorStep)]) {

@@ -602,3 +602,88 @@ steps = [
     assert_eq!(m["hosts_added"][0]["spec"]["vars"]["color"], "blue");
     drop(first);
 }
+
+/// Resume binds the secret params again, so what the interrupted run recorded redacted with
+/// them (a host's `add_host` settings, a step's outputs) is put back and not redone; a value
+/// registered with `secret()` at run time was never stored, so its step runs again.
+#[test]
+fn resume_restores_what_param_secrets_redacted_and_reruns_what_runtime_secrets_did() {
+    let t = Test::new().runbook(
+        r#"
+[runbook]
+name = "secret-resume"
+[params]
+tok = { secret = true, env = "RB_TEST_TOK" }
+[[steps]]
+id = "provision"
+script = '''
+inventory.add_host("vm-1", #{ address: "127.0.0.1", groups: ["late"], vars: #{ token: params.tok } });
+'''
+[[steps]]
+id = "param_out"
+run = "echo p >> counter"
+outputs = { t = 'params.tok + "-derived"' }
+[[steps]]
+id = "runtime_out"
+run = "echo r >> counter"
+outputs = { s = 'secret("minted", "minted-" + params.tok.len())' }
+[[steps]]
+id = "configure"
+needs = ["provision", "param_out", "runtime_out"]
+on = "late"
+steps = [
+  { id = "say", local = true, run = "test -f go && echo {{ host.name }}:{{ host.vars.token }}:{{ steps.param_out.outputs.t }}:{{ steps.runtime_out.outputs.s }} >> said" },
+]
+"#,
+    );
+    let dir = t.path().to_path_buf();
+    let secret = "tok-9f2c41";
+    let first = t.env("RB_TEST_TOK", secret).run_args().run();
+    assert_ne!(first.code, 0, "configure fails until `go` exists");
+    let bundle = first.bundle();
+    std::fs::write(dir.join("go"), "").expect("go");
+    let out = runbook_cmd(
+        &dir,
+        &["resume", bundle.to_str().expect("utf-8"), "--no-progress"],
+    )
+    .env("RB_TEST_TOK", secret)
+    .output()
+    .expect("resume");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("said"))
+            .expect("said")
+            .trim(),
+        format!("vm-1:{secret}:{secret}-derived:minted-10")
+    );
+    // param_out ran once; runtime_out twice (the first time side by side with param_out).
+    let mut ran = counter(&dir);
+    ran.sort();
+    assert_eq!(ran, ["p", "r", "r"]);
+    let m = read_json(&bundle.join("manifest.json"));
+    let notes = m["notes"].to_string();
+    assert!(
+        notes.contains("resume runs runtime_out again: their outputs held secrets"),
+        "{notes}"
+    );
+    assert!(
+        notes.contains("resume added the hosts the interrupted run had added: vm-1"),
+        "{notes}"
+    );
+    assert_eq!(
+        m["hosts_added"][0]["spec"]["vars"]["token"],
+        "[REDACTED:tok]"
+    );
+    for f in crate::common::all_files(&bundle) {
+        let body = String::from_utf8_lossy(&std::fs::read(&f).expect("read")).into_owned();
+        assert!(!body.contains(secret), "{} holds the secret", f.display());
+        assert!(
+            !body.contains("minted-10"),
+            "{} holds the runtime secret",
+            f.display()
+        );
+    }
+    sums_ok(&bundle);
+    drop(first);
+}

@@ -417,7 +417,14 @@ impl TempUser {
         for _ in 0..50 {
             let out = Command::new("/usr/sbin/useradd")
                 // `*`: no password to log in with, but not a locked account, which sshd refuses.
-                .args(["--create-home", "--shell", "/bin/sh", "--password", "*", "--home-dir"])
+                .args([
+                    "--create-home",
+                    "--shell",
+                    "/bin/sh",
+                    "--password",
+                    "*",
+                    "--home-dir",
+                ])
                 .arg(home.path().join("home"))
                 .arg(&name)
                 .output()
