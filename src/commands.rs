@@ -175,8 +175,17 @@ fn print_diagnostics(diags: &Diagnostics) {
 
 fn bind_params(runbook: &Runbook, sets: &[String]) -> Result<BoundParams, i32> {
     BoundParams::bind(runbook, sets, |var| std::env::var(var).ok()).map_err(|errors| {
+        let source = &runbook.source;
         for e in errors {
-            render::error(&e.to_string());
+            // Point at the declaration when there is one, else at least name the runbook.
+            let at = match e.param().and_then(|name| runbook.param(name)) {
+                Some(spec) => {
+                    let lc = source.line_col(spec.span.start);
+                    format!("{}:{}:{}", source.path().display(), lc.line, lc.column)
+                }
+                None => source.path().display().to_string(),
+            };
+            render::error(&format!("{at}: {e}"));
         }
         exit::USAGE
     })

@@ -35,12 +35,25 @@ pub enum ParamError {
     Malformed(String),
     #[error("parameter `{name}` is required: pass `--set {name}=…`{}", env.as_ref().map(|e| format!(" or set the environment variable `{e}`")).unwrap_or_default())]
     Missing { name: String, env: Option<String> },
-    #[error("parameter `{name}` must be {expected}, got `{got}`")]
+    /// `got` is the value as given, or `[REDACTED:name]` for a secret.
+    #[error("parameter `{name}` ({from}) must be {expected}, got {got}")]
     BadValue {
         name: String,
+        /// `from --set` or ``from `$VAR` ``.
+        from: String,
         expected: &'static str,
         got: String,
     },
+}
+
+impl ParamError {
+    /// The declared parameter the error is about, if any.
+    pub fn param(&self) -> Option<&str> {
+        match self {
+            ParamError::Missing { name, .. } | ParamError::BadValue { name, .. } => Some(name),
+            ParamError::Unknown { .. } | ParamError::Malformed(_) => None,
+        }
+    }
 }
 
 impl BoundParams {
@@ -91,10 +104,22 @@ impl BoundParams {
                 (None, None) => (None, ParamSource::Default),
             };
             let value = match raw {
-                Some(raw) => match coerce(&spec.name, &raw, spec.default.as_ref()) {
+                Some(raw) => match coerce(&raw, spec.default.as_ref()) {
                     Ok(v) => v,
-                    Err(e) => {
-                        errors.push(e);
+                    Err(expected) => {
+                        errors.push(ParamError::BadValue {
+                            name: spec.name.clone(),
+                            from: match &source {
+                                ParamSource::Env(var) => format!("from `${var}`"),
+                                _ => "from --set".to_owned(),
+                            },
+                            expected,
+                            got: if spec.secret {
+                                format!("[REDACTED:{}]", spec.name)
+                            } else {
+                                format!("`{raw}`")
+                            },
+                        });
                         continue;
                     }
                 },
@@ -165,33 +190,40 @@ impl BoundParams {
     }
 }
 
-/// Converts a command-line string to the type of the parameter's default.
+/// Converts a command-line string to the type of the parameter's default; on failure, what
+/// was expected.
 fn coerce(
-    name: &str,
     raw: &str,
     default: Option<&serde_json::Value>,
-) -> Result<serde_json::Value, ParamError> {
+) -> Result<serde_json::Value, &'static str> {
     use serde_json::Value;
-    let bad = |expected| ParamError::BadValue {
-        name: name.to_owned(),
-        expected,
-        got: raw.to_owned(),
-    };
     Ok(match default {
         Some(Value::Bool(_)) => match raw {
             "true" | "yes" | "1" => Value::Bool(true),
             "false" | "no" | "0" => Value::Bool(false),
-            _ => return Err(bad("`true` or `false`")),
+            _ => return Err("`true` or `false`"),
         },
         Some(Value::Number(n)) if n.is_i64() => {
-            Value::from(raw.trim().parse::<i64>().map_err(|_| bad("an integer"))?)
+            Value::from(raw.trim().parse::<i64>().map_err(|_| "an integer")?)
         }
         Some(Value::Number(_)) => {
-            Value::from(raw.trim().parse::<f64>().map_err(|_| bad("a number"))?)
+            // `nan` and `inf` parse, but JSON (the manifest, expressions) has no such numbers.
+            let f = raw
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|f| f.is_finite())
+                .ok_or("a finite number")?;
+            Value::from(f)
         }
-        Some(Value::Array(_) | Value::Object(_)) => {
-            serde_json::from_str(raw).map_err(|_| bad("JSON of the default's shape"))?
-        }
+        Some(Value::Array(_)) => match serde_json::from_str(raw) {
+            Ok(v @ Value::Array(_)) => v,
+            _ => return Err("a JSON array, like `[\"a\", \"b\"]`"),
+        },
+        Some(Value::Object(_)) => match serde_json::from_str(raw) {
+            Ok(v @ Value::Object(_)) => v,
+            _ => return Err("a JSON object, like `{\"key\": \"value\"}`"),
+        },
         _ => Value::String(raw.to_owned()),
     })
 }

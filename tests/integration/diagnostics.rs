@@ -373,3 +373,35 @@ fn a_missing_inventory_points_at_where_the_runbook_names_it() {
     assert_diag(&out, "RB0015", 3, 13, "cannot read the inventory");
     out.assert_stderr_contains("inventories/lab.toml");
 }
+
+#[test]
+fn bad_param_values_point_at_the_declaration_and_never_echo_a_secret() {
+    let toml = format!(
+        "{HEAD}[params]\npin = {{ secret = true, default = 1234, env = \"RB_TEST_PIN\" }}\nratio = 0.5\nlist = [\"a\"]\n[[steps]]\nid = \"a\"\nrun = \"true\"\n"
+    );
+    let out = Test::new()
+        .runbook(&toml)
+        .args(["plan", "runbook.toml", "--set", "pin=hunter2SECRET"])
+        .args(["--set", "ratio=nan", "--set", "list=5"])
+        .run();
+    out.assert_code(2)
+        .assert_stderr_contains(
+            "runbook.toml:4:1: parameter `pin` (from --set) must be an integer, got [REDACTED:pin]",
+        )
+        .assert_stderr_contains(
+            "runbook.toml:5:1: parameter `ratio` (from --set) must be a finite number, got `nan`",
+        )
+        .assert_stderr_contains(
+            "runbook.toml:6:1: parameter `list` (from --set) must be a JSON array",
+        );
+    assert!(!out.stderr.contains("hunter2SECRET"), "{}", out.stderr);
+    let out = Test::new()
+        .runbook(&toml)
+        .env("RB_TEST_PIN", "envSECRETval")
+        .args(["run", "runbook.toml", "--evidence-dir", "proof"])
+        .run();
+    out.assert_code(2).assert_stderr_contains(
+        "parameter `pin` (from `$RB_TEST_PIN`) must be an integer, got [REDACTED:pin]",
+    );
+    assert!(!out.stderr.contains("envSECRETval") && !out.stdout.contains("envSECRETval"));
+}
