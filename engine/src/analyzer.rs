@@ -1105,6 +1105,25 @@ impl Analyzer<'_> {
         let t = self.table(v, kind.key(), s)?;
         self.check_keys(t, kind.keys(), &format!("`{}`", kind.key()), s);
         let mut ok = true;
+        // Literal values are judged now; templated ones when the step renders them.
+        for (key, value) in t.iter() {
+            let key = key.get_ref().as_ref();
+            if !kind.keys().contains(&key) || holds_template(value) {
+                continue;
+            }
+            let Some(json) = self.json(value, s) else {
+                continue;
+            };
+            if let Err(expected) = crate::request_check::check_value(kind, key, &json) {
+                self.error(
+                    Code::BadValue,
+                    s.span(value.span()),
+                    format!("`{}` {expected}", kind.key()),
+                    "not valid here",
+                );
+                ok = false;
+            }
+        }
         for required in kind.required() {
             if get(t, required).is_none() {
                 self.error(
@@ -1758,5 +1777,15 @@ mod tests {
         assert_eq!(string_origin("\"abc\"", "abc"), Some(1));
         assert_eq!(string_origin("'''\nabc'''", "abc"), Some(4));
         assert_eq!(string_origin("\"a\\tb\"", "a\tb"), None);
+    }
+}
+
+/// Whether a settings value has a `{{ … }}` anywhere in it, so it is known only when rendered.
+fn holds_template(v: &Value<'_>) -> bool {
+    match v.get_ref() {
+        DeValue::String(text) => text.contains("{{"),
+        DeValue::Array(items) => items.iter().any(holds_template),
+        DeValue::Table(t) => t.iter().any(|(_, v)| holds_template(v)),
+        _ => false,
     }
 }

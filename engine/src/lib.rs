@@ -17,6 +17,7 @@ pub mod inventory;
 pub mod params;
 pub mod plan;
 pub mod redact;
+pub mod request_check;
 pub mod retry;
 pub mod runbook;
 pub mod runner;

@@ -61,6 +61,14 @@ impl StepRunner for Dispatcher {
         // Probes and screenshots run here even on a host step (with `host` in their
         // templates): they test the host from where runbook runs.
         Box::pin(async move {
+            // Rendered values meet the rules `runbook check` applied to the literal ones.
+            if let (Some(kind), Some(spec)) = (ctx.kind, ctx.spec.as_object()) {
+                for (key, value) in spec {
+                    if let Err(e) = runbook_engine::request_check::check_value(kind, key, value) {
+                        return failed(FailureKind::Config, format!("{}: {e}", kind.key()));
+                    }
+                }
+            }
             match (ctx.kind, ctx.host.clone()) {
                 (None, None) => self.local.run(ctx, out).await,
                 (None, Some(host)) => self.remote(&ctx, &host, out).await,
@@ -386,19 +394,10 @@ impl UploadSpec {
     }
 
     pub fn mode(&self) -> Result<Option<u32>, String> {
-        let text = match &self.mode {
-            None => return Ok(None),
-            Some(serde_json::Value::String(s)) => s.clone(),
-            Some(serde_json::Value::Number(n)) => n.to_string(),
-            Some(other) => return Err(format!("upload: `mode = {other}` is not an octal mode")),
-        };
-        u32::from_str_radix(text.trim_start_matches("0o"), 8)
-            .ok()
-            .filter(|m| *m <= 0o7777)
-            .map(Some)
-            .ok_or_else(|| {
-                format!("upload: `mode = \"{text}\"` is not an octal mode like \"0644\"")
-            })
+        self.mode
+            .as_ref()
+            .map(|m| runbook_engine::request_check::mode(m).map_err(|e| format!("upload: {e}")))
+            .transpose()
     }
 }
 

@@ -405,3 +405,46 @@ fn bad_param_values_point_at_the_declaration_and_never_echo_a_secret() {
     );
     assert!(!out.stderr.contains("envSECRETval") && !out.stdout.contains("envSECRETval"));
 }
+
+/// A literal mistake in a probe or upload is found before anything runs, at its position; it
+/// used to surface only when the step was reached, after earlier steps had changed things.
+#[test]
+fn literal_probe_and_upload_values_are_checked_before_anything_runs() {
+    let toml = format!(
+        "{HEAD}[[steps]]\nid = \"drain\"\nrun = \"echo ran > drained\"\n[[steps]]\nid = \"wait-api\"\nneeds = [\"drain\"]\ntcp = {{ host = \"127.0.0.1\", port = 70000, timeout = \"3 sec0nds\" }}\n[[steps]]\nid = \"put\"\nupload = {{ content = \"x\", dest = \"{{{{ params.d }}}}\", mode = \"999\" }}\n[params]\nd = \"/tmp/x\"\n"
+    );
+    let t = Test::new().runbook(&toml);
+    let dir = t.path().to_path_buf();
+    let out = t
+        .args(["run", "runbook.toml", "--evidence-dir", "proof"])
+        .run();
+    out.assert_code(2)
+        .assert_stderr_contains("`tcp` `port` must be a number from 1 to 65535, not 70000")
+        .assert_stderr_contains("runbook.toml:9:36")
+        .assert_stderr_contains("`tcp` `timeout`: `3 sec0nds` is not a duration")
+        .assert_stderr_contains("runbook.toml:9:53")
+        .assert_stderr_contains("`upload` `mode = \"999\"` is not an octal mode")
+        .assert_stderr_contains("runbook.toml:12:59");
+    assert!(!dir.join("drained").exists(), "a step ran");
+    assert!(!dir.join("proof").exists(), "a bundle was written");
+}
+
+/// A templated value is judged when rendered, by the same rules.
+#[test]
+fn rendered_probe_values_fail_the_step_with_the_same_rules() {
+    let toml = format!(
+        "{HEAD}[params]\nt = \"3 sec0nds\"\n[[steps]]\nid = \"wait-api\"\ntcp = {{ host = \"127.0.0.1\", port = 1, timeout = \"{{{{ params.t }}}}\" }}\n"
+    );
+    let out = Test::new().runbook(&toml).run_args().run();
+    out.assert_code(1);
+    let m = out.manifest();
+    let attempt = &crate::common::step(&m, "wait-api")["attempts"][0];
+    assert_eq!(attempt["outcome"]["failure"], "config", "{attempt}");
+    assert!(
+        attempt["outcome"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("tcp: `timeout`: `3 sec0nds` is not a duration"),
+        "{attempt}"
+    );
+}
