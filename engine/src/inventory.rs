@@ -537,10 +537,12 @@ impl Inventory {
                 pattern.name
             ));
         };
-        Ok(match &pattern.slice {
-            None => base,
-            Some(slice) => slice.apply(&base),
-        })
+        match &pattern.slice {
+            None => Ok(base),
+            Some(slice) => slice
+                .apply(&base)
+                .map_err(|e| format!("`{}`: {e}", pattern.text())),
+        }
     }
 }
 
@@ -649,6 +651,18 @@ pub struct Pattern {
     pub slice: Option<Slice>,
 }
 
+impl Pattern {
+    /// As written: `servers[1:]`.
+    fn text(&self) -> String {
+        let num = |i: Option<i64>| i.map(|i| i.to_string()).unwrap_or_default();
+        match self.slice {
+            None => self.name.clone(),
+            Some(Slice::Index(i)) => format!("{}[{i}]", self.name),
+            Some(Slice::Range(a, b)) => format!("{}[{}:{}]", self.name, num(a), num(b)),
+        }
+    }
+}
+
 /// `[i]` or `[start:end]`; negative numbers count from the end, like Python.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Slice {
@@ -657,16 +671,24 @@ pub enum Slice {
 }
 
 impl Slice {
-    fn apply(self, hosts: &[Arc<Host>]) -> Vec<Arc<Host>> {
+    /// The hosts the slice picks. An index past the end of a non-empty group is an error,
+    /// not an empty selection: `servers[5]` of 2 servers is a mistake, and skipping the step
+    /// would hide it. A range may be empty (`servers[1:]` of one server: no joiners).
+    fn apply(self, hosts: &[Arc<Host>]) -> Result<Vec<Arc<Host>>, String> {
         let n = hosts.len() as i64;
         let norm = |i: i64| if i < 0 { (n + i).max(0) } else { i.min(n) };
-        match self {
+        Ok(match self {
             Slice::Index(i) => {
-                let i = if i < 0 { n + i } else { i };
-                if (0..n).contains(&i) {
-                    vec![hosts[i as usize].clone()]
-                } else {
+                let at = if i < 0 { n + i } else { i };
+                if (0..n).contains(&at) {
+                    vec![hosts[at as usize].clone()]
+                } else if n == 0 {
                     Vec::new()
+                } else {
+                    return Err(format!(
+                        "index {i} is out of range: it has {n} host(s), indexes 0 to {} (or -{n} to -1)",
+                        n - 1
+                    ));
                 }
             }
             Slice::Range(a, b) => {
@@ -678,7 +700,7 @@ impl Slice {
                     hosts[a as usize..b as usize].to_vec()
                 }
             }
-        }
+        })
     }
 }
 
@@ -764,7 +786,18 @@ fn parse_slice(inner: &str) -> Result<Slice, String> {
         None => num(inner)?
             .map(Slice::Index)
             .ok_or_else(|| "empty index: expected `[0]`, `[1:]`, `[:2]` or `[-1]`".to_owned()),
-        Some((a, b)) => Ok(Slice::Range(num(a)?, num(b)?)),
+        Some((a, b)) => {
+            let (a, b) = (num(a)?, num(b)?);
+            // Only same-sign bounds can be judged without knowing the group's size.
+            if let (Some(x), Some(y)) = (a, b) {
+                if (x >= 0) == (y >= 0) && x >= y {
+                    return Err(format!(
+                        "`[{inner}]` selects nothing: the start must be before the end"
+                    ));
+                }
+            }
+            Ok(Slice::Range(a, b))
+        }
     }
 }
 
@@ -907,6 +940,18 @@ pub fn check_targets(
         if adds_hosts {
             continue;
         }
+        let unknown = selector
+            .names()
+            .any(|name| name != "all" && inv.host(name).is_none() && inv.group(name).is_none());
+        if !unknown {
+            if let Err(e) = inv.select(selector) {
+                diags.push(Diagnostic::error(Code::UnknownTarget, e).at(
+                    &runbook.source,
+                    span.clone(),
+                    "selects a host that does not exist",
+                ));
+            }
+        }
         for name in selector.names() {
             if name == "all" || inv.host(name).is_some() || inv.group(name).is_some() {
                 continue;
@@ -942,6 +987,27 @@ pub fn check_targets(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_index_past_the_end_is_an_error_and_an_empty_range_is_not() {
+        let inv = parse_str("lab.toml", LAB).expect("valid");
+        let pick = |s: &str| inv.select(&Selector::parse(s).expect("parses"));
+        let e = pick("servers[5]").expect_err("out of range");
+        assert_eq!(
+            e,
+            "`servers[5]`: index 5 is out of range: it has 3 host(s), indexes 0 to 2 (or -3 to -1)"
+        );
+        assert!(pick("servers[-4]").is_err());
+        assert_eq!(pick("servers[-3]").map(|h| h.len()), Ok(1));
+        assert_eq!(pick("servers[3:]").map(|h| h.len()), Ok(0));
+        for bad in ["servers[2:1]", "servers[0:0]", "servers[-1:-2]"] {
+            assert!(
+                Selector::parse(bad).is_err_and(|e| e.contains("selects nothing")),
+                "{bad}"
+            );
+        }
+        assert!(Selector::parse("servers[-2:1]").is_ok());
+    }
 
     const LAB: &str = r#"
 [defaults]
@@ -985,7 +1051,6 @@ vars = { role = "agent" }
         assert_eq!(names(&sel("servers[1:]")), ["cp-2", "cp-3"]);
         assert_eq!(names(&sel("servers[-1]")), ["cp-3"]);
         assert_eq!(names(&sel("servers[:2]")), ["cp-1", "cp-2"]);
-        assert_eq!(names(&sel("servers[7]")), Vec::<&str>::new());
         assert_eq!(
             names(&sel("all,!bastion,!servers[0]")),
             ["cp-2", "cp-3", "wk-1"]

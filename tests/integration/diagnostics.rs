@@ -448,3 +448,28 @@ fn rendered_probe_values_fail_the_step_with_the_same_rules() {
         "{attempt}"
     );
 }
+
+#[test]
+fn an_index_past_the_end_of_a_group_is_an_error_not_a_skipped_step() {
+    let inventory = "[hosts.a]\naddress = \"127.0.0.1\"\ngroups = [\"servers\"]\n[hosts.b]\naddress = \"127.0.0.2\"\ngroups = [\"servers\"]\n";
+    let toml = format!(
+        "[runbook]\nname = \"t\"\ninventory = \"inv.toml\"\n[[steps]]\nid = \"a\"\non = \"servers[5]\"\nrun = \"true\"\n"
+    );
+    let t = Test::new().runbook(&toml);
+    std::fs::write(t.path().join("inv.toml"), inventory).expect("inventory");
+    t.args(["check", "runbook.toml"]).run().assert_code(2).assert_stderr_contains(
+        "error[RB0019]: `servers[5]`: index 5 is out of range: it has 2 host(s), indexes 0 to 1 (or -2 to -1)",
+    ).assert_stderr_contains("runbook.toml:6:6");
+    // Hosts added at run time are judged when the step runs: it fails, it is not skipped.
+    let late = "[runbook]\nname = \"t\"\n[[steps]]\nid = \"add\"\nscript = 'inventory.add_host(\"vm-1\", #{ address: \"127.0.0.1\", groups: [\"late\"] });'\n[[steps]]\nid = \"use\"\nneeds = [\"add\"]\non = \"late[3]\"\nrun = \"true\"\n";
+    let out = Test::new().runbook(late).run_args().run();
+    out.assert_code(1);
+    let reason = crate::common::step(&out.manifest(), "use")["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(
+        reason,
+        "`on = \"late[3]\"`: `late[3]`: index 3 is out of range: it has 1 host(s), indexes 0 to 0 (or -1 to -1)"
+    );
+}
