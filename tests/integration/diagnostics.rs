@@ -452,10 +452,8 @@ fn rendered_probe_values_fail_the_step_with_the_same_rules() {
 #[test]
 fn an_index_past_the_end_of_a_group_is_an_error_not_a_skipped_step() {
     let inventory = "[hosts.a]\naddress = \"127.0.0.1\"\ngroups = [\"servers\"]\n[hosts.b]\naddress = \"127.0.0.2\"\ngroups = [\"servers\"]\n";
-    let toml = format!(
-        "[runbook]\nname = \"t\"\ninventory = \"inv.toml\"\n[[steps]]\nid = \"a\"\non = \"servers[5]\"\nrun = \"true\"\n"
-    );
-    let t = Test::new().runbook(&toml);
+    let toml = "[runbook]\nname = \"t\"\ninventory = \"inv.toml\"\n[[steps]]\nid = \"a\"\non = \"servers[5]\"\nrun = \"true\"\n";
+    let t = Test::new().runbook(toml);
     std::fs::write(t.path().join("inv.toml"), inventory).expect("inventory");
     t.args(["check", "runbook.toml"]).run().assert_code(2).assert_stderr_contains(
         "error[RB0019]: `servers[5]`: index 5 is out of range: it has 2 host(s), indexes 0 to 1 (or -2 to -1)",
