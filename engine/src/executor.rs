@@ -759,6 +759,31 @@ fn expr_failure(plan: &Plan, what: &str, e: &SpannedExpr, err: &EvalError) -> St
     plan.redact(&format!("{what}{shown} failed at {loc}: {}", err.message))
 }
 
+/// The value of a condition (`when`, `until`, `check`, `gate`) as a boolean. An evaluation
+/// error, or a value that is not a boolean, is a message naming the condition, its text and
+/// where it is written.
+fn condition(
+    plan: &Plan,
+    what: &str,
+    e: &SpannedExpr,
+    value: Result<Dynamic, EvalError>,
+) -> Result<bool, String> {
+    let value = value.map_err(|err| expr_failure(plan, what, e, &err))?;
+    truthy(&value).map_err(|got| {
+        let text = e.expr.text.trim();
+        let loc =
+            e.at.describe(&plan.runbook.source, &e.expr.text, None, None);
+        let shown = if text.lines().count() > 1 || text.len() > 60 {
+            String::new()
+        } else {
+            format!(" `{text}`")
+        };
+        plan.redact(&format!(
+            "{what}{shown} at {loc} must be true or false; {got}"
+        ))
+    })
+}
+
 /// Runs a hook script; `Err` carries a message for people.
 async fn run_hook(
     host: &ExprHost,
@@ -1053,10 +1078,7 @@ impl StepTask {
                 .host
                 .eval_with_effects(&when.expr, &mut self.scope(None));
             apply_effects(&self.plan, &self.events, Some(step), effects).await;
-            match value
-                .map_err(|e| expr_failure(&self.plan, "`when`", when, &e))
-                .and_then(|v| truthy(&v).map_err(|e| format!("`when` must be true or false: {e}")))
-            {
+            match condition(&self.plan, "`when`", when, value) {
                 Ok(true) => {}
                 Ok(false) => {
                     return StepResult {
@@ -1439,10 +1461,7 @@ impl StepTask {
                 scope.push_constant("output", info);
                 let (value, effects) = self.host.eval_with_effects(&e.expr, &mut scope);
                 apply_effects(&self.plan, &self.events, Some(step), effects).await;
-                match value
-                    .map_err(|err| expr_failure(&self.plan, "`gate`", e, &err))
-                    .and_then(|v| truthy(&v))
-                {
+                match condition(&self.plan, "`gate`", e, value) {
                     Ok(true) => Ok(()),
                     Ok(false) => Err(format!(
                         "the gate after batch {batch} was false: {}",
@@ -1499,10 +1518,7 @@ impl StepTask {
                     .host
                     .eval_with_effects(&when.expr, &mut self.scope(Some(host)));
                 apply_effects(&self.plan, &self.events, Some(step), effects).await;
-                match value
-                    .map_err(|e| expr_failure(&self.plan, "`when`", when, &e))
-                    .and_then(|v| truthy(&v))
-                {
+                match condition(&self.plan, "`when`", when, value) {
                     Ok(true) => {}
                     Ok(false) => continue,
                     Err(m) => {
@@ -2045,10 +2061,7 @@ impl StepTask {
             let Some(cond) = cond else { continue };
             let (value, effects) = eval(cond, &mut scope);
             apply_effects(&self.plan, &self.events, Some(step), effects).await;
-            match value
-                .map_err(|e| expr_failure(&self.plan, what, cond, &e))
-                .and_then(|v| truthy(&v))
-            {
+            match condition(&self.plan, what, cond, value) {
                 Ok(true) => {}
                 Ok(false) => {
                     return Err(fail(

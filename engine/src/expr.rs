@@ -555,7 +555,7 @@ pub fn display_value(value: &Dynamic) -> String {
 pub fn truthy(value: &Dynamic) -> Result<bool, String> {
     value
         .as_bool()
-        .map_err(|t| format!("expected `true` or `false`, got a value of type {t}"))
+        .map_err(|t| format!("got a value of type {t}"))
 }
 
 #[cfg(test)]

@@ -425,3 +425,24 @@ fn step_references_are_checked_statically() {
     let ok = check(&format!("{base}[[steps]]\nid = \"c\"\nneeds = [\"facts-os\", \"b\"]\nrun = \"echo {{{{ steps[\\\"facts-os\\\"].status }}}} {{{{ steps.b.exit_code }}}}\"\n"));
     ok.assert_code(0);
 }
+
+/// A condition that is not a boolean names itself, its text and where it is written.
+#[test]
+fn a_non_boolean_condition_says_which_and_where() {
+    let out = Test::new()
+        .runbook(
+            "[runbook]\nname = \"c\"\n[params]\nn = 3\n[[steps]]\nid = \"a\"\nrun = \"echo hi\"\ncheck = \"output.stdout\"\n[[steps]]\nid = \"b\"\nwhen = \"params.n\"\nrun = \"true\"\n",
+        )
+        .run_args()
+        .run();
+    out.assert_code(1);
+    let m = out.manifest();
+    assert_eq!(
+        crate::common::step(&m, "a")["reason"],
+        "`check` `output.stdout` at runbook.toml:8:10 must be true or false; got a value of type string"
+    );
+    assert_eq!(
+        crate::common::step(&m, "b")["reason"],
+        "`when` `params.n` at runbook.toml:11:9 must be true or false; got a value of type i64"
+    );
+}
