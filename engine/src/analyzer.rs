@@ -87,6 +87,8 @@ const HOOK_KEYS: &[&str] = &[
 ];
 const PARAM_KEYS: &[&str] = &["default", "doc", "secret", "env", "required"];
 const DEFAULT_KEYS: &[&str] = &["timeout", "retry", "shell", "env", "cwd", "kill_grace"];
+/// Durations that limit something, where zero can only be a mistake.
+const NONZERO_DURATIONS: &[&str] = &["timeout", "deadline", "max_delay", "rto", "rpo"];
 const RETRY_KEYS: &[&str] = &[
     "attempts",
     "backoff",
@@ -428,6 +430,17 @@ impl Analyzer<'_> {
     fn duration(&mut self, v: &Value<'_>, key: &str, s: &ShiftedSpans) -> Option<Duration> {
         match v.get_ref() {
             DeValue::String(text) => match parse_duration(text) {
+                // A zero limit would fail every attempt (or every drill) at once.
+                Ok(d) if d.is_zero() && NONZERO_DURATIONS.contains(&key) => {
+                    let d = Diagnostic::error(
+                        Code::BadDuration,
+                        format!("`{key}` must be more than zero"),
+                    )
+                    .at(&self.src, s.span(v.span()), "zero")
+                    .help(format!("leave `{key}` out for no limit"));
+                    self.push(d);
+                    None
+                }
                 Ok(d) => Some(d),
                 Err(why) => {
                     let d = Diagnostic::error(
@@ -444,6 +457,7 @@ impl Analyzer<'_> {
                 }
             },
             DeValue::Integer(i) => {
+                let n = i.as_str().trim_start_matches(['+', '-']);
                 let d = Diagnostic::error(
                     Code::BadDuration,
                     format!(
@@ -452,7 +466,11 @@ impl Analyzer<'_> {
                     ),
                 )
                 .at(&self.src, s.span(v.span()), "a bare number has no unit")
-                .help(format!("write `{key} = \"{}s\"` for seconds", i.as_str()));
+                .help(if i.as_str().starts_with('-') {
+                    format!("a duration cannot be negative: write `{key} = \"{n}s\"` for seconds")
+                } else {
+                    format!("write `{key} = \"{n}s\"` for seconds")
+                });
                 self.push(d);
                 None
             }

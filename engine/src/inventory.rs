@@ -206,7 +206,14 @@ impl Inventory {
                 Ok(h) => h,
                 Err(e) => {
                     let message = e.message().trim();
-                    let (span, on_key) = spans.error_at("hosts", name, message);
+                    let (mut span, mut on_key) = spans.error_at("hosts", name, message);
+                    // serde names the value, not the key (`invalid value: integer `70000`,
+                    // expected u16`): find the key whose value alone fails the same way.
+                    if !on_key {
+                        if let Some(key) = culprit_key::<HostFile>(value) {
+                            (span, on_key) = spans.error_at("hosts", name, &format!("`{key}`"));
+                        }
+                    }
                     let hint = unknown_field(message)
                         .and_then(|f| crate::diagnostic::suggest(f, HOST_KEYS.split(", ")))
                         .map(|s| format!("did you mean `{s}`? "))
@@ -228,12 +235,15 @@ impl Inventory {
                 host.vars,
             ) {
                 Ok(h) => inv.hosts.push(Arc::new(h)),
-                Err(InventoryError::Invalid(m)) => error(
-                    &mut diags,
-                    at,
-                    format!("host `{name}`: {m}"),
-                    "in this host",
-                ),
+                Err(InventoryError::Invalid(m)) => {
+                    let (span, on_key) = spans.error_at("hosts", name, &m);
+                    error(
+                        &mut diags,
+                        span,
+                        format!("host `{name}`: {m}"),
+                        if on_key { "here" } else { "in this host" },
+                    );
+                }
             }
         }
         for (name, value) in &file.groups {
@@ -307,6 +317,28 @@ impl Inventory {
                         "in this host",
                     );
                 }
+            }
+        }
+        for h in &inv.hosts {
+            let mut chain = vec![h.name.as_str()];
+            let mut at = h.as_ref();
+            while let Some(next) = at.proxy_jump.as_deref().and_then(|j| inv.host(j)) {
+                let looped = chain.contains(&next.name.as_str());
+                chain.push(&next.name);
+                if looped {
+                    error(
+                        &mut diags,
+                        spans.error_at("hosts", &h.name, "`proxy_jump`").0,
+                        format!(
+                            "host `{}`: `proxy_jump` goes round in a loop: {}",
+                            h.name,
+                            chain.join(" → ")
+                        ),
+                        "in this host",
+                    );
+                    break;
+                }
+                at = next;
             }
         }
         if diags.has_errors() {
@@ -456,13 +488,32 @@ impl Inventory {
             Some(OneOrMany::One(p)) => vec![self.path(&p)],
             Some(OneOrMany::Many(ps)) => ps.iter().map(|p| self.path(p)).collect(),
         };
+        let port = own.port.or(d.port).unwrap_or(22);
+        if port == 0 {
+            return Err(InventoryError::Invalid(
+                "`port` must be from 1 to 65535, not 0".into(),
+            ));
+        }
+        if address.is_some_and(|a| a.trim().is_empty()) {
+            return Err(InventoryError::Invalid(
+                "`address` is empty: give an IP address or a DNS name (or leave it out to use the host's name)".into(),
+            ));
+        }
+        let connect_timeout =
+            duration("connect_timeout", &own.connect_timeout, &d.connect_timeout)?
+                .unwrap_or(Duration::from_secs(10));
+        if connect_timeout.is_zero() {
+            return Err(InventoryError::Invalid(
+                "`connect_timeout` must be more than zero".into(),
+            ));
+        }
         let known_hosts = pick(&own.known_hosts, &d.known_hosts)
             .map(|p| self.path(&p))
             .unwrap_or_else(|| home().join(".ssh/known_hosts"));
         Ok(Host {
             name: name.to_owned(),
             address: address.unwrap_or(name).to_owned(),
-            port: own.port.or(d.port).unwrap_or(22),
+            port,
             user: pick(&own.user, &d.user).unwrap_or_else(current_user),
             identity_files,
             passphrase_env: pick(&own.passphrase_env, &d.passphrase_env),
@@ -475,8 +526,7 @@ impl Inventory {
                 .or(d.proxy_jump.as_ref())
                 .cloned()
                 .filter(|j| !j.is_empty() && j != name),
-            connect_timeout: duration("connect_timeout", &own.connect_timeout, &d.connect_timeout)?
-                .unwrap_or(Duration::from_secs(10)),
+            connect_timeout,
             keepalive: duration("keepalive", &own.keepalive, &d.keepalive)?
                 .or(Some(Duration::from_secs(30))),
             groups,
@@ -555,6 +605,20 @@ fn current_user() -> String {
         .ok()
         .filter(|u| !u.is_empty())
         .unwrap_or_else(|| "root".into())
+}
+
+/// The first key of `table` whose value, alone, does not deserialize as `T`.
+fn culprit_key<T: serde::de::DeserializeOwned>(table: &toml::Value) -> Option<String> {
+    let toml::Value::Table(t) = table else {
+        return None;
+    };
+    t.iter()
+        .find(|(k, v)| {
+            let mut one = toml::Table::new();
+            one.insert((*k).clone(), (*v).clone());
+            toml::Value::Table(one).try_into::<T>().is_err()
+        })
+        .map(|(k, _)| k.clone())
 }
 
 /// `prot` from serde's "unknown field `prot`, expected …".
@@ -987,6 +1051,34 @@ pub fn check_targets(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bad_host_values_are_named_at_their_key() {
+        let bad = "[hosts.a]\naddress = \"127.0.0.1\"\nport = 70000\n[hosts.b]\naddress = \"\"\n\
+                   [hosts.c]\naddress = \"x\"\nport = 0\n[hosts.d]\nconnect_timeout = \"0s\"\n\
+                   [hosts.e]\nproxy_jump = \"f\"\n[hosts.f]\nproxy_jump = \"e\"\n";
+        let diags = parse_str("inv.toml", bad).expect_err("invalid");
+        let found: Vec<(String, usize)> = diags
+            .0
+            .iter()
+            .map(|d| (d.message.clone(), d.location().map_or(0, |(_, lc)| lc.line)))
+            .collect();
+        let at = |needle: &str| {
+            found
+                .iter()
+                .find(|(m, _)| m.contains(needle))
+                .map(|(_, line)| *line)
+                .unwrap_or_else(|| panic!("no `{needle}` in {found:?}"))
+        };
+        assert_eq!(at("host `a`: invalid value: integer `70000`"), 3);
+        assert_eq!(at("host `b`: `address` is empty"), 5);
+        assert_eq!(at("host `c`: `port` must be from 1 to 65535, not 0"), 8);
+        assert_eq!(at("host `d`: `connect_timeout` must be more than zero"), 10);
+        assert_eq!(
+            at("host `e`: `proxy_jump` goes round in a loop: e → f → e"),
+            12
+        );
+    }
 
     #[test]
     fn an_index_past_the_end_is_an_error_and_an_empty_range_is_not() {
