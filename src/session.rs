@@ -126,7 +126,7 @@ pub fn execute(s: Session) -> i32 {
         }
     }
     say(&format!("\n{}", console.redact(&summary_table(&report))));
-    print_failure_tails(&report, &bundle);
+    print_failure_tails(&report, &bundle, &console);
     let mut recorder = recorder;
     if let (true, Some(r)) = (s.fail_on_leak, recorder.as_mut()) {
         let leaks: Vec<String> = r
@@ -238,7 +238,10 @@ fn seal(
 
 /// For each failed step, where its last log is and how it ends: the first thing an operator
 /// needs when a run fails.
-fn print_failure_tails(report: &RunReport, bundle: &Path) {
+/// The last lines of each failed local step's log, under its reason. The log is redacted on
+/// disk already; the reason comes from the engine and is redacted here, like every other
+/// line the console prints.
+fn print_failure_tails(report: &RunReport, bundle: &Path, console: &Console) {
     for s in report
         .steps
         .iter()
@@ -259,7 +262,7 @@ fn print_failure_tails(report: &RunReport, bundle: &Path) {
         sayln!(
             "\n{} failed: {}",
             s.id,
-            s.reason.as_deref().unwrap_or("failed")
+            console.redact(s.reason.as_deref().unwrap_or("failed"))
         );
         sayln!("  log: {}", log.display());
         for l in &lines[lines.len().saturating_sub(10)..] {

@@ -175,6 +175,39 @@ fn secret_params_never_reach_the_bundle() {
     assert!(!out.stderr.contains(secret) && !out.stdout.contains(secret));
 }
 
+/// The failure summary printed after the table shows each failed step's reason; a reason
+/// built from a secret (a working directory named with one) is redacted there too.
+#[test]
+fn failure_reasons_on_the_console_are_redacted() {
+    let secret = "Sup3r-S3cret-Value-42XYZ";
+    let toml = format!(
+        "{HEAD}[params]\npw = {{ secret = true, env = \"RB_TEST_PW\" }}\n[[steps]]\nid = \"cwd\"\ncontinue_on_failure = true\ncwd = \"/nonexistent/{{{{ params.pw }}}}\"\nrun = \"true\"\n[[steps]]\nid = \"gen\"\nrun = 'echo tok-$((6*7))-ABCDEF0123456789xyz'\noutputs = {{ t = 'secret(\"tok\", output.stdout.trim())' }}\n[[steps]]\nid = \"use\"\nneeds = [\"gen\"]\ncwd = \"/nonexistent/{{{{ steps.gen.outputs.t }}}}\"\nrun = \"true\"\n"
+    );
+    let out = Test::new()
+        .runbook(&toml)
+        .env("RB_TEST_PW", secret)
+        .run_args()
+        .run();
+    out.assert_code(1);
+    for (what, text) in [("stdout", &out.stdout), ("stderr", &out.stderr)] {
+        assert!(!text.contains(secret), "{what}: {text}");
+        assert!(
+            !text.contains("tok-42-ABCDEF0123456789xyz"),
+            "{what}: {text}"
+        );
+    }
+    assert!(
+        out.stderr
+            .contains("cwd failed: working directory `/nonexistent/[REDACTED:pw]`")
+            || out
+                .stdout
+                .contains("cwd failed: working directory `/nonexistent/[REDACTED:pw]`"),
+        "{}{}",
+        out.stdout,
+        out.stderr
+    );
+}
+
 #[test]
 fn an_unwritable_evidence_dir_fails_before_anything_runs() {
     let t = Test::new()
