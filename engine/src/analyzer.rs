@@ -1740,7 +1740,7 @@ pub fn references(code: &str, root: &str) -> Vec<(String, usize)> {
 
 /// The `steps.<id>` an expression at `offset` inside a located string reads, each with the
 /// span of its mention (the whole string when escapes blur positions).
-fn refs_in(code: &str, offset: usize, at: &Located) -> Vec<Need> {
+pub(crate) fn refs_in(code: &str, offset: usize, at: &Located) -> Vec<Need> {
     step_references(code)
         .into_iter()
         .map(|(name, pos)| {

@@ -106,6 +106,7 @@ impl StepGraph {
         }
         if !diags.has_errors() {
             check_step_refs(runbook, &graph, &index, &mut diags);
+            check_run_refs(runbook, &index, &mut diags);
         }
         if diags.has_errors() {
             diags.sort();
@@ -225,6 +226,44 @@ impl StepGraph {
             }
         }
         out
+    }
+}
+
+/// Run-level expressions (hooks, the drill's `restored_data_time`) may read any step, but only
+/// one that exists: a typo would otherwise surface after the whole run, as an unmeasured drill.
+fn check_run_refs(runbook: &Runbook, index: &HashMap<&str, NodeIndex>, diags: &mut Diagnostics) {
+    let h = &runbook.hooks;
+    let exprs = [
+        &h.before_run,
+        &h.after_run,
+        &h.before_step,
+        &h.after_step,
+        &h.on_failure,
+    ]
+    .into_iter()
+    .flatten()
+    .chain(
+        runbook
+            .drill
+            .as_ref()
+            .and_then(|d| d.restored_data_time.as_ref()),
+    );
+    for e in exprs {
+        for r in crate::analyzer::refs_in(&e.expr.text, 0, &e.at) {
+            if index.contains_key(r.id.as_str()) {
+                continue;
+            }
+            let mut d = Diagnostic::error(
+                Code::UnknownStepRef,
+                format!("`steps.{}` refers to no step", r.id),
+            )
+            .at(&runbook.source, r.span.clone(), "no step has this id");
+            if let Some(near) = suggest(r.id.as_str(), runbook.steps.iter().map(|s| s.id.as_str()))
+            {
+                d = d.help(format!("did you mean `{near}`?"));
+            }
+            diags.push(d);
+        }
     }
 }
 

@@ -471,3 +471,20 @@ fn an_index_past_the_end_of_a_group_is_an_error_not_a_skipped_step() {
         "`on = \"late[3]\"`: `late[3]`: index 3 is out of range: it has 1 host(s), indexes 0 to 0 (or -1 to -1)"
     );
 }
+
+/// Hooks and the drill's `restored_data_time` run after the steps; a typo in the step they read
+/// used to surface only then (an unmeasured drill after a full restore).
+#[test]
+fn run_level_expressions_must_name_existing_steps() {
+    let toml = "[runbook]\nname = \"d\"\n[drill]\nrto = \"10m\"\nrpo = \"1h\"\nrestored_data_time = \"steps.zz.outputs.x\"\n[hooks]\nafter_run = \"log(steps.restroe.status)\"\n[[steps]]\nid = \"restore\"\nrun = \"touch ran\"\n";
+    let t = Test::new().runbook(toml);
+    let dir = t.path().to_path_buf();
+    t.args(["run", "runbook.toml", "--evidence-dir", "proof"])
+        .run()
+        .assert_code(2)
+        .assert_stderr_contains("error[RB0016]: `steps.zz` refers to no step")
+        .assert_stderr_contains("runbook.toml:6:23")
+        .assert_stderr_contains("error[RB0016]: `steps.restroe` refers to no step")
+        .assert_stderr_contains("did you mean `restore`?");
+    assert!(!dir.join("ran").exists());
+}
