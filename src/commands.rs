@@ -115,11 +115,23 @@ fn cli_checks(runbook: &Runbook) -> Diagnostics {
     use runbook_engine::runbook::{Action, RequestKind};
     let mut d = Diagnostics::default();
     if let Some((value, span)) = &runbook.notify {
-        if let Err(e) = serde_json::from_value::<crate::notify::NotifySpec>(value.clone()) {
+        // The webhook is only used when a run ends, maybe to report its failure: an address
+        // that cannot work must be found now, not when the alert is due.
+        let problem = match serde_json::from_value::<crate::notify::NotifySpec>(value.clone()) {
+            Err(e) => Some(e.to_string()),
+            Ok(spec) => runbook_engine::request_check::check_value(
+                RequestKind::Http,
+                "url",
+                &serde_json::Value::String(spec.url.clone()),
+            )
+            .err()
+            .map(|e| e.replace(&spec.url, &crate::notify::redact_url(&spec.url))),
+        };
+        if let Some(e) = problem {
             d.push(
                 Diagnostic::error(Code::BadValue, format!("`[notify]`: {e}"))
                     .at(&runbook.source, span.clone(), "in this table")
-                    .help("keys: url, format = \"generic\" | \"slack\", on = [\"failure\", \"success\", \"rto_missed\", \"always\"], headers, timeout, retries"),
+                    .help("keys: url (http or https), format = \"generic\" | \"slack\", on = [\"failure\", \"success\", \"rto_missed\", \"always\"], headers, timeout, retries"),
             );
         }
     }

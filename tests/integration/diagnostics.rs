@@ -488,3 +488,31 @@ fn run_level_expressions_must_name_existing_steps() {
         .assert_stderr_contains("did you mean `restore`?");
     assert!(!dir.join("ran").exists());
 }
+
+/// `[notify]` is used when a run ends, often to report its failure: a webhook address that
+/// cannot work is an error before anything runs, and its path (which often holds a token) is
+/// not printed.
+#[test]
+fn a_notify_url_that_cannot_work_is_found_by_check() {
+    for (url, expected) in [
+        (
+            "htp:/hooks/T000/SECRETPATH",
+            "`[notify]`: `url` scheme `htp` is not supported (http, https)",
+        ),
+        (
+            "not a url",
+            "`[notify]`: `url` `<webhook url>` is not a URL",
+        ),
+    ] {
+        let toml =
+            format!("{HEAD}[notify]\nurl = \"{url}\"\n[[steps]]\nid = \"a\"\nrun = \"true\"\n");
+        let out = Test::new()
+            .runbook(&toml)
+            .args(["check", "runbook.toml"])
+            .run();
+        out.assert_code(2)
+            .assert_stderr_contains(expected)
+            .assert_stderr_contains("runbook.toml:3:1");
+        assert!(!out.stderr.contains("SECRETPATH"), "{}", out.stderr);
+    }
+}
