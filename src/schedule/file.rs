@@ -64,6 +64,10 @@ pub enum CatchUp {
 #[derive(Debug, Clone)]
 pub struct Entry {
     pub name: String,
+    /// Where the entry's `name`, `runbook` and `params` are written, for later messages.
+    pub name_span: Span,
+    pub runbook_span: Span,
+    pub params_span: Option<Span>,
     /// The runbook, resolved against the schedule file's directory.
     pub runbook: PathBuf,
     /// The runbook path as written (relative paths are kept for exported units).
@@ -235,13 +239,27 @@ impl Reader {
                 self.diags.push(d);
             }
         }
-        let mut seen: BTreeMap<String, ()> = BTreeMap::new();
+        let mut seen: BTreeMap<String, Span> = BTreeMap::new();
         for e in &entries {
-            if seen.insert(e.name.to_lowercase(), ()).is_some() {
-                self.diags.push(Diagnostic::error(
-                    Code::DuplicateStep,
-                    format!("two schedule entries are named `{}`", e.name),
-                ));
+            if let Some(first) = seen.insert(e.name.to_lowercase(), e.name_span.clone()) {
+                let first = self.src.line_col(first.start);
+                self.diags.push(
+                    Diagnostic::error(
+                        Code::DuplicateStep,
+                        format!("two schedule entries are named `{}`", e.name),
+                    )
+                    .at(
+                        &self.src,
+                        e.name_span.clone(),
+                        "a second entry with this name",
+                    )
+                    .note(format!(
+                        "the first is at {}:{}:{}",
+                        self.src.path().display(),
+                        first.line,
+                        first.column
+                    )),
+                );
             }
         }
         let stem = self
@@ -309,6 +327,17 @@ impl Reader {
         };
         let cron = self.required_string(t, "cron", v.span()).and_then(|(text, span)| {
             match CronSpec::parse(&text, tz.unwrap_or(Tz::UTC)) {
+                // `0 0 31 2 *` parses, but the scheduler would wait for it forever.
+                Ok(c) if c.upcoming(chrono::Utc::now(), 1).is_empty() => {
+                    let d = Diagnostic::error(
+                        Code::BadValue,
+                        format!("`cron = \"{text}\"` never fires: no date matches it"),
+                    )
+                    .at(&self.src, span, "never fires")
+                    .help("check the day of month against the month (there is no 31 February)");
+                    self.diags.push(d);
+                    None
+                }
                 Ok(c) => Some(c),
                 Err(why) => {
                     let d = Diagnostic::error(Code::BadValue, format!("invalid `cron`: {why}"))
@@ -320,6 +349,7 @@ impl Reader {
             }
         });
         let params = get(t, "params").map(|p| self.params(p)).unwrap_or_default();
+        let params_span = get(t, "params").map(Spanned::span);
         let jitter = get(t, "jitter")
             .and_then(|v| self.duration(v, "jitter"))
             .unwrap_or_default();
@@ -346,11 +376,14 @@ impl Reader {
             .and_then(|v| self.string(v, "evidence_dir"))
             .map_or_else(|| evidence_dir.to_path_buf(), |(s, _)| dir.join(s));
         let own_notify = get(t, "notify").and_then(|v| self.notify(v));
-        let (name, _) = name?;
-        let (runbook, _) = runbook?;
+        let (name, name_span) = name?;
+        let (runbook, runbook_span) = runbook?;
         tz?;
         Some(Entry {
             name,
+            name_span,
+            runbook_span,
+            params_span,
             runbook: dir.join(&runbook),
             runbook_as_written: runbook,
             params,

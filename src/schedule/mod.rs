@@ -134,15 +134,26 @@ fn load(path: &Path) -> Result<ScheduleFile, i32> {
 /// The schedule file and the name of each entry's runbook, every runbook compiled: a broken
 /// runbook is reported before the scheduler starts, not at 2 a.m.
 fn load_checked(path: &Path) -> Result<(ScheduleFile, Vec<String>), i32> {
+    use runbook_engine::diagnostic::{Code, Diagnostic};
     let schedule = load(path)?;
     let host = runbook_engine::expr::ExprHost::new();
     let mut names = Vec::new();
     let mut failed = false;
+    // Problems with what an entry names are shown at the entry, in the schedule file.
+    let at = |span: &runbook_engine::source::Span, message: String, label: &str| {
+        let d =
+            Diagnostic::error(Code::BadValue, message).at(&schedule.source, span.clone(), label);
+        print_diagnostics(&Diagnostics(vec![d]));
+    };
     for e in &schedule.entries {
         let source = match runbook_engine::load_source(&e.runbook) {
             Ok(s) => s,
             Err(err) => {
-                render::error(&format!("entry `{}`: {err}", e.name));
+                at(
+                    &e.runbook_span,
+                    format!("entry `{}`: {err}", e.name),
+                    "this runbook",
+                );
                 failed = true;
                 continue;
             }
@@ -157,7 +168,11 @@ fn load_checked(path: &Path) -> Result<(ScheduleFile, Vec<String>), i32> {
                     runbook_engine::params::BoundParams::bind(&rb, &sets, |v| std::env::var(v).ok())
                 {
                     for err in errs {
-                        render::error(&format!("entry `{}`: {err}", e.name));
+                        at(
+                            e.params_span.as_ref().unwrap_or(&e.runbook_span),
+                            format!("entry `{}`: {err}", e.name),
+                            "for this runbook",
+                        );
                     }
                     failed = true;
                 }
@@ -181,8 +196,10 @@ fn load_checked(path: &Path) -> Result<(ScheduleFile, Vec<String>), i32> {
 }
 
 fn list(path: &Path, count: usize) -> i32 {
-    let schedule = match load(path) {
-        Ok(s) => s,
+    // The same checks as `run` and `export`: a listing must not look fine for an entry that
+    // cannot run.
+    let (schedule, _) = match load_checked(path) {
+        Ok(x) => x,
         Err(code) => return code,
     };
     let state = match state::State::load(&schedule.state_file) {

@@ -444,6 +444,46 @@ fn schedule_file_errors_point_at_the_value() {
         .assert_stderr_contains("`catch_up` must be `none` or `latest`");
 }
 
+/// What `schedule run` would refuse, `list` refuses too, at the entry in the schedule file:
+/// a missing runbook, a parameter the runbook does not have, a second entry of the same name,
+/// a cron expression that never fires.
+#[test]
+fn list_refuses_entries_that_cannot_run_and_says_where() {
+    let cases = [
+        (
+            "[[schedule]]\nname = \"a\"\nrunbook = \"missing.toml\"\ncron = \"* * * * *\"\n",
+            "entry `a`: cannot read",
+            "schedules.toml:3:11",
+        ),
+        (
+            "[[schedule]]\nname = \"a\"\nrunbook = \"drill.toml\"\ncron = \"* * * * *\"\nparams = { nope = 1 }\n",
+            "entry `a`: `--set nope=…` names no parameter of this runbook",
+            "schedules.toml:5:10",
+        ),
+        (
+            "[[schedule]]\nname = \"a\"\nrunbook = \"drill.toml\"\ncron = \"* * * * *\"\n[[schedule]]\nname = \"a\"\nrunbook = \"drill.toml\"\ncron = \"* * * * *\"\n",
+            "two schedule entries are named `a`",
+            "schedules.toml:6:8",
+        ),
+        (
+            "[[schedule]]\nname = \"a\"\nrunbook = \"drill.toml\"\ncron = \"0 0 31 2 *\"\n",
+            "`cron = \"0 0 31 2 *\"` never fires",
+            "schedules.toml:4:8",
+        ),
+    ];
+    for (file, message, at) in cases {
+        let out = Test::new()
+            .file("drill.toml", &runbook("a", "true"))
+            .file("schedules.toml", file)
+            .args(["schedule", "list", "schedules.toml"])
+            .run();
+        out.assert_code(2)
+            .assert_stderr_contains(message)
+            .assert_stderr_contains(at);
+        assert!(!out.stdout.contains("next:"), "{}", out.stdout);
+    }
+}
+
 const WITH_CLUSTER: &str = "[runbook]\nname = \"restore\"\n\n[params]\ncluster = { default = \"dev\" }\n\n[[steps]]\nid = \"work\"\nrun = \"true\"\n";
 
 const EXPORTED: &str = "kill_grace = \"10s\"\n\n[[schedule]]\nname = \"weekday-restore\"\nrunbook = \"drill.toml\"\ncron = \"0 2 * * 1-5\"\ntimezone = \"Europe/Berlin\"\njitter = \"5m\"\ncatch_up = \"latest\"\nmax_duration = \"1h\"\nparams = { cluster = \"staging eu\" }\n\n[[schedule]]\nname = \"half-minute\"\nrunbook = \"drill.toml\"\ncron = \"*/30 * * * * *\"\n";
