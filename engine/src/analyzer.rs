@@ -519,6 +519,25 @@ impl Analyzer<'_> {
         s: &ShiftedSpans,
     ) -> Option<Template> {
         let (text, span) = self.string(v, key, s)?;
+        // No command, argument, variable or path can carry a NUL byte: execve would refuse.
+        if text.contains('\0') {
+            self.error(
+                Code::BadValue,
+                span,
+                format!("`{key}` contains a NUL byte"),
+                "no command, variable or path can hold one",
+            );
+            return None;
+        }
+        if key == "cwd" && text.trim().is_empty() {
+            self.error(
+                Code::BadValue,
+                span,
+                "`cwd` is empty",
+                "a directory, or leave `cwd` out for the runbook's directory",
+            );
+            return None;
+        }
         self.template_text(&text, span, params)
     }
 
@@ -805,7 +824,7 @@ impl Analyzer<'_> {
                 return None;
             }
         };
-        if words.is_empty() {
+        if words.is_empty() || words.iter().any(|w| w.trim().is_empty()) {
             self.error(
                 Code::BadValue,
                 s.span(v.span()),
@@ -829,12 +848,15 @@ impl Analyzer<'_> {
         let mut out = Vec::new();
         for (key, value) in t.iter() {
             let name = key.get_ref().to_string();
-            if name.is_empty() || name.contains('=') || name.contains('\0') {
+            if !crate::runbook::valid_env_name(&name) {
                 self.error(
                     Code::BadValue,
                     s.span(key.span()),
-                    format!("`{name}` is not a valid environment variable name"),
-                    "invalid name",
+                    format!(
+                        "`{}` is not a valid environment variable name",
+                        name.escape_debug()
+                    ),
+                    "a letter or `_`, then letters, digits and `_`",
                 );
                 continue;
             }
@@ -1579,6 +1601,16 @@ impl Analyzer<'_> {
             }
         }
         let approve = self.opt_string(t, "approve", s);
+        if approve.as_deref().is_some_and(|a| a.trim().is_empty()) {
+            if let Some(av) = get(t, "approve") {
+                self.error(
+                    Code::BadValue,
+                    s.span(av.span()),
+                    "`approve` is empty",
+                    "the question the approver answers, e.g. \"Drain node-3?\"",
+                );
+            }
+        }
         let on = get(t, "on").and_then(|ov| {
             let (text, span) = self.string(ov, "on", s)?;
             match Selector::parse(&text) {

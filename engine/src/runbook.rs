@@ -468,3 +468,14 @@ impl Runbook {
         }
     }
 }
+
+/// A name every shell can export: a letter or `_`, then letters, digits and `_`. Names with
+/// spaces or dashes are accepted by `execve` but unusable in `export NAME=…` (remote steps) and
+/// unreadable as `$NAME`.
+pub fn valid_env_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}

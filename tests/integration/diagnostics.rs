@@ -516,3 +516,23 @@ fn a_notify_url_that_cannot_work_is_found_by_check() {
         assert!(!out.stderr.contains("SECRETPATH"), "{}", out.stderr);
     }
 }
+
+/// Values no command could use are errors at check, not failures (or silent no-ops) at run.
+#[test]
+fn unusable_names_and_empty_values_are_found_by_check() {
+    let toml = "[runbook]\nname = \"e\"\n[[steps]]\nid = \"a\"\nrun = \"echo \\u0000x\"\nenv = { \"BAD NAME\" = \"1\", \"1X\" = \"2\", OK = \"a\\u0000b\" }\ncwd = \" \"\nshell = [\"\"]\napprove = \"\"\n";
+    Test::new()
+        .runbook(toml)
+        .args(["check", "runbook.toml"])
+        .run()
+        .assert_code(2)
+        .assert_stderr_contains("`run` contains a NUL byte")
+        .assert_stderr_contains("runbook.toml:5:7")
+        .assert_stderr_contains("`BAD NAME` is not a valid environment variable name")
+        .assert_stderr_contains("`1X` is not a valid environment variable name")
+        .assert_stderr_contains("`env.OK` contains a NUL byte")
+        .assert_stderr_contains("`cwd` is empty")
+        .assert_stderr_contains("`shell` is empty")
+        .assert_stderr_contains("`approve` is empty")
+        .assert_stderr_contains("has 7 errors");
+}

@@ -168,14 +168,6 @@ pub(crate) fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
-fn valid_env_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
-
 /// The command line sent in the exec request: `sh` runs the script, with `RUNBOOK_EXEC_ID` in
 /// its environment from the start (`exec env …`), so the reaper finds the shell itself and
 /// not only its children. The user's environment is exported inside the script rather than
@@ -183,7 +175,7 @@ fn valid_env_name(name: &str) -> bool {
 pub(crate) fn build_command(req: &ExecRequest, exec_id: &str) -> Result<String, SshError> {
     let mut script = String::new();
     for (name, value) in &req.env {
-        if !valid_env_name(name) {
+        if !runbook_engine::runbook::valid_env_name(name) {
             return Err(SshError::InvalidRequest {
                 reason: format!("`{name}` is not a valid environment variable name"),
             });
