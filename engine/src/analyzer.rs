@@ -882,7 +882,7 @@ impl Analyzer<'_> {
                 self.wrong_type(
                     v,
                     "retry",
-                    "a table like `{ attempts = 3, delay = \"2s\" }`",
+                    "a number of attempts (`retry = 3`) or a table like `{ attempts = 3, delay = \"2s\" }`",
                     s,
                 );
                 return policy;
@@ -1659,6 +1659,30 @@ impl Analyzer<'_> {
             match gate {
                 Gate::Step(probe) => refs.extend(probe.refs.iter().cloned()),
                 Gate::Expr(e) => refs.extend(refs_in(&e.expr.text, 0, &e.at)),
+            }
+        }
+        // A command's stdout becomes `output.json` only with `capture = "json"` (probes fill
+        // it themselves); without it the expression fails at run time with Rhai's own words.
+        if capture == Capture::Text && matches!(action, Some(Action::Run { .. })) {
+            let exprs = [&until, &check, &after]
+                .into_iter()
+                .flatten()
+                .chain(outputs.iter().map(|(_, e)| e));
+            for e in exprs {
+                if let Some(pos) = e.expr.text.find("output.json") {
+                    let here = e.at.at(pos);
+                    let here = match e.at.origin {
+                        Some(_) => here.start..here.start + "output.json".len(),
+                        None => here,
+                    };
+                    let d = Diagnostic::error(
+                        Code::BadValue,
+                        "`output.json` is only set when the step has `capture = \"json\"`",
+                    )
+                    .at(&self.src, here, "needs `capture = \"json\"`")
+                    .help("add `capture = \"json\"` to the step (stdout must then be JSON), or read `output.stdout`");
+                    self.push(d);
+                }
             }
         }
         Some(StepSpec {

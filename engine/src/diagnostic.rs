@@ -267,9 +267,12 @@ impl std::error::Error for Diagnostics {}
 
 /// The nearest candidate to `word`, if one is close enough to be a plausible typo.
 pub fn suggest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    // Case is compared loosely: `--only Build` should find `build` even for one-letter ids,
+    // where a case difference is the whole word to the edit-distance measure.
+    let word = word.to_lowercase();
     candidates
         .into_iter()
-        .map(|c| (strsim::jaro_winkler(word, c), c))
+        .map(|c| (strsim::jaro_winkler(&word, &c.to_lowercase()), c))
         .filter(|(score, _)| *score > 0.8)
         .max_by(|a, b| a.0.total_cmp(&b.0))
         .map(|(_, c)| c)
@@ -284,6 +287,7 @@ mod tests {
         assert_eq!(suggest("timout", ["timeout", "needs"]), Some("timeout"));
         assert_eq!(suggest("neds", ["timeout", "needs"]), Some("needs"));
         assert_eq!(suggest("zzz", ["timeout", "needs"]), None);
+        assert_eq!(suggest("A", ["a", "b"]), Some("a"));
     }
 
     #[test]

@@ -536,3 +536,16 @@ fn unusable_names_and_empty_values_are_found_by_check() {
         .assert_stderr_contains("`approve` is empty")
         .assert_stderr_contains("has 7 errors");
 }
+
+#[test]
+fn output_json_without_capture_json_is_found_by_check() {
+    let toml = "[runbook]\nname = \"j\"\n[[steps]]\nid = \"a\"\nrun = \"echo {}\"\ncheck = \"output.json.ok == true\"\n[[steps]]\nid = \"b\"\nrun = \"echo {}\"\ncapture = \"json\"\ncheck = \"output.json.len() == 0\"\n";
+    Test::new()
+        .runbook(toml)
+        .args(["check", "runbook.toml"])
+        .run()
+        .assert_code(2)
+        .assert_stderr_contains("`output.json` is only set when the step has `capture = \"json\"`")
+        .assert_stderr_contains("runbook.toml:6:10")
+        .assert_stderr_contains("has 1 error");
+}
