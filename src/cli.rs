@@ -279,6 +279,10 @@ pub struct CheckArgs {
     /// Runbook files
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
+    /// The inventory for steps with `on`, as `run --inventory` takes it [default: each
+    /// runbook's `[runbook] inventory`]
+    #[arg(long, short = 'i', value_name = "FILE", env = "RUNBOOK_INVENTORY")]
+    pub inventory: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

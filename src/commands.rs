@@ -299,7 +299,8 @@ fn check(args: &CheckArgs) -> i32 {
     let mut failed = 0;
     for file in &args.files {
         match load(file, &host) {
-            Ok(loaded) => match load_inventory(&loaded.runbook, None, false) {
+            // As strict as `run`: what check accepts, run must not refuse.
+            Ok(loaded) => match load_inventory(&loaded.runbook, args.inventory.as_deref(), true) {
                 Ok(_) => eprintln!(
                     "{}: ok ({} steps)",
                     file.display(),

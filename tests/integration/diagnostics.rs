@@ -549,3 +549,24 @@ fn output_json_without_capture_json_is_found_by_check() {
         .assert_stderr_contains("runbook.toml:6:10")
         .assert_stderr_contains("has 1 error");
 }
+
+/// `check` is as strict as `run` about inventories, and takes `--inventory` like `run`.
+#[test]
+fn check_needs_an_inventory_for_on_as_run_does() {
+    let toml = "[runbook]\nname = \"t\"\n[[steps]]\nid = \"a\"\non = \"servers\"\nrun = \"true\"\n";
+    let inventory = "[hosts.a]\naddress = \"127.0.0.1\"\ngroups = [\"servers\"]\n";
+    Test::new()
+        .runbook(toml)
+        .args(["check", "runbook.toml"])
+        .run()
+        .assert_code(2)
+        .assert_stderr_contains(
+            "error[RB0019]: step `a` runs on hosts (`on = \"servers\"`) but there is no inventory",
+        );
+    Test::new()
+        .runbook(toml)
+        .file("inv.toml", inventory)
+        .args(["check", "runbook.toml", "--inventory", "inv.toml"])
+        .run()
+        .assert_code(0);
+}
