@@ -730,12 +730,35 @@ impl Analyzer<'_> {
                 DeValue::Table(pt) => {
                     self.check_keys(pt, PARAM_KEYS, &format!("parameter `{name}`"), s);
                     let default = get(pt, "default").and_then(|d| self.json(d, s));
+                    let secret = self.boolean(pt, "secret", s).unwrap_or(false);
+                    // The runbook is copied verbatim into every bundle: a secret written here
+                    // is in all of them. An empty default (an optional secret) is fine.
+                    let written = default.as_ref().is_some_and(
+                        |d| !matches!(d, serde_json::Value::String(t) if t.is_empty()),
+                    );
+                    if let (true, true, Some(dv)) = (secret, written, get(pt, "default")) {
+                        // Located in the message, without a snippet: the line holds the
+                        // secret, and this warning may end up in a CI log.
+                        let lc = self.src.line_col(s.span(dv.span()).start);
+                        self.push(
+                            Diagnostic::warning(
+                                Code::BadValue,
+                                format!(
+                                    "{}:{}:{}: secret parameter `{name}` has its value in the runbook, which is copied into every evidence bundle",
+                                    self.src.path().display(),
+                                    lc.line,
+                                    lc.column
+                                ),
+                            )
+                            .help("give it with `env = \"VAR\"` or `--set` at run time, and leave `default` out (or `\"\"` for an optional secret)"),
+                        );
+                    }
                     ParamSpec {
                         name,
                         span,
                         default,
                         doc: self.opt_string(pt, "doc", s),
-                        secret: self.boolean(pt, "secret", s).unwrap_or(false),
+                        secret,
                         env: self.opt_string(pt, "env", s),
                         required: self.boolean(pt, "required", s).unwrap_or(false),
                     }

@@ -35,6 +35,10 @@ pub enum ParamError {
     Malformed(String),
     #[error("parameter `{name}` is required: pass `--set {name}=…`{}", env.as_ref().map(|e| format!(" or set the environment variable `{e}`")).unwrap_or_default())]
     Missing { name: String, env: Option<String> },
+    /// A required secret given as the empty string (an unset variable expanded to ""), which
+    /// would also switch off its redaction.
+    #[error("parameter `{name}` is a required secret, but the value {from} is empty")]
+    EmptySecret { name: String, from: String },
     /// `got` is the value as given, or `[REDACTED:name]` for a secret.
     #[error("parameter `{name}` ({from}) must be {expected}, got {got}")]
     BadValue {
@@ -50,7 +54,9 @@ impl ParamError {
     /// The declared parameter the error is about, if any.
     pub fn param(&self) -> Option<&str> {
         match self {
-            ParamError::Missing { name, .. } | ParamError::BadValue { name, .. } => Some(name),
+            ParamError::Missing { name, .. }
+            | ParamError::BadValue { name, .. }
+            | ParamError::EmptySecret { name, .. } => Some(name),
             ParamError::Unknown { .. } | ParamError::Malformed(_) => None,
         }
     }
@@ -103,16 +109,24 @@ impl BoundParams {
                 (None, Some((var, v))) => (Some(v), ParamSource::Env(var)),
                 (None, None) => (None, ParamSource::Default),
             };
+            let from = match &source {
+                ParamSource::Env(var) => format!("from `${var}`"),
+                _ => "from --set".to_owned(),
+            };
+            if spec.secret && spec.default.is_none() && raw.as_deref() == Some("") {
+                errors.push(ParamError::EmptySecret {
+                    name: spec.name.clone(),
+                    from,
+                });
+                continue;
+            }
             let value = match raw {
                 Some(raw) => match coerce(&raw, spec.default.as_ref()) {
                     Ok(v) => v,
                     Err(expected) => {
                         errors.push(ParamError::BadValue {
                             name: spec.name.clone(),
-                            from: match &source {
-                                ParamSource::Env(var) => format!("from `${var}`"),
-                                _ => "from --set".to_owned(),
-                            },
+                            from,
                             expected,
                             got: if spec.secret {
                                 format!("[REDACTED:{}]", spec.name)

@@ -570,3 +570,28 @@ fn check_needs_an_inventory_for_on_as_run_does() {
         .run()
         .assert_code(0);
 }
+
+#[test]
+fn a_secret_written_into_the_runbook_is_warned_about_and_an_empty_required_secret_refused() {
+    let toml = format!(
+        "{HEAD}[params]\npw = {{ secret = true, default = \"hunter2-in-file\" }}\nopt = {{ secret = true, default = \"\" }}\ntok = {{ secret = true, env = \"RB_TEST_TOK\" }}\n[[steps]]\nid = \"a\"\nrun = \"true\"\n"
+    );
+    let out = Test::new()
+        .runbook(&toml)
+        .args(["check", "runbook.toml"])
+        .run();
+    out.assert_code(0).assert_stderr_contains(
+        "warning[RB0014]: runbook.toml:4:33: secret parameter `pw` has its value in the runbook",
+    );
+    assert!(!out.stderr.contains("hunter2-in-file"), "{}", out.stderr);
+    assert!(!out.stderr.contains("`opt`"), "{}", out.stderr);
+    Test::new()
+        .runbook(&toml)
+        .env("RB_TEST_TOK", "")
+        .args(["plan", "runbook.toml"])
+        .run()
+        .assert_code(2)
+        .assert_stderr_contains(
+            "runbook.toml:6:1: parameter `tok` is a required secret, but the value from `$RB_TEST_TOK` is empty",
+        );
+}
