@@ -23,6 +23,43 @@ pub fn diagnostics_to_string(diags: &[Diagnostic], color: bool) -> String {
     };
     let config = term::Config::default();
     for d in diags {
+        // A snippet of a megabyte-long line (minified or generated TOML) would bury the message:
+        // such a diagnostic says where in words instead.
+        if let Some(l) = d
+            .primary
+            .iter()
+            .find(|l| longest_line(&l.source, &l.span) > MAX_SNIPPET_LINE)
+        {
+            let lc = l.source.line_col(l.span.start);
+            let label = if l.message.is_empty() || d.message.contains(&l.message) {
+                String::new()
+            } else {
+                format!("{}; ", l.message)
+            };
+            let message = format!(
+                "{}:{}:{}: {} ({label}the line is too long to show)",
+                l.source.path().display(),
+                lc.line,
+                lc.column,
+                d.message,
+            );
+            let base = match d.severity {
+                Severity::Error => cs::Diagnostic::error(),
+                Severity::Warning => cs::Diagnostic::warning(),
+            };
+            let notes = d
+                .notes
+                .iter()
+                .map(|n| format!("note: {n}"))
+                .chain(d.help.iter().map(|h| format!("help: {h}")))
+                .collect();
+            let out = base
+                .with_code(d.code.as_str())
+                .with_message(message)
+                .with_notes(notes);
+            let _ = term::emit(&mut buffer, &config, &files, &out);
+            continue;
+        }
         let mut labels = Vec::new();
         for (primary, label) in d
             .primary
@@ -61,6 +98,29 @@ pub fn diagnostics_to_string(diags: &[Diagnostic], color: bool) -> String {
     }
     String::from_utf8_lossy(buffer.as_slice()).into_owned()
 }
+
+/// Longest line, in bytes, that a span touches.
+fn longest_line(source: &runbook_engine::Source, span: &std::ops::Range<usize>) -> usize {
+    // Bytes, not `str` slices: a span need not fall on a character boundary here.
+    let bytes = source.text().as_bytes();
+    let (from, to) = (span.start.min(bytes.len()), span.end.min(bytes.len()));
+    let start = bytes[..from]
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i + 1);
+    let end = bytes[to..]
+        .iter()
+        .position(|&b| b == b'\n')
+        .map_or(bytes.len(), |i| to + i);
+    bytes[start..end]
+        .split(|&b| b == b'\n')
+        .map(<[u8]>::len)
+        .max()
+        .unwrap_or(0)
+}
+
+/// Lines longer than this are not shown in snippets.
+const MAX_SNIPPET_LINE: usize = 1000;
 
 /// Prints an error for which there is no source position (a missing file, a bad flag).
 pub fn error(message: &str) {

@@ -595,3 +595,25 @@ fn a_secret_written_into_the_runbook_is_warned_about_and_an_empty_required_secre
             "runbook.toml:6:1: parameter `tok` is a required secret, but the value from `$RB_TEST_TOK` is empty",
         );
 }
+
+/// A diagnostic on a huge line (generated or minified TOML) says where instead of printing the
+/// line: a 5 MB line used to make 20 MB of stderr.
+#[test]
+fn a_diagnostic_on_a_huge_line_does_not_print_it() {
+    let toml = format!(
+        "[runbook]\nname = \"l\"\n[[steps]]\nid = \"a\"\nrun = \"echo {}\", timout = 1\n",
+        "x".repeat(200_000)
+    );
+    let out = Test::new()
+        .runbook(&toml)
+        .args(["check", "runbook.toml"])
+        .run();
+    out.assert_code(2)
+        .assert_stderr_contains("runbook.toml:5:200014: invalid TOML")
+        .assert_stderr_contains("the line is too long to show");
+    assert!(
+        out.stderr.len() < 2000,
+        "{} bytes of stderr",
+        out.stderr.len()
+    );
+}
