@@ -1045,6 +1045,34 @@ pub fn check_targets(
             diags.push(d);
         }
     }
+    // A key file that is not there fails every connection to the host; worth saying before
+    // the run (it may exist only on the machine that runs, hence a warning).
+    if let Some(inv) = inventory {
+        let used = runbook.steps.iter().any(|s| s.on.is_some());
+        for h in inv.hosts().iter().filter(|_| used) {
+            let missing: Vec<String> = h
+                .identity_files
+                .iter()
+                .filter(|p| !p.exists())
+                .map(|p| format!("`{}`", p.display()))
+                .collect();
+            if !missing.is_empty() {
+                let place = inv
+                    .source
+                    .as_ref()
+                    .map(|s| format!(" in `{}`", s.path().display()))
+                    .unwrap_or_default();
+                diags.push(Diagnostic::warning(
+                    Code::Inventory,
+                    format!(
+                        "host `{}`{place}: identity file {} does not exist here",
+                        h.name,
+                        missing.join(", ")
+                    ),
+                ));
+            }
+        }
+    }
     diags
 }
 

@@ -617,3 +617,14 @@ fn a_diagnostic_on_a_huge_line_does_not_print_it() {
         out.stderr.len()
     );
 }
+
+#[test]
+fn a_missing_identity_file_is_warned_about_before_the_run() {
+    Test::new()
+        .runbook("[runbook]\nname = \"k\"\ninventory = \"inv.toml\"\n[[steps]]\nid = \"a\"\non = \"a\"\nrun = \"true\"\n")
+        .file("inv.toml", "[hosts.a]\naddress = \"127.0.0.1\"\nidentity_file = \"/nonexistent/key\"\n")
+        .args(["check", "runbook.toml"])
+        .run()
+        .assert_code(0)
+        .assert_stderr_contains("warning[RB0018]: host `a` in `./inv.toml`: identity file `/nonexistent/key` does not exist here");
+}
