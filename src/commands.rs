@@ -440,8 +440,7 @@ fn keygen(secret: &Path, public: &Path, force: bool, password: Option<&str>) -> 
     let (sk, pk) =
         runbook_evidence::sign::generate(&format!("runbook key of {}@{}", op.user, op.host));
     let result = sk.to_minisign(password).and_then(|text| {
-        runbook_evidence::sign::write_key_file(secret, &text, true, force)?;
-        runbook_evidence::sign::write_key_file(public, &pk.to_minisign(), false, force)
+        runbook_evidence::sign::write_key_pair((secret, &text), (public, &pk.to_minisign()), force)
     });
     match result {
         Ok(()) => {
@@ -462,7 +461,18 @@ key id {}; for `minisign -P`: {}",
             exit::OK
         }
         Err(e) => {
-            render::error(&e.to_string());
+            use runbook_evidence::sign::SignError;
+            render::error(&match e {
+                SignError::SameKeyFile { path } => format!(
+                    "`--secret-key` and `--public-key` are the same file `{}`; nothing was written",
+                    path.display()
+                ),
+                SignError::KeyFileExists { path } => format!(
+                    "`{}` already exists; pass `--force` to overwrite it (nothing was written)",
+                    path.display()
+                ),
+                e => e.to_string(),
+            });
             exit::USAGE
         }
     }

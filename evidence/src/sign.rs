@@ -91,6 +91,10 @@ pub enum SignError {
     KdfParameters(String),
     #[error("the operating system's random number generator failed: {0}")]
     Random(String),
+    #[error("the secret key and the public key would both be written to `{path}`")]
+    SameKeyFile { path: PathBuf },
+    #[error("`{path}` already exists")]
+    KeyFileExists { path: PathBuf },
     #[error("`{path}`: {source}")]
     Io {
         path: PathBuf,
@@ -466,34 +470,118 @@ pub fn verify(pubkey: &PublicKey, data: &[u8], minisig: &str) -> Result<TrustedC
     Ok(TrustedComment(parsed.info.trusted_comment))
 }
 
-/// Writes a key file that must not exist yet (unless `overwrite`), readable only by its owner
-/// when it is a secret key. Synced before returning.
-pub fn write_key_file(
-    path: &Path,
-    text: &str,
-    secret: bool,
+/// Writes a new key pair: both files or neither. Nothing is written until both destinations
+/// are known to be usable (two different files, absent unless `overwrite`); then each file is
+/// written to a temporary sibling, synced and renamed into place, so a failure never leaves a
+/// secret key without its public key, or a half-written key. The secret key is created readable
+/// only by its owner (0600).
+pub fn write_key_pair(
+    secret: (&Path, &str),
+    public: (&Path, &str),
     overwrite: bool,
 ) -> Result<(), SignError> {
-    use std::os::unix::fs::OpenOptionsExt;
+    let secret_dest = destination(secret.0)?;
+    let public_dest = destination(public.0)?;
+    if secret_dest == public_dest {
+        return Err(SignError::SameKeyFile {
+            path: secret.0.to_owned(),
+        });
+    }
+    if !overwrite {
+        for path in [secret.0, public.0] {
+            // `symlink_metadata`: a dangling symlink is there too, and would be replaced.
+            if std::fs::symlink_metadata(path).is_ok() {
+                return Err(SignError::KeyFileExists {
+                    path: path.to_owned(),
+                });
+            }
+        }
+    }
+    let secret_tmp = write_temp(secret.0, &secret_dest, secret.1, 0o600)?;
+    let public_tmp = match write_temp(public.0, &public_dest, public.1, 0o644) {
+        Ok(tmp) => tmp,
+        Err(e) => {
+            let _ = std::fs::remove_file(&secret_tmp);
+            return Err(e);
+        }
+    };
+    if let Err(source) = std::fs::rename(&secret_tmp, &secret_dest) {
+        let _ = std::fs::remove_file(&secret_tmp);
+        let _ = std::fs::remove_file(&public_tmp);
+        return Err(SignError::Io {
+            path: secret.0.to_owned(),
+            source,
+        });
+    }
+    if let Err(source) = std::fs::rename(&public_tmp, &public_dest) {
+        let _ = std::fs::remove_file(&public_tmp);
+        let _ = std::fs::remove_file(&secret_dest);
+        return Err(SignError::Io {
+            path: public.0.to_owned(),
+            source,
+        });
+    }
+    // The renames survive a power cut only once their directories are synced; the keys are
+    // complete either way, so this is best effort.
+    for dest in [&secret_dest, &public_dest] {
+        if let Some(dir) = dest.parent() {
+            let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+        }
+    }
+    Ok(())
+}
+
+/// The file that writing `path` replaces: what it resolves to when it exists (through a
+/// symlink), else its canonical directory joined with its name. Two spellings of one file
+/// (`a.key`, `./a.key`, `keys/../a.key`) give the same destination before either exists.
+fn destination(path: &Path) -> Result<PathBuf, SignError> {
+    if let Ok(resolved) = std::fs::canonicalize(path) {
+        return Ok(resolved);
+    }
     let io = |source| SignError::Io {
         path: path.to_owned(),
         source,
     };
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).mode(if secret { 0o600 } else { 0o644 });
-    if overwrite {
-        options.create(true).truncate(true);
-    } else {
-        options.create_new(true);
+    let name = path.file_name().ok_or_else(|| {
+        io(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a file name",
+        ))
+    })?;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    Ok(std::fs::canonicalize(dir).map_err(io)?.join(name))
+}
+
+/// Writes `text` to a new, synced temporary file beside `dest` and returns its path. Errors
+/// name `shown`, the path the caller was given.
+fn write_temp(shown: &Path, dest: &Path, text: &str, mode: u32) -> Result<PathBuf, SignError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |source| SignError::Io {
+        path: shown.to_owned(),
+        source,
+    };
+    let mut suffix = [0u8; 6];
+    random(&mut suffix)?;
+    let name = dest.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dest.with_file_name(format!(".{name}.{}.tmp", hex::encode(suffix)));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io)?;
+    if let Err(e) = file
+        .write_all(text.as_bytes())
+        .and_then(|()| file.sync_all())
+    {
+        drop(file);
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(e));
     }
-    let mut file = options.open(path).map_err(io)?;
-    if secret && overwrite {
-        use std::os::unix::fs::PermissionsExt;
-        file.set_permissions(std::fs::Permissions::from_mode(0o600))
-            .map_err(io)?;
-    }
-    file.write_all(text.as_bytes()).map_err(io)?;
-    file.sync_all().map_err(io)
+    Ok(tmp)
 }
 
 fn parse_signature(minisig: &str) -> Result<ParsedSignature, SignError> {
@@ -879,5 +967,93 @@ mod tests {
             SecretKey::from_minisign(&bad, None),
             Err(SignError::CorruptKey(_))
         ));
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut out: Vec<String> = std::fs::read_dir(dir)
+            .expect("read dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn key_pair_is_written_with_a_private_secret_key() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (s, p) = (dir.path().join("k.key"), dir.path().join("k.pub"));
+        // An existing world-readable file must not keep its mode when overwritten.
+        std::fs::write(&s, "old").expect("write");
+        std::fs::set_permissions(&s, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        write_key_pair((&s, "secret"), (&p, "public"), true).expect("writes");
+        assert_eq!(std::fs::read_to_string(&s).expect("read"), "secret");
+        assert_eq!(std::fs::read_to_string(&p).expect("read"), "public");
+        let mode = std::fs::metadata(&s).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(
+            names(dir.path()),
+            ["k.key", "k.pub"],
+            "no temporary file left"
+        );
+    }
+
+    // Regression: `keygen -s a.key -p a.key --force` wrote the secret key, then the public key
+    // over it, and reported both as written.
+    #[test]
+    fn key_pair_refuses_one_file_under_two_spellings() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("sub")).expect("mkdir");
+        let a = dir.path().join("a.key");
+        let also_a = dir.path().join("sub/../a.key");
+        for overwrite in [false, true] {
+            let e = write_key_pair((&a, "secret"), (&also_a, "public"), overwrite);
+            assert!(matches!(e, Err(SignError::SameKeyFile { .. })), "{e:?}");
+            assert_eq!(names(dir.path()), ["sub"], "nothing written");
+        }
+    }
+
+    // Regression: an existing public key file made keygen fail after it had written the
+    // secret key, and that leftover then blocked the next attempt.
+    #[test]
+    fn key_pair_writes_nothing_when_a_file_exists() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (s, p) = (dir.path().join("b.key"), dir.path().join("b.pub"));
+        std::fs::write(&p, "ORIGINAL").expect("write");
+        let e = write_key_pair((&s, "secret"), (&p, "public"), false);
+        assert!(
+            matches!(&e, Err(SignError::KeyFileExists { path }) if path == &p),
+            "{e:?}"
+        );
+        assert!(!s.exists(), "no secret key left behind");
+        assert_eq!(std::fs::read_to_string(&p).expect("read"), "ORIGINAL");
+    }
+
+    #[test]
+    fn key_pair_removes_the_secret_key_when_the_public_key_cannot_be_put_in_place() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = dir.path().join("c.key");
+        // A directory where the public key should go: its temporary file is written, the
+        // rename over the directory fails, after the secret key is in place.
+        let p = dir.path().join("c.pub");
+        std::fs::create_dir(&p).expect("mkdir");
+        let e = write_key_pair((&s, "secret"), (&p, "public"), true);
+        assert!(
+            matches!(&e, Err(SignError::Io { path, .. }) if path == &p),
+            "{e:?}"
+        );
+        assert_eq!(
+            names(dir.path()),
+            ["c.pub"],
+            "no secret key, no temporary file"
+        );
+        // A public key in a directory that does not exist: refused before anything is written.
+        let e = write_key_pair(
+            (&s, "secret"),
+            (&dir.path().join("no/c.pub"), "public"),
+            false,
+        );
+        assert!(matches!(&e, Err(SignError::Io { .. })), "{e:?}");
+        assert_eq!(names(dir.path()), ["c.pub"]);
     }
 }

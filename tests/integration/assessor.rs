@@ -243,6 +243,62 @@ fn signatures_verify_with_minisign_and_with_runbook() {
     );
 }
 
+// Regression: `keygen -s a.key -p a.key --force` wrote the secret key, overwrote it with the
+// public key and exited 0, reporting both as written.
+#[test]
+fn keygen_refuses_the_same_file_for_both_keys() {
+    let t = Test::new();
+    let dir = t.path();
+    for args in [
+        &["keygen", "-s", "a.key", "-p", "a.key", "--force"][..],
+        &["keygen", "-s", "a.key", "-p", "./a.key"][..],
+    ] {
+        let out = runbook(dir, args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("`--secret-key` and `--public-key` are the same file"),
+            "{stderr}"
+        );
+        assert!(!dir.join("a.key").exists(), "{args:?}: nothing written");
+    }
+}
+
+// Regression: with the public key file already there, keygen exited 2 but left the new secret
+// key behind, and the next attempt was then refused because of that leftover.
+#[test]
+fn keygen_writes_both_keys_or_neither() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = Test::new().file("b.pub", "ORIGINAL\n");
+    let dir = t.path();
+    let out = runbook(dir, &["keygen", "-s", "b.key", "-p", "b.pub"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("`b.pub` already exists; pass `--force` to overwrite it"),
+        "{stderr}"
+    );
+    assert!(!dir.join("b.key").exists(), "no secret key left behind");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("b.pub")).expect("read"),
+        "ORIGINAL\n"
+    );
+    let out = runbook(dir, &["keygen", "-s", "b.key", "-p", "b.pub", "--force"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let public = std::fs::read_to_string(dir.join("b.pub")).expect("read");
+    assert!(public.contains("minisign public key"), "{public}");
+    let mode = std::fs::metadata(dir.join("b.key"))
+        .expect("secret key")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
+
 #[test]
 fn transcripts_are_asciicast_v2() {
     let (_t, bundle) = simple_bundle();
