@@ -479,6 +479,11 @@ key id {}; for `minisign -P`: {}",
 }
 
 fn verify(bundle: &Path, pubkey: Option<&str>) -> i32 {
+    // A path that is no bundle is a usage error: exit 3 means a bundle failed its check.
+    if let Err(e) = runbook_evidence::verify::check_is_bundle(bundle) {
+        render::error(&e.to_string());
+        return exit::USAGE;
+    }
     let key = match pubkey {
         None => None,
         Some(k) => {

@@ -198,6 +198,54 @@ impl VerifyReport {
     }
 }
 
+/// A path that cannot be checked as a bundle at all: a mistake in the command, not a bundle
+/// that fails its check.
+#[derive(Debug, thiserror::Error)]
+pub enum NotABundle {
+    #[error("`{0}`: no such directory")]
+    Missing(PathBuf),
+    #[error("`{0}` is not an evidence bundle (not a directory)")]
+    NotADirectory(PathBuf),
+    #[error("`{0}` is not an evidence bundle (no {MANIFEST_FILE}, {JOURNAL_FILE} or {SUMS_FILE})")]
+    NoBundleFiles(PathBuf),
+    #[error("cannot read `{path}`: {source}")]
+    Unreadable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Whether `dir` is something to verify: a directory holding at least one of a bundle's own
+/// files. A directory with only some of them is a bundle, and is checked: a deleted journal or
+/// manifest is damage to report, not a typo in the path.
+pub fn check_is_bundle(dir: &Path) -> Result<(), NotABundle> {
+    match std::fs::metadata(dir) {
+        Ok(meta) if !meta.is_dir() => return Err(NotABundle::NotADirectory(dir.to_owned())),
+        Ok(_) => {}
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+            ) =>
+        {
+            return Err(NotABundle::Missing(dir.to_owned()))
+        }
+        Err(source) => {
+            return Err(NotABundle::Unreadable {
+                path: dir.to_owned(),
+                source,
+            })
+        }
+    }
+    let has = |name: &str| std::fs::symlink_metadata(dir.join(name)).is_ok();
+    if has(MANIFEST_FILE) || has(JOURNAL_FILE) || has(SUMS_FILE) {
+        Ok(())
+    } else {
+        Err(NotABundle::NoBundleFiles(dir.to_owned()))
+    }
+}
+
 /// Checks the bundle in `dir`. With `pubkey`, the bundle must be signed by that key.
 pub fn verify_bundle(dir: &Path, pubkey: Option<&PublicKey>) -> VerifyReport {
     let mut report = VerifyReport {
@@ -811,6 +859,36 @@ mod tests {
     fn only(report: &VerifyReport) -> &Problem {
         assert_eq!(report.problems.len(), 1, "{:#?}", report.problems);
         &report.problems[0]
+    }
+
+    // Regression: a mistyped path was reported as a bundle "never sealed" (exit 3, as for
+    // tampering) instead of as a path that is not a bundle.
+    #[test]
+    fn only_a_directory_with_bundle_files_is_a_bundle() {
+        let b = bundle();
+        assert!(check_is_bundle(b.path()).is_ok());
+        let missing = b.path().join("nope");
+        assert!(matches!(
+            check_is_bundle(&missing),
+            Err(NotABundle::Missing(_))
+        ));
+        assert!(matches!(
+            check_is_bundle(&b.path().join("manifest.json/x")),
+            Err(NotABundle::Missing(_))
+        ));
+        assert!(matches!(
+            check_is_bundle(&b.path().join(MANIFEST_FILE)),
+            Err(NotABundle::NotADirectory(_))
+        ));
+        assert!(matches!(
+            check_is_bundle(&b.path().join("steps")),
+            Err(NotABundle::NoBundleFiles(_))
+        ));
+        // A bundle whose journal and manifest were deleted is still checked, and fails.
+        std::fs::remove_file(b.path().join(JOURNAL_FILE)).expect("rm");
+        std::fs::remove_file(b.path().join(MANIFEST_FILE)).expect("rm");
+        assert!(check_is_bundle(b.path()).is_ok());
+        assert!(!verify_bundle(b.path(), None).is_ok());
     }
 
     #[test]

@@ -172,6 +172,32 @@ fn verify_names_every_change() {
     assert!(stderr.contains("steps/extra.txt"), "{stderr}");
 }
 
+// Regression: `evidence verify` of a mistyped path or of a plain file said the bundle was
+// "never sealed" and exited 3, the code scripts treat as a tampered bundle.
+#[test]
+fn verify_of_a_path_that_is_not_a_bundle_is_a_usage_error() {
+    let t = Test::new()
+        .file("plain.toml", "x = 1\n")
+        .file("empty/.keep", "");
+    for (path, message) in [
+        ("nonexist", "error: `nonexist`: no such directory"),
+        (
+            "plain.toml",
+            "error: `plain.toml` is not an evidence bundle (not a directory)",
+        ),
+        (
+            "empty",
+            "error: `empty` is not an evidence bundle (no manifest.json, journal.jsonl or SHA256SUMS)",
+        ),
+    ] {
+        let out = runbook(t.path(), &["evidence", "verify", path]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{path}: {stderr}");
+        assert!(stderr.contains(message), "{path}: {stderr}");
+        assert!(!stderr.contains("never sealed"), "{path}: {stderr}");
+    }
+}
+
 #[test]
 fn signatures_verify_with_minisign_and_with_runbook() {
     let t = Test::new()
