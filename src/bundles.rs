@@ -128,8 +128,9 @@ pub fn show(bundle: &Path) -> Result<String, String> {
 }
 
 /// Writes `<bundle-name>.tar.gz` (or `to`) holding the bundle under its own name. The files
-/// are stored byte for byte, so `SHA256SUMS` and the signature verify after extraction.
-pub fn export(bundle: &Path, to: Option<&Path>) -> Result<PathBuf, String> {
+/// are stored byte for byte, so `SHA256SUMS` and the signature verify after extraction. An
+/// existing file is replaced only when `overwrite`.
+pub fn export(bundle: &Path, to: Option<&Path>, overwrite: bool) -> Result<PathBuf, String> {
     load(bundle)?;
     let name = bundle
         .canonicalize()
@@ -141,7 +142,23 @@ pub fn export(bundle: &Path, to: Option<&Path>) -> Result<PathBuf, String> {
         Path::to_path_buf,
     );
     let io = |e: std::io::Error| format!("cannot write `{}`: {e}", dest.display());
-    let file = std::fs::File::create(&dest).map_err(io)?;
+    // `create_new` refuses an existing file without a window between checking and creating.
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(overwrite)
+        .truncate(overwrite)
+        .create_new(!overwrite)
+        .open(&dest)
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                format!(
+                    "`{}` already exists; pass `--force` to overwrite it",
+                    dest.display()
+                )
+            } else {
+                io(e)
+            }
+        })?;
     let gz = flate2::write::GzEncoder::new(file, flate2::Compression::default());
     let mut tar = tar::Builder::new(gz);
     tar.follow_symlinks(false);

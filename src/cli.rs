@@ -161,6 +161,9 @@ pub enum EvidenceCommand {
         /// Output file [default: <bundle name>.tar.gz]
         #[arg(short, long)]
         output: Option<PathBuf>,
+        /// Overwrite the output file if it exists
+        #[arg(long)]
+        force: bool,
     },
     /// Rebuild a bundle's manifest.json and SHA256SUMS from its journal (after a crash)
     Repair {

@@ -1019,18 +1019,20 @@ fn evidence(cmd: &EvidenceCommand) -> i32 {
                 exit::USAGE
             }
         },
-        EvidenceCommand::Export { bundle, output } => {
-            match crate::bundles::export(bundle, output.as_deref()) {
-                Ok(path) => {
-                    eprintln!("{}", path.display());
-                    exit::OK
-                }
-                Err(e) => {
-                    render::error(&e);
-                    exit::USAGE
-                }
+        EvidenceCommand::Export {
+            bundle,
+            output,
+            force,
+        } => match crate::bundles::export(bundle, output.as_deref(), *force) {
+            Ok(path) => {
+                eprintln!("{}", path.display());
+                exit::OK
             }
-        }
+            Err(e) => {
+                render::error(&e);
+                exit::USAGE
+            }
+        },
         EvidenceCommand::Repair { bundle } => match repair_locked(bundle) {
             Ok(m) => {
                 if std::fs::remove_file(bundle.join("SHA256SUMS.minisig")).is_ok() {

@@ -499,6 +499,38 @@ fn bundles_can_be_listed_shown_and_exported() {
     let _ = step(&read_json(&bundle.join("manifest.json")), "ok");
 }
 
+// Regression: `evidence export -o FILE` silently replaced an existing FILE.
+#[test]
+fn export_does_not_overwrite_a_file_without_force() {
+    let (t, bundle) = simple_bundle();
+    let dir = t.path();
+    std::fs::write(dir.join("out.tar.gz"), "precious").expect("write");
+    let b = bundle.to_str().expect("utf-8");
+    let out = runbook(dir, &["evidence", "export", b, "-o", "out.tar.gz"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("`out.tar.gz` already exists; pass `--force` to overwrite it"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("out.tar.gz")).expect("read"),
+        "precious"
+    );
+    let out = runbook(
+        dir,
+        &["evidence", "export", b, "-o", "out.tar.gz", "--force"],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let data = std::fs::read(dir.join("out.tar.gz")).expect("read");
+    assert_eq!(&data[..2], b"\x1f\x8b", "a gzip file replaced it");
+}
+
 #[test]
 fn the_report_opens_in_headless_chromium_and_shows_the_verdict() {
     let (t, bundle) = simple_bundle();
