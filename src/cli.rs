@@ -166,9 +166,27 @@ pub enum EvidenceCommand {
         force: bool,
     },
     /// Rebuild a bundle's manifest.json and SHA256SUMS from its journal (after a crash)
+    #[command(
+        after_help = "Examples:\n  runbook evidence repair proof/rke2-upgrade/20261125T101500Z-1a2b3c4d\n  runbook evidence repair BUNDLE --sign-key runbook.key   # keep it signed\n\nA bundle that is sealed (its run finished) or verifies has nothing to repair and is\nrefused: repairing rewrites SHA256SUMS, which drops its signature unless --sign-key is given."
+    )]
     Repair {
         /// The bundle directory
         bundle: PathBuf,
+        /// Repair even a bundle that is sealed or verifies (its signature is dropped unless
+        /// --sign-key is given)
+        #[arg(long)]
+        force: bool,
+        /// Sign the rewritten SHA256SUMS with this minisign secret key
+        #[arg(long, value_name = "KEY", env = "RUNBOOK_SIGN_KEY")]
+        sign_key: Option<PathBuf>,
+        /// Password of an encrypted signing key
+        #[arg(
+            long,
+            env = "RUNBOOK_SIGN_PASSWORD",
+            hide_env_values = true,
+            value_name = "PASSWORD"
+        )]
+        sign_password: Option<String>,
     },
 }
 

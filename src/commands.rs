@@ -1033,22 +1033,97 @@ fn evidence(cmd: &EvidenceCommand) -> i32 {
                 exit::USAGE
             }
         },
-        EvidenceCommand::Repair { bundle } => match repair_locked(bundle) {
-            Ok(m) => {
-                if std::fs::remove_file(bundle.join("SHA256SUMS.minisig")).is_ok() {
-                    eprintln!("note: the old signature was removed: the checksums it covered were rewritten");
-                }
-                eprintln!(
-                    "{}: manifest rebuilt from the journal; status {}",
-                    bundle.display(),
-                    m.status.as_str()
-                );
-                exit::OK
-            }
+        EvidenceCommand::Repair {
+            bundle,
+            force,
+            sign_key,
+            sign_password,
+        } => repair(
+            bundle,
+            *force,
+            sign_key.as_deref(),
+            sign_password.as_deref(),
+        ),
+    }
+}
+
+/// `evidence repair`: seals a bundle its runner did not finish. A bundle that is already
+/// sealed or verifies is refused without `--force`: rewriting its `SHA256SUMS` would only
+/// drop a signature that cannot be made again without the key.
+fn repair(bundle: &Path, force: bool, sign_key: Option<&Path>, password: Option<&str>) -> i32 {
+    use runbook_evidence::verify::{self, SIGNATURE_FILE};
+    let key = match sign_key {
+        None => None,
+        Some(path) => match SecretKey::from_file(path, password) {
+            Ok(k) => Some(k),
             Err(e) => {
-                render::error(&e.to_string());
-                exit::USAGE
+                render::error(&format!(
+                    "signing key `{}`: {e}; nothing was repaired",
+                    path.display()
+                ));
+                return exit::USAGE;
             }
         },
+    };
+    let signed = bundle.join(SIGNATURE_FILE).exists();
+    if !force {
+        let report = verify::verify_bundle(bundle, None);
+        if report.sealed || report.is_ok() {
+            let why = if report.sealed {
+                "its run finished and sealed it (`SHA256SUMS` present, `run_finished` in the journal)"
+            } else {
+                "it verifies"
+            };
+            let cost = if signed && key.is_none() {
+                "rewrite `SHA256SUMS` and drop the bundle's signature"
+            } else {
+                "rewrite `SHA256SUMS`"
+            };
+            render::error(&format!(
+                "`{b}` has nothing to repair: {why}; `repair` is for interrupted bundles (the \
+                 runner died before sealing them), and here it would only {cost}; \
+                 `runbook evidence verify {b}` checks it, `--force` repairs it anyway",
+                b = bundle.display()
+            ));
+            return exit::USAGE;
+        }
     }
+    let m = match repair_locked(bundle) {
+        Ok(m) => m,
+        Err(e) => {
+            render::error(&e.to_string());
+            return exit::USAGE;
+        }
+    };
+    if let Some(key) = &key {
+        let signed_again = verify::default_trusted_comment(bundle)
+            .and_then(|comment| verify::sign_bundle(bundle, key, &comment));
+        if let Err(e) = signed_again {
+            // The old signature covers the old checksums: left in place it would only fail.
+            let _ = std::fs::remove_file(bundle.join(SIGNATURE_FILE));
+            render::error(&if signed {
+                format!(
+                    "{e}; the bundle was repaired but is now UNSIGNED: its old signature no \
+                     longer matched the rewritten `SHA256SUMS` and was removed"
+                )
+            } else {
+                format!("{e}; the bundle was repaired but is not signed")
+            });
+            return exit::USAGE;
+        }
+        eprintln!("signed with key {}", key.key_id());
+    } else if std::fs::remove_file(bundle.join(SIGNATURE_FILE)).is_ok() {
+        render::warning(&format!(
+            "the bundle's signature was REMOVED: `SHA256SUMS` was rewritten, so the old \
+             `{SIGNATURE_FILE}` no longer matched it, and the bundle is now UNSIGNED; sign it \
+             again with `runbook evidence repair {} --force --sign-key KEY`",
+            bundle.display()
+        ));
+    }
+    eprintln!(
+        "{}: manifest rebuilt from the journal; status {}",
+        bundle.display(),
+        m.status.as_str()
+    );
+    exit::OK
 }

@@ -190,6 +190,10 @@ pub struct VerifyReport {
     /// Files hashed and compared with `SHA256SUMS`.
     pub files_checked: usize,
     pub signature: SignatureState,
+    /// The runner finished and sealed the bundle: `SHA256SUMS` is there and the journal's last
+    /// start or resume is followed by `run_finished`. (Whether the seal still holds is what
+    /// `problems` says.)
+    pub sealed: bool,
 }
 
 impl VerifyReport {
@@ -253,6 +257,7 @@ pub fn verify_bundle(dir: &Path, pubkey: Option<&PublicKey>) -> VerifyReport {
         notes: Vec::new(),
         files_checked: 0,
         signature: SignatureState::Unsigned,
+        sealed: false,
     };
     let sums = match std::fs::read(dir.join(SUMS_FILE)) {
         Ok(bytes) => Some(bytes),
@@ -274,6 +279,7 @@ pub fn verify_bundle(dir: &Path, pubkey: Option<&PublicKey>) -> VerifyReport {
     }
     let journal = read_journal(dir, &mut report);
     if let Some(journal) = journal {
+        report.sealed = sums.is_some() && journal.finished.is_some();
         check_manifest(dir, &journal, &mut report);
     }
     report
@@ -896,6 +902,7 @@ mod tests {
         let b = bundle();
         let report = verify_bundle(b.path(), None);
         assert!(report.is_ok(), "{:#?}", report.problems);
+        assert!(report.sealed);
         assert!(report.notes.is_empty(), "{:#?}", report.notes);
         assert_eq!(report.files_checked, 7);
         assert_eq!(report.signature, SignatureState::Unsigned);
@@ -1034,6 +1041,10 @@ mod tests {
         assert_eq!(
             report.notes,
             vec![Note::JournalTornTail { line: 14 }, Note::RunNotFinished]
+        );
+        assert!(
+            !report.sealed,
+            "the run did not finish: sealed by repair, not by the runner"
         );
     }
 

@@ -325,6 +325,75 @@ fn keygen_writes_both_keys_or_neither() {
     assert_eq!(mode & 0o777, 0o600);
 }
 
+// Regression: `evidence repair` of a sound, sealed and signed bundle rebuilt it, removed its
+// signature (which cannot be made again without the key) and exited 0.
+#[test]
+fn repair_refuses_a_sealed_bundle_and_says_when_it_drops_a_signature() {
+    let t = Test::new()
+        .runbook("[runbook]\nname = \"t\"\n[[steps]]\nid = \"a\"\nrun = \"echo signed\"\n");
+    let dir = t.path();
+    let ok = |out: &std::process::Output| {
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ok(&runbook(dir, &["keygen", "-s", "k.key", "-p", "k.pub"]));
+    ok(&runbook(
+        dir,
+        &[
+            "run",
+            "runbook.toml",
+            "--evidence-dir",
+            "proof",
+            "--sign-key",
+            "k.key",
+        ],
+    ));
+    let bundle = find_bundle(dir);
+    let b = bundle.to_str().expect("utf-8");
+    let verify = || runbook(dir, &["evidence", "verify", b, "--pubkey", "k.pub"]);
+
+    let refused = runbook(dir, &["evidence", "repair", b]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    for needle in [
+        "has nothing to repair",
+        "`repair` is for interrupted bundles",
+        "drop the bundle's signature",
+        "--force",
+    ] {
+        assert!(stderr.contains(needle), "{needle:?} in {stderr}");
+    }
+    ok(&verify());
+
+    // --force with the key: repaired and signed again.
+    ok(&runbook(
+        dir,
+        &["evidence", "repair", b, "--force", "--sign-key", "k.key"],
+    ));
+    ok(&verify());
+
+    // --force without it: repaired, and loud about the signature it dropped.
+    let forced = runbook(dir, &["evidence", "repair", b, "--force"]);
+    ok(&forced);
+    let stderr = String::from_utf8_lossy(&forced.stderr);
+    assert!(
+        stderr.contains("warning: the bundle's signature was REMOVED")
+            && stderr.contains("--sign-key KEY"),
+        "{stderr}"
+    );
+    assert!(!bundle.join("SHA256SUMS.minisig").exists());
+    assert_eq!(
+        verify().status.code(),
+        Some(3),
+        "a key was given, no signature"
+    );
+    ok(&runbook(dir, &["evidence", "verify", b]));
+}
+
 #[test]
 fn transcripts_are_asciicast_v2() {
     let (_t, bundle) = simple_bundle();
