@@ -765,6 +765,16 @@ fn resume(args: &ResumeArgs) -> i32 {
         Ok(l) => l,
         Err(code) => return code,
     };
+    // A journal that lost lines (emptied, cut short) would number attempts again from what it
+    // knows and overwrite logs already written: refuse before anything is written.
+    if let Err(e) = runbook_evidence::recorder::check_journal_covers_bundle(bundle) {
+        render::error(&format!(
+            "cannot resume `{}`: {e}; resuming would overwrite evidence already written, so \
+             nothing was changed",
+            bundle.display()
+        ));
+        return exit::USAGE;
+    }
     let workdir = PathBuf::from(&manifest.workdir);
     let recorded = PathBuf::from(&manifest.runbook.path);
     let path = if recorded.is_absolute() {

@@ -894,6 +894,130 @@ impl Recorder {
     }
 }
 
+/// Why a bundle cannot be continued where its journal ends: the journal records less than
+/// the bundle holds (it was emptied or cut short), so appending to it would number attempts
+/// again from what it knows and overwrite their logs.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalBehind {
+    #[error(
+        "`{}` records no attempt for {} file(s) in the bundle ({}): the logs on disk are newer \
+         than what the journal records (was it emptied or cut short?)",
+        journal.display(),
+        files.len(),
+        shorten_list(files)
+    )]
+    UnrecordedAttempts {
+        journal: PathBuf,
+        files: Vec<String>,
+    },
+    #[error(
+        "`{}` has no run_started event (was it emptied or cut short?): there is no run to continue",
+        journal.display()
+    )]
+    NoRunStarted { journal: PathBuf },
+    #[error(transparent)]
+    Evidence(#[from] EvidenceError),
+}
+
+fn shorten_list(items: &[String]) -> String {
+    const SHOWN: usize = 3;
+    let mut text = items
+        .iter()
+        .take(SHOWN)
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if items.len() > SHOWN {
+        text.push_str(&format!(" and {} more", items.len() - SHOWN));
+    }
+    text
+}
+
+/// Checks, without writing anything, that the journal of the bundle in `dir` can be continued
+/// (`runbook resume`): it has its `run_started`, and every attempt with files under `steps/`
+/// has its `attempt_started`. The recorder appends an event before it creates the files, so
+/// only a journal that lost lines fails this. Empty files are not counted: a power cut can keep
+/// a new log's directory entry and lose the unsynced journal line, and they hold nothing to lose.
+pub fn check_journal_covers_bundle(dir: &Path) -> Result<(), JournalBehind> {
+    let journal = dir.join("journal.jsonl");
+    let read = crate::journal::read(&journal)?;
+    let known: std::collections::HashSet<String> = read
+        .events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            RunEvent::AttemptStarted {
+                step,
+                target,
+                attempt,
+                ..
+            } => Some(attempt_stem(step.as_str(), target, *attempt)),
+            _ => None,
+        })
+        .collect();
+    let mut unrecorded = Vec::new();
+    let mut stack = vec![PathBuf::from("steps")];
+    while let Some(rel) = stack.pop() {
+        let abs = dir.join(&rel);
+        let read_err = |source| EvidenceError::Read {
+            path: abs.clone(),
+            source,
+        };
+        let entries = match std::fs::read_dir(&abs) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(read_err(e).into()),
+        };
+        for entry in entries {
+            let entry = entry.map_err(read_err)?;
+            let child = rel.join(entry.file_name());
+            let meta = entry.metadata().map_err(read_err)?;
+            if meta.is_dir() {
+                stack.push(child);
+            } else if meta.len() > 0 {
+                if let Some(stem) = attempt_stem_of(&child) {
+                    if !known.contains(&stem) {
+                        unrecorded.push(child.to_string_lossy().into_owned());
+                    }
+                }
+            }
+        }
+    }
+    if !unrecorded.is_empty() {
+        unrecorded.sort();
+        return Err(JournalBehind::UnrecordedAttempts {
+            journal,
+            files: unrecorded,
+        });
+    }
+    if !read
+        .events
+        .iter()
+        .any(|(_, e)| matches!(e, RunEvent::RunStarted { .. }))
+    {
+        return Err(JournalBehind::NoRunStarted { journal });
+    }
+    Ok(())
+}
+
+/// `steps/<step>/<target>/attempt-<n>`: what every file of one attempt starts with.
+fn attempt_stem(step: &str, target: &str, attempt: u32) -> String {
+    let log = attempt_log(step, target, attempt);
+    log.strip_suffix(".log").unwrap_or(&log).to_owned()
+}
+
+/// The attempt stem of a file under `steps/` (`attempt-2.log`, `attempt-2.cast`,
+/// `attempt-2.png.json`), or `None` for a file that belongs to no attempt.
+fn attempt_stem_of(rel: &Path) -> Option<String> {
+    let name = rel.file_name()?.to_str()?;
+    let digits = name.strip_prefix("attempt-")?;
+    let n = digits.split('.').next()?;
+    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let stem = rel.with_file_name(format!("attempt-{n}"));
+    Some(stem.to_string_lossy().into_owned())
+}
+
 /// A file extension from a runner, made safe for a file name.
 fn safe_ext(ext: &str) -> String {
     let e: String = ext
@@ -1135,5 +1259,23 @@ impl Recorder {
             at: Utc::now(),
             message: message.to_owned(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attempt_files_map_to_their_attempt() {
+        let stem = |p: &str| attempt_stem_of(Path::new(p));
+        let a2 = Some("steps/a/local/attempt-2".to_owned());
+        assert_eq!(stem("steps/a/local/attempt-2.log"), a2);
+        assert_eq!(stem("steps/a/local/attempt-2.cast"), a2);
+        assert_eq!(stem("steps/a/local/attempt-2.png.json"), a2);
+        assert_eq!(attempt_stem("a", "local", 2), "steps/a/local/attempt-2");
+        assert_eq!(stem("steps/a/local/attempt-.log"), None);
+        assert_eq!(stem("steps/a/local/attempt-2x.log"), None);
+        assert_eq!(stem("steps/a/local/notes.txt"), None);
     }
 }

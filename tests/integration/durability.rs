@@ -552,6 +552,99 @@ fn resume_refuses_a_changed_runbook_and_a_finished_run() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("already succeeded"));
 }
 
+// Regression: resuming a bundle whose journal had been emptied or cut short (disk full, a
+// crash, a careless edit) numbered attempts from 1 again and overwrote the attempt-1 log and
+// transcript already in the bundle.
+#[test]
+fn resume_refuses_a_journal_that_records_less_than_the_bundle_holds() {
+    let t = Test::new().runbook(
+        "[runbook]\nname = \"t\"\n[[steps]]\nid = \"a\"\nrun = \"echo first-attempt; exit 1\"\n",
+    );
+    let dir = t.path().to_path_buf();
+    let out = runbook_cmd(&dir, &["run", "runbook.toml", "--evidence-dir", "proof"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let bundle = find_bundle(&dir);
+    let journal = bundle.join("journal.jsonl");
+    let full = std::fs::read_to_string(&journal).expect("journal");
+    let log = bundle.join("steps/a/local/attempt-1.log");
+    let cast = bundle.join("steps/a/local/attempt-1.cast");
+    let (log_before, cast_before) = (
+        std::fs::read(&log).expect("log"),
+        std::fs::read(&cast).expect("cast"),
+    );
+
+    // Emptied, then cut short after run_started (before the attempt was recorded).
+    let first_line = full.lines().next().expect("run_started");
+    for (how, text) in [
+        ("emptied", String::new()),
+        ("cut short", format!("{first_line}\n")),
+    ] {
+        std::fs::write(&journal, &text).expect("truncate");
+        let out = resume(&dir, &bundle, &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{how}: {stderr}");
+        for needle in [
+            "journal.jsonl` records no attempt for 2 file(s) in the bundle",
+            "steps/a/local/attempt-1.cast, steps/a/local/attempt-1.log",
+            "the logs on disk are newer than what the journal records",
+            "nothing was changed",
+        ] {
+            assert!(stderr.contains(needle), "{how}: {needle:?} in {stderr}");
+        }
+        assert_eq!(std::fs::read(&log).expect("log"), log_before, "{how}");
+        assert_eq!(std::fs::read(&cast).expect("cast"), cast_before, "{how}");
+        assert_eq!(
+            std::fs::read_to_string(&journal).expect("journal"),
+            text,
+            "{how}"
+        );
+    }
+
+    // With the journal back, the same bundle resumes at attempt 2.
+    std::fs::write(&journal, &full).expect("restore");
+    std::fs::write(
+        dir.join("runbook.toml"),
+        "[runbook]\nname = \"t\"\n[[steps]]\nid = \"a\"\nrun = \"true\"\n",
+    )
+    .expect("fix");
+    let out = resume(&dir, &bundle, &["--allow-changed"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(&log).expect("log"), log_before);
+    assert!(bundle.join("steps/a/local/attempt-2.log").is_file());
+    sums_ok(&bundle);
+
+    // No attempt files to lose, but no run_started either: nothing to continue.
+    let t = Test::new().runbook(
+        "[runbook]\nname = \"t\"\n[[steps]]\nid = \"a\"\nrun = \"false\"\nwhen = \"false\"\n",
+    );
+    let dir = t.path().to_path_buf();
+    let out = runbook_cmd(&dir, &["run", "runbook.toml", "--evidence-dir", "proof"])
+        .output()
+        .expect("run");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bundle = find_bundle(&dir);
+    std::fs::write(bundle.join("journal.jsonl"), "").expect("empty");
+    let out = resume(&dir, &bundle, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("journal.jsonl` has no run_started event"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn resume_adds_again_the_hosts_the_interrupted_run_added() {
     let t = Test::new().runbook(
