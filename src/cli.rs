@@ -24,7 +24,8 @@ Examples:
   runbook graph runbooks/examples/local-drill.toml --format mermaid
 
 Exit codes: 0 ok, 1 run failed, 2 usage or runbook error, 3 evidence verification failed,
-4 awaiting approval, 130 interrupted.
+4 awaiting approval, 5 drill failed (steps succeeded, RTO/RPO missed or not measured),
+130 interrupted.
 Logs: RUST_LOG=debug runbook run …";
 
 #[derive(Debug, Parser)]
@@ -136,7 +137,7 @@ pub enum ExportFormat {
 #[derive(Debug, Subcommand)]
 pub enum EvidenceCommand {
     /// Check a bundle: every checksum, no file missing or extra, journal and manifest agree,
-    /// and the signature when there is one (exit 3 on any problem)
+    /// and the signature when there is one (exit 3 on any problem, 2 if the path is not a bundle)
     #[command(
         after_help = "Examples:\n  runbook evidence verify proof/rke2-upgrade/20261125T101500Z-1a2b3c4d --pubkey runbook.pub\n\nThe signature also verifies with minisign itself:\n  cd BUNDLE && minisign -Vm SHA256SUMS -p runbook.pub && sha256sum -c SHA256SUMS"
     )]
