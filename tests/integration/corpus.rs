@@ -274,10 +274,18 @@ fn positions_problems(file: &str, text: Option<&str>, stderr: &str) -> Vec<Strin
             continue;
         }
         let marker = format!("┌─ {file}:");
-        let Some(loc) = block
-            .iter()
-            .find_map(|l| l.split_once(marker.as_str()).map(|(_, rest)| rest.trim()))
-        else {
+        // Diagnostics on over-long lines carry `file:line:col:` in the message instead.
+        let inline = format!("]: {file}:");
+        let in_head = head.split_once(inline.as_str()).map(|(_, rest)| {
+            let mut parts = rest.splitn(3, ':');
+            let (l, c) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            format!("{l}:{c}")
+        });
+        let Some(loc) = in_head.as_deref().or_else(|| {
+            block
+                .iter()
+                .find_map(|l| l.split_once(marker.as_str()).map(|(_, rest)| rest.trim()))
+        }) else {
             problems.push(format!("{file}: {head:?} names no {file}:line:col"));
             continue;
         };
