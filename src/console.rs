@@ -330,6 +330,16 @@ impl Console {
                 };
                 self.line(&text);
             }
+            RunEvent::AttemptNote {
+                step,
+                target,
+                message,
+                ..
+            } => self.line(&format!(
+                "{} {step}{}: {message}",
+                self.paint("33", "!"),
+                on_target(target)
+            )),
             RunEvent::Log { step, message, .. } => {
                 let who = step.as_ref().map(|s| format!("[{s}] ")).unwrap_or_default();
                 self.line(&format!("log: {who}{message}"));

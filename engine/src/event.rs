@@ -481,6 +481,15 @@ pub enum RunEvent {
         #[serde(skip_serializing_if = "Option::is_none")]
         start_ticks: Option<u64>,
     },
+    /// A message from the engine about one attempt, not the step's output (its output was
+    /// cut short, …): written to the attempt's log as an engine record (`---`).
+    AttemptNote {
+        at: Timestamp,
+        step: StepId,
+        target: Target,
+        attempt: u32,
+        message: String,
+    },
     /// `runbook resume` continues this run in the same bundle.
     RunResumed {
         at: Timestamp,
@@ -531,6 +540,7 @@ impl RunEvent {
             | RunEvent::SecretRegistered { at, .. }
             | RunEvent::RunResumed { at, .. }
             | RunEvent::ProcessStarted { at, .. }
+            | RunEvent::AttemptNote { at, .. }
             | RunEvent::Approval { at, .. }
             | RunEvent::Artifact { at, .. }
             | RunEvent::Batch { at, .. }

@@ -323,6 +323,21 @@ impl Recorder {
                     cast.finish(*at, &closing)?;
                 }
             }
+            RunEvent::AttemptNote {
+                at,
+                step,
+                target,
+                attempt,
+                message,
+            } => {
+                let key = (step.to_string(), target.to_string(), *attempt);
+                if let Some(log) = self.logs.get_mut(&key) {
+                    log.meta(*at, message)?;
+                }
+                if let Some(cast) = self.casts.get_mut(&key) {
+                    cast.note(*at, message)?;
+                }
+            }
             RunEvent::Collect {
                 step, name, path, ..
             } => collected = Some(self.collect(step.as_str(), name, path)),
@@ -360,6 +375,7 @@ impl Recorder {
             | RunEvent::Output { .. }
             | RunEvent::Log { .. }
             | RunEvent::Clock { .. }
+            | RunEvent::AttemptNote { .. }
             | RunEvent::ProcessStarted { .. } => {}
             RunEvent::Batch {
                 at,

@@ -170,12 +170,9 @@ async fn run(ctx: AttemptContext, out: &mut OutputSink) -> AttemptOutcome {
             }
             () = sleep_until(give_up_at), if give_up_at < never => {
                 if status.is_some() {
-                    // A process outside the group still holds the pipe: stop reading.
-                    out.write(
-                        Stream::Stderr,
-                        bytes::Bytes::from_static(b"\n[runbook] output truncated: a process outside the step's process group kept its output open\n"),
-                    )
-                    .await;
+                    // A process outside the group still holds the pipe: stop reading. Said as
+                    // the engine, not on stderr, so nobody takes it for the step's own output.
+                    out.note("output truncated: a process outside the step's process group kept its output open").await;
                     break;
                 }
                 give_up_at = never;

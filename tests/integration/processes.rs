@@ -78,11 +78,13 @@ fn background_leftovers_are_stopped_when_the_step_exits() {
 
 #[test]
 fn a_process_that_escapes_the_group_cannot_hang_the_run() {
-    // setsid puts the grandchild in its own session: it keeps the output pipe open after the
-    // step's shell exits. The runner must stop reading rather than wait for it.
+    // setsid puts the grandchild in its own session, and `env -i` clears the environment the
+    // runner would find it by: it keeps the output pipe open after the step's shell exits. The
+    // runner must stop reading rather than wait for it, and say so as the engine — regression:
+    // the message was written as the step's stderr (`err [runbook] output truncated…`).
     let marker = unique_marker();
     let toml = format!(
-        "{HEAD}[[steps]]\nid = \"escape\"\nrun = \"setsid sleep {marker} & sleep 0.5; echo bye\"\n"
+        "{HEAD}[[steps]]\nid = \"escape\"\nrun = \"setsid env -i sleep {marker} & sleep 0.5; echo bye\"\n"
     );
     let started = Instant::now();
     let out = run_runbook(&toml, &[]);
@@ -99,7 +101,24 @@ fn a_process_that_escapes_the_group_cannot_hang_the_run() {
     }
     let log = std::fs::read_to_string(out.bundle().join("steps/escape/local/attempt-1.log"))
         .expect("log");
-    assert!(log.contains("output truncated"), "{log}");
+    assert!(
+        log.contains(" --- output truncated: a process outside the step's process group kept its output open\n"),
+        "an engine record: {log}"
+    );
+    assert!(
+        !log.lines()
+            .any(|l| l.contains(" err ") && l.contains("truncated")),
+        "not the step's stderr: {log}"
+    );
+    let m = out.manifest();
+    assert_eq!(step(&m, "escape")["attempts"][0]["output"]["stderr"], 0);
+    let journal = out.journal();
+    assert!(
+        journal
+            .iter()
+            .any(|e| e["event"] == "attempt_note" && e["step"] == "escape"),
+        "in the journal"
+    );
 }
 
 #[test]
