@@ -278,6 +278,30 @@ pub struct TargetResult {
     pub reason: Option<String>,
 }
 
+/// A process that had left a local attempt's process group (`setsid`, `set -m`) but still
+/// carried the attempt's id, or the run's, in its environment when it was stopped.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StoppedProcess {
+    pub pid: u32,
+    /// Its command line as `/proc` showed it (arguments joined by spaces).
+    pub command: String,
+    /// TERM was not enough: it was killed (SIGKILL) after the grace period.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub killed: bool,
+}
+
+impl StoppedProcess {
+    /// One line for people: `pid 4242 (SIGTERM): sleep 301`.
+    pub fn describe(&self) -> String {
+        format!(
+            "pid {} ({}): {}",
+            self.pid,
+            if self.killed { "SIGKILL" } else { "SIGTERM" },
+            self.command
+        )
+    }
+}
+
 /// Bytes an attempt wrote, per stream.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct OutputCounts {
@@ -490,6 +514,15 @@ pub enum RunEvent {
         attempt: u32,
         message: String,
     },
+    /// Processes that had left a local attempt's process group but still carried its id
+    /// (`RUNBOOK_ATTEMPT_ID`) when the attempt ended: they were stopped with it.
+    ProcessesStopped {
+        at: Timestamp,
+        step: StepId,
+        target: Target,
+        attempt: u32,
+        processes: Vec<StoppedProcess>,
+    },
     /// `runbook resume` continues this run in the same bundle.
     RunResumed {
         at: Timestamp,
@@ -541,6 +574,7 @@ impl RunEvent {
             | RunEvent::RunResumed { at, .. }
             | RunEvent::ProcessStarted { at, .. }
             | RunEvent::AttemptNote { at, .. }
+            | RunEvent::ProcessesStopped { at, .. }
             | RunEvent::Approval { at, .. }
             | RunEvent::Artifact { at, .. }
             | RunEvent::Batch { at, .. }

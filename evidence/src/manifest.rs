@@ -150,6 +150,9 @@ pub struct AttemptRecord {
     /// Files the attempt produced (screenshots), relative to the bundle.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub artifacts: Vec<String>,
+    /// Processes that had left the attempt's process group and were stopped when it ended.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stopped_processes: Vec<runbook_engine::event::StoppedProcess>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

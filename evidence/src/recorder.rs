@@ -338,6 +338,27 @@ impl Recorder {
                     cast.note(*at, message)?;
                 }
             }
+            RunEvent::ProcessesStopped {
+                at,
+                step,
+                target,
+                attempt,
+                processes,
+            } => {
+                let key = (step.to_string(), target.to_string(), *attempt);
+                for p in processes {
+                    let line = format!(
+                        "stopped a process that had left the step's process group: {}",
+                        p.describe()
+                    );
+                    if let Some(log) = self.logs.get_mut(&key) {
+                        log.meta(*at, &line)?;
+                    }
+                    if let Some(cast) = self.casts.get_mut(&key) {
+                        cast.note(*at, &line)?;
+                    }
+                }
+            }
             RunEvent::Collect {
                 step, name, path, ..
             } => collected = Some(self.collect(step.as_str(), name, path)),
@@ -420,6 +441,18 @@ impl Recorder {
                     a.artifacts.push(rel);
                 }
             }
+            RunEvent::ProcessesStopped {
+                step,
+                target,
+                attempt,
+                processes,
+                ..
+            } => {
+                // Redacted like the rest of the manifest when it is written.
+                if let Some(a) = self.attempt_mut(step.as_str(), target, *attempt) {
+                    a.stopped_processes.extend(processes.iter().cloned());
+                }
+            }
             RunEvent::SecretRegistered { name, .. } => {
                 if !self.manifest.secrets.contains(name) {
                     self.manifest.secrets.push(name.clone());
@@ -471,6 +504,7 @@ impl Recorder {
                     log: attempt_log(step.as_str(), target, *attempt),
                     details: serde_json::Map::new(),
                     artifacts: Vec::new(),
+                    stopped_processes: Vec::new(),
                 };
                 if let Some(s) = self.step_mut(step.as_str()) {
                     s.attempts.push(record);
