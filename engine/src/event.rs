@@ -544,6 +544,10 @@ pub enum RunEvent {
     RunFinished {
         at: Timestamp,
         status: RunStatus,
+        /// Why the run failed when the run itself failed, not (only) a step: a `before_run` or
+        /// `after_run` hook, `--fail-on-leak`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
     },
 }
 

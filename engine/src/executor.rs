@@ -211,7 +211,7 @@ impl Executor {
             {
                 halted_by = Some("before_run".into());
                 let _ = halted.set("the `before_run` hook failed".into());
-                run_failure = Some(message);
+                run_failure = Some(format!("the `before_run` hook failed: {message}"));
             }
         }
 
@@ -433,7 +433,7 @@ impl Executor {
             let all: Vec<StepIdx> = (0..n).collect();
             push_steps(&mut scope, &plan, &results, &all);
             scope.push_constant("run", run_map(&plan, &self.run, Some(status)));
-            if run_hook(
+            if let Err(message) = run_hook(
                 &self.host,
                 &plan,
                 &self.events,
@@ -443,10 +443,12 @@ impl Executor {
                 None,
             )
             .await
-            .is_err()
-                && status == RunStatus::Succeeded
             {
-                status = RunStatus::Failed;
+                if status == RunStatus::Succeeded {
+                    status = RunStatus::Failed;
+                }
+                // Kept even when steps failed too: it is a failure of its own.
+                run_failure.get_or_insert(format!("the `after_run` hook failed: {message}"));
             }
         }
         let drill = match &plan.runbook.drill {
@@ -481,6 +483,7 @@ impl Executor {
             RunEvent::RunFinished {
                 at: finished_at,
                 status,
+                reason: run_failure,
             },
         )
         .await;

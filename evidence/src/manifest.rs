@@ -14,6 +14,9 @@ pub struct Manifest {
     pub format: String,
     pub run_id: String,
     pub status: RunStatus,
+    /// Why the run itself failed (a hook, `--fail-on-leak`), beyond what its steps say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     pub started_at: DateTime<Utc>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<DateTime<Utc>>,

@@ -151,6 +151,7 @@ impl Recorder {
             format: FORMAT.to_owned(),
             run_id: cfg.run_id.clone(),
             status: RunStatus::Running,
+            reason: None,
             started_at: cfg.started_at,
             finished_at: None,
             duration_seconds: None,
@@ -593,6 +594,7 @@ impl Recorder {
                 operator,
             } => {
                 self.manifest.status = RunStatus::Running;
+                self.manifest.reason = None;
                 self.manifest.finished_at = None;
                 self.manifest.duration_seconds = None;
                 self.manifest.resumed.push(Resumption {
@@ -612,8 +614,9 @@ impl Recorder {
                 by: by.clone(),
                 granted: *granted,
             }),
-            RunEvent::RunFinished { at, status } => {
+            RunEvent::RunFinished { at, status, reason } => {
                 self.manifest.status = *status;
+                self.manifest.reason = reason.as_ref().map(|r| self.redactor.redact_str(r));
                 self.manifest.finished_at = Some(*at);
                 self.manifest.duration_seconds = Some(secs(
                     (*at - self.manifest.started_at)
@@ -663,6 +666,7 @@ impl Recorder {
         manifest.resumed.clear();
         manifest.approvals.clear();
         manifest.status = RunStatus::Running;
+        manifest.reason = None;
         manifest.finished_at = None;
         manifest.duration_seconds = None;
         let step_index = manifest
@@ -730,6 +734,7 @@ impl Recorder {
             self.record(&RunEvent::RunFinished {
                 at: Utc::now(),
                 status: RunStatus::Failed,
+                reason: Some(message.to_owned()),
             })?;
         }
         Ok(())
