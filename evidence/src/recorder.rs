@@ -630,6 +630,21 @@ impl Recorder {
     /// Opens an existing bundle to continue it (resume) or rebuild its manifest (repair): the
     /// manifest is rebuilt from the journal, and a torn last journal line is cut off.
     pub fn reopen(dir: &Path, secrets: Vec<(String, String)>) -> Result<Self, EvidenceError> {
+        Self::open_existing(dir, secrets, true)
+    }
+
+    /// Reads an existing bundle as [`Recorder::reopen`] does but changes nothing on disk (a torn
+    /// last line stays, the journal is opened read-only): for checking a `resume` before it
+    /// takes the run lock. Recording into it fails.
+    pub fn inspect(dir: &Path, secrets: Vec<(String, String)>) -> Result<Self, EvidenceError> {
+        Self::open_existing(dir, secrets, false)
+    }
+
+    fn open_existing(
+        dir: &Path,
+        secrets: Vec<(String, String)>,
+        writable: bool,
+    ) -> Result<Self, EvidenceError> {
         let manifest_path = dir.join("manifest.json");
         let text = std::fs::read(&manifest_path).map_err(|source| EvidenceError::Read {
             path: manifest_path.clone(),
@@ -642,7 +657,9 @@ impl Recorder {
             })?;
         let journal_path = dir.join("journal.jsonl");
         let read = crate::journal::read(&journal_path)?;
-        crate::journal::truncate_torn(&journal_path, &read)?;
+        if writable {
+            crate::journal::truncate_torn(&journal_path, &read)?;
+        }
         // Start from the skeleton (ids and phases) and replay the journal over it.
         for s in &mut manifest.steps {
             let (id, phase) = (s.id.clone(), s.phase.clone());
@@ -676,7 +693,8 @@ impl Recorder {
             .map(|(i, s)| (s.id.clone(), i))
             .collect();
         let journal = OpenOptions::new()
-            .append(true)
+            .append(writable)
+            .read(!writable)
             .open(&journal_path)
             .map_err(write_err(&journal_path))?;
         let mut known = secrets;
