@@ -583,13 +583,14 @@ fn launch(
     })
 }
 
-fn take_lock(dir: &Path, me: &Holder, break_lock: bool) -> Result<RunLock, i32> {
+/// Takes the run lock; also returns the details of the stale holder it took over, if any.
+fn take_lock(dir: &Path, me: &Holder, break_lock: bool) -> Result<(RunLock, Option<Holder>), i32> {
     match RunLock::acquire(dir, me, break_lock) {
         Ok((lock, stale)) => {
-            if let Some(h) = stale {
+            if let Some(h) = &stale {
                 eprintln!("note: took over the lock of a run that did not finish: {h}");
             }
-            Ok(lock)
+            Ok((lock, stale))
         }
         Err(e) => {
             render::error(&e.to_string());
@@ -683,7 +684,7 @@ fn run(args: &RunArgs) -> i32 {
         &me,
         args.exec.break_lock,
     ) {
-        Ok(l) => l,
+        Ok((l, _)) => l,
         Err(code) => {
             // Nothing ran: leave no bundle behind that looks like a run.
             let _ = std::fs::remove_dir_all(recorder.dir());
@@ -697,7 +698,10 @@ fn run(args: &RunArgs) -> i32 {
 
 /// Hosts the interrupted run added with `inventory.add_host` go back into the inventory: the
 /// steps that added them succeeded and are not run again, but later steps run on them.
-fn restore_added_hosts(plan: &Plan, recorder: &mut Recorder) {
+/// Adds again the hosts the interrupted run added at run time (`inventory.add_host`). Returns
+/// the notes to record once the bundle may be written.
+fn restore_added_hosts(plan: &Plan, recorder: &Recorder) -> Vec<String> {
+    let mut notes = Vec::new();
     let mut restored = Vec::new();
     for host in recorder.hosts_added() {
         let message = match host {
@@ -715,16 +719,21 @@ fn restore_added_hosts(plan: &Plan, recorder: &mut Recorder) {
             ),
         };
         render::warning(&message);
-        let _ = recorder.note(&message);
+        notes.push(message);
     }
     if !restored.is_empty() {
-        let _ = recorder.note(&format!(
+        notes.push(format!(
             "resume added the hosts the interrupted run had added: {}",
             restored.join(", ")
         ));
     }
+    notes
 }
 
+/// `runbook resume`: everything that can refuse is checked first, reading only; the run lock is
+/// taken last, right before the first change (the journal's torn line, leftover processes, the
+/// notes). A refused resume therefore leaves the bundle, the lock and any leftover processes
+/// as they were — stopping processes before owning the lock could even hit a live run's.
 fn resume(args: &ResumeArgs) -> i32 {
     let bundle = &args.bundle;
     let host = ExprHost::new();
@@ -732,8 +741,6 @@ fn resume(args: &ResumeArgs) -> i32 {
         Ok(k) => k,
         Err(code) => return code,
     };
-    // Secrets come from where they came from the first time (environment, --set): bind the
-    // params first to know them, then reopen the bundle with them so they stay redacted.
     let manifest_path = bundle.join("manifest.json");
     let manifest: runbook_evidence::manifest::Manifest = match std::fs::read(&manifest_path)
         .map_err(|e| e.to_string())
@@ -748,23 +755,14 @@ fn resume(args: &ResumeArgs) -> i32 {
             return exit::USAGE;
         }
     };
-    // The lock first: never touch a bundle whose run is still alive.
-    let op = operator();
     let evidence_dir = bundle
         .parent()
         .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
-    let me = Holder {
-        pid: std::process::id(),
-        host: op.host.clone(),
-        user: op.user.clone(),
-        started_at: chrono::Utc::now().to_rfc3339(),
-        run_id: manifest.run_id.clone(),
-        bundle: canonical(bundle),
-    };
-    let lock = match take_lock(&evidence_dir, &me, args.exec.break_lock) {
-        Ok(l) => l,
-        Err(code) => return code,
-    };
+    // A run still alive is refused first (looking, not locking): nothing below may touch it.
+    if let Some(h) = RunLock::live_holder(&evidence_dir) {
+        render::error(&crate::lock::LockError::Held(Box::new(h)).to_string());
+        return exit::USAGE;
+    }
     // A journal that lost lines (emptied, cut short) would number attempts again from what it
     // knows and overwrite logs already written: refuse before anything is written.
     if let Err(e) = runbook_evidence::recorder::check_journal_covers_bundle(bundle) {
@@ -821,6 +819,7 @@ fn resume(args: &ResumeArgs) -> i32 {
         }
     };
     // The same params as the first time: recorded values for non-secrets, then any --set.
+    // Secrets come from where they came from the first time (environment, --set).
     let mut sets: Vec<String> = Vec::new();
     if let serde_json::Value::Object(params) = &manifest.params {
         for (name, value) in params {
@@ -840,36 +839,15 @@ fn resume(args: &ResumeArgs) -> i32 {
         Ok(p) => p,
         Err(code) => return code,
     };
-    let mut recorder = match Recorder::reopen(bundle, params.secrets()) {
+    // The bundle as the journal says, read with the secrets so they stay redacted.
+    let inspected = match Recorder::inspect(bundle, params.secrets()) {
         Ok(r) => r,
         Err(e) => {
             render::error(&e.to_string());
             return exit::USAGE;
         }
     };
-    let previous = recorder.status();
-    if let Some(n) = &changed_note {
-        let _ = recorder.note(n);
-    }
-    // A runner killed hard leaves its steps' processes running: stop them before going on —
-    // those the journal names, and any other process still carrying this run's id.
-    for g in runbook_steps::stop_run_processes(&manifest.run_id, std::time::Duration::from_secs(5))
-    {
-        let msg = format!("stopped process group {g}, left running by the interrupted run");
-        eprintln!("note: {msg}");
-        let _ = recorder.note(&msg);
-    }
-    if let Ok(read) = runbook_evidence::journal::read(&bundle.join("journal.jsonl")) {
-        for (step, attempt, pid, ticks) in unfinished_processes(&read.events) {
-            if runbook_steps::stop_leftover_group(pid, ticks, std::time::Duration::from_secs(5)) {
-                let msg = format!(
-                    "stopped process group {pid} of step `{step}` attempt {attempt}, left running by the interrupted run"
-                );
-                eprintln!("note: {msg}");
-                let _ = recorder.note(&msg);
-            }
-        }
-    }
+    let previous = inspected.status();
     if previous == RunStatus::Succeeded {
         render::error(&format!(
             "run {} already succeeded; nothing to resume",
@@ -903,6 +881,7 @@ fn resume(args: &ResumeArgs) -> i32 {
         .unwrap_or(runbook_engine::plan::DEFAULT_FORKS)
         .max(1);
 
+    let op = operator();
     let by = format!("{}@{}", op.user, op.host);
     for id in &args.approve {
         if plan.runbook.step(id).is_none_or(|s| s.approve.is_none()) {
@@ -913,13 +892,79 @@ fn resume(args: &ResumeArgs) -> i32 {
         }
         plan.approved.push((id.clone(), by.clone()));
     }
+    // Before the passphrases: the hosts added at run time may need some.
+    let host_notes = restore_added_hosts(&plan, &inspected);
+    let keys = match Keys::gather(&plan, sign_key) {
+        Ok(k) => k,
+        Err(code) => return code,
+    };
+
+    // Everything checked: take the lock (a stale one left by this bundle's run is taken over),
+    // then make the first change.
+    let me = Holder {
+        pid: std::process::id(),
+        host: op.host.clone(),
+        user: op.user.clone(),
+        started_at: chrono::Utc::now().to_rfc3339(),
+        run_id: manifest.run_id.clone(),
+        bundle: canonical(bundle),
+    };
+    let (lock, stale) = match take_lock(&evidence_dir, &me, args.exec.break_lock) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    let mut recorder = match Recorder::reopen(bundle, plan.params.secrets()) {
+        Ok(r) => r,
+        Err(e) => {
+            lock.give_back(stale.as_ref());
+            render::error(&e.to_string());
+            return exit::USAGE;
+        }
+    };
+    // Another resume may have finished this run between the look and the lock.
+    if recorder.status() != previous
+        || recorder.manifest().resumed.len() != inspected.manifest().resumed.len()
+    {
+        lock.give_back(stale.as_ref());
+        render::error(&format!(
+            "run {} was resumed by another process meanwhile (it is {} now); look at the bundle, then resume again if needed",
+            manifest.run_id,
+            recorder.status().as_str()
+        ));
+        return exit::USAGE;
+    }
+    drop(inspected);
+    if let Some(n) = &changed_note {
+        let _ = recorder.note(n);
+    }
+    // A runner killed hard leaves its steps' processes running: stop them before going on —
+    // those the journal names, and any other process still carrying this run's id.
+    for g in runbook_steps::stop_run_processes(&manifest.run_id, std::time::Duration::from_secs(5))
+    {
+        let msg = format!("stopped process group {g}, left running by the interrupted run");
+        eprintln!("note: {msg}");
+        let _ = recorder.note(&msg);
+    }
+    if let Ok(read) = runbook_evidence::journal::read(&bundle.join("journal.jsonl")) {
+        for (step, attempt, pid, ticks) in unfinished_processes(&read.events) {
+            if runbook_steps::stop_leftover_group(pid, ticks, std::time::Duration::from_secs(5)) {
+                let msg = format!(
+                    "stopped process group {pid} of step `{step}` attempt {attempt}, left running by the interrupted run"
+                );
+                eprintln!("note: {msg}");
+                let _ = recorder.note(&msg);
+            }
+        }
+    }
+    for n in &host_notes {
+        let _ = recorder.note(n);
+    }
     let prior = recorder.prior_steps();
     for (i, step) in plan.runbook.steps.iter().enumerate() {
         if let Some((_, p)) = prior.iter().find(|(id, _)| id == step.id.as_str()) {
             plan.prior[i] = p.clone();
         }
     }
-    restore_added_hosts(&plan, &mut recorder);
     plan.resume_of = Some((previous, by));
     plan.rerun_selected = !args.selection.only.is_empty() || args.selection.from.is_some();
     recorder.note_resume(&prior);
@@ -927,14 +972,6 @@ fn resume(args: &ResumeArgs) -> i32 {
     let run_info = RunInfo {
         id: manifest.run_id.clone(),
         started_at: manifest.started_at,
-    };
-
-    let keys = match Keys::gather(&plan, sign_key) {
-        Ok(k) => k,
-        Err(code) => {
-            lock.release();
-            return code;
-        }
     };
     let code = launch(
         Arc::new(plan),

@@ -330,6 +330,31 @@ impl Console {
                 };
                 self.line(&text);
             }
+            RunEvent::AttemptNote {
+                step,
+                target,
+                message,
+                ..
+            } => self.line(&format!(
+                "{} {step}{}: {message}",
+                self.paint("33", "!"),
+                on_target(target)
+            )),
+            RunEvent::ProcessesStopped {
+                step,
+                target,
+                processes,
+                ..
+            } => {
+                for p in processes {
+                    self.line(&format!(
+                        "{} {step}{}: stopped a process that had left the step's process group: {}",
+                        self.paint("33", "!"),
+                        on_target(target),
+                        p.describe()
+                    ));
+                }
+            }
             RunEvent::Log { step, message, .. } => {
                 let who = step.as_ref().map(|s| format!("[{s}] ")).unwrap_or_default();
                 self.line(&format!("log: {who}{message}"));

@@ -121,6 +121,19 @@ impl RunLock {
         }
     }
 
+    /// Puts back the details of the holder this lock took over (none: clears them) and
+    /// unlocks: a `resume` refused after taking the lock leaves the file as it found it.
+    pub fn give_back(mut self, previous: Option<&Holder>) {
+        let text = previous
+            .map(|h| serde_json::to_string(h).unwrap_or_default())
+            .unwrap_or_default();
+        let _ = self.lock.set_len(0);
+        let _ = self.lock.rewind();
+        let _ = self.lock.write_all(text.as_bytes());
+        let _ = self.lock.sync_all();
+        let _ = self.lock.unlock();
+    }
+
     /// Clears the holder's details and unlocks: a clean end leaves no stale lock.
     pub fn release(self) {
         let _ = self.lock.set_len(0);

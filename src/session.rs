@@ -108,6 +108,27 @@ pub fn execute(s: Session) -> i32 {
         }
     };
     console.finish();
+    // A step's processes end with it (each attempt stops those that left its group); this
+    // catches what slipped through, so nothing with this run's id outlives the run.
+    let grace = s
+        .plan
+        .runbook
+        .steps
+        .iter()
+        .map(|st| st.kill_grace)
+        .max()
+        .unwrap_or(runbook_engine::runbook::DEFAULT_KILL_GRACE);
+    let mut recorder = recorder;
+    for p in runbook_steps::stop_processes_left_by_run(&report.run_id, grace) {
+        let msg = format!(
+            "stopped a process still running with this run's id at the end of the run: {}",
+            p.describe()
+        );
+        sayln!("note: {}", console.redact(&msg));
+        if let Some(r) = recorder.as_mut() {
+            let _ = r.note(&msg);
+        }
+    }
     let mut code = match report.status {
         RunStatus::Succeeded => exit::OK,
         RunStatus::Failed | RunStatus::Running | RunStatus::Interrupted => exit::RUN_FAILED,
@@ -127,7 +148,6 @@ pub fn execute(s: Session) -> i32 {
     }
     say(&format!("\n{}", console.redact(&summary_table(&report))));
     print_failure_tails(&report, &bundle, &console);
-    let mut recorder = recorder;
     if let (true, Some(r)) = (s.fail_on_leak, recorder.as_mut()) {
         let leaks: Vec<String> = r
             .redaction_counts()

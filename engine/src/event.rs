@@ -278,6 +278,30 @@ pub struct TargetResult {
     pub reason: Option<String>,
 }
 
+/// A process that had left a local attempt's process group (`setsid`, `set -m`) but still
+/// carried the attempt's id, or the run's, in its environment when it was stopped.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StoppedProcess {
+    pub pid: u32,
+    /// Its command line as `/proc` showed it (arguments joined by spaces).
+    pub command: String,
+    /// TERM was not enough: it was killed (SIGKILL) after the grace period.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub killed: bool,
+}
+
+impl StoppedProcess {
+    /// One line for people: `pid 4242 (SIGTERM): sleep 301`.
+    pub fn describe(&self) -> String {
+        format!(
+            "pid {} ({}): {}",
+            self.pid,
+            if self.killed { "SIGKILL" } else { "SIGTERM" },
+            self.command
+        )
+    }
+}
+
 /// Bytes an attempt wrote, per stream.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct OutputCounts {
@@ -481,6 +505,24 @@ pub enum RunEvent {
         #[serde(skip_serializing_if = "Option::is_none")]
         start_ticks: Option<u64>,
     },
+    /// A message from the engine about one attempt, not the step's output (its output was
+    /// cut short, …): written to the attempt's log as an engine record (`---`).
+    AttemptNote {
+        at: Timestamp,
+        step: StepId,
+        target: Target,
+        attempt: u32,
+        message: String,
+    },
+    /// Processes that had left a local attempt's process group but still carried its id
+    /// (`RUNBOOK_ATTEMPT_ID`) when the attempt ended: they were stopped with it.
+    ProcessesStopped {
+        at: Timestamp,
+        step: StepId,
+        target: Target,
+        attempt: u32,
+        processes: Vec<StoppedProcess>,
+    },
     /// `runbook resume` continues this run in the same bundle.
     RunResumed {
         at: Timestamp,
@@ -502,6 +544,10 @@ pub enum RunEvent {
     RunFinished {
         at: Timestamp,
         status: RunStatus,
+        /// Why the run failed when the run itself failed, not (only) a step: a `before_run` or
+        /// `after_run` hook, `--fail-on-leak`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
     },
 }
 
@@ -531,6 +577,8 @@ impl RunEvent {
             | RunEvent::SecretRegistered { at, .. }
             | RunEvent::RunResumed { at, .. }
             | RunEvent::ProcessStarted { at, .. }
+            | RunEvent::AttemptNote { at, .. }
+            | RunEvent::ProcessesStopped { at, .. }
             | RunEvent::Approval { at, .. }
             | RunEvent::Artifact { at, .. }
             | RunEvent::Batch { at, .. }

@@ -211,7 +211,7 @@ impl Executor {
             {
                 halted_by = Some("before_run".into());
                 let _ = halted.set("the `before_run` hook failed".into());
-                run_failure = Some(message);
+                run_failure = Some(format!("the `before_run` hook failed: {message}"));
             }
         }
 
@@ -433,7 +433,7 @@ impl Executor {
             let all: Vec<StepIdx> = (0..n).collect();
             push_steps(&mut scope, &plan, &results, &all);
             scope.push_constant("run", run_map(&plan, &self.run, Some(status)));
-            if run_hook(
+            if let Err(message) = run_hook(
                 &self.host,
                 &plan,
                 &self.events,
@@ -443,10 +443,12 @@ impl Executor {
                 None,
             )
             .await
-            .is_err()
-                && status == RunStatus::Succeeded
             {
-                status = RunStatus::Failed;
+                if status == RunStatus::Succeeded {
+                    status = RunStatus::Failed;
+                }
+                // Kept even when steps failed too: it is a failure of its own.
+                run_failure.get_or_insert(format!("the `after_run` hook failed: {message}"));
             }
         }
         let drill = match &plan.runbook.drill {
@@ -481,6 +483,7 @@ impl Executor {
             RunEvent::RunFinished {
                 at: finished_at,
                 status,
+                reason: run_failure,
             },
         )
         .await;
@@ -827,8 +830,9 @@ struct StepTask {
     halted: Arc<OnceLock<String>>,
     results: Results,
     index: StepIdx,
-    /// Set once `StepStarted` was sent (by the first attempt on any target).
-    step_started: Arc<std::sync::atomic::AtomicBool>,
+    /// When the first attempt on any target started (and `StepStarted` was sent): the step's
+    /// duration counts from here, not from when it began to wait for a `--parallel` slot.
+    step_started: Arc<OnceLock<Instant>>,
 }
 
 /// A step's templates, rendered for one attempt.
@@ -1002,8 +1006,7 @@ impl StepTask {
 
     async fn run(self) -> StepResult {
         let step = self.step();
-        let started = Instant::now();
-        let result = self.run_inner(started).await;
+        let result = self.run_inner().await;
         let output = self.results.lock().ok().and_then(|r| r[self.index].clone());
         // Store what downstream expressions see, then run the after/failure hooks with it.
         let last_output = output.clone();
@@ -1060,12 +1063,12 @@ impl StepTask {
     }
 
     #[allow(clippy::too_many_lines)]
-    async fn run_inner(&self, started: Instant) -> StepResult {
+    async fn run_inner(&self) -> StepResult {
         let step = self.step();
         let finish = |status, attempts, reason: Option<String>| StepResult {
             status,
             attempts,
-            duration: started.elapsed(),
+            duration: self.time_since_start(),
             reason,
             outputs: None,
             skipped_by_when: false,
@@ -1200,10 +1203,18 @@ impl StepTask {
             }
             Some((selector, _)) => {
                 let mut r = self.fan_out(step, selector, offset).await;
-                r.duration = started.elapsed();
+                r.duration = self.time_since_start();
                 r
             }
         }
+    }
+
+    /// How long the step has been running: from its first attempt's start, so that waiting
+    /// for a slot, a `when` or an approval does not count; zero if no attempt started.
+    fn time_since_start(&self) -> Duration {
+        self.step_started
+            .get()
+            .map_or(Duration::ZERO, Instant::elapsed)
     }
 
     /// Stores what downstream expressions see as `steps.<id>` (before the step's record).
@@ -1601,7 +1612,6 @@ impl StepTask {
                 let r = self.stopped(
                     attempts,
                     offset,
-                    started,
                     "cancelled",
                     StepStatus::Cancelled,
                     last_failure,
@@ -1612,20 +1622,10 @@ impl StepTask {
                 if attempts > offset {
                     self.collect(spec, host, &cwd_for_collect).await;
                 }
-                let r = self.stopped(
-                    attempts,
-                    offset,
-                    started,
-                    why,
-                    StepStatus::Failed,
-                    last_failure,
-                );
+                let r = self.stopped(attempts, offset, why, StepStatus::Failed, last_failure);
                 return end(r.status, r.attempts, r.reason, last_output);
             }
-            if !self
-                .step_started
-                .swap(true, std::sync::atomic::Ordering::SeqCst)
-            {
+            if self.step_started.set(Instant::now()).is_ok() {
                 let is_clock_start = self
                     .plan
                     .runbook
@@ -2113,7 +2113,6 @@ impl StepTask {
         &self,
         attempts: u32,
         offset: u32,
-        started: Instant,
         why: &str,
         status_if_started: StepStatus,
         last_failure: Option<String>,
@@ -2130,7 +2129,7 @@ impl StepTask {
         StepResult {
             status,
             attempts,
-            duration: started.elapsed(),
+            duration: self.time_since_start(),
             reason: Some(reason),
             outputs: None,
             skipped_by_when: false,

@@ -166,6 +166,35 @@ impl OutputSink {
             .await;
     }
 
+    /// A message from the engine about this attempt (not the step's output): recorded in the
+    /// attempt's log as an engine record, apart from what the process wrote.
+    pub async fn note(&mut self, message: &str) {
+        let _ = self
+            .events
+            .send(RunEvent::AttemptNote {
+                at: chrono::Utc::now(),
+                step: self.step.clone(),
+                target: self.target.clone(),
+                attempt: self.attempt,
+                message: message.to_owned(),
+            })
+            .await;
+    }
+
+    /// Processes that left the attempt's process group and were stopped when it ended.
+    pub async fn processes_stopped(&mut self, processes: Vec<crate::event::StoppedProcess>) {
+        let _ = self
+            .events
+            .send(RunEvent::ProcessesStopped {
+                at: chrono::Utc::now(),
+                step: self.step.clone(),
+                target: self.target.clone(),
+                attempt: self.attempt,
+                processes,
+            })
+            .await;
+    }
+
     /// Structured results of the attempt (an HTTP status, a TLS certificate, a key accepted
     /// on first use): offered to expressions as `output.<key>` and kept in the journal.
     pub fn detail(&mut self, key: &str, value: serde_json::Value) {

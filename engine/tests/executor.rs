@@ -376,3 +376,39 @@ async fn every_step_is_reported_once_in_a_wide_dag() {
         .count();
     assert_eq!(finished, 200);
 }
+
+/// Regression: a step's duration counted from when its task began to wait for a `--parallel`
+/// slot, so a 10 ms step queued behind a 500 ms one reported 0.5 s while its `started_at` and
+/// `finished_at` were 10 ms apart. Real time: the executor measures with the wall clock.
+#[tokio::test]
+async fn duration_does_not_count_the_wait_for_a_parallel_slot() {
+    let toml =
+        format!("{HEAD}[[steps]]\nid = \"a\"\nrun = \"x\"\n[[steps]]\nid = \"d\"\nrun = \"x\"\n");
+    let out = run(&toml, &[("a", &[(500, 0)]), ("d", &[(10, 0)])], 1, None).await;
+    assert_eq!(out.report.status, RunStatus::Succeeded);
+    let (a0, a1) = out.span("a");
+    let (d0, _) = out.span("d");
+    assert!(a0 < d0 && d0 >= a1, "d waited for a's slot");
+    let d = out.step("d").duration;
+    assert!(d < Duration::from_millis(400), "d took {d:?}");
+    // The same span as the step's start and end events.
+    let at = |want_start: bool| {
+        out.events
+            .iter()
+            .find_map(|e| match e {
+                RunEvent::StepStarted { at, step } if want_start && step.as_str() == "d" => {
+                    Some(*at)
+                }
+                RunEvent::StepFinished { at, step, .. } if !want_start && step.as_str() == "d" => {
+                    Some(*at)
+                }
+                _ => None,
+            })
+            .expect("event")
+    };
+    let between = (at(false) - at(true)).to_std().expect("ordered");
+    assert!(
+        between.abs_diff(d) < Duration::from_millis(100),
+        "started_at..finished_at {between:?} vs duration {d:?}"
+    );
+}

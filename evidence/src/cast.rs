@@ -186,7 +186,15 @@ impl CastWriter {
             let out = self.redactor.redact(&pending);
             self.emit(at, stream, &out, true)?;
         }
-        let text = self.redactor.redact_str(outcome_text);
+        self.note(at, outcome_text)?;
+        // Synced by the recorder together with the journal (group commit).
+        self.file.flush().map_err(write_err(&self.path))
+    }
+
+    /// A line from the engine, not from the process (`[runbook] …`, dim): the closing line, or
+    /// a note about the attempt. Output still held back for redaction follows it.
+    pub fn note(&mut self, at: DateTime<Utc>, text: &str) -> Result<(), EvidenceError> {
+        let text = self.redactor.redact_str(text);
         let mut marker = String::new();
         if !self.at_line_start {
             marker.push_str("\r\n");
@@ -195,9 +203,8 @@ impl CastWriter {
         marker.push_str(&text.replace('\n', "\r\n"));
         marker.push_str(RESET);
         marker.push_str("\r\n");
-        self.event(at, &marker)?;
-        // Synced by the recorder together with the journal (group commit).
-        self.file.flush().map_err(write_err(&self.path))
+        self.at_line_start = true;
+        self.event(at, &marker)
     }
 
     /// Hands buffered bytes to the kernel, so a crash of the runner loses none of them.

@@ -5,6 +5,9 @@
 //! `name="<step> [<target>]"`, so Jenkins shows runbook → phase → step. A failed step carries
 //! `<failure message="<reason>" type="<outcome kind>">` with the end of its last attempt's log,
 //! a skipped one `<skipped message="<reason>"/>`, a cancelled or unfinished one `<error>`.
+//! A run that failed for a reason of its own (a `before_run`/`after_run` hook,
+//! `--fail-on-leak`), or that did not succeed while no step case says so, gets a `run` case
+//! (`classname="<runbook>.run"`) with that reason: a failed run never reads as green in CI.
 //!
 //! Attributes are limited to those the junit-10.xsd schema (Jenkins xUnit plugin) allows, so the
 //! file validates there too: `skipped` and `timestamp` only on `<testsuite>`.
@@ -116,11 +119,18 @@ pub fn render_junit(manifest: &Manifest, bundle: &Path) -> String {
         })
         .collect();
     let count = |f: fn(&Verdict) -> bool| cases.iter().filter(|c| f(&c.verdict)).count();
+    let run_case = run_verdict(
+        m,
+        count(|v| matches!(v, Verdict::Failure { .. } | Verdict::Error { .. }))
+            + drill_cases.iter().filter(|c| c.2.is_some()).count(),
+    );
     let failures = count(|v| matches!(v, Verdict::Failure { .. }))
-        + drill_cases.iter().filter(|c| c.2.is_some()).count();
-    let errors = count(|v| matches!(v, Verdict::Error { .. }));
+        + drill_cases.iter().filter(|c| c.2.is_some()).count()
+        + usize::from(matches!(run_case, Some(Verdict::Failure { .. })));
+    let errors = count(|v| matches!(v, Verdict::Error { .. }))
+        + usize::from(matches!(run_case, Some(Verdict::Error { .. })));
     let skipped = count(|v| matches!(v, Verdict::Skipped { .. }));
-    let total = cases.len() + drill_cases.len();
+    let total = cases.len() + drill_cases.len() + usize::from(run_case.is_some());
     let time = run_duration(m);
     // The junit schema's timestamp is an xs:dateTime without zone; it is UTC here (the exact
     // instant, with zone, is the `started_at` property).
@@ -247,8 +257,71 @@ pub fn render_junit(manifest: &Manifest, bundle: &Path) -> String {
         }
         x.push_str("    </testcase>\n");
     }
+    if let Some(Verdict::Failure { message, kind } | Verdict::Error { message, kind }) = &run_case {
+        let el = if matches!(run_case, Some(Verdict::Failure { .. })) {
+            "failure"
+        } else {
+            "error"
+        };
+        let _ = writeln!(
+            x,
+            "    <testcase classname=\"{}.run\" name=\"run\" time=\"{time:.3}\">\n      \
+             <{el} message=\"{}\" type=\"{}\">{}</{el}>",
+            attr(&m.runbook.name),
+            attr(message),
+            attr(kind),
+            text(&run_notes(m))
+        );
+        x.push_str("    </testcase>\n");
+    }
     x.push_str("  </testsuite>\n</testsuites>\n");
     x
+}
+
+/// The `run` case: a failure when the run failed for a reason of its own, or when it did not
+/// succeed and no step or objective case (`failing` of them) says so — Jenkins would otherwise
+/// show a failed run as passing.
+fn run_verdict(m: &Manifest, failing: usize) -> Option<Verdict> {
+    use runbook_engine::event::RunStatus;
+    let status = m.status.as_str();
+    match (&m.reason, m.status) {
+        (Some(reason), RunStatus::Cancelled | RunStatus::Interrupted) => Some(Verdict::Error {
+            message: reason.clone(),
+            kind: status.into(),
+        }),
+        (Some(reason), _) => Some(Verdict::Failure {
+            message: reason.clone(),
+            kind: "run".into(),
+        }),
+        (None, RunStatus::Failed) if failing == 0 => Some(Verdict::Failure {
+            message: format!("run {status}"),
+            kind: "run".into(),
+        }),
+        (None, RunStatus::Cancelled | RunStatus::Interrupted) if failing == 0 => {
+            Some(Verdict::Error {
+                message: format!("run {status}"),
+                kind: status.into(),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// The body of the `run` case: the run's notes, which say what happened outside the steps.
+fn run_notes(m: &Manifest) -> String {
+    let mut out = format!("run {}: {}\n", m.run_id, m.status.as_str());
+    if let Some(r) = &m.reason {
+        let _ = writeln!(out, "reason: {r}");
+    }
+    for n in &m.notes {
+        let _ = writeln!(
+            out,
+            "note {}: {}",
+            n.at.to_rfc3339_opts(SecondsFormat::Millis, true),
+            n.message
+        );
+    }
+    out
 }
 
 fn verdict(
@@ -528,6 +601,40 @@ mod tests {
         assert!(x.contains(
             "<testcase classname=\"ok-book.steps\" name=\"only [local]\" time=\"0.020\">"
         ));
+    }
+
+    /// A run that did not succeed always has a failing case, even when every step passed.
+    #[test]
+    fn a_run_level_failure_is_a_run_case() {
+        use runbook_engine::event::RunStatus;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut m = succeeded_run(dir.path());
+        m.status = RunStatus::Failed;
+        m.reason = Some("the `after_run` hook failed: <no> & \"done\"".into());
+        let x = render_junit(&m, dir.path());
+        assert!(x.contains("tests=\"2\" failures=\"1\" errors=\"0\" skipped=\"0\""));
+        let run = testcase(&x, "run");
+        assert!(run.contains(
+            "<failure message=\"the `after_run` hook failed: &lt;no&gt; &amp; &quot;done&quot;\" type=\"run\">"
+        ));
+        assert!(run.contains("reason: the `after_run` hook failed"));
+
+        // No reason recorded and no failing step: still failing, with the status.
+        m.reason = None;
+        let x = render_junit(&m, dir.path());
+        assert!(testcase(&x, "run").contains("<failure message=\"run failed\" type=\"run\">"));
+        m.status = RunStatus::Interrupted;
+        let x = render_junit(&m, dir.path());
+        assert!(x.contains("failures=\"0\" errors=\"1\""));
+        assert!(testcase(&x, "run")
+            .contains("<error message=\"run interrupted\" type=\"interrupted\">"));
+
+        // A failed step already fails the report: no extra case without a run reason.
+        let x = render_junit(&failed_run(dir.path()), dir.path());
+        assert!(!x.contains("name=\"run\""));
+        // A succeeded run has none either.
+        let x = render_junit(&succeeded_run(dir.path()), dir.path());
+        assert!(!x.contains("name=\"run\""));
     }
 
     #[test]

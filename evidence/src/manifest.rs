@@ -14,6 +14,9 @@ pub struct Manifest {
     pub format: String,
     pub run_id: String,
     pub status: RunStatus,
+    /// Why the run itself failed (a hook, `--fail-on-leak`), beyond what its steps say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     pub started_at: DateTime<Utc>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<DateTime<Utc>>,
@@ -150,6 +153,9 @@ pub struct AttemptRecord {
     /// Files the attempt produced (screenshots), relative to the bundle.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub artifacts: Vec<String>,
+    /// Processes that had left the attempt's process group and were stopped when it ended.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stopped_processes: Vec<runbook_engine::event::StoppedProcess>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

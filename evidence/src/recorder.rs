@@ -151,6 +151,7 @@ impl Recorder {
             format: FORMAT.to_owned(),
             run_id: cfg.run_id.clone(),
             status: RunStatus::Running,
+            reason: None,
             started_at: cfg.started_at,
             finished_at: None,
             duration_seconds: None,
@@ -323,6 +324,42 @@ impl Recorder {
                     cast.finish(*at, &closing)?;
                 }
             }
+            RunEvent::AttemptNote {
+                at,
+                step,
+                target,
+                attempt,
+                message,
+            } => {
+                let key = (step.to_string(), target.to_string(), *attempt);
+                if let Some(log) = self.logs.get_mut(&key) {
+                    log.meta(*at, message)?;
+                }
+                if let Some(cast) = self.casts.get_mut(&key) {
+                    cast.note(*at, message)?;
+                }
+            }
+            RunEvent::ProcessesStopped {
+                at,
+                step,
+                target,
+                attempt,
+                processes,
+            } => {
+                let key = (step.to_string(), target.to_string(), *attempt);
+                for p in processes {
+                    let line = format!(
+                        "stopped a process that had left the step's process group: {}",
+                        p.describe()
+                    );
+                    if let Some(log) = self.logs.get_mut(&key) {
+                        log.meta(*at, &line)?;
+                    }
+                    if let Some(cast) = self.casts.get_mut(&key) {
+                        cast.note(*at, &line)?;
+                    }
+                }
+            }
             RunEvent::Collect {
                 step, name, path, ..
             } => collected = Some(self.collect(step.as_str(), name, path)),
@@ -360,6 +397,7 @@ impl Recorder {
             | RunEvent::Output { .. }
             | RunEvent::Log { .. }
             | RunEvent::Clock { .. }
+            | RunEvent::AttemptNote { .. }
             | RunEvent::ProcessStarted { .. } => {}
             RunEvent::Batch {
                 at,
@@ -402,6 +440,18 @@ impl Recorder {
                     .replace(".log", &format!(".{}", safe_ext(ext)));
                 if let Some(a) = self.attempt_mut(step.as_str(), target, *attempt) {
                     a.artifacts.push(rel);
+                }
+            }
+            RunEvent::ProcessesStopped {
+                step,
+                target,
+                attempt,
+                processes,
+                ..
+            } => {
+                // Redacted like the rest of the manifest when it is written.
+                if let Some(a) = self.attempt_mut(step.as_str(), target, *attempt) {
+                    a.stopped_processes.extend(processes.iter().cloned());
                 }
             }
             RunEvent::SecretRegistered { name, .. } => {
@@ -455,6 +505,7 @@ impl Recorder {
                     log: attempt_log(step.as_str(), target, *attempt),
                     details: serde_json::Map::new(),
                     artifacts: Vec::new(),
+                    stopped_processes: Vec::new(),
                 };
                 if let Some(s) = self.step_mut(step.as_str()) {
                     s.attempts.push(record);
@@ -543,6 +594,7 @@ impl Recorder {
                 operator,
             } => {
                 self.manifest.status = RunStatus::Running;
+                self.manifest.reason = None;
                 self.manifest.finished_at = None;
                 self.manifest.duration_seconds = None;
                 self.manifest.resumed.push(Resumption {
@@ -562,8 +614,9 @@ impl Recorder {
                 by: by.clone(),
                 granted: *granted,
             }),
-            RunEvent::RunFinished { at, status } => {
+            RunEvent::RunFinished { at, status, reason } => {
                 self.manifest.status = *status;
+                self.manifest.reason = reason.as_ref().map(|r| self.redactor.redact_str(r));
                 self.manifest.finished_at = Some(*at);
                 self.manifest.duration_seconds = Some(secs(
                     (*at - self.manifest.started_at)
@@ -577,6 +630,21 @@ impl Recorder {
     /// Opens an existing bundle to continue it (resume) or rebuild its manifest (repair): the
     /// manifest is rebuilt from the journal, and a torn last journal line is cut off.
     pub fn reopen(dir: &Path, secrets: Vec<(String, String)>) -> Result<Self, EvidenceError> {
+        Self::open_existing(dir, secrets, true)
+    }
+
+    /// Reads an existing bundle as [`Recorder::reopen`] does but changes nothing on disk (a torn
+    /// last line stays, the journal is opened read-only): for checking a `resume` before it
+    /// takes the run lock. Recording into it fails.
+    pub fn inspect(dir: &Path, secrets: Vec<(String, String)>) -> Result<Self, EvidenceError> {
+        Self::open_existing(dir, secrets, false)
+    }
+
+    fn open_existing(
+        dir: &Path,
+        secrets: Vec<(String, String)>,
+        writable: bool,
+    ) -> Result<Self, EvidenceError> {
         let manifest_path = dir.join("manifest.json");
         let text = std::fs::read(&manifest_path).map_err(|source| EvidenceError::Read {
             path: manifest_path.clone(),
@@ -589,7 +657,9 @@ impl Recorder {
             })?;
         let journal_path = dir.join("journal.jsonl");
         let read = crate::journal::read(&journal_path)?;
-        crate::journal::truncate_torn(&journal_path, &read)?;
+        if writable {
+            crate::journal::truncate_torn(&journal_path, &read)?;
+        }
         // Start from the skeleton (ids and phases) and replay the journal over it.
         for s in &mut manifest.steps {
             let (id, phase) = (s.id.clone(), s.phase.clone());
@@ -613,6 +683,7 @@ impl Recorder {
         manifest.resumed.clear();
         manifest.approvals.clear();
         manifest.status = RunStatus::Running;
+        manifest.reason = None;
         manifest.finished_at = None;
         manifest.duration_seconds = None;
         let step_index = manifest
@@ -622,7 +693,8 @@ impl Recorder {
             .map(|(i, s)| (s.id.clone(), i))
             .collect();
         let journal = OpenOptions::new()
-            .append(true)
+            .append(writable)
+            .read(!writable)
             .open(&journal_path)
             .map_err(write_err(&journal_path))?;
         let mut known = secrets;
@@ -680,6 +752,7 @@ impl Recorder {
             self.record(&RunEvent::RunFinished {
                 at: Utc::now(),
                 status: RunStatus::Failed,
+                reason: Some(message.to_owned()),
             })?;
         }
         Ok(())

@@ -443,6 +443,15 @@ pub fn render_report(manifest: &Manifest, bundle: &Path) -> Result<String, Evide
         escape_html(&fmt_time(m.started_at)),
         escape_html(&fmt_duration(total)),
     );
+    if let Some(reason) = &m.reason {
+        // A run can fail with every step green (a hook, `--fail-on-leak`): say why first.
+        let _ = writeln!(
+            h,
+            "<div class=\"vline\">Run {}: {}</div>",
+            escape_html(&status.replace('_', " ")),
+            escape_html(&clean_text(reason))
+        );
+    }
     let _ = writeln!(h, "<div class=\"vline\">{}</div>", verdict_line(m, &failed));
     h.push_str("</div>\n</header>\n<main>\n");
 

@@ -9,4 +9,4 @@ pub mod ssh;
 pub mod tcp;
 
 pub use dispatch::Dispatcher;
-pub use local::{stop_leftover_group, stop_run_processes, LocalRunner};
+pub use local::{stop_leftover_group, stop_processes_left_by_run, stop_run_processes, LocalRunner};

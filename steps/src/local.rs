@@ -2,27 +2,38 @@
 //!
 //! The group is the unit of control: a timeout or cancel sends TERM to the whole group, waits
 //! the step's grace period, then KILLs it, so grandchildren (`sleep 1000 &`) go too. When the
-//! step's own process exits, whatever it left running in its group is stopped the same way:
-//! a step cannot leak processes past its end. Output is read in chunks as it arrives and sent
-//! on with backpressure; it is never collected whole.
+//! step's own process exits, whatever it left running in its group is stopped the same way.
+//! A process can leave the group (`setsid`, `set -m` job control), so every process of an
+//! attempt also carries the attempt's id in its environment (`RUNBOOK_ATTEMPT_ID`, inherited by
+//! children): those found outside the group are signalled with it and reported. A step cannot
+//! leak processes past its end — unless one clears its environment (`env -i`) or is started
+//! by someone else (`systemd-run`, a service manager). Output is read in chunks as it arrives
+//! and sent on with backpressure; it is never collected whole.
 
 use std::os::unix::process::ExitStatusExt;
 use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use nix::sys::signal::{killpg, Signal};
+use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::time::{sleep_until, Instant};
 
-use runbook_engine::event::{AttemptOutcome, FailureKind, Stream};
+use runbook_engine::event::{AttemptOutcome, FailureKind, StoppedProcess, Stream};
 use runbook_engine::runner::{AttemptContext, BoxFuture, OutputSink, StepRunner};
 
 const READ_CHUNK: usize = 64 * 1024;
 /// How long to keep reading after the group was killed, for a pipe held open by a process
 /// that escaped the group (`setsid`).
 const DRAIN_AFTER_KILL: Duration = Duration::from_secs(1);
+/// How often to look again whether processes outside the group are gone: finding them reads
+/// every process's environment, so less often than the group check.
+const STRAY_POLL: Duration = Duration::from_millis(100);
+
+/// Makes each attempt's id unique within this runner, whatever its step and number.
+static ATTEMPT_SEQ: AtomicU64 = AtomicU64::new(0);
 
 #[derive(Debug, Default, Clone, Copy)]
 pub struct LocalRunner;
@@ -53,6 +64,16 @@ async fn run(ctx: AttemptContext, out: &mut OutputSink) -> AttemptOutcome {
             message: "no shell configured".into(),
         };
     };
+    // The run id already marks the run's processes (for `resume`); this one marks the
+    // attempt's, so its end can stop those that left the group without touching other steps'.
+    let attempt_id = format!(
+        "{}:{}:{}:{}:{}",
+        ctx.run_id,
+        ctx.step,
+        ctx.target,
+        ctx.attempt,
+        ATTEMPT_SEQ.fetch_add(1, Ordering::Relaxed)
+    );
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args)
         .arg(&ctx.command)
@@ -61,6 +82,7 @@ async fn run(ctx: AttemptContext, out: &mut OutputSink) -> AttemptOutcome {
         .env("RUNBOOK_STEP", ctx.step.as_str())
         .env("RUNBOOK_ATTEMPT", ctx.attempt.to_string())
         .env("RUNBOOK_RUN_ID", &ctx.run_id)
+        .env("RUNBOOK_ATTEMPT_ID", &attempt_id)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -92,6 +114,10 @@ async fn run(ctx: AttemptContext, out: &mut OutputSink) -> AttemptOutcome {
     if let Ok(pid) = u32::try_from(pgid.as_raw()) {
         out.process_started(pid, process_start_ticks(pid)).await;
     }
+    let mut strays = Strays::new(
+        format!("RUNBOOK_ATTEMPT_ID={attempt_id}"),
+        u32::try_from(pgid.as_raw()).ok(),
+    );
     let mut stdout = child.stdout.take();
     let mut stderr = child.stderr.take();
     let mut out_buf = BytesMut::with_capacity(READ_CHUNK);
@@ -141,13 +167,16 @@ async fn run(ctx: AttemptContext, out: &mut OutputSink) -> AttemptOutcome {
                 if stop.is_none() {
                     stop = Some(Stop::Exited);
                 }
-                // Stop whatever the step left behind in its group, then stop waiting for pipes.
+                // Stop whatever the step left behind, in its group or not, then stop waiting
+                // for pipes.
                 signal_group(pgid, Signal::SIGTERM);
+                strays.signal(Signal::SIGTERM);
                 kill_at = kill_at.min(Instant::now() + ctx.kill_grace.min(Duration::from_secs(2)));
             }
             () = sleep_until(deadline), if stop.is_none() => {
                 stop = Some(Stop::Timeout);
                 signal_group(pgid, Signal::SIGTERM);
+                strays.signal(Signal::SIGTERM);
                 kill_at = Instant::now() + ctx.kill_grace;
             }
             () = ctx.force.cancelled(), if !forced => {
@@ -155,27 +184,27 @@ async fn run(ctx: AttemptContext, out: &mut OutputSink) -> AttemptOutcome {
                 forced = true;
                 stop.get_or_insert(Stop::Cancel);
                 signal_group(pgid, Signal::SIGKILL);
+                strays.signal(Signal::SIGKILL);
                 kill_at = never;
                 give_up_at = Instant::now() + DRAIN_AFTER_KILL;
             }
             () = ctx.cancel.cancelled(), if stop.is_none() => {
                 stop = Some(Stop::Cancel);
                 signal_group(pgid, Signal::SIGTERM);
+                strays.signal(Signal::SIGTERM);
                 kill_at = Instant::now() + ctx.kill_grace;
             }
             () = sleep_until(kill_at), if kill_at < never => {
                 signal_group(pgid, Signal::SIGKILL);
+                strays.signal(Signal::SIGKILL);
                 kill_at = never;
                 give_up_at = Instant::now() + DRAIN_AFTER_KILL;
             }
             () = sleep_until(give_up_at), if give_up_at < never => {
                 if status.is_some() {
-                    // A process outside the group still holds the pipe: stop reading.
-                    out.write(
-                        Stream::Stderr,
-                        bytes::Bytes::from_static(b"\n[runbook] output truncated: a process outside the step's process group kept its output open\n"),
-                    )
-                    .await;
+                    // A process outside the group still holds the pipe: stop reading. Said as
+                    // the engine, not on stderr, so nobody takes it for the step's own output.
+                    out.note("output truncated: a process outside the step's process group kept its output open").await;
                     break;
                 }
                 give_up_at = never;
@@ -183,18 +212,28 @@ async fn run(ctx: AttemptContext, out: &mut OutputSink) -> AttemptOutcome {
         }
     }
 
-    // The main process is gone and the pipes are closed, but something in the group may still
-    // run with its output redirected elsewhere: give it the rest of the grace, then KILL.
-    if group_alive(pgid) {
+    // The main process is gone and the pipes are closed, but something in the group, or out
+    // of it with the attempt's id, may still run with its output redirected elsewhere (or may
+    // have been started since the last look): give it the rest of the grace, then KILL.
+    strays.signal(Signal::SIGTERM);
+    if group_alive(pgid) || strays.alive() {
         let until = if kill_at < never {
             kill_at
         } else {
             Instant::now() + ctx.kill_grace.min(Duration::from_secs(2))
         };
-        while group_alive(pgid) && Instant::now() < until {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        while Instant::now() < until && (group_alive(pgid) || strays.alive()) {
+            tokio::time::sleep(strays.poll_interval()).await;
         }
         signal_group(pgid, Signal::SIGKILL);
+        // Whatever still carries the attempt's id had its grace (or came too late for one).
+        // With nothing found just above there is nothing to look for: the end of the run
+        // sweeps what might start in between.
+        strays.signal(Signal::SIGKILL);
+    }
+    let stopped = strays.into_stopped();
+    if !stopped.is_empty() {
+        out.processes_stopped(stopped).await;
     }
 
     match stop {
@@ -268,37 +307,163 @@ pub fn stop_leftover_group(pid: u32, start_ticks: Option<u64>, grace: Duration) 
     true
 }
 
-/// Stops every process that carries `RUNBOOK_RUN_ID=<run_id>` in its environment — what a
-/// runner killed hard left behind, including processes started before their group could be
-/// recorded — group by group: TERM, up to `grace`, KILL. Returns the groups stopped.
-pub fn stop_run_processes(run_id: &str, grace: Duration) -> Vec<u32> {
-    let needle = format!("RUNBOOK_RUN_ID={run_id}");
+/// A process found by an entry of its environment.
+#[derive(Debug, Clone)]
+struct Found {
+    pid: u32,
+    pgid: Option<u32>,
+    start_ticks: Option<u64>,
+    command: String,
+}
+
+/// Every live process but this one whose environment holds `entry` (`NAME=value`) exactly.
+/// Processes of other users whose environment cannot be read are not found; neither are
+/// zombies (their environment reads empty) nor processes that cleared theirs (`env -i`).
+fn processes_with_env(entry: &str) -> Vec<Found> {
     let me = std::process::id();
-    let mut groups: Vec<u32> = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+    let mut found = Vec::new();
+    for dirent in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = dirent.file_name().to_string_lossy().parse::<u32>() else {
             continue;
         };
         if pid == me {
             continue;
         }
-        let Ok(env) = std::fs::read(entry.path().join("environ")) else {
+        let Ok(env) = std::fs::read(dirent.path().join("environ")) else {
             continue;
         };
-        if !env.split(|&b| b == 0).any(|v| v == needle.as_bytes()) {
+        if !env.split(|&b| b == 0).any(|v| v == entry.as_bytes()) {
             continue;
         }
-        let pgid = std::fs::read_to_string(entry.path().join("stat"))
-            .ok()
-            .and_then(|stat| {
-                stat.rsplit_once(')')
-                    .and_then(|(_, rest)| rest.split_whitespace().nth(2).map(String::from))
-            })
-            .and_then(|g| g.parse::<u32>().ok());
-        if let Some(g) = pgid {
-            if !groups.contains(&g) {
-                groups.push(g);
+        let stat = std::fs::read_to_string(dirent.path().join("stat")).unwrap_or_default();
+        // After the command name (in parentheses, may hold spaces): state, ppid, pgrp, …
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let cmdline = std::fs::read(dirent.path().join("cmdline")).unwrap_or_default();
+        let mut command = String::from_utf8_lossy(&cmdline)
+            .trim_end_matches('\0')
+            .replace('\0', " ");
+        if command.is_empty() {
+            command = stat
+                .split_once('(')
+                .and_then(|(_, rest)| rest.rsplit_once(')'))
+                .map(|(name, _)| format!("[{name}]"))
+                .unwrap_or_default();
+        }
+        found.push(Found {
+            pid,
+            pgid: fields.get(2).and_then(|g| g.parse().ok()),
+            start_ticks: fields.get(19).and_then(|t| t.parse().ok()),
+            command,
+        });
+    }
+    found
+}
+
+/// Processes marked with an id (an attempt's, a run's) that are not in the process group the
+/// runner controls: looked up again each time they are signalled, so a pid is only signalled
+/// while it still carries the id, and remembered for the record.
+struct Strays {
+    entry: String,
+    /// The attempt's own group, signalled as a group; `None` at the end of a run.
+    except_pgid: Option<u32>,
+    seen: Vec<(Found, bool)>,
+}
+
+impl Strays {
+    fn new(entry: String, except_pgid: Option<u32>) -> Self {
+        Self {
+            entry,
+            except_pgid,
+            seen: Vec::new(),
+        }
+    }
+
+    fn current(&self) -> Vec<Found> {
+        processes_with_env(&self.entry)
+            .into_iter()
+            .filter(|f| self.except_pgid.is_none() || f.pgid != self.except_pgid)
+            .collect()
+    }
+
+    /// Sends `signal` to every such process now running — TERM only once to each (a second
+    /// TERM means "quit now" to some programs) — and remembers it; a KILL marks it as killed.
+    fn signal(&mut self, signal: Signal) {
+        let killing = signal == Signal::SIGKILL;
+        for f in self.current() {
+            let seen = self
+                .seen
+                .iter_mut()
+                .find(|(s, _)| s.pid == f.pid && s.start_ticks == f.start_ticks);
+            if seen.is_some() && !killing {
+                continue;
             }
+            let Ok(raw) = i32::try_from(f.pid) else {
+                continue;
+            };
+            // ESRCH: it ended since the look; nothing to do.
+            let _ = kill(Pid::from_raw(raw), signal);
+            match seen {
+                Some((_, killed)) => *killed = true,
+                None => self.seen.push((f, killing)),
+            }
+        }
+    }
+
+    /// Whether one that was signalled still runs (no look at `/proc` when none was).
+    fn alive(&self) -> bool {
+        !self.seen.is_empty() && !self.current().is_empty()
+    }
+
+    /// How long to wait between looks: reading every process's environment costs more than
+    /// checking a group.
+    fn poll_interval(&self) -> Duration {
+        if self.seen.is_empty() {
+            Duration::from_millis(20)
+        } else {
+            STRAY_POLL
+        }
+    }
+
+    fn into_stopped(self) -> Vec<StoppedProcess> {
+        self.seen
+            .into_iter()
+            .map(|(f, killed)| StoppedProcess {
+                pid: f.pid,
+                command: f.command,
+                killed,
+            })
+            .collect()
+    }
+}
+
+/// Stops every process still carrying `RUNBOOK_RUN_ID=<run_id>` when a run ends — one by one,
+/// not by group: TERM, up to `grace`, KILL. Attempts stop their own; this catches what slipped
+/// past them (a process started while its attempt was being stopped). Returns what it stopped.
+pub fn stop_processes_left_by_run(run_id: &str, grace: Duration) -> Vec<StoppedProcess> {
+    let mut strays = Strays::new(format!("RUNBOOK_RUN_ID={run_id}"), None);
+    strays.signal(Signal::SIGTERM);
+    let until = std::time::Instant::now() + grace;
+    while std::time::Instant::now() < until && strays.alive() {
+        std::thread::sleep(STRAY_POLL);
+    }
+    strays.signal(Signal::SIGKILL);
+    strays.into_stopped()
+}
+
+/// Stops every process that carries `RUNBOOK_RUN_ID=<run_id>` in its environment — what a
+/// runner killed hard left behind, including processes started before their group could be
+/// recorded — group by group: TERM, up to `grace`, KILL. Returns the groups stopped.
+pub fn stop_run_processes(run_id: &str, grace: Duration) -> Vec<u32> {
+    let mut groups: Vec<u32> = Vec::new();
+    for g in processes_with_env(&format!("RUNBOOK_RUN_ID={run_id}"))
+        .into_iter()
+        .filter_map(|f| f.pgid)
+    {
+        if !groups.contains(&g) {
+            groups.push(g);
         }
     }
     for &g in &groups {

@@ -780,3 +780,123 @@ steps = [
     sums_ok(&bundle);
     drop(first);
 }
+
+/// Regression: a `resume` refused for a missing secret had already taken over the lock, so
+/// `.lock` named the refused process instead of the dead runner. Everything that can refuse is
+/// now checked first: the refused resume changes nothing — not the lock, not the journal, not
+/// the leftover processes — and the next resume, given the secret, works.
+#[test]
+fn a_refused_resume_leaves_the_lock_and_the_bundle_as_they_were() {
+    let marker = unique_marker();
+    let t = Test::new().runbook(&format!(
+        r#"[runbook]
+name = "locked-resume"
+[params]
+tok = {{ secret = true, env = "RB_TEST_TOK" }}
+[[steps]]
+id = "slow"
+env = {{ TOK = "{{{{ params.tok }}}}" }}
+run = "echo slow >> counter; [ -f fast ] || sleep {marker}"
+[[steps]]
+id = "last"
+needs = ["slow"]
+run = "echo last >> counter"
+"#
+    ));
+    let dir = t.path().to_path_buf();
+    let mut child = runbook_cmd(
+        &dir,
+        &[
+            "run",
+            "runbook.toml",
+            "--evidence-dir",
+            "proof",
+            "--no-progress",
+        ],
+    )
+    .env("RB_TEST_TOK", "tok-5ecret")
+    .spawn()
+    .expect("spawn runbook");
+    let runner_pid = child.id();
+    wait_for("slow to start", || {
+        journal_has(&dir, "process_started") && counter(&dir).contains(&"slow".to_owned())
+    });
+    let bundle = find_bundle(&dir);
+    // While the run is alive, resume is refused before it looks any further.
+    let live = runbook_cmd(
+        &dir,
+        &["resume", bundle.to_str().expect("utf-8"), "--no-progress"],
+    )
+    .env("RB_TEST_TOK", "tok-5ecret")
+    .output()
+    .expect("resume");
+    let stderr = String::from_utf8_lossy(&live.stderr);
+    assert_eq!(live.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("another run of this runbook is in progress"),
+        "{stderr}"
+    );
+    assert!(
+        !processes_matching(&format!("sleep {marker}")).is_empty(),
+        "the live run's step was not touched"
+    );
+    kill9(&mut child);
+    let lock_path = dir.join("proof/locked-resume/.lock");
+    let lock_before = std::fs::read_to_string(&lock_path).expect("lock");
+    assert!(
+        lock_before.contains(&format!("\"pid\":{runner_pid}")),
+        "{lock_before}"
+    );
+    let journal_before = std::fs::read(bundle.join("journal.jsonl")).expect("journal");
+
+    let refused = runbook_cmd(
+        &dir,
+        &["resume", bundle.to_str().expect("utf-8"), "--no-progress"],
+    )
+    .env_remove("RB_TEST_TOK")
+    .output()
+    .expect("resume");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("tok"), "{stderr}");
+    assert!(!stderr.contains("took over the lock"), "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(&lock_path).expect("lock"),
+        lock_before,
+        "the refused resume left the lock as it was"
+    );
+    assert_eq!(
+        std::fs::read(bundle.join("journal.jsonl")).expect("journal"),
+        journal_before,
+        "and the journal"
+    );
+    assert!(
+        !processes_matching(&format!("sleep {marker}")).is_empty(),
+        "and the dead run's leftover process: only a resume that goes ahead stops it"
+    );
+
+    std::fs::write(dir.join("fast"), "").expect("fast");
+    let out = runbook_cmd(
+        &dir,
+        &["resume", bundle.to_str().expect("utf-8"), "--no-progress"],
+    )
+    .env("RB_TEST_TOK", "tok-5ecret")
+    .output()
+    .expect("resume");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("took over the lock"), "{stderr}");
+    assert_eq!(
+        processes_matching(&format!("sleep {marker}")),
+        Vec::<i32>::new()
+    );
+    assert_eq!(counter(&dir), ["slow", "slow", "last"]);
+    let m = read_json(&bundle.join("manifest.json"));
+    assert_eq!(m["status"], "succeeded");
+    assert_eq!(
+        std::fs::read_to_string(&lock_path).expect("lock"),
+        "",
+        "released at the end"
+    );
+    sums_ok(&bundle);
+}

@@ -243,3 +243,94 @@ fn evidence_dir_defaults_to_proof_and_can_come_from_the_runbook() {
     out.assert_code(0);
     assert!(out.dir.path().join("proof/t").is_dir());
 }
+
+/// The `<testsuite>` line and the `run` test case of a bundle's junit.xml.
+fn junit_run_case(bundle: &std::path::Path) -> (String, String) {
+    let x = std::fs::read_to_string(bundle.join("junit.xml")).expect("junit");
+    let suite = x
+        .lines()
+        .find(|l| l.trim_start().starts_with("<testsuite "))
+        .expect("testsuite")
+        .to_owned();
+    let case = x
+        .find("<testcase classname=\"t.run\" name=\"run\"")
+        .map(|start| {
+            let end = start + x[start..].find("</testcase>").expect("end");
+            x[start..end].to_owned()
+        })
+        .unwrap_or_else(|| panic!("no `run` test case in {x}"));
+    (suite, case)
+}
+
+/// Regression: a run failed by a `before_run` hook (every step skipped) had a junit.xml with
+/// `failures="0"`, so Jenkins showed it green. The run is now a failing test case of its own.
+#[test]
+fn a_failing_before_run_hook_fails_the_junit_report() {
+    let toml = format!(
+        "{HEAD}[params]\npw = {{ secret = true, env = \"RB_TEST_PW\" }}\n[hooks]\nbefore_run = 'fail(\"refusing: token \" + params.pw + \" is expired\")'\n[[steps]]\nid = \"a\"\nrun = \"true\"\n"
+    );
+    let out = Test::new()
+        .runbook(&toml)
+        .env("RB_TEST_PW", "hunter2-secret")
+        .run_args()
+        .run();
+    out.assert_code(1);
+    let m = out.manifest();
+    assert_eq!(m["status"], "failed");
+    assert_eq!(
+        m["reason"],
+        "the `before_run` hook failed: refusing: token [REDACTED:pw] is expired"
+    );
+    let (suite, case) = junit_run_case(&out.bundle());
+    assert!(
+        suite.contains("tests=\"2\" failures=\"1\" errors=\"0\" skipped=\"1\""),
+        "{suite}"
+    );
+    assert!(
+        case.contains(
+            "<failure message=\"the `before_run` hook failed: refusing: token [REDACTED:pw] is expired\" type=\"run\">"
+        ),
+        "{case}"
+    );
+    assert!(!case.contains("hunter2"), "{case}");
+}
+
+/// Regression: `--fail-on-leak` made the run exit 1 with a `failed` manifest while junit.xml
+/// said 0 failures.
+#[test]
+fn fail_on_leak_fails_the_junit_report() {
+    let toml = format!(
+        "{HEAD}[params]\npw = {{ secret = true, env = \"RB_TEST_PW\" }}\n[[steps]]\nid = \"a\"\nenv = {{ P = \"{{{{ params.pw }}}}\" }}\nrun = 'echo \"$P\"'\n"
+    );
+    let out = Test::new()
+        .runbook(&toml)
+        .env("RB_TEST_PW", "hunter2-secret")
+        .run_args()
+        .args(["--fail-on-leak"])
+        .run();
+    out.assert_code(1);
+    let m = out.manifest();
+    assert_eq!(m["status"], "failed");
+    assert_eq!(step(&m, "a")["status"], "succeeded");
+    let reason = m["reason"].as_str().expect("a run reason");
+    assert!(
+        reason.starts_with("--fail-on-leak: secrets appeared in step output"),
+        "{reason}"
+    );
+    let (suite, case) = junit_run_case(&out.bundle());
+    assert!(
+        suite.contains("tests=\"2\" failures=\"1\" errors=\"0\""),
+        "{suite}"
+    );
+    assert!(
+        case.contains("<failure message=\"--fail-on-leak: secrets appeared in step output"),
+        "{case}"
+    );
+    // The bundle still verifies: junit.xml was written once, with the run's end.
+    let v = std::process::Command::new(crate::common::BIN)
+        .args(["evidence", "verify"])
+        .arg(out.bundle())
+        .output()
+        .expect("verify");
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+}

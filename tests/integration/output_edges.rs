@@ -1,6 +1,6 @@
 //! Step output at its edges, through the real binary: invalid UTF-8, NUL bytes, one 100 MB line
 //! without a newline, a process that closes its stdout and keeps running, a step whose
-//! grandchild holds the output pipe after the step exits, and a secret recognised by its shape
+//! grandchild holds the output pipe after the step exits (in the group or out of it), and a secret recognised by its shape
 //! printed in two writes. Each must be recorded faithfully in `steps/<id>/local/attempt-1.log`
 //! (`<RFC 3339> <tag> <bytes>`, docs/evidence.md: the bytes read back are the bytes written),
 //! without hanging (every run is killed after a bound and reported), and the bundle must pass
@@ -289,20 +289,23 @@ fn a_grandchild_in_the_group_holding_the_pipe_is_stopped() {
 }
 
 #[test]
-fn an_escaped_grandchild_holding_the_pipe_is_cut_off_after_a_bounded_wait() {
+fn an_escaped_grandchild_holding_the_pipe_is_stopped_with_the_step() {
     let marker = unique_marker();
-    // `setsid` takes the grandchild out of the step's group: runbook cannot stop it, prints
-    // what it printed in time, then stops reading.
+    // `setsid` takes the grandchild out of the step's group, but it still carries the
+    // attempt's id: runbook keeps what it printed in time, stops it when the step's shell
+    // exits (which closes the pipe), and records that as an engine record, not as output.
     let toml = format!(
         "{HEAD}[[steps]]\nid = \"escape\"\nkill_grace = \"1s\"\nrun = '''setsid sh -c 'echo tick-1; sleep 0.3; printf \"tick-2 \\377\\n\"; exec sleep {marker}' & sleep 0.6; echo main-done'''\n"
     );
     let r = run(&toml, Duration::from_secs(30));
-    for pid in processes_matching(&format!("sleep {marker}")) {
+    let left = processes_matching(&format!("sleep {marker}"));
+    for &pid in &left {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGKILL,
         );
     }
+    assert_eq!(left, Vec::<i32>::new(), "stopped with the step");
     assert_eq!(r.out.code(), Some(0), "{}", r.out.stderr_text());
     assert!(
         r.out.elapsed < Duration::from_secs(10),
@@ -314,8 +317,14 @@ fn an_escaped_grandchild_holding_the_pipe_is_cut_off_after_a_bounded_wait() {
         shown(&stream(&log, "out")),
         shown(b"tick-1\ntick-2 \xff\nmain-done\n")
     );
-    let err = String::from_utf8_lossy(&stream(&log, "err")).into_owned();
-    assert!(err.contains("[runbook] output truncated"), "{err}");
+    assert_eq!(shown(&stream(&log, "err")), "");
+    let engine = String::from_utf8_lossy(&stream(&log, "---")).into_owned();
+    assert!(
+        engine.contains("stopped a process that had left the step's process group: pid ")
+            && engine.contains(&format!("(SIGTERM): sleep {marker}")),
+        "{engine}"
+    );
+    assert!(!engine.contains("output truncated"), "{engine}");
     assert_verifies(&r.bundle());
 }
 
