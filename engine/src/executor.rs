@@ -1580,8 +1580,8 @@ impl StepTask {
         remote: bool,
         offset: u32,
     ) -> TargetRun {
-        let started = Instant::now();
         let step = self.step();
+        let mut first_attempt: Option<Instant> = None;
         let mut attempts = offset;
         let mut last_failure: Option<String> = None;
         let mut last_output: Option<Map> = None;
@@ -1656,6 +1656,8 @@ impl StepTask {
             }
             attempts = attempt;
             let attempt_start = Instant::now();
+            // The retry deadline counts from the first attempt, not from the wait for a slot.
+            first_attempt.get_or_insert(attempt_start);
             let mut run = self
                 .attempt(
                     spec,
@@ -1721,7 +1723,8 @@ impl StepTask {
             }
             let delay = spec.retry.delay_before(attempt + 1, random_unit());
             if let Some(deadline) = spec.retry.deadline {
-                if started.elapsed() + delay > deadline {
+                let since = first_attempt.map_or(Duration::ZERO, |t| t.elapsed());
+                if since + delay > deadline {
                     last_failure = Some(format!(
                         "{}; gave up: the retry deadline of {} would pass",
                         last_failure.unwrap_or_default(),

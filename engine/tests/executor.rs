@@ -412,3 +412,26 @@ async fn duration_does_not_count_the_wait_for_a_parallel_slot() {
         "started_at..finished_at {between:?} vs duration {d:?}"
     );
 }
+
+/// The retry deadline is measured from the first attempt: a step that waited for a slot still
+/// gets its retries.
+#[tokio::test]
+async fn the_retry_deadline_does_not_count_the_wait_for_a_slot() {
+    let toml = format!(
+        "{HEAD}[[steps]]\nid = \"a\"\nrun = \"x\"\n[[steps]]\nid = \"d\"\nrun = \"x\"\nretry = {{ attempts = 3, delay = \"50ms\", deadline = \"300ms\" }}\n"
+    );
+    let out = run(
+        &toml,
+        &[("a", &[(500, 0)]), ("d", &[(10, 1), (10, 0)])],
+        1,
+        None,
+    )
+    .await;
+    assert_eq!(
+        out.report.status,
+        RunStatus::Succeeded,
+        "{:?}",
+        out.step("d")
+    );
+    assert_eq!(out.step("d").attempts, 2);
+}
