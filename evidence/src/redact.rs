@@ -133,7 +133,8 @@ pub const MIN_SECRET: usize = 4;
 /// Encodings shorter than this are not redacted on their own: they would match ordinary text.
 const MIN_VARIANT: usize = 6;
 
-/// The forms a secret takes in output besides itself: JSON-escaped, URL-encoded, base64
+/// The forms a secret takes in output besides itself: JSON-escaped (see [`json_forms`]),
+/// URL-encoded, base64
 /// (standard and URL-safe, whole and as it appears inside a longer base64 stream at each of the
 /// three byte alignments), and each line of a multi-line secret (a private key printed line by
 /// line). This is the leak class peers keep reopening bugs for.
@@ -142,8 +143,9 @@ pub fn variants(value: &str) -> Vec<Vec<u8>> {
     use base64::Engine as _;
     let raw = value.as_bytes();
     let mut out: Vec<Vec<u8>> = vec![raw.to_vec()];
-    let json = serde_json::to_string(value).unwrap_or_default();
-    out.push(json.trim_matches('"').as_bytes().to_vec());
+    for json in json_forms(value) {
+        out.push(json.into_bytes());
+    }
     out.push(percent_encode(raw, false));
     out.push(percent_encode(raw, true));
     for engine in [&STANDARD, &URL_SAFE] {
@@ -173,6 +175,62 @@ pub fn variants(value: &str) -> Vec<Vec<u8>> {
     out.retain(|v| v.len() >= MIN_VARIANT.min(raw.len()) && !v.is_empty());
     out.sort();
     out.dedup();
+    out
+}
+
+/// The ways a JSON encoder writes `value` inside a string literal (without the quotes):
+/// serde_json's (UTF-8 as is), the ASCII-only form with every other character as `\uXXXX`
+/// (Python's `json.dumps` default, `jq -a`, .NET) in lower- and upper-case hex, and each of
+/// those with `/` escaped as `\/` (PHP's `json_encode`, some Java encoders). All are valid JSON
+/// for the same string, so a tool may print any of them.
+fn json_forms(value: &str) -> Vec<String> {
+    let plain = serde_json::to_string(value).unwrap_or_default();
+    let plain = plain
+        .strip_prefix('"')
+        .and_then(|s| s.strip_suffix('"'))
+        .unwrap_or(&plain)
+        .to_owned();
+    let mut forms = vec![plain];
+    if value.chars().any(|c| !(' '..='~').contains(&c)) {
+        forms.push(json_ascii(value, false));
+        forms.push(json_ascii(value, true));
+    }
+    if value.contains('/') {
+        let slashed: Vec<String> = forms.iter().map(|f| f.replace('/', "\\/")).collect();
+        forms.extend(slashed);
+    }
+    forms.sort();
+    forms.dedup();
+    forms
+}
+
+/// `value` JSON-escaped with only printable ASCII left as is, the way Python's `json.dumps`
+/// writes it (`\n`, `\"`, … for the usual escapes; `\u00e4`; a surrogate pair above U+FFFF).
+fn json_ascii(value: &str, upper: bool) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(value.len() * 2);
+    for c in value.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            ' '..='~' => out.push(c),
+            _ => {
+                let mut units = [0u16; 2];
+                for unit in c.encode_utf16(&mut units) {
+                    let _ = if upper {
+                        write!(out, "\\u{unit:04X}")
+                    } else {
+                        write!(out, "\\u{unit:04x}")
+                    };
+                }
+            }
+        }
+    }
     out
 }
 
@@ -428,6 +486,53 @@ mod tests {
         let out =
             String::from_utf8_lossy(&r.redact(b"line: QmFzZTY0LWVuY29kZWQtbGluZQ\n")).into_owned();
         assert_eq!(out, "line: [REDACTED:key]\n");
+    }
+
+    /// Regression: only serde_json's escaping was matched, so `json.dumps` (ASCII-only, with
+    /// `\u00e4`) and PHP's `\/` printed the secret in the clear.
+    #[test]
+    fn every_json_escaping_of_a_secret_is_redacted() {
+        let cases = [
+            // Python `json.dumps`, `jq -a`: non-ASCII as \uXXXX, lower-case hex.
+            (
+                "pässwörd-ünïcode-€-secret",
+                r"p\u00e4ssw\u00f6rd-\u00fcn\u00efcode-\u20ac-secret",
+            ),
+            // .NET writes the same with upper-case hex.
+            (
+                "pässwörd-ünïcode-€-secret",
+                r"p\u00E4ssw\u00F6rd-\u00FCn\u00EFcode-\u20AC-secret",
+            ),
+            // Above U+FFFF: a surrogate pair.
+            ("emoji-\u{1F600}-secret", r"emoji-\ud83d\ude00-secret"),
+            // PHP `json_encode`, Java: `/` as `\/`.
+            ("abc/def+ghi=jkl:mno@pqr", r"abc\/def+ghi=jkl:mno@pqr"),
+            // Both at once, with a quote.
+            ("ä/\"quoted\"-secret", r#"\u00e4\/\"quoted\"-secret"#),
+        ];
+        for (secret, printed) in cases {
+            let r = ByteRedactor::new(&[("pw".into(), secret.into())]);
+            let line = format!("{{\"password\":\"{printed}\"}}");
+            assert_eq!(
+                r.redact_str(&line),
+                "{\"password\":\"[REDACTED:pw]\"}",
+                "{secret} printed as {printed}"
+            );
+        }
+        // What Python itself prints, if it is here.
+        let secret = "pässwörd/ünïcode-€-secret";
+        if let Ok(out) = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import json,sys; print(json.dumps(sys.argv[1]))",
+                secret,
+            ])
+            .output()
+        {
+            let r = ByteRedactor::new(&[("pw".into(), secret.into())]);
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert_eq!(r.redact_str(&text), "\"[REDACTED:pw]\"\n", "{text}");
+        }
     }
 
     #[test]
