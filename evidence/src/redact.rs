@@ -133,6 +133,12 @@ pub const MIN_SECRET: usize = 4;
 /// Encodings shorter than this are not redacted on their own: they would match ordinary text.
 const MIN_VARIANT: usize = 6;
 
+/// A line of a multi-line secret shorter than this (after trimming) is not redacted on its own.
+/// Each line is searched for everywhere, and the short lines of real multi-line secrets are
+/// ordinary text (`{`, `-----`, `  "type": "x",`, a short name): redacting them would mangle
+/// unrelated output all over the bundle. The whole value is still matched whatever its lines.
+pub const MIN_SECRET_LINE: usize = 8;
+
 /// The forms a secret takes in output besides itself: JSON-escaped (see [`json_forms`]),
 /// URL-encoded, base64
 /// (standard and URL-safe, whole and as it appears inside a longer base64 stream at each of the
@@ -167,7 +173,7 @@ pub fn variants(value: &str) -> Vec<Vec<u8>> {
     if value.contains('\n') {
         for line in value.lines() {
             let line = line.trim();
-            if line.len() >= 8 {
+            if line.len() >= MIN_SECRET_LINE {
                 out.push(line.as_bytes().to_vec());
             }
         }
@@ -533,6 +539,23 @@ mod tests {
             let text = String::from_utf8_lossy(&out.stdout).into_owned();
             assert_eq!(r.redact_str(&text), "\"[REDACTED:pw]\"\n", "{text}");
         }
+    }
+
+    /// Each line of a multi-line secret is found on its own, from `MIN_SECRET_LINE` bytes
+    /// (docs/evidence.md says so); shorter lines only as part of the whole value.
+    #[test]
+    fn lines_of_a_multi_line_secret_are_found_from_eight_bytes() {
+        let secret = "first-line-of-it\nshort\n8bytes!!\n}";
+        let r = ByteRedactor::new(&[("ml".into(), secret.into())]);
+        assert_eq!(
+            r.redact_str(&format!("whole: {secret}.")),
+            "whole: [REDACTED:ml]."
+        );
+        assert_eq!(
+            r.redact_str("first-line-of-it short 8bytes!! }"),
+            "[REDACTED:ml] short [REDACTED:ml] }"
+        );
+        assert_eq!(MIN_SECRET_LINE, "8bytes!!".len());
     }
 
     #[test]
