@@ -220,18 +220,7 @@ impl CastWriter {
             return Ok(());
         }
         self.file.flush().map_err(write_err(&self.path))?;
-        let text = std::fs::read_to_string(&self.path).map_err(|source| EvidenceError::Read {
-            path: self.path.clone(),
-            source,
-        })?;
-        let rewritten = redact_cast_text(&text, &self.redactor);
-        let tmp = self.path.with_extension("cast-redacting");
-        {
-            let mut f = File::create(&tmp).map_err(write_err(&tmp))?;
-            f.write_all(rewritten.as_bytes()).map_err(write_err(&tmp))?;
-            f.sync_all().map_err(write_err(&tmp))?;
-        }
-        std::fs::rename(&tmp, &self.path).map_err(write_err(&self.path))?;
+        redact_cast_file(&self.path, &self.redactor)?;
         let file = std::fs::OpenOptions::new()
             .append(true)
             .open(&self.path)
@@ -283,6 +272,27 @@ impl CastWriter {
             .write_all(line.as_bytes())
             .map_err(write_err(&self.path))
     }
+}
+
+/// Rewrites a transcript on disk with `redactor` (a secret registered after it was written),
+/// keeping it a valid asciicast: the header's title and each event's text are redacted as JSON
+/// values, never as the escaped bytes of the file. Replaces the file atomically.
+pub fn redact_cast_file(path: &Path, redactor: &ByteRedactor) -> Result<(), EvidenceError> {
+    if redactor.is_empty() {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| EvidenceError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let rewritten = redact_cast_text(&text, redactor);
+    let tmp = path.with_extension("cast-redacting");
+    {
+        let mut f = File::create(&tmp).map_err(write_err(&tmp))?;
+        f.write_all(rewritten.as_bytes()).map_err(write_err(&tmp))?;
+        f.sync_all().map_err(write_err(&tmp))?;
+    }
+    std::fs::rename(&tmp, path).map_err(write_err(path))
 }
 
 fn header_line(timestamp: i64, title: &str) -> String {

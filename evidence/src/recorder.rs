@@ -245,12 +245,13 @@ impl Recorder {
                 cast.rewrite_redacted()?;
             }
             if let Some(step) = step {
+                // A compacted probe attempt has no files left (empty `log`).
                 let closed: Vec<String> = self
                     .step_mut(step.as_str())
                     .map(|s| {
                         s.attempts
                             .iter()
-                            .filter(|a| a.finished_at.is_some())
+                            .filter(|a| a.finished_at.is_some() && !a.log.is_empty())
                             .map(|a| a.log.clone())
                             .collect()
                     })
@@ -258,6 +259,12 @@ impl Recorder {
                 for rel in closed {
                     let path = self.dir.join(&rel);
                     self.redactor.redact_file(&path).map_err(write_err(&path))?;
+                    // The attempt's transcript showed the same output. It is rewritten as a
+                    // cast (event by event), uncounted: the log already counted the matches.
+                    let cast = path.with_extension("cast");
+                    if cast.is_file() {
+                        crate::cast::redact_cast_file(&cast, &self.redactor.uncounted())?;
+                    }
                 }
             }
         }

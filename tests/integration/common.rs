@@ -240,3 +240,56 @@ pub fn unique_marker() -> String {
         .unwrap_or(0);
     format!("{}.{}", 5000 + (nanos % 4000), std::process::id() % 1000)
 }
+
+/// `runbook evidence verify` and `sha256sum -c SHA256SUMS` both accept the bundle.
+#[track_caller]
+pub fn assert_bundle_verifies(bundle: &Path) {
+    let verify = Command::new(BIN)
+        .args(["evidence", "verify"])
+        .arg(bundle)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("runbook evidence verify");
+    assert!(
+        verify.status.success(),
+        "runbook evidence verify failed\n--- stdout\n{}\n--- stderr\n{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let sums = Command::new("sha256sum")
+        .args(["--quiet", "-c", "SHA256SUMS"])
+        .current_dir(bundle)
+        .output()
+        .expect("sha256sum");
+    assert!(
+        sums.status.success(),
+        "sha256sum -c SHA256SUMS failed\n--- stdout\n{}\n--- stderr\n{}",
+        String::from_utf8_lossy(&sums.stdout),
+        String::from_utf8_lossy(&sums.stderr)
+    );
+}
+
+/// The output events of an asciicast v2 file, after checking that the first line is a JSON
+/// header and every other line a JSON `[time, "o", "text"]` event.
+#[track_caller]
+pub fn cast_events(path: &Path) -> Vec<String> {
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let mut lines = text.lines();
+    let header: Value = serde_json::from_str(lines.next().expect("a header line"))
+        .unwrap_or_else(|e| panic!("{}: header is not JSON: {e}", path.display()));
+    assert_eq!(header["version"], 2, "{}", path.display());
+    lines
+        .map(|line| {
+            let v: Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("{}: event {line:?} is not JSON: {e}", path.display()));
+            let a = v.as_array().expect("an event is an array");
+            assert!(
+                a.len() == 3 && a[0].is_number() && a[1] == "o" && a[2].is_string(),
+                "{}: not an output event: {line}",
+                path.display()
+            );
+            a[2].as_str().unwrap_or_default().to_owned()
+        })
+        .collect()
+}

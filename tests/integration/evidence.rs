@@ -2,7 +2,7 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::common::{all_files, run_runbook, step, Test};
+use crate::common::{all_files, assert_bundle_verifies, cast_events, run_runbook, step, Test};
 
 const HEAD: &str = "[runbook]\nname = \"t\"\n";
 
@@ -333,4 +333,54 @@ fn fail_on_leak_fails_the_junit_report() {
         .output()
         .expect("verify");
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+}
+
+/// Regression: when `secret()` registered a token in attempt 2, attempt 1's log was rewritten
+/// redacted but its transcript (`.cast`) kept the token, on stdout and stderr.
+#[test]
+fn a_secret_registered_later_is_redacted_from_earlier_attempts_transcripts() {
+    // Read from a file, so that the command (journal, runbook copy) does not hold it.
+    let token = "tk-9f8e7d6c5b4a3210";
+    let toml = format!(
+        r#"{HEAD}
+[[steps]]
+id = "login"
+capture = "json"
+retry = {{ attempts = 3, delay = "100ms" }}
+run = '''echo "{{\"token\": \"$(cat tok)\", \"attempt\": $RUNBOOK_ATTEMPT}}"; echo "debug token $(cat tok)" >&2'''
+until = 'output.json.attempt >= 2'
+outputs = {{ token = 'secret("api_token", output.json.token)' }}
+"#
+    );
+    let out = Test::new()
+        .runbook(&toml)
+        .file("tok", token)
+        .run_args()
+        .run();
+    out.assert_code(0);
+    let bundle = out.bundle();
+    assert_eq!(
+        step(&out.manifest(), "login")["attempts"]
+            .as_array()
+            .map(Vec::len),
+        Some(2)
+    );
+    for f in all_files(&bundle) {
+        let text = String::from_utf8_lossy(&std::fs::read(&f).expect("read")).into_owned();
+        assert!(!text.contains(token), "token in {}:\n{text}", f.display());
+    }
+    for n in [1, 2] {
+        let events = cast_events(&bundle.join(format!("steps/login/local/attempt-{n}.cast")));
+        let all: String = events.concat();
+        assert!(
+            all.contains("{\"token\": \"[REDACTED:api_token]\""),
+            "attempt {n}: {all:?}"
+        );
+        assert!(
+            all.contains("debug token [REDACTED:api_token]"),
+            "attempt {n}: {all:?}"
+        );
+    }
+    // The rewritten files are the ones SHA256SUMS covers.
+    assert_bundle_verifies(&bundle);
 }
