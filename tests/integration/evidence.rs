@@ -384,3 +384,88 @@ outputs = {{ token = 'secret("api_token", output.json.token)' }}
     // The rewritten files are the ones SHA256SUMS covers.
     assert_bundle_verifies(&bundle);
 }
+
+/// Regression: GNU `base64` wraps at 76 columns, so the base64 of a secret of 58 bytes or more
+/// spans two lines, and neither was redacted in the log, transcript, report or on the terminal.
+#[test]
+fn base64_of_a_secret_wrapped_over_lines_is_redacted_everywhere() {
+    let secret = "long-secret/with+special chars&=?~ and more text to exceed fifty seven bytes!!";
+    let toml = format!(
+        r#"{HEAD}
+[params]
+pw = {{ secret = true, env = "PW" }}
+
+[[steps]]
+id = "encode"
+env = {{ P = "{{{{ params.pw }}}}" }}
+run = '''
+printf '%s' "$P" | base64
+printf 'admin:%s' "$P" | base64
+printf '%s' "$P" | openssl base64
+printf '%s' "$P" | base64 | sed 's/$/\r/'
+printf '%s' "$P" | base64 >&2
+'''
+
+[[steps]]
+id = "fails"
+needs = ["encode"]
+env = {{ P = "{{{{ params.pw }}}}" }}
+run = 'printf "%s" "$P" | base64; exit 3'
+"#
+    );
+    let out = Test::new()
+        .runbook(&toml)
+        .env("PW", secret)
+        .run_args()
+        .args(["--stream"])
+        .run();
+    out.assert_code(1);
+    let bundle = out.bundle();
+    // No 12 characters of any base64 form of the secret are left, even joined across lines.
+    let forms: Vec<Vec<u8>> = runbook_evidence::redact::variants(secret)
+        .into_iter()
+        .filter(|v| {
+            v.iter()
+                .all(|b| b.is_ascii_alphanumeric() || b"+/=-_".contains(b))
+        })
+        .collect();
+    assert!(forms.len() >= 4, "{forms:?}");
+    let check = |what: &str, text: &[u8]| {
+        let flat: Vec<u8> = text
+            .iter()
+            .copied()
+            .filter(|b| !b"\r\n".contains(b))
+            .collect();
+        for form in &forms {
+            for w in form.windows(12) {
+                assert!(
+                    !flat.windows(12).any(|f| f == w),
+                    "{what} holds {:?} of {:?}:\n{}",
+                    String::from_utf8_lossy(w),
+                    String::from_utf8_lossy(form),
+                    String::from_utf8_lossy(text)
+                );
+            }
+        }
+    };
+    for f in all_files(&bundle) {
+        check(&f.display().to_string(), &std::fs::read(&f).expect("read"));
+    }
+    check("stderr", out.stderr.as_bytes());
+    check("stdout", out.stdout.as_bytes());
+    let log =
+        std::fs::read_to_string(bundle.join("steps/encode/local/attempt-1.log")).expect("log");
+    // Each wrapped text became a placeholder; the log keeps one record per output line.
+    assert_eq!(log.matches("[REDACTED:pw]").count(), 5, "{log}");
+    assert_eq!(
+        log.lines().filter(|l| l.contains(" out ")).count(),
+        8,
+        "{log}"
+    );
+    assert!(
+        out.stderr.contains("[encode] [REDACTED:pw]"),
+        "{}",
+        out.stderr
+    );
+    assert_bundle_verifies(&bundle);
+}
