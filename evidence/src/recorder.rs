@@ -953,12 +953,18 @@ impl Recorder {
             sha256: None,
             error: None,
         };
-        let result = copy_redacted(path, &dest, &self.redactor);
+        let result = crate::collect::copy(path, &dest, name, &self.redactor);
         match result {
-            Ok(()) => {
+            Ok(notes) => {
                 record.copy = Some(rel.to_string_lossy().into_owned());
                 if dest.is_file() {
                     record.sha256 = checksums::sha256_file(&dest).ok();
+                }
+                for note in notes.into_lines() {
+                    self.manifest.notes.push(Note {
+                        at: Utc::now(),
+                        message: format!("step `{step}`: collect: {note}"),
+                    });
                 }
             }
             Err(e) => {
@@ -1135,30 +1141,6 @@ fn safe_relative(name: &str) -> PathBuf {
         out.push("unnamed");
     }
     out
-}
-
-/// Copies a file or a directory tree. Text files pass through the redactor; binary files (with a
-/// NUL byte) are copied as they are.
-fn copy_redacted(src: &Path, dest: &Path, redactor: &ByteRedactor) -> std::io::Result<()> {
-    let meta = std::fs::metadata(src)?;
-    if meta.is_dir() {
-        std::fs::create_dir_all(dest)?;
-        for entry in std::fs::read_dir(src)? {
-            let entry = entry?;
-            copy_redacted(&entry.path(), &dest.join(entry.file_name()), redactor)?;
-        }
-        return Ok(());
-    }
-    if let Some(parent) = dest.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    let data = std::fs::read(src)?;
-    let data = if redactor.is_empty() || data.contains(&0) {
-        data
-    } else {
-        redactor.redact(&data)
-    };
-    std::fs::write(dest, data)
 }
 
 /// Writes a file by writing a temporary sibling, syncing it and renaming it over the target,

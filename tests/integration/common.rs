@@ -92,6 +92,62 @@ impl Test {
         }
     }
 
+    /// Runs the binary, but kills it if it has not ended within `limit` (a hang is a failure
+    /// of the test, not a test that never ends).
+    #[track_caller]
+    pub fn run_within(self, limit: std::time::Duration) -> Output {
+        use std::io::Read;
+        let mut child = self
+            .command()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn runbook");
+        // Read both pipes as the child writes, so a full pipe cannot look like a hang.
+        let drain = |pipe: Option<Box<dyn Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                if let Some(mut p) = pipe {
+                    let _ = p.read_to_end(&mut buf);
+                }
+                String::from_utf8_lossy(&buf).into_owned()
+            })
+        };
+        let stdout = drain(
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        );
+        let stderr = drain(
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        );
+        let started = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            if started.elapsed() > limit {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "runbook did not end within {limit:?}\n--- stderr\n{}",
+                    stderr.join().unwrap_or_default()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        Output {
+            code: status.code().unwrap_or(-1),
+            stdout: stdout.join().unwrap_or_default(),
+            stderr: stderr.join().unwrap_or_default(),
+            dir: self.dir,
+        }
+    }
+
     /// Starts the binary without waiting, for signal tests.
     pub fn spawn(self) -> (Child, TempDir) {
         let child = self

@@ -469,3 +469,112 @@ run = 'printf "%s" "$P" | base64; exit 3'
     );
     assert_bundle_verifies(&bundle);
 }
+
+/// Regression: collecting a directory with a FIFO in it blocked the runner in open() forever
+/// (SIGTERM and SIGINT did nothing, the bundle stayed unsealed), and `/dev/zero` was read
+/// whole into memory.
+#[test]
+fn collecting_fifos_sockets_and_devices_notes_them_and_never_blocks() {
+    let toml = format!(
+        r#"{HEAD}
+[[steps]]
+id = "a"
+run = 'mkdir -p d; echo x > d/a.txt; mkfifo d/pipe; python3 -c "import socket; socket.socket(socket.AF_UNIX).bind(\"d/sock\")"'
+collect = ["d", "/dev/zero", "d/pipe"]
+"#
+    );
+    let out = Test::new()
+        .runbook(&toml)
+        .run_args()
+        .run_within(std::time::Duration::from_secs(30));
+    out.assert_code(0);
+    let bundle = out.bundle();
+    assert_eq!(
+        std::fs::read_to_string(bundle.join("collected/a/d/a.txt")).expect("a.txt collected"),
+        "x\n"
+    );
+    assert!(!bundle.join("collected/a/d/pipe").exists());
+    assert!(!bundle.join("collected/a/dev/zero").exists());
+    let m = out.manifest();
+    let notes: Vec<&str> = m["notes"]
+        .as_array()
+        .expect("notes")
+        .iter()
+        .filter_map(|n| n["message"].as_str())
+        .collect();
+    let has = |needle: &str| notes.iter().any(|n| n.contains(needle));
+    assert!(
+        has("step `a`: collect: `d/pipe`: a named pipe (FIFO): not copied"),
+        "{notes:?}"
+    );
+    assert!(
+        has("step `a`: collect: `d/sock`: a socket: not copied"),
+        "{notes:?}"
+    );
+    assert!(
+        has("step `a`: could not collect `/dev/zero`: a character device: not copied"),
+        "{notes:?}"
+    );
+    let collected = step(&m, "a")["collected"]
+        .as_array()
+        .expect("collected")
+        .clone();
+    let zero = collected
+        .iter()
+        .find(|c| c["name"] == "/dev/zero")
+        .expect("a record for /dev/zero");
+    assert!(
+        zero["copy"].is_null() && zero["error"].is_string(),
+        "{zero}"
+    );
+    assert_bundle_verifies(&bundle);
+}
+
+/// Regression: `ln -s . s/self` in a collected directory produced 40 nested empty directories
+/// and no files, and a link to `/etc/hostname` was followed out of the directory and copied.
+#[test]
+fn links_inside_a_collected_directory_are_noted_not_followed() {
+    let toml = format!(
+        r#"{HEAD}
+[[steps]]
+id = "a"
+run = 'mkdir -p s/sub; echo x > s/a.txt; echo y > s/sub/b.txt; ln -s /etc/hostname s/link; ln -s nowhere s/dangling; ln -s .. s/sub/up; ln -s . s/self; ln -s s/a.txt top-link'
+collect = ["s", "top-link"]
+"#
+    );
+    let out = Test::new()
+        .runbook(&toml)
+        .run_args()
+        .run_within(std::time::Duration::from_secs(30));
+    out.assert_code(0);
+    let bundle = out.bundle();
+    let files: Vec<String> = all_files(&bundle.join("collected/a"))
+        .iter()
+        .map(|p| {
+            p.strip_prefix(bundle.join("collected/a"))
+                .expect("inside")
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    // A link the runbook names itself is followed.
+    assert_eq!(files, ["s/a.txt", "s/sub/b.txt", "top-link"]);
+    assert!(!bundle.join("collected/a/s/self").exists());
+    let m = out.manifest();
+    let notes: Vec<&str> = m["notes"]
+        .as_array()
+        .expect("notes")
+        .iter()
+        .filter_map(|n| n["message"].as_str())
+        .collect();
+    for link in [
+        "`s/dangling` -> `nowhere`",
+        "`s/link` -> `/etc/hostname`",
+        "`s/self` -> `.`",
+        "`s/sub/up` -> `..`",
+    ] {
+        let want = format!("step `a`: collect: {link}: symlink not followed");
+        assert!(notes.contains(&want.as_str()), "{want} in {notes:?}");
+    }
+    assert_bundle_verifies(&bundle);
+}
