@@ -8,7 +8,8 @@
 //! every other entry that is not copied. A path the runbook names itself may be a link: the
 //! runbook asked for what it points to.
 
-use std::ffi::OsStr;
+use std::collections::HashSet;
+use std::ffi::{OsStr, OsString};
 use std::fs::{File, FileType, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
@@ -111,12 +112,21 @@ fn copy_tree(
             }
         };
         entries.sort_by_key(std::fs::DirEntry::file_name);
-        for entry in entries {
+        let stored = stored_names(entries.iter().map(std::fs::DirEntry::file_name));
+        for (entry, stored) in entries.into_iter().zip(stored) {
             let name = entry.file_name();
             let path = entry.path();
             let what = format!("{shown}/{}", escaped(&name));
-            let target = to.join(&name);
-            let kind = match entry.file_type() {
+            let target = to.join(&stored);
+            let kind = entry.file_type();
+            if stored != name && kind.as_ref().is_ok_and(|k| k.is_dir() || k.is_file()) {
+                notes.push(format!(
+                    "`{what}`: copied as `{shown}/{}`: its name has a control character or \
+                     bytes that are not UTF-8",
+                    escaped(&stored)
+                ));
+            }
+            let kind = match kind {
                 Ok(kind) => kind,
                 Err(e) => {
                     notes.push(format!("`{what}`: not copied: {e}"));
@@ -253,6 +263,60 @@ fn copy_file(
     // Anything left past the limit?
     let mut one = [0u8; 1];
     Ok((&file).read(&mut one)? > 0)
+}
+
+/// The names the entries of one directory get in the bundle, in order: a name with a control
+/// character (a newline) or bytes that are not UTF-8 cannot be written in `SHA256SUMS` as it
+/// is, nor shown, so each such character becomes `_`, with `-2`, `-3`, … before the extension
+/// when that name is already taken in the directory. Other names are kept.
+fn stored_names(names: impl Iterator<Item = OsString>) -> Vec<OsString> {
+    let names: Vec<OsString> = names.collect();
+    let mut taken: HashSet<OsString> = names
+        .iter()
+        .filter(|n| sanitized(n).is_none())
+        .cloned()
+        .collect();
+    names
+        .into_iter()
+        .map(|name| match sanitized(&name) {
+            None => name,
+            Some(safe) => {
+                let (stem, ext) = match safe.rfind('.') {
+                    Some(dot) if dot > 0 => safe.split_at(dot),
+                    _ => (safe.as_str(), ""),
+                };
+                let mut candidate = OsString::from(&safe);
+                let mut n = 2;
+                while taken.contains(&candidate) {
+                    candidate = OsString::from(format!("{stem}-{n}{ext}"));
+                    n += 1;
+                }
+                taken.insert(candidate.clone());
+                candidate
+            }
+        })
+        .collect()
+}
+
+/// `name` with control characters and bytes that are not UTF-8 replaced by `_`, or None when
+/// it has none.
+pub fn sanitized(name: &OsStr) -> Option<String> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = name.as_bytes();
+    let clean = std::str::from_utf8(bytes).is_ok_and(|s| !s.chars().any(char::is_control));
+    if clean {
+        return None;
+    }
+    let mut out = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            out.push(if c.is_control() { '_' } else { c });
+        }
+        if !chunk.invalid().is_empty() {
+            out.push('_');
+        }
+    }
+    Some(out)
 }
 
 /// A file name for a note: UTF-8 as is, with control characters, `\` and bytes that are not
@@ -443,6 +507,53 @@ mod tests {
         assert_eq!(
             std::fs::read(dir.path().join("b2")).expect("read"),
             b"\0hunter2-secret"
+        );
+    }
+
+    /// Regression: a collected name with a newline or bytes that are not UTF-8 made SHA256SUMS
+    /// unreadable (`evidence verify` failed on an untouched bundle).
+    #[test]
+    fn unsafe_names_are_stored_under_safe_unique_names() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path().join("out");
+        std::fs::create_dir(&d).expect("mkdir");
+        for name in [
+            &b"new\nline.txt"[..],
+            b"new_line.txt",
+            b"new\tline.txt",
+            b"bad\xffutf8",
+            b"caf\xc3\xa9 ok.txt",
+        ] {
+            std::fs::write(d.join(OsStr::from_bytes(name)), name).expect("write");
+        }
+        let dest = dir.path().join("copy");
+        let notes = copy(&d, &dest, "out", &ByteRedactor::default())
+            .expect("copy")
+            .into_lines();
+        assert_eq!(
+            listing(&dest),
+            [
+                "bad_utf8",
+                "café ok.txt",
+                "new_line-2.txt",
+                "new_line-3.txt",
+                "new_line.txt"
+            ]
+            .map(PathBuf::from)
+        );
+        // The file that had the name keeps it.
+        assert_eq!(
+            std::fs::read(dest.join("new_line.txt")).expect("read"),
+            b"new_line.txt"
+        );
+        assert_eq!(
+            notes,
+            [
+                "`out/bad\\xffutf8`: copied as `out/bad_utf8`: its name has a control character or bytes that are not UTF-8",
+                "`out/new\\tline.txt`: copied as `out/new_line-2.txt`: its name has a control character or bytes that are not UTF-8",
+                "`out/new\\nline.txt`: copied as `out/new_line-3.txt`: its name has a control character or bytes that are not UTF-8",
+            ]
         );
     }
 

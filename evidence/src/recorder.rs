@@ -1127,12 +1127,16 @@ fn secs(d: std::time::Duration) -> f64 {
 }
 
 /// `name` made safe to join under the bundle: no root, no `.`, and `..` kept as a distinct
-/// `__` component, so `../x` and `x` do not collide and nothing escapes the bundle.
+/// `__` component, so `../x` and `x` do not collide and nothing escapes the bundle. Control
+/// characters become `_`: a name with a newline cannot be listed in `SHA256SUMS` as it is.
 fn safe_relative(name: &str) -> PathBuf {
     let mut out = PathBuf::new();
     for c in Path::new(name).components() {
         match c {
-            Component::Normal(part) => out.push(part),
+            Component::Normal(part) => match crate::collect::sanitized(part) {
+                Some(safe) => out.push(safe),
+                None => out.push(part),
+            },
             Component::ParentDir => out.push("__"),
             _ => {}
         }

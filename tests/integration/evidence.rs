@@ -578,3 +578,72 @@ collect = ["s", "top-link"]
     }
     assert_bundle_verifies(&bundle);
 }
+
+/// Regression: collected names with a newline or bytes that are not UTF-8 were written to
+/// SHA256SUMS as they were (lossily), so `evidence verify` and `sha256sum -c` failed on an
+/// untouched bundle.
+#[test]
+fn collected_names_with_newlines_or_bad_utf8_keep_the_bundle_verifiable() {
+    let toml = format!(
+        r#"{HEAD}
+[[steps]]
+id = "mk"
+run = '''
+mkdir -p out
+echo a > "out/with space.txt"
+echo b > 'out/back\slash.txt'
+echo c > "out/new
+line.txt"
+echo d > "out/$(printf 'bad\xffutf8')"
+echo e > "out/-leading.txt"
+'''
+collect = ["out"]
+"#
+    );
+    let out = Test::new().runbook(&toml).run_args().run();
+    out.assert_code(0);
+    let bundle = out.bundle();
+    let dir = bundle.join("collected/mk/out");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .expect("collected dir")
+        .map(|e| {
+            e.expect("entry")
+                .file_name()
+                .into_string()
+                .expect("stored names are UTF-8")
+        })
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "-leading.txt",
+            "back\\slash.txt",
+            "bad_utf8",
+            "new_line.txt",
+            "with space.txt"
+        ]
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("new_line.txt")).expect("read"),
+        "c\n"
+    );
+    let m = out.manifest();
+    let notes: Vec<&str> = m["notes"]
+        .as_array()
+        .expect("notes")
+        .iter()
+        .filter_map(|n| n["message"].as_str())
+        .collect();
+    for (original, stored) in [
+        ("out/bad\\xffutf8", "out/bad_utf8"),
+        ("out/new\\nline.txt", "out/new_line.txt"),
+    ] {
+        let want = format!(
+            "step `mk`: collect: `{original}`: copied as `{stored}`: its name has a control \
+             character or bytes that are not UTF-8"
+        );
+        assert!(notes.contains(&want.as_str()), "{want} in {notes:?}");
+    }
+    assert_bundle_verifies(&bundle);
+}
