@@ -382,6 +382,9 @@ pub struct StreamRedactor<'a> {
     in_key: bool,
 }
 
+/// [`StreamRedactor`] gives out whole lines; one longer than this goes out in pieces.
+const MAX_LINE: usize = 1024 * 1024;
+
 /// A private key block is held whole until its END line, up to this size; a longer one (or one
 /// that never ends) is replaced from its BEGIN line on, as redacting the whole file would.
 const MAX_KEY_BLOCK: usize = 1024 * 1024;
@@ -399,7 +402,16 @@ impl<'a> StreamRedactor<'a> {
     /// Takes the next bytes; returns the redacted output that can be written now.
     pub fn push(&mut self, data: &[u8]) -> Vec<u8> {
         self.pending.extend_from_slice(data);
-        let cut = self.pending.len().saturating_sub(self.redactor.overlap());
+        let len = self.pending.len();
+        let cut = len.saturating_sub(self.redactor.overlap());
+        // Pieces end at a line break: the shapes (`Authorization: …`, `Bearer …`) are matched
+        // within a line and must see it whole. A line longer than MAX_LINE is cut anyway,
+        // keeping back what a trigger and its value could span.
+        let cut = match self.pending[..cut].iter().rposition(|&b| b == b'\n') {
+            Some(n) => n + 1,
+            None if len > MAX_LINE => cut.min(len - MAX_LINE / 2),
+            None => 0,
+        };
         self.take(cut, false)
     }
 
@@ -1121,6 +1133,30 @@ mod tests {
                 want.get(n)
             );
         }
+    }
+
+    /// Regression (found while streaming collected files): a chunk cut between `Bearer` and
+    /// its token left the token's end in the clear.
+    #[test]
+    fn streaming_never_cuts_a_shape_in_two() {
+        let r = ByteRedactor::new(&[]);
+        let mut data = Vec::new();
+        for i in 0..2000 {
+            data.extend_from_slice(
+                format!("{i} Authorization: Bearer tok-{i:06}-abcdefgh\n").as_bytes(),
+            );
+        }
+        let whole = r.redact(&data);
+        for size in [7, 100, 4096] {
+            let mut s = StreamRedactor::new(&r);
+            let mut out = Vec::new();
+            for chunk in data.chunks(size) {
+                out.extend_from_slice(&s.push(chunk));
+            }
+            out.extend_from_slice(&s.finish());
+            assert!(out == whole, "chunks of {size}");
+        }
+        assert!(!String::from_utf8_lossy(&whole).contains("abcdefgh"));
     }
 
     /// `data` through a [`WrapHold`] line by line.
