@@ -467,6 +467,11 @@ run = 'printf "%s" "$P" | base64; exit 3'
         "{}",
         out.stderr
     );
+    // The step's reason does not quote the end of wrapped base64: a piece of an encoding.
+    assert_eq!(
+        step(&out.manifest(), "fails")["reason"],
+        "exit code 3: (last line not shown: the end of wrapped base64 text)"
+    );
     assert_bundle_verifies(&bundle);
 }
 
