@@ -12,7 +12,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use runbook_engine::duration::format_duration;
 use runbook_engine::event::{RunEvent, StepStatus, Stream};
 use runbook_engine::executor::RunReport;
-use runbook_evidence::redact::ByteRedactor;
+use runbook_evidence::redact::{ByteRedactor, WrapHold};
 
 pub struct Console {
     live: Option<MultiProgress>,
@@ -20,9 +20,13 @@ pub struct Console {
     stream_output: bool,
     /// Unfinished output lines, per step, host and stream (the hosts of a step run at once).
     partial: HashMap<(String, String, Stream), Vec<u8>>,
-    /// The last non-empty output line of each running attempt (per step and host), shown when
-    /// it fails.
-    last_line: HashMap<(String, String), String>,
+    /// The end of the output of each running attempt (per step and host): the stream that
+    /// wrote last and the last bytes it wrote, whose last non-empty line is shown when the
+    /// attempt fails. Kept raw and redacted as a whole when shown, so a secret's base64 form
+    /// wrapped over the last lines is found.
+    last_output: HashMap<(String, String), (Stream, Vec<u8>)>,
+    /// Output lines that may be wrapped base64, held until the text ends (see `WrapHold`).
+    holds: HashMap<(String, String, Stream), WrapHold<()>>,
     /// Probe attempts being polled, per step and host: their repeated failures are summed up
     /// rather than printed one by one (a wait can take hundreds of attempts).
     polling: HashMap<(String, String), Polling>,
@@ -46,7 +50,8 @@ impl Console {
             bars: HashMap::new(),
             stream_output,
             partial: HashMap::new(),
-            last_line: HashMap::new(),
+            last_output: HashMap::new(),
+            holds: HashMap::new(),
             polling: HashMap::new(),
             color,
             redactor: ByteRedactor::new(&secrets).with_shapes(shapes),
@@ -198,16 +203,18 @@ impl Console {
                 data,
                 ..
             } => {
-                if let Some(line) = data
-                    .split(|&b| b == b'\n')
-                    .rev()
-                    .map(|l| String::from_utf8_lossy(l).trim().to_owned())
-                    .find(|l| !l.is_empty())
-                {
-                    self.last_line.insert(
-                        (step.to_string(), target.to_string()),
-                        line.chars().take(160).collect(),
-                    );
+                let key = (step.to_string(), target.to_string());
+                let last = self
+                    .last_output
+                    .entry(key)
+                    .or_insert_with(|| (*stream, Vec::new()));
+                if last.0 != *stream {
+                    *last = (*stream, Vec::new());
+                }
+                last.1.extend_from_slice(data);
+                let keep = LAST_OUTPUT.max(2 * self.redactor.overlap());
+                if last.1.len() > keep {
+                    last.1.drain(..last.1.len() - keep);
                 }
                 if self.stream_output {
                     self.output(step.as_str(), target, *stream, data);
@@ -223,8 +230,9 @@ impl Console {
             } => {
                 self.flush_partial(step.as_str(), target);
                 let last = self
-                    .last_line
-                    .remove(&(step.to_string(), target.to_string()));
+                    .last_output
+                    .remove(&(step.to_string(), target.to_string()))
+                    .and_then(|(_, tail)| self.last_line(&tail));
                 if !outcome.succeeded() {
                     let what = outcome.describe();
                     // A probe's transcript ends with `! kind: <the same message>`.
@@ -285,16 +293,20 @@ impl Console {
                 reason,
                 ..
             } => {
-                let left: Vec<String> = self
+                let mut left: Vec<String> = self
                     .partial
                     .keys()
+                    .chain(self.holds.keys())
                     .filter(|(s, _, _)| s == step.as_str())
                     .map(|(_, t, _)| t.clone())
                     .collect();
+                left.sort();
+                left.dedup();
                 for target in left {
                     self.flush_partial(step.as_str(), &target);
                 }
-                self.last_line.retain(|(s, _), _| s != step.as_str());
+                self.last_output.retain(|(s, _), _| s != step.as_str());
+                self.holds.retain(|(s, _, _), _| s != step.as_str());
                 self.polling.retain(|(s, _), _| s != step.as_str());
                 if let Some(bar) = self.bars.remove(step.as_str()) {
                     bar.finish_and_clear();
@@ -382,20 +394,37 @@ impl Console {
         }
     }
 
+    /// The last non-empty line of an attempt's last output, redacted, at most 160 characters.
+    fn last_line(&self, tail: &[u8]) -> Option<String> {
+        let text = self.redactor.redact(tail);
+        String::from_utf8_lossy(&text)
+            .split('\n')
+            .rev()
+            .map(str::trim)
+            .find(|l| !l.is_empty())
+            .map(|l| l.chars().take(160).collect())
+    }
+
     fn output(&mut self, step: &str, target: &str, stream: Stream, data: &[u8]) {
         let key = (step.to_owned(), target.to_owned(), stream);
-        let buf = self.partial.entry(key).or_default();
+        let buf = self.partial.entry(key.clone()).or_default();
         buf.extend_from_slice(data);
         let mut lines = Vec::new();
         while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = buf.drain(..=nl).collect();
-            lines.push(String::from_utf8_lossy(&line[..line.len() - 1]).into_owned());
+            lines.push(line);
         }
-        for l in lines {
-            self.print_output(step, target, stream, &l);
+        let hold = self.holds.entry(key).or_default();
+        let mut out = Vec::new();
+        for line in lines {
+            out.extend(hold.line(&self.redactor, (), &line[..line.len() - 1]));
+        }
+        for (_, l) in out {
+            self.print_output(step, target, stream, &String::from_utf8_lossy(&l));
         }
     }
 
+    /// Prints one line of step output, already redacted.
     fn print_output(&self, step: &str, target: &str, stream: Stream, line: &str) {
         let who = if target == "local" {
             step.to_owned()
@@ -406,11 +435,7 @@ impl Console {
             Stream::Stdout => format!("[{who}]"),
             Stream::Stderr => format!("[{who}!]"),
         };
-        let text = format!(
-            "{} {}",
-            self.paint("36", &prefix),
-            self.redactor.redact_str(line)
-        );
+        let text = format!("{} {line}", self.paint("36", &prefix));
         match &self.live {
             Some(mp) => {
                 let _ = mp.println(text);
@@ -423,13 +448,25 @@ impl Console {
 
     fn flush_partial(&mut self, step: &str, target: &str) {
         for stream in [Stream::Stdout, Stream::Stderr] {
-            if let Some(buf) = self
-                .partial
-                .remove(&(step.to_owned(), target.to_owned(), stream))
-            {
-                if !buf.is_empty() {
-                    self.print_output(step, target, stream, &String::from_utf8_lossy(&buf));
+            let key = (step.to_owned(), target.to_owned(), stream);
+            let mut buf = self.partial.remove(&key).unwrap_or_default();
+            // Held lines end here, and a secret's form in them may run into the partial line.
+            let mut lines = Vec::new();
+            if let Some(mut hold) = self.holds.remove(&key) {
+                let (held, into) = hold.release(&self.redactor, &buf);
+                lines = held.into_iter().map(|(_, l)| l).collect();
+                if into > 0 {
+                    let start = lines.pop().unwrap_or_default();
+                    let rest = self.redactor.redact(&buf[into..]);
+                    buf.clear();
+                    lines.push([start, rest].concat());
                 }
+            }
+            if !buf.is_empty() {
+                lines.push(self.redactor.redact(&buf));
+            }
+            for l in lines {
+                self.print_output(step, target, stream, &String::from_utf8_lossy(&l));
             }
         }
     }
@@ -447,6 +484,9 @@ impl Console {
         self.redactor.redact_str(text)
     }
 }
+
+/// How much of an attempt's last output is kept for the line shown when it fails.
+const LAST_OUTPUT: usize = 4096;
 
 /// How often a probe that keeps failing the same way says it is still waiting.
 const STILL_WAITING_EVERY: Duration = Duration::from_secs(30);

@@ -1774,10 +1774,16 @@ impl StepTask {
                 .get(stream)
                 .and_then(|d| d.clone().into_string().ok())
                 .and_then(|text| {
-                    text.lines()
-                        .map(str::trim)
-                        .rfind(|l| !l.is_empty())
-                        .map(|l| l.chars().take(200).collect::<String>())
+                    let lines: Vec<&str> = text.lines().collect();
+                    let n = lines.iter().rposition(|l| !l.trim().is_empty())?;
+                    // The end of wrapped base64 is a piece of an encoding, not an error message,
+                    // and a piece of a secret's encoding cannot be redacted on its own.
+                    if n > 0 && crate::redact::continues_wrapped_base64(lines[n - 1]) {
+                        return Some(
+                            "(last line not shown: the end of wrapped base64 text)".into(),
+                        );
+                    }
+                    Some(lines[n].trim().chars().take(200).collect::<String>())
                 })
         };
         match last_line("stderr").or_else(|| last_line("stdout")) {

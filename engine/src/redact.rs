@@ -34,3 +34,33 @@ impl Redactor {
         out
     }
 }
+
+/// Whether the line after `previous` may be the end of base64 text wrapped over lines:
+/// `previous` ends in at least 64 base64 characters (GNU `base64` wraps at 76 columns,
+/// `openssl base64` at 64). The evidence redactor finds a secret's base64 form across such
+/// lines; a line on its own holds only a piece of it, which no redactor can recognise.
+pub fn continues_wrapped_base64(previous: &str) -> bool {
+    previous
+        .trim_end_matches('\r')
+        .bytes()
+        .rev()
+        .take_while(|b| b.is_ascii_alphanumeric() || b"+/-_".contains(b))
+        .count()
+        >= 64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrapped_base64_is_recognised_by_the_line_before() {
+        let full = "bG9uZy1zZWNyZXQvd2l0aCtzcGVjaWFsIGNoYXJzJj0/fiBhbmQgbW9yZSB0ZXh0IHRvIGV4Y2Vl";
+        assert!(continues_wrapped_base64(full));
+        assert!(continues_wrapped_base64(&format!("{}\r", &full[..64])));
+        assert!(!continues_wrapped_base64(&full[..63]));
+        assert!(!continues_wrapped_base64(
+            "FAIL os: expected Rocky Linux 9.x; found Debian 12"
+        ));
+    }
+}

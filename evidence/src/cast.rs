@@ -11,7 +11,8 @@
 //! - stderr is wrapped in red (`\x1b[31m` … `\x1b[0m`): the format has one output stream;
 //! - secrets are redacted before anything is written. Output is streamed (a progress line
 //!   without a newline shows when it was printed); only the last `overlap()` bytes after the
-//!   last newline are held back so a secret cut by a read boundary is still seen whole. A
+//!   last newline are held back so a secret cut by a read boundary is still seen whole, and
+//!   complete lines that may be wrapped base64 until the line that ends them. A
 //!   secret value containing a newline is not supported by that rule (tokens and passwords
 //!   don't have one). [`CastWriter::rewrite_redacted`] redacts what was already written when a
 //!   secret becomes known mid-run, like the attempt log's `rewrite_redacted`.
@@ -36,8 +37,14 @@ const RESET: &str = "\x1b[0m";
 
 #[derive(Default)]
 struct StreamState {
-    /// Bytes not yet redacted (at most `overlap()` bytes of an unfinished line).
+    /// Bytes not yet redacted: complete lines held while they may be wrapped base64 (see
+    /// `redact::hold_wrapped`), then at most `overlap()` bytes of an unfinished line.
     pending: Vec<u8>,
+    /// How many bytes at the start of `pending` are held complete lines (already through the
+    /// private-key filter).
+    held: usize,
+    /// The end of the line before `pending` (see `redact::next_lead`).
+    lead: Vec<u8>,
     /// Redacted bytes of an incomplete UTF-8 sequence at the end of the last event.
     carry: Vec<u8>,
     /// The last character written for this stream was `\r` (so a following `\n` stays as is).
@@ -121,10 +128,11 @@ impl CastWriter {
             .iter()
             .rposition(|&b| b == b'\n')
             .map_or(0, |n| n + 1);
-        if complete > 0 {
+        let held = self.streams[i].held;
+        if complete > held {
             let state = &mut self.streams[i];
-            let mut filtered = Vec::with_capacity(complete);
-            for line in state.pending[..complete].split_inclusive(|&b| b == b'\n') {
+            let mut filtered = Vec::with_capacity(complete - held);
+            for line in state.pending[held..complete].split_inclusive(|&b| b == b'\n') {
                 let body = &line[..line.len() - 1];
                 match state.pem.line(body) {
                     Some(r) => filtered.extend_from_slice(r),
@@ -132,7 +140,7 @@ impl CastWriter {
                 }
                 filtered.push(b'\n');
             }
-            state.pending.splice(..complete, filtered);
+            state.pending.splice(held..complete, filtered);
         }
         if self.streams[i].pem.inside() {
             let keep_from = self.streams[i]
@@ -143,11 +151,7 @@ impl CastWriter {
             if keep_from == 0 {
                 return Ok(());
             }
-            let (out, used) = self
-                .redactor
-                .redact_prefix(&self.streams[i].pending, keep_from);
-            self.streams[i].pending.drain(..used);
-            return self.emit(at, stream, &out, false);
+            return self.emit_up_to(at, stream, keep_from);
         }
         let pending = &self.streams[i].pending;
         let len = pending.len();
@@ -159,16 +163,38 @@ impl CastWriter {
             .iter()
             .rposition(|&b| b == b'\n' || b == b'\r')
             .map_or(0, |n| n + 1);
+        // Complete lines that may be wrapped base64 wait for the line that ends them, so a
+        // secret's base64 form broken over lines is found.
         let cut = if len - after_eol > HOLD_UNFINISHED {
             after_eol.max(len.saturating_sub(self.redactor.overlap()))
         } else {
-            after_eol
+            crate::redact::hold_wrapped(
+                &self.streams[i].lead,
+                pending,
+                after_eol,
+                self.redactor.overlap(),
+            )
         };
         if cut == 0 {
+            self.streams[i].held = complete_after_filter(pending);
             return Ok(());
         }
-        let (out, used) = self.redactor.redact_prefix(pending, cut);
-        self.streams[i].pending.drain(..used);
+        self.emit_up_to(at, stream, cut)
+    }
+
+    /// Redacts and writes out the pending bytes of `stream` before `cut` (or past it, to the
+    /// end of a match that starts before it); the rest stays pending.
+    fn emit_up_to(
+        &mut self,
+        at: DateTime<Utc>,
+        stream: Stream,
+        cut: usize,
+    ) -> Result<(), EvidenceError> {
+        let state = &mut self.streams[index(stream)];
+        let (out, used) = self.redactor.redact_after(&state.lead, &state.pending, cut);
+        state.lead = crate::redact::next_lead(&state.lead, &state.pending[..used]);
+        state.pending.drain(..used);
+        state.held = complete_after_filter(&state.pending);
         self.emit(at, stream, &out, false)
     }
 
@@ -178,12 +204,15 @@ impl CastWriter {
         for stream in [Stream::Stdout, Stream::Stderr] {
             let i = index(stream);
             let mut pending = std::mem::take(&mut self.streams[i].pending);
-            if !pending.is_empty() {
-                if let Some(r) = self.streams[i].pem.line(&pending) {
-                    pending = r.to_vec();
+            let held = self.streams[i].held.min(pending.len());
+            if pending.len() > held {
+                if let Some(r) = self.streams[i].pem.line(&pending[held..]) {
+                    pending.truncate(held);
+                    pending.extend_from_slice(r);
                 }
             }
-            let out = self.redactor.redact(&pending);
+            let lead = std::mem::take(&mut self.streams[i].lead);
+            let (out, _) = self.redactor.redact_after(&lead, &pending, pending.len());
             self.emit(at, stream, &out, true)?;
         }
         self.note(at, outcome_text)?;
@@ -220,18 +249,7 @@ impl CastWriter {
             return Ok(());
         }
         self.file.flush().map_err(write_err(&self.path))?;
-        let text = std::fs::read_to_string(&self.path).map_err(|source| EvidenceError::Read {
-            path: self.path.clone(),
-            source,
-        })?;
-        let rewritten = redact_cast_text(&text, &self.redactor);
-        let tmp = self.path.with_extension("cast-redacting");
-        {
-            let mut f = File::create(&tmp).map_err(write_err(&tmp))?;
-            f.write_all(rewritten.as_bytes()).map_err(write_err(&tmp))?;
-            f.sync_all().map_err(write_err(&tmp))?;
-        }
-        std::fs::rename(&tmp, &self.path).map_err(write_err(&self.path))?;
+        redact_cast_file(&self.path, &self.redactor)?;
         let file = std::fs::OpenOptions::new()
             .append(true)
             .open(&self.path)
@@ -283,6 +301,36 @@ impl CastWriter {
             .write_all(line.as_bytes())
             .map_err(write_err(&self.path))
     }
+}
+
+/// Rewrites a transcript on disk with `redactor` (a secret registered after it was written),
+/// keeping it a valid asciicast: the header's title and each event's text are redacted as JSON
+/// values, never as the escaped bytes of the file. Replaces the file atomically.
+pub fn redact_cast_file(path: &Path, redactor: &ByteRedactor) -> Result<(), EvidenceError> {
+    if redactor.is_empty() {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| EvidenceError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let rewritten = redact_cast_text(&text, redactor);
+    let tmp = path.with_extension("cast-redacting");
+    {
+        let mut f = File::create(&tmp).map_err(write_err(&tmp))?;
+        f.write_all(rewritten.as_bytes()).map_err(write_err(&tmp))?;
+        f.sync_all().map_err(write_err(&tmp))?;
+    }
+    std::fs::rename(&tmp, path).map_err(write_err(path))
+}
+
+/// How many bytes at the start of `pending` are complete lines: after a write, those are the
+/// held ones, already through the private-key filter.
+fn complete_after_filter(pending: &[u8]) -> usize {
+    pending
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |n| n + 1)
 }
 
 fn header_line(timestamp: i64, title: &str) -> String {
@@ -424,7 +472,8 @@ fn redact_cast_text(text: &str, redactor: &ByteRedactor) -> String {
             }
             let from = pos.max(bounds[n]);
             let window = (ev_end + longest).min(joined.len());
-            let (red, used) = redactor.redact_prefix(&joined[from..window], ev_end - from);
+            let lead = crate::redact::lead_at(&joined, from);
+            let (red, used) = redactor.redact_after(lead, &joined[from..window], ev_end - from);
             pos = from + used;
             let text = String::from_utf8_lossy(&red);
             let data = match kind {
@@ -651,6 +700,47 @@ mod tests {
             events[1],
             (0.03, "token: [REDACTED:tok]\r\nnext\r\n".into())
         );
+    }
+
+    /// Regression: a secret's base64 wrapped by `base64` at 76 columns was written to the
+    /// transcript, line by line as it arrived, and so never matched.
+    #[test]
+    fn wrapped_base64_of_a_secret_is_redacted_whatever_the_reads() {
+        use base64::Engine as _;
+        let secret = "long-secret/with+special chars&=?~ and more text to exceed 57 bytes";
+        let enc = base64::engine::general_purpose::STANDARD.encode(format!("admin:{secret}"));
+        let mut out = String::from("encoded:\n");
+        for line in enc.as_bytes().chunks(76) {
+            out.push_str(std::str::from_utf8(line).expect("ascii"));
+            out.push('\n');
+        }
+        out.push_str("done\n");
+        let redactor = ByteRedactor::new(&[("pw".into(), secret.into())]);
+        let want = String::from_utf8_lossy(&redactor.redact(out.as_bytes())).replace('\n', "\r\n");
+        assert!(want.contains("[REDACTED:pw]"), "{want}");
+        for size in [1, 5, 40, 76, 77, 80, 1000] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("a.cast");
+            let mut w = CastWriter::create(&path, t0(), "t", "x", redactor.clone()).expect("c");
+            for chunk in out.as_bytes().chunks(size) {
+                w.write(t0(), Stream::Stdout, chunk).expect("w");
+            }
+            w.finish(t0(), "ok").expect("finish");
+            let (_, events) = check_cast(&path);
+            let all = all_output(&events[1..events.len() - 1]);
+            assert_eq!(all, want, "reads of {size}");
+        }
+        // Registered after it was printed: the rewrite finds it across events too.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("a.cast");
+        let mut w = CastWriter::create(&path, t0(), "t", "x", ByteRedactor::default()).expect("c");
+        for chunk in out.as_bytes().chunks(50) {
+            w.write(t0(), Stream::Stdout, chunk).expect("w");
+        }
+        w.finish(t0(), "ok").expect("finish");
+        redact_cast_file(&path, &redactor).expect("rewrite");
+        let (_, events) = check_cast(&path);
+        assert_eq!(all_output(&events[1..events.len() - 1]), want);
     }
 
     /// `asciinema cat` accepts a cast with every kind of content.

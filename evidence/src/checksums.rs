@@ -71,12 +71,58 @@ pub fn sha256_bytes(data: &[u8]) -> String {
 
 /// Writes `SHA256SUMS` for the bundle and returns its text.
 pub fn write(dir: &Path) -> Result<String, EvidenceError> {
-    let mut text = String::new();
+    let mut text = Vec::new();
     for rel in bundle_files(dir)? {
         let hash = sha256_file(&dir.join(&rel))?;
-        text.push_str(&format!("{hash}  {}\n", rel.to_string_lossy()));
+        text.extend_from_slice(&sums_line(&hash, &rel));
     }
     let path = dir.join(FILE_NAME);
-    crate::recorder::write_atomic(&path, text.as_bytes()).map_err(write_err(&path))?;
-    Ok(text)
+    crate::recorder::write_atomic(&path, &text).map_err(write_err(&path))?;
+    Ok(String::from_utf8_lossy(&text).into_owned())
+}
+
+/// One line as `sha256sum` writes it: `<hex>  <path>`, the path's bytes as they are. A path
+/// with a line break is escaped the GNU way (the line starts with `\`; `\\`, `\n`, `\r`), so
+/// every line stays one line. (Collected files get names without control characters or
+/// invalid UTF-8, which `evidence verify` could not match; this keeps the file readable
+/// whatever is in the bundle.)
+fn sums_line(hash: &str, rel: &Path) -> Vec<u8> {
+    use std::os::unix::ffi::OsStrExt;
+    let name = rel.as_os_str().as_bytes();
+    let mut line = Vec::with_capacity(name.len() + 70);
+    if name.iter().any(|b| matches!(b, b'\n' | b'\r')) {
+        line.push(b'\\');
+        line.extend_from_slice(hash.as_bytes());
+        line.extend_from_slice(b"  ");
+        for &b in name {
+            match b {
+                b'\\' => line.extend_from_slice(b"\\\\"),
+                b'\n' => line.extend_from_slice(b"\\n"),
+                b'\r' => line.extend_from_slice(b"\\r"),
+                b => line.push(b),
+            }
+        }
+    } else {
+        line.extend_from_slice(hash.as_bytes());
+        line.extend_from_slice(b"  ");
+        line.extend_from_slice(name);
+    }
+    line.push(b'\n');
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_with_line_breaks_are_escaped_as_sha256sum_does() {
+        let hash = "0".repeat(64);
+        let line =
+            |name: &str| String::from_utf8(sums_line(&hash, Path::new(name))).expect("utf-8");
+        assert_eq!(line("a/b.txt"), format!("{hash}  a/b.txt\n"));
+        // A backslash alone needs no escape (sha256sum -c reads the line as it is).
+        assert_eq!(line("a\\b"), format!("{hash}  a\\b\n"));
+        assert_eq!(line("a\nb\\c"), format!("\\{hash}  a\\nb\\\\c\n"));
+    }
 }

@@ -10,6 +10,7 @@
 
 pub mod cast;
 pub mod checksums;
+pub mod collect;
 pub mod journal;
 pub mod junit;
 pub mod log;

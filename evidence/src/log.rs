@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, SecondsFormat, Utc};
 use runbook_engine::event::Stream;
 
-use crate::redact::{ByteRedactor, PemFilter};
+use crate::redact::{ByteRedactor, PemFilter, WrapHold};
 use crate::{write_err, EvidenceError};
 
 /// Longest fragment kept in memory while waiting for a newline.
@@ -29,6 +29,10 @@ pub struct LogWriter {
     pending: [Pending; 2],
     /// Per stream: inside a private key block?
     pem: [PemFilter; 2],
+    /// Per stream: lines that may be wrapped base64, held until the text ends so a secret's
+    /// base64 form broken over lines is found (see [`WrapHold`]). Records of the other stream
+    /// can be written meanwhile; each keeps its own time.
+    hold: [WrapHold<DateTime<Utc>>; 2],
     /// Secrets as known when the last bytes arrived; the recorder updates it when a secret is
     /// registered mid-run.
     pub redactor: ByteRedactor,
@@ -62,6 +66,7 @@ impl LogWriter {
             ],
             redactor,
             pem: Default::default(),
+            hold: Default::default(),
         })
     }
 
@@ -91,7 +96,9 @@ impl LogWriter {
             if let Some(r) = self.pem[i].line(&line) {
                 line = r.to_vec();
             }
-            self.record(since, stream.tag(), &line)?;
+            for (since, line) in self.hold[i].line(&self.redactor, since, &line) {
+                self.record_redacted(since, stream.tag(), &line)?;
+            }
             data = &data[nl + 1..];
         }
         if !data.is_empty() {
@@ -102,6 +109,9 @@ impl LogWriter {
                 // Inside a private key block: nothing of it may be written.
                 p.bytes = b"[REDACTED:private-key]".to_vec();
             } else if p.bytes.len() > MAX_FRAGMENT {
+                // Held lines go out first, with this line's start to look into.
+                self.release_hold(stream)?;
+                let p = &mut self.pending[i];
                 // Redact what can be decided now; a secret that may continue past the end stays
                 // in the buffer until more arrives, so no cut ever splits one.
                 let cut = fragment_cut(&p.bytes, self.redactor.overlap());
@@ -111,6 +121,25 @@ impl LogWriter {
                 let tag = format!("{}+", stream.tag());
                 self.record_redacted(since, &tag, &head)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Writes out the held lines of `stream`, looking into the unfinished line after them (a
+    /// secret's form may run into it): what that consumed of it is written as its first piece.
+    fn release_hold(&mut self, stream: Stream) -> Result<(), EvidenceError> {
+        let i = index(stream);
+        if self.hold[i].is_empty() {
+            return Ok(());
+        }
+        let (mut lines, into) = self.hold[i].release(&self.redactor, &self.pending[i].bytes);
+        let piece = (into > 0).then(|| lines.pop()).flatten();
+        for (since, line) in lines {
+            self.record_redacted(since, stream.tag(), &line)?;
+        }
+        if let Some((since, piece)) = piece {
+            self.pending[i].bytes.drain(..into);
+            self.record_redacted(since, &format!("{}+", stream.tag()), &piece)?;
         }
         Ok(())
     }
@@ -166,10 +195,13 @@ impl LogWriter {
         for stream in [Stream::Stdout, Stream::Stderr] {
             let i = index(stream);
             if !self.pending[i].bytes.is_empty() {
-                let mut bytes = std::mem::take(&mut self.pending[i].bytes);
-                if let Some(r) = self.pem[i].line(&bytes) {
-                    bytes = r.to_vec();
+                if let Some(r) = self.pem[i].line(&self.pending[i].bytes) {
+                    self.pending[i].bytes = r.to_vec();
                 }
+            }
+            self.release_hold(stream)?;
+            if !self.pending[i].bytes.is_empty() {
+                let bytes = std::mem::take(&mut self.pending[i].bytes);
                 let since = self.pending[i].since.take().unwrap_or_else(Utc::now);
                 self.record(since, &format!("{}+", stream.tag()), &bytes)?;
             }

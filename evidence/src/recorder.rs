@@ -245,12 +245,13 @@ impl Recorder {
                 cast.rewrite_redacted()?;
             }
             if let Some(step) = step {
+                // A compacted probe attempt has no files left (empty `log`).
                 let closed: Vec<String> = self
                     .step_mut(step.as_str())
                     .map(|s| {
                         s.attempts
                             .iter()
-                            .filter(|a| a.finished_at.is_some())
+                            .filter(|a| a.finished_at.is_some() && !a.log.is_empty())
                             .map(|a| a.log.clone())
                             .collect()
                     })
@@ -258,6 +259,12 @@ impl Recorder {
                 for rel in closed {
                     let path = self.dir.join(&rel);
                     self.redactor.redact_file(&path).map_err(write_err(&path))?;
+                    // The attempt's transcript showed the same output. It is rewritten as a
+                    // cast (event by event), uncounted: the log already counted the matches.
+                    let cast = path.with_extension("cast");
+                    if cast.is_file() {
+                        crate::cast::redact_cast_file(&cast, &self.redactor.uncounted())?;
+                    }
                 }
             }
         }
@@ -946,12 +953,18 @@ impl Recorder {
             sha256: None,
             error: None,
         };
-        let result = copy_redacted(path, &dest, &self.redactor);
+        let result = crate::collect::copy(path, &dest, name, &self.redactor);
         match result {
-            Ok(()) => {
+            Ok(notes) => {
                 record.copy = Some(rel.to_string_lossy().into_owned());
                 if dest.is_file() {
                     record.sha256 = checksums::sha256_file(&dest).ok();
+                }
+                for note in notes.into_lines() {
+                    self.manifest.notes.push(Note {
+                        at: Utc::now(),
+                        message: format!("step `{step}`: collect: {note}"),
+                    });
                 }
             }
             Err(e) => {
@@ -1114,12 +1127,16 @@ fn secs(d: std::time::Duration) -> f64 {
 }
 
 /// `name` made safe to join under the bundle: no root, no `.`, and `..` kept as a distinct
-/// `__` component, so `../x` and `x` do not collide and nothing escapes the bundle.
+/// `__` component, so `../x` and `x` do not collide and nothing escapes the bundle. Control
+/// characters become `_`: a name with a newline cannot be listed in `SHA256SUMS` as it is.
 fn safe_relative(name: &str) -> PathBuf {
     let mut out = PathBuf::new();
     for c in Path::new(name).components() {
         match c {
-            Component::Normal(part) => out.push(part),
+            Component::Normal(part) => match crate::collect::sanitized(part) {
+                Some(safe) => out.push(safe),
+                None => out.push(part),
+            },
             Component::ParentDir => out.push("__"),
             _ => {}
         }
@@ -1128,30 +1145,6 @@ fn safe_relative(name: &str) -> PathBuf {
         out.push("unnamed");
     }
     out
-}
-
-/// Copies a file or a directory tree. Text files pass through the redactor; binary files (with a
-/// NUL byte) are copied as they are.
-fn copy_redacted(src: &Path, dest: &Path, redactor: &ByteRedactor) -> std::io::Result<()> {
-    let meta = std::fs::metadata(src)?;
-    if meta.is_dir() {
-        std::fs::create_dir_all(dest)?;
-        for entry in std::fs::read_dir(src)? {
-            let entry = entry?;
-            copy_redacted(&entry.path(), &dest.join(entry.file_name()), redactor)?;
-        }
-        return Ok(());
-    }
-    if let Some(parent) = dest.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    let data = std::fs::read(src)?;
-    let data = if redactor.is_empty() || data.contains(&0) {
-        data
-    } else {
-        redactor.redact(&data)
-    };
-    std::fs::write(dest, data)
 }
 
 /// Writes a file by writing a temporary sibling, syncing it and renaming it over the target,

@@ -133,7 +133,14 @@ pub const MIN_SECRET: usize = 4;
 /// Encodings shorter than this are not redacted on their own: they would match ordinary text.
 const MIN_VARIANT: usize = 6;
 
-/// The forms a secret takes in output besides itself: JSON-escaped, URL-encoded, base64
+/// A line of a multi-line secret shorter than this (after trimming) is not redacted on its own.
+/// Each line is searched for everywhere, and the short lines of real multi-line secrets are
+/// ordinary text (`{`, `-----`, `  "type": "x",`, a short name): redacting them would mangle
+/// unrelated output all over the bundle. The whole value is still matched whatever its lines.
+pub const MIN_SECRET_LINE: usize = 8;
+
+/// The forms a secret takes in output besides itself: JSON-escaped (see [`json_forms`]),
+/// URL-encoded, base64
 /// (standard and URL-safe, whole and as it appears inside a longer base64 stream at each of the
 /// three byte alignments), and each line of a multi-line secret (a private key printed line by
 /// line). This is the leak class peers keep reopening bugs for.
@@ -142,8 +149,9 @@ pub fn variants(value: &str) -> Vec<Vec<u8>> {
     use base64::Engine as _;
     let raw = value.as_bytes();
     let mut out: Vec<Vec<u8>> = vec![raw.to_vec()];
-    let json = serde_json::to_string(value).unwrap_or_default();
-    out.push(json.trim_matches('"').as_bytes().to_vec());
+    for json in json_forms(value) {
+        out.push(json.into_bytes());
+    }
     out.push(percent_encode(raw, false));
     out.push(percent_encode(raw, true));
     for engine in [&STANDARD, &URL_SAFE] {
@@ -165,7 +173,7 @@ pub fn variants(value: &str) -> Vec<Vec<u8>> {
     if value.contains('\n') {
         for line in value.lines() {
             let line = line.trim();
-            if line.len() >= 8 {
+            if line.len() >= MIN_SECRET_LINE {
                 out.push(line.as_bytes().to_vec());
             }
         }
@@ -173,6 +181,62 @@ pub fn variants(value: &str) -> Vec<Vec<u8>> {
     out.retain(|v| v.len() >= MIN_VARIANT.min(raw.len()) && !v.is_empty());
     out.sort();
     out.dedup();
+    out
+}
+
+/// The ways a JSON encoder writes `value` inside a string literal (without the quotes):
+/// serde_json's (UTF-8 as is), the ASCII-only form with every other character as `\uXXXX`
+/// (Python's `json.dumps` default, `jq -a`, .NET) in lower- and upper-case hex, and each of
+/// those with `/` escaped as `\/` (PHP's `json_encode`, some Java encoders). All are valid JSON
+/// for the same string, so a tool may print any of them.
+fn json_forms(value: &str) -> Vec<String> {
+    let plain = serde_json::to_string(value).unwrap_or_default();
+    let plain = plain
+        .strip_prefix('"')
+        .and_then(|s| s.strip_suffix('"'))
+        .unwrap_or(&plain)
+        .to_owned();
+    let mut forms = vec![plain];
+    if value.chars().any(|c| !(' '..='~').contains(&c)) {
+        forms.push(json_ascii(value, false));
+        forms.push(json_ascii(value, true));
+    }
+    if value.contains('/') {
+        let slashed: Vec<String> = forms.iter().map(|f| f.replace('/', "\\/")).collect();
+        forms.extend(slashed);
+    }
+    forms.sort();
+    forms.dedup();
+    forms
+}
+
+/// `value` JSON-escaped with only printable ASCII left as is, the way Python's `json.dumps`
+/// writes it (`\n`, `\"`, … for the usual escapes; `\u00e4`; a surrogate pair above U+FFFF).
+fn json_ascii(value: &str, upper: bool) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(value.len() * 2);
+    for c in value.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            ' '..='~' => out.push(c),
+            _ => {
+                let mut units = [0u16; 2];
+                for unit in c.encode_utf16(&mut units) {
+                    let _ = if upper {
+                        write!(out, "\\u{unit:04X}")
+                    } else {
+                        write!(out, "\\u{unit:04x}")
+                    };
+                }
+            }
+        }
+    }
     out
 }
 
@@ -188,6 +252,423 @@ fn percent_encode(data: &[u8], form: bool) -> Vec<u8> {
         }
     }
     out
+}
+
+/// A line that ends in at least this many base64 characters may be wrapped base64 continuing on
+/// the next line: GNU `base64` wraps at 76 columns, `openssl base64` and PEM at 64. Shorter
+/// wraps (`base64 -w 20`) are not followed: ordinary text ends in short words all the time.
+pub const WRAP_MIN: usize = 64;
+
+/// Characters of standard and URL-safe base64 (padding ends a wrapped text, it does not continue).
+fn is_base64(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'-' | b'_')
+}
+
+/// Whether a line (`line`, without its `\n`; `lead` is what came before it on the same line
+/// when `line` is only its end) ends in at least [`WRAP_MIN`] base64 characters, before a `\r`
+/// if it ends in one (CRLF line breaks).
+fn ends_wrapped(lead: &[u8], line: &[u8]) -> bool {
+    let (lead, line) = match line.split_last() {
+        Some((b'\r', rest)) => (lead, rest),
+        Some(_) => (lead, line),
+        None => (lead.strip_suffix(b"\r").unwrap_or(lead), line),
+    };
+    let run = line.iter().rev().take_while(|&&b| is_base64(b)).count();
+    if run >= WRAP_MIN || run < line.len() {
+        return run >= WRAP_MIN;
+    }
+    run + lead.iter().rev().take_while(|&&b| is_base64(b)).count() >= WRAP_MIN
+}
+
+/// What a caller streaming data keeps as `lead` for the bytes after `consumed` (which came
+/// after `lead`): the end of the current line, at most [`WRAP_MIN`] bytes of it.
+pub fn next_lead(lead: &[u8], consumed: &[u8]) -> Vec<u8> {
+    let line = match consumed.iter().rposition(|&b| b == b'\n') {
+        Some(n) => consumed[n + 1..].to_vec(),
+        None => [lead, consumed].concat(),
+    };
+    line[line.len().saturating_sub(WRAP_MIN)..].to_vec()
+}
+
+/// The `lead` for data starting at `pos` of `data` (see [`ByteRedactor::redact_after`]).
+pub fn lead_at(data: &[u8], pos: usize) -> &[u8] {
+    let line_start = data[..pos]
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |n| n + 1);
+    &data[line_start.max(pos.saturating_sub(WRAP_MIN + 1))..pos]
+}
+
+/// The data with the line breaks of wrapped base64 taken out, to match a secret's base64 forms
+/// across them.
+struct Wrapped {
+    flat: Vec<u8>,
+    /// For each byte of `flat`, its position in the data.
+    at: Vec<usize>,
+}
+
+/// A match found in the data with wrapped lines joined: data positions, pattern, and the line
+/// breaks it spanned (put back after the placeholder, so no line goes missing).
+struct Spanned {
+    start: usize,
+    end: usize,
+    pattern: usize,
+    breaks: Vec<u8>,
+}
+
+impl Wrapped {
+    /// None when no line of `data` ends wrapped (the usual case: nothing to do).
+    fn new(lead: &[u8], data: &[u8]) -> Option<Self> {
+        // The line breaks (`\n` or `\r\n`) after lines that end wrapped.
+        let mut joins: Vec<(usize, usize)> = Vec::new();
+        let mut line_start = 0;
+        for (n, _) in data.iter().enumerate().filter(|(_, &b)| b == b'\n') {
+            let before: &[u8] = if line_start == 0 { lead } else { &[] };
+            if ends_wrapped(before, &data[line_start..n]) {
+                let cr = n > line_start && data[n - 1] == b'\r';
+                joins.push((if cr { n - 1 } else { n }, n + 1));
+            }
+            line_start = n + 1;
+        }
+        if joins.is_empty() {
+            return None;
+        }
+        let mut flat = Vec::with_capacity(data.len());
+        let mut at = Vec::with_capacity(data.len());
+        let mut joins = joins.into_iter().peekable();
+        let mut i = 0;
+        while i < data.len() {
+            if let Some(&(from, to)) = joins.peek() {
+                if i == from {
+                    joins.next();
+                    i = to;
+                    continue;
+                }
+            }
+            flat.push(data[i]);
+            at.push(i);
+            i += 1;
+        }
+        Some(Self { flat, at })
+    }
+
+    /// The leftmost-longest match starting at or after data position `pos`.
+    fn find(&self, matcher: &AhoCorasick, data: &[u8], pos: usize) -> Option<Spanned> {
+        let from = self.at.partition_point(|&i| i < pos);
+        let m = matcher.find(aho_corasick::Input::new(&self.flat).range(from..))?;
+        let mut breaks = Vec::new();
+        for k in m.start()..m.end() - 1 {
+            breaks.extend_from_slice(&data[self.at[k] + 1..self.at[k + 1]]);
+        }
+        Some(Spanned {
+            start: self.at[m.start()],
+            end: self.at[m.end() - 1] + 1,
+            pattern: m.pattern().as_usize(),
+            breaks,
+        })
+    }
+}
+
+/// Redacts a stream of bytes piece by piece (a file being copied or rewritten) with the same
+/// result as redacting it whole: a secret, a wrapped base64 form of one, or a private key block
+/// is never cut between two pieces.
+pub struct StreamRedactor<'a> {
+    redactor: &'a ByteRedactor,
+    /// Bytes not redacted yet.
+    pending: Vec<u8>,
+    /// The end of the line before `pending` (see [`next_lead`]).
+    lead: Vec<u8>,
+    /// Inside a private key block longer than [`MAX_KEY_BLOCK`]: dropped up to its END line.
+    in_key: bool,
+}
+
+/// [`StreamRedactor`] gives out whole lines; one longer than this goes out in pieces.
+const MAX_LINE: usize = 1024 * 1024;
+
+/// A private key block is held whole until its END line, up to this size; a longer one (or one
+/// that never ends) is replaced from its BEGIN line on, as redacting the whole file would.
+const MAX_KEY_BLOCK: usize = 1024 * 1024;
+
+impl<'a> StreamRedactor<'a> {
+    pub fn new(redactor: &'a ByteRedactor) -> Self {
+        Self {
+            redactor,
+            pending: Vec::new(),
+            lead: Vec::new(),
+            in_key: false,
+        }
+    }
+
+    /// Takes the next bytes; returns the redacted output that can be written now.
+    pub fn push(&mut self, data: &[u8]) -> Vec<u8> {
+        self.pending.extend_from_slice(data);
+        let len = self.pending.len();
+        let cut = len.saturating_sub(self.redactor.overlap());
+        // Pieces end at a line break: the shapes (`Authorization: …`, `Bearer …`) are matched
+        // within a line and must see it whole. A line longer than MAX_LINE is cut anyway,
+        // keeping back what a trigger and its value could span.
+        let cut = match self.pending[..cut].iter().rposition(|&b| b == b'\n') {
+            Some(n) => n + 1,
+            None if len > MAX_LINE => cut.min(len - MAX_LINE / 2),
+            None => 0,
+        };
+        self.take(cut, false)
+    }
+
+    /// The rest of the output, at the end of the stream.
+    pub fn finish(mut self) -> Vec<u8> {
+        let len = self.pending.len();
+        self.take(len, true)
+    }
+
+    fn take(&mut self, cut: usize, last: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        if self.in_key {
+            match key_marker(&KEY_END, &self.pending, 0) {
+                Some((_, end)) => {
+                    self.lead = next_lead(&self.lead, &self.pending[..end]);
+                    self.pending.drain(..end);
+                    self.in_key = false;
+                }
+                None if last => {
+                    self.pending.clear();
+                    return out;
+                }
+                None => {
+                    // Keep the last bytes: this read may have cut the END line.
+                    let drop = self.pending.len().saturating_sub(64);
+                    self.pending.drain(..drop);
+                    return out;
+                }
+            }
+        }
+        let wanted = cut.min(self.pending.len());
+        let cut = if last {
+            self.pending.len()
+        } else {
+            self.key_safe_cut(wanted)
+        };
+        if cut == 0 && !last {
+            // Held back for a key block starting at the very beginning: wait for its END line,
+            // up to a bound.
+            if wanted > 0 && self.pending.len() > MAX_KEY_BLOCK {
+                // A key block that does not end: replaced from its BEGIN line on (the rule's
+                // `\z` branch), and the rest dropped up to an END line.
+                let len = self.pending.len();
+                let (red, _) = self.redactor.redact_after(&self.lead, &self.pending, len);
+                out.extend_from_slice(&red);
+                self.lead.clear();
+                self.pending.clear();
+                self.in_key = true;
+            }
+            return out;
+        }
+        let (red, used) = self.redactor.redact_after(&self.lead, &self.pending, cut);
+        out.extend_from_slice(&red);
+        self.lead = next_lead(&self.lead, &self.pending[..used]);
+        self.pending.drain(..used);
+        out
+    }
+
+    /// `cut`, moved back to the start of a private key block that begins before it and does not
+    /// end before it, or on to the block's end when that is already here, so the block is
+    /// redacted in one piece (the rule is a regular expression from BEGIN to END).
+    fn key_safe_cut(&self, cut: usize) -> usize {
+        let data = &self.pending;
+        let mut begin = None;
+        let mut from = 0;
+        while let Some((b, e)) = key_marker(&KEY_BEGIN, data, from) {
+            if b >= cut {
+                break;
+            }
+            begin = Some((b, e));
+            from = e;
+        }
+        let Some((b, e)) = begin else {
+            return cut;
+        };
+        match key_marker(&KEY_END, data, e) {
+            Some((_, end)) => cut.max(end),
+            None => b,
+        }
+    }
+}
+
+/// Complete lines of one output stream, held back while they may be wrapped base64, for
+/// writers that redact line by line (the attempt log, the terminal): a run of lines ending in
+/// [`WRAP_MIN`] base64 characters is redacted together with the line that ends it, so a secret's
+/// base64 form broken over lines is found. Other lines pass straight through. `M` is what the
+/// caller keeps with each line (its time stamp).
+#[derive(Debug)]
+pub struct WrapHold<M> {
+    /// The raw held lines, each followed by `\n`.
+    text: Vec<u8>,
+    /// One per line in `text`, in order.
+    metas: Vec<M>,
+    /// What came before `text` on its first line (see [`next_lead`]).
+    lead: Vec<u8>,
+    /// The redacted start of the first line of `text`, given out when the line is complete.
+    carry: Vec<u8>,
+}
+
+impl<M> Default for WrapHold<M> {
+    fn default() -> Self {
+        Self {
+            text: Vec::new(),
+            metas: Vec::new(),
+            lead: Vec::new(),
+            carry: Vec::new(),
+        }
+    }
+}
+
+/// Held lines past this many bytes go out, except the last `overlap()` bytes (a base64 dump
+/// of several megabytes is not held whole).
+const MAX_HOLD: usize = 256 * 1024;
+
+impl<M: Clone> WrapHold<M> {
+    pub fn is_empty(&self) -> bool {
+        self.metas.is_empty()
+    }
+
+    /// Takes a complete line (without its `\n`); returns the redacted lines that can go out
+    /// now, in order, each with its `meta`.
+    pub fn line(&mut self, redactor: &ByteRedactor, meta: M, line: &[u8]) -> Vec<(M, Vec<u8>)> {
+        if self.is_empty() && !ends_wrapped(&[], line) {
+            return vec![(meta, redactor.redact(line))];
+        }
+        self.text.extend_from_slice(line);
+        self.text.push(b'\n');
+        self.metas.push(meta);
+        if !ends_wrapped(&[], line) {
+            return self.release(redactor, &[]).0;
+        }
+        if self.text.len() > MAX_HOLD.max(2 * redactor.overlap()) {
+            let keep = self.text.len() - redactor.overlap().max(1);
+            // The last line start at or before `keep`: lines go out whole when they can.
+            let cut = self.text[..keep]
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(keep, |n| n + 1);
+            return self.take(redactor, cut, &[]).0;
+        }
+        Vec::new()
+    }
+
+    /// Gives out every held line, as the end of the stream or before output that does not
+    /// continue them. `next` is what follows on the stream, if known (the start of a long line
+    /// being written in pieces): a secret's form running into it is found, and the returned
+    /// count says how many of its bytes that consumed (their redacted text is the last element
+    /// of the returned lines, when not empty, and is not a complete line).
+    pub fn release(&mut self, redactor: &ByteRedactor, next: &[u8]) -> (Vec<(M, Vec<u8>)>, usize) {
+        let cut = self.text.len();
+        self.take(redactor, cut, next)
+    }
+
+    fn take(
+        &mut self,
+        redactor: &ByteRedactor,
+        cut: usize,
+        next: &[u8],
+    ) -> (Vec<(M, Vec<u8>)>, usize) {
+        if self.is_empty() {
+            return (Vec::new(), 0);
+        }
+        let held = self.text.len();
+        let mut data = std::mem::take(&mut self.text);
+        data.extend_from_slice(next);
+        let (red, used) = redactor.redact_after(&self.lead, &data, cut);
+        let into_next = used.saturating_sub(held);
+        let used_held = used.min(held);
+        let complete = data[..used_held].iter().filter(|&&b| b == b'\n').count();
+        let mut lines: Vec<&[u8]> = red.split(|&b| b == b'\n').collect();
+        let tail = lines.pop().unwrap_or_default();
+        let mut out = Vec::with_capacity(lines.len() + 1);
+        // Output lines match input lines one to one, unless a secret containing a line break
+        // was replaced whole: then the later lines take the last stamp.
+        for (n, l) in lines.into_iter().enumerate() {
+            let meta = self.metas[n.min(complete.saturating_sub(1))].clone();
+            let mut text = std::mem::take(&mut self.carry);
+            text.extend_from_slice(l);
+            out.push((meta, text));
+        }
+        self.lead = next_lead(&self.lead, &data[..used]);
+        self.metas.drain(..complete.min(self.metas.len()));
+        data.truncate(held);
+        data.drain(..used_held);
+        self.text = data;
+        if into_next > 0 {
+            // Ran into `next`: the held lines are all out, the rest belongs to the caller.
+            let meta = out.last().map(|(m, _)| m.clone());
+            let mut text = std::mem::take(&mut self.carry);
+            text.extend_from_slice(tail);
+            if let Some(meta) = meta.or_else(|| self.metas.first().cloned()) {
+                out.push((meta, text));
+            }
+            self.metas.clear();
+            self.text.clear();
+            self.lead.clear();
+        } else {
+            self.carry.extend_from_slice(tail);
+            if self.metas.is_empty() {
+                self.lead.clear();
+                self.carry.clear();
+            }
+        }
+        (out, into_next)
+    }
+}
+
+/// For writers that give out whole lines as they come (the transcript): where to stop in
+/// `data[..end]` (`end` just after a line break) so that the trailing lines that end wrapped
+/// (see [`WrapHold`]) wait for the line that ends them. A last line ending in `\r` counts (its
+/// `\n` may be in the next read). At most [`MAX_HOLD`] bytes wait; past that, all but the last
+/// `overlap` bytes go out (a match starting before the cut is taken whole: none is missed).
+pub fn hold_wrapped(lead: &[u8], data: &[u8], end: usize, overlap: usize) -> usize {
+    let mut hold = end;
+    while hold > 0 {
+        let brk = data[hold - 1];
+        if brk != b'\n' && !(brk == b'\r' && hold == end) {
+            break;
+        }
+        let content_end = hold - 1;
+        let start = data[..content_end]
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |n| n + 1);
+        let before: &[u8] = if start == 0 { lead } else { &[] };
+        if !ends_wrapped(before, &data[start..content_end]) {
+            break;
+        }
+        hold = start;
+    }
+    if end - hold > MAX_HOLD.max(2 * overlap) {
+        let keep = end - overlap.max(1);
+        hold = data[..keep]
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(keep, |n| n + 1)
+            .max(hold);
+    }
+    hold
+}
+
+static KEY_BEGIN: std::sync::LazyLock<Option<regex::bytes::Regex>> =
+    std::sync::LazyLock::new(|| {
+        regex::bytes::Regex::new("-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----").ok()
+    });
+static KEY_END: std::sync::LazyLock<Option<regex::bytes::Regex>> = std::sync::LazyLock::new(|| {
+    regex::bytes::Regex::new("-----END [A-Z0-9 ]*PRIVATE KEY-----").ok()
+});
+
+/// The first private key BEGIN or END marker at or after `from`: (start, end).
+fn key_marker(
+    re: &std::sync::LazyLock<Option<regex::bytes::Regex>>,
+    data: &[u8],
+    from: usize,
+) -> Option<(usize, usize)> {
+    let m = re.as_ref()?.find_at(data, from)?;
+    Some((m.start(), m.end()))
 }
 
 impl ByteRedactor {
@@ -267,9 +748,14 @@ impl ByteRedactor {
     }
 
     /// Bytes a streaming caller must hold back so that a secret cut by a chunk boundary is
-    /// still seen whole.
+    /// still seen whole: the longest form, plus the line breaks of a wrapped base64 form
+    /// (`\n` or `\r\n`; every line it crosses but the first and last is at least
+    /// [`WRAP_MIN`] bytes long).
     pub fn overlap(&self) -> usize {
-        self.longest.saturating_sub(1)
+        if self.longest == 0 {
+            return 0;
+        }
+        self.longest - 1 + 2 * (self.longest / WRAP_MIN + 1)
     }
 
     pub fn redact(&self, data: &[u8]) -> Vec<u8> {
@@ -280,19 +766,63 @@ impl ByteRedactor {
     /// covers (a match straddling `cut` is taken whole). Callers streaming a file keep the rest
     /// for the next chunk; with `cut = len - overlap()` no match is ever split.
     pub fn redact_prefix(&self, data: &[u8], cut: usize) -> (Vec<u8>, usize) {
+        self.redact_after(&[], data, cut)
+    }
+
+    /// [`ByteRedactor::redact_prefix`] for data that continues a stream: `lead` is what came
+    /// just before `data` on the same line (see [`next_lead`]), needed only to tell whether the
+    /// first line of `data` continues a wrapped base64 text.
+    ///
+    /// Besides the secrets' forms found in `data` as it is, a form is found across the line
+    /// breaks of wrapped base64 (GNU `base64` wraps at 76 columns, `openssl base64` at 64): a
+    /// line that ends in at least [`WRAP_MIN`] base64 characters (before a `\r`, for CRLF) is
+    /// read as continuing on the next line. Such a match is replaced by one placeholder followed by the line breaks it
+    /// spanned, so the output has as many lines as the input (logs keep one record per line).
+    pub fn redact_after(&self, lead: &[u8], data: &[u8], cut: usize) -> (Vec<u8>, usize) {
         let mut out = Vec::with_capacity(data.len());
         let mut pos = 0;
         let mut found: Vec<String> = Vec::new();
         if let Some(matcher) = &self.matcher {
-            for m in matcher.find_iter(data) {
-                if m.start() >= cut {
+            let wrapped = Wrapped::new(lead, data);
+            // Leftmost match in either view, the longer on a tie; the next match of each view
+            // is kept while it still starts at or after `pos` (it is then still the leftmost).
+            let mut raw: Option<Spanned> = None;
+            let mut flat: Option<Spanned> = None;
+            loop {
+                if raw.as_ref().is_none_or(|m| m.start < pos) {
+                    raw = matcher
+                        .find(aho_corasick::Input::new(data).range(pos..))
+                        .map(|m| Spanned {
+                            start: m.start(),
+                            end: m.end(),
+                            pattern: m.pattern().as_usize(),
+                            breaks: Vec::new(),
+                        });
+                }
+                if let Some(w) = &wrapped {
+                    if flat.as_ref().is_none_or(|m| m.start < pos) {
+                        flat = w.find(matcher, data, pos);
+                    }
+                }
+                let use_flat = match (&raw, &flat) {
+                    (Some(r), Some(f)) => {
+                        f.start < r.start || (f.start == r.start && f.end > r.end)
+                    }
+                    (None, Some(_)) => true,
+                    _ => false,
+                };
+                let Some(m) = (if use_flat { &flat } else { &raw }) else {
+                    break;
+                };
+                if m.start >= cut {
                     break;
                 }
-                out.extend_from_slice(&data[pos..m.start()]);
-                let name = &self.patterns[m.pattern().as_usize()].0;
+                out.extend_from_slice(&data[pos..m.start]);
+                let name = &self.patterns[m.pattern].0;
                 out.extend_from_slice(format!("[REDACTED:{name}]").as_bytes());
+                out.extend_from_slice(&m.breaks);
                 found.push(name.clone());
-                pos = m.end();
+                pos = m.end;
             }
         }
         let end = pos.max(cut);
@@ -318,23 +848,16 @@ impl ByteRedactor {
         let tmp = path.with_extension("redacting");
         let mut input = std::fs::File::open(path)?;
         let mut output = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-        let mut buf: Vec<u8> = Vec::new();
+        let mut stream = StreamRedactor::new(self);
         let mut chunk = vec![0u8; 1024 * 1024];
         loop {
             let n = input.read(&mut chunk)?;
-            buf.extend_from_slice(&chunk[..n]);
-            let cut = if n == 0 {
-                buf.len()
-            } else {
-                buf.len().saturating_sub(self.overlap())
-            };
-            let (out, used) = self.redact_prefix(&buf, cut);
-            output.write_all(&out)?;
-            buf.drain(..used);
             if n == 0 {
                 break;
             }
+            output.write_all(&stream.push(&chunk[..n]))?;
         }
+        output.write_all(&stream.finish())?;
         output.flush()?;
         output.get_ref().sync_all()?;
         drop(output);
@@ -428,6 +951,251 @@ mod tests {
         let out =
             String::from_utf8_lossy(&r.redact(b"line: QmFzZTY0LWVuY29kZWQtbGluZQ\n")).into_owned();
         assert_eq!(out, "line: [REDACTED:key]\n");
+    }
+
+    /// Regression: only serde_json's escaping was matched, so `json.dumps` (ASCII-only, with
+    /// `\u00e4`) and PHP's `\/` printed the secret in the clear.
+    #[test]
+    fn every_json_escaping_of_a_secret_is_redacted() {
+        let cases = [
+            // Python `json.dumps`, `jq -a`: non-ASCII as \uXXXX, lower-case hex.
+            (
+                "pässwörd-ünïcode-€-secret",
+                r"p\u00e4ssw\u00f6rd-\u00fcn\u00efcode-\u20ac-secret",
+            ),
+            // .NET writes the same with upper-case hex.
+            (
+                "pässwörd-ünïcode-€-secret",
+                r"p\u00E4ssw\u00F6rd-\u00FCn\u00EFcode-\u20AC-secret",
+            ),
+            // Above U+FFFF: a surrogate pair.
+            ("emoji-\u{1F600}-secret", r"emoji-\ud83d\ude00-secret"),
+            // PHP `json_encode`, Java: `/` as `\/`.
+            ("abc/def+ghi=jkl:mno@pqr", r"abc\/def+ghi=jkl:mno@pqr"),
+            // Both at once, with a quote.
+            ("ä/\"quoted\"-secret", r#"\u00e4\/\"quoted\"-secret"#),
+        ];
+        for (secret, printed) in cases {
+            let r = ByteRedactor::new(&[("pw".into(), secret.into())]);
+            let line = format!("{{\"password\":\"{printed}\"}}");
+            assert_eq!(
+                r.redact_str(&line),
+                "{\"password\":\"[REDACTED:pw]\"}",
+                "{secret} printed as {printed}"
+            );
+        }
+        // What Python itself prints, if it is here.
+        let secret = "pässwörd/ünïcode-€-secret";
+        if let Ok(out) = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import json,sys; print(json.dumps(sys.argv[1]))",
+                secret,
+            ])
+            .output()
+        {
+            let r = ByteRedactor::new(&[("pw".into(), secret.into())]);
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert_eq!(r.redact_str(&text), "\"[REDACTED:pw]\"\n", "{text}");
+        }
+    }
+
+    /// Each line of a multi-line secret is found on its own, from `MIN_SECRET_LINE` bytes
+    /// (docs/evidence.md says so); shorter lines only as part of the whole value.
+    #[test]
+    fn lines_of_a_multi_line_secret_are_found_from_eight_bytes() {
+        let secret = "first-line-of-it\nshort\n8bytes!!\n}";
+        let r = ByteRedactor::new(&[("ml".into(), secret.into())]);
+        assert_eq!(
+            r.redact_str(&format!("whole: {secret}.")),
+            "whole: [REDACTED:ml]."
+        );
+        assert_eq!(
+            r.redact_str("first-line-of-it short 8bytes!! }"),
+            "[REDACTED:ml] short [REDACTED:ml] }"
+        );
+        assert_eq!(MIN_SECRET_LINE, "8bytes!!".len());
+    }
+
+    /// `data` base64-encoded and wrapped at `width` columns, as `base64 -w width` prints it.
+    fn wrapped_base64(data: &[u8], width: usize) -> String {
+        use base64::Engine as _;
+        let enc = base64::engine::general_purpose::STANDARD.encode(data);
+        let lines: Vec<&str> = enc
+            .as_bytes()
+            .chunks(width)
+            .map(|c| std::str::from_utf8(c).unwrap_or_default())
+            .collect();
+        lines.join("\n") + "\n"
+    }
+
+    const LONG: &str =
+        "long-secret/with+special chars&=?~ and more text to exceed fifty seven bytes!!";
+
+    /// Regression: GNU `base64` wraps at 76 columns, and only unwrapped base64 was matched.
+    #[test]
+    fn base64_wrapped_over_lines_is_redacted() {
+        let r = ByteRedactor::new(&[("pw".into(), LONG.into())]);
+        let cases = [
+            wrapped_base64(LONG.as_bytes(), 76),
+            wrapped_base64(format!("admin:{LONG}").as_bytes(), 76),
+            wrapped_base64(format!("a:{LONG}").as_bytes(), 76),
+            wrapped_base64(LONG.as_bytes(), 64),
+            wrapped_base64(format!("{LONG}{LONG}{LONG}").as_bytes(), 76),
+            format!("token={}", wrapped_base64(LONG.as_bytes(), 76)),
+            // In the middle of a long base64 dump, at each alignment.
+            wrapped_base64(
+                format!("{}{LONG}{}", "x".repeat(200), "y".repeat(100)).as_bytes(),
+                76,
+            ),
+            wrapped_base64(
+                format!("{}{LONG}{}", "x".repeat(201), "y".repeat(100)).as_bytes(),
+                76,
+            ),
+            wrapped_base64(
+                format!("{}{LONG}{}", "x".repeat(202), "y".repeat(100)).as_bytes(),
+                76,
+            ),
+        ];
+        for case in cases {
+            let out = r.redact(case.as_bytes());
+            let text = String::from_utf8_lossy(&out);
+            assert!(text.contains("[REDACTED:pw]"), "{case}-> {text}");
+            // Line structure is kept: one output line per input line.
+            assert_eq!(
+                text.lines().count(),
+                case.lines().count(),
+                "{case} -> {text}"
+            );
+            // No 8 characters of the secret's encodings are left on any line.
+            for line in text.lines() {
+                let clean = line.replace("[REDACTED:pw]", " ");
+                for v in variants(LONG) {
+                    for w in v.windows(12) {
+                        assert!(
+                            !clean.as_bytes().windows(12).any(|c| c == w),
+                            "{case} -> {text}"
+                        );
+                    }
+                }
+            }
+        }
+        // Unrelated wrapped base64 is left alone.
+        let other = wrapped_base64(&[7u8; 300], 76);
+        assert_eq!(r.redact(other.as_bytes()), other.as_bytes());
+    }
+
+    #[test]
+    fn streaming_equals_redacting_whole() {
+        let r = ByteRedactor::new(&[
+            ("pw".into(), LONG.into()),
+            ("t".into(), "tok-123456".into()),
+        ]);
+        let mut data = Vec::new();
+        for i in 0..40 {
+            data.extend_from_slice(format!("line {i} tok-123456\n").as_bytes());
+            data.extend_from_slice(wrapped_base64(format!("{i}:{LONG}").as_bytes(), 76).as_bytes());
+            if i % 7 == 0 {
+                data.extend_from_slice(
+                    b"-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA\nqq\n-----END RSA PRIVATE KEY-----\n",
+                );
+            }
+        }
+        let whole = r.redact(&data);
+        assert!(!String::from_utf8_lossy(&whole).contains("MIIE"));
+        for size in [1, 3, 7, 64, 77, 1000, 4096] {
+            let mut s = StreamRedactor::new(&r);
+            let mut out = Vec::new();
+            for chunk in data.chunks(size) {
+                out.extend_from_slice(&s.push(chunk));
+            }
+            out.extend_from_slice(&s.finish());
+            assert_eq!(
+                String::from_utf8_lossy(&out),
+                String::from_utf8_lossy(&whole),
+                "chunks of {size}"
+            );
+        }
+        // Held lines: the same result line by line (without the private key rule, which is the
+        // log's own line filter there: see `PemFilter`).
+        let r = r.with_shapes(ShapeRules {
+            rules: Arc::default(),
+        });
+        assert_same_lines(&held_lines(&r, &data), &whole_lines(&r, &data), 0);
+    }
+
+    #[track_caller]
+    fn assert_same_lines(got: &[String], want: &[String], case: usize) {
+        if let Some(n) = (0..got.len().max(want.len())).find(|&n| got.get(n) != want.get(n)) {
+            panic!(
+                "case {case}: line {n} differs:\n got {:?}\nwant {:?}",
+                got.get(n),
+                want.get(n)
+            );
+        }
+    }
+
+    /// Regression (found while streaming collected files): a chunk cut between `Bearer` and
+    /// its token left the token's end in the clear.
+    #[test]
+    fn streaming_never_cuts_a_shape_in_two() {
+        let r = ByteRedactor::new(&[]);
+        let mut data = Vec::new();
+        for i in 0..2000 {
+            data.extend_from_slice(
+                format!("{i} Authorization: Bearer tok-{i:06}-abcdefgh\n").as_bytes(),
+            );
+        }
+        let whole = r.redact(&data);
+        for size in [7, 100, 4096] {
+            let mut s = StreamRedactor::new(&r);
+            let mut out = Vec::new();
+            for chunk in data.chunks(size) {
+                out.extend_from_slice(&s.push(chunk));
+            }
+            out.extend_from_slice(&s.finish());
+            assert!(out == whole, "chunks of {size}");
+        }
+        assert!(!String::from_utf8_lossy(&whole).contains("abcdefgh"));
+    }
+
+    /// `data` through a [`WrapHold`] line by line.
+    fn held_lines(r: &ByteRedactor, data: &[u8]) -> Vec<String> {
+        let mut hold = WrapHold::default();
+        let mut got = Vec::new();
+        let text = |(_, l): (usize, Vec<u8>)| String::from_utf8_lossy(&l).into_owned();
+        for (n, line) in data.split(|&b| b == b'\n').enumerate() {
+            got.extend(hold.line(r, n, line).into_iter().map(text));
+        }
+        got.extend(hold.release(r, &[]).0.into_iter().map(text));
+        got
+    }
+
+    fn whole_lines(r: &ByteRedactor, data: &[u8]) -> Vec<String> {
+        String::from_utf8_lossy(&r.redact(data))
+            .split('\n')
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// A base64 dump longer than the hold limit goes out in pieces; a secret across a piece
+    /// boundary is still found.
+    #[test]
+    fn a_long_held_dump_is_released_in_pieces_without_missing_a_secret() {
+        let r = ByteRedactor::new(&[("pw".into(), LONG.into())]);
+        // Where the first piece ends: 3 bytes are 4 characters, 76 of them a 77-byte line.
+        let around = MAX_HOLD * 3 / 4 * 76 / 77;
+        for shift in (0..400).step_by(7) {
+            let mut raw = vec![b'x'; around - 200 + shift];
+            // Twice: the second may start on the line where the first, cut, ended.
+            raw.extend_from_slice(LONG.as_bytes());
+            raw.extend_from_slice(LONG.as_bytes());
+            raw.extend_from_slice(&[b'y'; 5000]);
+            let data = format!("start\n{}end\n", wrapped_base64(&raw, 76));
+            let got = held_lines(&r, data.as_bytes());
+            assert_same_lines(&got, &whole_lines(&r, data.as_bytes()), shift);
+            assert!(got.concat().contains("[REDACTED:pw]"), "shift {shift}");
+        }
     }
 
     #[test]

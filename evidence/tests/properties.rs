@@ -12,7 +12,9 @@
 //!
 //! The data alphabet (`a`–`f`, digits, `-`, space, newline, NUL, 0xFF, `é`, `€`) cannot spell
 //! any of the shape rules (`authorization`, `bearer`, `PRIVATE KEY`), so only secret values
-//! are redacted and the reference is exact. Secret values contain no newline (the log is
+//! are redacted and the reference is exact. Base64 text of a secret wrapped over lines is mixed
+//! in too (it spells a shape with negligible probability): the log holds such lines back until
+//! the text ends, and must still equal redacting the whole. Secret values contain no newline (the log is
 //! line-oriented; see `cast.rs`). Case counts are small (see `config`); raise them with
 //! `PROPTEST_CASES=…`.
 
@@ -50,6 +52,9 @@ enum Segment {
     Utf8(&'static str),
     /// n KiB of one byte with no newline: pushes a line past the 64 KiB fragment limit.
     Pad(u8, usize),
+    /// `printf 'x…x<secret n>!' | base64`: k bytes of `x` and the secret, base64-encoded and
+    /// wrapped at 76 columns (lines of base64 are held until the text ends).
+    Wrapped(usize, usize),
 }
 
 fn alphabet_byte() -> impl Strategy<Value = u8> {
@@ -69,6 +74,7 @@ fn segment() -> impl Strategy<Value = Segment> {
         2 => (any::<usize>(), 0usize..12).prop_map(|(s, k)| Segment::Prefix(s, k)),
         1 => prop::sample::select(vec!["é", "€", "€é\n", "\u{1F600}"]).prop_map(Segment::Utf8),
         1 => (prop::sample::select(b"ab0-".to_vec()), 60usize..70).prop_map(|(b, k)| Segment::Pad(b, k)),
+        2 => (any::<usize>(), 0usize..120).prop_map(|(s, k)| Segment::Wrapped(s, k)),
     ]
 }
 
@@ -125,7 +131,18 @@ fn assemble(segments: &[Segment], secrets: &[(String, String)]) -> Vec<u8> {
                 let v = secrets[n % secrets.len()].1.as_bytes();
                 data.extend_from_slice(&v[..(*k).min(v.len())]);
             }
-            Segment::Secret(_) | Segment::Prefix(..) => {}
+            Segment::Wrapped(n, k) if !secrets.is_empty() => {
+                use base64::Engine as _;
+                let mut raw = vec![b'x'; *k];
+                raw.extend_from_slice(secrets[n % secrets.len()].1.as_bytes());
+                raw.push(b'!');
+                let enc = base64::engine::general_purpose::STANDARD.encode(raw);
+                for line in enc.as_bytes().chunks(76) {
+                    data.extend_from_slice(line);
+                    data.push(b'\n');
+                }
+            }
+            Segment::Secret(_) | Segment::Prefix(..) | Segment::Wrapped(..) => {}
             Segment::Utf8(s) => data.extend_from_slice(s.as_bytes()),
             Segment::Pad(b, k) => data.extend(std::iter::repeat_n(*b, k * 1024)),
         }

@@ -92,6 +92,62 @@ impl Test {
         }
     }
 
+    /// Runs the binary, but kills it if it has not ended within `limit` (a hang is a failure
+    /// of the test, not a test that never ends).
+    #[track_caller]
+    pub fn run_within(self, limit: std::time::Duration) -> Output {
+        use std::io::Read;
+        let mut child = self
+            .command()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn runbook");
+        // Read both pipes as the child writes, so a full pipe cannot look like a hang.
+        let drain = |pipe: Option<Box<dyn Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                if let Some(mut p) = pipe {
+                    let _ = p.read_to_end(&mut buf);
+                }
+                String::from_utf8_lossy(&buf).into_owned()
+            })
+        };
+        let stdout = drain(
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        );
+        let stderr = drain(
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        );
+        let started = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            if started.elapsed() > limit {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "runbook did not end within {limit:?}\n--- stderr\n{}",
+                    stderr.join().unwrap_or_default()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        Output {
+            code: status.code().unwrap_or(-1),
+            stdout: stdout.join().unwrap_or_default(),
+            stderr: stderr.join().unwrap_or_default(),
+            dir: self.dir,
+        }
+    }
+
     /// Starts the binary without waiting, for signal tests.
     pub fn spawn(self) -> (Child, TempDir) {
         let child = self
@@ -239,4 +295,57 @@ pub fn unique_marker() -> String {
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
     format!("{}.{}", 5000 + (nanos % 4000), std::process::id() % 1000)
+}
+
+/// `runbook evidence verify` and `sha256sum -c SHA256SUMS` both accept the bundle.
+#[track_caller]
+pub fn assert_bundle_verifies(bundle: &Path) {
+    let verify = Command::new(BIN)
+        .args(["evidence", "verify"])
+        .arg(bundle)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("runbook evidence verify");
+    assert!(
+        verify.status.success(),
+        "runbook evidence verify failed\n--- stdout\n{}\n--- stderr\n{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let sums = Command::new("sha256sum")
+        .args(["--quiet", "-c", "SHA256SUMS"])
+        .current_dir(bundle)
+        .output()
+        .expect("sha256sum");
+    assert!(
+        sums.status.success(),
+        "sha256sum -c SHA256SUMS failed\n--- stdout\n{}\n--- stderr\n{}",
+        String::from_utf8_lossy(&sums.stdout),
+        String::from_utf8_lossy(&sums.stderr)
+    );
+}
+
+/// The output events of an asciicast v2 file, after checking that the first line is a JSON
+/// header and every other line a JSON `[time, "o", "text"]` event.
+#[track_caller]
+pub fn cast_events(path: &Path) -> Vec<String> {
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let mut lines = text.lines();
+    let header: Value = serde_json::from_str(lines.next().expect("a header line"))
+        .unwrap_or_else(|e| panic!("{}: header is not JSON: {e}", path.display()));
+    assert_eq!(header["version"], 2, "{}", path.display());
+    lines
+        .map(|line| {
+            let v: Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("{}: event {line:?} is not JSON: {e}", path.display()));
+            let a = v.as_array().expect("an event is an array");
+            assert!(
+                a.len() == 3 && a[0].is_number() && a[1] == "o" && a[2].is_string(),
+                "{}: not an output event: {line}",
+                path.display()
+            );
+            a[2].as_str().unwrap_or_default().to_owned()
+        })
+        .collect()
 }

@@ -2,7 +2,7 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::common::{all_files, run_runbook, step, Test};
+use crate::common::{all_files, assert_bundle_verifies, cast_events, run_runbook, step, Test};
 
 const HEAD: &str = "[runbook]\nname = \"t\"\n";
 
@@ -333,4 +333,322 @@ fn fail_on_leak_fails_the_junit_report() {
         .output()
         .expect("verify");
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+}
+
+/// Regression: when `secret()` registered a token in attempt 2, attempt 1's log was rewritten
+/// redacted but its transcript (`.cast`) kept the token, on stdout and stderr.
+#[test]
+fn a_secret_registered_later_is_redacted_from_earlier_attempts_transcripts() {
+    // Read from a file, so that the command (journal, runbook copy) does not hold it.
+    let token = "tk-9f8e7d6c5b4a3210";
+    let toml = format!(
+        r#"{HEAD}
+[[steps]]
+id = "login"
+capture = "json"
+retry = {{ attempts = 3, delay = "100ms" }}
+run = '''echo "{{\"token\": \"$(cat tok)\", \"attempt\": $RUNBOOK_ATTEMPT}}"; echo "debug token $(cat tok)" >&2'''
+until = 'output.json.attempt >= 2'
+outputs = {{ token = 'secret("api_token", output.json.token)' }}
+"#
+    );
+    let out = Test::new()
+        .runbook(&toml)
+        .file("tok", token)
+        .run_args()
+        .run();
+    out.assert_code(0);
+    let bundle = out.bundle();
+    assert_eq!(
+        step(&out.manifest(), "login")["attempts"]
+            .as_array()
+            .map(Vec::len),
+        Some(2)
+    );
+    for f in all_files(&bundle) {
+        let text = String::from_utf8_lossy(&std::fs::read(&f).expect("read")).into_owned();
+        assert!(!text.contains(token), "token in {}:\n{text}", f.display());
+    }
+    for n in [1, 2] {
+        let events = cast_events(&bundle.join(format!("steps/login/local/attempt-{n}.cast")));
+        let all: String = events.concat();
+        assert!(
+            all.contains("{\"token\": \"[REDACTED:api_token]\""),
+            "attempt {n}: {all:?}"
+        );
+        assert!(
+            all.contains("debug token [REDACTED:api_token]"),
+            "attempt {n}: {all:?}"
+        );
+    }
+    // The rewritten files are the ones SHA256SUMS covers.
+    assert_bundle_verifies(&bundle);
+}
+
+/// Regression: GNU `base64` wraps at 76 columns, so the base64 of a secret of 58 bytes or more
+/// spans two lines, and neither was redacted in the log, transcript, report or on the terminal.
+#[test]
+fn base64_of_a_secret_wrapped_over_lines_is_redacted_everywhere() {
+    let secret = "long-secret/with+special chars&=?~ and more text to exceed fifty seven bytes!!";
+    let toml = format!(
+        r#"{HEAD}
+[params]
+pw = {{ secret = true, env = "PW" }}
+
+[[steps]]
+id = "encode"
+env = {{ P = "{{{{ params.pw }}}}" }}
+run = '''
+printf '%s' "$P" | base64
+printf 'admin:%s' "$P" | base64
+printf '%s' "$P" | openssl base64
+printf '%s' "$P" | base64 | sed 's/$/\r/'
+printf '%s' "$P" | base64 >&2
+'''
+
+[[steps]]
+id = "fails"
+needs = ["encode"]
+env = {{ P = "{{{{ params.pw }}}}" }}
+run = 'printf "%s" "$P" | base64; exit 3'
+"#
+    );
+    let out = Test::new()
+        .runbook(&toml)
+        .env("PW", secret)
+        .run_args()
+        .args(["--stream"])
+        .run();
+    out.assert_code(1);
+    let bundle = out.bundle();
+    // No 12 characters of any base64 form of the secret are left, even joined across lines.
+    let forms: Vec<Vec<u8>> = runbook_evidence::redact::variants(secret)
+        .into_iter()
+        .filter(|v| {
+            v.iter()
+                .all(|b| b.is_ascii_alphanumeric() || b"+/=-_".contains(b))
+        })
+        .collect();
+    assert!(forms.len() >= 4, "{forms:?}");
+    let check = |what: &str, text: &[u8]| {
+        let flat: Vec<u8> = text
+            .iter()
+            .copied()
+            .filter(|b| !b"\r\n".contains(b))
+            .collect();
+        for form in &forms {
+            for w in form.windows(12) {
+                assert!(
+                    !flat.windows(12).any(|f| f == w),
+                    "{what} holds {:?} of {:?}:\n{}",
+                    String::from_utf8_lossy(w),
+                    String::from_utf8_lossy(form),
+                    String::from_utf8_lossy(text)
+                );
+            }
+        }
+    };
+    for f in all_files(&bundle) {
+        check(&f.display().to_string(), &std::fs::read(&f).expect("read"));
+    }
+    check("stderr", out.stderr.as_bytes());
+    check("stdout", out.stdout.as_bytes());
+    let log =
+        std::fs::read_to_string(bundle.join("steps/encode/local/attempt-1.log")).expect("log");
+    // Each wrapped text became a placeholder; the log keeps one record per output line.
+    assert_eq!(log.matches("[REDACTED:pw]").count(), 5, "{log}");
+    assert_eq!(
+        log.lines().filter(|l| l.contains(" out ")).count(),
+        8,
+        "{log}"
+    );
+    assert!(
+        out.stderr.contains("[encode] [REDACTED:pw]"),
+        "{}",
+        out.stderr
+    );
+    // The step's reason does not quote the end of wrapped base64: a piece of an encoding.
+    assert_eq!(
+        step(&out.manifest(), "fails")["reason"],
+        "exit code 3: (last line not shown: the end of wrapped base64 text)"
+    );
+    assert_bundle_verifies(&bundle);
+}
+
+/// Regression: collecting a directory with a FIFO in it blocked the runner in open() forever
+/// (SIGTERM and SIGINT did nothing, the bundle stayed unsealed), and `/dev/zero` was read
+/// whole into memory.
+#[test]
+fn collecting_fifos_sockets_and_devices_notes_them_and_never_blocks() {
+    let toml = format!(
+        r#"{HEAD}
+[[steps]]
+id = "a"
+run = 'mkdir -p d; echo x > d/a.txt; mkfifo d/pipe; python3 -c "import socket; socket.socket(socket.AF_UNIX).bind(\"d/sock\")"'
+collect = ["d", "/dev/zero", "d/pipe"]
+"#
+    );
+    let out = Test::new()
+        .runbook(&toml)
+        .run_args()
+        .run_within(std::time::Duration::from_secs(30));
+    out.assert_code(0);
+    let bundle = out.bundle();
+    assert_eq!(
+        std::fs::read_to_string(bundle.join("collected/a/d/a.txt")).expect("a.txt collected"),
+        "x\n"
+    );
+    assert!(!bundle.join("collected/a/d/pipe").exists());
+    assert!(!bundle.join("collected/a/dev/zero").exists());
+    let m = out.manifest();
+    let notes: Vec<&str> = m["notes"]
+        .as_array()
+        .expect("notes")
+        .iter()
+        .filter_map(|n| n["message"].as_str())
+        .collect();
+    let has = |needle: &str| notes.iter().any(|n| n.contains(needle));
+    assert!(
+        has("step `a`: collect: `d/pipe`: a named pipe (FIFO): not copied"),
+        "{notes:?}"
+    );
+    assert!(
+        has("step `a`: collect: `d/sock`: a socket: not copied"),
+        "{notes:?}"
+    );
+    assert!(
+        has("step `a`: could not collect `/dev/zero`: a character device: not copied"),
+        "{notes:?}"
+    );
+    let collected = step(&m, "a")["collected"]
+        .as_array()
+        .expect("collected")
+        .clone();
+    let zero = collected
+        .iter()
+        .find(|c| c["name"] == "/dev/zero")
+        .expect("a record for /dev/zero");
+    assert!(
+        zero["copy"].is_null() && zero["error"].is_string(),
+        "{zero}"
+    );
+    assert_bundle_verifies(&bundle);
+}
+
+/// Regression: `ln -s . s/self` in a collected directory produced 40 nested empty directories
+/// and no files, and a link to `/etc/hostname` was followed out of the directory and copied.
+#[test]
+fn links_inside_a_collected_directory_are_noted_not_followed() {
+    let toml = format!(
+        r#"{HEAD}
+[[steps]]
+id = "a"
+run = 'mkdir -p s/sub; echo x > s/a.txt; echo y > s/sub/b.txt; ln -s /etc/hostname s/link; ln -s nowhere s/dangling; ln -s .. s/sub/up; ln -s . s/self; ln -s s/a.txt top-link'
+collect = ["s", "top-link"]
+"#
+    );
+    let out = Test::new()
+        .runbook(&toml)
+        .run_args()
+        .run_within(std::time::Duration::from_secs(30));
+    out.assert_code(0);
+    let bundle = out.bundle();
+    let files: Vec<String> = all_files(&bundle.join("collected/a"))
+        .iter()
+        .map(|p| {
+            p.strip_prefix(bundle.join("collected/a"))
+                .expect("inside")
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    // A link the runbook names itself is followed.
+    assert_eq!(files, ["s/a.txt", "s/sub/b.txt", "top-link"]);
+    assert!(!bundle.join("collected/a/s/self").exists());
+    let m = out.manifest();
+    let notes: Vec<&str> = m["notes"]
+        .as_array()
+        .expect("notes")
+        .iter()
+        .filter_map(|n| n["message"].as_str())
+        .collect();
+    for link in [
+        "`s/dangling` -> `nowhere`",
+        "`s/link` -> `/etc/hostname`",
+        "`s/self` -> `.`",
+        "`s/sub/up` -> `..`",
+    ] {
+        let want = format!("step `a`: collect: {link}: symlink not followed");
+        assert!(notes.contains(&want.as_str()), "{want} in {notes:?}");
+    }
+    assert_bundle_verifies(&bundle);
+}
+
+/// Regression: collected names with a newline or bytes that are not UTF-8 were written to
+/// SHA256SUMS as they were (lossily), so `evidence verify` and `sha256sum -c` failed on an
+/// untouched bundle.
+#[test]
+fn collected_names_with_newlines_or_bad_utf8_keep_the_bundle_verifiable() {
+    let toml = format!(
+        r#"{HEAD}
+[[steps]]
+id = "mk"
+run = '''
+mkdir -p out
+echo a > "out/with space.txt"
+echo b > 'out/back\slash.txt'
+echo c > "out/new
+line.txt"
+echo d > "out/$(printf 'bad\xffutf8')"
+echo e > "out/-leading.txt"
+'''
+collect = ["out"]
+"#
+    );
+    let out = Test::new().runbook(&toml).run_args().run();
+    out.assert_code(0);
+    let bundle = out.bundle();
+    let dir = bundle.join("collected/mk/out");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .expect("collected dir")
+        .map(|e| {
+            e.expect("entry")
+                .file_name()
+                .into_string()
+                .expect("stored names are UTF-8")
+        })
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "-leading.txt",
+            "back\\slash.txt",
+            "bad_utf8",
+            "new_line.txt",
+            "with space.txt"
+        ]
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("new_line.txt")).expect("read"),
+        "c\n"
+    );
+    let m = out.manifest();
+    let notes: Vec<&str> = m["notes"]
+        .as_array()
+        .expect("notes")
+        .iter()
+        .filter_map(|n| n["message"].as_str())
+        .collect();
+    for (original, stored) in [
+        ("out/bad\\xffutf8", "out/bad_utf8"),
+        ("out/new\\nline.txt", "out/new_line.txt"),
+    ] {
+        let want = format!(
+            "step `mk`: collect: `{original}`: copied as `{stored}`: its name has a control \
+             character or bytes that are not UTF-8"
+        );
+        assert!(notes.contains(&want.as_str()), "{want} in {notes:?}");
+    }
+    assert_bundle_verifies(&bundle);
 }
