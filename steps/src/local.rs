@@ -319,14 +319,26 @@ struct Found {
 /// Every live process but this one whose environment holds `entry` (`NAME=value`) exactly.
 /// Processes of other users whose environment cannot be read are not found; neither are
 /// zombies (their environment reads empty) nor processes that cleared theirs (`env -i`).
-fn processes_with_env(entry: &str) -> Vec<Found> {
+fn processes_with_env(entry: &str, since: Option<u32>) -> Vec<Found> {
     let me = std::process::id();
+    // Pids are handed out in increasing order until they wrap: what an attempt started has a
+    // pid from its main process's up to the last one given out. Reading only those keeps the
+    // look cheap on a machine with thousands of processes (it runs after every attempt).
+    // After a wrap, or when the counter cannot be read, every process is looked at.
+    let window = since.and_then(|first| {
+        let last = std::fs::read_to_string("/proc/sys/kernel/ns_last_pid")
+            .ok()?
+            .trim()
+            .parse::<u32>()
+            .ok()?;
+        (last >= first).then_some(first..=last)
+    });
     let mut found = Vec::new();
     for dirent in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(pid) = dirent.file_name().to_string_lossy().parse::<u32>() else {
             continue;
         };
-        if pid == me {
+        if pid == me || window.as_ref().is_some_and(|w| !w.contains(&pid)) {
             continue;
         }
         let Ok(env) = std::fs::read(dirent.path().join("environ")) else {
@@ -382,7 +394,8 @@ impl Strays {
     }
 
     fn current(&self) -> Vec<Found> {
-        processes_with_env(&self.entry)
+        // An attempt's own group leader is its first process: nothing it started is older.
+        processes_with_env(&self.entry, self.except_pgid)
             .into_iter()
             .filter(|f| self.except_pgid.is_none() || f.pgid != self.except_pgid)
             .collect()
@@ -458,7 +471,7 @@ pub fn stop_processes_left_by_run(run_id: &str, grace: Duration) -> Vec<StoppedP
 /// recorded — group by group: TERM, up to `grace`, KILL. Returns the groups stopped.
 pub fn stop_run_processes(run_id: &str, grace: Duration) -> Vec<u32> {
     let mut groups: Vec<u32> = Vec::new();
-    for g in processes_with_env(&format!("RUNBOOK_RUN_ID={run_id}"))
+    for g in processes_with_env(&format!("RUNBOOK_RUN_ID={run_id}"), None)
         .into_iter()
         .filter_map(|f| f.pgid)
     {
