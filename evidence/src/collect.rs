@@ -112,9 +112,14 @@ fn copy_tree(
             }
         };
         entries.sort_by_key(std::fs::DirEntry::file_name);
-        let stored = stored_names(entries.iter().map(std::fs::DirEntry::file_name));
+        let stored = stored_names(
+            entries
+                .iter()
+                .map(|e| without_secrets(&e.file_name(), redactor)),
+        );
         for (entry, stored) in entries.into_iter().zip(stored) {
-            let name = entry.file_name();
+            // Shown and stored without the secrets it may hold.
+            let name = without_secrets(&entry.file_name(), redactor);
             let path = entry.path();
             let what = format!("{shown}/{}", escaped(&name));
             let target = to.join(&stored);
@@ -296,6 +301,19 @@ fn stored_names(names: impl Iterator<Item = OsString>) -> Vec<OsString> {
             }
         })
         .collect()
+}
+
+/// A file name with any secret in it replaced by its placeholder: the name is written in
+/// the bundle's tree and in `SHA256SUMS`.
+fn without_secrets(name: &OsStr, redactor: &ByteRedactor) -> OsString {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::ffi::OsStringExt;
+    let redacted = redactor.redact(name.as_bytes());
+    if redacted == name.as_bytes() {
+        name.to_owned()
+    } else {
+        OsString::from_vec(redacted)
+    }
 }
 
 /// `name` with control characters and bytes that are not UTF-8 replaced by `_`, or None when

@@ -780,7 +780,9 @@ impl Recorder {
 
     /// A collected file as found in the bundle (when replaying a journal).
     fn collected_in_bundle(&self, step: &str, name: &str, path: &Path) -> Collected {
-        let rel = Path::new("collected").join(step).join(safe_relative(name));
+        let rel = Path::new("collected")
+            .join(step)
+            .join(safe_relative(&self.redactor.redact_str(name)));
         let dest = self.dir.join(&rel);
         let present = dest.exists();
         Collected {
@@ -944,7 +946,10 @@ impl Recorder {
     /// Copies a collected file (or directory) into `collected/<step>/`. A missing file is
     /// recorded, not fatal: the step's own outcome decides the run.
     fn collect(&mut self, step: &str, name: &str, path: &Path) -> Collected {
-        let rel = Path::new("collected").join(step).join(safe_relative(name));
+        // A secret in the name would be in the bundle's tree and in `SHA256SUMS`.
+        let rel = Path::new("collected")
+            .join(step)
+            .join(safe_relative(&self.redactor.redact_str(name)));
         let dest = self.dir.join(&rel);
         let mut record = Collected {
             name: name.to_owned(),

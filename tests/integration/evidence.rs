@@ -652,3 +652,50 @@ collect = ["out"]
     }
     assert_bundle_verifies(&bundle);
 }
+
+/// A secret in a collected file's name (or in a directory entry's) would be in the bundle's tree
+/// and in `SHA256SUMS`: it is replaced by its placeholder there too.
+#[test]
+fn secrets_in_collected_file_names_are_redacted() {
+    let secret = "tok-5e6f7a8b9c0d";
+    let toml = format!(
+        "{HEAD}[params]\ntoken = {{ secret = true, env = \"RB_TEST_TOKEN\" }}\n[[steps]]\nid = \"make\"\nrun = 'mkdir -p out && echo a > \"out/key-$T.txt\" && echo b > \"top-$T.txt\"'\nenv = {{ T = \"{{{{ params.token }}}}\" }}\ncollect = [\"out\", \"top-{{{{ params.token }}}}.txt\"]\n"
+    );
+    let out = Test::new()
+        .runbook(&toml)
+        .env("RB_TEST_TOKEN", secret)
+        .run_args()
+        .run();
+    out.assert_code(0);
+    let bundle = out.bundle();
+    for f in all_files(&bundle) {
+        let rel = f
+            .strip_prefix(&bundle)
+            .expect("inside")
+            .display()
+            .to_string();
+        assert!(
+            !rel.contains(secret),
+            "a bundle path holds the secret: {rel}"
+        );
+        let body = String::from_utf8_lossy(&std::fs::read(&f).expect("read")).into_owned();
+        assert!(!body.contains(secret), "{rel} holds the secret");
+    }
+    assert!(bundle
+        .join("collected/make/out/key-[REDACTED:token].txt")
+        .is_file());
+    assert!(bundle
+        .join("collected/make/top-[REDACTED:token].txt")
+        .is_file());
+    let verify = std::process::Command::new(crate::common::BIN)
+        .args(["evidence", "verify"])
+        .arg(&bundle)
+        .output()
+        .expect("verify");
+    assert_eq!(
+        verify.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+}
