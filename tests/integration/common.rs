@@ -297,6 +297,23 @@ pub fn unique_marker() -> String {
     format!("{}.{}", 5000 + (nanos % 4000), std::process::id() % 1000)
 }
 
+/// No file of `bundle` holds any of `needles`, in its bytes or in its path inside the bundle:
+/// what every secret test asks of the evidence.
+#[track_caller]
+pub fn assert_bundle_lacks(bundle: &Path, needles: &[&str]) {
+    for f in all_files(bundle) {
+        let rel = f.strip_prefix(bundle).unwrap_or(&f).display().to_string();
+        let bytes = std::fs::read(&f).unwrap_or_else(|e| panic!("read {rel}: {e}"));
+        for n in needles {
+            assert!(!rel.contains(n), "the bundle path {rel} holds `{n}`");
+            assert!(
+                !bytes.windows(n.len()).any(|w| w == n.as_bytes()),
+                "{rel} holds `{n}`"
+            );
+        }
+    }
+}
+
 /// `runbook evidence verify` and `sha256sum -c SHA256SUMS` both accept the bundle.
 #[track_caller]
 pub fn assert_bundle_verifies(bundle: &Path) {

@@ -79,29 +79,6 @@ fn counter(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-fn sums_ok(bundle: &Path) {
-    let verify = Command::new(BIN)
-        .args(["evidence", "verify"])
-        .arg(bundle)
-        .output()
-        .expect("verify");
-    assert!(
-        verify.status.success(),
-        "runbook evidence verify: {}",
-        String::from_utf8_lossy(&verify.stderr)
-    );
-    let out = Command::new("sha256sum")
-        .args(["--quiet", "-c", "SHA256SUMS"])
-        .current_dir(bundle)
-        .output()
-        .expect("sha256sum");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-}
-
 /// Steps with side effects counted in `counter`; `b` is slow unless `fast` exists, and `flaky`
 /// fails once (unless `flaky-ok` exists) with a long backoff, so the test can kill the runner in
 /// the middle of each.
@@ -149,7 +126,7 @@ fn finish_after_kill(dir: &Path, marker: &str) -> PathBuf {
         Vec::<i32>::new(),
         "nothing left running"
     );
-    sums_ok(&bundle);
+    crate::common::assert_bundle_verifies(&bundle);
     bundle
 }
 
@@ -519,7 +496,7 @@ run = "echo upgrade >> counter"
     assert_eq!(m["approvals"][0]["step"], "upgrade");
     assert_eq!(m["approvals"][0]["granted"], true);
     assert!(m["approvals"][0]["by"].as_str().unwrap_or("").contains('@'));
-    sums_ok(&bundle);
+    crate::common::assert_bundle_verifies(&bundle);
 }
 
 #[test]
@@ -618,7 +595,7 @@ fn resume_refuses_a_journal_that_records_less_than_the_bundle_holds() {
     );
     assert_eq!(std::fs::read(&log).expect("log"), log_before);
     assert!(bundle.join("steps/a/local/attempt-2.log").is_file());
-    sums_ok(&bundle);
+    crate::common::assert_bundle_verifies(&bundle);
 
     // No attempt files to lose, but no run_started either: nothing to continue.
     let t = Test::new().runbook(
@@ -768,16 +745,8 @@ steps = [
         m["hosts_added"][0]["spec"]["vars"]["token"],
         "[REDACTED:tok]"
     );
-    for f in crate::common::all_files(&bundle) {
-        let body = String::from_utf8_lossy(&std::fs::read(&f).expect("read")).into_owned();
-        assert!(!body.contains(secret), "{} holds the secret", f.display());
-        assert!(
-            !body.contains("minted-10"),
-            "{} holds the runtime secret",
-            f.display()
-        );
-    }
-    sums_ok(&bundle);
+    crate::common::assert_bundle_lacks(&bundle, &[secret, "minted-10"]);
+    crate::common::assert_bundle_verifies(&bundle);
     drop(first);
 }
 
@@ -898,5 +867,5 @@ run = "echo last >> counter"
         "",
         "released at the end"
     );
-    sums_ok(&bundle);
+    crate::common::assert_bundle_verifies(&bundle);
 }

@@ -2,7 +2,9 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::common::{all_files, assert_bundle_verifies, cast_events, run_runbook, step, Test};
+use crate::common::{
+    all_files, assert_bundle_lacks, assert_bundle_verifies, cast_events, run_runbook, step, Test,
+};
 
 const HEAD: &str = "[runbook]\nname = \"t\"\n";
 
@@ -161,14 +163,7 @@ fn secret_params_never_reach_the_bundle() {
         .run();
     out.assert_code(1);
     let bundle = out.bundle();
-    for f in all_files(&bundle) {
-        let data = std::fs::read(&f).expect("read");
-        assert!(
-            !String::from_utf8_lossy(&data).contains(secret),
-            "secret in {}",
-            f.display()
-        );
-    }
+    assert_bundle_lacks(&bundle, &[secret]);
     let log = std::fs::read_to_string(bundle.join("steps/leak/local/attempt-1.log")).expect("log");
     assert!(log.contains("out token=[REDACTED:token]"), "{log}");
     assert!(out.manifest()["params"]["token"] == "[REDACTED:token]");
@@ -365,10 +360,7 @@ outputs = {{ token = 'secret("api_token", output.json.token)' }}
             .map(Vec::len),
         Some(2)
     );
-    for f in all_files(&bundle) {
-        let text = String::from_utf8_lossy(&std::fs::read(&f).expect("read")).into_owned();
-        assert!(!text.contains(token), "token in {}:\n{text}", f.display());
-    }
+    assert_bundle_lacks(&bundle, &[token]);
     for n in [1, 2] {
         let events = cast_events(&bundle.join(format!("steps/login/local/attempt-{n}.cast")));
         let all: String = events.concat();
@@ -668,34 +660,12 @@ fn secrets_in_collected_file_names_are_redacted() {
         .run();
     out.assert_code(0);
     let bundle = out.bundle();
-    for f in all_files(&bundle) {
-        let rel = f
-            .strip_prefix(&bundle)
-            .expect("inside")
-            .display()
-            .to_string();
-        assert!(
-            !rel.contains(secret),
-            "a bundle path holds the secret: {rel}"
-        );
-        let body = String::from_utf8_lossy(&std::fs::read(&f).expect("read")).into_owned();
-        assert!(!body.contains(secret), "{rel} holds the secret");
-    }
+    assert_bundle_lacks(&bundle, &[secret]);
     assert!(bundle
         .join("collected/make/out/key-[REDACTED:token].txt")
         .is_file());
     assert!(bundle
         .join("collected/make/top-[REDACTED:token].txt")
         .is_file());
-    let verify = std::process::Command::new(crate::common::BIN)
-        .args(["evidence", "verify"])
-        .arg(&bundle)
-        .output()
-        .expect("verify");
-    assert_eq!(
-        verify.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&verify.stderr)
-    );
+    assert_bundle_verifies(&bundle);
 }

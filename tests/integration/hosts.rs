@@ -10,7 +10,7 @@ use std::process::Command;
 
 use sshd::Sshd;
 
-use crate::common::{all_files, Test};
+use crate::common::Test;
 
 /// An inventory of `servers` (first half) and `agents` (the rest), one sshd each.
 fn inventory(sshds: &[Sshd]) -> String {
@@ -106,14 +106,7 @@ script = "let h = steps.hello.hosts; log(`${h.len()} hosts, node-02: ${h[\"node-
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600);
-    for f in all_files(&bundle) {
-        let bytes = std::fs::read(&f).unwrap_or_default();
-        assert!(
-            !String::from_utf8_lossy(&bytes).contains("s3cr3t-join-token-value"),
-            "token in {}",
-            f.display()
-        );
-    }
+    crate::common::assert_bundle_lacks(&bundle, &["s3cr3t-join-token-value"]);
 }
 
 #[test]
@@ -703,13 +696,6 @@ fn an_encrypted_key_is_asked_for_at_a_terminal_and_named_without_one() {
     assert!(text.contains("Bad passphrase, try again."), "{text}");
     assert_eq!(sshd.accepted_logins(), 1);
     let bundle = crate::common::find_bundle(&dir);
-    for f in all_files(&bundle) {
-        let bytes = std::fs::read(&f).expect("read");
-        assert!(
-            !bytes.windows(13).any(|w| w == b"correct horse"),
-            "{} holds the passphrase",
-            f.display()
-        );
-    }
+    crate::common::assert_bundle_lacks(&bundle, &["correct horse"]);
     drop(t);
 }
