@@ -619,12 +619,7 @@ fn run(args: &RunArgs) -> i32 {
     let run_info = RunInfo::generate();
     if args.dry_run {
         print!("{}", plan.to_text(&host, &run_info));
-        let has_plan_commands = plan
-            .runbook
-            .steps
-            .iter()
-            .enumerate()
-            .any(|(i, s)| plan.selected[i] && s.plan.is_some());
+        let has_plan_commands = plan.any_selected(|s| s.plan.is_some());
         if !has_plan_commands {
             eprintln!("dry run: nothing was run and no evidence was written");
             return exit::OK;

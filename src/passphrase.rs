@@ -15,13 +15,7 @@ const TRIES: usize = 3;
 /// The key files this run may need that are encrypted and have no passphrase from the
 /// environment, in inventory order.
 fn locked_keys(plan: &Plan) -> Vec<PathBuf> {
-    let remote = plan
-        .runbook
-        .steps
-        .iter()
-        .enumerate()
-        .any(|(i, s)| plan.selected[i] && s.on.is_some());
-    if !remote {
+    if !plan.any_selected(|s| s.on.is_some()) {
         return Vec::new();
     }
     let inventory = plan.inventory();

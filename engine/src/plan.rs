@@ -151,6 +151,15 @@ pub struct PriorResult {
 }
 
 impl Plan {
+    /// Whether any step this run will run matches `pred`.
+    pub fn any_selected(&self, pred: impl Fn(&crate::runbook::StepSpec) -> bool) -> bool {
+        self.runbook
+            .steps
+            .iter()
+            .zip(&self.selected)
+            .any(|(s, &selected)| selected && pred(s))
+    }
+
     pub fn new(
         runbook: Arc<Runbook>,
         graph: StepGraph,
