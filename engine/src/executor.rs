@@ -753,13 +753,19 @@ fn expr_failure(plan: &Plan, what: &str, e: &SpannedExpr, err: &EvalError) -> St
     }
     let loc =
         e.at.describe(&plan.runbook.source, &e.expr.text, err.line, err.column);
+    let shown = shown_text(e);
+    plan.redact(&format!("{what}{shown} failed at {loc}: {}", err.message))
+}
+
+/// `` `text` `` of a short one-line expression, to quote in a message; nothing for a long one
+/// (its position is given instead).
+fn shown_text(e: &SpannedExpr) -> String {
     let text = e.expr.text.trim();
-    let shown = if text.lines().count() > 1 || text.len() > 60 {
+    if text.lines().count() > 1 || text.len() > 60 {
         String::new()
     } else {
         format!(" `{text}`")
-    };
-    plan.redact(&format!("{what}{shown} failed at {loc}: {}", err.message))
+    }
 }
 
 /// The value of a condition (`when`, `until`, `check`, `gate`) as a boolean. An evaluation
@@ -773,14 +779,9 @@ fn condition(
 ) -> Result<bool, String> {
     let value = value.map_err(|err| expr_failure(plan, what, e, &err))?;
     truthy(&value).map_err(|got| {
-        let text = e.expr.text.trim();
         let loc =
             e.at.describe(&plan.runbook.source, &e.expr.text, None, None);
-        let shown = if text.lines().count() > 1 || text.len() > 60 {
-            String::new()
-        } else {
-            format!(" `{text}`")
-        };
+        let shown = shown_text(e);
         plan.redact(&format!(
             "{what}{shown} at {loc} must be true or false; {got}"
         ))
