@@ -28,7 +28,7 @@ use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use runbook_engine::duration::{format_duration, parse_duration};
+use runbook_engine::duration::format_duration;
 use runbook_engine::event::Stream;
 use runbook_engine::runner::OutputSink;
 
@@ -353,11 +353,9 @@ fn config(reason: impl Into<String>) -> ProbeError {
 pub(crate) fn probe_timeout(text: Option<&str>, default: Duration) -> Result<Duration, ProbeError> {
     match text {
         None => Ok(default),
-        Some(t) => match parse_duration(t) {
-            Ok(d) if d.is_zero() => Err(config("`timeout` must be more than zero")),
-            Ok(d) => Ok(d),
-            Err(e) => Err(config(format!("`timeout`: {e}"))),
-        },
+        // The rule `runbook check` applies to a literal `timeout`.
+        Some(t) => runbook_engine::request_check::timeout(&serde_json::Value::String(t.into()))
+            .map_err(config),
     }
 }
 
