@@ -219,7 +219,7 @@ fn make_plan(
     let inventory = load_inventory(&loaded.runbook, params.inventory.as_deref(), true)?;
     let bound = bind_params(&loaded.runbook, &params.set)?;
     let workdir = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
-    let plan = Plan::new(
+    let mut plan = Plan::new(
         loaded.runbook,
         loaded.graph,
         bound,
@@ -695,7 +695,7 @@ fn run(args: &RunArgs) -> i32 {
 /// steps that added them succeeded and are not run again, but later steps run on them.
 /// Adds again the hosts the interrupted run added at run time (`inventory.add_host`). Returns
 /// the notes to record once the bundle may be written.
-fn restore_added_hosts(plan: &Plan, recorder: &Recorder) -> Vec<String> {
+fn restore_added_hosts(plan: &mut Plan, recorder: &Recorder) -> Vec<String> {
     let mut notes = Vec::new();
     let mut restored = Vec::new();
     for host in recorder.hosts_added() {
@@ -888,7 +888,7 @@ fn resume(args: &ResumeArgs) -> i32 {
         plan.approved.push((id.clone(), by.clone()));
     }
     // Before the passphrases: the hosts added at run time may need some.
-    let host_notes = restore_added_hosts(&plan, &inspected);
+    let host_notes = restore_added_hosts(&mut plan, &inspected);
     let keys = match Keys::gather(&plan, sign_key) {
         Ok(k) => k,
         Err(code) => return code,

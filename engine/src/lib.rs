@@ -19,6 +19,7 @@ pub mod plan;
 pub mod redact;
 pub mod request_check;
 pub mod retry;
+pub mod run_state;
 pub mod runbook;
 pub mod runner;
 pub mod serde_duration;

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use rhai::Scope;
 
@@ -15,15 +15,6 @@ use crate::inventory::Inventory;
 use crate::params::BoundParams;
 use crate::redact::Redactor;
 use crate::runbook::{Action, Runbook};
-
-/// A drill clock start or stop.
-#[derive(Debug, Clone, Copy)]
-pub struct ClockMark {
-    pub start: bool,
-    pub at: chrono::DateTime<chrono::Utc>,
-    /// Monotonic: RTO is measured with this, immune to wall-clock steps (NTP).
-    pub instant: tokio::time::Instant,
-}
 
 /// A step kind's settings as one line, templates unrendered (`{url = "…", port = 22}`).
 fn spec_text(spec: &crate::runbook::Spec) -> String {
@@ -102,8 +93,11 @@ pub struct Plan {
     pub selected: Vec<bool>,
     /// Where steps run when they name no `cwd`, and what relative `cwd`s resolve against.
     pub workdir: PathBuf,
-    /// Secret values known so far: params marked secret, then whatever `secret()` registers.
-    redactor: RwLock<Redactor>,
+    /// The secret params, for what the plan shows (`runbook plan`); a run's [`RunState`]
+    /// adds the secrets registered while it runs.
+    ///
+    /// [`RunState`]: crate::run_state::RunState
+    redactor: Redactor,
     /// `env` as expressions see it: only the variables `[runbook] allow_env` lists.
     pub env: serde_json::Value,
     /// Per step: the steps its expressions read (`steps.<id>`).
@@ -118,16 +112,13 @@ pub struct Plan {
     pub approved: Vec<(String, String)>,
     /// On resume with `--only`/`--from`: selected steps run again even if they succeeded.
     pub rerun_selected: bool,
-    /// The hosts remote steps run on; grows when expressions call `inventory.add_host`.
-    pub inventory: RwLock<Arc<Inventory>>,
+    /// The hosts remote steps run on, as loaded (and, on resume, as an earlier run grew them);
+    /// a run's [`RunState`](crate::run_state::RunState) grows its own copy.
+    inventory: Arc<Inventory>,
     /// At most this many host attempts at once, over all steps (`--forks`).
     pub forks: usize,
     /// `--dry-run`: only `plan` commands run; every other step is reported, not run.
     pub dry_run: bool,
-    /// A drill's clock: (started?, when), in order — from its clock steps and from
-    /// `drill.start_clock()`/`stop_clock()` in hooks.
-    /// The monotonic instant measures; the wall-clock time is what evidence shows.
-    pub clock: std::sync::Mutex<Vec<ClockMark>>,
 }
 
 /// A step as an earlier run of the same bundle left it.
@@ -196,7 +187,7 @@ impl Plan {
         for id in &selection.skip {
             selected[find("--skip", id)?] = false;
         }
-        let redactor = RwLock::new(Redactor::new(params.secrets()));
+        let redactor = Redactor::new(params.secrets());
         let env = serde_json::Value::Object(
             runbook
                 .meta
@@ -251,74 +242,35 @@ impl Plan {
             resume_of: None,
             approved: Vec::new(),
             rerun_selected: false,
-            inventory: RwLock::new(Arc::new(Inventory::empty(&runbook_dir))),
+            inventory: Arc::new(Inventory::empty(&runbook_dir)),
             forks: DEFAULT_FORKS,
             dry_run: false,
-            clock: std::sync::Mutex::default(),
         })
     }
 
-    /// The inventory as it is now.
+    /// The inventory the plan starts from.
     pub fn inventory(&self) -> Arc<Inventory> {
-        self.inventory
-            .read()
-            .map_or_else(|_| Arc::new(Inventory::default()), |i| i.clone())
+        self.inventory.clone()
     }
 
     /// Replaces the inventory (the CLI sets the one it loaded).
-    pub fn set_inventory(&self, inventory: Inventory) {
-        if let Ok(mut i) = self.inventory.write() {
-            *i = Arc::new(inventory);
-        }
+    pub fn set_inventory(&mut self, inventory: Inventory) {
+        self.inventory = Arc::new(inventory);
     }
 
-    /// Adds hosts from `inventory.add_host`; each error says which host and why.
-    pub fn add_hosts(&self, hosts: &[crate::inventory::NewHost]) -> Vec<String> {
-        let mut errors = Vec::new();
-        if let Ok(mut i) = self.inventory.write() {
-            let inv = Arc::make_mut(&mut i);
-            for h in hosts {
-                if let Err(e) = inv.add_host(h) {
-                    errors.push(e.to_string());
-                }
-            }
-        }
-        errors
+    /// Adds hosts an earlier run added with `inventory.add_host` (resume); each error says
+    /// which host and why.
+    pub fn add_hosts(&mut self, hosts: &[crate::inventory::NewHost]) -> Vec<String> {
+        let inv = Arc::make_mut(&mut self.inventory);
+        hosts
+            .iter()
+            .filter_map(|h| inv.add_host(h).err().map(|e| e.to_string()))
+            .collect()
     }
 
-    /// Records a drill clock start (`true`) or stop, now.
-    pub fn clock(&self, start: bool, at: chrono::DateTime<chrono::Utc>) {
-        if let Ok(mut c) = self.clock.lock() {
-            c.push(ClockMark {
-                start,
-                at,
-                instant: tokio::time::Instant::now(),
-            });
-        }
-    }
-
-    /// Secret values known so far, for runners that must keep them out of what they print.
-    pub fn secret_values(&self) -> Vec<String> {
-        self.redactor
-            .read()
-            .map(|r| r.secrets().iter().map(|(_, v)| v.clone()).collect())
-            .unwrap_or_default()
-    }
-
-    /// Redacts every secret known so far.
+    /// Redacts the secret params (what `runbook plan` shows).
     pub fn redact(&self, text: &str) -> String {
-        self.redactor
-            .read()
-            .map_or_else(|_| text.to_owned(), |r| r.redact_str(text))
-    }
-
-    /// Adds secrets registered at run time (by `secret()`).
-    pub fn add_secrets(&self, secrets: &[(String, String)]) {
-        if let Ok(mut r) = self.redactor.write() {
-            let mut all = r.secrets().to_vec();
-            all.extend(secrets.iter().cloned());
-            *r = Redactor::new(all);
-        }
+        self.redactor.redact_str(text)
     }
 
     /// The scope every expression starts from: `params`, `run` and `env`. The executor adds
