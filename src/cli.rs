@@ -251,6 +251,16 @@ pub struct RunArgs {
 }
 
 /// How a run executes and reports: shared by `run` and `resume`.
+/// When a record that announces an action must be on disk (`--durability`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Durability {
+    /// Written to the journal file before the action starts: `kill -9` of the runner loses
+    /// nothing; synced to disk in groups at most 50 ms later.
+    Process,
+    /// Also synced to disk (`fdatasync`) before the action starts: a power cut loses nothing.
+    Power,
+}
+
 #[derive(Debug, Args)]
 pub struct ExecArgs {
     /// How many attempts may run at once [default: number of CPUs]
@@ -271,6 +281,11 @@ pub struct ExecArgs {
     /// Take over the run lock of a run that died without finishing
     #[arg(long)]
     pub break_lock: bool,
+    /// What the journal survives before a step's action starts: `process` (the runner being
+    /// killed: the record is written first) or `power` (a power cut too: it is also synced to
+    /// disk first, which costs a disk flush per batch of starts)
+    #[arg(long, value_enum, default_value_t = Durability::Process, env = "RUNBOOK_DURABILITY")]
+    pub durability: Durability,
     #[command(flatten)]
     pub signing: Signing,
 }

@@ -579,6 +579,7 @@ fn launch(
         textfile_dir: exec.signing.textfile_dir.clone(),
         fail_on_leak: exec.signing.fail_on_leak,
         passphrases: keys.passphrases,
+        durability: exec.durability,
         plan,
     })
 }

@@ -1,5 +1,7 @@
 //! One run at a time per runbook (and evidence directory): an advisory lock on
-//! `<evidence-dir>/<runbook>/.lock`, with the holder's details written inside.
+//! `<evidence-dir>/<runbook>/.lock`, with the holder's details in `.lock.json` beside it. The
+//! details are written to a temporary file and renamed into place, so a reader sees them whole
+//! or not at all (`.lock` itself is never replaced: the lock is on its inode).
 //!
 //! The OS releases the lock when its holder dies, however it dies; the details stay in the
 //! file. A free lock with details in it therefore means the previous run died without finishing
@@ -7,7 +9,7 @@
 //! with `--break-lock`, or by `runbook resume` of that very run.
 
 use std::fs::File;
-use std::io::{Read, Seek, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
@@ -48,6 +50,7 @@ pub enum LockError {
 
 pub struct RunLock {
     lock: Flock<File>,
+    dir: PathBuf,
 }
 
 impl RunLock {
@@ -76,9 +79,11 @@ impl RunLock {
             Err((mut file, _)) => {
                 let mut text = String::new();
                 let _ = file.read_to_string(&mut text);
-                return Err(match serde_json::from_str::<Holder>(&text) {
-                    Ok(h) => LockError::Held(Box::new(h)),
-                    Err(_) => LockError::Held(Box::new(Holder {
+                let holder = read_holder(dir).or_else(|| serde_json::from_str(&text).ok());
+                return Err(match holder {
+                    Some(h) => LockError::Held(Box::new(h)),
+                    // Taken a moment ago, details not written yet.
+                    None => LockError::Held(Box::new(Holder {
                         pid: 0,
                         host: "?".into(),
                         user: "?".into(),
@@ -91,18 +96,24 @@ impl RunLock {
         };
         let mut text = String::new();
         lock.read_to_string(&mut text).map_err(io)?;
-        let stale = serde_json::from_str::<Holder>(&text).ok();
+        let stale = read_holder(dir).or_else(|| serde_json::from_str::<Holder>(&text).ok());
         if let Some(h) = &stale {
             if !break_lock && h.bundle != me.bundle {
                 return Err(LockError::Stale(Box::new(h.clone())));
             }
         }
-        lock.set_len(0).map_err(io)?;
-        lock.rewind().map_err(io)?;
-        lock.write_all(serde_json::to_string(me).unwrap_or_default().as_bytes())
-            .map_err(io)?;
-        lock.sync_all().map_err(io)?;
-        Ok((Self { lock }, stale))
+        write_holder(dir, Some(me)).map_err(io)?;
+        // Details in `.lock` itself are the format before `.lock.json`: cleared once taken.
+        if !text.is_empty() {
+            lock.set_len(0).map_err(io)?;
+        }
+        Ok((
+            Self {
+                lock,
+                dir: dir.to_path_buf(),
+            },
+            stale,
+        ))
     }
 
     /// The holder, when a live run holds the lock (without taking it or changing the file).
@@ -116,28 +127,50 @@ impl RunLock {
             Err((mut file, _)) => {
                 let mut text = String::new();
                 let _ = file.read_to_string(&mut text);
-                serde_json::from_str(&text).ok()
+                read_holder(dir).or_else(|| serde_json::from_str(&text).ok())
             }
         }
     }
 
     /// Puts back the details of the holder this lock took over (none: clears them) and
     /// unlocks: a `resume` refused after taking the lock leaves the file as it found it.
-    pub fn give_back(mut self, previous: Option<&Holder>) {
-        let text = previous
-            .map(|h| serde_json::to_string(h).unwrap_or_default())
-            .unwrap_or_default();
-        let _ = self.lock.set_len(0);
-        let _ = self.lock.rewind();
-        let _ = self.lock.write_all(text.as_bytes());
-        let _ = self.lock.sync_all();
+    pub fn give_back(self, previous: Option<&Holder>) {
+        let _ = write_holder(&self.dir, previous);
         let _ = self.lock.unlock();
     }
 
     /// Clears the holder's details and unlocks: a clean end leaves no stale lock.
     pub fn release(self) {
-        let _ = self.lock.set_len(0);
-        let _ = self.lock.sync_all();
+        let _ = write_holder(&self.dir, None);
         let _ = self.lock.unlock();
     }
+}
+
+fn holder_path(dir: &Path) -> PathBuf {
+    dir.join(".lock.json")
+}
+
+fn read_holder(dir: &Path) -> Option<Holder> {
+    let text = std::fs::read_to_string(holder_path(dir)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Publishes the holder's details whole (temporary file, sync, rename, directory sync), or
+/// removes them.
+fn write_holder(dir: &Path, holder: Option<&Holder>) -> std::io::Result<()> {
+    let path = holder_path(dir);
+    match holder {
+        Some(h) => {
+            let tmp = dir.join(format!(".lock.json.{}.tmp", std::process::id()));
+            let mut f = File::create(&tmp)?;
+            f.write_all(serde_json::to_string(h).unwrap_or_default().as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+        }
+        None => match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        },
+    }
+    File::open(dir)?.sync_all()
 }

@@ -46,6 +46,8 @@ pub struct Session {
     pub fail_on_leak: bool,
     /// Passphrases of encrypted SSH key files, asked at the terminal.
     pub passphrases: std::collections::HashMap<std::path::PathBuf, String>,
+    /// Whether records that announce an action are synced to disk before it starts.
+    pub durability: crate::cli::Durability,
 }
 
 pub fn execute(s: Session) -> i32 {
@@ -72,6 +74,7 @@ pub fn execute(s: Session) -> i32 {
         s.console,
         cancel.clone(),
         runtime.handle().clone(),
+        s.durability == crate::cli::Durability::Power,
     );
 
     let report: RunReport = runtime.block_on(async {
@@ -299,17 +302,27 @@ type ConsumerResult = (
 
 /// One thread consumes every event: evidence first, then the console, so nothing interleaves.
 /// If evidence cannot be written the run is cancelled: a run that cannot be recorded must stop.
+///
+/// Write-ahead: an event that announces an action (the run's start, an attempt's start) is
+/// acknowledged only once its record is in the journal file (the journal is written with one
+/// `write` per record, no user-space buffer), and with `sync_announcements` also synced to
+/// disk. The executor starts the action only after that. Announcements that arrive together
+/// share one sync (group commit). Once evidence has failed, every receipt is refused, so
+/// nothing more starts, `run_on_cancel` cleanups included.
 fn spawn_consumer(
     mut rx: mpsc::Receiver<RunEvent>,
     recorder: Recorder,
     mut console: Console,
     cancel: CancellationToken,
     runtime: tokio::runtime::Handle,
+    sync_announcements: bool,
 ) -> std::thread::JoinHandle<ConsumerResult> {
     std::thread::spawn(move || {
         let mut recorder = Some(recorder);
         let mut error = None;
         let mut last_flush = std::time::Instant::now();
+        // Announcements recorded but waiting for the group's sync before their receipts.
+        let mut unsynced: Vec<RunEvent> = Vec::new();
         loop {
             let dirty = recorder.as_ref().is_some_and(Recorder::is_dirty);
             let event = if dirty {
@@ -330,29 +343,78 @@ fn spawn_consumer(
             if let (Some(r), Some(e)) = (recorder.as_mut(), event.as_ref()) {
                 result = r.record(e);
             }
+            let mut synced = false;
             if let (Some(r), true) = (recorder.as_mut(), result.is_ok()) {
-                if r.is_dirty() && last_flush.elapsed() >= COMMIT_WINDOW {
+                let group_done = rx.is_empty() || unsynced.len() >= ANNOUNCEMENT_GROUP;
+                let announced = event.as_ref().is_some_and(RunEvent::announces_effect);
+                if (r.is_dirty() && last_flush.elapsed() >= COMMIT_WINDOW)
+                    || (sync_announcements && group_done && (announced || !unsynced.is_empty()))
+                {
                     result = r.flush();
                     last_flush = std::time::Instant::now();
+                    synced = result.is_ok();
                 }
                 if result.is_ok() && rx.is_empty() {
                     result = r.flush_buffers();
                 }
             }
             if let Err(e) = result {
-                render::error(&format!("{e}: stopping the run, no new step will start"));
+                render::error(&format!(
+                    "{}: stopping the run, no new step will start",
+                    describe_write_error(&e)
+                ));
                 error = Some(e);
                 cancel.cancel();
                 recorder = None;
             }
+            if recorder.is_none() {
+                for e in unsynced.drain(..) {
+                    e.refuse();
+                }
+            } else if synced {
+                for e in unsynced.drain(..) {
+                    e.acknowledge();
+                }
+            }
             if let Some(e) = event {
-                // Recorded (or failed, with the run cancelled): the executor may go on.
-                e.acknowledge();
+                if recorder.is_none() {
+                    // Not recorded: what it announces must not happen.
+                    e.refuse();
+                } else if sync_announcements && e.announces_effect() && !synced {
+                    unsynced.push(e.clone());
+                } else {
+                    e.acknowledge();
+                }
                 console.event(&e);
             }
         }
+        for e in unsynced.drain(..) {
+            e.refuse();
+        }
         (recorder, console, error)
     })
+}
+
+/// With `--durability power`, at most this many announcements wait for one sync.
+const ANNOUNCEMENT_GROUP: usize = 64;
+
+/// A failed evidence write as the operator needs it: the path, and the free space when the
+/// disk is full.
+fn describe_write_error(e: &runbook_evidence::EvidenceError) -> String {
+    let text = e.to_string();
+    let runbook_evidence::EvidenceError::Write { path, source } = e else {
+        return text;
+    };
+    if source.raw_os_error() != Some(nix::libc::ENOSPC) {
+        return text;
+    }
+    match nix::sys::statvfs::statvfs(path.parent().unwrap_or(path)) {
+        Ok(st) => format!(
+            "{text} ({} bytes free on the evidence file system)",
+            st.blocks_available() * st.fragment_size()
+        ),
+        Err(_) => text,
+    }
 }
 
 /// Group commit: boundary events are made durable at most this long after they are recorded,

@@ -67,6 +67,9 @@ pub enum FailureKind {
     HostKey,
     /// The connection or channel closed before the command's exit status arrived.
     Channel,
+    /// The attempt's start could not be written to the journal, so it was not started:
+    /// nothing runs that the evidence cannot show (a full disk, a failed write).
+    Evidence,
     /// TLS certificate verification failed.
     Tls,
     /// An HTTP response had a status the step does not expect.
@@ -309,16 +312,23 @@ pub struct OutputCounts {
     pub stderr: u64,
 }
 
-type Ack = std::sync::Arc<std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>>;
+type Ack = std::sync::Arc<std::sync::Mutex<Option<tokio::sync::oneshot::Sender<bool>>>>;
 
 /// Lets the sender of an event wait until a consumer is done with it: the receiver from
-/// [`Receipt::new`] completes when the consumer calls [`RunEvent::acknowledge`], or when every
-/// copy of the event is dropped.
+/// [`Receipt::new`] gets `true` when the consumer calls [`RunEvent::acknowledge`] (the event is
+/// recorded), `false` when it calls [`RunEvent::refuse`] (it could not be), and an error when
+/// every copy of the event is dropped (nobody keeps receipts; [`recorded`] counts that as
+/// recorded).
 #[derive(Debug, Clone, Default)]
 pub struct Receipt(Option<Ack>);
 
+/// Waits for a receipt's answer: whether the event was recorded.
+pub async fn recorded(rx: tokio::sync::oneshot::Receiver<bool>) -> bool {
+    rx.await.unwrap_or(true)
+}
+
 impl Receipt {
-    pub fn new() -> (Self, tokio::sync::oneshot::Receiver<()>) {
+    pub fn new() -> (Self, tokio::sync::oneshot::Receiver<bool>) {
         let (tx, rx) = tokio::sync::oneshot::channel();
         (
             Self(Some(std::sync::Arc::new(std::sync::Mutex::new(Some(tx))))),
@@ -326,10 +336,10 @@ impl Receipt {
         )
     }
 
-    fn ack(&self) {
+    fn answer(&self, recorded: bool) {
         if let Some(slot) = &self.0 {
             if let Some(tx) = slot.lock().ok().and_then(|mut s| s.take()) {
-                let _ = tx.send(());
+                let _ = tx.send(recorded);
             }
         }
     }
@@ -340,6 +350,9 @@ impl Receipt {
 pub enum RunEvent {
     RunStarted {
         at: Timestamp,
+        /// Answered once the record is in the journal: no step starts before that.
+        #[serde(skip)]
+        receipt: Receipt,
         run_id: String,
         runbook: String,
         steps: usize,
@@ -350,6 +363,10 @@ pub enum RunEvent {
     },
     AttemptStarted {
         at: Timestamp,
+        /// Answered once the record is in the journal: the attempt's action (a process, an SSH
+        /// channel, a request) starts only after that (write-ahead).
+        #[serde(skip)]
+        receipt: Receipt,
         step: StepId,
         target: Target,
         attempt: u32,
@@ -526,6 +543,9 @@ pub enum RunEvent {
     /// `runbook resume` continues this run in the same bundle.
     RunResumed {
         at: Timestamp,
+        /// Answered once the record is in the journal: no step starts before that.
+        #[serde(skip)]
+        receipt: Receipt,
         previous: RunStatus,
         operator: String,
     },
@@ -552,14 +572,41 @@ pub enum RunEvent {
 }
 
 impl RunEvent {
+    fn receipt(&self) -> Option<&Receipt> {
+        match self {
+            RunEvent::RunStarted { receipt, .. }
+            | RunEvent::RunResumed { receipt, .. }
+            | RunEvent::AttemptStarted { receipt, .. }
+            | RunEvent::Collect { receipt, .. }
+            | RunEvent::StepFinished { receipt, .. }
+            | RunEvent::Artifact { receipt, .. } => Some(receipt),
+            _ => None,
+        }
+    }
+
     /// Tells the executor this event has been dealt with (recorded): see [`Receipt`].
     pub fn acknowledge(&self) {
-        match self {
-            RunEvent::Collect { receipt, .. }
-            | RunEvent::StepFinished { receipt, .. }
-            | RunEvent::Artifact { receipt, .. } => receipt.ack(),
-            _ => {}
+        if let Some(r) = self.receipt() {
+            r.answer(true);
         }
+    }
+
+    /// Tells the executor this event could not be recorded: what it announces must not happen.
+    pub fn refuse(&self) {
+        if let Some(r) = self.receipt() {
+            r.answer(false);
+        }
+    }
+
+    /// Whether the executor acts on this event once it is recorded (it announces a process, a
+    /// connection or a request, or the run itself): the record must reach the journal first.
+    pub fn announces_effect(&self) -> bool {
+        matches!(
+            self,
+            RunEvent::RunStarted { .. }
+                | RunEvent::RunResumed { .. }
+                | RunEvent::AttemptStarted { .. }
+        )
     }
 
     pub fn at(&self) -> Timestamp {

@@ -599,6 +599,7 @@ impl Recorder {
                 at,
                 previous,
                 operator,
+                ..
             } => {
                 self.manifest.status = RunStatus::Running;
                 self.manifest.reason = None;

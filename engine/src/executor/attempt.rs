@@ -258,8 +258,9 @@ impl StepTask {
                 ..
             }
         ) && !self.plan.dry_run;
-        let started_event = |command: String, cwd: PathBuf| RunEvent::AttemptStarted {
+        let started_event = |command: String, cwd: PathBuf, receipt| RunEvent::AttemptStarted {
             at: Utc::now(),
+            receipt,
             step: step.id.clone(),
             target: target.clone(),
             attempt,
@@ -299,6 +300,7 @@ impl StepTask {
                             started_event(
                                 self.state.redact(plan_cmd.raw()),
                                 self.plan.workdir.clone(),
+                                Receipt::default(),
                             ),
                         )
                         .await;
@@ -322,6 +324,7 @@ impl StepTask {
                             started_event(
                                 format!("{} (settings did not render)", kind.key()),
                                 self.plan.workdir.clone(),
+                                Receipt::default(),
                             ),
                         )
                         .await;
@@ -353,7 +356,11 @@ impl StepTask {
                     .to_owned();
                 emit(
                     &self.events,
-                    started_event(format!("(rhai) {first}"), self.plan.workdir.clone()),
+                    started_event(
+                        format!("(rhai) {first}"),
+                        self.plan.workdir.clone(),
+                        Receipt::default(),
+                    ),
                 )
                 .await;
                 let mut scope = self.scope(host);
@@ -410,7 +417,20 @@ impl StepTask {
         cwd_for_collect.clone_from(&rendered.cwd);
         // Where it ran is the attempt's target, recorded beside the command.
         let shown = self.state.redact(&rendered.command);
-        emit(&self.events, started_event(shown, rendered.cwd.clone())).await;
+        // Write-ahead: the action starts only once its start is in the journal, so a runner
+        // killed at any instant leaves a journal that names everything it started.
+        let cwd = rendered.cwd.clone();
+        if !announce(&self.events, self.barrier, |receipt| {
+            started_event(shown, cwd, receipt)
+        })
+        .await
+        {
+            return failed_before_start(
+                output,
+                FailureKind::Evidence,
+                "not started: its start could not be recorded in the evidence".into(),
+            );
+        }
         let ctx = AttemptContext {
             step: step.id.clone(),
             target: target.clone(),

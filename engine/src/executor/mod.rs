@@ -21,10 +21,10 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::event::TargetResult;
 use crate::event::{
     AttemptOutcome, FailureKind, OutputCounts, RunEvent, RunStatus, StepStatus, Stream, Target,
 };
+use crate::event::{Receipt, TargetResult};
 use crate::expr::{display_value, dynamic_to_json, truthy, Effects, EvalError, ExprHost};
 use crate::graph::StepIdx;
 use crate::inventory::{Host, Selector};
@@ -196,6 +196,19 @@ struct AttemptRun {
     script_outputs: Option<Map>,
     /// Structured results the runner reported.
     details: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Sends an event that announces an effect and, with the record barrier, waits until the
+/// consumer has it in the journal (write-ahead). `false`: it could not be recorded, and what it
+/// announces must not happen.
+pub(super) async fn announce(
+    events: &mpsc::Sender<RunEvent>,
+    barrier: bool,
+    event: impl FnOnce(crate::event::Receipt) -> RunEvent,
+) -> bool {
+    let (receipt, answer) = crate::event::Receipt::new();
+    emit(events, event(receipt)).await;
+    !barrier || crate::event::recorded(answer).await
 }
 
 pub(super) async fn emit(events: &mpsc::Sender<RunEvent>, event: RunEvent) {

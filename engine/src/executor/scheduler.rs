@@ -21,20 +21,25 @@ impl Executor {
         let steps = &plan.runbook.steps;
         let n = steps.len();
         let started = Instant::now();
-        let first = match &plan.resume_of {
-            Some((previous, operator)) => RunEvent::RunResumed {
-                at: Utc::now(),
-                previous: *previous,
-                operator: operator.clone(),
-            },
-            None => RunEvent::RunStarted {
-                at: self.run.started_at,
-                run_id: self.run.id.clone(),
-                runbook: plan.runbook.meta.name.clone(),
-                steps: n,
-            },
-        };
-        emit(&self.events, first).await;
+        // Write-ahead: no step starts before the run's start is in the journal.
+        let run_recorded = announce(&self.events, self.barrier, |receipt| {
+            match &plan.resume_of {
+                Some((previous, operator)) => RunEvent::RunResumed {
+                    at: Utc::now(),
+                    receipt,
+                    previous: *previous,
+                    operator: operator.clone(),
+                },
+                None => RunEvent::RunStarted {
+                    at: self.run.started_at,
+                    receipt,
+                    run_id: self.run.id.clone(),
+                    runbook: plan.runbook.meta.name.clone(),
+                    steps: n,
+                },
+            }
+        })
+        .await;
 
         let results: Results = Arc::new(Mutex::new(vec![None; n]));
         let mut state = vec![State::Waiting; n];
@@ -91,7 +96,16 @@ impl Executor {
                     }
                 }
                 let failed_earlier = plan.prior[i].attempts > 0;
-                let decision = if !plan.selected[i] && failed_earlier {
+                let decision = if !run_recorded {
+                    // Not even `always` or `run_on_cancel` steps: nothing may run that the
+                    // evidence cannot show.
+                    Some((
+                        StepStatus::Skipped,
+                        "not started: the run's start could not be recorded in the evidence"
+                            .to_owned(),
+                        false,
+                    ))
+                } else if !plan.selected[i] && failed_earlier {
                     // Left out of a resume: its earlier failure stands.
                     Some((
                         StepStatus::Failed,

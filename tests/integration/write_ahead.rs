@@ -1,0 +1,280 @@
+//! Write-ahead: no step's action starts before the journal holds the record that announces it.
+//! Checked with real `kill -9` at instants picked from the live journal, with a ledger that
+//! every step appends to, and with a disk that fills up mid-run (a small tmpfs).
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::{find_bundle, read_journal, BIN};
+
+const CHAIN: usize = 10;
+
+fn chain_runbook() -> String {
+    let mut toml = String::from("[runbook]\nname = \"ledger\"\n");
+    for i in 0..CHAIN {
+        toml.push_str(&format!(
+            "[[steps]]\nid = \"c{i}\"\nrun = \"echo c{i} >> ledger; sleep 0.05\"\n"
+        ));
+        if i > 0 {
+            toml.push_str(&format!("needs = [\"c{}\"]\n", i - 1));
+        }
+    }
+    toml
+}
+
+fn runbook(dir: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .current_dir(dir)
+        .env("NO_COLOR", "1")
+        .env_remove("RUNBOOK_EVIDENCE_DIR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+fn ledger(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(dir.join("ledger"))
+        .unwrap_or_default()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+/// The bundle's journal, as text, once it exists.
+fn journal_text(dir: &Path) -> Option<String> {
+    let rb = dir.join("proof/ledger");
+    let bundle = std::fs::read_dir(rb)
+        .ok()?
+        .flatten()
+        .find(|e| e.path().is_dir())?;
+    std::fs::read_to_string(bundle.path().join("journal.jsonl")).ok()
+}
+
+/// xorshift: the kill instants are reproducible from the printed seed.
+fn next(seed: &mut u64) -> u64 {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    *seed
+}
+
+fn steps_with(
+    journal: &[serde_json::Value],
+    event: &str,
+    extra: impl Fn(&serde_json::Value) -> bool,
+) -> Vec<String> {
+    journal
+        .iter()
+        .filter(|e| e["event"] == event && extra(e))
+        .filter_map(|e| e["step"].as_str().map(String::from))
+        .collect()
+}
+
+fn kill9(child: &mut Child) {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    let _ = child.wait();
+}
+
+/// `kill -9` the moment the journal records the end of a randomly chosen step (the instant at
+/// which the next step is being started), then `resume`. Every line in the ledger must have
+/// its `attempt_started` in the journal, no step recorded as succeeded runs again, and the
+/// resumed run finishes. Before write-ahead, the next step's process could start while its
+/// record was still on its way to the journal.
+#[test]
+fn a_kill_at_any_step_boundary_leaves_a_journal_that_names_every_started_step() {
+    let mut seed: u64 = std::env::var("RUNBOOK_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            u64::from(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.subsec_nanos()),
+            ) | 1
+        });
+    let first_seed = seed;
+    let trials: u32 = std::env::var("RUNBOOK_TEST_TRIALS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(6);
+    for trial in 0..trials {
+        let k = usize::try_from(next(&mut seed) % (CHAIN as u64 - 1)).expect("small");
+        let durability = if trial % 2 == 0 { "process" } else { "power" };
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path();
+        std::fs::write(dir.join("runbook.toml"), chain_runbook()).expect("write");
+        let mut child = runbook(
+            dir,
+            &[
+                "run",
+                "runbook.toml",
+                "--evidence-dir",
+                "proof",
+                "--no-progress",
+                "--durability",
+                durability,
+            ],
+        )
+        .spawn()
+        .expect("spawn");
+        let target = format!("\"step\":\"c{k}\"");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if journal_text(dir).is_some_and(|j| {
+                j.lines()
+                    .any(|l| l.contains("step_finished") && l.contains(&target))
+            }) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "seed {first_seed}: c{k} never finished"
+            );
+            std::thread::sleep(Duration::from_micros(300));
+        }
+        kill9(&mut child);
+
+        let bundle = find_bundle(dir);
+        let journal = read_journal(&bundle);
+        let announced = steps_with(&journal, "attempt_started", |_| true);
+        let ran = ledger(dir);
+        for line in &ran {
+            assert!(
+                announced.contains(line),
+                "seed {first_seed}, trial {trial} ({durability}), killed after c{k}: `{line}` ran \
+                 but the journal has no attempt_started for it\nledger: {ran:?}\nannounced: {announced:?}"
+            );
+        }
+        let succeeded = steps_with(&journal, "step_finished", |e| e["status"] == "succeeded");
+
+        let out = runbook(
+            dir,
+            &["resume", bundle.to_str().expect("utf-8"), "--no-progress"],
+        )
+        .output()
+        .expect("resume");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "seed {first_seed}: {stderr}");
+        let after = ledger(dir);
+        for s in &succeeded {
+            assert_eq!(
+                after.iter().filter(|l| *l == s).count(),
+                1,
+                "seed {first_seed}: {s} succeeded before the kill and ran again: {after:?}"
+            );
+        }
+        for i in 0..CHAIN {
+            assert!(
+                after.contains(&format!("c{i}")),
+                "seed {first_seed}: {after:?}"
+            );
+        }
+        crate::common::assert_bundle_verifies(&bundle);
+    }
+}
+
+/// Mounts a tmpfs of `size` at `at`; `None` where this test cannot mount (not root).
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Option<Self> {
+        std::fs::create_dir_all(at).ok()?;
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Self(at.to_path_buf()))
+    }
+
+    fn grow(&self, size: &str) {
+        let ok = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "remount {}", self.0.display());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A full evidence disk: the loud step's log cannot be written, the run stops with the path
+/// and the free space, the next step does not start, and the `run_on_cancel` cleanup, whose
+/// start cannot be recorded either, is not run (the console says so). Once space is freed,
+/// `resume` finishes the run.
+#[test]
+fn a_full_evidence_disk_starts_nothing_it_cannot_record_and_resume_finishes_later() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path();
+    let Some(disk) = Tmpfs::mount(&dir.join("proof"), "1m") else {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let toml = "[runbook]\nname = \"full\"\n\
+        [[steps]]\nid = \"loud\"\nrun = \"head -c 3000000 /dev/zero | tr '\\\\0' 'x' | fold -w 100 >&2; echo loud >> ledger\"\n\
+        [[steps]]\nid = \"next\"\nneeds = [\"loud\"]\nrun = \"echo next >> ledger\"\n\
+        [[steps]]\nid = \"cleanup\"\nneeds = [\"next\"]\nalways = true\nrun_on_cancel = true\nrun = \"echo cleanup >> ledger\"\n";
+    std::fs::write(dir.join("runbook.toml"), toml).expect("write");
+    let mut child = runbook(
+        dir,
+        &[
+            "run",
+            "runbook.toml",
+            "--evidence-dir",
+            "proof",
+            "--no-progress",
+        ],
+    )
+    .spawn()
+    .expect("spawn");
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut stderr);
+    }
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot write evidence to")
+            && stderr.contains("bytes free on the evidence file system"),
+        "the error names the path and the free space: {stderr}"
+    );
+    let ran = ledger(dir);
+    assert!(!ran.contains(&"next".to_owned()), "{ran:?}");
+    assert!(
+        !ran.contains(&"cleanup".to_owned()),
+        "a cleanup whose start cannot be recorded does not run: {ran:?}"
+    );
+    assert!(
+        stderr.contains("not started: its start could not be recorded in the evidence")
+            || stderr.contains("not started: the run was cancelled"),
+        "the console says why the cleanup did not run: {stderr}"
+    );
+
+    disk.grow("64m");
+    let bundle = find_bundle(dir);
+    let out = runbook(
+        dir,
+        &["resume", bundle.to_str().expect("utf-8"), "--no-progress"],
+    )
+    .output()
+    .expect("resume");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let ran = ledger(dir);
+    assert!(
+        ran.contains(&"next".to_owned()) && ran.contains(&"cleanup".to_owned()),
+        "{ran:?}"
+    );
+    crate::common::assert_bundle_verifies(&bundle);
+    drop(disk);
+}
