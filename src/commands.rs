@@ -844,6 +844,26 @@ fn resume(args: &ResumeArgs) -> i32 {
         }
     };
     let previous = inspected.status();
+    // The journal says the run ended, but the runner died while sealing (manifest, report,
+    // `SHA256SUMS`): seal it now, as the run would have.
+    if previous != RunStatus::Running && previous != RunStatus::Interrupted {
+        let report = runbook_evidence::verify::verify_bundle(bundle, None);
+        let unsealed = report.problems.iter().any(|p| {
+            use runbook_evidence::verify::Problem;
+            matches!(
+                p,
+                Problem::SumsMissing
+                    | Problem::Modified { .. }
+                    | Problem::Missing { .. }
+                    | Problem::Extra { .. }
+                    | Problem::MalformedSums { .. }
+                    | Problem::ManifestDisagrees { .. }
+            )
+        });
+        if unsealed {
+            return seal_interrupted(bundle, &evidence_dir, inspected, previous, &args.exec);
+        }
+    }
     if previous == RunStatus::Succeeded {
         render::error(&format!(
             "run {} already succeeded; nothing to resume",
@@ -1169,4 +1189,64 @@ fn repair(bundle: &Path, force: bool, sign_key: Option<&Path>, password: Option<
         m.status.as_str()
     );
     exit::OK
+}
+
+/// `resume` of a run that ended but whose sealing was interrupted: takes the lock, finishes the
+/// bundle (manifest, report, `SHA256SUMS`, signature when a key is given) and exits as the run
+/// ended.
+fn seal_interrupted(
+    bundle: &Path,
+    evidence_dir: &Path,
+    recorder: Recorder,
+    status: RunStatus,
+    exec: &crate::cli::ExecArgs,
+) -> i32 {
+    let op = operator();
+    let me = Holder {
+        pid: std::process::id(),
+        host: op.host.clone(),
+        user: op.user.clone(),
+        started_at: chrono::Utc::now().to_rfc3339(),
+        run_id: recorder.manifest().run_id.clone(),
+        bundle: bundle.display().to_string(),
+    };
+    let (lock, _) = match take_lock(evidence_dir, &me, exec.break_lock) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    let sign_key = match load_sign_key(&exec.signing) {
+        Ok(k) => k,
+        Err(code) => {
+            lock.give_back(None);
+            return code;
+        }
+    };
+    let sealed = recorder.finish().and_then(|dir| {
+        if let Some(key) = &sign_key {
+            let comment = runbook_evidence::verify::default_trusted_comment(&dir)?;
+            runbook_evidence::verify::sign_bundle(&dir, key, &comment)?;
+        }
+        Ok(dir)
+    });
+    lock.release();
+    match sealed {
+        Ok(dir) => {
+            eprintln!(
+                "run {} had {} but was interrupted while sealing its bundle; sealed now: {}",
+                me.run_id,
+                status.as_str(),
+                dir.display()
+            );
+            match status {
+                RunStatus::Succeeded => exit::OK,
+                RunStatus::Cancelled => exit::INTERRUPTED,
+                RunStatus::AwaitingApproval => exit::AWAITING_APPROVAL,
+                _ => exit::RUN_FAILED,
+            }
+        }
+        Err(e) => {
+            render::error(&format!("cannot seal `{}`: {e}", bundle.display()));
+            exit::RUN_FAILED
+        }
+    }
 }

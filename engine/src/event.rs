@@ -400,6 +400,10 @@ pub enum RunEvent {
         /// Structured results the runner reported (HTTP status, TLS peer, accepted host key).
         #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
         details: serde_json::Map<String, serde_json::Value>,
+        /// A successful attempt's `outputs` (secrets redacted): what `resume` restores when the
+        /// runner died before the step's own record.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        outputs: Option<serde_json::Value>,
     },
     /// A file an attempt produced (a screenshot); the recorder copies it into the bundle.
     Artifact {

@@ -150,6 +150,9 @@ pub struct AttemptRecord {
     /// A probe attempt: its log is dropped (`log` empty) once a later attempt starts.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub compact: bool,
+    /// A successful attempt's `outputs` (secrets redacted), for `resume`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outputs: Option<serde_json::Value>,
     /// Files the attempt produced (screenshots), relative to the bundle.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub artifacts: Vec<String>,

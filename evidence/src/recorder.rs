@@ -63,6 +63,10 @@ pub struct Recorder {
     redactor: ByteRedactor,
     /// Set when the journal holds boundary events not yet synced.
     unsynced: bool,
+    /// `RUNBOOK_CRASH_AFTER_APPEND=N`: abort the process right after the N-th journal record
+    /// (counted over the bundle's whole journal), as `kill -9` would at that instant. For the
+    /// crash-point tests; documented in docs/operations.md.
+    crash_after: Option<u64>,
     logs: HashMap<AttemptKey, LogWriter>,
     casts: HashMap<AttemptKey, crate::cast::CastWriter>,
     manifest: Manifest,
@@ -193,6 +197,7 @@ impl Recorder {
                 .with_shapes(shapes),
             secrets: cfg.secrets,
             unsynced: false,
+            crash_after: crash_point(),
             logs: HashMap::new(),
             casts: HashMap::new(),
             manifest,
@@ -511,6 +516,7 @@ impl Recorder {
                     retry_delay_seconds: None,
                     log: attempt_log(step.as_str(), target, *attempt),
                     details: serde_json::Map::new(),
+                    outputs: None,
                     artifacts: Vec::new(),
                     stopped_processes: Vec::new(),
                 };
@@ -527,6 +533,7 @@ impl Recorder {
                 outcome,
                 output,
                 details,
+                outputs,
             } => {
                 let error =
                     (!outcome.succeeded()).then(|| self.redactor.redact_str(&outcome.describe()));
@@ -538,6 +545,7 @@ impl Recorder {
                     a.error = error;
                     a.output = *output;
                     a.details.clone_from(details);
+                    a.outputs.clone_from(outputs);
                 }
             }
             RunEvent::RetryScheduled {
@@ -715,6 +723,7 @@ impl Recorder {
             redactor: ByteRedactor::with_counts(&known, Some(Arc::default())),
             secrets: known,
             unsynced: false,
+            crash_after: crash_point(),
             logs: HashMap::new(),
             casts: HashMap::new(),
             manifest,
@@ -860,6 +869,9 @@ impl Recorder {
         self.journal
             .write_all(&line)
             .map_err(write_err(&self.journal_path))?;
+        if self.crash_after == Some(self.seq) {
+            std::process::abort();
+        }
         // Sync at the boundaries a resume depends on; output between them may be lost in a
         // power cut but is never reported as done when it is not.
         let boundary = matches!(
@@ -1176,11 +1188,25 @@ impl Recorder {
             .iter()
             .map(|s| {
                 let attempts = s.attempts.iter().map(|a| a.attempt).max().unwrap_or(0);
-                let succeeded = s.status == Some(StepStatus::Succeeded) && !s.attempts.is_empty();
+                // The runner may have died after a local attempt succeeded but before the
+                // step's own record: the attempt's success stands (its outputs are in its
+                // record). A step on hosts runs again unless the step's record says done.
+                let last = s.attempts.last();
+                let attempt_succeeded = s.status.is_none()
+                    && last.is_some_and(|a| {
+                        a.target == "local" && a.outcome.as_ref().is_some_and(|o| o.succeeded())
+                    });
+                let succeeded = (s.status == Some(StepStatus::Succeeded) && !s.attempts.is_empty())
+                    || attempt_succeeded;
+                let recorded_outputs = if attempt_succeeded {
+                    last.and_then(|a| a.outputs.as_ref())
+                } else {
+                    s.outputs.as_ref()
+                };
                 // Outputs redacted with secrets this resume knows again (params) are restored;
                 // a value registered with `secret()` at run time is not known, so the step
                 // runs again.
-                let outputs = match &s.outputs {
+                let outputs = match recorded_outputs {
                     Some(o) => self.unredact(o).map(Some),
                     None => Some(None),
                 };
@@ -1205,6 +1231,12 @@ impl Recorder {
             })
             .collect()
     }
+}
+
+fn crash_point() -> Option<u64> {
+    std::env::var("RUNBOOK_CRASH_AFTER_APPEND")
+        .ok()
+        .and_then(|n| n.parse().ok())
 }
 
 /// stdout and stderr of an attempt, rebuilt from its log (the last MiB of each).

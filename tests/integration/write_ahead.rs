@@ -278,3 +278,132 @@ fn a_full_evidence_disk_starts_nothing_it_cannot_record_and_resume_finishes_late
     crate::common::assert_bundle_verifies(&bundle);
     drop(disk);
 }
+
+/// The reference runbook of the crash-point enumeration: a retry with backoff, a parallel
+/// pair, a collected file, outputs a later step reads, and an `always` cleanup. Each attempt
+/// appends its step to `ledger`.
+const REFERENCE: &str = r#"[runbook]
+name = "crashpoints"
+
+[[steps]]
+id = "flaky"
+run = "echo flaky >> ledger; if [ ! -e flaky.ok ]; then touch flaky.ok; exit 1; fi"
+retry = { attempts = 3, delay = "20ms", backoff = "exponential" }
+
+[[steps]]
+id = "left"
+needs = ["flaky"]
+run = "echo left >> ledger"
+
+[[steps]]
+id = "right"
+needs = ["flaky"]
+run = "echo right >> ledger; echo report > report.txt; echo hello"
+collect = ["report.txt"]
+outputs = { word = "output.stdout.trim()" }
+
+[[steps]]
+id = "join"
+needs = ["left", "right"]
+run = "echo join-{{ steps.right.outputs.word }} >> ledger"
+
+[[steps]]
+id = "cleanup"
+needs = ["join"]
+always = true
+run = "echo cleanup >> ledger"
+"#;
+
+fn count(lines: &[String], what: &str) -> usize {
+    lines.iter().filter(|l| l.as_str() == what).count()
+}
+
+/// Crash-point enumeration, as SQLite and FoundationDB test durability: the runner aborts
+/// right after its N-th journal record (`RUNBOOK_CRASH_AFTER_APPEND`), for every N, and a
+/// plain `resume` must finish the run. Each time: every attempt in the ledger has its
+/// `attempt_started`; a step whose success was recorded (its step record, or its attempt's)
+/// does not run again; the restored outputs reach the step that reads them; the bundle
+/// verifies; no `--break-lock` is needed.
+#[test]
+fn every_crash_point_of_the_reference_runbook_resumes_to_a_verifying_bundle() {
+    let mut n = 1;
+    loop {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path();
+        std::fs::write(dir.join("runbook.toml"), REFERENCE).expect("write");
+        let out = runbook(
+            dir,
+            &[
+                "run",
+                "runbook.toml",
+                "--evidence-dir",
+                "proof",
+                "--no-progress",
+            ],
+        )
+        .env("RUNBOOK_CRASH_AFTER_APPEND", n.to_string())
+        .output()
+        .expect("run");
+        if out.status.success() {
+            assert!(n > 20, "the reference runbook writes more than {n} records");
+            break;
+        }
+        assert_eq!(
+            out.status.code(),
+            None,
+            "crash point {n}: the run should have been aborted: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let bundle = find_bundle(dir);
+        let journal = read_journal(&bundle);
+        let announced = steps_with(&journal, "attempt_started", |_| true);
+        let before = ledger(dir);
+        for step in ["flaky", "left", "right", "cleanup"] {
+            assert!(
+                count(&before, step) <= count(&announced, step),
+                "crash point {n}: `{step}` ran {} time(s), journal announces {}",
+                count(&before, step),
+                count(&announced, step)
+            );
+        }
+        let done: Vec<String> = {
+            let mut d = steps_with(&journal, "step_finished", |e| e["status"] == "succeeded");
+            d.extend(steps_with(&journal, "attempt_finished", |e| {
+                e["outcome"]["kind"] == "exited" && e["outcome"]["code"] == 0
+            }));
+            d
+        };
+
+        let out = runbook(
+            dir,
+            &["resume", bundle.to_str().expect("utf-8"), "--no-progress"],
+        )
+        .output()
+        .expect("resume");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "crash point {n}: resume: {stderr}"
+        );
+        assert!(!stderr.contains("break-lock"), "crash point {n}: {stderr}");
+        let after = ledger(dir);
+        for step in ["flaky", "left", "right"] {
+            if done.iter().any(|d| d == step) {
+                assert_eq!(
+                    count(&after, step),
+                    count(&before, step),
+                    "crash point {n}: `{step}` had succeeded and ran again: {after:?}"
+                );
+            }
+        }
+        for want in ["left", "right", "join-hello", "cleanup"] {
+            assert!(
+                after.iter().any(|l| l == want),
+                "crash point {n}: `{want}` missing after resume: {after:?}"
+            );
+        }
+        crate::common::assert_bundle_verifies(&bundle);
+        n += 1;
+    }
+}

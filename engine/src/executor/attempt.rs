@@ -137,6 +137,7 @@ impl StepTask {
                     outcome: run.outcome.clone(),
                     output: run.counts,
                     details: run.details.clone(),
+                    outputs: outputs.as_ref().map(|o| outputs_json(o, &self.state)),
                 },
             )
             .await;

@@ -176,15 +176,19 @@ impl TargetRun {
 
     /// Outputs as recorded in evidence, secrets redacted.
     fn outputs_json(&self, state: &RunState) -> Option<serde_json::Value> {
-        self.outputs.as_ref().map(|m| {
-            let j = serde_json::Value::Object(
-                m.iter()
-                    .map(|(k, v)| (k.to_string(), dynamic_to_json(v)))
-                    .collect(),
-            );
-            serde_json::from_str(&state.redact(&j.to_string())).unwrap_or(j)
-        })
+        self.outputs.as_ref().map(|m| outputs_json(m, state))
     }
+}
+
+/// A step's outputs as evidence records them, secrets redacted.
+pub(super) fn outputs_json(outputs: &Map, state: &RunState) -> serde_json::Value {
+    let j = serde_json::Value::Object(
+        outputs
+            .iter()
+            .map(|(k, v)| (k.to_string(), dynamic_to_json(v)))
+            .collect(),
+    );
+    serde_json::from_str(&state.redact(&j.to_string())).unwrap_or(j)
 }
 
 /// How an attempt went, before the result expressions looked at it.
