@@ -30,6 +30,11 @@ use crate::session::{self, Session};
 use runbook_evidence::sign::{PublicKey, SecretKey};
 
 pub fn main() -> i32 {
+    // `run` and `resume` catch stop signals from the first instant, before argument parsing:
+    // see `signals`.
+    if matches!(std::env::args().nth(1).as_deref(), Some("run" | "resume")) {
+        crate::signals::install();
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -633,6 +638,12 @@ fn run(args: &RunArgs) -> i32 {
         Err(code) => return code,
     };
     let plan = Arc::new(plan);
+    if crate::signals::received() {
+        eprintln!(
+            "interrupted before the run started: nothing was run and no evidence was written"
+        );
+        return exit::INTERRUPTED;
+    }
     let evidence_dir = evidence_dir_for(&plan, args.evidence_dir.as_ref());
     let param_sources = plan
         .params

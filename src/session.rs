@@ -439,10 +439,14 @@ async fn watch_signals(
         return;
     };
     for n in 0..3 {
-        tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
-            _ = hup.recv() => {}
+        // A signal that came before this watcher (while the lock and bundle were being made)
+        // counts as the first.
+        if n > 0 || !crate::signals::received() {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+                _ = hup.recv() => {}
+            }
         }
         if n == 0 {
             sayln!("\nstopping: TERM sent to running steps, KILL after their grace period (interrupt again to kill now)");

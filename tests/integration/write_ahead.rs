@@ -407,3 +407,63 @@ fn every_crash_point_of_the_reference_runbook_resumes_to_a_verifying_bundle() {
         n += 1;
     }
 }
+
+/// SIGINT and SIGTERM at every instant of the first 60 ms: exit 130 each time (unless the
+/// signal beats the program's start, when nothing exists yet), the lock released, and either no bundle or a sealed `cancelled` one that verifies. Before, a signal
+/// in the first ~20 ms killed the runner outright, leaving a `running` bundle and a held lock.
+#[test]
+fn a_stop_signal_in_the_first_instants_gives_exit_130_and_releases_the_lock() {
+    use nix::sys::signal::Signal;
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path();
+    std::fs::write(
+        dir.join("runbook.toml"),
+        "[runbook]\nname = \"early\"\n[[steps]]\nid = \"a\"\nrun = \"sleep 5\"\n",
+    )
+    .expect("write");
+    for ms in (0..=60).step_by(5) {
+        for sig in [Signal::SIGINT, Signal::SIGTERM] {
+            let mut child = runbook(
+                dir,
+                &[
+                    "run",
+                    "runbook.toml",
+                    "--evidence-dir",
+                    "proof",
+                    "--no-progress",
+                ],
+            )
+            .spawn()
+            .expect("spawn");
+            std::thread::sleep(Duration::from_millis(ms));
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+            let _ = nix::sys::signal::kill(pid, sig);
+            let mut stderr = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = e.read_to_string(&mut stderr);
+            }
+            let status = child.wait().expect("wait");
+            // A signal that arrives before the program's first instruction (while the kernel
+            // and the loader start it) ends it like any program, before anything exists.
+            let before_main = std::os::unix::process::ExitStatusExt::signal(&status)
+                == Some(sig as i32)
+                && !dir.join("proof").exists();
+            assert!(
+                status.code() == Some(130) || before_main,
+                "{sig} after {ms} ms: {status:?}\n{stderr}"
+            );
+            assert!(
+                !dir.join("proof/early/.lock.json").exists(),
+                "{sig} after {ms} ms: the lock is still held\n{stderr}"
+            );
+            if let Ok(entries) = std::fs::read_dir(dir.join("proof/early")) {
+                for b in entries.flatten().filter(|e| e.path().is_dir()) {
+                    let m = crate::common::read_json(&b.path().join("manifest.json"));
+                    assert_eq!(m["status"], "cancelled", "{sig} after {ms} ms\n{stderr}");
+                    crate::common::assert_bundle_verifies(&b.path());
+                    std::fs::remove_dir_all(b.path()).expect("clean");
+                }
+            }
+        }
+    }
+}
