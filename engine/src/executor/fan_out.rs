@@ -391,6 +391,19 @@ impl StepTask {
             if failed.is_some() && !sub.always {
                 continue;
             }
+            // A cleanup sub-step (`uncordon` after a drain) runs also when the run is being
+            // cancelled: under the third interrupt's token, as a `run_on_cancel` step does.
+            let cleanup;
+            let this = if sub.run_on_cancel && self.cancel.is_cancelled() {
+                cleanup = StepTask {
+                    cancel: self.abort.clone(),
+                    force: self.abort.clone(),
+                    ..self.clone()
+                };
+                &cleanup
+            } else {
+                self
+            };
             let sub_label: Target = Arc::from(format!("{}/{}", host.name, sub.id).as_str());
             if let Some(when) = &sub.when {
                 let (value, effects) = self
@@ -406,7 +419,7 @@ impl StepTask {
                     }
                 }
             }
-            let r = self
+            let r = this
                 .run_target(sub, sub_label, Some(host), !sub.local, 0)
                 .await;
             attempts += r.attempts;

@@ -131,6 +131,8 @@ struct StepTask {
     events: mpsc::Sender<RunEvent>,
     cancel: CancellationToken,
     force: CancellationToken,
+    /// The third interrupt: what stops `run_on_cancel` work (block sub-steps included).
+    abort: CancellationToken,
     approver: Arc<dyn Approver>,
     barrier: bool,
     semaphore: Arc<Semaphore>,

@@ -203,6 +203,7 @@ impl Executor {
                     events: self.events.clone(),
                     cancel,
                     force,
+                    abort: self.abort.clone(),
                     approver: self.approver.clone(),
                     barrier: self.barrier,
                     semaphore: semaphore.clone(),
