@@ -51,7 +51,7 @@ source "proxmox-iso" "rocky9" {
     type             = "ide"
     iso_file         = var.iso_file != "" ? var.iso_file : null
     iso_url          = var.iso_file == "" ? var.iso_url : null
-    iso_storage_pool = var.iso_storage_pool
+    iso_storage_pool = var.iso_file == "" ? var.iso_storage_pool : null
     iso_checksum     = var.iso_checksum
     unmount          = true
   }
@@ -141,8 +141,8 @@ source "vsphere-iso" "rocky9" {
   }
 }
 
+# No build name: `-only=proxmox-iso.rocky9` / `-only=vsphere-iso.rocky9` select a source as is.
 build {
-  name    = "rocky9-rke2"
   sources = ["source.proxmox-iso.rocky9", "source.vsphere-iso.rocky9"]
 
   # Updates, then sealing, then the check (so it sees the image as it ships: machine-id empty,
