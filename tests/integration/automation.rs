@@ -140,6 +140,12 @@ print(json.dumps(out))
         .collect()
 }
 
+/// The parsed documents of `files` out of one [`hcl`] run over more.
+fn pick(all: &BTreeMap<PathBuf, Value>, files: &[PathBuf]) -> BTreeMap<PathBuf, Value> {
+    assert!(!files.is_empty(), "no HCL files picked");
+    files.iter().map(|f| (f.clone(), all[f].clone())).collect()
+}
+
 /// `(label, body)` of every block `kind` with one label in the parsed files.
 fn blocks<'a>(docs: impl IntoIterator<Item = &'a Value>, kind: &str) -> Vec<(String, &'a Value)> {
     let mut out = Vec::new();
@@ -449,11 +455,13 @@ print(json.dumps({
 
 #[test]
 fn terraform_modules_share_one_contract_and_the_envs_match_what_the_deploy_runbook_reads() {
+    // Every .tf parsed in one python-hcl2 run; the checks below pick their files from it.
+    let all = hcl(&files_ending(&repo().join(TERRAFORM), ".tf"));
     let modules = repo().join(TERRAFORM).join("modules/rke2");
     let mut contracts = Vec::new();
     for hv in ["proxmox", "vsphere"] {
         let files = files_ending(&modules.join(hv), ".tf");
-        let docs = hcl(&files);
+        let docs = pick(&all, &files);
         let vars = names(&blocks(docs.values(), "variable"));
         let outputs = names(&blocks(docs.values(), "output"));
         for f in &files {
@@ -494,7 +502,7 @@ fn terraform_modules_share_one_contract_and_the_envs_match_what_the_deploy_runbo
 
     // Each env passes only inputs the module declares and every input without a default.
     let module_vars = |hv: &str| -> (BTreeSet<String>, BTreeSet<String>) {
-        let docs = hcl(&files_ending(&modules.join(hv), "variables.tf"));
+        let docs = pick(&all, &files_ending(&modules.join(hv), "variables.tf"));
         let all = blocks(docs.values(), "variable");
         let required = all
             .iter()
@@ -512,7 +520,7 @@ fn terraform_modules_share_one_contract_and_the_envs_match_what_the_deploy_runbo
         ("lab-vsphere", "vsphere", "template_name"),
     ] {
         let dir = repo().join(TERRAFORM).join("envs").join(env);
-        let docs = hcl(&files_ending(&dir, ".tf"));
+        let docs = pick(&all, &files_ending(&dir, ".tf"));
         let env_vars = names(&blocks(docs.values(), "variable"));
         let (declared, required) = module_vars(hv);
         let (_, module) = blocks(docs.values(), "module")
@@ -571,7 +579,7 @@ fn terraform_modules_share_one_contract_and_the_envs_match_what_the_deploy_runbo
         .map(|env| {
             let dir = repo().join(TERRAFORM).join("envs").join(env);
             names(&blocks(
-                hcl(&files_ending(&dir, ".tf")).values(),
+                pick(&all, &files_ending(&dir, ".tf")).values(),
                 "variable",
             ))
         })
