@@ -15,6 +15,8 @@ use serde_json::Value;
 use crate::common::BIN;
 use crate::hosts::sshd::Sshd;
 
+// The loopback HTTP server the probe tests use; probes.rs includes it privately too.
+#[allow(clippy::duplicate_mod)]
 #[path = "../../steps/tests/support/httpd.rs"]
 mod httpd;
 
