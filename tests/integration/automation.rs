@@ -872,11 +872,18 @@ impl AnsibleLab {
         let secrets = format!("@{}", self.dir.path().join("secrets.json").display());
         args.extend(["-e", secrets.as_str()]);
         args.extend(extra);
+        // Facts are gathered once and cached for the later runs (`smart` gathering).
+        let facts = self.dir.path().join("facts");
         ansible(
             &args,
             &repo().join(PLAYBOOKS),
             self.dir.path(),
-            &[("RUNBOOK_TRANSCRIPT_DIR", transcripts)],
+            &[
+                ("RUNBOOK_TRANSCRIPT_DIR", transcripts),
+                ("ANSIBLE_GATHERING", Path::new("smart")),
+                ("ANSIBLE_CACHE_PLUGIN", Path::new("jsonfile")),
+                ("ANSIBLE_CACHE_PLUGIN_CONNECTION", facts.as_path()),
+            ],
         )
     }
 }
