@@ -2,6 +2,7 @@
 //! processes, writing real bundles.
 
 mod assessor;
+mod automation;
 mod common;
 mod corpus;
 mod diagnostics;
