@@ -46,6 +46,7 @@ mod passphrase;
 mod render;
 mod schedule;
 mod session;
+mod timestamp;
 
 fn main() {
     std::process::exit(commands::main());

@@ -16,3 +16,4 @@ mod probes;
 mod processes;
 mod rke2;
 mod schedule;
+mod trust;
