@@ -325,3 +325,85 @@ pub fn runbook_dirs(dir: &Path) -> Vec<PathBuf> {
     dirs.sort();
     dirs
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A minimal bundle: a manifest with a start time and a chain link, sealed or not.
+    fn bundle(dir: &Path, name: &str, second: u32, link: Value, sealed: bool) {
+        let b = dir.join(name);
+        std::fs::create_dir_all(&b).expect("mkdir");
+        let m = json!({
+            "run_id": name,
+            "status": "succeeded",
+            "started_at": format!("2026-11-25T10:00:{second:02}Z"),
+            "context": { "chain": link },
+        });
+        std::fs::write(b.join(MANIFEST_FILE), m.to_string()).expect("manifest");
+        if sealed {
+            checksums::write(&b).expect("sums");
+        }
+    }
+
+    fn problems(dir: &Path) -> Vec<ChainProblem> {
+        walk(dir, &VerifyOptions::default()).problems
+    }
+
+    #[test]
+    fn links_follow_sealed_bundles_and_skip_unsealed_ones() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path();
+        assert_eq!(link_to_previous(dir)["previous"], Value::Null);
+        bundle(dir, "a", 1, link_to_previous(dir), true);
+        bundle(dir, "b", 2, link_to_previous(dir), false);
+        let link = link_to_previous(dir);
+        assert_eq!(link["previous"]["bundle"], "a");
+        assert_eq!(link["unsealed"], json!(["b"]));
+        bundle(dir, "c", 3, link, true);
+        // `b` sealed later (resumed): `c` rightly skipped it.
+        checksums::write(&dir.join("b")).expect("sums");
+        assert_eq!(problems(dir), vec![]);
+    }
+
+    #[test]
+    fn a_link_past_a_sealed_bundle_is_out_of_order() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path();
+        bundle(dir, "a", 1, link_to_previous(dir), true);
+        let to_a = link_to_previous(dir);
+        bundle(dir, "b", 2, to_a.clone(), true);
+        bundle(dir, "c", 3, to_a, true);
+        assert_eq!(
+            problems(dir),
+            vec![ChainProblem::OutOfOrder {
+                by: "c".into(),
+                links_to: "a".into(),
+                expected: "b".into()
+            }]
+        );
+        // A bundle claiming to be first after chained ones.
+        bundle(dir, "d", 4, json!({"previous": null, "unsealed": []}), true);
+        assert!(problems(dir).contains(&ChainProblem::NotFirst {
+            bundle: "d".into(),
+            before: 3
+        }));
+    }
+
+    #[test]
+    fn scheduled_fire_times_without_a_bundle_are_gaps() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path();
+        bundle(dir, "a", 5, link_to_previous(dir), true);
+        bundle(dir, "b", 35, link_to_previous(dir), true);
+        let report = walk(dir, &VerifyOptions::default());
+        let t = |s: u32| {
+            DateTime::parse_from_rfc3339(&format!("2026-11-25T10:00:{s:02}Z"))
+                .expect("time")
+                .with_timezone(&Utc)
+        };
+        // Fire times every 10 s from 10:00:00: a drill started at :05 and :35 only.
+        let slots: Vec<_> = (0..5).map(|i| (t(i * 10), t(i * 10 + 10))).collect();
+        assert_eq!(missed_slots(&report, &slots), vec![t(10), t(20), t(40)]);
+    }
+}

@@ -1349,7 +1349,11 @@ mod tests {
         );
 
         // Tamper with a log and "fix" SHA256SUMS: the checksums pass, the signature does not.
-        std::fs::write(b.path().join("steps/a/local/attempt-1.log"), "forged\n").expect("write");
+        std::fs::write(
+            b.path().join("steps/a/local/attempt-1.log"),
+            "forged\n2026-11-25T18:28:29.010Z --- attempt 1: succeeded\n",
+        )
+        .expect("write");
         checksums::write(b.path()).expect("sums");
         let report = verify_bundle(b.path(), Some(&pk));
         assert!(
@@ -1521,5 +1525,93 @@ mod tests {
             Ok(("a".repeat(64), "a\nb".into()))
         );
         assert!(parse_sums_line(&format!("{hash}  /etc/passwd")).is_err());
+    }
+    #[test]
+    fn a_trusted_comment_naming_another_run_is_a_problem() {
+        let b = bundle();
+        let (sk, pk) = sign::generate("test");
+        let sums = std::fs::read(b.path().join(SUMS_FILE)).expect("sums");
+        let forged = format!(
+            "timestamp:1\tfile:SHA256SUMS\trun:deadbeef\tstatus:succeeded\tsha256:{}",
+            "0".repeat(64)
+        );
+        sign_bundle(b.path(), &sk, &forged).expect("sign");
+        let report = verify_bundle(b.path(), Some(&pk));
+        let text: Vec<String> = report.problems.iter().map(ToString::to_string).collect();
+        assert_eq!(report.problems.len(), 3, "{text:#?}");
+        assert!(text[0].contains("it says run `deadbeef`, the bundle has run_id `5acbfb1e`"));
+        assert!(text[1].contains("it says status `succeeded`, the bundle says status `failed`"));
+        assert!(text[2].contains(&checksums::sha256_bytes(&sums)), "{text:#?}");
+
+        // Stock minisign's comment names none of them: a note, not a problem.
+        sign_bundle(b.path(), &sk, "timestamp:1\tfile:SHA256SUMS\thashed").expect("sign");
+        let report = verify_bundle(b.path(), Some(&pk));
+        assert!(report.is_ok(), "{:#?}", report.problems);
+        assert_eq!(
+            report.notes,
+            vec![Note::TrustedCommentIncomplete {
+                missing: "run, status, sha256".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn a_log_closing_record_must_match_the_journal() {
+        let b = bundle();
+        let log = b.path().join("steps/b/local/attempt-2.log");
+        std::fs::write(
+            &log,
+            "2026-11-25T18:28:29.100Z err boom\n2026-11-25T18:28:29.110Z --- attempt 2: succeeded\n",
+        )
+        .expect("write");
+        checksums::write(b.path()).expect("sums");
+        let report = verify_bundle(b.path(), None);
+        assert_eq!(
+            only(&report),
+            &Problem::LogDisagrees {
+                path: "steps/b/local/attempt-2.log".into(),
+                what: "it ends `--- attempt 2: succeeded`, the journal says `attempt 2: exit code 1`"
+                    .into()
+            }
+        );
+        // Output after the closing record: the log was appended to.
+        std::fs::write(
+            &log,
+            "2026-11-25T18:28:29.110Z --- attempt 2: exit code 1\n2026-11-25T18:28:29.200Z out ok\n",
+        )
+        .expect("write");
+        checksums::write(b.path()).expect("sums");
+        let report = verify_bundle(b.path(), None);
+        assert!(only(&report).to_string().contains("no closing record"));
+    }
+
+    #[test]
+    fn unchecked_signatures_and_required_signatures_are_trust_gaps() {
+        let b = bundle();
+        let report = verify_bundle(b.path(), None);
+        assert!(report.trust_gaps(false).is_empty());
+        let gaps = report.trust_gaps(true);
+        assert_eq!(gaps.len(), 1);
+        assert!(gaps[0].contains("UNSIGNED"));
+
+        let (sk, pk) = sign::generate("test");
+        let (_, other) = sign::generate("other");
+        let tc = default_trusted_comment(b.path()).expect("comment");
+        sign_bundle(b.path(), &sk, &tc).expect("sign");
+        let report = verify_bundle(b.path(), None);
+        assert!(report.is_ok());
+        let gaps = report.trust_gaps(false);
+        assert!(gaps[0].contains("--pubkey FILE") && gaps[0].contains("RUNBOOK_TRUSTED_KEYS"));
+        // Several trusted keys: the one the signature names is used, wherever it is listed.
+        let keys = [other, pk.clone()];
+        let report = verify_bundle_with(
+            b.path(),
+            &VerifyOptions {
+                keys: &keys,
+                tsa_ca: None,
+            },
+        );
+        assert!(report.is_ok(), "{:#?}", report.problems);
+        assert!(report.trust_gaps(true).is_empty());
     }
 }
