@@ -1410,6 +1410,12 @@ fn repair(bundle: &Path, force: bool, sign_key: Option<&Path>, password: Option<
             return exit::USAGE;
         }
     };
+    if crate::timestamp::drop_stale(bundle) {
+        render::warning(
+            "the bundle's RFC 3161 time-stamp was REMOVED: it was for the old `SHA256SUMS`; \
+             the repaired bundle has no trusted time",
+        );
+    }
     if let Some(key) = &key {
         let signed_again = verify::default_trusted_comment(bundle)
             .and_then(|comment| verify::sign_bundle(bundle, key, &comment));

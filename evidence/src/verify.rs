@@ -1541,7 +1541,10 @@ mod tests {
         assert_eq!(report.problems.len(), 3, "{text:#?}");
         assert!(text[0].contains("it says run `deadbeef`, the bundle has run_id `5acbfb1e`"));
         assert!(text[1].contains("it says status `succeeded`, the bundle says status `failed`"));
-        assert!(text[2].contains(&checksums::sha256_bytes(&sums)), "{text:#?}");
+        assert!(
+            text[2].contains(&checksums::sha256_bytes(&sums)),
+            "{text:#?}"
+        );
 
         // Stock minisign's comment names none of them: a note, not a problem.
         sign_bundle(b.path(), &sk, "timestamp:1\tfile:SHA256SUMS\thashed").expect("sign");
@@ -1570,8 +1573,9 @@ mod tests {
             only(&report),
             &Problem::LogDisagrees {
                 path: "steps/b/local/attempt-2.log".into(),
-                what: "it ends `--- attempt 2: succeeded`, the journal says `attempt 2: exit code 1`"
-                    .into()
+                what:
+                    "it ends `--- attempt 2: succeeded`, the journal says `attempt 2: exit code 1`"
+                        .into()
             }
         );
         // Output after the closing record: the log was appended to.
