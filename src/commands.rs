@@ -736,7 +736,7 @@ fn schedule_expectations(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let here = rb_dir.parent().map(|p| canonical(p)).unwrap_or_default();
+    let here = rb_dir.parent().map(canonical).unwrap_or_default();
     let now = chrono::Utc::now();
     let mut slots = Vec::new();
     let mut last = Vec::new();

@@ -17,27 +17,37 @@ use crate::verify::{self, VerifyOptions, VerifyReport, MANIFEST_FILE, SUMS_FILE}
 /// Where in the manifest's `context` the link is recorded.
 pub const CONTEXT_KEY: &str = "chain";
 
-/// The bundle directories directly under `runbook_dir`, in the order the runs started (the
-/// manifest's `started_at`; the name, which begins with the start second, breaks ties and
-/// stands in when a manifest is unreadable).
+/// The bundle directories directly under `runbook_dir`, in the order the runs started. Names
+/// begin with the UTC start second (`20261125T101500Z-<run id>`), so the name orders them;
+/// runs started in the same second are ordered by their manifest's `started_at` (only those
+/// manifests are read: this runs before every run).
 fn bundles_in(runbook_dir: &Path) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir(runbook_dir) else {
         return Vec::new();
     };
-    let mut found: Vec<(Option<DateTime<Utc>>, String)> = entries
+    let mut names: Vec<String> = entries
         .filter_map(Result::ok)
         .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
         .filter(|e| verify::check_is_bundle(&e.path()).is_ok())
-        .filter_map(|e| {
-            let name = e.file_name().into_string().ok()?;
-            Some((started_at(&read_manifest(&e.path())), name))
-        })
+        .filter_map(|e| e.file_name().into_string().ok())
         .collect();
-    found.sort_by(|(ta, a), (tb, b)| match (ta, tb) {
-        (Some(ta), Some(tb)) => ta.cmp(tb).then_with(|| a.cmp(b)),
-        _ => a.cmp(b),
-    });
-    found.into_iter().map(|(_, n)| n).collect()
+    names.sort();
+    let stamp = |n: &str| n.split('-').next().unwrap_or(n).to_owned();
+    let mut i = 0;
+    while i < names.len() {
+        let s = stamp(&names[i]);
+        let mut j = i + 1;
+        while j < names.len() && stamp(&names[j]) == s {
+            j += 1;
+        }
+        if j - i > 1 {
+            names[i..j].sort_by_cached_key(|n| {
+                (started_at(&read_manifest(&runbook_dir.join(n))), n.clone())
+            });
+        }
+        i = j;
+    }
+    names
 }
 
 fn started_at(manifest: &Value) -> Option<DateTime<Utc>> {
