@@ -233,13 +233,62 @@ fn identity() -> Value {
 fn binary() -> Value {
     match std::env::current_exe() {
         Ok(path) => {
-            let sha256 = runbook_evidence::checksums::sha256_file(&path).map_err(|e| e.to_string());
+            let (sha256, cached) = match binary_sha256(&path) {
+                Ok((h, cached)) => (Ok(h), cached),
+                Err(e) => (Err(e), false),
+            };
             json!({
                 "path": path.display().to_string(),
                 "sha256": sha256.as_ref().ok(),
+                "sha256_cached": cached,
                 "error": sha256.err(),
             })
         }
         Err(e) => json!({"path": null, "sha256": null, "error": e.to_string()}),
     }
+}
+
+/// The binary's SHA-256, and whether it came from the per-user cache. Hashing a large binary
+/// takes a while at every run start; the cache keeps it for the exact file it was computed
+/// from (device, inode, size, modification and change times: any rewrite of the binary, even
+/// one that restores its modification time, changes its change time).
+fn binary_sha256(path: &std::path::Path) -> Result<(String, bool), String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    let key = format!(
+        "{}:{}:{}:{}.{}:{}.{}",
+        meta.dev(),
+        meta.ino(),
+        meta.size(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        meta.ctime(),
+        meta.ctime_nsec()
+    );
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache")))
+        .map(|d| d.join("runbook").join("binary-sha256"));
+    if let Some(text) = cache.as_ref().and_then(|c| std::fs::read_to_string(c).ok()) {
+        if let Some((k, h)) = text.trim().split_once(' ') {
+            if k == key && h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Ok((h.to_owned(), true));
+            }
+        }
+    }
+    let hash = runbook_evidence::checksums::sha256_file(path).map_err(|e| e.to_string())?;
+    if let Some(cache) = cache {
+        // Best effort: a cache that cannot be written only costs the next run the hashing.
+        if let Some(dir) = cache.parent() {
+            if std::fs::create_dir_all(dir).is_ok() {
+                let tmp = dir.join(format!("binary-sha256.{}", std::process::id()));
+                if std::fs::write(&tmp, format!("{key} {hash}\n")).is_ok()
+                    && std::fs::rename(&tmp, &cache).is_err()
+                {
+                    let _ = std::fs::remove_file(&tmp);
+                }
+            }
+        }
+    }
+    Ok((hash, false))
 }
