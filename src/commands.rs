@@ -714,7 +714,7 @@ fn verify_chain(dir: &Path, trust: &Trust, args: &VerifyArgs) -> i32 {
 
 /// From a schedule file: the fire times (with the window until the next) of the entries that
 /// run the runbook whose bundles are in `rb_dir`, from the first bundle (`since`) up to now
-/// (at most 10 000), and the bundles its state file names as their last runs.
+/// (at most 10 000), and the bundles its state file names as their last runs that are not there.
 #[allow(clippy::type_complexity)]
 fn schedule_expectations(
     schedule: &Path,
