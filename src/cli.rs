@@ -136,18 +136,14 @@ pub enum ExportFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum EvidenceCommand {
-    /// Check a bundle: every checksum, no file missing or extra, journal and manifest agree,
-    /// and the signature when there is one (exit 3 on any problem, 2 if the path is not a bundle)
+    /// Check a bundle: every checksum, no file missing or extra, journal, manifest and logs
+    /// agree, the signature and its trusted comment, the RFC 3161 time-stamp (exit 3 on any
+    /// problem, or when a signature or time-stamp could not be checked; 2 if the path is not a
+    /// bundle)
     #[command(
-        after_help = "Examples:\n  runbook evidence verify proof/rke2-upgrade/20261125T101500Z-1a2b3c4d --pubkey runbook.pub\n\nThe signature also verifies with minisign itself:\n  cd BUNDLE && minisign -Vm SHA256SUMS -p runbook.pub && sha256sum -c SHA256SUMS"
+        after_help = "Examples:\n  runbook evidence verify proof/rke2-upgrade/20261125T101500Z-1a2b3c4d --pubkey runbook.pub\n  runbook evidence verify BUNDLE --pubkey runbook.pub --tsa-ca tsa-ca.pem --require-signature\n  runbook evidence verify --chain proof/rke2-upgrade --pubkey runbook.pub --schedule drills.toml\n\nA signed bundle verified without a trusted key fails (exit 3): give --pubkey, or\n--trusted-keys FILE / RUNBOOK_TRUSTED_KEYS (one or more minisign public keys). An unsigned\nbundle passes on its checksums alone, and says so, unless --require-signature is given.\n\nThe same checks with independent tools:\n  cd BUNDLE && minisign -Vm SHA256SUMS -p runbook.pub && sha256sum -c SHA256SUMS\n  openssl ts -verify -data SHA256SUMS -in SHA256SUMS.tsr -CAfile tsa-ca.pem"
     )]
-    Verify {
-        /// The bundle directory
-        bundle: PathBuf,
-        /// Public key (`.pub` file, or the base64 key) the signature must verify with
-        #[arg(long, value_name = "KEY")]
-        pubkey: Option<String>,
-    },
+    Verify(VerifyArgs),
     /// List the bundles under an evidence directory: when, what, status, who
     List {
         /// The evidence directory
@@ -189,6 +185,34 @@ pub enum EvidenceCommand {
         )]
         sign_password: Option<String>,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The bundle directory
+    #[arg(required_unless_present = "chain")]
+    pub bundle: Option<PathBuf>,
+    /// Walk every bundle of a runbook (`<evidence dir>/<runbook>`, or an evidence directory
+    /// for all its runbooks): each bundle checked, and each one's link to the one before it
+    #[arg(long, value_name = "DIR", conflicts_with = "bundle")]
+    pub chain: Option<PathBuf>,
+    /// Public key (`.pub` file, or the base64 key) the signature must verify with
+    #[arg(long, value_name = "KEY")]
+    pub pubkey: Option<String>,
+    /// A file of trusted public keys (minisign `.pub` files concatenated, or base64 lines);
+    /// the signature must verify with the one its key id names
+    #[arg(long, value_name = "FILE", env = "RUNBOOK_TRUSTED_KEYS")]
+    pub trusted_keys: Option<PathBuf>,
+    /// Fail (exit 3) when the bundle is not signed
+    #[arg(long)]
+    pub require_signature: bool,
+    /// CA certificate(s) (PEM) the time-stamping authority's certificate must chain to
+    #[arg(long, value_name = "FILE", env = "RUNBOOK_TSA_CA")]
+    pub tsa_ca: Option<PathBuf>,
+    /// With --chain: the schedule file that runs this runbook; each scheduled fire time with
+    /// no bundle is reported as a gap, and a missing last-run bundle as missing
+    #[arg(long, value_name = "FILE", requires = "chain")]
+    pub schedule: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -309,6 +333,10 @@ pub struct Signing {
     /// Fail the run when a secret had to be redacted from step output (it was printed)
     #[arg(long)]
     pub fail_on_leak: bool,
+    /// Get an RFC 3161 time-stamp of SHA256SUMS from this time-stamping authority (stored as
+    /// SHA256SUMS.tsr)
+    #[arg(long, value_name = "URL", env = "RUNBOOK_TIMESTAMP_URL")]
+    pub timestamp_url: Option<String>,
 }
 
 #[derive(Debug, Args)]

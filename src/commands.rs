@@ -21,7 +21,7 @@ use runbook_evidence::{Recorder, RecorderConfig};
 use crate::approve::TerminalApprover;
 use crate::cli::{
     exit, CheckArgs, Cli, Command, EvidenceCommand, ExecArgs, GraphArgs, GraphFormat, PlanArgs,
-    ResumeArgs, RunArgs, Signing,
+    ResumeArgs, RunArgs, Signing, VerifyArgs,
 };
 use crate::console::Console;
 use crate::lock::{Holder, RunLock};
@@ -483,30 +483,87 @@ key id {}; for `minisign -P`: {}",
     }
 }
 
-fn verify(bundle: &Path, pubkey: Option<&str>) -> i32 {
-    // A path that is no bundle is a usage error: exit 3 means a bundle failed its check.
-    if let Err(e) = runbook_evidence::verify::check_is_bundle(bundle) {
-        render::error(&e.to_string());
-        return exit::USAGE;
-    }
-    let key = match pubkey {
-        None => None,
-        Some(k) => {
+/// What `evidence verify` trusts, read from its flags: usage errors exit 2.
+struct Trust {
+    keys: Vec<PublicKey>,
+    tsa_ca: Option<Vec<runbook_evidence::tsa::Certificate>>,
+}
+
+impl Trust {
+    fn load(args: &VerifyArgs) -> Result<Self, i32> {
+        let mut keys = Vec::new();
+        if let Some(k) = &args.pubkey {
             let parsed = if Path::new(k).exists() {
                 PublicKey::from_file(Path::new(k))
             } else {
                 PublicKey::from_base64(k)
             };
             match parsed {
-                Ok(key) => Some(key),
+                Ok(key) => keys.push(key),
                 Err(e) => {
                     render::error(&format!("public key `{k}`: {e}"));
-                    return exit::USAGE;
+                    return Err(exit::USAGE);
                 }
             }
         }
+        if let Some(path) = &args.trusted_keys {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                render::error(&format!("trusted-keys file `{}`: {e}", path.display()));
+                exit::USAGE
+            })?;
+            match PublicKey::all_from_text(&text) {
+                Ok(more) => keys.extend(more),
+                Err((line, e)) => {
+                    render::error(&format!(
+                        "trusted-keys file `{}` line {line}: {e}",
+                        path.display()
+                    ));
+                    return Err(exit::USAGE);
+                }
+            }
+        }
+        let tsa_ca = match &args.tsa_ca {
+            None => None,
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    render::error(&format!("TSA CA file `{}`: {e}", path.display()));
+                    exit::USAGE
+                })?;
+                Some(runbook_evidence::tsa::load_ca(&pem).map_err(|e| {
+                    render::error(&format!("TSA CA file `{}`: {e}", path.display()));
+                    exit::USAGE
+                })?)
+            }
+        };
+        Ok(Self { keys, tsa_ca })
+    }
+
+    fn options(&self) -> runbook_evidence::verify::VerifyOptions<'_> {
+        runbook_evidence::verify::VerifyOptions {
+            keys: &self.keys,
+            tsa_ca: self.tsa_ca.as_deref(),
+        }
+    }
+}
+
+fn verify(args: &VerifyArgs) -> i32 {
+    let trust = match Trust::load(args) {
+        Ok(t) => t,
+        Err(code) => return code,
     };
-    let report = runbook_evidence::verify::verify_bundle(bundle, key.as_ref());
+    if let Some(dir) = &args.chain {
+        return verify_chain(dir, &trust, args);
+    }
+    let Some(bundle) = &args.bundle else {
+        render::error("give a bundle directory, or --chain DIR");
+        return exit::USAGE;
+    };
+    // A path that is no bundle is a usage error: exit 3 means a bundle failed its check.
+    if let Err(e) = runbook_evidence::verify::check_is_bundle(bundle) {
+        render::error(&e.to_string());
+        return exit::USAGE;
+    }
+    let report = runbook_evidence::verify::verify_bundle_with(bundle, &trust.options());
     for p in &report.problems {
         eprintln!("problem: {p}");
     }
@@ -517,17 +574,214 @@ fn verify(bundle: &Path, pubkey: Option<&str>) -> i32 {
         "{} files checked; signature: {}",
         report.files_checked, report.signature
     );
-    if report.is_ok() {
-        eprintln!("{}: ok", bundle.display());
-        exit::OK
-    } else {
+    eprintln!("timestamp: {}", report.timestamp);
+    let gaps = report.trust_gaps(args.require_signature);
+    for g in &gaps {
+        eprintln!("not trusted: {g}");
+    }
+    if !report.is_ok() {
         render::error(&format!(
             "{}: {} problem(s)",
             bundle.display(),
             report.problems.len()
         ));
-        exit::VERIFY_FAILED
+        return exit::VERIFY_FAILED;
     }
+    if !gaps.is_empty() {
+        render::error(&format!(
+            "{}: NOT verified: {}",
+            bundle.display(),
+            if gaps.len() == 1 {
+                "see `not trusted` above".to_owned()
+            } else {
+                format!("{} reasons, see `not trusted` above", gaps.len())
+            }
+        ));
+        return exit::VERIFY_FAILED;
+    }
+    eprintln!("{}", verdict_line(&bundle.display().to_string(), &report));
+    exit::OK
+}
+
+/// The last line of a bundle that passed: what was established, and what was not.
+fn verdict_line(name: &str, report: &runbook_evidence::verify::VerifyReport) -> String {
+    use runbook_evidence::verify::{SignatureState, TimestampState};
+    let time = match &report.timestamp {
+        TimestampState::Verified(s) => format!(
+            "; time-stamped {} by a trusted TSA",
+            s.time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        ),
+        _ => String::new(),
+    };
+    match &report.signature {
+        SignatureState::Verified { key_id, .. } => {
+            format!("{name}: ok (signed by trusted key {key_id}{time})")
+        }
+        _ => format!(
+            "{name}: ok, but UNSIGNED: only its checksums were checked, which anyone who could \
+             write the bundle could have rewritten{time} (--require-signature makes this fail)"
+        ),
+    }
+}
+
+/// `evidence verify --chain`: every bundle of each runbook directory, and the links.
+fn verify_chain(dir: &Path, trust: &Trust, args: &VerifyArgs) -> i32 {
+    use runbook_evidence::chain;
+    let dirs = chain::runbook_dirs(dir);
+    if dirs.is_empty() {
+        render::error(&format!(
+            "`{}`: no evidence bundles in it or in its subdirectories",
+            dir.display()
+        ));
+        return exit::USAGE;
+    }
+    let mut failed = 0usize;
+    let mut total = 0usize;
+    for rb_dir in &dirs {
+        let mut report = chain::walk(rb_dir, &trust.options());
+        if let Some(schedule) = &args.schedule {
+            let since = report.entries.iter().filter_map(|e| e.started_at).min();
+            match schedule_expectations(schedule, rb_dir, since) {
+                Ok((slots, last_bundles)) => {
+                    for at in chain::missed_slots(&report, &slots) {
+                        report.problems.push(chain::ChainProblem::MissedSlot { at });
+                    }
+                    for b in last_bundles {
+                        report
+                            .problems
+                            .push(chain::ChainProblem::LastRunMissing { bundle: b });
+                    }
+                }
+                Err(e) => {
+                    render::error(&e);
+                    return exit::USAGE;
+                }
+            }
+        }
+        eprintln!(
+            "chain {}: {} bundle(s)",
+            rb_dir.display(),
+            report.entries.len()
+        );
+        for e in &report.entries {
+            total += 1;
+            let gaps = e.report.trust_gaps(args.require_signature);
+            let verdict = if !e.report.is_ok() {
+                format!("FAILED ({} problem(s))", e.report.problems.len())
+            } else if !gaps.is_empty() {
+                "NOT VERIFIED".to_owned()
+            } else {
+                match &e.report.signature {
+                    runbook_evidence::verify::SignatureState::Verified { key_id, .. } => {
+                        format!("ok, signed by {key_id}")
+                    }
+                    _ => "ok, UNSIGNED".to_owned(),
+                }
+            };
+            eprintln!(
+                "  {}  {}  {}",
+                e.bundle,
+                e.status.as_deref().unwrap_or("?"),
+                verdict
+            );
+            for p in &e.report.problems {
+                eprintln!("    problem: {p}");
+            }
+            for g in &gaps {
+                eprintln!("    not trusted: {g}");
+            }
+            if !e.report.is_ok() || !gaps.is_empty() {
+                failed += 1;
+            }
+        }
+        for n in &report.notes {
+            eprintln!("  note: {n}");
+        }
+        for p in &report.problems {
+            eprintln!("  chain problem: {p}");
+        }
+        failed += report.problems.len();
+    }
+    if failed > 0 {
+        render::error(&format!(
+            "{}: chain NOT verified: {failed} problem(s) in {total} bundle(s)",
+            dir.display()
+        ));
+        exit::VERIFY_FAILED
+    } else {
+        eprintln!(
+            "{}: chain ok: {total} bundle(s), each linked to the one before it",
+            dir.display()
+        );
+        exit::OK
+    }
+}
+
+/// From a schedule file: the fire times (with the window until the next) of the entries that
+/// run the runbook whose bundles are in `rb_dir`, from the first bundle (`since`) up to now
+/// (at most 10 000), and the bundles its state file names as their last runs that are not there.
+#[allow(clippy::type_complexity)]
+fn schedule_expectations(
+    schedule: &Path,
+    rb_dir: &Path,
+    since: Option<chrono::DateTime<chrono::Utc>>,
+) -> Result<
+    (
+        Vec<(chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)>,
+        Vec<String>,
+    ),
+    String,
+> {
+    let file = crate::schedule::file::load(schedule).map_err(|d| {
+        print_diagnostics(&d);
+        format!("schedule file `{}` has errors", schedule.display())
+    })?;
+    let state = crate::schedule::state::State::load(&file.state_file).map_err(|e| e.to_string())?;
+    let name = rb_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let here = rb_dir.parent().map(canonical).unwrap_or_default();
+    let now = chrono::Utc::now();
+    let mut slots = Vec::new();
+    let mut last = Vec::new();
+    for entry in &file.entries {
+        let runbook_name = std::fs::read_to_string(&entry.runbook)
+            .ok()
+            .and_then(|t| toml::from_str::<toml::Value>(&t).ok())
+            .and_then(|v| v.get("runbook")?.get("name")?.as_str().map(str::to_owned));
+        if runbook_name.as_deref() != Some(name.as_str()) || canonical(&entry.evidence_dir) != here
+        {
+            continue;
+        }
+        // A drill starts within its jitter after its fire time; the next fire time ends its
+        // window. Fire times not yet due (plus jitter) are not counted.
+        let jitter = chrono::Duration::from_std(entry.jitter).unwrap_or_default();
+        let Some(mut t) = since.map(|s| s - chrono::Duration::minutes(1)) else {
+            continue;
+        };
+        while let Some(at) = entry.cron.next_after(t) {
+            if at + jitter + chrono::Duration::minutes(1) > now || slots.len() >= 10_000 {
+                break;
+            }
+            let end = entry.cron.next_after(at).unwrap_or(now);
+            slots.push((at, end));
+            t = at;
+        }
+        if let Some(b) = state
+            .entries
+            .get(&entry.name)
+            .and_then(|s| s.last_outcome.as_ref())
+            .and_then(|o| o.bundle.clone())
+        {
+            // Written as the scheduler saw it: absolute, or relative to where it ran.
+            let p = Path::new(&b);
+            if !p.exists() && !file.dir.join(p).exists() {
+                last.push(b);
+            }
+        }
+    }
+    Ok((slots, last))
 }
 
 /// The secrets a run holds in memory only: the key that signs its bundle and the
@@ -583,6 +837,7 @@ fn launch(
         sign_key: keys.sign_key,
         textfile_dir: exec.signing.textfile_dir.clone(),
         fail_on_leak: exec.signing.fail_on_leak,
+        timestamp_url: exec.signing.timestamp_url.clone(),
         passphrases: keys.passphrases,
         durability: exec.durability,
         plan,
@@ -657,19 +912,37 @@ fn run(args: &RunArgs) -> i32 {
         })
         .collect();
     let op = operator();
+    let mut context = crate::context::collect(&args.file, &plan.workdir, &plan.runbook.meta.facts);
+    context["signing"] = serde_json::json!({
+        "key_id": keys.sign_key.as_ref().map(|k| k.key_id().to_string()),
+    });
+    context[runbook_evidence::chain::CONTEXT_KEY] =
+        runbook_evidence::chain::link_to_previous(&evidence_dir.join(&plan.runbook.meta.name));
+    // Values from outside the runbook (environment, git, command line) may carry credentials
+    // in URLs the run has no secret for: removed, and where from recorded.
+    let mut params = plan.params.to_json(true);
+    let mut command_line = serde_json::Value::from(std::env::args().collect::<Vec<_>>());
+    let mut scrubbed = runbook_evidence::scrub::scrub_json(&mut context, "context");
+    scrubbed.extend(runbook_evidence::scrub::scrub_json(&mut params, "params"));
+    scrubbed.extend(runbook_evidence::scrub::scrub_json(
+        &mut command_line,
+        "command_line",
+    ));
+    context["scrubbed"] = scrubbed.into();
+    let command_line: Vec<String> = serde_json::from_value(command_line).unwrap_or_default();
     let recorder = match Recorder::create(RecorderConfig {
         evidence_dir: evidence_dir.clone(),
         runbook: plan.runbook.clone(),
         run_id: run_info.id.clone(),
         started_at: run_info.started_at,
-        params: plan.params.to_json(true),
+        params,
         param_sources,
         secrets: plan.params.secrets(),
         operator: op.clone(),
         engine_version: env!("CARGO_PKG_VERSION").to_owned(),
         workdir: plan.workdir.clone(),
-        command_line: std::env::args().collect(),
-        context: crate::context::collect(&args.file, &plan.workdir, &plan.runbook.meta.facts),
+        command_line,
+        context,
         inventory: plan.inventory().source.clone(),
     }) {
         Ok(r) => r,
@@ -1072,7 +1345,7 @@ fn unfinished_processes(events: &[(u64, RunEvent)]) -> Vec<(String, u32, u32, Op
 
 fn evidence(cmd: &EvidenceCommand) -> i32 {
     match cmd {
-        EvidenceCommand::Verify { bundle, pubkey } => verify(bundle, pubkey.as_deref()),
+        EvidenceCommand::Verify(args) => verify(args),
         EvidenceCommand::List { dir } => match crate::bundles::list(dir) {
             Ok(text) => {
                 print!("{text}");
@@ -1169,6 +1442,12 @@ fn repair(bundle: &Path, force: bool, sign_key: Option<&Path>, password: Option<
             return exit::USAGE;
         }
     };
+    if crate::timestamp::drop_stale(bundle) {
+        render::warning(
+            "the bundle's RFC 3161 time-stamp was REMOVED: it was for the old `SHA256SUMS`; \
+             the repaired bundle has no trusted time",
+        );
+    }
     if let Some(key) = &key {
         let signed_again = verify::default_trusted_comment(bundle)
             .and_then(|comment| verify::sign_bundle(bundle, key, &comment));

@@ -1,5 +1,6 @@
 //! Run context for the manifest: where the runbook came from (git commit), what the tools it
-//! declares say about themselves (`[evidence] facts`), and what the clock was.
+//! declares say about themselves (`[evidence] facts`), what the clock was and whether it was
+//! synchronised, who ran it (through `sudo` too), on which machine, with which binary.
 
 use std::path::Path;
 use std::process::Command;
@@ -43,7 +44,10 @@ pub fn collect(runbook: &Path, workdir: &Path, facts: &[String]) -> Value {
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     // Independent commands, run side by side: they delay the start of every run.
-    let (repo, ntp, facts) = std::thread::scope(|scope| {
+    let (repo, ntp, facts, sync, fqdn, binary) = std::thread::scope(|scope| {
+        let sync = scope.spawn(clock_sync);
+        let fqdn = scope.spawn(fqdn);
+        let binary = scope.spawn(binary);
         let repo = scope.spawn(|| {
             git(dir, &["rev-parse", "HEAD"]).map(|commit| {
                 let dirty = scope.spawn(|| {
@@ -83,21 +87,208 @@ pub fn collect(runbook: &Path, workdir: &Path, facts: &[String]) -> Value {
                 .into_iter()
                 .map(|f| f.join().unwrap_or(Value::Null))
                 .collect::<Vec<Value>>(),
+            sync.join().unwrap_or(Value::Null),
+            fqdn.join().unwrap_or(None),
+            binary.join().unwrap_or(Value::Null),
         )
     });
     let now = chrono::Local::now();
+    // `ntp_synchronized` stays for readers of older bundles; `sync` says who answered.
+    let ntp = ntp.or_else(|| sync["synchronized"].as_bool());
     json!({
         "git": repo,
         "time": {
             "source": "system clock",
             "ntp_synchronized": ntp,
+            "sync": sync,
             "local_offset": now.offset().to_string(),
             "local_start": now.to_rfc3339(),
         },
+        "host": {
+            "fqdn": fqdn,
+            "machine_id": machine_id(),
+        },
+        "identity": identity(),
         "engine": {
             "version": env!("CARGO_PKG_VERSION"),
             "target": std::env::consts::ARCH.to_owned() + "-" + std::env::consts::OS,
+            "binary": binary,
         },
         "facts": facts,
     })
+}
+
+/// Runs `program args…` with a time limit: `Ok(stdout)` on exit 0, else why not.
+fn probe(program: &str, args: &[&str]) -> Result<String, String> {
+    let out = Command::new("timeout")
+        .arg("5")
+        .arg(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("could not run: {e}"))?;
+    match out.status.code() {
+        Some(0) => Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned()),
+        // `timeout` exits 127 when the program is not there, 124 when it ran out of time.
+        Some(127) => Err("not installed".into()),
+        Some(124) => Err("did not answer within 5 s".into()),
+        code => {
+            let err = String::from_utf8_lossy(&out.stderr);
+            let first = err.lines().next().unwrap_or("").trim();
+            Err(format!(
+                "exit {}{}",
+                code.map_or_else(|| "by signal".to_owned(), |c| c.to_string()),
+                if first.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {first}")
+                }
+            ))
+        }
+    }
+}
+
+/// Whether the clock is synchronised, from the first of `timedatectl`, `chronyc tracking` and
+/// `/run/systemd/timesync` that answers; `source: "unknown"` with each one's reason if none.
+fn clock_sync() -> Value {
+    let mut why = Vec::new();
+    match probe("timedatectl", &["show", "-p", "NTPSynchronized", "--value"]) {
+        Ok(v) if v == "yes" || v == "no" => {
+            return json!({"source": "timedatectl", "synchronized": v == "yes"});
+        }
+        Ok(v) => why.push(format!("timedatectl: unexpected answer `{v}`")),
+        Err(e) => why.push(format!("timedatectl: {e}")),
+    }
+    match probe("chronyc", &["-n", "tracking"]) {
+        Ok(text) => {
+            let field = |name: &str| {
+                text.lines()
+                    .find_map(|l| l.split_once(':').filter(|(k, _)| k.trim() == name))
+                    .map(|(_, v)| v.trim().to_owned())
+            };
+            let leap = field("Leap status");
+            return json!({
+                "source": "chronyc tracking",
+                "synchronized": leap.as_deref().map(|l| l != "Not synchronised"),
+                "leap_status": leap,
+                "reference": field("Reference ID"),
+                "stratum": field("Stratum"),
+                "system_time": field("System time"),
+            });
+        }
+        Err(e) => why.push(format!("chronyc tracking: {e}")),
+    }
+    let dir = std::path::Path::new("/run/systemd/timesync");
+    if dir.is_dir() {
+        return json!({
+            "source": "/run/systemd/timesync",
+            "synchronized": dir.join("synchronized").exists(),
+        });
+    }
+    why.push("/run/systemd/timesync: not there (systemd-timesyncd not running)".into());
+    json!({"source": "unknown", "synchronized": null, "why": why.join("; ")})
+}
+
+/// The host's fully qualified name, as the resolver gives it (`hostname -f`).
+fn fqdn() -> Option<String> {
+    probe("hostname", &["-f"]).ok().filter(|s| !s.is_empty())
+}
+
+/// `/etc/machine-id` (systemd), else D-Bus's copy.
+fn machine_id() -> Option<String> {
+    ["/etc/machine-id", "/var/lib/dbus/machine-id"]
+        .iter()
+        .find_map(|p| std::fs::read_to_string(p).ok())
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+}
+
+/// Who is behind the run: the user `sudo` was run by, and the login user the kernel's audit
+/// records for this session (`/proc/self/loginuid`, kept across `sudo` and `su`).
+fn identity() -> Value {
+    let name_of = |uid: u32| {
+        nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+            .ok()
+            .flatten()
+            .map(|u| u.name)
+    };
+    let login_uid = std::fs::read_to_string("/proc/self/loginuid")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        // (uid_t)-1: no login session (a service, a container).
+        .filter(|&u| u != u32::MAX);
+    let sudo_uid = std::env::var("SUDO_UID")
+        .ok()
+        .and_then(|s| s.parse::<u32>().ok());
+    json!({
+        "sudo_user": std::env::var("SUDO_USER").ok(),
+        "sudo_uid": sudo_uid,
+        "login_uid": login_uid,
+        "login_user": login_uid.and_then(name_of),
+        "logname": std::env::var("LOGNAME").ok(),
+    })
+}
+
+/// The running binary and its SHA-256 (what an assessor compares with the release).
+fn binary() -> Value {
+    match std::env::current_exe() {
+        Ok(path) => {
+            let (sha256, cached) = match binary_sha256(&path) {
+                Ok((h, cached)) => (Ok(h), cached),
+                Err(e) => (Err(e), false),
+            };
+            json!({
+                "path": path.display().to_string(),
+                "sha256": sha256.as_ref().ok(),
+                "sha256_cached": cached,
+                "error": sha256.err(),
+            })
+        }
+        Err(e) => json!({"path": null, "sha256": null, "error": e.to_string()}),
+    }
+}
+
+/// The binary's SHA-256, and whether it came from the per-user cache. Hashing a large binary
+/// takes a while at every run start; the cache keeps it for the exact file it was computed
+/// from (device, inode, size, modification and change times: any rewrite of the binary, even
+/// one that restores its modification time, changes its change time).
+fn binary_sha256(path: &std::path::Path) -> Result<(String, bool), String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    let key = format!(
+        "{}:{}:{}:{}.{}:{}.{}",
+        meta.dev(),
+        meta.ino(),
+        meta.size(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        meta.ctime(),
+        meta.ctime_nsec()
+    );
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache")))
+        .map(|d| d.join("runbook").join("binary-sha256"));
+    if let Some(text) = cache.as_ref().and_then(|c| std::fs::read_to_string(c).ok()) {
+        if let Some((k, h)) = text.trim().split_once(' ') {
+            if k == key && h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Ok((h.to_owned(), true));
+            }
+        }
+    }
+    let hash = runbook_evidence::checksums::sha256_file(path).map_err(|e| e.to_string())?;
+    if let Some(cache) = cache {
+        // Best effort: a cache that cannot be written only costs the next run the hashing.
+        if let Some(dir) = cache.parent() {
+            if std::fs::create_dir_all(dir).is_ok() {
+                let tmp = dir.join(format!("binary-sha256.{}", std::process::id()));
+                if std::fs::write(&tmp, format!("{key} {hash}\n")).is_ok()
+                    && std::fs::rename(&tmp, &cache).is_err()
+                {
+                    let _ = std::fs::remove_file(&tmp);
+                }
+            }
+        }
+    }
+    Ok((hash, false))
 }

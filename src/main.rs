@@ -47,6 +47,7 @@ mod render;
 mod schedule;
 mod session;
 mod signals;
+mod timestamp;
 
 fn main() {
     std::process::exit(commands::main());

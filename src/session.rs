@@ -44,6 +44,8 @@ pub struct Session {
     pub textfile_dir: Option<std::path::PathBuf>,
     /// `--fail-on-leak`: a secret found in step output fails the run.
     pub fail_on_leak: bool,
+    /// `--timestamp-url`: the RFC 3161 time-stamping authority for the sealed bundle.
+    pub timestamp_url: Option<String>,
     /// Passphrases of encrypted SSH key files, asked at the terminal.
     pub passphrases: std::collections::HashMap<std::path::PathBuf, String>,
     /// Whether records that announce an action are synced to disk before it starts.
@@ -169,11 +171,19 @@ pub fn execute(s: Session) -> i32 {
             }
         }
     }
+    let mut stamp_failed = None;
     let finished = recorder.map(|r| {
         let dir = r.finish()?;
         seal(&dir, s.sign_key.as_ref(), s.textfile_dir.as_deref())?;
+        stamp_failed = stamp(&dir, s.timestamp_url.as_deref());
         Ok(dir)
     });
+    if let Some(message) = stamp_failed {
+        render::error(&message);
+        if code == exit::OK {
+            code = exit::RUN_FAILED;
+        }
+    }
     let finished_dir: Option<std::path::PathBuf> =
         finished.as_ref().and_then(|r| r.as_ref().ok().cloned());
     let notify = s
@@ -222,6 +232,36 @@ pub fn execute(s: Session) -> i32 {
         );
     }
     code
+}
+
+/// Gets the sealed bundle's RFC 3161 time-stamp when asked to; a token left from before
+/// `SHA256SUMS` was rewritten (resume) is removed either way. Returns why it failed.
+fn stamp(dir: &Path, url: Option<&str>) -> Option<String> {
+    let stale = crate::timestamp::drop_stale(dir);
+    let Some(url) = url else {
+        if stale {
+            sayln!("note: the bundle's old time-stamp was removed: its checksums changed; stamp again with --timestamp-url");
+        }
+        return None;
+    };
+    match crate::timestamp::stamp(dir, url) {
+        Ok(time) => {
+            sayln!(
+                "time-stamped by {}: {} (SHA256SUMS.tsr)",
+                crate::timestamp::shown_url(url),
+                time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            );
+            None
+        }
+        Err(e) => Some(format!(
+            "{e}; the bundle is sealed{} but has NO trusted time-stamp",
+            if dir.join("SHA256SUMS.minisig").exists() {
+                " and signed"
+            } else {
+                ""
+            }
+        )),
+    }
 }
 
 /// Signs the sealed bundle and publishes its metrics, when asked to.

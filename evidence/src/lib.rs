@@ -9,6 +9,7 @@
 //! ```
 
 pub mod cast;
+pub mod chain;
 pub mod checksums;
 pub mod collect;
 pub mod journal;
@@ -19,7 +20,9 @@ pub mod metrics;
 pub mod recorder;
 pub mod redact;
 pub mod report;
+pub mod scrub;
 pub mod sign;
+pub mod tsa;
 pub mod verify;
 
 pub use recorder::{Recorder, RecorderConfig};

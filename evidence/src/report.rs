@@ -575,6 +575,9 @@ pub fn render_report(manifest: &Manifest, bundle: &Path) -> Result<String, Evide
             m.operator.uid
         ),
     );
+    for (k, v) in trust_facts(&m.context) {
+        fact(k, v);
+    }
     fact("Started", escape_html(&fmt_time(m.started_at)));
     fact(
         "Finished",
@@ -929,6 +932,115 @@ pub fn render_report(manifest: &Manifest, bundle: &Path) -> Result<String, Evide
     );
     let _ = writeln!(h, "<script>{JS}</script>\n</body>\n</html>");
     Ok(h)
+}
+
+/// The Run section's facts from `context` that tell an assessor who ran it, where, with which
+/// binary, how good the clock was, which key signs it, and which drill came before it.
+fn trust_facts(ctx: &serde_json::Value) -> Vec<(&'static str, String)> {
+    let s = |v: &serde_json::Value| v.as_str().map(escape_html);
+    let code = |v: &serde_json::Value| s(v).map(|t| format!("<code>{t}</code>"));
+    let dim = |t: &str| format!("<span class=\"dim\">{}</span>", escape_html(t));
+    let mut out = Vec::new();
+    let id = &ctx["identity"];
+    let mut who = Vec::new();
+    if let Some(u) = code(&id["sudo_user"]) {
+        who.push(format!(
+            "sudo from {u}{}",
+            id["sudo_uid"]
+                .as_u64()
+                .map(|n| format!(" {}", dim(&format!("(uid {n})"))))
+                .unwrap_or_default()
+        ));
+    }
+    match (code(&id["login_user"]), id["login_uid"].as_u64()) {
+        (Some(u), Some(n)) => who.push(format!("login {u} {}", dim(&format!("(uid {n})")))),
+        (None, Some(n)) => who.push(format!("login uid {n}")),
+        _ => {}
+    }
+    if !id.is_null() {
+        out.push((
+            "Behind the operator",
+            if who.is_empty() {
+                dim("no sudo, no login session recorded")
+            } else {
+                who.join(" · ")
+            },
+        ));
+    }
+    let host = &ctx["host"];
+    if !host.is_null() {
+        out.push((
+            "Host",
+            format!(
+                "{} · {} {}",
+                code(&host["fqdn"]).unwrap_or_else(|| dim("FQDN unknown")),
+                dim("machine-id"),
+                code(&host["machine_id"]).unwrap_or_else(|| dim("unknown"))
+            ),
+        ));
+    }
+    let sync = &ctx["time"]["sync"];
+    if !sync.is_null() {
+        let state = match sync["synchronized"].as_bool() {
+            Some(true) => "synchronised".to_owned(),
+            Some(false) => "<b>NOT synchronised</b>".to_owned(),
+            None => "unknown".to_owned(),
+        };
+        let mut detail = format!(
+            "{state} {}",
+            dim(&format!(
+                "(from {})",
+                sync["source"].as_str().unwrap_or("?")
+            ))
+        );
+        if let Some(t) = sync["system_time"].as_str() {
+            detail.push_str(&format!(" · {}", escape_html(t)));
+        }
+        if let Some(why) = sync["why"].as_str() {
+            detail.push_str(&format!("<br>{}", dim(why)));
+        }
+        out.push(("Clock", detail));
+    }
+    let bin = &ctx["engine"]["binary"];
+    if !bin.is_null() {
+        out.push((
+            "Binary",
+            format!(
+                "{} {}<br>{} {}",
+                code(&bin["path"]).unwrap_or_else(|| dim("unknown")),
+                s(&ctx["engine"]["version"]).unwrap_or_default(),
+                dim("sha256"),
+                s(&bin["sha256"])
+                    .map(|h| format!("<code class=\"hash\">{h}</code>"))
+                    .unwrap_or_else(|| dim(bin["error"].as_str().unwrap_or("unknown")))
+            ),
+        ));
+    }
+    if let Some(signing) = ctx.get("signing") {
+        out.push((
+            "Signing key",
+            code(&signing["key_id"]).unwrap_or_else(|| dim("not signed")),
+        ));
+    }
+    if let Some(chain) = ctx.get("chain") {
+        let prev = &chain["previous"];
+        out.push((
+            "Previous drill",
+            if prev.is_null() {
+                dim("none: the first run of this runbook in this evidence directory")
+            } else {
+                format!(
+                    "{} {} {}<br>{} <code class=\"hash\">{}</code>",
+                    code(&prev["bundle"]).unwrap_or_default(),
+                    s(&prev["status"]).unwrap_or_default(),
+                    dim(prev["started_at"].as_str().unwrap_or("")),
+                    dim("its SHA256SUMS sha256"),
+                    s(&prev["sha256"]).unwrap_or_default()
+                )
+            },
+        ));
+    }
+    out
 }
 
 fn shell_quote(s: &str) -> String {

@@ -198,6 +198,30 @@ impl PublicKey {
     pub fn from_file(path: &Path) -> Result<Self, SignError> {
         Self::from_minisign(&read_text(path)?)
     }
+
+    /// Every key of a trusted-keys file: `.pub` files one after the other (each an
+    /// `untrusted comment:` line and its base64 line), or bare base64 lines; blank lines and
+    /// lines starting with `#` are skipped. Errors name the 1-based line.
+    pub fn all_from_text(text: &str) -> Result<Vec<Self>, (usize, SignError)> {
+        let mut keys = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') || line.starts_with(UNTRUSTED_PREFIX) {
+                continue;
+            }
+            keys.push(Self::from_base64(line).map_err(|e| (i + 1, e))?);
+        }
+        if keys.is_empty() {
+            return Err((
+                1,
+                SignError::Malformed {
+                    what: "trusted-keys file",
+                    reason: "it holds no public key".into(),
+                },
+            ));
+        }
+        Ok(keys)
+    }
 }
 
 #[derive(Clone)]

@@ -1,6 +1,7 @@
 //! Checking a bundle after the fact: every file against `SHA256SUMS`, the signature of
-//! `SHA256SUMS` (`SHA256SUMS.minisig`), the journal's own consistency, and `manifest.json`
-//! against the journal. Nothing here trusts the engine's types: the journal and the manifest
+//! `SHA256SUMS` (`SHA256SUMS.minisig`) and what its trusted comment says about the run, the
+//! RFC 3161 time-stamp token (`SHA256SUMS.tsr`), the journal's own consistency, `manifest.json`
+//! against the journal, and each attempt log's closing record against the journal. Nothing here trusts the engine's types: the journal and the manifest
 //! are read as plain JSON, so a bundle written by another version can still be checked.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -10,10 +11,12 @@ use std::path::{Component, Path, PathBuf};
 
 use crate::checksums;
 use crate::sign::{self, KeyId, PublicKey, SecretKey};
+use crate::tsa::{self, Stamp};
 use crate::{write_err, EvidenceError};
 
 pub const SUMS_FILE: &str = checksums::FILE_NAME;
 pub const SIGNATURE_FILE: &str = "SHA256SUMS.minisig";
+pub const TIMESTAMP_FILE: &str = tsa::TSR_FILE;
 pub const LOCK_FILE: &str = ".lock";
 pub const JOURNAL_FILE: &str = "journal.jsonl";
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -57,6 +60,52 @@ impl fmt::Display for SignatureState {
     }
 }
 
+/// The RFC 3161 time-stamp token of `SHA256SUMS`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TimestampState {
+    /// No `SHA256SUMS.tsr`.
+    None,
+    /// Signed by a TSA whose certificate chains to the CA file given, for this `SHA256SUMS`.
+    Verified(Stamp),
+    /// The token is for this `SHA256SUMS`, but no TSA CA file was given, so who signed it was
+    /// not checked. `time` is what the token claims.
+    Unchecked {
+        time: String,
+    },
+    Invalid(String),
+}
+
+impl fmt::Display for TimestampState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TimestampState::None => f.write_str("no trusted timestamp"),
+            TimestampState::Verified(s) => write!(
+                f,
+                "time-stamped {} by `{}` (RFC 3161, serial {}, policy {})",
+                s.time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                s.tsa,
+                s.serial,
+                s.policy
+            ),
+            TimestampState::Unchecked { time } => write!(
+                f,
+                "a time-stamp token says {time}, but the TSA's certificate was not checked: no TSA CA file given"
+            ),
+            TimestampState::Invalid(reason) => write!(f, "time-stamp token INVALID: {reason}"),
+        }
+    }
+}
+
+/// What the assessor trusts: signing keys and the CA of the time-stamping authority.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct VerifyOptions<'a> {
+    /// Public keys trusted to sign bundles; the signature is checked with the one whose key id
+    /// it names (or, if none does, with the first, which then reports the wrong key id).
+    pub keys: &'a [PublicKey],
+    /// Certificates of the CA(s) the TSA's certificate must chain to.
+    pub tsa_ca: Option<&'a [x509_cert::Certificate]>,
+}
+
 /// Something wrong with the bundle. Each one makes verification fail.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Problem {
@@ -84,6 +133,14 @@ pub enum Problem {
     SignatureInvalid { reason: String },
     /// A public key was given but the bundle has no `SHA256SUMS.minisig`.
     SignatureMissing,
+    /// The signature verifies, but its trusted comment says something else about the run.
+    TrustedCommentDisagrees { what: String },
+    /// `SHA256SUMS.tsr` does not verify.
+    TimestampInvalid { reason: String },
+    /// A TSA CA file was given but the bundle has no `SHA256SUMS.tsr`.
+    TimestampMissing,
+    /// An attempt log's closing `--- attempt N: …` record does not match the journal.
+    LogDisagrees { path: String, what: String },
     /// A journal line (1-based) before the last one that is not JSON.
     JournalTorn { line: usize },
     /// A journal line that is JSON but not an event (no numeric `seq`, no `event`).
@@ -134,6 +191,21 @@ impl fmt::Display for Problem {
                 f,
                 "{SIGNATURE_FILE}: missing: a public key was given but the bundle is not signed"
             ),
+            Problem::TrustedCommentDisagrees { what } => write!(
+                f,
+                "{SIGNATURE_FILE}: the signed trusted comment disagrees with the bundle: {what}"
+            ),
+            Problem::TimestampInvalid { reason } => {
+                write!(f, "{TIMESTAMP_FILE}: time-stamp token invalid: {reason}")
+            }
+            Problem::TimestampMissing => write!(
+                f,
+                "{TIMESTAMP_FILE}: missing: a TSA CA file was given but the bundle has no \
+                 time-stamp token"
+            ),
+            Problem::LogDisagrees { path, what } => {
+                write!(f, "{path} disagrees with {JOURNAL_FILE}: {what}")
+            }
             Problem::JournalTorn { line } => write!(
                 f,
                 "{JOURNAL_FILE} line {line}: not valid JSON, and not the last line (damaged \
@@ -165,6 +237,8 @@ pub enum Note {
     JournalTornTail { line: usize },
     /// The journal has no `run_finished` after the last start or resume.
     RunNotFinished,
+    /// The signed trusted comment does not name these (`run`, `status`, `sha256`).
+    TrustedCommentIncomplete { missing: String },
 }
 
 impl fmt::Display for Note {
@@ -179,6 +253,11 @@ impl fmt::Display for Note {
                 f,
                 "{JOURNAL_FILE} has no run_finished event: the run did not finish"
             ),
+            Note::TrustedCommentIncomplete { missing } => write!(
+                f,
+                "{SIGNATURE_FILE}: the trusted comment does not name {missing} (signed by \
+                 another tool?); only the signature over {SUMS_FILE} ties it to this run"
+            ),
         }
     }
 }
@@ -190,6 +269,7 @@ pub struct VerifyReport {
     /// Files hashed and compared with `SHA256SUMS`.
     pub files_checked: usize,
     pub signature: SignatureState,
+    pub timestamp: TimestampState,
     /// The runner finished and sealed the bundle: `SHA256SUMS` is there and the journal's last
     /// start or resume is followed by `run_finished`. (Whether the seal still holds is what
     /// `problems` says.)
@@ -199,6 +279,33 @@ pub struct VerifyReport {
 impl VerifyReport {
     pub fn is_ok(&self) -> bool {
         self.problems.is_empty()
+    }
+
+    /// Why a bundle without problems is still not to be trusted, failing closed: a signature
+    /// nobody checked (no trusted key given), a time-stamp whose authority nobody checked (no
+    /// CA given), or no signature at all when one is required. Each reason says how to fix it.
+    pub fn trust_gaps(&self, require_signature: bool) -> Vec<String> {
+        let mut gaps = Vec::new();
+        match &self.signature {
+            SignatureState::Unverified { key_id } => gaps.push(format!(
+                "the bundle is signed by key {key_id}, but no trusted public key was given, so \
+                 the signature was NOT checked: give the key with `--pubkey FILE`, or list it \
+                 in a trusted-keys file (`--trusted-keys FILE`, or the environment variable \
+                 RUNBOOK_TRUSTED_KEYS=FILE)"
+            )),
+            SignatureState::Unsigned if require_signature => gaps.push(format!(
+                "the bundle is UNSIGNED (no {SIGNATURE_FILE}) and --require-signature was given"
+            )),
+            _ => {}
+        }
+        if let TimestampState::Unchecked { time } = &self.timestamp {
+            gaps.push(format!(
+                "the bundle has a time-stamp token ({TIMESTAMP_FILE}, claiming {time}), but no \
+                 CA certificate of the time-stamping authority was given, so who signed it was \
+                 NOT checked: give it with `--tsa-ca FILE` (or RUNBOOK_TSA_CA=FILE)"
+            ));
+        }
+        gaps
     }
 }
 
@@ -252,11 +359,26 @@ pub fn check_is_bundle(dir: &Path) -> Result<(), NotABundle> {
 
 /// Checks the bundle in `dir`. With `pubkey`, the bundle must be signed by that key.
 pub fn verify_bundle(dir: &Path, pubkey: Option<&PublicKey>) -> VerifyReport {
+    let keys: Vec<PublicKey> = pubkey.cloned().into_iter().collect();
+    verify_bundle_with(
+        dir,
+        &VerifyOptions {
+            keys: &keys,
+            tsa_ca: None,
+        },
+    )
+}
+
+/// Checks the bundle in `dir` with what the assessor trusts. A signed bundle checked without
+/// a key, or a time-stamped one without a CA, is reported as such in `signature` and
+/// `timestamp` (not as a problem): whether that is acceptable is the caller's decision.
+pub fn verify_bundle_with(dir: &Path, opts: &VerifyOptions<'_>) -> VerifyReport {
     let mut report = VerifyReport {
         problems: Vec::new(),
         notes: Vec::new(),
         files_checked: 0,
         signature: SignatureState::Unsigned,
+        timestamp: TimestampState::None,
         sealed: false,
     };
     let sums = match std::fs::read(dir.join(SUMS_FILE)) {
@@ -273,16 +395,126 @@ pub fn verify_bundle(dir: &Path, pubkey: Option<&PublicKey>) -> VerifyReport {
             None
         }
     };
-    check_signature(dir, sums.as_deref(), pubkey, &mut report);
+    check_signature(dir, sums.as_deref(), opts.keys, &mut report);
+    check_timestamp(dir, sums.as_deref(), opts.tsa_ca, &mut report);
     if let Some(sums) = &sums {
         check_files(dir, sums, &mut report);
     }
     let journal = read_journal(dir, &mut report);
     if let Some(journal) = journal {
         report.sealed = sums.is_some() && journal.finished.is_some();
-        check_manifest(dir, &journal, &mut report);
+        if let Some(manifest) = check_manifest(dir, &journal, &mut report) {
+            if let (
+                SignatureState::Verified {
+                    trusted_comment, ..
+                },
+                Some(sums),
+            ) = (&report.signature, &sums)
+            {
+                let tc = trusted_comment.clone();
+                check_trusted_comment(&tc, &manifest, sums, &mut report);
+            }
+            check_log_closings(dir, &manifest, &journal, &mut report);
+        }
     }
     report
+}
+
+/// The `key:value` fields of a trusted comment (tab-separated, as [`default_trusted_comment`]
+/// and minisign write them).
+pub fn trusted_comment_fields(tc: &str) -> BTreeMap<&str, &str> {
+    tc.split('\t')
+        .filter_map(|f| f.split_once(':'))
+        .map(|(k, v)| (k.trim(), v.trim()))
+        .collect()
+}
+
+/// The signed comment must say what the bundle says: same run, same status, same `SHA256SUMS`.
+/// A comment without these fields (signed with stock `minisign -Sm`) is noted, not failed: the
+/// signature still covers `SHA256SUMS` and through it the manifest.
+fn check_trusted_comment(
+    tc: &str,
+    manifest: &serde_json::Value,
+    sums: &[u8],
+    report: &mut VerifyReport,
+) {
+    let fields = trusted_comment_fields(tc);
+    let digest = checksums::sha256_bytes(sums);
+    let expected = [
+        (
+            "run",
+            manifest["run_id"].as_str().unwrap_or("(none)").to_owned(),
+        ),
+        (
+            "status",
+            manifest["status"].as_str().unwrap_or("(none)").to_owned(),
+        ),
+        ("sha256", digest),
+    ];
+    let mut absent = Vec::new();
+    for (key, bundle) in expected {
+        match fields.get(key) {
+            Some(signed) if !signed.eq_ignore_ascii_case(&bundle) => {
+                report.problems.push(Problem::TrustedCommentDisagrees {
+                    what: format!(
+                        "it says {key} `{signed}`, the bundle {}",
+                        match key {
+                            "sha256" => format!("has {SUMS_FILE} with SHA-256 `{bundle}`"),
+                            "run" => format!("has run_id `{bundle}`"),
+                            _ => format!("says {key} `{bundle}`"),
+                        }
+                    ),
+                })
+            }
+            Some(_) => {}
+            None => absent.push(key),
+        }
+    }
+    if !absent.is_empty() {
+        report.notes.push(Note::TrustedCommentIncomplete {
+            missing: absent.join(", "),
+        });
+    }
+}
+
+fn check_timestamp(
+    dir: &Path,
+    sums: Option<&[u8]>,
+    ca: Option<&[x509_cert::Certificate]>,
+    report: &mut VerifyReport,
+) {
+    let reply = match std::fs::read(dir.join(TIMESTAMP_FILE)) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if ca.is_some() {
+                report.problems.push(Problem::TimestampMissing);
+            }
+            return;
+        }
+        Err(e) => return invalid_timestamp(report, format!("cannot read it: {e}")),
+    };
+    let Some(sums) = sums else {
+        return invalid_timestamp(report, format!("there is no {SUMS_FILE} it could be for"));
+    };
+    match ca {
+        Some(ca) => match tsa::verify(&reply, sums, ca) {
+            Ok(stamp) => report.timestamp = TimestampState::Verified(stamp),
+            Err(e) => invalid_timestamp(report, e.to_string()),
+        },
+        None => match tsa::check_token(&reply, sums) {
+            Ok(time) => {
+                report.timestamp = TimestampState::Unchecked {
+                    time: time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                }
+            }
+            Err(e) => invalid_timestamp(report, e.to_string()),
+        },
+    }
+}
+
+fn invalid_timestamp(report: &mut VerifyReport, reason: String) {
+    report.timestamp = TimestampState::Invalid(reason.clone());
+    report.problems.push(Problem::TimestampInvalid { reason });
 }
 
 /// Signs the bundle's `SHA256SUMS`, writing `SHA256SUMS.minisig` atomically.
@@ -326,17 +558,12 @@ pub fn default_trusted_comment(dir: &Path) -> Result<String, EvidenceError> {
     ))
 }
 
-fn check_signature(
-    dir: &Path,
-    sums: Option<&[u8]>,
-    pubkey: Option<&PublicKey>,
-    report: &mut VerifyReport,
-) {
+fn check_signature(dir: &Path, sums: Option<&[u8]>, keys: &[PublicKey], report: &mut VerifyReport) {
     let minisig = match std::fs::read(dir.join(SIGNATURE_FILE)) {
         Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             report.signature = SignatureState::Unsigned;
-            if pubkey.is_some() {
+            if !keys.is_empty() {
                 report.problems.push(Problem::SignatureMissing);
             }
             return;
@@ -346,6 +573,12 @@ fn check_signature(
             return;
         }
     };
+    // The key the signature names, if it is among the trusted ones; else the first, whose
+    // check then reports both key ids.
+    let pubkey = sign::inspect(&minisig)
+        .ok()
+        .and_then(|info| keys.iter().find(|k| k.key_id() == info.key_id))
+        .or_else(|| keys.first());
     let result = match (pubkey, sums) {
         (Some(pk), Some(sums)) => {
             sign::verify(pk, sums, &minisig).map(|tc| SignatureState::Verified {
@@ -520,7 +753,11 @@ fn bundle_files(dir: &Path) -> Result<Vec<String>, (String, std::io::Error)> {
             }
             if rel_dir.as_os_str().is_empty() {
                 let name = entry.file_name();
-                if name == SUMS_FILE || name == SIGNATURE_FILE || name == LOCK_FILE {
+                if name == SUMS_FILE
+                    || name == SIGNATURE_FILE
+                    || name == TIMESTAMP_FILE
+                    || name == LOCK_FILE
+                {
                     continue;
                 }
             }
@@ -557,6 +794,8 @@ struct JournalFacts {
     step_status: HashMap<String, String>,
     /// `attempt_finished` events per step.
     attempts: HashMap<String, usize>,
+    /// The last `attempt_finished` outcome per (step, target, attempt).
+    outcomes: HashMap<(String, String, u64), serde_json::Value>,
 }
 
 fn read_journal(dir: &Path, report: &mut VerifyReport) -> Option<JournalFacts> {
@@ -657,7 +896,16 @@ fn journal_line(
         "run_finished" => facts.finished = str_field("status"),
         "attempt_finished" => {
             if let Some(step) = str_field("step") {
-                *facts.attempts.entry(step).or_default() += 1;
+                *facts.attempts.entry(step.clone()).or_default() += 1;
+                if let (Some(target), Some(n)) = (
+                    str_field("target"),
+                    value.get("attempt").and_then(serde_json::Value::as_u64),
+                ) {
+                    facts.outcomes.insert(
+                        (step, target, n),
+                        value.get("outcome").cloned().unwrap_or_default(),
+                    );
+                }
             }
         }
         "step_finished" => {
@@ -669,7 +917,11 @@ fn journal_line(
     }
 }
 
-fn check_manifest(dir: &Path, journal: &JournalFacts, report: &mut VerifyReport) {
+fn check_manifest(
+    dir: &Path,
+    journal: &JournalFacts,
+    report: &mut VerifyReport,
+) -> Option<serde_json::Value> {
     let manifest: serde_json::Value = match std::fs::read(dir.join(MANIFEST_FILE))
         .map_err(|e| e.to_string())
         .and_then(|b| serde_json::from_slice(&b).map_err(|e| format!("not valid JSON: {e}")))
@@ -680,7 +932,7 @@ fn check_manifest(dir: &Path, journal: &JournalFacts, report: &mut VerifyReport)
                 path: MANIFEST_FILE.into(),
                 reason,
             });
-            return;
+            return None;
         }
     };
     let mut disagree = |what: String| report.problems.push(Problem::ManifestDisagrees { what });
@@ -754,6 +1006,102 @@ fn check_manifest(dir: &Path, journal: &JournalFacts, report: &mut VerifyReport)
             "the journal has step_finished `{status}` for step `{id}`, which the manifest does \
              not list"
         ));
+    }
+    Some(manifest)
+}
+
+/// The line an attempt log ends with, as the recorder writes it for this journal outcome
+/// (`attempt N: exit code 3`); `None` for an outcome this version cannot describe.
+fn expected_closing(attempt: u64, outcome: &serde_json::Value) -> Option<String> {
+    let outcome: runbook_engine::event::AttemptOutcome =
+        serde_json::from_value(outcome.clone()).ok()?;
+    let text = format!("attempt {attempt}: {}", outcome.describe());
+    text.trim_end_matches('\n')
+        .rsplit('\n')
+        .next()
+        .map(str::to_owned)
+}
+
+/// The text of the last record of a log, if it is a `--- ` record.
+fn last_meta_record(path: &Path) -> std::io::Result<Option<String>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    let start = len.saturating_sub(8192);
+    file.seek(SeekFrom::Start(start))?;
+    let mut tail = Vec::new();
+    file.read_to_end(&mut tail)?;
+    let text = String::from_utf8_lossy(&tail);
+    let Some(last) = text.trim_end_matches('\n').rsplit('\n').next() else {
+        return Ok(None);
+    };
+    Ok(last
+        .split_once(' ')
+        .and_then(|(_, rest)| rest.strip_prefix("--- "))
+        .map(str::to_owned))
+}
+
+/// Each attempt log that the journal says finished ends with the closing record of that
+/// outcome: a log "fixed" to show success while the journal says exit 1 is caught even when
+/// `SHA256SUMS` was rewritten to match.
+fn check_log_closings(
+    dir: &Path,
+    manifest: &serde_json::Value,
+    journal: &JournalFacts,
+    report: &mut VerifyReport,
+) {
+    let empty = Vec::new();
+    let mut seen: HashMap<(String, String, u64), usize> = HashMap::new();
+    let mut attempts = Vec::new();
+    for step in manifest["steps"].as_array().unwrap_or(&empty) {
+        let Some(id) = step["id"].as_str() else {
+            continue;
+        };
+        for a in step["attempts"].as_array().unwrap_or(&empty) {
+            let (Some(target), Some(n), Some(log)) = (
+                a["target"].as_str(),
+                a["attempt"].as_u64(),
+                a["log"].as_str(),
+            ) else {
+                continue;
+            };
+            let key = (id.to_owned(), target.to_owned(), n);
+            *seen.entry(key.clone()).or_default() += 1;
+            attempts.push((key, log.to_owned()));
+        }
+    }
+    for (key, log) in attempts {
+        // Compacted probe attempts keep no log; a step re-run on resume reuses numbers.
+        if log.is_empty() || seen.get(&key) != Some(&1) {
+            continue;
+        }
+        let Some(outcome) = journal.outcomes.get(&key) else {
+            continue;
+        };
+        let Some(expected) = expected_closing(key.2, outcome) else {
+            continue;
+        };
+        let rel = Path::new(&log);
+        if !rel.components().all(|c| matches!(c, Component::Normal(_))) {
+            continue;
+        }
+        let what = match last_meta_record(&dir.join(rel)) {
+            // A missing log is reported by the checksums already.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => Some(format!("cannot read it: {e}")),
+            Ok(None) => Some(format!(
+                "it has no closing record, the journal says `{expected}`"
+            )),
+            Ok(Some(found)) if found != expected => Some(format!(
+                "it ends `--- {found}`, the journal says `{expected}`"
+            )),
+            Ok(Some(_)) => None,
+        };
+        if let Some(what) = what {
+            report
+                .problems
+                .push(Problem::LogDisagrees { path: log, what });
+        }
     }
 }
 
@@ -838,15 +1186,18 @@ mod tests {
             ("runbook/t.toml", "[runbook]\nname = \"t\"\n"),
             (
                 "steps/a/local/attempt-1.log",
-                "2026-11-25T18:28:29.000Z out hi\n",
+                "2026-11-25T18:28:29.000Z out hi\n\
+                 2026-11-25T18:28:29.010Z --- attempt 1: succeeded\n",
             ),
             (
                 "steps/b/local/attempt-1.log",
-                "2026-11-25T18:28:29.000Z err boom\n",
+                "2026-11-25T18:28:29.000Z err boom\n\
+                 2026-11-25T18:28:29.010Z --- attempt 1: exit code 1\n",
             ),
             (
                 "steps/b/local/attempt-2.log",
-                "2026-11-25T18:28:29.100Z err boom\n",
+                "2026-11-25T18:28:29.100Z err boom\n\
+                 2026-11-25T18:28:29.110Z --- attempt 2: exit code 1\n",
             ),
             ("collected/a/report.txt", "report\n"),
         ] {
@@ -998,7 +1349,11 @@ mod tests {
         );
 
         // Tamper with a log and "fix" SHA256SUMS: the checksums pass, the signature does not.
-        std::fs::write(b.path().join("steps/a/local/attempt-1.log"), "forged\n").expect("write");
+        std::fs::write(
+            b.path().join("steps/a/local/attempt-1.log"),
+            "forged\n2026-11-25T18:28:29.010Z --- attempt 1: succeeded\n",
+        )
+        .expect("write");
         checksums::write(b.path()).expect("sums");
         let report = verify_bundle(b.path(), Some(&pk));
         assert!(
@@ -1170,5 +1525,97 @@ mod tests {
             Ok(("a".repeat(64), "a\nb".into()))
         );
         assert!(parse_sums_line(&format!("{hash}  /etc/passwd")).is_err());
+    }
+    #[test]
+    fn a_trusted_comment_naming_another_run_is_a_problem() {
+        let b = bundle();
+        let (sk, pk) = sign::generate("test");
+        let sums = std::fs::read(b.path().join(SUMS_FILE)).expect("sums");
+        let forged = format!(
+            "timestamp:1\tfile:SHA256SUMS\trun:deadbeef\tstatus:succeeded\tsha256:{}",
+            "0".repeat(64)
+        );
+        sign_bundle(b.path(), &sk, &forged).expect("sign");
+        let report = verify_bundle(b.path(), Some(&pk));
+        let text: Vec<String> = report.problems.iter().map(ToString::to_string).collect();
+        assert_eq!(report.problems.len(), 3, "{text:#?}");
+        assert!(text[0].contains("it says run `deadbeef`, the bundle has run_id `5acbfb1e`"));
+        assert!(text[1].contains("it says status `succeeded`, the bundle says status `failed`"));
+        assert!(
+            text[2].contains(&checksums::sha256_bytes(&sums)),
+            "{text:#?}"
+        );
+
+        // Stock minisign's comment names none of them: a note, not a problem.
+        sign_bundle(b.path(), &sk, "timestamp:1\tfile:SHA256SUMS\thashed").expect("sign");
+        let report = verify_bundle(b.path(), Some(&pk));
+        assert!(report.is_ok(), "{:#?}", report.problems);
+        assert_eq!(
+            report.notes,
+            vec![Note::TrustedCommentIncomplete {
+                missing: "run, status, sha256".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn a_log_closing_record_must_match_the_journal() {
+        let b = bundle();
+        let log = b.path().join("steps/b/local/attempt-2.log");
+        std::fs::write(
+            &log,
+            "2026-11-25T18:28:29.100Z err boom\n2026-11-25T18:28:29.110Z --- attempt 2: succeeded\n",
+        )
+        .expect("write");
+        checksums::write(b.path()).expect("sums");
+        let report = verify_bundle(b.path(), None);
+        assert_eq!(
+            only(&report),
+            &Problem::LogDisagrees {
+                path: "steps/b/local/attempt-2.log".into(),
+                what:
+                    "it ends `--- attempt 2: succeeded`, the journal says `attempt 2: exit code 1`"
+                        .into()
+            }
+        );
+        // Output after the closing record: the log was appended to.
+        std::fs::write(
+            &log,
+            "2026-11-25T18:28:29.110Z --- attempt 2: exit code 1\n2026-11-25T18:28:29.200Z out ok\n",
+        )
+        .expect("write");
+        checksums::write(b.path()).expect("sums");
+        let report = verify_bundle(b.path(), None);
+        assert!(only(&report).to_string().contains("no closing record"));
+    }
+
+    #[test]
+    fn unchecked_signatures_and_required_signatures_are_trust_gaps() {
+        let b = bundle();
+        let report = verify_bundle(b.path(), None);
+        assert!(report.trust_gaps(false).is_empty());
+        let gaps = report.trust_gaps(true);
+        assert_eq!(gaps.len(), 1);
+        assert!(gaps[0].contains("UNSIGNED"));
+
+        let (sk, pk) = sign::generate("test");
+        let (_, other) = sign::generate("other");
+        let tc = default_trusted_comment(b.path()).expect("comment");
+        sign_bundle(b.path(), &sk, &tc).expect("sign");
+        let report = verify_bundle(b.path(), None);
+        assert!(report.is_ok());
+        let gaps = report.trust_gaps(false);
+        assert!(gaps[0].contains("--pubkey FILE") && gaps[0].contains("RUNBOOK_TRUSTED_KEYS"));
+        // Several trusted keys: the one the signature names is used, wherever it is listed.
+        let keys = [other, pk.clone()];
+        let report = verify_bundle_with(
+            b.path(),
+            &VerifyOptions {
+                keys: &keys,
+                tsa_ca: None,
+            },
+        );
+        assert!(report.is_ok(), "{:#?}", report.problems);
+        assert!(report.trust_gaps(true).is_empty());
     }
 }

@@ -17,4 +17,5 @@ mod probes;
 mod processes;
 mod rke2;
 mod schedule;
+mod trust;
 mod write_ahead;
