@@ -2,7 +2,7 @@
 //! run in, located in the file, and their `params.NAME` references checked.
 
 use super::reader::{string_origin, ShiftedSpans, Value};
-use super::references::references;
+use super::references::expr_references;
 use super::Analyzer;
 use crate::diagnostic::{suggest, Code, Diagnostic};
 use crate::expr::Context;
@@ -46,15 +46,16 @@ impl Analyzer<'_> {
         Located { span, origin }
     }
 
-    /// Reports `params.NAME` references to undeclared parameters in one expression.
+    /// Reports the `params.NAME` an expression reads (`reads`, from
+    /// [`expr_references`]) that name undeclared parameters.
     pub(super) fn check_param_refs(
         &mut self,
-        code: &str,
+        reads: Vec<(String, usize)>,
         offset: usize,
         at: &Located,
         params: &[ParamSpec],
     ) {
-        for (name, at_name) in references(code, "params") {
+        for (name, at_name) in reads {
             if !params.iter().any(|p| p.name == name) {
                 // Exact when the string holds its text verbatim; the whole string otherwise.
                 let here = match at.origin {
@@ -89,10 +90,12 @@ impl Analyzer<'_> {
         let at = self.locate(text, span);
         match Template::parse(text, self.host, Context::Step) {
             Ok(mut t) => {
-                let exprs: Vec<(String, usize)> =
-                    t.expressions().map(|(e, o)| (e.text.clone(), o)).collect();
-                for (code, offset) in exprs {
-                    self.check_param_refs(&code, offset, &at, params);
+                let reads: Vec<(Vec<(String, usize)>, usize)> = t
+                    .expressions()
+                    .map(|(e, o)| (expr_references(e, "params"), o))
+                    .collect();
+                for (names, offset) in reads {
+                    self.check_param_refs(names, offset, &at, params);
                 }
                 t.at = Some(at);
                 Some(t)
@@ -132,7 +135,7 @@ impl Analyzer<'_> {
         };
         match compiled {
             Ok(expr) => {
-                self.check_param_refs(&text, 0, &at, params);
+                self.check_param_refs(expr_references(&expr, "params"), 0, &at, params);
                 Some(SpannedExpr { expr, at })
             }
             Err(e) => {

@@ -43,9 +43,11 @@ fn first_link(e: &Expr) -> &Expr {
 /// Each `ROOT.NAME` and `ROOT["NAME"]` in `code` where `ROOT` is a variable: the name and the
 /// offset of `ROOT`, in order.
 fn reads_of(code: &str, root: &str) -> Vec<(String, usize)> {
-    let Some(ast) = parse(code) else {
-        return Vec::new();
-    };
+    parse(code).map_or_else(Vec::new, |ast| reads_in(code, &ast, root))
+}
+
+/// As [`reads_of`], in an already compiled `ast` of `code`.
+fn reads_in(code: &str, ast: &AST, root: &str) -> Vec<(String, usize)> {
     let mut out = Vec::new();
     ast.walk(&mut |path: &[ASTNode]| {
         let Some(ASTNode::Expr(e)) = path.last() else {
@@ -79,15 +81,21 @@ fn reads_of(code: &str, root: &str) -> Vec<(String, usize)> {
     out
 }
 
+/// `ROOT.NAME` and `ROOT["NAME"]` references in a compiled expression.
+pub(super) fn expr_references(expr: &crate::expr::Expr, root: &str) -> Vec<(String, usize)> {
+    reads_in(&expr.text, &expr.ast, root)
+}
+
 /// `ROOT.NAME` and `ROOT["NAME"]` references in an expression (`params`, `steps`), with the
 /// offset of each.
 pub fn references(code: &str, root: &str) -> Vec<(String, usize)> {
     reads_of(code, root)
 }
 
-/// Offsets of each `ROOT.PROP` read in `code` (`output.json`), `ROOT` being a variable.
-pub(super) fn property_paths(code: &str, root: &str, prop: &str) -> Vec<usize> {
-    reads_of(code, root)
+/// Offsets of each `ROOT.PROP` read in a compiled expression (`output.json`), `ROOT` being a
+/// variable.
+pub(super) fn property_paths(expr: &crate::expr::Expr, root: &str, prop: &str) -> Vec<usize> {
+    expr_references(expr, root)
         .into_iter()
         .filter(|(name, _)| name == prop)
         .map(|(_, at)| at)
@@ -97,7 +105,11 @@ pub(super) fn property_paths(code: &str, root: &str, prop: &str) -> Vec<usize> {
 /// The `steps.<id>` an expression at `offset` inside a located string reads, each with the
 /// span of its mention (the whole string when escapes blur positions).
 pub(crate) fn refs_in(code: &str, offset: usize, at: &Located) -> Vec<Need> {
-    step_references(code)
+    needs(step_references(code), offset, at)
+}
+
+fn needs(reads: Vec<(String, usize)>, offset: usize, at: &Located) -> Vec<Need> {
+    reads
         .into_iter()
         .map(|(name, pos)| {
             let span = match at.origin {
@@ -113,6 +125,11 @@ pub(crate) fn refs_in(code: &str, offset: usize, at: &Located) -> Vec<Need> {
             }
         })
         .collect()
+}
+
+/// [`refs_in`] for a compiled expression: its syntax tree is walked, not parsed again.
+pub(super) fn expr_refs_in(expr: &crate::expr::Expr, offset: usize, at: &Located) -> Vec<Need> {
+    needs(expr_references(expr, "steps"), offset, at)
 }
 
 /// `steps.ID` and `steps["ID"]` references in an expression, with their offsets.
@@ -228,6 +245,14 @@ mod tests {
     }
 
     #[test]
+    fn reads_inside_closures_count() {
+        assert_eq!(
+            references("steps.a.outputs.list.filter(|x| x > params.min)", "params"),
+            vec![("min".into(), 36)]
+        );
+    }
+
+    #[test]
     fn strings_and_comments_are_not_reads() {
         // The substring scanner this replaced took both for reads of step `x`.
         assert_eq!(
@@ -237,7 +262,14 @@ mod tests {
         assert!(step_references("`was ${steps.b.rc}`")
             .iter()
             .any(|(n, _)| n == "b"));
-        assert!(property_paths("output.json.a + \"output.json\"", "output", "json") == vec![0]);
+        let host = crate::expr::ExprHost::new();
+        let e = host
+            .compile_expression(
+                "output.json.a + \"output.json\"",
+                crate::expr::Context::Result,
+            )
+            .expect("compiles");
+        assert_eq!(property_paths(&e, "output", "json"), vec![0]);
     }
 
     #[test]

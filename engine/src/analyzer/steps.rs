@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use super::keys::{step_keys, STRATEGY_KEYS};
 use super::reader::{get, holds_template, is_identifier, ShiftedSpans, Value};
-use super::references::{property_paths, refs_in};
+use super::references::{expr_refs_in, property_paths};
 use super::{Analyzer, Defaults};
 use crate::diagnostic::{Code, Diagnostic};
 use crate::expr::Context;
@@ -758,7 +758,7 @@ impl Analyzer<'_> {
             .chain(exprs.outputs.iter().map(|(_, e)| e));
         for e in read {
             // The first mention is enough to say what is missing.
-            for pos in property_paths(&e.expr.text, "output", "json")
+            for pos in property_paths(&e.expr, "output", "json")
                 .into_iter()
                 .take(1)
             {
@@ -824,7 +824,7 @@ fn reads(
     {
         if let Some(at) = &tpl.at {
             for (e, offset) in tpl.expressions() {
-                refs.extend(refs_in(&e.text, offset, at));
+                refs.extend(expr_refs_in(e, offset, at));
             }
         }
     }
@@ -844,7 +844,7 @@ fn reads(
     .flatten()
     .chain(exprs.outputs.iter().map(|(_, e)| e))
     {
-        refs.extend(refs_in(&e.expr.text, 0, &e.at));
+        refs.extend(expr_refs_in(&e.expr, 0, &e.at));
     }
     // What sub-steps and gates read counts as read by the step (ordering checks).
     if let Some(Action::Block { steps }) = action {
@@ -856,7 +856,7 @@ fn reads(
     {
         match gate {
             Gate::Step(probe) => refs.extend(probe.refs.iter().cloned()),
-            Gate::Expr(e) => refs.extend(refs_in(&e.expr.text, 0, &e.at)),
+            Gate::Expr(e) => refs.extend(expr_refs_in(&e.expr, 0, &e.at)),
         }
     }
     refs
