@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+use runbook_engine::retry::{Backoff, RetryPolicy};
 use serde::{Deserialize, Serialize};
 
 /// A webhook: `[notify]` in a schedule file (or a runbook).
@@ -271,12 +272,12 @@ pub async fn send(
         .build()
         .map_err(|e| NotifyError::Client(redact(&e.to_string())))?;
     let shown_url = redact(&redact_url(&spec.url));
-    let mut delay = Duration::from_secs(1);
+    let policy = delivery_policy(spec.retries);
     let mut last = String::new();
-    for attempt in 0..=spec.retries {
-        if attempt > 0 {
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(30));
+    for attempt in 1..=policy.attempts {
+        if attempt > 1 {
+            // No jitter: one webhook per run, nothing to spread out.
+            tokio::time::sleep(policy.delay_before(attempt, 0.0)).await;
         }
         let mut req = client
             .post(&spec.url)
@@ -302,9 +303,22 @@ pub async fn send(
     }
     Err(NotifyError::Failed {
         url: shown_url,
-        attempts: spec.retries + 1,
+        attempts: policy.attempts,
         last,
     })
+}
+
+/// Delivery as the engine's retry policy: `retries` further attempts after the first, waiting
+/// 1 s, 2 s, 4 s, … capped at 30 s.
+fn delivery_policy(retries: u32) -> RetryPolicy {
+    RetryPolicy {
+        attempts: retries.saturating_add(1),
+        backoff: Backoff::Exponential { factor: 2.0 },
+        delay: Duration::from_secs(1),
+        max_delay: Duration::from_secs(30),
+        jitter: false,
+        deadline: None,
+    }
 }
 
 /// reqwest errors name the URL, which for Slack-style webhooks is itself the secret.
@@ -337,6 +351,16 @@ pub fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn delivery_waits_double_up_to_thirty_seconds() {
+        let policy = delivery_policy(7);
+        assert_eq!(policy.attempts, 8);
+        let waits: Vec<u64> = (2..=8)
+            .map(|n| policy.delay_before(n, 0.5).as_secs())
+            .collect();
+        assert_eq!(waits, vec![1, 2, 4, 8, 16, 30, 30]);
+    }
 
     fn payload() -> NotifyPayload {
         NotifyPayload {

@@ -24,6 +24,7 @@ pub mod runbook;
 pub mod runner;
 pub mod serde_duration;
 pub mod source;
+pub mod step_kind;
 pub mod template;
 
 use std::path::Path;

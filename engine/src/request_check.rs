@@ -7,37 +7,10 @@ use serde_json::Value;
 
 use crate::runbook::RequestKind;
 
-/// Checks one key's value; `Err` says what was expected.
+/// Checks one key's value; `Err` says what was expected. Each kind's rules are in its
+/// descriptor ([`crate::step_kind`]); the value rules they share are below.
 pub fn check_value(kind: RequestKind, key: &str, v: &Value) -> Result<(), String> {
-    match (kind, key) {
-        (_, "timeout") => timeout(v).map(drop),
-        (RequestKind::Tcp, "port") => port(v).map(drop),
-        (RequestKind::Tcp, "host") | (RequestKind::Upload, "dest") => non_empty(key, v),
-        (RequestKind::Http, "url") => url(v, &["http", "https"]),
-        (RequestKind::Screenshot, "url") => url(v, &["http", "https", "file", "data", "about"]),
-        (RequestKind::Http, "method") => method(v),
-        (RequestKind::Http, "expect_status") => expect_status(v),
-        (_, "follow_redirects" | "insecure_skip_verify" | "full_page") => match v {
-            Value::Bool(_) => Ok(()),
-            _ => Err(format!("`{key}` must be `true` or `false`")),
-        },
-        (_, "max_body") => match v.as_u64() {
-            Some(_) => Ok(()),
-            None => Err("`max_body` must be a number of bytes (0 or more)".into()),
-        },
-        (RequestKind::Screenshot, "width" | "height") => match v.as_u64() {
-            Some(1..=16_384) => Ok(()),
-            _ => Err(format!(
-                "`{key}` must be a number of pixels from 1 to 16384"
-            )),
-        },
-        (RequestKind::Upload, "mode") => mode(v).map(drop),
-        (_, "headers" | "query" | "form") => match v {
-            Value::Object(m) if m.values().all(Value::is_string) => Ok(()),
-            _ => Err(format!("`{key}` must be a table of strings")),
-        },
-        _ => Ok(()),
-    }
+    (kind.spec().check)(key, v)
 }
 
 /// A probe's `timeout`: a duration above zero.
@@ -76,14 +49,14 @@ pub fn mode(v: &Value) -> Result<u32, String> {
         .ok_or_else(|| format!("`mode = \"{text}\"` is not an octal mode like \"0644\""))
 }
 
-fn non_empty(key: &str, v: &Value) -> Result<(), String> {
+pub(crate) fn non_empty(key: &str, v: &Value) -> Result<(), String> {
     match v {
         Value::String(s) if !s.trim().is_empty() => Ok(()),
         _ => Err(format!("`{key}` must be a non-empty string")),
     }
 }
 
-fn url(v: &Value, schemes: &[&str]) -> Result<(), String> {
+pub(crate) fn url(v: &Value, schemes: &[&str]) -> Result<(), String> {
     let Value::String(text) = v else {
         return Err("`url` must be a string".into());
     };
@@ -99,45 +72,17 @@ fn url(v: &Value, schemes: &[&str]) -> Result<(), String> {
     }
 }
 
-/// Any HTTP token is a method (extension methods included), so only the characters are checked.
-fn method(v: &Value) -> Result<(), String> {
-    let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+pub(crate) fn boolean(key: &str, v: &Value) -> Result<(), String> {
     match v {
-        Value::String(m) if !m.is_empty() && m.chars().all(token) => Ok(()),
-        _ => Err(format!("`method` {v} is not an HTTP method like \"GET\"")),
+        Value::Bool(_) => Ok(()),
+        _ => Err(format!("`{key}` must be `true` or `false`")),
     }
 }
 
-/// `200`, `"2xx"`, `"200-299"`, or a non-empty list of those.
-fn expect_status(v: &Value) -> Result<(), String> {
-    let one = |v: &Value| -> bool {
-        match v {
-            Value::Number(n) => n.as_u64().is_some_and(|c| (100..=599).contains(&c)),
-            Value::String(p) => {
-                let p = p.trim();
-                let code = |s: &str| s.parse::<u16>().is_ok_and(|c| (100..=599).contains(&c));
-                code(p)
-                    || (p.len() == 3
-                        && p.as_bytes()[0].is_ascii_digit()
-                        && (b'1'..=b'5').contains(&p.as_bytes()[0])
-                        && p[1..].eq_ignore_ascii_case("xx"))
-                    || p.split_once('-').is_some_and(|(a, b)| {
-                        code(a.trim()) && code(b.trim()) && a.trim() <= b.trim()
-                    })
-            }
-            _ => false,
-        }
-    };
-    let ok = match v {
-        Value::Array(items) => !items.is_empty() && items.iter().all(one),
-        other => one(other),
-    };
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "`expect_status` {v} is not a status: write 200, \"2xx\", \"200-299\" or a list of them"
-        ))
+pub(crate) fn table_of_strings(key: &str, v: &Value) -> Result<(), String> {
+    match v {
+        Value::Object(m) if m.values().all(Value::is_string) => Ok(()),
+        _ => Err(format!("`{key}` must be a table of strings")),
     }
 }
 

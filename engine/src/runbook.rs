@@ -198,7 +198,8 @@ pub enum Action {
     Block { steps: Vec<StepSpec> },
 }
 
-/// The step kinds that take a settings table.
+/// The step kinds that take a settings table; each one's descriptor is in
+/// [`crate::step_kind`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RequestKind {
@@ -215,64 +216,6 @@ impl RequestKind {
         RequestKind::Screenshot,
         RequestKind::Upload,
     ];
-
-    /// The step key that introduces it.
-    pub fn key(self) -> &'static str {
-        match self {
-            RequestKind::Http => "http",
-            RequestKind::Tcp => "tcp",
-            RequestKind::Screenshot => "screenshot",
-            RequestKind::Upload => "upload",
-        }
-    }
-
-    /// The keys its table takes (checked before anything runs).
-    pub fn keys(self) -> &'static [&'static str] {
-        match self {
-            RequestKind::Http => &[
-                "method",
-                "url",
-                "headers",
-                "query",
-                "body",
-                "json",
-                "form",
-                "timeout",
-                "expect_status",
-                "follow_redirects",
-                "ca_file",
-                "client_cert",
-                "client_key",
-                "insecure_skip_verify",
-                "basic",
-                "bearer",
-                "max_body",
-            ],
-            RequestKind::Tcp => &["host", "port", "timeout"],
-            RequestKind::Screenshot => &[
-                "url",
-                "width",
-                "height",
-                "wait_for",
-                "full_page",
-                "headers",
-                "ca_file",
-                "insecure_skip_verify",
-                "timeout",
-                "browser",
-            ],
-            RequestKind::Upload => &["src", "content", "dest", "mode"],
-        }
-    }
-
-    /// Keys that must be present.
-    pub fn required(self) -> &'static [&'static str] {
-        match self {
-            RequestKind::Http | RequestKind::Screenshot => &["url"],
-            RequestKind::Tcp => &["host", "port"],
-            RequestKind::Upload => &["dest"],
-        }
-    }
 }
 
 /// A settings value as written: strings are templates, rendered when the attempt starts.

@@ -18,11 +18,9 @@ use std::path::Path;
 use chrono::SecondsFormat;
 use runbook_engine::event::StepStatus;
 
+use crate::log_tail::{excerpt, read_log_tail, LogLine};
 use crate::manifest::{AttemptRecord, Manifest, StepRecord};
-use crate::report::{
-    attempts_by_target, clean_text, excerpt, fmt_duration, outcome_kind, read_log_tail,
-    run_duration, LogLine,
-};
+use crate::run_view::{attempts_by_target, clean_text, fmt_duration, outcome_kind, run_duration};
 
 /// Log lines included in a `<failure>`/`<error>` body: the last ones, and the last stderr
 /// lines wherever they are.
@@ -507,7 +505,7 @@ fn attr(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report::test_support::{failed_run, succeeded_run};
+    use crate::test_support::{failed_run, succeeded_run};
 
     /// Characters XML 1.0 allows.
     fn xml_char_ok(c: char) -> bool {

@@ -15,13 +15,17 @@ pub mod collect;
 pub mod journal;
 pub mod junit;
 pub mod log;
+mod log_tail;
 pub mod manifest;
 pub mod metrics;
 pub mod recorder;
 pub mod redact;
 pub mod report;
+mod run_view;
 pub mod scrub;
 pub mod sign;
+#[cfg(test)]
+mod test_support;
 pub mod tsa;
 pub mod verify;
 

@@ -17,7 +17,7 @@ use chrono::{DateTime, Utc};
 use runbook_engine::event::StepStatus;
 
 use crate::manifest::Manifest;
-use crate::report::run_duration;
+use crate::run_view::run_duration;
 
 /// Run states always exported (0 or 1); another current state (`running`, …) is added to them.
 const RUN_STATES: [&str; 3] = ["succeeded", "failed", "cancelled"];
@@ -230,7 +230,7 @@ pub fn escape_label(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report::test_support::{failed_run, succeeded_run};
+    use crate::test_support::{failed_run, succeeded_run};
 
     fn sample<'a>(text: &'a str, prefix: &str) -> &'a str {
         text.lines()

@@ -12,7 +12,6 @@
 
 use std::collections::BTreeMap;
 use std::error::Error as StdError;
-use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -109,107 +108,8 @@ pub struct BasicAuth {
     pub password: String,
 }
 
-/// `expect_status`: `200`, `[200, 204]`, `"2xx"`, `"200-299"` (list items may be patterns too).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(untagged)]
-pub enum StatusExpect {
-    Code(u16),
-    Pattern(String),
-    AnyOf(Vec<StatusItem>),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(untagged)]
-pub enum StatusItem {
-    Code(u16),
-    Pattern(String),
-}
-
-/// Inclusive status ranges, with the text the runbook wrote for messages.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StatusMatcher {
-    ranges: Vec<(u16, u16)>,
-    text: String,
-}
-
-impl StatusMatcher {
-    pub fn matches(&self, status: u16) -> bool {
-        self.ranges
-            .iter()
-            .any(|&(lo, hi)| (lo..=hi).contains(&status))
-    }
-}
-
-impl fmt::Display for StatusMatcher {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.text)
-    }
-}
-
-impl StatusExpect {
-    pub fn matcher(&self) -> Result<StatusMatcher, ProbeError> {
-        let items: Vec<StatusItem> = match self {
-            StatusExpect::Code(c) => vec![StatusItem::Code(*c)],
-            StatusExpect::Pattern(p) => vec![StatusItem::Pattern(p.clone())],
-            StatusExpect::AnyOf(items) if items.is_empty() => {
-                return Err(config("`expect_status` is an empty list"));
-            }
-            StatusExpect::AnyOf(items) => items.clone(),
-        };
-        let mut ranges = Vec::with_capacity(items.len());
-        let mut texts = Vec::with_capacity(items.len());
-        for item in &items {
-            let (range, text) = match item {
-                StatusItem::Code(c) => (status_range(&c.to_string())?, c.to_string()),
-                StatusItem::Pattern(p) => (status_range(p)?, p.trim().to_owned()),
-            };
-            ranges.push(range);
-            texts.push(text);
-        }
-        let text = if texts.len() == 1 {
-            texts.remove(0)
-        } else {
-            format!("one of {}", texts.join(", "))
-        };
-        Ok(StatusMatcher { ranges, text })
-    }
-}
-
-impl Default for StatusMatcher {
-    fn default() -> Self {
-        Self {
-            ranges: vec![(200, 299)],
-            text: "2xx".into(),
-        }
-    }
-}
-
-/// `200`, `2xx`, `200-299` → an inclusive range of valid status codes.
-fn status_range(text: &str) -> Result<(u16, u16), ProbeError> {
-    let t = text.trim();
-    let bad = || {
-        config(format!(
-            "`expect_status` item `{t}` is not a status code (`200`), class (`2xx`) or range (`200-299`)"
-        ))
-    };
-    let code = |s: &str| -> Result<u16, ProbeError> {
-        match s.trim().parse::<u16>() {
-            Ok(c) if (100..=599).contains(&c) => Ok(c),
-            _ => Err(bad()),
-        }
-    };
-    let lower = t.to_ascii_lowercase();
-    if let Some(class) = lower.strip_suffix("xx") {
-        let digit = code(&format!("{class}00"))?;
-        return Ok((digit, digit + 99));
-    }
-    if let Some((lo, hi)) = t.split_once('-') {
-        let (lo, hi) = (code(lo)?, code(hi)?);
-        return if lo <= hi { Ok((lo, hi)) } else { Err(bad()) };
-    }
-    let c = code(t)?;
-    Ok((c, c))
-}
+/// `expect_status`: one grammar, the engine's, so that `runbook check` and the request agree.
+pub use runbook_engine::step_kind::http::{StatusExpect, StatusItem, StatusMatcher};
 
 /// The peer's leaf certificate as shown in evidence and to expressions (`output.tls`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -601,7 +501,7 @@ fn prepare(req: &HttpRequest) -> Result<Prepared, ProbeError> {
         ));
     }
     let expect = match &req.expect_status {
-        Some(e) => e.matcher()?,
+        Some(e) => e.matcher().map_err(config)?,
         None => StatusMatcher::default(),
     };
     let timeout = probe_timeout(req.timeout.as_deref(), DEFAULT_HTTP_TIMEOUT)?;

@@ -1,0 +1,160 @@
+//! One descriptor per step kind: the key that introduces it, the keys its table takes and which
+//! are required, how a literal value is checked, its help text and its compact form. The
+//! analyzer's step-key tables, `runbook check`'s "add one of …" help and the one-line
+//! description of an attempt are derived from these, so a new kind is one module here, one
+//! runner module in the steps crate, and their tests.
+//!
+//! [`RequestKind::spec`] matches every kind: a kind without a descriptor does not compile.
+
+pub mod http;
+pub mod run;
+pub mod screenshot;
+pub mod script;
+pub mod tcp;
+pub mod upload;
+
+use serde_json::Value;
+
+use crate::runbook::RequestKind;
+
+/// Keys of a settings table that cannot go together (or one that needs another).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conflict {
+    pub message: String,
+    /// Under the span of the table.
+    pub label: &'static str,
+}
+
+/// What the engine knows about a step kind before anything runs.
+#[derive(Debug)]
+pub struct StepKindSpec {
+    /// The step key that introduces it (`tcp = { … }`).
+    pub key: &'static str,
+    /// What it does, in a few words.
+    pub description: &'static str,
+    /// The shortest useful form, as `runbook check` suggests it.
+    pub example: &'static str,
+    /// The keys its settings table takes (none for kinds written as one string).
+    pub keys: &'static [&'static str],
+    /// Keys that must be present.
+    pub required: &'static [&'static str],
+    /// Checks one literal value of its table; `Err` says what was expected.
+    pub check: fn(key: &str, value: &Value) -> Result<(), String>,
+    /// Checks which keys the table has together.
+    pub combination: fn(present: &[&str]) -> Result<(), Conflict>,
+    /// One line for the journal and console: what an attempt with these (rendered) settings
+    /// does.
+    pub compact: fn(settings: &Value) -> String,
+}
+
+impl RequestKind {
+    /// The kind's descriptor.
+    pub fn spec(self) -> &'static StepKindSpec {
+        match self {
+            RequestKind::Http => &http::SPEC,
+            RequestKind::Tcp => &tcp::SPEC,
+            RequestKind::Screenshot => &screenshot::SPEC,
+            RequestKind::Upload => &upload::SPEC,
+        }
+    }
+
+    /// The step key that introduces it.
+    pub fn key(self) -> &'static str {
+        self.spec().key
+    }
+
+    /// The keys its table takes (checked before anything runs).
+    pub fn keys(self) -> &'static [&'static str] {
+        self.spec().keys
+    }
+
+    /// Keys that must be present.
+    pub fn required(self) -> &'static [&'static str] {
+        self.spec().required
+    }
+
+    /// One line for the journal and console: what an attempt with `settings` does.
+    pub fn describe(self, settings: &Value) -> String {
+        (self.spec().compact)(settings)
+    }
+}
+
+// `RequestKind::ALL` lists every kind, each once, in declaration order: a kind added to the
+// enum fails to compile here until it has a place.
+const _: () = {
+    const fn index(kind: RequestKind) -> usize {
+        match kind {
+            RequestKind::Http => 0,
+            RequestKind::Tcp => 1,
+            RequestKind::Screenshot => 2,
+            RequestKind::Upload => 3,
+        }
+    }
+    let mut i = 0;
+    while i < RequestKind::ALL.len() {
+        assert!(index(RequestKind::ALL[i]) == i);
+        i += 1;
+    }
+};
+
+/// Every kind a step can be, in the order help text lists them: a command, a script, then the
+/// kinds with a settings table.
+pub fn all() -> impl Iterator<Item = &'static StepKindSpec> {
+    [&run::SPEC, &script::SPEC]
+        .into_iter()
+        .chain(RequestKind::ALL.into_iter().map(RequestKind::spec))
+}
+
+/// `runbook check`'s help for a step with no action.
+pub fn help_add_one() -> String {
+    let forms: Vec<String> = all().map(|k| format!("`{}`", k.example)).collect();
+    format!("add one of {} or a block `steps = [ … ]`", forms.join(", "))
+}
+
+/// A settings value as text: strings as written, anything else as JSON.
+pub(crate) fn text(settings: &Value, key: &str) -> Option<String> {
+    settings.get(key).map(|v| match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    })
+}
+
+/// For kinds whose every value is judged by its runner.
+pub(crate) fn any_value(_key: &str, _value: &Value) -> Result<(), String> {
+    Ok(())
+}
+
+/// For kinds whose keys combine freely.
+pub(crate) fn any_combination(_present: &[&str]) -> Result<(), Conflict> {
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_has_a_distinct_key_and_its_required_keys_are_keys() {
+        let mut seen = Vec::new();
+        for kind in all() {
+            assert!(!seen.contains(&kind.key), "{} twice", kind.key);
+            seen.push(kind.key);
+            for r in kind.required {
+                assert!(
+                    kind.keys.contains(r),
+                    "{}: `{r}` required but not a key",
+                    kind.key
+                );
+            }
+            assert!(kind.example.starts_with(kind.key), "{}", kind.example);
+        }
+    }
+
+    #[test]
+    fn help_lists_every_kind() {
+        assert_eq!(
+            help_add_one(),
+            "add one of `run = \"<shell command>\"`, `script = \"<Rhai>\"`, `http = { url = \"…\" }`, `tcp = { host = \"…\", port = 22 }`, `screenshot = { url = \"…\" }`, `upload = { dest = \"…\", content = \"…\" }` or a block `steps = [ … ]`"
+        );
+    }
+}

@@ -1,0 +1,139 @@
+//! Reading attempt logs back for people: the records of `steps/<step>/<target>/attempt-<n>.log`
+//! (`<time> <tag> <bytes>`, written by `log.rs`), the last part of a long one, and which lines
+//! of a failure to show. Used by the report and the JUnit file.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
+
+/// One record of an attempt log (`<time> <tag> <bytes>`, see log.rs).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct LogLine {
+    /// RFC 3339 UTC, as written.
+    pub time: String,
+    /// `out`, `err`, `out+`, `err+`, `---`, or empty when the line is not a log record.
+    pub tag: String,
+    /// The bytes, decoded lossily.
+    pub text: String,
+}
+
+impl LogLine {
+    pub fn is_err(&self) -> bool {
+        self.tag.starts_with("err")
+    }
+    pub fn is_meta(&self) -> bool {
+        self.tag == "---"
+    }
+}
+
+/// The end of an attempt log.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LogTail {
+    pub lines: Vec<LogLine>,
+    /// Size of the whole file.
+    pub total_bytes: u64,
+    /// Lines before `lines` were left out.
+    pub truncated: bool,
+}
+
+pub(crate) fn parse_log_line(raw: &[u8]) -> LogLine {
+    let text = String::from_utf8_lossy(raw);
+    let mut parts = text.splitn(3, ' ');
+    let (time, tag, rest) = (parts.next(), parts.next(), parts.next());
+    match (time, tag) {
+        (Some(time), Some(tag))
+            if time.len() >= 20
+                && time.as_bytes()[4] == b'-'
+                && matches!(tag, "out" | "err" | "out+" | "err+" | "---") =>
+        {
+            LogLine {
+                time: time.to_owned(),
+                tag: tag.to_owned(),
+                text: rest.unwrap_or("").to_owned(),
+            }
+        }
+        _ => LogLine {
+            time: String::new(),
+            tag: String::new(),
+            text: text.into_owned(),
+        },
+    }
+}
+
+/// Reads the last `max_lines` records of a log, looking at no more than its last `max_bytes`.
+pub(crate) fn read_log_tail(
+    path: &Path,
+    max_lines: usize,
+    max_bytes: u64,
+) -> std::io::Result<LogTail> {
+    let mut file = std::fs::File::open(path)?;
+    let total_bytes = file.metadata()?.len();
+    let mut truncated = false;
+    let start = total_bytes.saturating_sub(max_bytes);
+    if start > 0 {
+        file.seek(SeekFrom::Start(start))?;
+        truncated = true;
+    }
+    let mut data = Vec::new();
+    file.take(max_bytes).read_to_end(&mut data)?;
+    let mut body: &[u8] = &data;
+    if start > 0 {
+        // Drop the partial first record.
+        body = match body.iter().position(|&b| b == b'\n') {
+            Some(n) => &body[n + 1..],
+            None => &[],
+        };
+    }
+    let body = body.strip_suffix(b"\n").unwrap_or(body);
+    let mut records: Vec<&[u8]> = if body.is_empty() {
+        Vec::new()
+    } else {
+        body.split(|&b| b == b'\n').collect()
+    };
+    if records.len() > max_lines {
+        records.drain(..records.len() - max_lines);
+        truncated = true;
+    }
+    Ok(LogTail {
+        lines: records.into_iter().map(parse_log_line).collect(),
+        total_bytes,
+        truncated,
+    })
+}
+
+/// Indices of the lines to show for a failure: the last `last` lines plus the last `errs`
+/// stderr lines (a process's stderr is often read before its last stdout), in log order.
+pub(crate) fn excerpt(lines: &[&LogLine], last: usize, errs: usize) -> Vec<usize> {
+    let mut keep: Vec<usize> = (lines.len().saturating_sub(last)..lines.len()).collect();
+    let err_idx: Vec<usize> = (0..lines.len()).filter(|&i| lines[i].is_err()).collect();
+    keep.extend(err_idx.iter().rev().take(errs));
+    keep.sort_unstable();
+    keep.dedup();
+    keep
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_tail_reads_only_the_end() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("a.log");
+        let mut text = String::new();
+        for i in 0..1000 {
+            text.push_str(&format!("2026-08-20T10:00:00.000Z err line {i}\n"));
+        }
+        std::fs::write(&p, &text).expect("w");
+        let t = read_log_tail(&p, 10_000, 400).expect("tail");
+        assert!(t.truncated);
+        assert_eq!(t.total_bytes, text.len() as u64);
+        assert_eq!(t.lines.last().expect("line").text, "line 999");
+        assert!(t
+            .lines
+            .iter()
+            .all(|l| l.tag == "err" && l.text.starts_with("line ")));
+        let t = read_log_tail(&p, 3, 1 << 20).expect("tail");
+        assert_eq!(t.lines.len(), 3);
+        assert_eq!(t.lines[0].text, "line 997");
+    }
+}
