@@ -780,8 +780,13 @@ pub fn render_report(manifest: &Manifest, bundle: &Path) -> Result<String, Evide
             );
         }
     }
-    h.push_str(
-        "<p class=\"dim small\">Secret values are shown as <code>[REDACTED:name]</code>; they appear nowhere in the bundle.</p>\n</section>\n",
+    // The claim names what was searched and what was not: no more than redaction does.
+    let _ = write!(
+        h,
+        "<p class=\"dim small\">Secret values are shown as <code>[REDACTED:name]</code>. \
+         Searched for in everything the run wrote (logs, transcripts, journal, manifest, collected text files, this report; the copy of the runbook is kept verbatim), for each value: {}. Not searched: {}.</p>\n</section>\n",
+        escape_html(crate::redact::SEARCHED_FORMS),
+        escape_html(crate::redact::NOT_SEARCHED)
     );
 
     // ---- Step details -----------------------------------------------------------------------

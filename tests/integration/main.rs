@@ -14,5 +14,6 @@ mod hosts;
 mod output_edges;
 mod probes;
 mod processes;
+mod redaction;
 mod rke2;
 mod schedule;
