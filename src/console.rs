@@ -639,18 +639,9 @@ mod tests {
         let red = "\x1b[31mred\x1b[0m \x1b[1;38;5;208mbold\x1b[m";
         assert_eq!(terminal_safe(red), red);
         // A title change (OSC 0, BEL- and ST-terminated), a hyperlink, a clipboard write.
-        assert_eq!(
-            terminal_safe("\x1b]0;pwned\x07after"),
-            "^[]0;pwned^Gafter"
-        );
-        assert_eq!(
-            terminal_safe("\x1b]2;t\x1b\\x"),
-            "^[]2;t^[\\x"
-        );
-        assert_eq!(
-            terminal_safe("\x1b]52;c;aGk=\x07"),
-            "^[]52;c;aGk=^G"
-        );
+        assert_eq!(terminal_safe("\x1b]0;pwned\x07after"), "^[]0;pwned^Gafter");
+        assert_eq!(terminal_safe("\x1b]2;t\x1b\\x"), "^[]2;t^[\\x");
+        assert_eq!(terminal_safe("\x1b]52;c;aGk=\x07"), "^[]52;c;aGk=^G");
         // Cursor movement, screen clear, a private mode, a lone ESC, 8-bit CSI.
         assert_eq!(terminal_safe("a\x1b[2J\x1b[Hb"), "a^[[2J^[[Hb");
         assert_eq!(terminal_safe("\x1b[?1049h\x1b[5A"), "^[[?1049h^[[5A");

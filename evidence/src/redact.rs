@@ -198,7 +198,7 @@ impl<M> Default for WrapHold<M> {
 
 /// Held lines past this many bytes go out, except the last `overlap()` bytes (a base64 dump
 /// of several megabytes is not held whole).
-const MAX_HOLD: usize = 256 * 1024;
+const MAX_HOLD: usize = 64 * 1024;
 
 impl<M: Clone> WrapHold<M> {
     pub fn is_empty(&self) -> bool {
@@ -304,8 +304,11 @@ pub fn hold_wrapped(lead: &[u8], data: &[u8], end: usize, overlap: usize) -> usi
     if overlap == 0 {
         return end;
     }
+    let limit = MAX_HOLD.max(2 * overlap);
     let mut hold = end;
-    while hold > 0 {
+    // Walking back further than `limit` changes nothing (the cut below applies): stopping
+    // there keeps the work per read bounded however long the run of wrapped lines is.
+    while hold > 0 && end - hold <= limit {
         let brk = data[hold - 1];
         if brk != b'\n' && !(brk == b'\r' && hold == end) {
             break;
@@ -321,7 +324,7 @@ pub fn hold_wrapped(lead: &[u8], data: &[u8], end: usize, overlap: usize) -> usi
         }
         hold = start;
     }
-    if end - hold > MAX_HOLD.max(2 * overlap) {
+    if end - hold > limit {
         let keep = end - overlap.max(1);
         hold = data[..keep]
             .iter()

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use aho_corasick::{AhoCorasick, MatchKind};
 
 use super::encodings::variants;
-use super::{placeholder, UNNAMED_PLACEHOLDER};
 use super::shapes::ShapeRules;
+use super::{placeholder, UNNAMED_PLACEHOLDER};
 
 /// Replaces every secret value — and the forms it takes when a tool re-encodes it — with
 /// `[REDACTED:<name>]`, and secrets recognised by shape (see [`ShapeRules`]). Counts how often

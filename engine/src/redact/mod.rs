@@ -9,7 +9,7 @@ pub mod encodings;
 pub mod matcher;
 pub mod shapes;
 
-pub use encodings::{variants, SEARCHED_FORMS, NOT_SEARCHED, MIN_SECRET_LINE};
+pub use encodings::{variants, MIN_SECRET_LINE, NOT_SEARCHED, SEARCHED_FORMS};
 pub use matcher::{ends_wrapped, lead_at, next_lead, ByteRedactor, MIN_SECRET, WRAP_MIN};
 pub use shapes::{key_marker, PemFilter, ShapeRules, KEY_BEGIN, KEY_END};
 

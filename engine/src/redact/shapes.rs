@@ -154,9 +154,10 @@ pub static KEY_BEGIN: std::sync::LazyLock<Option<regex::bytes::Regex>> =
     std::sync::LazyLock::new(|| {
         regex::bytes::Regex::new("-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----").ok()
     });
-pub static KEY_END: std::sync::LazyLock<Option<regex::bytes::Regex>> = std::sync::LazyLock::new(|| {
-    regex::bytes::Regex::new("-----END [A-Z0-9 ]*PRIVATE KEY-----").ok()
-});
+pub static KEY_END: std::sync::LazyLock<Option<regex::bytes::Regex>> =
+    std::sync::LazyLock::new(|| {
+        regex::bytes::Regex::new("-----END [A-Z0-9 ]*PRIVATE KEY-----").ok()
+    });
 
 /// The first private key BEGIN or END marker at or after `from`: (start, end).
 pub fn key_marker(
