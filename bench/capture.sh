@@ -94,11 +94,11 @@ done
 base_cpu="${CPU[pipe]:-}"
 printf '%-8s %9s %10s %8s %12s %10s %9s\n' tool wall_s MB/s cpu_s cpu_over_pipe rss_MiB vs_make
 for tool in $TOOLS; do
-  mbs="$(awk -v b="$BYTES" -v w="${WALL[$tool]}" 'BEGIN { printf "%.0f", b / 1e6 / (w > 0 ? w : 1e-9) }')"
+  mbs="$(awk -v b="$BYTES" -v w="${WALL[$tool]}" 'BEGIN { if (w < 0.01) w = 0.01; printf "%.0f", b / 1e6 / w }')"
   over="-"
   [[ -n "$base_cpu" ]] && over="$(awk -v c="${CPU[$tool]}" -v p="$base_cpu" 'BEGIN { printf "%+.2f", c - p }')"
   ratio="-"
-  [[ -n "${WALL[make]:-}" ]] && ratio="$(awk -v m="${WALL[make]}" -v w="${WALL[$tool]}" 'BEGIN { printf "%.2fx", m / w }')"
+  [[ -n "${WALL[make]:-}" ]] && ratio="$(awk -v m="${WALL[make]}" -v w="${WALL[$tool]}" 'BEGIN { if (m < 0.01) m = 0.01; if (w < 0.01) w = 0.01; printf "%.2fx", m / w }')"
   printf '%-8s %9s %10s %8s %12s %10.1f %9s\n' "$tool" "${WALL[$tool]}" "$mbs" "${CPU[$tool]}" \
     "$over" "$(awk -v k="${RSS[$tool]}" 'BEGIN { print k / 1024 }')" "$ratio"
 done
@@ -111,8 +111,8 @@ if [[ -n "${WALL[runbook]:-}" ]]; then
     status=1
   fi
   if [[ -n "${WALL[make]:-}" ]]; then
-    if awk -v m="${WALL[make]}" -v w="${WALL[runbook]}" -v g="$GOAL_RATIO" 'BEGIN { exit !(m / w < g) }'; then
-      log "GOAL MISSED: runbook throughput $(awk -v m="${WALL[make]}" -v w="${WALL[runbook]}" 'BEGIN { printf "%.2f", m / w }')x make's < ${GOAL_RATIO}x"
+    if awk -v m="${WALL[make]}" -v w="${WALL[runbook]}" -v g="$GOAL_RATIO" 'BEGIN { if (m < 0.01) m = 0.01; if (w < 0.01) w = 0.01; exit !(m / w < g) }'; then
+      log "GOAL MISSED: runbook throughput $(awk -v m="${WALL[make]}" -v w="${WALL[runbook]}" 'BEGIN { if (m < 0.01) m = 0.01; if (w < 0.01) w = 0.01; printf "%.2f", m / w }')x make's < ${GOAL_RATIO}x"
       status=1
     else
       log "goal met: runbook >= ${GOAL_RATIO}x make's throughput"
