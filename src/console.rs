@@ -2,7 +2,10 @@
 //! (attempt n/m, elapsed, retry countdown) with finished steps printed above it; elsewhere
 //! (Jenkins, pipes): one plain timestamped line per event. Step output is shown only with
 //! `--stream`, prefixed with the step id, and always whole lines, so it never garbles.
-//! Everything printed is redacted like evidence: terminal output ends up in CI logs.
+//! Everything printed is redacted like evidence (terminal output ends up in CI logs), and made
+//! safe for the terminal: control sequences from steps other than SGR colours (a title change,
+//! an OSC hyperlink or clipboard write, cursor movement, a screen clear) are shown escaped, not
+//! obeyed. Evidence keeps the raw bytes.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -12,7 +15,8 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use runbook_engine::duration::format_duration;
 use runbook_engine::event::{RunEvent, StepStatus, Stream};
 use runbook_engine::executor::RunReport;
-use runbook_evidence::redact::{ByteRedactor, WrapHold};
+use runbook_engine::redact::{ByteRedactor, ShapeRules};
+use runbook_evidence::redact::WrapHold;
 
 pub struct Console {
     live: Option<MultiProgress>,
@@ -43,7 +47,7 @@ impl Console {
         secrets: Vec<(String, String)>,
         patterns: &[String],
     ) -> Self {
-        let shapes = runbook_evidence::redact::ShapeRules::new(patterns).unwrap_or_default();
+        let shapes = ShapeRules::new(patterns).unwrap_or_default();
         Self {
             live: live
                 .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(10))),
@@ -72,7 +76,7 @@ impl Console {
         let line = format!(
             "{} {}",
             self.paint("2", &now.to_string()),
-            self.redactor.redact_str(text)
+            terminal_safe(&self.redactor.redact_str(text))
         );
         match &self.live {
             Some(mp) => {
@@ -426,6 +430,7 @@ impl Console {
 
     /// Prints one line of step output, already redacted.
     fn print_output(&self, step: &str, target: &str, stream: Stream, line: &str) {
+        let line = terminal_safe(line);
         let who = if target == "local" {
             step.to_owned()
         } else {
@@ -480,9 +485,52 @@ impl Console {
         }
     }
 
+    /// `text` redacted and made safe for the terminal (see [`terminal_safe`]).
     pub fn redact(&self, text: &str) -> String {
-        self.redactor.redact_str(text)
+        terminal_safe(&self.redactor.redact_str(text))
     }
+}
+
+/// `text` as it may reach the operator's terminal: SGR sequences (colours, `ESC [ … m`), tabs
+/// and line breaks pass; every other control character is shown in caret notation (`^[` for
+/// ESC, `^G` for BEL, `^M` for a carriage return that is not at the end), and C1 controls as
+/// `\u{9b}`. So an OSC title change reads `^[]0;title^G`: visible, not obeyed.
+pub fn terminal_safe(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.char_indices().peekable();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '\x1b' => {
+                if let Some(len) = sgr_len(&text[i..]) {
+                    out.push_str(&text[i..i + len]);
+                    while chars.peek().is_some_and(|&(j, _)| j < i + len) {
+                        chars.next();
+                    }
+                } else {
+                    out.push_str("^[");
+                }
+            }
+            '\t' | '\n' => out.push(c),
+            '\r' if chars.peek().is_none_or(|&(_, n)| n == '\n') => {}
+            '\0'..='\x1f' | '\x7f' => {
+                out.push('^');
+                out.push(char::from((c as u8) ^ 0x40));
+            }
+            '\u{80}'..='\u{9f}' => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+/// The length of the SGR sequence (`ESC [ params m`) `text` starts with, if it starts with one.
+fn sgr_len(text: &str) -> Option<usize> {
+    let rest = text.strip_prefix("\x1b[")?;
+    let params = rest
+        .bytes()
+        .take_while(|b| b.is_ascii_digit() || matches!(b, b';' | b':'))
+        .count();
+    (rest.as_bytes().get(params) == Some(&b'm')).then_some(2 + params + 1)
 }
 
 /// How much of an attempt's last output is kept for the line shown when it fails.
@@ -584,6 +632,27 @@ pub fn summary_table(report: &RunReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_colours_reach_the_terminal() {
+        // Colours pass as they are.
+        let red = "\x1b[31mred\x1b[0m \x1b[1;38;5;208mbold\x1b[m";
+        assert_eq!(terminal_safe(red), red);
+        // A title change (OSC 0, BEL- and ST-terminated), a hyperlink, a clipboard write.
+        assert_eq!(terminal_safe("\x1b]0;pwned\x07after"), "^[]0;pwned^Gafter");
+        assert_eq!(terminal_safe("\x1b]2;t\x1b\\x"), "^[]2;t^[\\x");
+        assert_eq!(terminal_safe("\x1b]52;c;aGk=\x07"), "^[]52;c;aGk=^G");
+        // Cursor movement, screen clear, a private mode, a lone ESC, 8-bit CSI.
+        assert_eq!(terminal_safe("a\x1b[2J\x1b[Hb"), "a^[[2J^[[Hb");
+        assert_eq!(terminal_safe("\x1b[?1049h\x1b[5A"), "^[[?1049h^[[5A");
+        assert_eq!(terminal_safe("x\x1bcy"), "x^[cy");
+        assert_eq!(terminal_safe("\u{9b}2J"), "\\u{9b}2J");
+        // Carriage returns: a CRLF line end goes, one inside a line would overwrite it.
+        assert_eq!(terminal_safe("done\r"), "done");
+        assert_eq!(terminal_safe("10%\r20%"), "10%^M20%");
+        assert_eq!(terminal_safe("tab\tok\x08\x00"), "tab\tok^H^@");
+        assert_eq!(terminal_safe("plain ✓ text"), "plain ✓ text");
+    }
 
     #[test]
     fn a_wait_prints_changes_and_a_still_waiting_line_every_30_seconds() {

@@ -162,8 +162,9 @@ pub fn execute(s: Session) -> i32 {
             .collect();
         if !leaks.is_empty() {
             let msg = format!(
-                "--fail-on-leak: secrets appeared in step output and were redacted: {}",
-                leaks.join(", ")
+                "--fail-on-leak: secrets appeared in step output and were redacted: {} (forms searched: {})",
+                leaks.join(", "),
+                runbook_engine::redact::SEARCHED_FORMS
             );
             render::error(&msg);
             if r.fail_run(&msg).is_ok() && code == exit::OK {
@@ -329,7 +330,7 @@ fn print_failure_tails(report: &RunReport, bundle: &Path, console: &Console) {
         );
         sayln!("  log: {}", log.display());
         for l in &lines[lines.len().saturating_sub(10)..] {
-            sayln!("  | {l}");
+            sayln!("  | {}", console.redact(l));
         }
     }
 }

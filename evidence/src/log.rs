@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, SecondsFormat, Utc};
 use runbook_engine::event::Stream;
 
-use crate::redact::{ByteRedactor, PemFilter, WrapHold};
+use crate::redact::{ByteRedactor, PemFilter, RedactFile as _, WrapHold};
 use crate::{write_err, EvidenceError};
 
 /// Longest fragment kept in memory while waiting for a newline.

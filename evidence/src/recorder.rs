@@ -19,7 +19,7 @@ use crate::manifest::{
     ApprovalRecord, AttemptRecord, Collected, Engine, Manifest, Note, Operator, Resumption,
     RunbookInfo, StepRecord, FORMAT,
 };
-use crate::redact::ByteRedactor;
+use crate::redact::{ByteRedactor, RedactFile as _};
 use crate::{write_err, EvidenceError};
 
 impl RecorderConfig {

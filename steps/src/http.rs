@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use runbook_engine::duration::format_duration;
 use runbook_engine::event::Stream;
+use runbook_engine::redact;
 use runbook_engine::runner::OutputSink;
 
 /// Used when a step gives no `timeout`: long enough for a slow API server, short enough that a
@@ -41,14 +42,6 @@ pub const MAX_REDIRECTS: usize = 10;
 /// How much of the body an unexpected-status error quotes.
 const BODY_START: usize = 512;
 const USER_AGENT: &str = concat!("runbook/", env!("CARGO_PKG_VERSION"));
-const REDACTED: &str = "<redacted>";
-/// Headers whose values are credentials whatever they contain.
-const SENSITIVE_HEADERS: &[&str] = &[
-    "authorization",
-    "proxy-authorization",
-    "cookie",
-    "set-cookie",
-];
 
 /// One HTTP request as a runbook writes it (`http = { url = "…", … }`), templates resolved.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
@@ -636,9 +629,7 @@ pub async fn execute(
     secrets.extend(req.bearer.iter().cloned());
     secrets.extend(req.basic.iter().map(|b| b.password.clone()));
     secrets.retain(|s| !s.is_empty());
-    // Longest first, so that a secret containing another is replaced whole.
-    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
-    let mut redactor = Redactor(secrets);
+    let mut redactor = Redactor::new(secrets);
     let result = run(req, &mut redactor, out, cancel).await;
     if let Err(e) = &result {
         let line = format!("! {}: {}\n", e.kind(), redactor.text(&e.to_string()));
@@ -647,33 +638,35 @@ pub async fn execute(
     result
 }
 
-struct Redactor(Vec<String>);
+/// The credentials this request holds, kept out of its transcript with the engine's matcher.
+struct Redactor {
+    values: Vec<String>,
+    matcher: redact::ByteRedactor,
+}
 
 impl Redactor {
+    fn new(values: Vec<String>) -> Self {
+        let matcher = redact::ByteRedactor::unnamed(&values);
+        Self { values, matcher }
+    }
+
     fn add(&mut self, secret: &str) {
-        if !secret.is_empty() && !self.0.iter().any(|s| s == secret) {
-            self.0.push(secret.to_owned());
-            self.0.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        if !secret.is_empty() && !self.values.iter().any(|s| s == secret) {
+            self.values.push(secret.to_owned());
+            self.matcher = redact::ByteRedactor::unnamed(&self.values);
         }
     }
 
     fn text(&self, text: &str) -> String {
-        let mut t = text.to_owned();
-        for s in &self.0 {
-            if t.contains(s.as_str()) {
-                t = t.replace(s.as_str(), REDACTED);
-            }
-        }
-        t
+        self.matcher.redact_str(text)
     }
 
     fn header(&self, name: &str, value: &str) -> String {
-        if SENSITIVE_HEADERS.contains(&name.to_ascii_lowercase().as_str())
-            || self.0.iter().any(|s| value.contains(s.as_str()))
-        {
-            REDACTED.to_owned()
+        let shown = self.text(value);
+        if redact::is_credential_header(name) || shown != value {
+            redact::UNNAMED_PLACEHOLDER.to_owned()
         } else {
-            value.to_owned()
+            shown
         }
     }
 }
@@ -691,7 +684,7 @@ async fn run(
     // Credentials as sent (`Basic <base64>` says the password to anyone who decodes it): a
     // server echoing them back must not put them in the evidence either.
     for (name, value) in p.request.headers() {
-        if SENSITIVE_HEADERS.contains(&name.as_str()) {
+        if redact::is_credential_header(name.as_str()) {
             let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
             if let Some((_, credential)) = value.split_once(' ') {
                 redactor.add(credential.trim());

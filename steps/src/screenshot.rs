@@ -51,7 +51,6 @@ pub const BROWSER_NAMES: &[&str] = &[
 /// Full-page captures are cut at this height: Chromium fails or produces garbage on taller
 /// surfaces, and an endless-scroll page would otherwise never end.
 pub const MAX_FULL_PAGE_HEIGHT: u32 = 16_384;
-const REDACTED: &str = "<redacted>";
 /// How often `wait_for` looks for its selector.
 const SELECTOR_POLL: Duration = Duration::from_millis(100);
 /// Longest a single DevTools message may be: a full-page PNG in base64.
@@ -266,27 +265,10 @@ fn is_executable(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-/// Replaces every secret in `s` by `<redacted>`, longest first so that a secret containing
-/// another is replaced whole.
+/// Replaces every secret in `s` by `<redacted>` (the engine's matcher: the longest match wins,
+/// so a secret containing another is replaced whole).
 pub fn redact(s: &str, secrets: &[String]) -> String {
-    let mut sorted: Vec<&String> = secrets.iter().filter(|v| !v.is_empty()).collect();
-    sorted.sort_by_key(|v| std::cmp::Reverse(v.len()));
-    let mut out = s.to_owned();
-    for secret in sorted {
-        out = out.replace(secret.as_str(), REDACTED);
-    }
-    out
-}
-
-/// Header values that are credentials whatever the caller says: they are redacted too.
-fn is_credential_header(name: &str) -> bool {
-    let n = name.to_ascii_lowercase();
-    matches!(
-        n.as_str(),
-        "authorization" | "proxy-authorization" | "cookie"
-    ) || ["token", "key", "secret", "auth", "password"]
-        .iter()
-        .any(|w| n.contains(w))
+    runbook_engine::redact::ByteRedactor::unnamed(secrets).redact_str(s)
 }
 
 /// Base64 SHA-256 of the SubjectPublicKeyInfo of every certificate in a PEM file, the form
@@ -413,7 +395,7 @@ fn check(req: &ScreenshotRequest, secrets: &[String]) -> Result<Checked, Screens
     all_secrets.extend(
         req.headers
             .iter()
-            .filter(|(k, v)| is_credential_header(k) && !v.is_empty())
+            .filter(|(k, v)| runbook_engine::redact::is_credential_header(k) && !v.is_empty())
             .map(|(_, v)| v.clone()),
     );
     let parsed = url::Url::parse(&req.url).map_err(|e| {

@@ -15,6 +15,7 @@ mod hosts;
 mod output_edges;
 mod probes;
 mod processes;
+mod redaction;
 mod rke2;
 mod schedule;
 mod trust;

@@ -814,8 +814,12 @@ fn parameters(m: &Manifest) -> Markup {
                     "\n"
                 }
             }
+            // The claim names what was searched and what was not: no more than redaction does.
             p class="dim small" {
-                "Secret values are shown as " code { "[REDACTED:name]" } "; they appear nowhere in the bundle."
+                "Secret values are shown as " code { "[REDACTED:name]" } ". Searched for in everything \
+                 the run wrote (logs, transcripts, journal, manifest, collected text files, this \
+                 report; the copy of the runbook is kept verbatim), for each value: "
+                (crate::redact::SEARCHED_FORMS) ". Not searched: " (crate::redact::NOT_SEARCHED) "."
             }
             "\n"
         }
