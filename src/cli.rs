@@ -113,6 +113,10 @@ pub enum InventoryCommand {
         /// Only the hosts this selector picks (`servers[0]`, `all,!bastion`)
         #[arg(long, value_name = "SELECTOR")]
         select: Option<String>,
+        /// Every effective connection setting of each host and where it came from
+        /// (inventory, its [defaults], ssh_config file:line, or the built-in default)
+        #[arg(long)]
+        settings: bool,
     },
     /// Write the inventory in a form other tools read
     #[command(

@@ -267,8 +267,12 @@ pub(crate) fn load_inventory(
                 }
                 exit::USAGE
             })?;
-            match Inventory::parse(&source) {
-                Ok(inv) => Some(inv),
+            match Inventory::parse(&source).map(crate::inventory_cmd::with_ssh_config) {
+                Ok(Ok(inv)) => Some(inv),
+                Ok(Err(message)) => {
+                    render::error(&format!("inventory `{}`: {message}", path.display()));
+                    return Err(exit::USAGE);
+                }
                 Err(diags) => {
                     print_diagnostics(&diags);
                     render::error(&format!(
