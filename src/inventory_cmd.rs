@@ -9,6 +9,11 @@ use crate::render;
 
 pub fn run(command: &InventoryCommand) -> i32 {
     let (file, result) = match command {
+        InventoryCommand::Import {
+            file,
+            output,
+            force,
+        } => (file, import(file, output.as_deref(), *force)),
         InventoryCommand::Show {
             file,
             select,
@@ -52,6 +57,9 @@ fn open(file: &Path) -> Result<Inventory, String> {
             Ok(None) => Err("the runbook names no inventory (`[runbook] inventory`)".into()),
             Err(_) => Err(String::new()),
         };
+    }
+    if crate::ansible_inventory::is_ansible(file, text) {
+        return crate::ansible_inventory::load(&source).and_then(with_ssh_config);
     }
     let inv = Inventory::parse(&source).map_err(|d| {
         crate::commands::print_diagnostics_pub(&d);
@@ -164,4 +172,41 @@ fn print_settings(inv: &Inventory, h: &Host) {
         };
         println!("  {key:<width$}  {value}  ({source})");
     }
+}
+
+/// `runbook inventory import FILE [-o OUT]`: an Ansible inventory as a runbook inventory.
+fn import(file: &Path, output: Option<&Path>, force: bool) -> Result<(), String> {
+    let text = std::fs::read_to_string(file).map_err(|e| format!("cannot read: {e}"))?;
+    let ansible = crate::ansible_inventory::AnsibleInventory::parse(file, &text)
+        .map_err(|e| e.to_string())?;
+    let converted = ansible.to_runbook()?;
+    // The result must read back as a runbook inventory before it is written anywhere.
+    runbook_engine::inventory::parse_str(&file.display().to_string(), &converted.toml).map_err(
+        |d| {
+            crate::commands::print_diagnostics_pub(&d);
+            "the converted inventory is not valid (a bug: please report it)".to_string()
+        },
+    )?;
+    for w in &converted.warnings {
+        render::warning(&format!("{}: {w}", file.display()));
+    }
+    match output {
+        None => print!("{}", converted.toml),
+        Some(out) => {
+            if out.exists() && !force {
+                return Err(format!(
+                    "`{}` exists: give --force to replace it",
+                    out.display()
+                ));
+            }
+            std::fs::write(out, &converted.toml)
+                .map_err(|e| format!("cannot write `{}`: {e}", out.display()))?;
+            eprintln!(
+                "wrote {} ({} host(s))",
+                out.display(),
+                converted.toml.matches("[hosts.").count()
+            );
+        }
+    }
+    Ok(())
 }

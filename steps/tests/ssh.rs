@@ -904,6 +904,9 @@ fn write_ssh_config(dir: &Path) -> std::path::PathBuf {
              \x20   IdentityFile {d}/id_app\n\
              \x20   IdentityFile \"{d}/id_app2\"\n\
              \x20   CertificateFile {d}/id_app-cert.pub\n\
+             Match final originalhost app2\n\
+             \x20   ConnectTimeout 3\n\
+             \x20   Port 2299\n\
              Host app* !app9\n\
              \x20   User ops\n\
              \x20   IdentitiesOnly yes\n\

@@ -55,6 +55,8 @@ pub struct HostConfig {
     pub connect_timeout: Option<Sourced<u64>>,
     /// Seconds; 0 turns keepalives off.
     pub server_alive_interval: Option<Sourced<u64>>,
+    /// A `Match final` was seen: the files are read a second time with it matching.
+    saw_final: bool,
     /// `Match` criteria runbook does not evaluate (`exec`, `canonical`, …): those blocks are
     /// taken as not matching.
     pub notes: Vec<String>,
@@ -97,6 +99,7 @@ struct Target<'a> {
     /// Remote user given outside the config (the inventory's `user`), like `ssh -l`.
     given_user: Option<&'a str>,
     given_port: Option<u16>,
+    final_pass: bool,
 }
 
 impl SshConfigReader {
@@ -128,20 +131,28 @@ impl SshConfigReader {
         given_user: Option<&str>,
         given_port: Option<u16>,
     ) -> Result<HostConfig, ConfigError> {
-        let target = Target {
+        let mut target = Target {
             original: host,
             given_user,
             given_port,
+            final_pass: false,
         };
         let mut out = HostConfig::default();
-        for file in files {
-            let scope = if file == Path::new("/etc/ssh/ssh_config") {
-                Scope::System
-            } else {
-                Scope::User
-            };
-            self.apply_file(file, scope, &target, &mut out, true, 0)?;
+        for final_pass in [false, true] {
+            if final_pass && !out.saw_final {
+                break;
+            }
+            target.final_pass = final_pass;
+            for file in files {
+                let scope = if file == Path::new("/etc/ssh/ssh_config") {
+                    Scope::System
+                } else {
+                    Scope::User
+                };
+                self.apply_file(file, scope, &target, &mut out, true, 0)?;
+            }
         }
+        out.notes.dedup();
         Ok(out)
     }
 
@@ -335,9 +346,23 @@ impl SshConfigReader {
                 None => (false, raw.clone()),
             };
             i += 1;
-            if criterion == "all" {
-                result &= !negate;
-                continue;
+            // Hostnames are never canonicalised; `final` blocks match in a second pass, as
+            // OpenSSH makes one when the config has any (RHEL's ssh_config.d does).
+            match criterion.as_str() {
+                "all" => {
+                    result &= !negate;
+                    continue;
+                }
+                "final" => {
+                    out.saw_final = true;
+                    result &= target.final_pass != negate;
+                    continue;
+                }
+                "canonical" => {
+                    result &= negate;
+                    continue;
+                }
+                _ => {}
             }
             let Some(value) = args.get(i) else {
                 return Err(format!("`Match {criterion}` needs an argument"));
@@ -465,9 +490,19 @@ impl HostConfig {
             identities_only: self.identities_only.map(Sourced::pair),
             proxy_jump: self.proxy_jump.map(Sourced::pair),
             // Runbook checks one file; OpenSSH also appends new keys to the first.
-            known_hosts: self
-                .user_known_hosts_file
-                .and_then(|s| s.value.first().cloned().map(|f| (f, s.origin))),
+            // `/dev/null` (with `StrictHostKeyChecking no`, the usual "trust anything") would
+            // make `accept-new` accept every key: ignored, the inventory's default stays.
+            known_hosts: self.user_known_hosts_file.and_then(|s| {
+                let first = s.value.first().cloned()?;
+                if first == Path::new("/dev/null") {
+                    tracing::warn!(
+                        origin = %s.origin,
+                        "`UserKnownHostsFile /dev/null` is ignored: runbook always checks host keys"
+                    );
+                    return None;
+                }
+                Some((first, s.origin))
+            }),
             host_key_check: self.strict_host_key_checking.map(Sourced::pair),
             certificate_files: list(self.certificate_files),
             connect_timeout: self
@@ -673,10 +708,11 @@ mod tests {
     #[test]
     fn words_and_equals() {
         assert_eq!(
-            split_words(r#"IdentityFile "a b" c"#).unwrap(),
+            split_words(r#"IdentityFile "a b" c"#).expect("words"),
             vec!["IdentityFile", "a b", "c"]
         );
-        let lines = parse(Path::new("x"), "Port=2222\nUser = bob\nHostName  h # c\n").unwrap();
+        let lines =
+            parse(Path::new("x"), "Port=2222\nUser = bob\nHostName  h # c\n").expect("parse");
         assert_eq!(lines[0].keyword, "port");
         assert_eq!(lines[0].args, vec!["2222"]);
         assert_eq!(lines[1].args, vec!["bob"]);
