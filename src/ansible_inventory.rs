@@ -714,12 +714,8 @@ pub fn load(
         tracing::warn!("{}: {w}", source.path().display());
     }
     let toml_source = runbook_engine::source::Source::new(
-        &source
-            .path()
-            .with_extension("converted.toml")
-            .display()
-            .to_string(),
-        &converted.toml,
+        source.path().with_extension("converted.toml"),
+        converted.toml.clone(),
     );
     let mut inv = runbook_engine::inventory::Inventory::parse(&toml_source).map_err(|d| {
         format!(
