@@ -97,6 +97,14 @@ pub enum Command {
         #[command(subcommand)]
         command: InventoryCommand,
     },
+    /// Print a shell completion script: `runbook completions bash > /etc/bash_completion.d/runbook`
+    Completions {
+        /// bash, zsh, fish, elvish or powershell
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff): `runbook man | man -l -`
+    Man,
     /// Run runbooks (drills) on cron schedules, list fire times, export to systemd or Kubernetes
     Schedule {
         #[command(subcommand)]
@@ -113,6 +121,24 @@ pub enum InventoryCommand {
         /// Only the hosts this selector picks (`servers[0]`, `all,!bastion`)
         #[arg(long, value_name = "SELECTOR")]
         select: Option<String>,
+        /// Every effective connection setting of each host and where it came from
+        /// (inventory, its [defaults], ssh_config file:line, or the built-in default)
+        #[arg(long)]
+        settings: bool,
+    },
+    /// Convert an Ansible inventory (INI or YAML) into a runbook inventory
+    #[command(
+        after_help = "Examples:\n  runbook inventory import hosts.ini > inventory/lab.toml\n  runbook inventory import inventory.yml -o inventory/lab.toml\n\nRunbooks and --inventory can also name the Ansible file directly."
+    )]
+    Import {
+        /// The Ansible inventory file
+        file: PathBuf,
+        /// Write here instead of stdout (an existing file is kept unless --force)
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Replace an existing output file
+        #[arg(long)]
+        force: bool,
     },
     /// Write the inventory in a form other tools read
     #[command(
@@ -371,4 +397,69 @@ pub struct GraphArgs {
     pub file: PathBuf,
     #[arg(long, value_enum, default_value_t = GraphFormat::Text)]
     pub format: GraphFormat,
+}
+
+/// `runbook completions SHELL`: the completion script on stdout.
+pub fn completions(shell: clap_complete::Shell) -> i32 {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    clap_complete::generate(shell, &mut cmd, "runbook", &mut std::io::stdout());
+    exit::OK
+}
+
+/// `runbook man`: the man page (roff) on stdout.
+pub fn man() -> i32 {
+    use clap::CommandFactory;
+    let page = clap_mangen::Man::new(Cli::command());
+    match page.render(&mut std::io::stdout()) {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            eprintln!("runbook man: {e}");
+            exit::RUN_FAILED
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn completion_scripts_are_valid_for_their_shell() {
+        let mut cmd = Cli::command();
+        let mut bash = Vec::new();
+        clap_complete::generate(clap_complete::Shell::Bash, &mut cmd, "runbook", &mut bash);
+        let text = String::from_utf8(bash).expect("utf-8");
+        assert!(
+            text.contains("inventory") && text.contains("import"),
+            "{text}"
+        );
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("runbook.bash");
+        std::fs::write(&file, &text).expect("write");
+        let checked = std::process::Command::new("bash")
+            .arg("-n")
+            .arg(&file)
+            .output()
+            .expect("bash");
+        assert!(checked.status.success(), "{checked:?}");
+    }
+
+    #[test]
+    fn man_page_lists_the_commands() {
+        let mut page = Vec::new();
+        clap_mangen::Man::new(Cli::command())
+            .render(&mut page)
+            .expect("render");
+        let text = String::from_utf8(page).expect("utf-8");
+        assert!(
+            text.starts_with(".ie") || text.contains(".TH runbook 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("completions") && text.contains("inventory"),
+            "{text}"
+        );
+    }
 }

@@ -62,6 +62,8 @@ pub fn main() -> i32 {
         } => keygen(&secret_key, &public_key, force, password.as_deref()),
         Command::Evidence { command } => evidence(&command),
         Command::Inventory { command } => crate::inventory_cmd::run(&command),
+        Command::Completions { shell } => crate::cli::completions(shell),
+        Command::Man => crate::cli::man(),
         Command::Schedule { command } => crate::schedule::command(&command),
     }
 }
@@ -272,8 +274,19 @@ pub(crate) fn load_inventory(
                 }
                 exit::USAGE
             })?;
-            match Inventory::parse(&source) {
-                Ok(inv) => Some(inv),
+            // An Ansible inventory (INI/YAML) is read as such; see docs/inventory.md.
+            let parsed: Result<Result<Inventory, String>, Diagnostics> =
+                if crate::ansible_inventory::is_ansible(&path, source.text()) {
+                    Ok(crate::ansible_inventory::load(&source))
+                } else {
+                    Inventory::parse(&source).map(Ok)
+                };
+            match parsed.map(|r| r.and_then(crate::inventory_cmd::with_ssh_config)) {
+                Ok(Ok(inv)) => Some(inv),
+                Ok(Err(message)) => {
+                    render::error(&format!("inventory `{}`: {message}", path.display()));
+                    return Err(exit::USAGE);
+                }
                 Err(diags) => {
                     print_diagnostics(&diags);
                     render::error(&format!(

@@ -33,6 +33,7 @@ macro_rules! print {
     }};
 }
 
+mod ansible_inventory;
 mod approve;
 mod bundles;
 mod cli;

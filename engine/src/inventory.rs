@@ -49,6 +49,67 @@ pub struct Host {
     pub keepalive: Option<Duration>,
     pub groups: Vec<String>,
     pub vars: serde_json::Map<String, serde_json::Value>,
+    /// User certificates offered with the keys (`CertificateFile`); `<key>-cert.pub` beside a
+    /// key is found by the transport itself.
+    #[serde(skip)]
+    pub certificate_files: Vec<PathBuf>,
+    /// OpenSSH client config files consulted for the settings left unset (empty: none).
+    #[serde(skip)]
+    pub ssh_config: Vec<PathBuf>,
+    /// SSH handshakes in flight at once to this host's address and port (hosts behind one
+    /// address share them); default 8, under sshd's `MaxStartups` start value of 10.
+    #[serde(skip)]
+    pub handshake_limit: usize,
+    /// `sudo -u` for steps with `sudo = true`; None: root.
+    #[serde(skip)]
+    pub become_user: Option<String>,
+    /// Environment variable holding the sudo password (Ansible's become password).
+    #[serde(skip)]
+    pub become_password_env: Option<String>,
+    /// `become_method = "direct"`: the command is sudo's own argument (no `sh -c` wrapper),
+    /// so command-restricted sudoers rules match.
+    #[serde(skip)]
+    pub become_direct: bool,
+    /// Where each connection setting came from: `inventory`, `inventory [defaults]`,
+    /// `default`, or the ssh_config `file:line`.
+    #[serde(skip)]
+    pub sources: std::collections::BTreeMap<String, String>,
+}
+
+/// Settings an OpenSSH client config gives a host, each with the `file:line` it came from.
+/// The caller reads the files (the engine does no I/O); see [`Inventory::use_ssh_config`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SshConfigSettings {
+    pub address: Option<(String, String)>,
+    pub user: Option<(String, String)>,
+    pub port: Option<(u16, String)>,
+    pub identity_files: Option<(Vec<PathBuf>, String)>,
+    /// `IdentitiesOnly yes`: agent keys are not offered unless the inventory asks for them.
+    pub identities_only: Option<(bool, String)>,
+    /// `none`, or `[user@]host[:port]` hops, comma-separated, outermost first.
+    pub proxy_jump: Option<(String, String)>,
+    pub known_hosts: Option<(PathBuf, String)>,
+    /// `yes`, `ask`, `no` or `accept-new`.
+    pub host_key_check: Option<(String, String)>,
+    pub certificate_files: Option<(Vec<PathBuf>, String)>,
+    pub connect_timeout: Option<(Duration, String)>,
+    /// `ServerAliveInterval`; `None` inside: 0, keepalives off.
+    pub keepalive: Option<(Option<Duration>, String)>,
+}
+
+/// Looks a host up in ssh_config files: `(files, name, user given, port given)`.
+pub type SshConfigLookup = dyn Fn(&[PathBuf], &str, Option<&str>, Option<u16>) -> Result<SshConfigSettings, String>
+    + Send
+    + Sync;
+
+/// The lookup an inventory applies to hosts added later.
+#[derive(Clone)]
+struct LookupFn(Arc<SshConfigLookup>);
+
+impl fmt::Debug for LookupFn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SshConfigLookup")
+    }
 }
 
 impl Host {
@@ -75,6 +136,10 @@ pub struct Inventory {
     groups: Vec<(String, Vec<String>)>,
     defaults: Settings,
     base_dir: PathBuf,
+    /// Bastions named only by an ssh_config `ProxyJump`: reachable through `jump_chain`,
+    /// never selected by `on`.
+    bastions: Vec<Arc<Host>>,
+    ssh_config: Option<LookupFn>,
 }
 
 /// `[defaults]` and the per-host connection settings share these keys.
@@ -91,6 +156,15 @@ struct Settings {
     proxy_jump: Option<String>,
     connect_timeout: Option<String>,
     keepalive: Option<String>,
+    certificate_file: Option<OneOrMany>,
+    /// An OpenSSH client config to read instead of `~/.ssh/config` + `/etc/ssh/ssh_config`;
+    /// `"none"` reads none.
+    ssh_config: Option<String>,
+    handshake_limit: Option<u16>,
+    become_user: Option<String>,
+    become_password_env: Option<String>,
+    /// `wrapper` (default) or `direct`.
+    become_method: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -147,7 +221,7 @@ pub enum InventoryError {
 }
 
 /// Keys a host table takes, for messages.
-const HOST_KEYS: &str = "address, groups, vars, user, port, identity_file, passphrase_env, use_agent, known_hosts, host_key_check, proxy_jump, connect_timeout, keepalive";
+const HOST_KEYS: &str = "address, groups, vars, user, port, identity_file, passphrase_env, use_agent, known_hosts, host_key_check, proxy_jump, connect_timeout, keepalive, certificate_file, ssh_config, handshake_limit, become_user, become_password_env, become_method";
 
 impl Inventory {
     /// Reads an inventory file. Every problem found is reported, each with its position.
@@ -393,7 +467,12 @@ impl Inventory {
         let mut chain: Vec<Arc<Host>> = Vec::new();
         let mut next = host.proxy_jump.clone();
         while let Some(name) = next {
-            let Some(j) = self.host(&name) else { break };
+            let Some(j) = self
+                .host(&name)
+                .or_else(|| self.bastions.iter().find(|b| b.name == name))
+            else {
+                break;
+            };
             if j.name == host.name || chain.iter().any(|c| c.name == j.name) {
                 break;
             }
@@ -401,6 +480,171 @@ impl Inventory {
             chain.insert(0, j.clone());
         }
         chain
+    }
+
+    /// Fills the connection settings each host leaves unset from its OpenSSH client config
+    /// (`ssh_config`), through `lookup`, and keeps `lookup` for hosts added later. The
+    /// inventory wins wherever both set a key. A `ProxyJump` naming no inventory host adds
+    /// that bastion as a hidden host (only reachable as a jump, never selected).
+    pub fn use_ssh_config(&mut self, lookup: Arc<SshConfigLookup>) -> Result<(), String> {
+        self.ssh_config = Some(LookupFn(lookup));
+        for i in 0..self.hosts.len() {
+            let host = self.hosts[i].clone();
+            let resolved = self.apply_ssh_config(&host, 0)?;
+            self.hosts[i] = Arc::new(resolved);
+        }
+        Ok(())
+    }
+
+    /// The host with its ssh_config applied (unchanged without a lookup).
+    fn apply_ssh_config(&mut self, host: &Host, depth: usize) -> Result<Host, String> {
+        let Some(LookupFn(lookup)) = self.ssh_config.clone() else {
+            return Ok(host.clone());
+        };
+        let mut h = host.clone();
+        if h.ssh_config.is_empty() {
+            return Ok(h);
+        }
+        let unset = |h: &Host, key: &str| h.sources.get(key).is_none_or(|s| s == "default");
+        let given_user = (!unset(&h, "user")).then(|| h.user.clone());
+        let given_port = (!unset(&h, "port")).then_some(h.port);
+        let c = lookup(&h.ssh_config, &h.address, given_user.as_deref(), given_port)
+            .map_err(|e| format!("host `{}`: ssh_config: {e}", h.name))?;
+        let set = |h: &mut Host, key: &str, origin: &str| {
+            h.sources.insert(key.into(), format!("ssh_config {origin}"));
+        };
+        if let Some((v, o)) = c.address.filter(|_| unset(&h, "address")) {
+            h.address = v;
+            set(&mut h, "address", &o);
+        }
+        if let Some((v, o)) = c.user.filter(|_| unset(&h, "user")) {
+            h.user = v;
+            set(&mut h, "user", &o);
+        }
+        if let Some((v, o)) = c.port.filter(|_| unset(&h, "port")) {
+            h.port = v;
+            set(&mut h, "port", &o);
+        }
+        if let Some((v, o)) = c.identity_files.filter(|_| unset(&h, "identity_file")) {
+            h.identity_files = v;
+            set(&mut h, "identity_file", &o);
+        }
+        if let Some((v, o)) = c
+            .certificate_files
+            .filter(|_| unset(&h, "certificate_file"))
+        {
+            h.certificate_files = v;
+            set(&mut h, "certificate_file", &o);
+        }
+        if let Some((true, o)) = c.identities_only.filter(|_| unset(&h, "use_agent")) {
+            h.use_agent = false;
+            set(&mut h, "use_agent", &format!("{o} (IdentitiesOnly)"));
+        }
+        if let Some((v, o)) = c.known_hosts.filter(|_| unset(&h, "known_hosts")) {
+            h.known_hosts = v;
+            set(&mut h, "known_hosts", &o);
+        }
+        if let Some((v, o)) = c.host_key_check.filter(|_| unset(&h, "host_key_check")) {
+            // `ask` cannot ask anyone; `no` would accept a changed key, which runbook never
+            // does: the nearest safe policies.
+            h.host_key_check = match v.as_str() {
+                "accept-new" | "no" => HostKeyPolicy::AcceptNew,
+                _ => HostKeyPolicy::Strict,
+            };
+            set(
+                &mut h,
+                "host_key_check",
+                &format!("{o} (StrictHostKeyChecking {v})"),
+            );
+        }
+        if let Some((v, o)) = c.connect_timeout.filter(|_| unset(&h, "connect_timeout")) {
+            if !v.is_zero() {
+                h.connect_timeout = v;
+                set(&mut h, "connect_timeout", &o);
+            }
+        }
+        if let Some((v, o)) = c.keepalive.filter(|_| unset(&h, "keepalive")) {
+            h.keepalive = v;
+            set(&mut h, "keepalive", &o);
+        }
+        if let Some((v, o)) = c.proxy_jump.filter(|_| unset(&h, "proxy_jump")) {
+            h.proxy_jump = None;
+            if !v.eq_ignore_ascii_case("none") {
+                if depth > 8 {
+                    return Err(format!(
+                        "host `{}`: ssh_config `ProxyJump` chain is too long or loops ({o})",
+                        h.name
+                    ));
+                }
+                let mut previous: Option<String> = None;
+                for hop in v.split(',') {
+                    let name = self.jump_host(hop.trim(), previous.take(), &o, depth)?;
+                    previous = Some(name);
+                }
+                h.proxy_jump = previous.filter(|j| j != &h.name);
+            }
+            set(&mut h, "proxy_jump", &o);
+        }
+        Ok(h)
+    }
+
+    /// The host name for one `ProxyJump` hop: an inventory host of that name, or a hidden
+    /// bastion made from the hop and its own ssh_config.
+    fn jump_host(
+        &mut self,
+        hop: &str,
+        via: Option<String>,
+        origin: &str,
+        depth: usize,
+    ) -> Result<String, String> {
+        let hop = hop.strip_prefix("ssh://").unwrap_or(hop);
+        let (user, rest) = match hop.rsplit_once('@') {
+            Some((u, r)) => (Some(u.to_string()), r),
+            None => (None, hop),
+        };
+        let (name, port) = match rest.rsplit_once(':') {
+            Some((n, p)) if !n.contains(':') => (
+                n.to_string(),
+                Some(p.parse::<u16>().map_err(|_| {
+                    format!("ssh_config {origin}: `ProxyJump {hop}`: bad port `{p}`")
+                })?),
+            ),
+            _ => (rest.to_string(), None),
+        };
+        if self.host(&name).is_some() {
+            return Ok(name);
+        }
+        if !StepId::is_valid(&name) {
+            return Err(format!(
+                "ssh_config {origin}: `ProxyJump` hop `{name}` cannot be a host name (letters, digits, `-`, `_`, `.`)"
+            ));
+        }
+        if let Some(b) = self.bastions.iter().find(|b| b.name == name) {
+            return Ok(b.name.clone());
+        }
+        let own = Settings {
+            user,
+            port,
+            proxy_jump: Some(via.clone().unwrap_or_default()),
+            ..Settings::default()
+        };
+        let mut bastion = self
+            .build_host(&name, None, &own, Vec::new(), serde_json::Map::new())
+            .map_err(|InventoryError::Invalid(m)| format!("ssh_config {origin}: {m}"))?;
+        if via.is_none() {
+            // A first hop is reached directly unless its own ssh_config says otherwise.
+            bastion
+                .sources
+                .insert("proxy_jump".into(), "default".into());
+        } else {
+            bastion.proxy_jump = via;
+            bastion
+                .sources
+                .insert("proxy_jump".into(), format!("ssh_config {origin}"));
+        }
+        let bastion = self.apply_ssh_config(&bastion, depth + 1)?;
+        self.bastions.push(Arc::new(bastion));
+        Ok(name)
     }
 
     /// Adds (or replaces) a host at run time, with the inventory's defaults applied.
@@ -435,13 +679,17 @@ impl Inventory {
             ))
         })?;
         let groups = host.groups.clone();
-        let built = Arc::new(self.build_host(
+        let built = self.build_host(
             &new.name,
             host.address.as_deref(),
             &host.settings,
             groups,
             host.vars,
-        )?);
+        )?;
+        let built = Arc::new(
+            self.apply_ssh_config(&built, 0)
+                .map_err(InventoryError::Invalid)?,
+        );
         match self.hosts.iter().position(|h| h.name == new.name) {
             Some(i) => self.hosts[i] = built.clone(),
             None => self.hosts.push(built.clone()),
@@ -478,6 +726,105 @@ impl Inventory {
                     "`host_key_check = \"{other}\"`: expected \"strict\" or \"accept-new\" (there is no setting that accepts any key)"
                 )))
             }
+        };
+        let mut sources = std::collections::BTreeMap::new();
+        let mut note = |key: &str, own_set: bool, default_set: bool, is_address: bool| {
+            let origin = if own_set || is_address {
+                "inventory"
+            } else if default_set {
+                "inventory [defaults]"
+            } else {
+                "default"
+            };
+            sources.insert(key.to_string(), origin.to_string());
+        };
+        note("address", false, false, address.is_some());
+        note("user", own.user.is_some(), d.user.is_some(), false);
+        note("port", own.port.is_some(), d.port.is_some(), false);
+        note(
+            "identity_file",
+            own.identity_file.is_some(),
+            d.identity_file.is_some(),
+            false,
+        );
+        note(
+            "use_agent",
+            own.use_agent.is_some(),
+            d.use_agent.is_some(),
+            false,
+        );
+        note(
+            "known_hosts",
+            own.known_hosts.is_some(),
+            d.known_hosts.is_some(),
+            false,
+        );
+        note(
+            "host_key_check",
+            own.host_key_check.is_some(),
+            d.host_key_check.is_some(),
+            false,
+        );
+        note(
+            "proxy_jump",
+            own.proxy_jump.is_some(),
+            d.proxy_jump.is_some(),
+            false,
+        );
+        note(
+            "connect_timeout",
+            own.connect_timeout.is_some(),
+            d.connect_timeout.is_some(),
+            false,
+        );
+        note(
+            "keepalive",
+            own.keepalive.is_some(),
+            d.keepalive.is_some(),
+            false,
+        );
+        note(
+            "certificate_file",
+            own.certificate_file.is_some(),
+            d.certificate_file.is_some(),
+            false,
+        );
+        note(
+            "ssh_config",
+            own.ssh_config.is_some(),
+            d.ssh_config.is_some(),
+            false,
+        );
+        let certificate_files = match own
+            .certificate_file
+            .clone()
+            .or_else(|| d.certificate_file.clone())
+        {
+            None => Vec::new(),
+            Some(OneOrMany::One(p)) => vec![self.path(&p)],
+            Some(OneOrMany::Many(ps)) => ps.iter().map(|p| self.path(p)).collect(),
+        };
+        let become_direct = match pick(&own.become_method, &d.become_method).as_deref() {
+            None | Some("wrapper") => false,
+            Some("direct") => true,
+            Some(other) => {
+                return Err(InventoryError::Invalid(format!(
+                    "`become_method = \"{other}\"`: expected \"wrapper\" (sudo -- env … sh -c '…') or \"direct\" (sudo -- <command>)"
+                )))
+            }
+        };
+        if own.handshake_limit.or(d.handshake_limit) == Some(0) {
+            return Err(InventoryError::Invalid(
+                "`handshake_limit` must be at least 1".into(),
+            ));
+        }
+        let ssh_config = match pick(&own.ssh_config, &d.ssh_config).as_deref() {
+            None => vec![
+                home().join(".ssh/config"),
+                PathBuf::from("/etc/ssh/ssh_config"),
+            ],
+            Some("none") | Some("") => Vec::new(),
+            Some(p) => vec![self.path(p)],
         };
         let identity_files = match own
             .identity_file
@@ -531,6 +878,13 @@ impl Inventory {
                 .or(Some(Duration::from_secs(30))),
             groups,
             vars,
+            certificate_files,
+            ssh_config,
+            handshake_limit: usize::from(own.handshake_limit.or(d.handshake_limit).unwrap_or(8)),
+            become_user: pick(&own.become_user, &d.become_user).filter(|u| !u.is_empty()),
+            become_password_env: pick(&own.become_password_env, &d.become_password_env),
+            become_direct,
+            sources,
         })
     }
 
@@ -876,6 +1230,16 @@ impl Inventory {
     /// Exports the inventory for Ansible: connection settings as `ansible_*` variables, the
     /// host's own variables alongside, one section per group.
     pub fn to_ansible(&self, format: AnsibleFormat) -> String {
+        let checking = |h: &Host| {
+            format!(
+                "-o UserKnownHostsFile={} -o StrictHostKeyChecking={}",
+                h.known_hosts.display(),
+                match h.host_key_check {
+                    HostKeyPolicy::AcceptNew => "accept-new",
+                    HostKeyPolicy::Strict => "yes",
+                }
+            )
+        };
         let host_vars = |h: &Host| -> Vec<(String, serde_json::Value)> {
             let mut v: Vec<(String, serde_json::Value)> = vec![
                 ("ansible_host".into(), h.address.clone().into()),
@@ -888,17 +1252,24 @@ impl Inventory {
                     key.display().to_string().into(),
                 ));
             }
-            let mut ssh_args = format!("-o UserKnownHostsFile={}", h.known_hosts.display());
-            if h.host_key_check == HostKeyPolicy::AcceptNew {
-                ssh_args.push_str(" -o StrictHostKeyChecking=accept-new");
-            } else {
-                ssh_args.push_str(" -o StrictHostKeyChecking=yes");
-            }
-            if let Some(jump) = h.proxy_jump.as_ref().and_then(|j| self.host(j)) {
-                ssh_args.push_str(&format!(
-                    " -o ProxyJump={}@{}:{}",
-                    jump.user, jump.address, jump.port
-                ));
+            let mut ssh_args = checking(h);
+            // The bastion with its own key and known_hosts (a bare `ProxyJump` would use the
+            // defaults of the machine running Ansible, and fail host key verification).
+            if let Some(jump) = self.jump_chain(h).last() {
+                let mut proxy = format!("ssh -W %h:%p -p {} {}", jump.port, checking(jump));
+                if let Some(key) = jump.identity_files.first() {
+                    proxy.push_str(&format!(" -o IdentitiesOnly=yes -i {}", key.display()));
+                }
+                let outer = self.jump_chain(jump);
+                if let Some(next) = outer.last() {
+                    // Further hops: OpenSSH's own ProxyJump, with that hop's ssh_config.
+                    proxy.push_str(&format!(
+                        " -o ProxyJump={}@{}:{}",
+                        next.user, next.address, next.port
+                    ));
+                }
+                proxy.push_str(&format!(" {}@{}", jump.user, jump.address));
+                ssh_args.push_str(&format!(" -o 'ProxyCommand={proxy}'"));
             }
             v.push(("ansible_ssh_common_args".into(), ssh_args.into()));
             for (k, val) in &h.vars {

@@ -11,14 +11,12 @@ use runbook_engine::runner::{AttemptContext, BoxFuture, OutputSink, StepRunner};
 
 use std::sync::Arc;
 
-use runbook_engine::inventory::{Host, HostKeyPolicy};
+use runbook_engine::inventory::Host;
 
 use crate::http::{HttpRequest, ProbeError};
 use crate::local::LocalRunner;
 use crate::screenshot::{ScreenshotError, ScreenshotRequest};
-use crate::ssh::{
-    ExecOutcome, ExecRequest, HostKeyCheck, SshError, SshHost, SshPool, UploadRequest,
-};
+use crate::ssh::{ExecOutcome, ExecRequest, SshError, SshHost, SshPool, UploadRequest};
 use crate::tcp::TcpRequest;
 
 /// Runs every kind of attempt; holds what lives longer than one attempt (SSH connections).
@@ -103,33 +101,14 @@ async fn local_request(
 
 /// The inventory's host (and its bastions) as the SSH pool takes it.
 fn ssh_host(host: &Host, jumps: &[Arc<Host>]) -> SshHost {
-    let one = |h: &Host, via: Option<Box<SshHost>>| SshHost {
-        name: h.name.clone(),
-        address: h.address.clone(),
-        port: h.port,
-        user: h.user.clone(),
-        identity_files: h.identity_files.clone(),
-        passphrase_env: h.passphrase_env.clone(),
-        use_agent: h.use_agent,
-        known_hosts: h.known_hosts.clone(),
-        host_key_check: match h.host_key_check {
-            HostKeyPolicy::Strict => HostKeyCheck::Strict,
-            HostKeyPolicy::AcceptNew => HostKeyCheck::AcceptNew,
-        },
-        proxy_jump: via,
-        connect_timeout: h.connect_timeout,
-        keepalive: h.keepalive,
-    };
-    let mut via: Option<Box<SshHost>> = None;
-    for j in jumps {
-        via = Some(Box::new(one(j, via)));
-    }
-    one(host, via)
+    SshHost::from_inventory(host, jumps)
 }
 
 fn ssh_failure(e: &SshError) -> AttemptOutcome {
     let failure = match e.kind() {
         "known_hosts" | "request" | "upload" => FailureKind::Config,
+        // sudo's own authentication or policy said no: retrying cannot change that.
+        "sudo_refused" => FailureKind::Auth,
         other => FailureKind::from_name(other),
     };
     match e {

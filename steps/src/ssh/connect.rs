@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use russh::client::{self, AuthResult, Handle};
 use russh::keys::agent::client::AgentClient;
 use russh::keys::agent::AgentIdentity;
-use russh::keys::ssh_key::{Algorithm, HashAlg, PrivateKey, PublicKey};
+use russh::keys::ssh_key::{Algorithm, Certificate, HashAlg, PrivateKey, PublicKey};
 use russh::keys::{PrivateKeyWithHashAlg, PublicKeyOrCertificate};
 use russh::{MethodKind, Preferred};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -23,6 +23,8 @@ use super::{AcceptedKey, HostKeyCheck, SshError, SshHost};
 /// The russh handler: it only verifies the server's host key.
 pub(crate) struct ClientHandler {
     host: String,
+    /// What a host certificate's principals must name.
+    address: String,
     entry_name: String,
     known_hosts: PathBuf,
     check: HostKeyCheck,
@@ -50,6 +52,28 @@ impl client::Handler for ClientHandler {
         &mut self,
         server_key: &PublicKeyOrCertificate,
     ) -> Result<bool, Self::Error> {
+        if let PublicKeyOrCertificate::Certificate(cert) = server_key {
+            let verdict = known_hosts::check_certificate(
+                &self.known_hosts,
+                &self.entry_name,
+                &self.address,
+                cert,
+            )
+            .map_err(|reason| {
+                HandlerError::Refused(SshError::KnownHosts {
+                    path: self.known_hosts.clone(),
+                    reason,
+                })
+            })?;
+            return match verdict {
+                Ok(()) => Ok(true),
+                Err(why) => Err(HandlerError::Refused(SshError::HostCertificate {
+                    host: self.host.clone(),
+                    key_id: cert.key_id().to_string(),
+                    reason: why,
+                })),
+            };
+        }
         let key = server_key.public_key();
         let got = known_hosts::fingerprint(&key);
         let verdict =
@@ -161,6 +185,13 @@ pub(crate) fn client_config(host: &SshHost) -> client::Config {
         preferred: Preferred {
             kex: Cow::Owned(kex_preference()),
             key: Cow::Owned(host_key_preference(&known)),
+            // Only where a CA is trusted for the host: otherwise a server with a certificate
+            // would present it instead of the plain key `known_hosts` lists.
+            host_key_certificates: if known_hosts::has_authority(&host.known_hosts, &entry) {
+                Cow::Owned(host_key_preference(&[]))
+            } else {
+                Cow::Borrowed(&[])
+            },
             ..Preferred::DEFAULT
         },
         ..client::Config::default()
@@ -170,6 +201,7 @@ pub(crate) fn client_config(host: &SshHost) -> client::Config {
 pub(crate) fn handler(host: &SshHost, accepted: Arc<Mutex<Vec<AcceptedKey>>>) -> ClientHandler {
     ClientHandler {
         host: host.name.clone(),
+        address: host.address.clone(),
         entry_name: known_hosts::host_entry_name(&host.address, host.port),
         known_hosts: host.known_hosts.clone(),
         check: host.host_key_check,
@@ -244,6 +276,48 @@ pub(crate) fn russh_error(host: &str, during: &str, e: russh::Error) -> SshError
 struct LoadedKey {
     key: Arc<PrivateKey>,
     label: String,
+    /// Its user certificate (`CertificateFile`, or `<key>-cert.pub` beside it), offered
+    /// before the bare key.
+    cert: Option<Certificate>,
+}
+
+/// The certificates of `host.certificate_files` that load (an unreadable one is noted).
+fn load_certificates(host: &SshHost, tried: &mut Vec<String>) -> Vec<Certificate> {
+    host.certificate_files
+        .iter()
+        .filter_map(|p| match Certificate::read_file(p) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tried.push(format!("certificate {} (skipped: {e})", p.display()));
+                None
+            }
+        })
+        .collect()
+}
+
+/// The certificate for `key`: a configured one for the same public key, else the
+/// `<key>-cert.pub` beside the key file.
+fn certificate_for(
+    key: &PrivateKey,
+    path: &Path,
+    configured: &[Certificate],
+) -> Option<Certificate> {
+    let public = key.public_key().key_data();
+    configured
+        .iter()
+        .find(|c| c.public_key() == public)
+        .cloned()
+        .or_else(|| {
+            let mut beside = path.as_os_str().to_owned();
+            beside.push("-cert.pub");
+            Certificate::read_file(Path::new(&beside))
+                .ok()
+                .filter(|c| c.public_key() == public)
+        })
+}
+
+fn describe_cert(cert: &Certificate) -> String {
+    format!("certificate `{}` serial {}", cert.key_id(), cert.serial())
 }
 
 fn describe(key: &PublicKey) -> String {
@@ -267,7 +341,7 @@ fn default_identity_files() -> Vec<PathBuf> {
 pub fn key_is_encrypted(path: &Path) -> bool {
     std::fs::read_to_string(path).is_ok_and(|text| {
         matches!(
-            russh::keys::decode_secret_key(&text, None),
+            decode_key(&text, None),
             Err(russh::keys::Error::KeyIsEncrypted)
         )
     })
@@ -275,8 +349,98 @@ pub fn key_is_encrypted(path: &Path) -> bool {
 
 /// Whether `passphrase` decrypts the key file at `path`.
 pub fn passphrase_opens(path: &Path, passphrase: &str) -> bool {
-    std::fs::read_to_string(path)
-        .is_ok_and(|text| russh::keys::decode_secret_key(&text, Some(passphrase)).is_ok())
+    std::fs::read_to_string(path).is_ok_and(|text| decode_key(&text, Some(passphrase)).is_ok())
+}
+
+/// A private key from its file text. russh reads every format but encrypted legacy EC PEM
+/// (`BEGIN EC PRIVATE KEY` with `DEK-Info`, as `ssh-keygen -m PEM` writes), whose decrypted
+/// content it takes for RSA: those are decrypted here and handed over unencrypted.
+fn decode_key(text: &str, passphrase: Option<&str>) -> Result<PrivateKey, russh::keys::Error> {
+    if text.contains("-----BEGIN EC PRIVATE KEY-----") && text.contains("DEK-Info:") {
+        let Some(passphrase) = passphrase else {
+            return Err(russh::keys::Error::KeyIsEncrypted);
+        };
+        let der =
+            legacy_pem::decrypt(text, passphrase).ok_or(russh::keys::Error::CouldNotReadKey)?;
+        let plain = legacy_pem::pem("EC PRIVATE KEY", &der);
+        return russh::keys::decode_secret_key(&plain, None);
+    }
+    russh::keys::decode_secret_key(text, passphrase)
+}
+
+/// OpenSSL's traditional encrypted PEM (`Proc-Type: 4,ENCRYPTED`, `DEK-Info: AES-…-CBC,iv`):
+/// key from `EVP_BytesToKey` (MD5, one round, salt = first 8 bytes of the IV).
+mod legacy_pem {
+    use aes::cipher::{block_padding::Pkcs7, BlockModeDecrypt, KeyIvInit};
+    use base64::Engine;
+
+    pub(super) fn decrypt(text: &str, passphrase: &str) -> Option<Vec<u8>> {
+        let mut cipher = None;
+        let mut body = String::new();
+        let mut inside = false;
+        for line in text.lines().map(str::trim) {
+            if line.starts_with("-----BEGIN ") {
+                inside = true;
+            } else if line.starts_with("-----END ") {
+                break;
+            } else if let Some(info) = line.strip_prefix("DEK-Info:") {
+                let (name, iv) = info.trim().split_once(',')?;
+                cipher = Some((name.to_string(), hex::decode(iv).ok()?));
+            } else if inside && !line.contains(':') {
+                body.push_str(line);
+            }
+        }
+        let (name, iv) = cipher?;
+        let data = base64::engine::general_purpose::STANDARD
+            .decode(body)
+            .ok()?;
+        let key_len = match name.as_str() {
+            "AES-128-CBC" => 16,
+            "AES-256-CBC" => 32,
+            _ => return None,
+        };
+        if iv.len() != 16 {
+            return None;
+        }
+        let mut key = Vec::new();
+        let mut last: Vec<u8> = Vec::new();
+        while key.len() < key_len {
+            let mut c = md5::Context::new();
+            c.consume(&last);
+            c.consume(passphrase.as_bytes());
+            c.consume(&iv[..8]);
+            last = c.finalize().0.to_vec();
+            key.extend_from_slice(&last);
+        }
+        key.truncate(key_len);
+        let mut buf = data;
+        let plain = if key_len == 16 {
+            cbc::Decryptor::<aes::Aes128>::new_from_slices(&key, &iv)
+                .ok()?
+                .decrypt_padded::<Pkcs7>(&mut buf)
+                .ok()?
+                .to_vec()
+        } else {
+            cbc::Decryptor::<aes::Aes256>::new_from_slices(&key, &iv)
+                .ok()?
+                .decrypt_padded::<Pkcs7>(&mut buf)
+                .ok()?
+                .to_vec()
+        };
+        // A DER SEQUENCE; anything else means the passphrase was wrong.
+        (plain.first() == Some(&0x30)).then_some(plain)
+    }
+
+    pub(super) fn pem(label: &str, der: &[u8]) -> String {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+        let mut out = format!("-----BEGIN {label}-----\n");
+        for chunk in b64.as_bytes().chunks(64) {
+            out.push_str(&String::from_utf8_lossy(chunk));
+            out.push('\n');
+        }
+        out.push_str(&format!("-----END {label}-----\n"));
+        out
+    }
 }
 
 fn load_key(
@@ -292,7 +456,7 @@ fn load_key(
     let passphrase = passphrase_env
         .and_then(|var| std::env::var(var).ok())
         .or_else(|| given.get(path).cloned());
-    match russh::keys::decode_secret_key(&text, passphrase.as_deref()) {
+    match decode_key(&text, passphrase.as_deref()) {
         Ok(key) => Ok(key),
         Err(russh::keys::Error::KeyIsEncrypted) => Err(key_error(match passphrase_env {
             Some(var) => format!(
@@ -315,17 +479,20 @@ fn load_key(
 fn load_identities(
     host: &SshHost,
     given: &HashMap<PathBuf, String>,
+    certs: &[Certificate],
     tried: &mut Vec<String>,
 ) -> Result<Vec<LoadedKey>, SshError> {
     let env = host.passphrase_env.as_deref();
+    let loaded = |path: &Path, key: PrivateKey| LoadedKey {
+        label: format!("key {} ({})", path.display(), describe(key.public_key())),
+        cert: certificate_for(&key, path, certs),
+        key: Arc::new(key),
+    };
     if host.identity_files.is_empty() {
         let mut keys = Vec::new();
         for path in default_identity_files() {
             match load_key(&path, env, given) {
-                Ok(key) => keys.push(LoadedKey {
-                    label: format!("key {} ({})", path.display(), describe(key.public_key())),
-                    key: Arc::new(key),
-                }),
+                Ok(key) => keys.push(loaded(&path, key)),
                 Err(e) => tried.push(format!("key {} (skipped: {e})", path.display())),
             }
         }
@@ -333,13 +500,7 @@ fn load_identities(
     }
     host.identity_files
         .iter()
-        .map(|path| {
-            let key = load_key(path, env, given)?;
-            Ok(LoadedKey {
-                label: format!("key {} ({})", path.display(), describe(key.public_key())),
-                key: Arc::new(key),
-            })
-        })
+        .map(|path| Ok(loaded(path, load_key(path, env, given)?)))
         .collect()
 }
 
@@ -370,7 +531,8 @@ pub(crate) async fn authenticate(
     passphrases: &HashMap<PathBuf, String>,
 ) -> Result<(), SshError> {
     let mut tried = Vec::new();
-    let keys = load_identities(host, passphrases, &mut tried)?;
+    let certs = load_certificates(host, &mut tried);
+    let keys = load_identities(host, passphrases, &certs, &mut tried)?;
     let auth_error = |tried: Vec<String>| SshError::Auth {
         host: host.name.clone(),
         user: host.user.clone(),
@@ -379,6 +541,16 @@ pub(crate) async fn authenticate(
     let failed = |e: russh::Error| russh_error(&host.name, "authentication", e);
 
     for loaded in keys {
+        if let Some(cert) = &loaded.cert {
+            let result = handle
+                .authenticate_openssh_cert(host.user.clone(), loaded.key.clone(), cert.clone())
+                .await
+                .map_err(failed)?;
+            tried.push(format!("{} with {}", loaded.label, describe_cert(cert)));
+            if result.success() {
+                return Ok(());
+            }
+        }
         let hash = if loaded.key.algorithm().is_rsa() {
             rsa_hash(handle).await
         } else {
@@ -424,18 +596,52 @@ pub(crate) async fn authenticate(
                         tried.push(format!("agent {} (no keys)", socket.display()));
                     }
                     for identity in identities {
-                        let AgentIdentity::PublicKey { key, comment } = identity else {
-                            continue;
+                        let (cert, key, comment) = match identity {
+                            AgentIdentity::PublicKey { key, comment } => {
+                                // A configured certificate for a key only the agent holds.
+                                let cert = certs
+                                    .iter()
+                                    .find(|c| c.public_key() == key.key_data())
+                                    .cloned();
+                                (cert, key, comment)
+                            }
+                            AgentIdentity::Certificate {
+                                certificate,
+                                comment,
+                            } => {
+                                let key = PublicKey::new(certificate.public_key().clone(), "");
+                                (Some(certificate), key, comment)
+                            }
                         };
-                        let label = format!("agent key {comment} ({})", describe(&key));
                         let hash = if key.algorithm().is_rsa() {
                             rsa_hash(handle).await
                         } else {
                             None
                         };
-                        let result = handle
-                            .authenticate_publickey_with(host.user.clone(), key, hash, &mut agent)
-                            .await;
+                        let (label, result) = match cert {
+                            Some(cert) => (
+                                format!("agent {comment} ({})", describe_cert(&cert)),
+                                handle
+                                    .authenticate_certificate_with(
+                                        host.user.clone(),
+                                        cert,
+                                        hash,
+                                        &mut agent,
+                                    )
+                                    .await,
+                            ),
+                            None => (
+                                format!("agent key {comment} ({})", describe(&key)),
+                                handle
+                                    .authenticate_publickey_with(
+                                        host.user.clone(),
+                                        key,
+                                        hash,
+                                        &mut agent,
+                                    )
+                                    .await,
+                            ),
+                        };
                         match result {
                             Ok(result) => {
                                 tried.push(label);

@@ -50,6 +50,16 @@ pub enum SshError {
         known_hosts: PathBuf,
     },
 
+    #[error("host certificate of `{host}` (key id `{key_id}`) is refused: {reason}")]
+    HostCertificate {
+        host: String,
+        key_id: String,
+        reason: String,
+    },
+
+    #[error("`{host}`: sudo refused: {message}")]
+    SudoRefused { host: String, message: String },
+
     #[error("known hosts file `{}`: {reason}", path.display())]
     KnownHosts { path: PathBuf, reason: String },
 
@@ -106,6 +116,8 @@ impl SshError {
             SshError::Auth { .. } => "auth",
             SshError::HostKeyMismatch { .. } => "host_key_mismatch",
             SshError::HostKeyUnknown { .. } => "host_key_unknown",
+            SshError::HostCertificate { .. } => "host_key_mismatch",
+            SshError::SudoRefused { .. } => "sudo_refused",
             SshError::KnownHosts { .. } => "known_hosts",
             SshError::Channel { .. } => "channel",
             SshError::Key { .. } => "key",
@@ -129,6 +141,8 @@ impl SshError {
             SshError::Auth { .. }
             | SshError::HostKeyMismatch { .. }
             | SshError::HostKeyUnknown { .. }
+            | SshError::HostCertificate { .. }
+            | SshError::SudoRefused { .. }
             | SshError::KnownHosts { .. }
             | SshError::Key { .. }
             | SshError::InvalidRequest { .. }

@@ -23,7 +23,7 @@ use runbook_engine::event::Stream;
 use runbook_engine::runner::OutputSink;
 
 use super::connect::russh_error;
-use super::{Connection, ExecOutcome, ExecRequest, SshError, UploadRequest};
+use super::{Connection, ExecOutcome, ExecRequest, SshError, SudoSettings, UploadRequest};
 
 /// How long to wait for the server to confirm the channel closed after we closed it.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
@@ -133,34 +133,87 @@ pub(crate) fn new_exec_id() -> String {
     hex::encode(&h.finalize()[..16])
 }
 
-/// Signals every process whose environment carries `exec_id`, on a channel of its own.
-/// Runs as a task so the command's channel keeps being read meanwhile (an unread channel
-/// would stall the whole connection).
-fn reap(conn: Arc<Connection>, host: String, exec_id: String, signal: &'static str, sudo: bool) {
+/// Opens another connection to the same host, for a reaper the command's connection has no
+/// session left for (`MaxSessions 1`).
+pub(crate) type Reconnect = Arc<
+    dyn Fn() -> super::connect::BoxFuture<'static, Result<Arc<Connection>, SshError>> + Send + Sync,
+>;
+
+/// Signals every process whose environment carries `exec_id`, on a channel of its own (on a
+/// second connection when the server allows one session per connection). Runs as a task so
+/// the command's channel keeps being read meanwhile (an unread channel would stall the whole
+/// connection); the handle tells whether it could run.
+fn reap(
+    conn: Arc<Connection>,
+    reconnect: Option<Reconnect>,
+    exec_id: String,
+    signal: &'static str,
+    sudo: Option<SudoRun>,
+    pty: bool,
+) -> tokio::task::JoinHandle<Result<(), String>> {
     let script = format!(
         "for f in $(grep -lsaF {marker} /proc/[0-9]*/environ); do \
          p=${{f#/proc/}}; kill -{signal} \"${{p%/environ}}\" 2>/dev/null; done; true",
         marker = quote(&format!("RUNBOOK_EXEC_ID={exec_id}")),
     );
-    let command = if sudo {
-        format!("sudo -n -- sh -c {}", quote(&script))
-    } else {
-        format!("sh -c {}", quote(&script))
+    // The password, if any, goes on stdin unasked: `sh -c` here never reads it.
+    let (command, password) = match &sudo {
+        Some(sudo) => (
+            format!("{} sh -c {}", sudo.reaper_prefix(), quote(&script)),
+            sudo.password(),
+        ),
+        None => (format!("sh -c {}", quote(&script)), None),
     };
     tokio::spawn(async move {
         let run = async {
-            let channel = conn.handle.channel_open_session().await?;
-            channel.exec(false, command).await?;
+            let (channel, _second) = match conn.handle.channel_open_session().await {
+                Ok(channel) => (channel, None),
+                Err(russh::Error::ChannelOpenFailure(f)) => {
+                    let Some(reconnect) = &reconnect else {
+                        return Err(format!("the server refused a second session ({f:?})"));
+                    };
+                    let second = reconnect().await.map_err(|e| {
+                        format!("the server refused a second session ({f:?}) and a second connection failed: {e}")
+                    })?;
+                    let channel = second
+                        .handle
+                        .channel_open_session()
+                        .await
+                        .map_err(|e| format!("second connection: {e}"))?;
+                    (channel, Some(second))
+                }
+                Err(e) => return Err(e.to_string()),
+            };
+            let fail = |e: russh::Error| e.to_string();
+            if pty {
+                // `Defaults requiretty` refuses sudo without one.
+                channel
+                    .request_pty(false, "xterm", 80, 24, 0, 0, &[])
+                    .await
+                    .map_err(fail)?;
+            }
+            channel.exec(false, command).await.map_err(fail)?;
+            if let Some(password) = password {
+                channel
+                    .data(format!("{password}\n").as_bytes())
+                    .await
+                    .map_err(fail)?;
+            }
             let mut channel = channel;
             while channel.wait().await.is_some() {}
-            Ok::<_, russh::Error>(())
+            if let Some(second) = _second {
+                let _ = second
+                    .handle
+                    .disconnect(russh::Disconnect::ByApplication, "", "en")
+                    .await;
+            }
+            Ok::<_, String>(())
         };
         match tokio::time::timeout(REAPER_WAIT, run).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(%host, error = %e, "could not stop remote processes"),
-            Err(_) => tracing::warn!(%host, "stopping remote processes timed out"),
+            Ok(result) => result,
+            Err(_) => Err("stopping remote processes timed out".into()),
         }
-    });
+    })
 }
 
 /// Single-quotes `s` for a POSIX shell.
@@ -168,11 +221,133 @@ pub(crate) fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
+/// How one request runs `sudo`.
+#[derive(Debug, Clone)]
+pub(crate) struct SudoRun {
+    user: Option<String>,
+    /// The prompt sudo is given (`-S -p`) when a password can be supplied; None: `-n`.
+    prompt: Option<String>,
+    password_env: Option<String>,
+    direct: bool,
+}
+
+impl SudoRun {
+    pub(crate) fn new(asked: bool, settings: &SudoSettings, exec_id: &str) -> Option<SudoRun> {
+        asked.then(|| SudoRun {
+            user: settings.user.clone(),
+            prompt: settings.password_env.as_ref().map(|_| {
+                format!(
+                    "[runbook sudo {}] password:",
+                    &exec_id[..exec_id.len().min(12)]
+                )
+            }),
+            password_env: settings.password_env.clone(),
+            direct: settings.direct,
+        })
+    }
+
+    fn user_args(&self) -> String {
+        self.user
+            .as_ref()
+            .map(|u| format!("-u {} ", quote(u)))
+            .unwrap_or_default()
+    }
+
+    /// `sudo -n --`, or `sudo -S -p '<prompt>' --` when a password can be given.
+    fn prefix(&self) -> String {
+        match &self.prompt {
+            None => format!("sudo -n {}--", self.user_args()),
+            Some(prompt) => format!("sudo -S -p {} {}--", quote(prompt), self.user_args()),
+        }
+    }
+
+    fn reaper_prefix(&self) -> String {
+        match &self.prompt {
+            None => format!("sudo -n {}--", self.user_args()),
+            Some(_) => format!("sudo -S -p '' {}--", self.user_args()),
+        }
+    }
+
+    /// The password, read when needed (never kept in the request).
+    fn password(&self) -> Option<String> {
+        self.password_env
+            .as_ref()
+            .and_then(|var| std::env::var(var).ok())
+    }
+
+    /// What to tell the operator along with sudo's refusal.
+    fn hint(&self, message: &str) -> &'static str {
+        let m = message.to_ascii_lowercase();
+        if m.contains("tty") || m.contains("terminal is required") {
+            " (the host's sudoers has `requiretty`: set `pty = true` on the step)"
+        } else if m.contains("password is required") && self.prompt.is_none() && !self.direct {
+            " (give the password with `become_password_env` in the inventory; or, if the \
+             sudoers rule allows only specific commands, use `become_method = \"direct\"`)"
+        } else if m.contains("password is required") && self.prompt.is_none() {
+            " (give the password with `become_password_env` in the inventory)"
+        } else if m.contains("not allowed to execute") && !self.direct {
+            " (a sudoers rule for specific commands matches only `become_method = \"direct\"`, \
+             which runs the step's text as sudo's own arguments)"
+        } else {
+            ""
+        }
+    }
+}
+
+fn refused(host: &str, sudo: &SudoRun, ending: &Ending, message: &str) -> SshError {
+    // Asked again after the password was given: it was wrong (sudo then reports the end of
+    // input we sent rather than the wrong password).
+    let wrong = if ending.prompts > 1 {
+        "incorrect password (sudo asked again); "
+    } else {
+        ""
+    };
+    SshError::SudoRefused {
+        host: host.to_string(),
+        message: format!("{wrong}{message}{}", sudo.hint(message)),
+    }
+}
+
+/// Lines of sudo's own refusals (sudo 1.9 wording): the command never ran.
+fn sudo_refusal(text: &str) -> Option<String> {
+    const SIGNS: &[&str] = &[
+        "is not in the sudoers file",
+        "is not allowed to execute",
+        "is not allowed to run sudo",
+        "a password is required",
+        "incorrect password attempt",
+        "no password was provided",
+        "you must have a tty",
+        "a terminal is required",
+        "no tty present",
+        "sudo: unknown user",
+    ];
+    text.lines()
+        .map(str::trim)
+        .find(|l| {
+            let l = l.to_ascii_lowercase();
+            SIGNS.iter().any(|s| l.contains(s))
+        })
+        .map(str::to_owned)
+}
+
 /// The command line sent in the exec request: `sh` runs the script, with `RUNBOOK_EXEC_ID` in
 /// its environment from the start (`exec env …`), so the reaper finds the shell itself and
 /// not only its children. The user's environment is exported inside the script rather than
-/// sent as SSH `env` requests, which sshd drops unless `AcceptEnv` lists each name.
-pub(crate) fn build_command(req: &ExecRequest, exec_id: &str) -> Result<String, SshError> {
+/// sent as SSH `env` requests, which sshd drops unless `AcceptEnv` lists each name. In
+/// `direct` sudo mode the command text is sudo's own argument list and nothing is exported.
+pub(crate) fn build_command(
+    req: &ExecRequest,
+    exec_id: &str,
+    sudo: Option<&SudoRun>,
+) -> Result<String, SshError> {
+    if let Some(sudo) = sudo.filter(|s| s.direct) {
+        return Ok(format!(
+            "exec env RUNBOOK_EXEC_ID={exec_id} {} {}",
+            sudo.prefix(),
+            req.command
+        ));
+    }
     let mut script = String::new();
     for (name, value) in &req.env {
         if !runbook_engine::runbook::valid_env_name(name) {
@@ -183,36 +358,56 @@ pub(crate) fn build_command(req: &ExecRequest, exec_id: &str) -> Result<String, 
         script.push_str(&format!("export {name}={}; ", quote(value)));
     }
     script.push_str(&req.command);
-    Ok(wrap(&script, exec_id, req.sudo))
+    Ok(wrap(&script, exec_id, sudo))
 }
 
-/// `sudo -n`: never prompt (there is nobody to answer), fail instead. The id is passed again
-/// inside sudo, whose `env_reset` would drop it.
-fn wrap(script: &str, exec_id: &str, sudo: bool) -> String {
+/// Without a password, `sudo -n`: never prompt, fail instead. The id is passed again inside
+/// sudo, whose `env_reset` would drop it.
+fn wrap(script: &str, exec_id: &str, sudo: Option<&SudoRun>) -> String {
     let id = format!("RUNBOOK_EXEC_ID={exec_id}");
-    if sudo {
-        format!("exec env {id} sudo -n -- env {id} sh -c {}", quote(script))
-    } else {
-        format!("exec env {id} sh -c {}", quote(script))
+    match sudo {
+        Some(sudo) => format!(
+            "exec env {id} {} env {id} sh -c {}",
+            sudo.prefix(),
+            quote(script)
+        ),
+        None => format!("exec env {id} sh -c {}", quote(script)),
     }
+}
+
+/// Printed by an upload script once sudo let it start, so the content is not sent before a
+/// password sudo may still read from stdin.
+fn ready_marker(exec_id: &str) -> String {
+    format!("[runbook ready {}]", &exec_id[..exec_id.len().min(12)])
 }
 
 /// A shell script that writes stdin to a temporary file next to `dest`, sets its mode and
 /// renames it over `dest`, so readers see the old file or the new one, never a partial one.
-pub(crate) fn upload_command(req: &UploadRequest, exec_id: &str) -> String {
+pub(crate) fn upload_command(req: &UploadRequest, exec_id: &str, sudo: Option<&SudoRun>) -> String {
     let mode = match req.mode {
         Some(mode) => format!("{:o}", mode & 0o7777),
         // What a plain `cat > dest` would have produced.
         None => "$(printf %o $(( 0666 & ~$(umask) )))".to_string(),
     };
+    let ready = match sudo {
+        Some(s) if s.prompt.is_some() => {
+            format!("printf '%s\\n' {} >&2; ", quote(&ready_marker(exec_id)))
+        }
+        _ => String::new(),
+    };
     let script = format!(
-        "set -e; dest={dest}; dir=$(dirname -- \"$dest\"); base=$(basename -- \"$dest\"); \
+        "{ready}set -e; dest={dest}; dir=$(dirname -- \"$dest\"); base=$(basename -- \"$dest\"); \
          tmp=$(mktemp \"$dir/.$base.runbook.XXXXXX\"); \
          trap 'rm -f -- \"$tmp\"' EXIT; trap 'exit 143' TERM INT HUP; \
          cat > \"$tmp\"; chmod {mode} \"$tmp\"; mv -f -- \"$tmp\" \"$dest\"; trap - EXIT",
         dest = quote(&req.dest),
     );
-    wrap(&script, exec_id, req.sudo)
+    // Direct sudo mode is for commands; an upload always needs its script.
+    let sudo = sudo.map(|s| SudoRun {
+        direct: false,
+        ..s.clone()
+    });
+    wrap(&script, exec_id, sudo.as_ref())
 }
 
 /// Why we are stopping the remote command.
@@ -228,6 +423,11 @@ struct Ending {
     status: Option<u32>,
     signal: Option<String>,
     closed: bool,
+    /// Times sudo's prompt appeared, and times it was answered.
+    prompts: u32,
+    answered: u32,
+    /// The upload script's ready marker appeared.
+    ready: bool,
 }
 
 impl Ending {
@@ -254,23 +454,65 @@ fn signal_name(sig: &Sig) -> String {
     }
 }
 
+/// Removes every `marker` from `data`, returning how many there were.
+fn strip(data: &mut Vec<u8>, marker: &str) -> u32 {
+    let m = marker.as_bytes();
+    let mut count = 0;
+    while let Some(at) = data.windows(m.len()).position(|w| w == m) {
+        data.drain(at..at + m.len());
+        count += 1;
+    }
+    count
+}
+
+/// Markers to watch for in the output: sudo's prompt and the upload's ready line.
+#[derive(Default, Clone, Copy)]
+struct Watch<'a> {
+    prompt: Option<&'a str>,
+    ready: Option<&'a str>,
+}
+
+impl Watch<'_> {
+    fn scan(&self, data: &[u8], ending: &mut Ending) -> Option<Bytes> {
+        if self.prompt.is_none() && self.ready.is_none() {
+            return None;
+        }
+        let mut data = data.to_vec();
+        if let Some(p) = self.prompt {
+            ending.prompts += strip(&mut data, p);
+        }
+        if let Some(r) = self.ready {
+            if strip(&mut data, &format!("{r}\n")) + strip(&mut data, r) > 0 {
+                ending.ready = true;
+            }
+        }
+        Some(Bytes::from(data))
+    }
+}
+
 /// Handles one channel message; returns false once the channel is gone.
 async fn handle_msg(
     msg: Option<ChannelMsg>,
     ending: &mut Ending,
     out: &mut Option<&mut OutputSink>,
     stderr: &mut Vec<u8>,
+    watch: Watch<'_>,
 ) -> bool {
     match msg {
         Some(ChannelMsg::Data { data }) => {
-            if let Some(out) = out {
+            let data = watch.scan(&data, ending).unwrap_or(data);
+            if let Some(out) = out.as_mut().filter(|_| !data.is_empty()) {
                 out.write(Stream::Stdout, data).await;
             }
         }
-        Some(ChannelMsg::ExtendedData { data, ext: 1 }) => match out {
-            Some(out) => out.write(Stream::Stderr, data).await,
-            None => stderr.extend_from_slice(&data),
-        },
+        Some(ChannelMsg::ExtendedData { data, ext: 1 }) => {
+            let data = watch.scan(&data, ending).unwrap_or(data);
+            match out {
+                Some(out) if !data.is_empty() => out.write(Stream::Stderr, data).await,
+                Some(_) => {}
+                None => stderr.extend_from_slice(&data),
+            }
+        }
         Some(ChannelMsg::ExitStatus { exit_status }) => ending.status = Some(exit_status),
         Some(ChannelMsg::ExitSignal { signal_name: s, .. }) => {
             ending.signal = Some(signal_name(&s));
@@ -319,11 +561,36 @@ async fn expect_reply(channel: &mut russh::Channel<russh::client::Msg>) -> Resul
     }
 }
 
+/// Answers sudo's prompt: the password the first time, end of input after that (a wrong
+/// password: sudo then gives up instead of waiting).
+async fn answer_prompt(
+    channel: &russh::Channel<russh::client::Msg>,
+    sudo: Option<&SudoRun>,
+    ending: &mut Ending,
+) {
+    if ending.prompts <= ending.answered {
+        return;
+    }
+    let password = sudo.and_then(SudoRun::password);
+    match password {
+        Some(password) if ending.answered == 0 => {
+            let _ = channel.data(format!("{password}\n").as_bytes()).await;
+        }
+        _ => {
+            let _ = channel.eof().await;
+        }
+    }
+    ending.answered = ending.prompts;
+}
+
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn run(
     host: &str,
     session: Session,
     command: &str,
     exec_id: &str,
+    sudo: Option<SudoRun>,
+    reconnect: Option<Reconnect>,
     req: &ExecRequest,
     out: &mut OutputSink,
     cancel: &CancellationToken,
@@ -340,12 +607,18 @@ pub(crate) async fn run(
     let never = started + Duration::from_secs(100 * 365 * 24 * 3600);
     let deadline = req.timeout.map_or(never, |t| started + t);
     let mut ending = Ending::default();
+    let watch = Watch {
+        prompt: sudo.as_ref().and_then(|s| s.prompt.as_deref()),
+        ready: None,
+    };
     let mut sink = Some(out);
     let mut unused = Vec::new();
     let stop = loop {
         tokio::select! {
             msg = channel.wait() => {
-                if !handle_msg(msg, &mut ending, &mut sink, &mut unused).await {
+                let alive = handle_msg(msg, &mut ending, &mut sink, &mut unused, watch).await;
+                answer_prompt(&channel, sudo.as_ref(), &mut ending).await;
+                if !alive {
                     break None;
                 }
             }
@@ -357,11 +630,12 @@ pub(crate) async fn run(
     if let Some(stop) = stop {
         let reaper = Reaper {
             conn,
-            host: host.to_string(),
+            reconnect,
             exec_id: exec_id.to_string(),
-            sudo: req.sudo,
+            sudo: sudo.clone(),
+            pty: req.pty,
         };
-        stop_remote(
+        let not_stopped = stop_remote(
             &mut channel,
             &reaper,
             &mut ending,
@@ -369,10 +643,34 @@ pub(crate) async fn run(
             req.kill_grace,
         )
         .await;
+        if let (Some(reason), Some(out)) = (not_stopped, sink.as_mut()) {
+            // Part of the attempt's result (details and output), not only a log line.
+            tracing::warn!(%host, %reason, "the remote command could not be stopped");
+            out.detail(
+                "remote_not_stopped",
+                serde_json::Value::String(reason.clone()),
+            );
+            out.write(
+                Stream::Stderr,
+                Bytes::from(format!(
+                    "runbook: the remote command on {host} could not be stopped and may still be running: {reason}\n"
+                )),
+            )
+            .await;
+        }
         return Ok(match stop {
             Stop::Timeout => ExecOutcome::TimedOut(req.timeout.unwrap_or_default()),
             Stop::Cancel => ExecOutcome::Cancelled,
         });
+    }
+    if let (Some(sudo), Some(1)) = (&sudo, ending.status) {
+        let said = sink
+            .as_ref()
+            .map(|o| format!("{}\n{}", o.tail(Stream::Stderr), o.tail(Stream::Stdout)))
+            .unwrap_or_default();
+        if let Some(message) = sudo_refusal(&said) {
+            return Err(refused(host, sudo, &ending, &message));
+        }
     }
     match (ending.status, ending.signal) {
         (Some(status), _) => Ok(ExecOutcome::Exited(
@@ -389,13 +687,18 @@ pub(crate) async fn run(
 /// Where and how to run the reaper for one command.
 struct Reaper {
     conn: Arc<Connection>,
-    host: String,
+    reconnect: Option<Reconnect>,
     exec_id: String,
-    sudo: bool,
+    sudo: Option<SudoRun>,
+    pty: bool,
 }
 
 impl Reaper {
-    async fn signal(&self, channel: &russh::Channel<russh::client::Msg>, sig: Sig) {
+    async fn signal(
+        &self,
+        channel: &russh::Channel<russh::client::Msg>,
+        sig: Sig,
+    ) -> tokio::task::JoinHandle<Result<(), String>> {
         let name = if matches!(sig, Sig::KILL) {
             "KILL"
         } else {
@@ -405,40 +708,59 @@ impl Reaper {
         let _ = channel.signal(sig).await;
         reap(
             self.conn.clone(),
-            self.host.clone(),
+            self.reconnect.clone(),
             self.exec_id.clone(),
             name,
-            self.sudo,
-        );
+            self.sudo.clone(),
+            self.pty,
+        )
     }
 }
 
 /// TERM, up to `grace` for the command to go, KILL, then close the channel. Output that
-/// arrives meanwhile still goes to the sink.
+/// arrives meanwhile still goes to the sink. Returns why the command may still be running
+/// when it did not end and the reapers could not run.
 async fn stop_remote(
     channel: &mut russh::Channel<russh::client::Msg>,
     reaper: &Reaper,
     ending: &mut Ending,
     sink: &mut Option<&mut OutputSink>,
     grace: Duration,
-) {
+) -> Option<String> {
     let mut unused = Vec::new();
+    let watch = Watch::default();
     if ending.closed {
-        return;
+        return None;
     }
-    reaper.signal(channel, Sig::TERM).await;
+    let mut reapers = vec![reaper.signal(channel, Sig::TERM).await];
     let kill_at = Instant::now() + grace;
     while !ending.exited() {
         tokio::select! {
             msg = channel.wait() => {
-                if !handle_msg(msg, ending, sink, &mut unused).await {
-                    return;
+                if !handle_msg(msg, ending, sink, &mut unused, watch).await {
+                    return None;
                 }
             }
             () = sleep_until(kill_at) => {
-                reaper.signal(channel, Sig::KILL).await;
+                reapers.push(reaper.signal(channel, Sig::KILL).await);
                 break;
             }
+        }
+    }
+    let mut not_stopped = None;
+    if !ending.exited() {
+        let mut reasons = Vec::new();
+        for r in reapers {
+            match tokio::time::timeout(REAPER_WAIT, r).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => reasons.push(e),
+                Ok(Err(e)) => reasons.push(e.to_string()),
+                Err(_) => reasons.push("the reaper did not finish".into()),
+            }
+        }
+        if !reasons.is_empty() {
+            reasons.dedup();
+            not_stopped = Some(reasons.join("; "));
         }
     }
     let _ = channel.eof().await;
@@ -447,13 +769,14 @@ async fn stop_remote(
     while !ending.closed {
         tokio::select! {
             msg = channel.wait() => {
-                if !handle_msg(msg, ending, sink, &mut unused).await {
-                    return;
+                if !handle_msg(msg, ending, sink, &mut unused, watch).await {
+                    break;
                 }
             }
-            () = sleep_until(close_by) => return,
+            () = sleep_until(close_by) => break,
         }
     }
+    not_stopped
 }
 
 pub(crate) async fn upload(
@@ -461,6 +784,7 @@ pub(crate) async fn upload(
     session: Session,
     command: &str,
     exec_id: &str,
+    sudo: Option<SudoRun>,
     req: &UploadRequest,
     cancel: &CancellationToken,
 ) -> Result<(), SshError> {
@@ -469,21 +793,53 @@ pub(crate) async fn upload(
         _permit,
         conn,
     } = session;
+    let marker = ready_marker(exec_id);
+    let prompt = sudo.as_ref().and_then(|s| s.prompt.clone());
+    let watch = Watch {
+        prompt: prompt.as_deref(),
+        ready: prompt.as_ref().map(|_| marker.as_str()),
+    };
     let work = async {
         start(host, &mut channel, command, false).await?;
-        let content: Bytes = req.content.clone();
-        channel
-            .data(&content[..])
-            .await
-            .map_err(|e| russh_error(host, "sending the file", e))?;
-        channel
-            .eof()
-            .await
-            .map_err(|e| russh_error(host, "sending the file", e))?;
         let mut ending = Ending::default();
         let mut stderr = Vec::new();
         let mut no_sink = None;
-        while handle_msg(channel.wait().await, &mut ending, &mut no_sink, &mut stderr).await {}
+        // With a sudo password: answer its prompt, and send the file only once the script
+        // says it runs (so sudo cannot take the content for the password).
+        let mut alive = true;
+        if watch.ready.is_some() {
+            while alive && !ending.ready {
+                alive = handle_msg(
+                    channel.wait().await,
+                    &mut ending,
+                    &mut no_sink,
+                    &mut stderr,
+                    watch,
+                )
+                .await;
+                answer_prompt(&channel, sudo.as_ref(), &mut ending).await;
+            }
+        }
+        if alive {
+            let content: Bytes = req.content.clone();
+            channel
+                .data(&content[..])
+                .await
+                .map_err(|e| russh_error(host, "sending the file", e))?;
+            channel
+                .eof()
+                .await
+                .map_err(|e| russh_error(host, "sending the file", e))?;
+            while handle_msg(
+                channel.wait().await,
+                &mut ending,
+                &mut no_sink,
+                &mut stderr,
+                watch,
+            )
+            .await
+            {}
+        }
         Ok::<_, SshError>((ending, stderr))
     };
     let finished = tokio::select! {
@@ -494,22 +850,29 @@ pub(crate) async fn upload(
         // The script removes its temporary file on TERM (traps); `dest` is untouched.
         let reaper = Reaper {
             conn,
-            host: host.to_string(),
+            reconnect: None,
             exec_id: exec_id.to_string(),
-            sudo: req.sudo,
+            sudo: sudo.clone(),
+            pty: false,
         };
-        reaper.signal(&channel, Sig::TERM).await;
+        drop(reaper.signal(&channel, Sig::TERM).await);
         let _ = channel.close().await;
         return Err(SshError::Cancelled);
     };
     let (ending, stderr) = finished?;
+    let stderr = String::from_utf8_lossy(&stderr).into_owned();
+    if let (Some(sudo), Some(1)) = (&sudo, ending.status) {
+        if let Some(message) = sudo_refusal(&stderr) {
+            return Err(refused(host, sudo, &ending, &message));
+        }
+    }
     match ending.status {
         Some(0) => Ok(()),
         status => Err(SshError::Upload {
             host: host.to_string(),
             dest: req.dest.clone(),
             status: status.and_then(|s| i32::try_from(s).ok()),
-            stderr: String::from_utf8_lossy(&stderr).into_owned(),
+            stderr,
         }),
     }
 }
@@ -521,8 +884,9 @@ mod tests {
     #[test]
     fn quoting_survives_single_quotes() {
         assert_eq!(quote("it's"), r"'it'\''s'");
+        let sudo = SudoRun::new(true, &SudoSettings::default(), "id");
         assert_eq!(
-            wrap("echo 'a b'", "id", true),
+            wrap("echo 'a b'", "id", sudo.as_ref()),
             r"exec env RUNBOOK_EXEC_ID=id sudo -n -- env RUNBOOK_EXEC_ID=id sh -c 'echo '\''a b'\'''"
         );
     }
@@ -535,7 +899,7 @@ mod tests {
             ..ExecRequest::default()
         };
         assert!(matches!(
-            build_command(&req, "id"),
+            build_command(&req, "id", None),
             Err(SshError::InvalidRequest { .. })
         ));
     }

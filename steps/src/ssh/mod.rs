@@ -6,6 +6,7 @@
 //! lazily, and reconnected on the next use after the connection died. Host keys are checked
 //! against an OpenSSH `known_hosts` file before any credential is offered. See `docs/ssh.md`.
 
+pub mod config;
 mod connect;
 mod error;
 mod exec;
@@ -66,6 +67,73 @@ pub struct SshHost {
     pub connect_timeout: Duration,
     /// Interval of SSH keepalives; after three unanswered the connection counts as dead.
     pub keepalive: Option<Duration>,
+    /// OpenSSH user certificates (`CertificateFile`) to offer with the matching keys, besides
+    /// the `<key>-cert.pub` found beside each key file.
+    pub certificate_files: Vec<PathBuf>,
+    /// Handshakes in flight at once to this address and port (shared by every host behind
+    /// it): below sshd's `MaxStartups` start value (10), which drops further unauthenticated
+    /// connections.
+    pub handshake_limit: usize,
+    /// How `sudo` is run for requests that ask for it.
+    pub sudo: SudoSettings,
+}
+
+/// How commands that ask for `sudo` run it (Ansible's `become`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SudoSettings {
+    /// `sudo -u USER`; None: root.
+    pub user: Option<String>,
+    /// Environment variable holding the sudo password. Without it sudo runs with `-n` and
+    /// fails instead of asking. With it, sudo is given a unique prompt and the password is
+    /// written to the channel's stdin when (and only when) that prompt appears.
+    pub password_env: Option<String>,
+    /// Run the command text as sudo's own arguments (`sudo -- systemctl restart x`) instead
+    /// of `sudo -- env … sh -c '…'`, so sudoers rules restricted to commands match. `env`
+    /// is then not exported (the step's text is the whole command).
+    pub direct: bool,
+}
+
+/// The default of [`SshHost::handshake_limit`]: under OpenSSH's `MaxStartups` default start
+/// (10), with room for other clients.
+pub const DEFAULT_HANDSHAKE_LIMIT: usize = 8;
+
+impl SshHost {
+    /// The inventory's host, reached through `jumps` (outermost first).
+    pub fn from_inventory(
+        host: &runbook_engine::inventory::Host,
+        jumps: &[Arc<runbook_engine::inventory::Host>],
+    ) -> SshHost {
+        use runbook_engine::inventory::HostKeyPolicy;
+        let one = |h: &runbook_engine::inventory::Host, via: Option<Box<SshHost>>| SshHost {
+            name: h.name.clone(),
+            address: h.address.clone(),
+            port: h.port,
+            user: h.user.clone(),
+            identity_files: h.identity_files.clone(),
+            passphrase_env: h.passphrase_env.clone(),
+            use_agent: h.use_agent,
+            known_hosts: h.known_hosts.clone(),
+            host_key_check: match h.host_key_check {
+                HostKeyPolicy::Strict => HostKeyCheck::Strict,
+                HostKeyPolicy::AcceptNew => HostKeyCheck::AcceptNew,
+            },
+            proxy_jump: via,
+            connect_timeout: h.connect_timeout,
+            keepalive: h.keepalive,
+            certificate_files: h.certificate_files.clone(),
+            handshake_limit: h.handshake_limit,
+            sudo: SudoSettings {
+                user: h.become_user.clone(),
+                password_env: h.become_password_env.clone(),
+                direct: h.become_direct,
+            },
+        };
+        let mut via: Option<Box<SshHost>> = None;
+        for j in jumps {
+            via = Some(Box::new(one(j, via)));
+        }
+        one(host, via)
+    }
 }
 
 /// A command to run.
@@ -171,6 +239,8 @@ struct PoolInner {
     agent_socket: Option<PathBuf>,
     /// Passphrases of encrypted key files given up front (asked at the terminal), by path.
     passphrases: HashMap<PathBuf, String>,
+    /// Handshakes in flight per `address:port` (see [`SshHost::handshake_limit`]).
+    handshakes: Mutex<HashMap<String, Arc<Semaphore>>>,
 }
 
 /// One lazily opened connection per host name, shared by every exec and upload. Cheap to
@@ -225,13 +295,34 @@ impl SshPool {
         cancel: &CancellationToken,
     ) -> Result<ExecOutcome, SshError> {
         let exec_id = exec::new_exec_id();
-        let command = exec::build_command(req, &exec_id)?;
+        let sudo = exec::SudoRun::new(req.sudo, &host.sudo, &exec_id);
+        let command = exec::build_command(req, &exec_id, sudo.as_ref())?;
         let session = tokio::select! {
             biased;
             () = cancel.cancelled() => return Ok(ExecOutcome::Cancelled),
             s = self.open_session(host) => s?,
         };
-        exec::run(&host.name, session, &command, &exec_id, req, out, cancel).await
+        let reconnect: exec::Reconnect = {
+            let pool = self.clone();
+            let host = host.clone();
+            Arc::new(move || {
+                let pool = pool.clone();
+                let host = host.clone();
+                Box::pin(async move { pool.open(&host).await.map(Arc::new) })
+            })
+        };
+        exec::run(
+            &host.name,
+            session,
+            &command,
+            &exec_id,
+            sudo,
+            Some(reconnect),
+            req,
+            out,
+            cancel,
+        )
+        .await
     }
 
     /// Writes the file atomically (temp file in the same directory, chmod, rename), with sudo
@@ -243,13 +334,14 @@ impl SshPool {
         cancel: &CancellationToken,
     ) -> Result<(), SshError> {
         let exec_id = exec::new_exec_id();
-        let command = exec::upload_command(req, &exec_id);
+        let sudo = exec::SudoRun::new(req.sudo, &host.sudo, &exec_id);
+        let command = exec::upload_command(req, &exec_id, sudo.as_ref());
         let session = tokio::select! {
             biased;
             () = cancel.cancelled() => return Err(SshError::Cancelled),
             s = self.open_session(host) => s?,
         };
-        exec::upload(&host.name, session, &command, &exec_id, req, cancel).await
+        exec::upload(&host.name, session, &command, &exec_id, sudo, req, cancel).await
     }
 
     /// Total transport connections opened so far (TCP, or tunnels through a bastion).
@@ -381,35 +473,36 @@ impl SshPool {
         }
         let timeout = host.connect_timeout;
         let attempt = async {
-            let (mut handle, bastion) = match &host.proxy_jump {
-                None => {
-                    let tcp = connect::tcp(host).await?;
-                    self.inner.opened.fetch_add(1, Ordering::SeqCst);
-                    let handle = connect::handshake(host, tcp, self.inner.accepted.clone()).await?;
-                    (handle, None)
-                }
-                Some(bastion) => {
-                    let (via, _) = self.connection(bastion).await?;
-                    let tunnel = connect::tunnel(host, bastion, &via).await?;
-                    self.inner.opened.fetch_add(1, Ordering::SeqCst);
-                    let handle =
-                        connect::handshake(host, tunnel, self.inner.accepted.clone()).await?;
-                    (handle, Some(via))
-                }
+            let bastion = match &host.proxy_jump {
+                None => None,
+                Some(bastion) => Some(self.connection(bastion).await?.0),
             };
-            connect::authenticate(
-                &mut handle,
-                host,
-                self.inner.agent_socket.as_deref(),
-                &self.inner.passphrases,
-            )
-            .await?;
-            Ok(Connection {
-                handle,
-                first_channel: std::sync::atomic::AtomicBool::new(true),
-                sessions: Arc::new(Semaphore::new(MAX_SESSIONS_PER_CONNECTION)),
-                _bastion: bastion,
-            })
+            let gate = self.handshake_gate(host);
+            // Held until authenticated: sshd's MaxStartups counts unauthenticated connections.
+            let _permit = gate.acquire_owned().await.map_err(|_| SshError::Io {
+                host: host.name.clone(),
+                reason: "the pool is closing".into(),
+            })?;
+            let mut tries = 1;
+            loop {
+                match self.open_once(host, bastion.as_ref()).await {
+                    Ok(handle) => {
+                        return Ok(Connection {
+                            handle,
+                            first_channel: std::sync::atomic::AtomicBool::new(true),
+                            sessions: Arc::new(Semaphore::new(MAX_SESSIONS_PER_CONNECTION)),
+                            _bastion: bastion,
+                        })
+                    }
+                    Err(e) if dropped_before_auth(&e) && tries < HANDSHAKE_ATTEMPTS => {
+                        tracing::debug!(host = %host.name, error = %e, tries, "handshake dropped; retrying");
+                        tokio::time::sleep(handshake_backoff(tries)).await;
+                        tries += 1;
+                    }
+                    Err(e) if dropped_before_auth(&e) => return Err(max_startups_hint(e, tries)),
+                    Err(e) => return Err(e),
+                }
+            }
         };
         match tokio::time::timeout(timeout, attempt).await {
             Ok(result) => result,
@@ -418,5 +511,98 @@ impl SshPool {
                 after: timeout,
             }),
         }
+    }
+
+    /// One transport + handshake + authentication.
+    async fn open_once(
+        &self,
+        host: &SshHost,
+        bastion: Option<&Arc<Connection>>,
+    ) -> Result<SshHandle, SshError> {
+        let mut handle = match (bastion, &host.proxy_jump) {
+            (Some(via), Some(jump)) => {
+                let tunnel = connect::tunnel(host, jump, via).await?;
+                self.inner.opened.fetch_add(1, Ordering::SeqCst);
+                connect::handshake(host, tunnel, self.inner.accepted.clone()).await?
+            }
+            _ => {
+                let tcp = connect::tcp(host).await?;
+                self.inner.opened.fetch_add(1, Ordering::SeqCst);
+                connect::handshake(host, tcp, self.inner.accepted.clone()).await?
+            }
+        };
+        connect::authenticate(
+            &mut handle,
+            host,
+            self.inner.agent_socket.as_deref(),
+            &self.inner.passphrases,
+        )
+        .await?;
+        Ok(handle)
+    }
+
+    /// The limit on handshakes in flight to the host's address and port (through its
+    /// bastion, if any: the same address seen from another place is another server).
+    fn handshake_gate(&self, host: &SshHost) -> Arc<Semaphore> {
+        let via = host
+            .proxy_jump
+            .as_ref()
+            .map(|b| format!("{} -> ", b.name))
+            .unwrap_or_default();
+        let key = format!("{via}{}:{}", host.address, host.port);
+        self.inner
+            .handshakes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key)
+            .or_insert_with(|| Arc::new(Semaphore::new(host.handshake_limit.max(1))))
+            .clone()
+    }
+}
+
+/// Tries of a handshake the server dropped before authentication.
+const HANDSHAKE_ATTEMPTS: u32 = 8;
+
+/// Whether the server closed or reset the connection before we were authenticated: what
+/// sshd does to connections beyond `MaxStartups` (and while it restarts).
+fn dropped_before_auth(e: &SshError) -> bool {
+    match e {
+        SshError::Io { reason, .. } => {
+            let r = reason.to_ascii_lowercase();
+            (r.starts_with("handshake") || r.starts_with("authentication"))
+                && (r.contains("reset by peer")
+                    || r.contains("connection reset")
+                    || r.contains("broken pipe")
+                    || r.contains("disconnected")
+                    || r.contains("eof")
+                    || r.contains("hung up")
+                    || r.contains("hup"))
+        }
+        _ => false,
+    }
+}
+
+/// 50 ms doubling, at most 1.6 s, each with ±50 % jitter so that connections the server
+/// dropped together do not come back together.
+fn handshake_backoff(tries: u32) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let base = 50u64 << tries.min(5);
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    Duration::from_millis(base / 2 + random % base.max(1))
+}
+
+fn max_startups_hint(e: SshError, tries: u32) -> SshError {
+    match e {
+        SshError::Io { host, reason } => SshError::Io {
+            host,
+            reason: format!(
+                "{reason} (dropped {tries} times before authentication: the server may be \
+                 refusing connections beyond its `MaxStartups` (sshd_config); hosts behind \
+                 one address share `handshake_limit` handshakes at once)"
+            ),
+        },
+        other => other,
     }
 }

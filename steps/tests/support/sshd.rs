@@ -30,7 +30,7 @@ pub struct Sshd {
 }
 
 /// Runs a command to completion, panicking with its output if it fails.
-fn run(cmd: &mut Command) -> String {
+pub fn run(cmd: &mut Command) -> String {
     let output = cmd
         .output()
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
@@ -230,6 +230,9 @@ impl Sshd {
             proxy_jump: None,
             connect_timeout: Duration::from_secs(10),
             keepalive: None,
+            certificate_files: Vec::new(),
+            handshake_limit: runbook_steps::ssh::DEFAULT_HANDSHAKE_LIMIT,
+            sudo: runbook_steps::ssh::SudoSettings::default(),
         }
     }
 
@@ -285,6 +288,27 @@ impl Sshd {
         self.launch();
         self.wait_ready()
             .unwrap_or_else(|e| panic!("sshd did not restart: {e}"));
+    }
+
+    /// Adds `extra` lines at the top of the config (they win over the harness's own) and
+    /// restarts on the same port with the same keys.
+    pub fn reconfigure(&mut self, extra: &str) {
+        self.extra_config = format!("{extra}\n{}", self.extra_config);
+        self.restart();
+    }
+
+    /// Signs the host key with the CA key at `ca` for `principals` (comma-separated) and
+    /// makes the server present the certificate; returns the certificate's path.
+    pub fn use_host_certificate(&mut self, ca: &Path, principals: &str) -> PathBuf {
+        let public = self.host_key_path().with_extension("pub");
+        run(Command::new("ssh-keygen")
+            .args(["-q", "-s"])
+            .arg(ca)
+            .args(["-I", "runbook-test-host", "-h", "-n", principals])
+            .arg(&public));
+        let cert = self.dir().join("ssh_host_key-cert.pub");
+        self.reconfigure(&format!("HostCertificate {}", cert.display()));
+        cert
     }
 
     fn write_config(&self) {
@@ -436,6 +460,52 @@ impl TempUser {
             std::thread::sleep(Duration::from_millis(100));
         }
         panic!("useradd {name} failed: {last}");
+    }
+}
+
+impl TempUser {
+    /// Gives the account a password (for sudo rules that ask for one).
+    pub fn set_password(&self, password: &str) {
+        use std::io::Write;
+        let mut child = Command::new("/usr/sbin/chpasswd")
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("run chpasswd");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(format!("{}:{password}\n", self.name).as_bytes())
+            .expect("write to chpasswd");
+        assert!(child.wait().expect("chpasswd").success(), "chpasswd failed");
+    }
+}
+
+/// A file in `/etc/sudoers.d` for one test (checked with `visudo -c`), removed on drop.
+pub struct SudoersRule {
+    path: PathBuf,
+}
+
+impl SudoersRule {
+    /// None when not root or sudo is missing.
+    pub fn install(name: &str, text: &str) -> Option<SudoersRule> {
+        use std::os::unix::fs::PermissionsExt;
+        if !is_root() || !Path::new("/etc/sudoers.d").is_dir() {
+            return None;
+        }
+        let path = PathBuf::from(format!("/etc/sudoers.d/runbook-test-{name}"));
+        std::fs::write(&path, text).expect("write sudoers rule");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o440))
+            .expect("chmod sudoers rule");
+        let rule = SudoersRule { path };
+        run(Command::new("visudo").arg("-c").arg("-f").arg(&rule.path));
+        Some(rule)
+    }
+}
+
+impl Drop for SudoersRule {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
