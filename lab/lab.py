@@ -642,7 +642,7 @@ def cmd_fault(a):
 def cmd_exec(a):
     lab = load(os.path.abspath(a.dir))
     n = [m for m in lab["nodes"] if m["name"] == a.node][0]
-    r = node_exec(n, a.cmd, check=False)
+    r = node_exec(n, a.command, check=False)
     sys.stdout.write(r.stdout)
     sys.stderr.write(r.stderr)
     sys.exit(r.returncode)
@@ -677,7 +677,7 @@ def main():
                                      "free-disk", "break-sshd", "fix-sshd", "fail-install"])
     e = sub("exec", help="run a command inside a node")
     e.add_argument("node")
-    e.add_argument("cmd", nargs=argparse.REMAINDER)
+    e.add_argument("command", nargs=argparse.REMAINDER)
     sub("serve-lb")
     sub("serve-pve")
     a = p.parse_args()
