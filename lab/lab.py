@@ -209,6 +209,11 @@ def node_exec(n, cmd, check=True):
                           capture_output=True, text=True, check=check)
 
 
+def node_flag(n, name, on):
+    path = f"/var/lib/lab-node/{name}"
+    node_exec(n, ["sh", "-c", f"mkdir -p /var/lib/lab-node && touch {path}" if on else f"rm -f {path}"])
+
+
 def kill_node(n, sig=signal.SIGKILL):
     if not n.get("ns"):
         return
@@ -488,9 +493,19 @@ def cmd_up(a):
     os.makedirs(tls, exist_ok=True)
     sans = ",".join([f"IP:{sub}.{i}" for i in [5, 10] + [int(n["ip"].rsplit(".", 1)[1]) for n in nodes]]
                     + ["IP:127.0.0.1", f"DNS:{API_NAME}", "DNS:localhost"])
-    run("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-keyout", os.path.join(tls, "key.pem"), "-out", os.path.join(tls, "cert.pem"), "-days", "7",
-        "-subj", "/CN=rke2-lab", "-addext", f"subjectAltName={sans}")
+    # A lab CA and one leaf for every lab address (rustls refuses a self-signed CA as a server cert).
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run("openssl", "req", "-x509", *ec, "-keyout", os.path.join(tls, "ca-key.pem"), "-out", os.path.join(tls, "ca.pem"),
+        "-days", "7", "-subj", "/CN=rke2-lab CA", "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    run("openssl", "req", *ec, "-keyout", os.path.join(tls, "key.pem"), "-out", os.path.join(tls, "leaf.csr"),
+        "-subj", "/CN=rke2-lab")
+    with open(os.path.join(tls, "leaf.ext"), "w") as f:
+        f.write(f"basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+                f"extendedKeyUsage=serverAuth\nsubjectAltName={sans}\n")
+    run("openssl", "x509", "-req", "-in", os.path.join(tls, "leaf.csr"), "-CA", os.path.join(tls, "ca.pem"),
+        "-CAkey", os.path.join(tls, "ca-key.pem"), "-CAcreateserial", "-days", "7",
+        "-extfile", os.path.join(tls, "leaf.ext"), "-out", os.path.join(tls, "cert.pem"))
     for n in nodes:
         prepare_node(lab_dir, lab, n)
     for n in nodes:
@@ -535,7 +550,7 @@ export LONGHORN_S3_SECRET_KEY="lab-longhorn-secret-{os.urandom(6).hex()}"
 export PROXMOX_URL="https://{lab['pve_ip']}:8006/api2/json"
 export PROXMOX_TOKEN_ID="{PVE_TOKEN_ID}"
 export PROXMOX_TOKEN="{lab['pve_secret']}"
-export PROXMOX_CA_FILE="{tls}/cert.pem"
+export PROXMOX_CA_FILE="{tls}/ca.pem"
 """)
     os.makedirs(os.path.join(lab_dir, "work"), exist_ok=True)
     say(f"lab: {len(nodes)} nodes up in {lab_dir} (registration address {lab['lb_ip']}, Proxmox API {lab['pve_ip']}:8006)")
@@ -615,14 +630,10 @@ def cmd_fault(a):
         n["state"] = "lost"
     elif a.fault == "stop-service":
         node_exec(n, ["systemctl", "stop", "rke2-server" if n["role"] == "servers" else "rke2-agent"])
-    elif a.fault == "fill-disk":
-        os.makedirs(os.path.join(d, "varlib", "lab-node"), exist_ok=True)
-        open(os.path.join(d, "varlib", "lab-node", "disk-full"), "w").close()
-    elif a.fault == "free-disk":
-        try:
-            os.remove(os.path.join(d, "varlib", "lab-node", "disk-full"))
-        except OSError:
-            pass
+    elif a.fault in ("fill-disk", "free-disk"):
+        # Through the node's own view: writing an overlay's upper layer from outside while it is
+        # mounted is not seen reliably.
+        node_flag(n, "disk-full", a.fault == "fill-disk")
     elif a.fault == "break-sshd":
         try:
             os.kill(int(open(os.path.join(d, "sshd.pid")).read()), signal.SIGKILL)
@@ -630,9 +641,8 @@ def cmd_fault(a):
             pass
     elif a.fault == "fix-sshd":
         node_exec(n, ["/usr/sbin/sshd", "-f", os.path.join(d, "sshd_config"), "-E", os.path.join(d, "sshd.log")])
-    elif a.fault == "fail-install":  # the next install on this node fails (a broken mirror)
-        os.makedirs(os.path.join(d, "varlib", "lab-node"), exist_ok=True)
-        open(os.path.join(d, "varlib", "lab-node", "fail-install"), "w").close()
+    elif a.fault in ("fail-install", "fix-install"):  # the next installs fail like a broken mirror
+        node_flag(n, "fail-install", a.fault == "fail-install")
     else:
         raise SystemExit(f"lab: unknown fault {a.fault}")
     save(lab_dir, lab)
@@ -674,7 +684,7 @@ def main():
     f = sub("fault", help="break a node")
     f.add_argument("node")
     f.add_argument("fault", choices=["stop", "start", "freeze", "thaw", "lose", "stop-service", "fill-disk",
-                                     "free-disk", "break-sshd", "fix-sshd", "fail-install"])
+                                     "free-disk", "break-sshd", "fix-sshd", "fail-install", "fix-install"])
     e = sub("exec", help="run a command inside a node")
     e.add_argument("node")
     e.add_argument("command", nargs=argparse.REMAINDER)

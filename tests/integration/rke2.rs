@@ -754,3 +754,160 @@ fn a_deploy_as_an_unprivileged_user_stops_at_sudo_check() {
     let run = deploy_run_on(&sshds, |t| t);
     run.assert_stopped_at_sudo_check(&user.name);
 }
+
+/// The shell of every `sh '…'` and `sh '''…'''` step of the example Jenkinsfile, in order.
+fn jenkins_sh_steps(jenkinsfile: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = jenkinsfile;
+    while let Some(i) = rest.find("sh '") {
+        let after = &rest[i + 3..];
+        let (quote, body) = if let Some(b) = after.strip_prefix("'''") {
+            ("'''", b)
+        } else {
+            ("'", &after[1..])
+        };
+        let end = body.find(quote).expect("closing quote");
+        out.push(body[..end].to_owned());
+        rest = &body[end + quote.len()..];
+    }
+    out
+}
+
+/// `sh -xe -c` as Jenkins runs a shell step, in `cwd`, with the built `runbook` first on PATH.
+fn jenkins_sh(script: &str, cwd: &Path, env: &[(&str, &str)]) -> std::process::Output {
+    let bindir = Path::new(BIN).parent().expect("bin dir");
+    let path = format!(
+        "{}:{}",
+        bindir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut cmd = Command::new("sh");
+    cmd.args(["-xe", "-c", script])
+        .current_dir(cwd)
+        .env("PATH", path)
+        .env("NO_COLOR", "1")
+        .env_remove("RUNBOOK_EVIDENCE_DIR")
+        .env_remove("RUNBOOK_INVENTORY");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("sh")
+}
+
+/// The example Jenkinsfile's shell steps, run as Jenkins would in a workspace holding the
+/// repository's runbooks: Check checks every runbook but not `schedules.toml` (which the old
+/// `runbook check runbooks/*.toml` failed on with exit 2, failing every build), the schedule
+/// file is validated on its own, the kubeconfig credential lands in `rke2-work/kubeconfig`
+/// (0600), the Run command works for a dry run, and the post step verifies the bundles.
+#[test]
+fn jenkinsfile_shell_steps_run_and_check_only_runbooks() {
+    use std::os::unix::fs::PermissionsExt;
+    let jf =
+        std::fs::read_to_string(repo().join("docs/examples/Jenkinsfile")).expect("Jenkinsfile");
+    let steps = jenkins_sh_steps(&jf);
+    let ws = tempfile::tempdir().expect("tmp");
+    let copy = Command::new("cp")
+        .arg("-r")
+        .arg(repo().join("runbooks"))
+        .arg(ws.path())
+        .status()
+        .expect("cp");
+    assert!(copy.success());
+
+    // The defect: checking every .toml includes the schedule file.
+    let old = jenkins_sh("runbook check runbooks/*.toml", ws.path(), &[]);
+    assert_eq!(old.status.code(), Some(2), "{}", text(&old.stderr));
+
+    let check = steps
+        .iter()
+        .find(|s| s.contains("runbook check"))
+        .expect("a Check step");
+    let out = jenkins_sh(check, ws.path(), &[]);
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    for rb in [
+        "rke2-vm-deploy",
+        "rke2-upgrade",
+        "rke2-dr-restore",
+        "rke2-dr-drill",
+        "rke2-preflight",
+    ] {
+        assert!(
+            err.contains(&format!("runbook check runbooks/{rb}.toml")),
+            "{err}"
+        );
+    }
+    assert!(
+        !err.contains("runbook check runbooks/schedules.toml"),
+        "{err}"
+    );
+    assert!(
+        err.contains("runbook schedule list runbooks/schedules.toml"),
+        "{err}"
+    );
+
+    let state = steps
+        .iter()
+        .find(|s| s.contains("rke2-work/kubeconfig"))
+        .expect("the kubeconfig credential step");
+    let kc = ws.path().join("credential-kubeconfig");
+    std::fs::write(&kc, "apiVersion: v1\nkind: Config\n").expect("kc");
+    let out = jenkins_sh(state, ws.path(), &[("KC", &kc.to_string_lossy())]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let written = ws.path().join("rke2-work/kubeconfig");
+    assert_eq!(
+        std::fs::read_to_string(&written).expect("kubeconfig"),
+        "apiVersion: v1\nkind: Config\n"
+    );
+    assert_eq!(
+        std::fs::metadata(&written)
+            .expect("meta")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+
+    // The Run stage's command (a Groovy string) with a dry run of the preflight.
+    let run_line = jf
+        .lines()
+        .find(|l| l.contains("runbook run runbooks/${name}.toml"))
+        .expect("the Run command");
+    let script = run_line
+        .split("script: \"")
+        .nth(1)
+        .and_then(|s| s.rsplit_once("\")"))
+        .map(|(s, _)| s)
+        .expect("script string");
+    let script = script
+        .replace("${name}", "rke2-preflight")
+        .replace("${mode}", "--dry-run")
+        .replace("${inv}", "")
+        .replace("${params.EXTRA}", "");
+    let out = jenkins_sh(&script, ws.path(), &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(ws.path().join("report.json").exists());
+
+    // A bundle to verify, then the post step.
+    let tiny = ws.path().join("tiny.toml");
+    std::fs::write(
+        &tiny,
+        "[runbook]\nname = \"tiny\"\n[[steps]]\nid = \"a\"\nrun = \"true\"\n",
+    )
+    .expect("tiny");
+    let made = jenkins_sh(
+        "runbook run tiny.toml --no-progress --evidence-dir proof",
+        ws.path(),
+        &[],
+    );
+    assert!(made.status.success(), "{}", text(&made.stderr));
+    let verify = steps
+        .iter()
+        .find(|s| s.contains("runbook evidence verify"))
+        .expect("the post verify step");
+    let out = jenkins_sh(verify, ws.path(), &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // `verify` reports on stderr, data to stdout.
+    let said = text(&out.stderr);
+    assert!(said.contains("/: ok"), "{said}");
+}
