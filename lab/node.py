@@ -286,7 +286,18 @@ exec /usr/local/bin/rke2-install "$@"
 def curl(args):
     urls = [a for a in args if re.match(r"^https?://", a)]
     if urls and re.match(r"^https?://get\.rke2\.io/?$", urls[0]):
-        sys.stdout.write(INSTALL_SCRIPT)
+        if os.path.exists(state_path("fail-install")):
+            sys.stderr.write("curl: (22) The requested URL returned error: 503\n")
+            return 22
+        out = None
+        for i, a in enumerate(args):
+            if a in ("-o", "--output") and i + 1 < len(args):
+                out = args[i + 1]
+        if out:
+            with open(out, "w") as f:
+                f.write(INSTALL_SCRIPT)
+        else:
+            sys.stdout.write(INSTALL_SCRIPT)
         return 0
     os.execv("/usr/bin/curl", ["curl"] + args)
 
@@ -382,6 +393,9 @@ def rke2_server(args):
         raise LabError("level=fatal msg=\"etcd is running: stop rke2-server before a cluster-reset\"")
     path = opt(args, "--cluster-reset-restore-path")
     token = opt(args, "--token") or cfg.get("token")
+    if opt(args, "--token-file"):
+        with open(opt(args, "--token-file")) as f:
+            token = f.read().strip()
     name, ip = info["name"], info["ip"]
     etcd_dir = DB + "/etcd"
     if not path:

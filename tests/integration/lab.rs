@@ -117,14 +117,15 @@ impl Lab {
                 &self.inventory.to_string_lossy(),
                 "--no-progress",
             ])
-            .args([
-                "--set",
-                &format!("runbooks_dir={}", repo().join("runbooks").display()),
-            ])
             .args(extra)
             .env("NO_COLOR", "1")
             .env_remove("RUNBOOK_EVIDENCE_DIR")
             .env_remove("RUST_LOG");
+        if runbook == "rke2-vm-deploy.toml" {
+            // The nested preflight is found in the repository, wherever the run starts.
+            let dir = repo().join("runbooks");
+            cmd.args(["--set", &format!("runbooks_dir={}", dir.display())]);
+        }
         for (k, v) in &self.env {
             let v = if k == "PATH" {
                 format!("{}:{v}", bindir.display())
@@ -138,6 +139,35 @@ impl Lab {
         }
         let out = cmd.output().expect("run runbook");
         Run { cwd, out }
+    }
+
+    /// `runbook resume BUNDLE …` of an earlier run, in its directory, with the same environment.
+    fn resume(&self, run: &Run, extra: &[&str], vars: &[(&str, &str)]) -> Run {
+        let bindir = Path::new(BIN).parent().expect("bin dir");
+        let mut cmd = Command::new(BIN);
+        cmd.current_dir(&run.cwd)
+            .arg("resume")
+            .arg(run.bundle())
+            .arg("--no-progress")
+            .args(extra)
+            .env("NO_COLOR", "1")
+            .env_remove("RUST_LOG");
+        for (k, v) in &self.env {
+            let v = if k == "PATH" {
+                format!("{}:{v}", bindir.display())
+            } else {
+                v.clone()
+            };
+            cmd.env(k, v);
+        }
+        for (k, v) in vars {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().expect("resume runbook");
+        Run {
+            cwd: run.cwd.clone(),
+            out,
+        }
     }
 
     fn dir_count(&self) -> usize {
@@ -375,4 +405,194 @@ fn disable_kube_proxy_with_canal_is_refused_before_anything_runs() {
         run.stderr()
     );
     assert_eq!(run.status_of("wait-ssh"), "skipped");
+}
+
+/// Proxmox snapshots the lab holds for a VM (one directory per snapshot).
+fn pve_snapshots(lab: &Lab, vmid: u32) -> Vec<String> {
+    std::fs::read_dir(lab.labdir().join("pve").join(vmid.to_string()))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn rolling_upgrade_stops_at_a_failing_server_then_a_rerun_finishes_it() {
+    let Some(lab) = Lab::up("127.0.179") else {
+        return;
+    };
+    let from = lab.var("RKE2_VERSION");
+    let to = "v1.33.5+rke2r1";
+    lab.run("rke2-vm-deploy.toml", &[], &[]).assert_code(0);
+
+    // rke2-server-2's install fails (a broken mirror): the run stops there.
+    let out = lab_cmd(&lab.labdir(), &["fault", "rke2-server-2", "fail-install"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let target = format!("target_version={to}");
+    let failed = lab.run("rke2-upgrade.toml", &["--set", &target], &[]);
+    failed.assert_code(1);
+    assert_eq!(failed.status_of("pve-snapshot-wait"), "succeeded");
+    assert_eq!(failed.status_of("healthy-before-servers"), "succeeded");
+    assert_eq!(failed.status_of("upgrade-servers"), "failed");
+    assert_eq!(failed.status_of("healthy-before-agents"), "skipped");
+    assert_eq!(failed.status_of("what-now"), "succeeded");
+    let notes = failed.manifest()["notes"].to_string();
+    assert!(
+        notes.contains("upgrade stopped at [\\\"rke2-server-2\\\"]"),
+        "{notes}"
+    );
+    assert!(notes.contains("re-run this runbook"), "{notes}");
+    let got = nodes(&lab);
+    let by = |n: &str| got.iter().find(|x| x.0 == n).cloned().expect(n);
+    assert_eq!(by("rke2-server-1").2, to);
+    assert_eq!(
+        by("rke2-server-2").2,
+        from,
+        "failed install keeps the old version"
+    );
+    assert_eq!(
+        by("rke2-server-2").1,
+        "Ready",
+        "uncordoned after the failure"
+    );
+    assert_eq!(
+        by("rke2-server-3").2,
+        from,
+        "the next server was not touched"
+    );
+    assert_eq!(by("rke2-agent-1").2, from);
+    // A failed run keeps its VM snapshots (the rollback path).
+    for vmid in [201, 202, 203, 211, 212] {
+        assert_eq!(pve_snapshots(&lab, vmid).len(), 1, "vm {vmid}");
+    }
+
+    // Mirror fixed: the same command finishes the job (a second snapshot name, no clash).
+    let out = lab_cmd(&lab.labdir(), &["fault", "rke2-server-2", "fix-install"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let done = lab.run("rke2-upgrade.toml", &["--set", &target], &[]);
+    done.assert_code(0);
+    assert_eq!(done.status_of("verify"), "succeeded");
+    assert_eq!(done.status_of("pve-snapshot-delete-wait"), "succeeded");
+    for (name, status, v) in nodes(&lab) {
+        assert_eq!((status.as_str(), v.as_str()), ("Ready", to), "{name}");
+    }
+    // This run's snapshots are deleted after verify; the failed run's stay.
+    for vmid in [201, 202, 203, 211, 212] {
+        assert_eq!(pve_snapshots(&lab, vmid).len(), 1, "vm {vmid}");
+    }
+    // Versionlock is back on after the upgrade.
+    let lock = lab.exec("rke2-server-3", &["dnf", "versionlock", "list"]);
+    assert!(
+        text(&lock.stdout).contains("rke2-*"),
+        "{}",
+        text(&lock.stdout)
+    );
+}
+
+#[test]
+fn dr_restore_with_servers_0_lost_resets_where_the_snapshot_is_and_rolls_the_cluster_back() {
+    let Some(lab) = Lab::up("127.0.180") else {
+        return;
+    };
+    lab.run("rke2-vm-deploy.toml", &[], &[]).assert_code(0);
+    let ok = |o: Output| assert!(o.status.success(), "{}", text(&o.stderr));
+    ok(lab.kubectl(&["create", "namespace", "before-snapshot"]));
+    // The snapshot is taken on rke2-server-2 and exists only there.
+    ok(lab.exec(
+        "rke2-server-2",
+        &["rke2", "etcd-snapshot", "save", "--name", "dr"],
+    ));
+    let ls = text(
+        &lab.exec("rke2-server-2", &["rke2", "etcd-snapshot", "ls"])
+            .stdout,
+    );
+    let snap = ls
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .find(|n| n.starts_with("dr-rke2-server-2-"))
+        .expect("the snapshot")
+        .to_owned();
+    ok(lab.kubectl(&["create", "namespace", "after-snapshot"]));
+    // servers[0] is gone for good.
+    ok(lab_cmd(&lab.labdir(), &["fault", "rke2-server-1", "lose"]));
+
+    let token = lab.var("RKE2_TOKEN");
+    let snapshot = format!("snapshot={snap}");
+    let args = [
+        "--set",
+        "confirm_cluster=lab",
+        "--set",
+        &snapshot,
+        "--set",
+        "snapshot_source=local",
+        "--set",
+        "delete_stale_nodes=true",
+    ];
+    let vars = [("RKE2_RESTORE_TOKEN", token.as_str())];
+    // Stopping every server waits for a person's yes (exit 4), given on resume.
+    let asked = lab.run("rke2-dr-restore.toml", &args, &vars);
+    asked.assert_code(4);
+    assert_eq!(asked.status_of("pick-reset"), "succeeded");
+    let done = lab.resume(&asked, &["--approve", "stop-servers"], &vars);
+    done.assert_code(0);
+    let notes = done.manifest()["notes"].to_string();
+    assert!(notes.contains("cluster-reset on rke2-server-2"), "{notes}");
+    assert_bundle_lacks(&done.bundle(), &[&token]);
+
+    // The cluster is the snapshot's: what came after it is gone.
+    let ns = text(&lab.kubectl(&["get", "namespaces", "--no-headers"]).stdout);
+    assert!(ns.contains("before-snapshot"), "{ns}");
+    assert!(
+        !ns.contains("after-snapshot"),
+        "restore did not roll back: {ns}"
+    );
+    // Two servers in a real two-member etcd; the lost server's Node deleted.
+    let got = nodes(&lab);
+    let names: Vec<&str> = got.iter().map(|n| n.0.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "rke2-agent-1",
+            "rke2-agent-2",
+            "rke2-server-2",
+            "rke2-server-3"
+        ],
+        "{got:?}"
+    );
+    for (name, status, _) in &got {
+        assert_eq!(status, "Ready", "{name}");
+    }
+    let members = lab.exec(
+        "rke2-server-2",
+        &[
+            "etcdctl",
+            "--endpoints",
+            "http://127.0.180.12:2379",
+            "member",
+            "list",
+        ],
+    );
+    assert_eq!(
+        text(&members.stdout).lines().count(),
+        2,
+        "{}",
+        text(&members.stdout)
+    );
+    // `server:` was taken out for the reset only.
+    let cfg = text(
+        &lab.exec("rke2-server-2", &["cat", "/etc/rancher/rke2/config.yaml"])
+            .stdout,
+    );
+    assert!(
+        cfg.contains("server: \"https://127.0.180.10:9345\""),
+        "{cfg}"
+    );
+    // The token file is gone.
+    let tf = lab.exec(
+        "rke2-server-2",
+        &["test", "-e", "/var/lib/rancher/rke2/server/restore-token"],
+    );
+    assert!(!tf.status.success());
 }
