@@ -12,6 +12,7 @@ mod evidence;
 mod execution;
 mod expressions;
 mod hosts;
+mod lab;
 mod output_edges;
 mod probes;
 mod processes;

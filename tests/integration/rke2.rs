@@ -6,8 +6,8 @@
 //! real on this machine (a local trial: the same shell, without SSH) and say which check failed
 //! and why. Against the real sshds of the test harness (`steps/tests/support/sshd.rs`): the
 //! preflight runs over SSH on every host and its per-host verdicts are asserted, and the deploy
-//! runbook's test mode (`stop_before_install`) checks the nodes, uploads every `config.yaml`
-//! with the real token (which nothing runbook writes contains) and stops before installing.
+//! runbook stops at `sudo-check` on hosts without root or passwordless sudo. The runbooks run
+//! end to end against the RKE2 lab in `lab.rs`.
 //!
 //! Snapshots: after an intended change of a runbook, rewrite them with
 //!
@@ -167,9 +167,9 @@ fn plans_show_secrets_redacted_where_they_are_used() {
         "{stdout}"
     );
     assert!(stdout.contains("s3_secret_key = [REDACTED:s3_secret_key]"));
-    // The config upload shows its template, not the token.
+    // The config upload shows its template (the token quoted as a JSON string), not the token.
     assert!(
-        stdout.contains("token: {{ params.rke2_token }}"),
+        stdout.contains("token: {{ to_json(params.rke2_token) }}"),
         "{stdout}"
     );
 }
@@ -638,65 +638,26 @@ fn preflight_over_ssh_reports_every_check_per_host() {
     );
 }
 
-/// Whether the sshd's user (this one) can run what needs root: root, or passwordless sudo.
-fn can_become_root() -> bool {
-    sshd::is_root()
-        || Command::new("sudo")
-            .args(["-n", "true"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-}
-
-/// A test-mode run of the deploy runbook against three sshds (two servers, one agent).
+/// A run of the deploy runbook against three sshds (two servers, one agent) with provisioning
+/// and the nested preflight off, as a login without root or passwordless sudo: it must stop at
+/// sudo-check, naming every node, before changing anything (the full deploy runs on the lab:
+/// tests/integration/lab.rs).
 struct DeployRun {
-    sshds: Vec<Sshd>,
     tmp: tempfile::TempDir,
     hosts: Vec<String>,
-    /// The servers' own config and manifests directories are `nodes/<host>/{etc,manifests}`.
-    nodes: PathBuf,
-    /// The params' directories, which the agent (no host vars) uses.
-    shared: PathBuf,
-    stdout: String,
     stderr: String,
     code: Option<i32>,
 }
 
-/// Runs the deploy runbook (as `edit` leaves its text) in test mode: no Terraform, no nested
-/// preflight, no node prep, stop before install.
-fn deploy_test_mode(edit: impl Fn(String) -> String) -> DeployRun {
-    deploy_run(edit, true)
-}
-
-/// The deploy runbook against three sshds with provisioning, preflight and node prep off;
-/// `stop_before_install` as given.
-fn deploy_run(edit: impl Fn(String) -> String, stop_before_install: bool) -> DeployRun {
-    deploy_run_on(Sshd::start_many(3), edit, stop_before_install)
-}
-
-/// [`deploy_run`] against the given sshds.
-fn deploy_run_on(
-    sshds: Vec<Sshd>,
-    edit: impl Fn(String) -> String,
-    stop_before_install: bool,
-) -> DeployRun {
+/// [`DeployRun`] against the given sshds, the runbook as `edit` leaves it.
+fn deploy_run_on(sshds: &[Sshd], edit: impl Fn(String) -> String) -> DeployRun {
     let tmp = tempfile::tempdir().expect("tmp");
-    let nodes = tmp.path().join("nodes");
-    // Every host is this machine: the servers get a config and manifests directory of their
-    // own through host vars; the agent uses the --set default.
-    let (inventory, hosts) = node_inventory(&sshds, 2, |name| {
-        name.starts_with("rke2-server").then(|| {
-            format!(
-                "config_dir = \"{d}/{name}/etc\", manifests_dir = \"{d}/{name}/manifests\"",
-                d = nodes.display()
-            )
-        })
-    });
+    let (inventory, hosts) = node_inventory(sshds, 2, |_| None);
     std::fs::write(tmp.path().join("inventory.toml"), inventory).expect("inventory");
     let text_of = std::fs::read_to_string(repo().join("runbooks/rke2-vm-deploy.toml"))
         .expect("deploy runbook");
     let deploy = tmp.path().join("rke2-vm-deploy.toml");
     std::fs::write(&deploy, edit(text_of)).expect("write runbook");
-    let shared = tmp.path().join("shared");
     let out = runbook(
         &[
             "run",
@@ -710,24 +671,12 @@ fn deploy_run_on(
             "provision=false",
             "--set",
             "run_preflight=false",
-            "--set",
-            "prepare_nodes=false",
-            "--set",
-            &format!("stop_before_install={stop_before_install}"),
-            "--set",
-            &format!("config_dir={}/etc", shared.display()),
-            "--set",
-            &format!("manifests_dir={}/manifests", shared.display()),
         ],
         tmp.path(),
         &[],
     );
     DeployRun {
-        sshds,
         hosts,
-        nodes,
-        shared,
-        stdout: text(&out.stdout),
         stderr: text(&out.stderr),
         code: out.status.code(),
         tmp,
@@ -735,200 +684,37 @@ fn deploy_run_on(
 }
 
 impl DeployRun {
-    fn bundle(&self) -> PathBuf {
-        find_bundle(self.tmp.path())
-    }
-
-    /// The run exited 0 and nothing runbook printed or wrote holds a secret (the hosts' files
-    /// do: they are not runbook's).
+    /// Exit 1 at sudo-check, every host named with its FAIL line, nothing after it run.
     #[track_caller]
-    fn assert_succeeded_without_leaks(&self) {
-        assert_eq!(
-            self.code,
-            Some(0),
-            "--- stdout\n{}\n--- stderr\n{}",
-            self.stdout,
-            self.stderr
-        );
-        assert_no_secret("stdout", &self.stdout);
-        assert_no_secret("stderr", &self.stderr);
-        for f in all_files(&self.bundle()) {
-            let body = std::fs::read(&f).expect("read");
-            assert_no_secret(&f.display().to_string(), &text(&body));
+    fn assert_stopped_at_sudo_check(&self, user: &str) {
+        assert_eq!(self.code, Some(1), "{}", self.stderr);
+        let bundle = find_bundle(self.tmp.path());
+        let manifest = read_json(&bundle.join("manifest.json"));
+        let step = crate::common::step(&manifest, "sudo-check");
+        assert_eq!(step["status"], "failed");
+        let reason = step["reason"].as_str().unwrap_or_default();
+        assert!(reason.contains("3 of 3 host(s) failed"), "{reason}");
+        for host in &self.hosts {
+            let line = verdict_line(&bundle, "sudo-check", host);
+            assert!(
+                line.starts_with(&format!(
+                    "FAIL sudo: expected root or passwordless sudo for {user}; found "
+                )) && line.ends_with(&format!(
+                    "(give {user} NOPASSWD sudo, e.g. in /etc/sudoers.d/)"
+                )),
+                "{line}"
+            );
+        }
+        for id in ["node-prep", "config-dirs", "install-first-server"] {
+            assert_eq!(
+                crate::common::step(&manifest, id)["status"],
+                "skipped",
+                "{id}"
+            );
         }
     }
 }
 
-const CONFIG_STEPS: &[&str] = &[
-    "config-dirs",
-    "first-server-config",
-    "cni-config",
-    "join-server-config",
-    "agent-config",
-];
-
-#[test]
-fn deploy_test_mode_uploads_configs_over_ssh_and_stops_before_install() {
-    use std::os::unix::fs::PermissionsExt;
-    let run = deploy_test_mode(|t| t);
-    let DeployRun {
-        hosts,
-        nodes,
-        shared,
-        stderr,
-        ..
-    } = &run;
-    let (nodes, shared, stderr) = (nodes.as_path(), shared.as_path(), stderr.as_str());
-    let bundle = run.bundle();
-    let manifest = read_json(&bundle.join("manifest.json"));
-    let status = |id: &str| {
-        crate::common::step(&manifest, id)["status"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned()
-    };
-    run.assert_succeeded_without_leaks();
-
-    // Node checks ran on every node over SSH; the hostnames are not the inventory names (node
-    // prep is off), which test mode reports and goes on.
-    let uname = sh("uname -n");
-    let verify = target_status(&manifest, "node-verify");
-    assert_eq!(verify.len(), hosts.len(), "{stderr}");
-    for host in hosts {
-        let log =
-            std::fs::read_to_string(bundle.join(format!("steps/node-verify/{host}/attempt-1.log")))
-                .expect("node-verify log");
-        assert!(
-            log.contains(&format!(
-                "out FAIL hostname: expected {host}; found {uname}"
-            )),
-            "{log}"
-        );
-        // What else is not in place depends on this machine (NetworkManager, firewalld).
-        let last = verdict_lines(&bundle, "node-verify", host)
-            .pop()
-            .unwrap_or_default();
-        assert!(
-            last.starts_with(&format!(
-                "FAIL node-verify on {host}: node prep not in place: hostname"
-            )) && last.ends_with(" (test mode: reported, the run goes on)"),
-            "{log}"
-        );
-        assert_eq!(verify[host], "failed");
-    }
-    assert_eq!(status("node-prep"), "skipped");
-    assert_eq!(status("node-verify-gate"), "skipped");
-
-    // Nothing was installed: every step from the install on was skipped, and the run said
-    // where it stopped.
-    for id in [
-        "install-first-server",
-        "join-servers",
-        "join-agents",
-        "nodes-ready",
-        "metallb-install",
-        "longhorn-install",
-        "health",
-        "evidence",
-    ] {
-        assert_eq!(status(id), "skipped", "{id}");
-    }
-    assert_eq!(status("stop-before-install"), "succeeded", "{stderr}");
-    assert!(
-        stderr.contains(
-            "note: stop-before-install: node-verify: node prep not in place on 3 node(s): rke2-agent-1, rke2-server-1, rke2-server-2"
-        ),
-        "{stderr}"
-    );
-
-    let config = |dir: &Path| {
-        let path = dir.join("etc/config.yaml");
-        let body = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("{}: {e}\n{stderr}", path.display()));
-        let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
-        assert_eq!(mode & 0o777, 0o600, "{}", path.display());
-        body
-    };
-    if can_become_root() {
-        let user = run.sshds[0].user();
-        let sudo = verdict_line(&bundle, "sudo-check", "rke2-server-1");
-        assert!(
-            sudo.starts_with(&format!(
-                "PASS sudo: expected root or passwordless sudo for {user}; found "
-            )),
-            "{sudo}"
-        );
-        assert!(
-            stderr.contains("note: stop-before-install: test mode: stopped before install, after config-dirs, first-server-config, cni-config, join-server-config, agent-config; nothing was installed or started"),
-            "{stderr}"
-        );
-        // Each node got its config.yaml (mode 0600) with the real token and S3 keys.
-        let first = config(&nodes.join("rke2-server-1"));
-        for want in [
-            "token: rke2tok-7f3a9c-sekrit\n",
-            "  - rke2-api.example.internal\n",
-            "cni: cilium\n",
-            "etcd-snapshot-schedule-cron: \"0 */6 * * *\"\n",
-            "etcd-s3-access-key: AKIAETCDS3SEKRIT42\n",
-            "etcd-s3-secret-key: etcd-s3-secret-9b1e77\n",
-        ] {
-            assert!(
-                first.contains(want),
-                "first server lacks {want:?}:\n{first}"
-            );
-        }
-        assert!(!first.contains("server: "), "{first}");
-        let joining = config(&nodes.join("rke2-server-2"));
-        assert!(
-            joining.starts_with(
-                "server: https://rke2-api.example.internal:9345\ntoken: rke2tok-7f3a9c-sekrit\n"
-            ),
-            "{joining}"
-        );
-        assert!(joining.contains("cni: cilium\n"), "{joining}");
-        let agent = config(shared);
-        assert_eq!(
-            agent,
-            "server: https://rke2-api.example.internal:9345\ntoken: rke2tok-7f3a9c-sekrit\n"
-        );
-        // The Cilium HelmChartConfig is in place on every server before any first start, and
-        // only there.
-        for server in ["rke2-server-1", "rke2-server-2"] {
-            let path = nodes.join(server).join("manifests/rke2-cilium-config.yaml");
-            let m = std::fs::read_to_string(&path)
-                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            assert!(
-                m.contains("kind: HelmChartConfig\n") && m.contains("  name: rke2-cilium\n"),
-                "{m}"
-            );
-            assert!(m.contains("    kubeProxyReplacement: false\n"), "{m}");
-        }
-        assert!(!shared.join("manifests").exists(), "no manifests on agents");
-    } else {
-        // Unprivileged without passwordless sudo: test mode skips what needs root and says so.
-        assert_eq!(status("sudo-check"), "failed");
-        for id in [
-            "config-dirs",
-            "first-server-config",
-            "cni-config",
-            "join-server-config",
-            "agent-config",
-        ] {
-            assert_eq!(status(id), "skipped", "{id}");
-        }
-        assert!(
-            stderr.contains(
-                "note: stop-before-install: sudo-check: no root and no passwordless sudo on "
-            ),
-            "{stderr}"
-        );
-        assert!(!nodes.exists() && !shared.exists());
-    }
-}
-
-/// The unprivileged path of test mode, tried here whoever runs the tests: the runbook with its
-/// root/sudo probe made to find neither (as for a user without passwordless sudo). The node
-/// checks still run; the steps that need root are skipped and the run says so, exit code 0.
 /// The deploy runbook with its sudo-check seeing no root and a sudo that wants a password.
 fn without_sudo(t: String) -> String {
     let probe = "if [ \"$(id -u)\" -eq 0 ]; then";
@@ -941,26 +727,10 @@ fn without_sudo(t: String) -> String {
 }
 
 #[test]
-fn a_real_deploy_without_sudo_stops_before_node_prep_naming_the_nodes() {
-    let run = deploy_run(without_sudo, false);
-    assert_eq!(run.code, Some(1), "{}", run.stderr);
-    let manifest = read_json(&run.bundle().join("manifest.json"));
-    let step = crate::common::step(&manifest, "sudo-required");
-    assert_eq!(step["status"], "failed");
-    let reason = step["reason"].as_str().unwrap_or_default();
-    assert!(
-        reason.contains("no root and no passwordless sudo on 3 node(s)")
-            && reason.contains("NOPASSWD"),
-        "{reason}"
-    );
-    for id in ["node-prep", "config-dirs", "install-first-server"] {
-        assert_eq!(
-            crate::common::step(&manifest, id)["status"],
-            "skipped",
-            "{id}"
-        );
-    }
-    assert!(!run.nodes.exists() && !run.shared.exists());
+fn a_deploy_without_sudo_stops_at_sudo_check_naming_the_nodes() {
+    let sshds = Sshd::start_many(3);
+    let run = deploy_run_on(&sshds, without_sudo);
+    run.assert_stopped_at_sudo_check(sshds[0].user());
 }
 
 /// Three sshds whose login is a fresh account without sudo rights, or None (and a note on
@@ -977,99 +747,167 @@ fn unprivileged_nodes() -> Option<(sshd::TempUser, Vec<Sshd>)> {
 /// The no-sudo path for real: the nodes' login is an account of its own with no password and
 /// no sudoers entry, so `sudo -n` genuinely refuses.
 #[test]
-fn deploy_test_mode_as_an_unprivileged_user_skips_what_needs_root() {
+fn a_deploy_as_an_unprivileged_user_stops_at_sudo_check() {
     let Some((user, sshds)) = unprivileged_nodes() else {
         return;
     };
-    let run = deploy_run_on(sshds, |t| t, true);
-    run.assert_succeeded_without_leaks();
-    let bundle = run.bundle();
-    let manifest = read_json(&bundle.join("manifest.json"));
-    for host in &run.hosts {
-        let line = verdict_line(&bundle, "sudo-check", host);
+    let run = deploy_run_on(&sshds, |t| t);
+    run.assert_stopped_at_sudo_check(&user.name);
+}
+
+/// The shell of every `sh '…'` and `sh '''…'''` step of the example Jenkinsfile, in order.
+fn jenkins_sh_steps(jenkinsfile: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = jenkinsfile;
+    while let Some(i) = rest.find("sh '") {
+        let after = &rest[i + 3..];
+        let (quote, body) = if let Some(b) = after.strip_prefix("'''") {
+            ("'''", b)
+        } else {
+            ("'", &after[1..])
+        };
+        let end = body.find(quote).expect("closing quote");
+        out.push(body[..end].to_owned());
+        rest = &body[end + quote.len()..];
+    }
+    out
+}
+
+/// `sh -xe -c` as Jenkins runs a shell step, in `cwd`, with the built `runbook` first on PATH.
+fn jenkins_sh(script: &str, cwd: &Path, env: &[(&str, &str)]) -> std::process::Output {
+    let bindir = Path::new(BIN).parent().expect("bin dir");
+    let path = format!(
+        "{}:{}",
+        bindir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut cmd = Command::new("sh");
+    cmd.args(["-xe", "-c", script])
+        .current_dir(cwd)
+        .env("PATH", path)
+        .env("NO_COLOR", "1")
+        .env_remove("RUNBOOK_EVIDENCE_DIR")
+        .env_remove("RUNBOOK_INVENTORY");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("sh")
+}
+
+/// The example Jenkinsfile's shell steps, run as Jenkins would in a workspace holding the
+/// repository's runbooks: Check checks every runbook but not `schedules.toml` (which the old
+/// `runbook check runbooks/*.toml` failed on with exit 2, failing every build), the schedule
+/// file is validated on its own, the kubeconfig credential lands in `rke2-work/kubeconfig`
+/// (0600), the Run command works for a dry run, and the post step verifies the bundles.
+#[test]
+fn jenkinsfile_shell_steps_run_and_check_only_runbooks() {
+    use std::os::unix::fs::PermissionsExt;
+    let jf =
+        std::fs::read_to_string(repo().join("docs/examples/Jenkinsfile")).expect("Jenkinsfile");
+    let steps = jenkins_sh_steps(&jf);
+    let ws = tempfile::tempdir().expect("tmp");
+    let copy = Command::new("cp")
+        .arg("-r")
+        .arg(repo().join("runbooks"))
+        .arg(ws.path())
+        .status()
+        .expect("cp");
+    assert!(copy.success());
+
+    // The defect: checking every .toml includes the schedule file.
+    let old = jenkins_sh("runbook check runbooks/*.toml", ws.path(), &[]);
+    assert_eq!(old.status.code(), Some(2), "{}", text(&old.stderr));
+
+    let check = steps
+        .iter()
+        .find(|s| s.contains("runbook check"))
+        .expect("a Check step");
+    let out = jenkins_sh(check, ws.path(), &[]);
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    for rb in [
+        "rke2-vm-deploy",
+        "rke2-upgrade",
+        "rke2-dr-restore",
+        "rke2-dr-drill",
+        "rke2-preflight",
+    ] {
         assert!(
-            line.starts_with(&format!(
-                "FAIL sudo: expected root or passwordless sudo for {}; found sudo -n true: ",
-                user.name
-            )) && line.ends_with("(test mode: the steps that need root are skipped)"),
-            "{line}"
-        );
-    }
-    for id in CONFIG_STEPS {
-        assert_eq!(
-            crate::common::step(&manifest, id)["status"],
-            "skipped",
-            "{id}"
+            err.contains(&format!("runbook check runbooks/{rb}.toml")),
+            "{err}"
         );
     }
     assert!(
-        run.stderr.contains("note: stop-before-install: sudo-check: no root and no passwordless sudo on rke2-agent-1, rke2-server-1, rke2-server-2"),
-        "{}",
-        run.stderr
+        !err.contains("runbook check runbooks/schedules.toml"),
+        "{err}"
     );
-    assert!(!run.nodes.exists() && !run.shared.exists());
-}
+    assert!(
+        err.contains("runbook schedule list runbooks/schedules.toml"),
+        "{err}"
+    );
 
-#[test]
-fn a_real_deploy_as_an_unprivileged_user_stops_at_sudo_required() {
-    let Some((_user, sshds)) = unprivileged_nodes() else {
-        return;
-    };
-    let run = deploy_run_on(sshds, |t| t, false);
-    assert_eq!(run.code, Some(1), "{}", run.stderr);
-    let manifest = read_json(&run.bundle().join("manifest.json"));
-    let reason = crate::common::step(&manifest, "sudo-required")["reason"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
-    assert!(
-        reason.contains("no root and no passwordless sudo on 3 node(s)"),
-        "{reason}"
+    let state = steps
+        .iter()
+        .find(|s| s.contains("rke2-work/kubeconfig"))
+        .expect("the kubeconfig credential step");
+    let kc = ws.path().join("credential-kubeconfig");
+    std::fs::write(&kc, "apiVersion: v1\nkind: Config\n").expect("kc");
+    let out = jenkins_sh(state, ws.path(), &[("KC", &kc.to_string_lossy())]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let written = ws.path().join("rke2-work/kubeconfig");
+    assert_eq!(
+        std::fs::read_to_string(&written).expect("kubeconfig"),
+        "apiVersion: v1\nkind: Config\n"
     );
-    for id in ["node-prep", "config-dirs", "install-first-server"] {
-        assert_eq!(
-            crate::common::step(&manifest, id)["status"],
-            "skipped",
-            "{id}"
-        );
-    }
-    assert!(!run.nodes.exists() && !run.shared.exists());
-}
+    assert_eq!(
+        std::fs::metadata(&written)
+            .expect("meta")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
 
-#[test]
-fn deploy_test_mode_without_sudo_skips_what_needs_root_and_says_so() {
-    let run = deploy_test_mode(without_sudo);
-    run.assert_succeeded_without_leaks();
-    let bundle = run.bundle();
-    let manifest = read_json(&bundle.join("manifest.json"));
-    let user = run.sshds[0].user().to_owned();
-    for host in &run.hosts {
-        assert_eq!(
-            verdict_line(&bundle, "sudo-check", host),
-            format!("FAIL sudo: expected root or passwordless sudo for {user}; found sudo -n true: sudo: a password is required (test mode: the steps that need root are skipped)")
-        );
-    }
-    assert_eq!(
-        target_status(&manifest, "node-verify").len(),
-        run.hosts.len()
+    // The Run stage's command (a Groovy string) with a dry run of the preflight.
+    let run_line = jf
+        .lines()
+        .find(|l| l.contains("runbook run runbooks/${name}.toml"))
+        .expect("the Run command");
+    let script = run_line
+        .split("script: \"")
+        .nth(1)
+        .and_then(|s| s.rsplit_once("\")"))
+        .map(|(s, _)| s)
+        .expect("script string");
+    let script = script
+        .replace("${name}", "rke2-preflight")
+        .replace("${mode}", "--dry-run")
+        .replace("${inv}", "")
+        .replace("${params.EXTRA}", "");
+    let out = jenkins_sh(&script, ws.path(), &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(ws.path().join("report.json").exists());
+
+    // A bundle to verify, then the post step.
+    let tiny = ws.path().join("tiny.toml");
+    std::fs::write(
+        &tiny,
+        "[runbook]\nname = \"tiny\"\n[[steps]]\nid = \"a\"\nrun = \"true\"\n",
+    )
+    .expect("tiny");
+    let made = jenkins_sh(
+        "runbook run tiny.toml --no-progress --evidence-dir proof",
+        ws.path(),
+        &[],
     );
-    for id in CONFIG_STEPS {
-        let step = crate::common::step(&manifest, id);
-        assert_eq!(step["status"], "skipped", "{id}");
-    }
-    assert!(
-        run.stderr.contains("note: stop-before-install: sudo-check: no root and no passwordless sudo on rke2-agent-1, rke2-server-1, rke2-server-2, so the steps that need root did not run: config-dirs (skipped), first-server-config (skipped), cni-config (skipped), join-server-config (skipped), agent-config (skipped)"),
-        "{}",
-        run.stderr
-    );
-    assert!(
-        run.stderr.contains("note: stop-before-install: test mode: stopped before install, after sudo-check and node-verify; nothing was installed or started"),
-        "{}",
-        run.stderr
-    );
-    assert!(!run.nodes.exists() && !run.shared.exists());
-    assert_eq!(
-        crate::common::step(&manifest, "install-first-server")["status"],
-        "skipped"
-    );
+    assert!(made.status.success(), "{}", text(&made.stderr));
+    let verify = steps
+        .iter()
+        .find(|s| s.contains("runbook evidence verify"))
+        .expect("the post verify step");
+    let out = jenkins_sh(verify, ws.path(), &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // `verify` reports on stderr, data to stdout.
+    let said = text(&out.stderr);
+    assert!(said.contains("/: ok"), "{said}");
 }

@@ -1,0 +1,703 @@
+#!/usr/bin/python3
+"""`scripts/lab`: stands up, inspects, breaks and removes the RKE2 lab.
+
+Each node is a real OpenSSH sshd in its own mount and UTS namespaces on its own loopback
+address, with a Rocky 9 view of the system made of overlays and bind mounts that exist only
+inside that namespace (/etc and /var/lib are overlays whose upper layers are the node's
+directories, /usr/local/bin holds the lab's tools). The lab also runs the registration address
+(a TCP balancer for :9345 and :6443 over the servers that answer) and a Proxmox VE API over TLS
+whose snapshots are copies of the nodes' upper layers. Only 127.0.0.0/8 is ever used.
+"""
+
+import argparse
+import asyncio
+import http.server
+import itertools
+import json
+import os
+import shutil
+import signal
+import socket
+import socketserver
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+
+HERE = os.path.dirname(os.path.realpath(__file__))
+MARKER = ".rke2-lab"
+NODE_TOOLS = ["rke2", "rke2-install", "curl", "systemctl", "dnf", "yum", "rpm", "firewall-cmd", "getenforce",
+              "nmcli", "hostnamectl", "systemd-detect-virt", "timedatectl", "lsblk", "ss", "needs-restarting",
+              "iscsi-iname", "rke2-killall.sh", "rke2-uninstall.sh"]
+OS_RELEASE = """NAME="Rocky Linux"
+VERSION="9.6 (Blue Onyx)"
+ID="rocky"
+ID_LIKE="rhel centos fedora"
+VERSION_ID="9.6"
+PLATFORM_ID="platform:el9"
+PRETTY_NAME="Rocky Linux 9.6 (Blue Onyx)"
+ANSI_COLOR="0;32"
+CPE_NAME="cpe:/o:rocky:rocky:9::baseos"
+HOME_URL="https://rockylinux.org/"
+"""
+API_NAME = "rke2-api.lab.internal"
+PVE_TOKEN_ID = "runbook@pve!lab"
+
+
+def say(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def load(lab_dir):
+    with open(os.path.join(lab_dir, "lab.json")) as f:
+        return json.load(f)
+
+
+def save(lab_dir, lab):
+    tmp = os.path.join(lab_dir, "lab.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(lab, f, indent=1)
+    os.replace(tmp, os.path.join(lab_dir, "lab.json"))
+
+
+def run(*cmd, **kw):
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except (OSError, ValueError):
+        return False
+
+
+def ns_pids(ns_id):
+    """Every process whose mount namespace is `ns_id` (the node's processes)."""
+    out = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                if os.readlink(f"/proc/{p}/ns/mnt") == ns_id:
+                    out.append(int(p))
+            except OSError:
+                pass
+    return out
+
+
+def port_open(ip, port, timeout=0.5):
+    try:
+        with socket.create_connection((ip, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+# ------------------------------------------------------------------------------------ nodes
+
+
+def node_dir(lab_dir, name):
+    return os.path.join(lab_dir, "nodes", name)
+
+
+def prepare_node(lab_dir, lab, n):
+    d = node_dir(lab_dir, n["name"])
+    for sub in ("etc", "etc.work", "varlib", "varlib.work", "bin", "run"):
+        os.makedirs(os.path.join(d, sub), exist_ok=True)
+    etc = os.path.join(d, "etc")
+    with open(os.path.join(etc, "os-release"), "w") as f:
+        f.write(OS_RELEASE)
+    with open(os.path.join(etc, "redhat-release"), "w") as f:
+        f.write("Rocky Linux release 9.6 (Blue Onyx)\n")
+    with open(os.path.join(etc, "hostname"), "w") as f:
+        f.write(n["name"] + "\n")  # cloud-init names the clone after the VM
+    hosts = ["127.0.0.1 localhost localhost.localdomain", f"{lab['lb_ip']} {API_NAME}"]
+    hosts += [f"{m['ip']} {m['name']}" for m in lab["nodes"]]
+    with open(os.path.join(etc, "hosts"), "w") as f:
+        f.write("\n".join(hosts) + "\n")
+    os.makedirs(os.path.join(etc, "NetworkManager", "conf.d"), exist_ok=True)
+    with open(os.path.join(etc, "lab-node.json"), "w") as f:
+        json.dump({"name": n["name"], "ip": n["ip"], "role": n["role"], "lab_dir": lab_dir,
+                   "tls_cert": os.path.join(lab_dir, "tls", "cert.pem"), "tls_key": os.path.join(lab_dir, "tls", "key.pem"),
+                   "disk_gb": 40 if n["role"] == "servers" else 60,
+                   "available_versions": lab["versions"], "stable_version": lab["versions"][0],
+                   **lab["timing"]}, f, indent=1)
+    with open(os.path.join(d, "meminfo"), "w") as f:
+        f.write("MemTotal:        7990000 kB\nMemFree:         6000000 kB\nMemAvailable:    7000000 kB\n"
+                "SwapTotal:             0 kB\nSwapFree:              0 kB\n")
+    with open(os.path.join(d, "swaps"), "w") as f:
+        f.write("Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n")
+    for t in NODE_TOOLS:
+        link = os.path.join(d, "bin", t)
+        if not os.path.lexists(link):
+            os.symlink(os.path.join(HERE, "node.py"), link)
+    for t in ("kubectl", "helm"):
+        link = os.path.join(d, "bin", t)
+        if not os.path.lexists(link):
+            os.symlink(os.path.join(HERE, "kubectl.py"), link)
+    with open(os.path.join(d, "sshd_config"), "w") as f:
+        f.write(f"""ListenAddress {n['ip']}:{lab['ssh_port']}
+HostKey {lab_dir}/ssh/host_ed25519
+PidFile {d}/sshd.pid
+AuthorizedKeysFile {lab_dir}/ssh/authorized_keys
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+PrintMotd no
+MaxStartups 100:30:200
+MaxSessions 50
+Subsystem sftp internal-sftp
+""")
+    with open(os.path.join(d, "boot.sh"), "w") as f:
+        f.write(f"""#!/bin/sh
+# Runs inside the node's new mount + UTS namespaces: the node's view, then sshd, then an anchor.
+set -e
+mount --make-rprivate /
+mount -t overlay overlay -o lowerdir=/etc,upperdir={d}/etc,workdir={d}/etc.work /etc
+mount -t overlay overlay -o lowerdir=/var/lib,upperdir={d}/varlib,workdir={d}/varlib.work /var/lib
+mount --bind {d}/bin /usr/local/bin
+mount --bind {d}/meminfo /proc/meminfo
+mount --bind {d}/swaps /proc/swaps
+mount -t tmpfs -o size=1m lab-selinux /sys/fs
+mkdir -p /sys/fs/selinux && echo 1 > /sys/fs/selinux/enforce
+hostname "$(cat /etc/hostname)"
+mkdir -p /run/sshd
+/usr/sbin/sshd -f {d}/sshd_config -E {d}/sshd.log
+exec sleep infinity
+""")
+
+
+def boot_node(lab_dir, lab, n, start_services=True):
+    d = node_dir(lab_dir, n["name"])
+    try:
+        os.remove(os.path.join(d, "sshd.pid"))
+    except OSError:
+        pass
+    p = subprocess.Popen(["unshare", "--mount", "--uts", "--", "/bin/sh", os.path.join(d, "boot.sh")],
+                         stdin=subprocess.DEVNULL, stdout=open(os.path.join(d, "boot.log"), "ab"),
+                         stderr=subprocess.STDOUT, start_new_session=True)
+    end = time.time() + 20
+    while time.time() < end and not port_open(n["ip"], lab["ssh_port"]):
+        if p.poll() is not None:
+            raise SystemExit(f"lab: node {n['name']} did not boot; see {d}/boot.log")
+        time.sleep(0.1)
+    if not port_open(n["ip"], lab["ssh_port"]):
+        raise SystemExit(f"lab: sshd of {n['name']} does not answer on {n['ip']}:{lab['ssh_port']}; see {d}/sshd.log")
+    n["anchor"] = p.pid
+    n["ns"] = os.readlink(f"/proc/{p.pid}/ns/mnt")
+    n["state"] = "running"
+    if start_services:
+        # A VM boot starts the enabled units.
+        units = os.path.join(d, "varlib", "lab-node", "units.json")
+        try:
+            with open(units) as f:
+                enabled = [u for u, v in json.load(f).items() if v.get("enabled") and u.startswith("rke2-")]
+        except (OSError, ValueError):
+            enabled = []
+        for u in enabled:
+            node_exec(n, ["systemctl", "start", u], check=False)
+
+
+def node_exec(n, cmd, check=True):
+    return subprocess.run(["nsenter", "-t", str(n["anchor"]), "-m", "-u", "--",
+                           "env", "PATH=/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"] + cmd,
+                          capture_output=True, text=True, check=check)
+
+
+def node_flag(n, name, on):
+    path = f"/var/lib/lab-node/{name}"
+    node_exec(n, ["sh", "-c", f"mkdir -p /var/lib/lab-node && touch {path}" if on else f"rm -f {path}"])
+
+
+def kill_node(n, sig=signal.SIGKILL):
+    if not n.get("ns"):
+        return
+    for _ in range(20):
+        pids = [p for p in ns_pids(n["ns"]) if p != os.getpid()]
+        if not pids:
+            return
+        for p in pids:
+            try:
+                os.kill(p, sig)
+            except OSError:
+                pass
+        if sig != signal.SIGKILL:
+            return
+        time.sleep(0.1)
+
+
+# ------------------------------------------------------------------------------ balancer
+
+
+async def lb_main(lab_dir):
+    lab = load(lab_dir)
+    rr = itertools.count()
+
+    async def pipe(r, w):
+        try:
+            while True:
+                data = await r.read(65536)
+                if not data:
+                    break
+                w.write(data)
+                await w.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            try:
+                w.close()
+            except Exception:
+                pass
+
+    def handler(port):
+        async def handle(cr, cw):
+            servers = [n for n in load(lab_dir)["nodes"] if n["role"] == "servers" and n.get("state") == "running"]
+            start = next(rr)
+            for i in range(len(servers)):
+                n = servers[(start + i) % len(servers)]
+                try:
+                    sr, sw = await asyncio.wait_for(asyncio.open_connection(n["ip"], port), 1.0)
+                except (OSError, asyncio.TimeoutError):
+                    continue
+                await asyncio.gather(pipe(cr, sw), pipe(sr, cw))
+                return
+            cw.close()
+        return handle
+
+    srvs = [await asyncio.start_server(handler(p), lab["lb_ip"], p) for p in (9345, 6443)]
+    await asyncio.gather(*(s.serve_forever() for s in srvs))
+
+
+# ---------------------------------------------------------------------------------- proxmox
+
+
+class Pve:
+    def __init__(self, lab_dir):
+        self.lab_dir = lab_dir
+        self.tasks = {}
+        self.lock = threading.Lock()
+        self.seq = itertools.count(1)
+
+    def node_by_vmid(self, vmid):
+        for n in load(self.lab_dir)["nodes"]:
+            if str(n["vmid"]) == str(vmid):
+                return n
+        return None
+
+    def snapdir(self, vmid, snap=None):
+        d = os.path.join(self.lab_dir, "pve", str(vmid))
+        return os.path.join(d, snap) if snap else d
+
+    def task(self, pve_node, kind, vmid, fn):
+        upid = f"UPID:{pve_node}:{os.getpid():08X}:{next(self.seq):08X}:{int(time.time()):08X}:{kind}:{vmid}:{PVE_TOKEN_ID}:"
+        self.tasks[upid] = {"status": "running"}
+        delay = float(load(self.lab_dir)["timing"].get("pve_task_seconds", 1))
+
+        def work():
+            time.sleep(delay)
+            try:
+                with self.lock:
+                    fn()
+                self.tasks[upid] = {"status": "stopped", "exitstatus": "OK"}
+            except Exception as e:  # the task log says what went wrong, as PVE's does
+                self.tasks[upid] = {"status": "stopped", "exitstatus": str(e)}
+
+        threading.Thread(target=work, daemon=True).start()
+        return upid
+
+    def snapshot(self, vmid, snap):
+        n = self.node_by_vmid(vmid)
+        d = self.snapdir(vmid, snap)
+        os.makedirs(d)
+        src = node_dir(self.lab_dir, n["name"])
+        for sub in ("etc", "varlib"):
+            subprocess.run(["cp", "-a", os.path.join(src, sub), os.path.join(d, sub)], check=True)
+        with open(os.path.join(d, "meta.json"), "w") as f:
+            json.dump({"name": snap, "snaptime": int(time.time())}, f)
+
+    def rollback(self, vmid, snap):
+        lab = load(self.lab_dir)
+        n = [m for m in lab["nodes"] if str(m["vmid"]) == str(vmid)][0]
+        kill_node(n)
+        src = node_dir(self.lab_dir, n["name"])
+        for sub in ("etc", "varlib"):
+            shutil.rmtree(os.path.join(src, sub))
+            subprocess.run(["cp", "-a", os.path.join(self.snapdir(vmid, snap), sub), os.path.join(src, sub)], check=True)
+            shutil.rmtree(os.path.join(src, sub + ".work"), ignore_errors=True)
+            os.makedirs(os.path.join(src, sub + ".work"))
+        n["state"] = "stopped"
+        save(self.lab_dir, lab)
+
+    def start(self, vmid):
+        lab = load(self.lab_dir)
+        n = [m for m in lab["nodes"] if str(m["vmid"]) == str(vmid)][0]
+        if n.get("state") != "running":
+            boot_node(self.lab_dir, lab, n)
+            save(self.lab_dir, lab)
+
+
+def pve_handler(pve, secret):
+    class H(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def reply(self, status, data, msg=None):
+            body = json.dumps({"data": data, **({"message": msg} if msg else {})}).encode()
+            self.send_response(status, msg)
+            self.send_header("Content-Type", "application/json;charset=UTF-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def params(self):
+            n = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(n).decode() if n else ""
+            q = dict(urllib.parse.parse_qsl(urllib.parse.urlparse(self.path).query))
+            if raw.strip().startswith("{"):
+                q.update(json.loads(raw))
+            else:
+                q.update(dict(urllib.parse.parse_qsl(raw)))
+            return q
+
+        def route(self, method):
+            auth = self.headers.get("Authorization") or ""
+            if auth != f"PVEAPIToken={PVE_TOKEN_ID}={secret}":
+                return self.reply(401, None, "authentication failure")
+            path = urllib.parse.urlparse(self.path).path.rstrip("/").split("/")
+            if path[:3] != ["", "api2", "json"]:
+                return self.reply(404, None, "not found")
+            p = path[3:]
+            q = self.params()
+            if p == ["version"]:
+                return self.reply(200, {"version": "8.4.1", "release": "8.4", "repoid": "lab"})
+            if len(p) >= 4 and p[0] == "nodes" and p[2] == "tasks" and p[-1] == "status":
+                t = pve.tasks.get(urllib.parse.unquote(p[3]))
+                if not t:
+                    return self.reply(404, None, "no such task")
+                return self.reply(200, {"upid": p[3], **t})
+            if len(p) >= 4 and p[0] == "nodes" and p[2] == "qemu":
+                node, vmid = p[1], p[3]
+                if not pve.node_by_vmid(vmid):
+                    return self.reply(500, None, f"Configuration file 'nodes/{node}/qemu-server/{vmid}.conf' does not exist")
+                rest = p[4:]
+                if rest == ["snapshot"] and method == "GET":
+                    d = pve.snapdir(vmid)
+                    snaps = sorted(os.listdir(d)) if os.path.isdir(d) else []
+                    return self.reply(200, [json.load(open(os.path.join(d, s, "meta.json"))) for s in snaps]
+                                      + [{"name": "current", "description": "You are here!"}])
+                if rest == ["snapshot"] and method == "POST":
+                    snap = q.get("snapname", "")
+                    if not snap:
+                        return self.reply(400, None, "Parameter verification failed. snapname: property is missing")
+                    if os.path.exists(pve.snapdir(vmid, snap)):
+                        return self.reply(500, None, f"snapshot name '{snap}' already used")
+                    return self.reply(200, pve.task(node, "qmsnapshot", vmid, lambda: pve.snapshot(vmid, snap)))
+                if len(rest) == 3 and rest[0] == "snapshot" and rest[2] == "rollback" and method == "POST":
+                    if not os.path.exists(pve.snapdir(vmid, rest[1])):
+                        return self.reply(500, None, f"snapshot '{rest[1]}' does not exist")
+                    return self.reply(200, pve.task(node, "qmrollback", vmid, lambda: pve.rollback(vmid, rest[1])))
+                if len(rest) == 2 and rest[0] == "snapshot" and method == "DELETE":
+                    d = pve.snapdir(vmid, rest[1])
+                    if not os.path.exists(d):
+                        return self.reply(500, None, f"snapshot '{rest[1]}' does not exist")
+                    return self.reply(200, pve.task(node, "qmdelsnapshot", vmid, lambda: shutil.rmtree(d)))
+                if rest == ["status", "start"] and method == "POST":
+                    return self.reply(200, pve.task(node, "qmstart", vmid, lambda: pve.start(vmid)))
+                if rest == ["status", "current"]:
+                    n = pve.node_by_vmid(vmid)
+                    return self.reply(200, {"vmid": int(vmid), "status": "running" if n.get("state") == "running" else "stopped"})
+            return self.reply(501, None, f"Method '{method} {self.path}' not implemented")
+
+        def do_GET(self):
+            self.route("GET")
+
+        def do_POST(self):
+            self.route("POST")
+
+        def do_DELETE(self):
+            self.route("DELETE")
+
+    return H
+
+
+class TLSServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+def serve_pve(lab_dir):
+    lab = load(lab_dir)
+    srv = TLSServer((lab["pve_ip"], 8006), pve_handler(Pve(lab_dir), lab["pve_secret"]))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(os.path.join(lab_dir, "tls", "cert.pem"), os.path.join(lab_dir, "tls", "key.pem"))
+    srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+    srv.serve_forever()
+
+
+# ---------------------------------------------------------------------------------- commands
+
+
+def daemon(lab_dir, what):
+    log = open(os.path.join(lab_dir, f"{what}.log"), "ab")
+    p = subprocess.Popen([sys.executable, os.path.realpath(__file__), f"serve-{what}", "--dir", lab_dir],
+                         stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    return p.pid
+
+
+def cmd_up(a):
+    lab_dir = os.path.abspath(a.dir)
+    if os.path.exists(os.path.join(lab_dir, "lab.json")):
+        raise SystemExit(f"lab: {lab_dir} already holds a lab; `scripts/lab down --dir {lab_dir}` first")
+    sub = a.subnet
+    octets = sub.split(".")
+    if len(octets) != 3 or octets[0] != "127" or not all(o.isdigit() and 0 <= int(o) <= 255 for o in octets):
+        raise SystemExit(f"lab: --subnet must be three octets in 127.0.0.0/8 (like 127.0.77), not {sub}")
+    for t in ("etcd", "etcdctl", "unshare", "nsenter", "openssl", "ssh-keygen"):
+        if not shutil.which(t):
+            raise SystemExit(f"lab: `{t}` is missing (scripts/test installs it: etcd-server, etcd-client, util-linux, openssl, openssh-client)")
+    if not os.path.exists("/usr/sbin/sshd"):
+        raise SystemExit("lab: /usr/sbin/sshd is missing (apt-get install openssh-server)")
+    if os.geteuid() != 0:
+        raise SystemExit("lab: needs root (namespaces and mounts)")
+    os.makedirs(lab_dir, exist_ok=True)
+    open(os.path.join(lab_dir, MARKER), "w").close()
+    nodes = [{"name": f"rke2-server-{i + 1}", "ip": f"{sub}.{11 + i}", "role": "servers", "vmid": 201 + i}
+             for i in range(a.servers)]
+    nodes += [{"name": f"rke2-agent-{i + 1}", "ip": f"{sub}.{21 + i}", "role": "agents", "vmid": 211 + i}
+              for i in range(a.agents)]
+    for n in nodes:
+        if port_open(n["ip"], a.port, 0.2):
+            raise SystemExit(f"lab: {n['ip']}:{a.port} is already taken (another lab? pick another --subnet)")
+    lab = {"dir": lab_dir, "subnet": sub, "lb_ip": f"{sub}.10", "pve_ip": f"{sub}.5", "ssh_port": a.port,
+           "nodes": nodes, "pve_secret": os.urandom(12).hex(),
+           "versions": a.versions.split(","),
+           "timing": {"ready_delay": a.ready_delay, "hb_grace": a.hb_grace, "evict_seconds": a.evict_seconds,
+                      "pve_task_seconds": a.pve_task_seconds}}
+    save(lab_dir, lab)
+    ssh = os.path.join(lab_dir, "ssh")
+    os.makedirs(ssh, exist_ok=True)
+    run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "rke2-lab", "-f", os.path.join(ssh, "id_ed25519"))
+    run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "rke2-lab-host", "-f", os.path.join(ssh, "host_ed25519"))
+    shutil.copy(os.path.join(ssh, "id_ed25519.pub"), os.path.join(ssh, "authorized_keys"))
+    hostpub = open(os.path.join(ssh, "host_ed25519.pub")).read().split()[:2]
+    with open(os.path.join(ssh, "known_hosts"), "w") as f:
+        for n in nodes:
+            host = n["ip"] if a.port == 22 else f"[{n['ip']}]:{a.port}"
+            f.write(f"{host} {hostpub[0]} {hostpub[1]}\n")
+    tls = os.path.join(lab_dir, "tls")
+    os.makedirs(tls, exist_ok=True)
+    sans = ",".join([f"IP:{sub}.{i}" for i in [5, 10] + [int(n["ip"].rsplit(".", 1)[1]) for n in nodes]]
+                    + ["IP:127.0.0.1", f"DNS:{API_NAME}", "DNS:localhost"])
+    # A lab CA and one leaf for every lab address (rustls refuses a self-signed CA as a server cert).
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run("openssl", "req", "-x509", *ec, "-keyout", os.path.join(tls, "ca-key.pem"), "-out", os.path.join(tls, "ca.pem"),
+        "-days", "7", "-subj", "/CN=rke2-lab CA", "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    run("openssl", "req", *ec, "-keyout", os.path.join(tls, "key.pem"), "-out", os.path.join(tls, "leaf.csr"),
+        "-subj", "/CN=rke2-lab")
+    with open(os.path.join(tls, "leaf.ext"), "w") as f:
+        f.write(f"basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+                f"extendedKeyUsage=serverAuth\nsubjectAltName={sans}\n")
+    run("openssl", "x509", "-req", "-in", os.path.join(tls, "leaf.csr"), "-CA", os.path.join(tls, "ca.pem"),
+        "-CAkey", os.path.join(tls, "ca-key.pem"), "-CAcreateserial", "-days", "7",
+        "-extfile", os.path.join(tls, "leaf.ext"), "-out", os.path.join(tls, "cert.pem"))
+    for n in nodes:
+        prepare_node(lab_dir, lab, n)
+    for n in nodes:
+        boot_node(lab_dir, lab, n, start_services=False)
+        save(lab_dir, lab)
+    lab["lb_pid"] = daemon(lab_dir, "lb")
+    lab["pve_pid"] = daemon(lab_dir, "pve")
+    save(lab_dir, lab)
+    for ip, port in ((lab["lb_ip"], 9345), (lab["pve_ip"], 8006)):
+        end = time.time() + 10
+        while not port_open(ip, port) and time.time() < end:
+            time.sleep(0.1)
+    bindir = os.path.join(lab_dir, "bin")
+    os.makedirs(bindir, exist_ok=True)
+    for t in ("kubectl", "helm"):
+        os.symlink(os.path.join(HERE, "kubectl.py"), os.path.join(bindir, t))
+    inv = os.path.join(lab_dir, "inventory.toml")
+    with open(inv, "w") as f:
+        f.write(f"# The RKE2 lab ({sub}.0/24 on loopback), written by `scripts/lab up`.\n"
+                f"[defaults]\nuser = \"root\"\nidentity_file = \"{ssh}/id_ed25519\"\nuse_agent = false\n"
+                f"known_hosts = \"{ssh}/known_hosts\"\nhost_key_check = \"strict\"\nconnect_timeout = \"5s\"\n")
+        for n in nodes:
+            f.write(f"\n[hosts.{n['name']}]\naddress = \"{n['ip']}\"\n" + (f"port = {a.port}\n" if a.port != 22 else "")
+                    + f"groups = [\"{n['role']}\"]\nvars = {{ vmid = {n['vmid']}, pve_node = \"pve1\" }}\n")
+    env = os.path.join(lab_dir, "env.sh")
+    with open(env, "w") as f:
+        f.write(f"""# Source this to run the RKE2 runbooks against the lab in {lab_dir} (written by `scripts/lab up`).
+export PATH="{bindir}:$PATH"
+export RUNBOOK_INVENTORY="{inv}"
+export RKE2_PROVISION=false
+export RKE2_WORKDIR="{lab_dir}/work"
+export KUBECONFIG="{lab_dir}/work/kubeconfig"
+export RKE2_API_HOST="{lab['lb_ip']}"
+export RKE2_API_IP="{lab['lb_ip']}"
+export RKE2_VERSION="{lab['versions'][0]}"
+export RKE2_METALLB_RANGE="{sub}.200-{sub}.220"
+export RKE2_TOKEN="lab-token-{os.urandom(8).hex()}"
+export S3_ACCESS_KEY="lab-s3-access"
+export S3_SECRET_KEY="lab-s3-secret-{os.urandom(6).hex()}"
+export LONGHORN_S3_ACCESS_KEY="lab-longhorn-access"
+export LONGHORN_S3_SECRET_KEY="lab-longhorn-secret-{os.urandom(6).hex()}"
+export PROXMOX_URL="https://{lab['pve_ip']}:8006/api2/json"
+export PROXMOX_TOKEN_ID="{PVE_TOKEN_ID}"
+export PROXMOX_TOKEN="{lab['pve_secret']}"
+export PROXMOX_CA_FILE="{tls}/ca.pem"
+""")
+    os.makedirs(os.path.join(lab_dir, "work"), exist_ok=True)
+    say(f"lab: {len(nodes)} nodes up in {lab_dir} (registration address {lab['lb_ip']}, Proxmox API {lab['pve_ip']}:8006)")
+    print(inv)
+    print(env)
+
+
+def cmd_down(a):
+    lab_dir = os.path.abspath(a.dir)
+    if not os.path.exists(os.path.join(lab_dir, MARKER)):
+        say(f"lab: no lab in {lab_dir}")
+        return
+    try:
+        lab = load(lab_dir)
+    except (OSError, ValueError):
+        lab = {"nodes": []}
+    for key in ("lb_pid", "pve_pid"):
+        pid = lab.get(key)
+        if pid and alive(pid):
+            os.killpg(pid, signal.SIGKILL)
+    for n in lab["nodes"]:
+        if n.get("state") == "frozen":
+            kill_node(n, signal.SIGCONT)
+        kill_node(n)
+    shutil.rmtree(lab_dir, ignore_errors=True)
+    say(f"lab: removed {lab_dir}")
+
+
+def cmd_status(a):
+    lab_dir = os.path.abspath(a.dir)
+    lab = load(lab_dir)
+    for n in lab["nodes"]:
+        d = node_dir(lab_dir, n["name"])
+        units = []
+        for u in ("rke2-server", "rke2-agent"):
+            pidf = os.path.join(d, "varlib", "lab-node", u + ".pid")
+            if os.path.exists(pidf):
+                pid = int(open(pidf).read())
+                units.append(f"{u}={'active' if alive(pid) else 'inactive'}")
+        inst = os.path.join(d, "varlib", "lab-node", "installed.json")
+        ver = json.load(open(inst))["version"] if os.path.exists(inst) else "-"
+        ssh = "sshd up" if port_open(n["ip"], lab["ssh_port"]) else "sshd down"
+        print(f"{n['name']:<16} {n['ip']:<15} {n['role']:<8} {n.get('state', '?'):<8} {ssh:<10} rke2 {ver:<16} {' '.join(units)}")
+    print(f"registration address {lab['lb_ip']}:9345/6443 ({'up' if port_open(lab['lb_ip'], 9345) else 'down'}), "
+          f"Proxmox API https://{lab['pve_ip']}:8006 ({'up' if port_open(lab['pve_ip'], 8006) else 'down'})")
+
+
+def cmd_fault(a):
+    lab_dir = os.path.abspath(a.dir)
+    lab = load(lab_dir)
+    ns = [n for n in lab["nodes"] if n["name"] == a.node]
+    if not ns:
+        raise SystemExit(f"lab: no node {a.node} (nodes: {', '.join(n['name'] for n in lab['nodes'])})")
+    n = ns[0]
+    d = node_dir(lab_dir, n["name"])
+    if a.fault == "stop":          # the VM is powered off
+        kill_node(n)
+        n["state"] = "stopped"
+    elif a.fault == "start":       # powered on: sshd and the enabled units come back
+        if n.get("state") == "lost":
+            raise SystemExit(f"lab: {n['name']} is lost for good")
+        if n.get("state") == "frozen":
+            kill_node(n, signal.SIGCONT)
+            n["state"] = "running"
+        elif n.get("state") != "running":
+            boot_node(lab_dir, lab, n)
+    elif a.fault == "freeze":      # hung VM: every process stopped, sockets stay open
+        kill_node(n, signal.SIGSTOP)
+        n["state"] = "frozen"
+    elif a.fault == "thaw":
+        kill_node(n, signal.SIGCONT)
+        n["state"] = "running"
+    elif a.fault == "lose":        # the VM and its disks are gone
+        kill_node(n)
+        for sub in ("etc", "varlib"):
+            shutil.rmtree(os.path.join(d, sub), ignore_errors=True)
+        n["state"] = "lost"
+    elif a.fault == "stop-service":
+        node_exec(n, ["systemctl", "stop", "rke2-server" if n["role"] == "servers" else "rke2-agent"])
+    elif a.fault in ("fill-disk", "free-disk"):
+        # Through the node's own view: writing an overlay's upper layer from outside while it is
+        # mounted is not seen reliably.
+        node_flag(n, "disk-full", a.fault == "fill-disk")
+    elif a.fault == "break-sshd":
+        try:
+            os.kill(int(open(os.path.join(d, "sshd.pid")).read()), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+    elif a.fault == "fix-sshd":
+        node_exec(n, ["/usr/sbin/sshd", "-f", os.path.join(d, "sshd_config"), "-E", os.path.join(d, "sshd.log")])
+    elif a.fault in ("fail-install", "fix-install"):  # the next installs fail like a broken mirror
+        node_flag(n, "fail-install", a.fault == "fail-install")
+    else:
+        raise SystemExit(f"lab: unknown fault {a.fault}")
+    save(lab_dir, lab)
+    say(f"lab: {a.fault} {n['name']}")
+
+
+def cmd_exec(a):
+    lab = load(os.path.abspath(a.dir))
+    n = [m for m in lab["nodes"] if m["name"] == a.node][0]
+    r = node_exec(n, a.command, check=False)
+    sys.stdout.write(r.stdout)
+    sys.stderr.write(r.stderr)
+    sys.exit(r.returncode)
+
+
+def main():
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--dir", default=os.environ.get("RKE2_LAB_DIR", "/tmp/rke2-lab"),
+                        help="lab state directory (env RKE2_LAB_DIR; default /tmp/rke2-lab)")
+    p = argparse.ArgumentParser(prog="scripts/lab", description="The RKE2 lab: Rocky-like nodes on loopback with a real etcd")
+    sp = p.add_subparsers(dest="cmd", required=True)
+
+    def sub(name, **kw):
+        return sp.add_parser(name, parents=[common], **kw)
+
+    up = sub("up", help="start the lab; prints the inventory and the env file last")
+    up.add_argument("--subnet", default="127.0.77", help="first three octets of the lab's loopback addresses")
+    up.add_argument("--servers", type=int, default=3)
+    up.add_argument("--agents", type=int, default=2)
+    up.add_argument("--port", type=int, default=22, help="sshd port on every node address")
+    up.add_argument("--versions", default="v1.33.4+rke2r1,v1.33.5+rke2r1,v1.34.1+rke2r1,v1.35.0+rke2r1",
+                    help="RKE2 versions the lab's install script offers (first = stable)")
+    up.add_argument("--ready-delay", type=float, default=4, help="seconds from service start to node Ready")
+    up.add_argument("--hb-grace", type=float, default=6, help="seconds without heartbeat before NotReady")
+    up.add_argument("--evict-seconds", type=float, default=1, help="seconds per pod eviction in drain")
+    up.add_argument("--pve-task-seconds", type=float, default=1, help="seconds a Proxmox task runs")
+    sub("down", help="stop and remove everything of the lab")
+    sub("status", help="nodes, services, versions")
+    f = sub("fault", help="break a node")
+    f.add_argument("node")
+    f.add_argument("fault", choices=["stop", "start", "freeze", "thaw", "lose", "stop-service", "fill-disk",
+                                     "free-disk", "break-sshd", "fix-sshd", "fail-install", "fix-install"])
+    e = sub("exec", help="run a command inside a node")
+    e.add_argument("node")
+    e.add_argument("command", nargs=argparse.REMAINDER)
+    sub("serve-lb")
+    sub("serve-pve")
+    a = p.parse_args()
+    if a.cmd == "serve-lb":
+        asyncio.run(lb_main(os.path.abspath(a.dir)))
+    elif a.cmd == "serve-pve":
+        serve_pve(os.path.abspath(a.dir))
+    else:
+        {"up": cmd_up, "down": cmd_down, "status": cmd_status, "fault": cmd_fault, "exec": cmd_exec}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    main()
