@@ -1348,7 +1348,7 @@ pub fn check_targets(
     missing_is_error: bool,
 ) -> Diagnostics {
     let mut diags = Diagnostics::default();
-    let adds_hosts = runbook.source.text().contains("add_host");
+    let adds_hosts = crate::analyzer::runbook_calls(runbook, "add_host");
     for step in &runbook.steps {
         let Some((selector, span)) = &step.on else {
             continue;

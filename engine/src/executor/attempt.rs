@@ -338,7 +338,7 @@ impl StepTask {
                     Ok(value) => (
                         Some(*kind),
                         Rendered {
-                            command: describe_request(*kind, &value),
+                            command: kind.describe(&value),
                             env: Vec::new(),
                             cwd: self.plan.workdir.clone(),
                             spec: value,

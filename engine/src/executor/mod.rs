@@ -50,7 +50,7 @@ mod step;
 use drill::measure_drill;
 use effects::apply_effects;
 use expressions::{condition, expr_failure, push_steps, record_result, run_hook, run_map};
-use render::{describe_request, redact_json};
+use render::redact_json;
 
 /// How one step ended, as the summary and `--json` report it.
 #[derive(Debug, Clone, serde::Serialize)]

@@ -4,34 +4,6 @@
 #[allow(clippy::wildcard_imports)]
 use super::*;
 
-/// One line for the journal and console: what a step kind's attempt does.
-pub(super) fn describe_request(kind: RequestKind, spec: &serde_json::Value) -> String {
-    let s = |k: &str| {
-        spec.get(k).map(|v| match v {
-            serde_json::Value::String(s) => s.clone(),
-            other => other.to_string(),
-        })
-    };
-    match kind {
-        RequestKind::Http => format!(
-            "{} {}",
-            s("method").unwrap_or_else(|| "GET".into()).to_uppercase(),
-            s("url").unwrap_or_default()
-        ),
-        RequestKind::Tcp => format!(
-            "tcp {}:{}",
-            s("host").unwrap_or_default(),
-            s("port").unwrap_or_default()
-        ),
-        RequestKind::Screenshot => format!("screenshot {}", s("url").unwrap_or_default()),
-        RequestKind::Upload => format!(
-            "upload {} → {}",
-            s("src").unwrap_or_else(|| "(content)".into()),
-            s("dest").unwrap_or_default()
-        ),
-    }
-}
-
 /// A runner's details with every known secret redacted, for the journal.
 pub(super) fn redact_json(
     state: &RunState,
