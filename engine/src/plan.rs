@@ -379,6 +379,7 @@ impl Plan {
                             batches,
                             pause,
                             gate,
+                            gate_before_first,
                         } => {
                             let sizes: Vec<String> =
                                 batches.iter().map(ToString::to_string).collect();
@@ -386,7 +387,9 @@ impl Plan {
                             if let Some(p) = pause {
                                 let _ = write!(s, ", pause {}", crate::duration::format_spec(*p));
                             }
-                            if gate.is_some() {
+                            if gate.is_some() && *gate_before_first {
+                                s.push_str(", gated before the first batch and between batches");
+                            } else if gate.is_some() {
                                 s.push_str(", gated");
                             }
                             s

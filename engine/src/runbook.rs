@@ -264,6 +264,8 @@ pub enum StrategyKind {
         batches: Vec<Budget>,
         pause: Option<Duration>,
         gate: Option<Gate>,
+        /// The gate also runs before the first batch: nothing starts on an unhealthy cluster.
+        gate_before_first: bool,
     },
 }
 

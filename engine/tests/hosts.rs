@@ -57,7 +57,14 @@ impl StepRunner for HostRunner {
                 .strip_prefix("sleep:")
                 .and_then(|ms| ms.trim().parse().ok())
                 .map_or(self.took, Duration::from_millis);
-            tokio::time::sleep(took).await;
+            let cancelled = tokio::select! {
+                () = tokio::time::sleep(took) => false,
+                () = ctx.cancel.cancelled() => true,
+            };
+            if cancelled {
+                self.running.lock().expect("lock").0 -= 1;
+                return AttemptOutcome::Cancelled;
+            }
             out.write(
                 runbook_engine::event::Stream::Stdout,
                 bytes::Bytes::from(format!("{}\n", ctx.command)),
@@ -128,6 +135,16 @@ fn inventory(n: usize) -> String {
 }
 
 async fn run(toml: &str, hosts: usize, codes: &[(&str, i32)], forks: usize) -> Outcome {
+    run_with(toml, hosts, codes, forks, CancellationToken::new()).await
+}
+
+async fn run_with(
+    toml: &str,
+    hosts: usize,
+    codes: &[(&str, i32)],
+    forks: usize,
+    cancel: CancellationToken,
+) -> Outcome {
     let host = ExprHost::new();
     let source = Source::new("test.toml", toml);
     let (runbook, graph, _) =
@@ -169,7 +186,7 @@ async fn run(toml: &str, hosts: usize, codes: &[(&str, i32)], forks: usize) -> O
         RunInfo::generate(),
         4,
         tx,
-        CancellationToken::new(),
+        cancel,
     )
     .run()
     .await;
@@ -573,4 +590,86 @@ async fn a_drill_whose_clock_never_stops_is_not_measured_and_says_why() {
     assert_eq!(d.verdict, Verdict::NotMeasured);
     let why = d.rto.and_then(|r| r.why).unwrap_or_default();
     assert!(why.contains("never stopped"), "{why}");
+}
+
+/// A gate with `gate_before_first` runs before the first batch too: an unhealthy cluster is
+/// not touched at all (the RKE2 upgrade drains no server before etcd is known healthy).
+#[tokio::test(start_paused = true)]
+async fn a_gate_before_the_first_batch_stops_the_step_before_any_host_runs() {
+    let o = run(
+        r#"
+[runbook]
+name = "gated"
+[[steps]]
+id = "upgrade"
+on = "servers"
+run = "upgrade {{ host.name }}"
+strategy = { rolling = 1, gate = "output.batch > 0", gate_before_first = true }
+"#,
+        3,
+        &[],
+        10,
+    )
+    .await;
+    assert!(o.targets("upgrade").is_empty(), "{:?}", o.seen);
+    let step = o.step("upgrade");
+    assert_eq!(step.status, StepStatus::Failed);
+    let reason = step.reason.clone().unwrap_or_default();
+    assert!(
+        reason.contains("the gate before the first batch was false"),
+        "{reason}"
+    );
+
+    // Without the flag the same gate first runs after batch 1, where it passes.
+    let o = run(
+        r#"
+[runbook]
+name = "gated"
+[[steps]]
+id = "upgrade"
+on = "servers"
+run = "upgrade {{ host.name }}"
+strategy = { rolling = 1, gate = "output.batch > 0" }
+"#,
+        3,
+        &[],
+        10,
+    )
+    .await;
+    assert_eq!(o.targets("upgrade").len(), 3);
+}
+
+/// Ctrl-C while a block's first sub-step runs (a drain): the running sub-step is stopped, and
+/// the block's `run_on_cancel` sub-step (the uncordon) still runs on that host.
+#[tokio::test(start_paused = true)]
+async fn a_blocks_run_on_cancel_sub_step_runs_when_the_run_is_cancelled() {
+    let cancel = CancellationToken::new();
+    let trigger = cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        trigger.cancel();
+    });
+    let o = run_with(
+        r#"
+[runbook]
+name = "drain"
+[[steps]]
+id = "cycle"
+on = "servers[0]"
+steps = [
+  { id = "drain", run = "sleep:60000" },
+  { id = "upgrade", run = "upgrade" },
+  { id = "uncordon", run = "uncordon", always = true, run_on_cancel = true },
+]
+"#,
+        1,
+        &[],
+        10,
+        cancel,
+    )
+    .await;
+    let ran = o.targets("cycle");
+    assert_eq!(ran, vec!["node-01/uncordon"], "{:?}", o.seen);
+    assert_eq!(o.step("cycle").status, StepStatus::Cancelled);
+    assert_eq!(o.report.status, runbook_engine::event::RunStatus::Cancelled);
 }

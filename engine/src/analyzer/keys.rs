@@ -16,7 +16,14 @@ pub(super) const DRILL_KEYS: &[&str] = &[
     "clock_stop",
     "restored_data_time",
 ];
-pub(super) const STRATEGY_KEYS: &[&str] = &["parallel", "rolling", "max_failures", "pause", "gate"];
+pub(super) const STRATEGY_KEYS: &[&str] = &[
+    "parallel",
+    "rolling",
+    "max_failures",
+    "pause",
+    "gate",
+    "gate_before_first",
+];
 pub(super) const EVIDENCE_KEYS: &[&str] = &["facts", "redact"];
 pub(super) const RUNBOOK_KEYS: &[&str] = &[
     "name",
@@ -94,6 +101,7 @@ const BLOCK_STEP_KEYS: &[&str] = &[
     "retry",
     "continue_on_failure",
     "always",
+    "run_on_cancel",
     script::SPEC.key,
     "when",
     "until",

@@ -329,7 +329,7 @@ impl Analyzer<'_> {
                         usize::try_from(n).ok()
                     }
                 });
-                for key in ["pause", "gate"] {
+                for key in ["pause", "gate", "gate_before_first"] {
                     if let Some(x) = get(t, key) {
                         self.error(
                             Code::BadValue,
@@ -373,6 +373,16 @@ impl Analyzer<'_> {
                         None
                     }
                 });
+                let gate_before_first = get(t, "gate_before_first")
+                    .and_then(|g| self.boolean(t, "gate_before_first", s).map(|b| (g, b)));
+                if let (Some((g, true)), None) = (gate_before_first, &gate) {
+                    self.error(
+                        Code::BadValue,
+                        s.span(g.span()),
+                        "`gate_before_first` without a `gate`",
+                        "add the `gate` to run before the first batch",
+                    );
+                }
                 out.kind = StrategyKind::Rolling {
                     batches: if batches.is_empty() {
                         vec![Budget::Count(1)]
@@ -381,6 +391,7 @@ impl Analyzer<'_> {
                     },
                     pause,
                     gate,
+                    gate_before_first: gate_before_first.is_some_and(|(_, b)| b),
                 };
             }
             (Some(_), Some(rv)) => {

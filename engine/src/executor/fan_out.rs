@@ -4,6 +4,15 @@
 #[allow(clippy::wildcard_imports)]
 use super::*;
 
+/// Where a gate stands: `before the first batch` (batch 0) or `after batch N`.
+fn gate_place(batch: usize) -> String {
+    if batch == 0 {
+        "before the first batch".to_owned()
+    } else {
+        format!("after batch {batch}")
+    }
+}
+
 /// Rolling batches: sizes as written, the last size repeating until every host has one.
 fn split_batches(hosts: &[Arc<Host>], sizes: &[Budget]) -> Vec<Vec<Arc<Host>>> {
     let total = hosts.len();
@@ -122,19 +131,31 @@ impl StepTask {
         }
         let total = hosts.len();
         let budget = step.strategy.max_failures.of(total);
-        let (batches, limit, pause, gate) = match &step.strategy.kind {
-            StrategyKind::Parallel { limit } => (vec![hosts.clone()], *limit, None, None),
+        let (batches, limit, pause, gate, gate_first) = match &step.strategy.kind {
+            StrategyKind::Parallel { limit } => (vec![hosts.clone()], *limit, None, None, false),
             StrategyKind::Rolling {
                 batches,
                 pause,
                 gate,
-            } => (split_batches(&hosts, batches), None, *pause, gate.as_ref()),
+                gate_before_first,
+            } => (
+                split_batches(&hosts, batches),
+                None,
+                *pause,
+                gate.as_ref(),
+                *gate_before_first,
+            ),
         };
         let step_limit = Arc::new(Semaphore::new(limit.unwrap_or(total).max(1)));
         let failed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut done: Vec<(Arc<Host>, TargetRun)> = Vec::with_capacity(total);
         let mut stop: Option<String> = None;
         for (b, batch) in batches.iter().enumerate() {
+            if let (Some(gate), true, 0, None) = (gate, gate_first, b, &stop) {
+                if let Err(why) = self.gate(step, gate, 0, &done).await {
+                    stop = Some(why);
+                }
+            }
             if stop.is_none() && b > 0 {
                 if let Some(p) = pause {
                     tokio::select! {
@@ -338,7 +359,8 @@ impl StepTask {
                 match condition(&self.plan, &self.state, "`gate`", e, value) {
                     Ok(true) => Ok(()),
                     Ok(false) => Err(format!(
-                        "the gate after batch {batch} was false: {}",
+                        "the gate {} was false: {}",
+                        gate_place(batch),
                         e.expr.text.trim()
                     )),
                     Err(m) => Err(m),
@@ -351,7 +373,8 @@ impl StepTask {
                     Ok(())
                 } else {
                     Err(format!(
-                        "the gate after batch {batch} failed: {}",
+                        "the gate {} failed: {}",
+                        gate_place(batch),
                         r.reason.as_deref().unwrap_or("failed")
                     ))
                 }
@@ -362,7 +385,7 @@ impl StepTask {
             RunEvent::Note {
                 at: Utc::now(),
                 message: match &outcome {
-                    Ok(()) => format!("{}: gate after batch {batch} passed", step.id),
+                    Ok(()) => format!("{}: gate {} passed", step.id, gate_place(batch)),
                     Err(why) => format!("{}: {why}", step.id),
                 },
             },
