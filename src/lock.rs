@@ -79,7 +79,7 @@ impl RunLock {
             Err((mut file, _)) => {
                 let mut text = String::new();
                 let _ = file.read_to_string(&mut text);
-                let holder = read_holder(dir).or_else(|| serde_json::from_str(&text).ok());
+                let holder = live_details(dir).or_else(|| serde_json::from_str(&text).ok());
                 return Err(match holder {
                     Some(h) => LockError::Held(Box::new(h)),
                     // Taken a moment ago, details not written yet.
@@ -127,7 +127,7 @@ impl RunLock {
             Err((mut file, _)) => {
                 let mut text = String::new();
                 let _ = file.read_to_string(&mut text);
-                read_holder(dir).or_else(|| serde_json::from_str(&text).ok())
+                live_details(dir).or_else(|| serde_json::from_str(&text).ok())
             }
         }
     }
@@ -148,6 +148,33 @@ impl RunLock {
 
 fn holder_path(dir: &Path) -> PathBuf {
     dir.join(".lock.json")
+}
+
+/// The details of the process holding the lock now. It publishes them right after taking the
+/// lock, so for a moment the file may be missing or still name the previous (dead) holder:
+/// wait up to half a second for details whose process is alive on this host.
+fn live_details(dir: &Path) -> Option<Holder> {
+    let host = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut last = None;
+    for _ in 0..50 {
+        last = read_holder(dir);
+        match &last {
+            Some(h) if h.host != host => break,
+            Some(h) => {
+                let alive = i32::try_from(h.pid).is_ok_and(|pid| {
+                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+                });
+                if alive {
+                    break;
+                }
+            }
+            None => {}
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    last
 }
 
 fn read_holder(dir: &Path) -> Option<Holder> {

@@ -103,6 +103,13 @@ impl Lab {
     /// `runbook run <runbook>` as an operator types it after sourcing the env file, from a
     /// work directory of its own, with `extra` arguments and `vars` over the env file's.
     fn run(&self, runbook: &str, extra: &[&str], vars: &[(&str, &str)]) -> Run {
+        let (cwd, mut cmd) = self.command(runbook, extra, vars);
+        let out = cmd.output().expect("run runbook");
+        Run { cwd, out }
+    }
+
+    /// The command `run` runs, and its work directory.
+    fn command(&self, runbook: &str, extra: &[&str], vars: &[(&str, &str)]) -> (PathBuf, Command) {
         let cwd = self.dir.path().join(format!("run-{}", self.dir_count()));
         std::fs::create_dir_all(&cwd).expect("cwd");
         let bindir = Path::new(BIN).parent().expect("bin dir");
@@ -137,8 +144,7 @@ impl Lab {
         for (k, v) in vars {
             cmd.env(k, v);
         }
-        let out = cmd.output().expect("run runbook");
-        Run { cwd, out }
+        (cwd, cmd)
     }
 
     /// `runbook resume BUNDLE …` of an earlier run, in its directory, with the same environment.
@@ -407,6 +413,23 @@ fn disable_kube_proxy_with_canal_is_refused_before_anything_runs() {
     assert_eq!(run.status_of("wait-ssh"), "skipped");
 }
 
+/// Every journal under `dir`, concatenated (the bundles of one work directory).
+fn walk_journals(dir: &Path) -> String {
+    let mut out = String::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.push_str(&walk_journals(&p));
+        } else if p.file_name().is_some_and(|n| n == "journal.jsonl") {
+            out.push_str(&std::fs::read_to_string(&p).unwrap_or_default());
+        }
+    }
+    out
+}
+
 /// Proxmox snapshots the lab holds for a VM (one directory per snapshot).
 fn pve_snapshots(lab: &Lab, vmid: u32) -> Vec<String> {
     std::fs::read_dir(lab.labdir().join("pve").join(vmid.to_string()))
@@ -431,12 +454,53 @@ fn rolling_upgrade_stops_at_a_failing_server_then_a_rerun_finishes_it() {
     let out = lab_cmd(&lab.labdir(), &["fault", "rke2-server-2", "fail-install"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let target = format!("target_version={to}");
+
+    // Ctrl-C while the first server is being drained: the block's `run_on_cancel` uncordon
+    // still runs, so no node is left cordoned (SchedulingDisabled).
+    let (cwd, mut cmd) = lab.command("rke2-upgrade.toml", &["--set", &target], &[]);
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn upgrade");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(240);
+    let journal = || -> String {
+        let proof = cwd.join("proof");
+        walk_journals(&proof)
+    };
+    while !journal().contains("\"target\":\"rke2-server-1/drain\"") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the drain never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("SIGINT");
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(130), "Ctrl-C mid-drain");
+    for (name, status, _) in nodes(&lab) {
+        assert_eq!(
+            status, "Ready",
+            "{name} left cordoned after Ctrl-C mid-drain"
+        );
+    }
+    assert!(
+        journal().contains("\"target\":\"rke2-server-1/uncordon\""),
+        "the uncordon ran after the interrupt"
+    );
+
     let failed = lab.run("rke2-upgrade.toml", &["--set", &target], &[]);
     failed.assert_code(1);
     assert_eq!(failed.status_of("pve-snapshot-wait"), "succeeded");
-    assert_eq!(failed.status_of("healthy-before-servers"), "succeeded");
     assert_eq!(failed.status_of("upgrade-servers"), "failed");
-    assert_eq!(failed.status_of("healthy-before-agents"), "skipped");
+    assert!(
+        failed.manifest()["notes"]
+            .to_string()
+            .contains("upgrade-servers: gate before the first batch passed"),
+        "the health gate ran before the first server was drained"
+    );
+    assert_eq!(failed.status_of("upgrade-agents"), "skipped");
     assert_eq!(failed.status_of("what-now"), "succeeded");
     let notes = failed.manifest()["notes"].to_string();
     assert!(
@@ -463,9 +527,9 @@ fn rolling_upgrade_stops_at_a_failing_server_then_a_rerun_finishes_it() {
         "the next server was not touched"
     );
     assert_eq!(by("rke2-agent-1").2, from);
-    // A failed run keeps its VM snapshots (the rollback path).
+    // A failed (and an interrupted) run keeps its VM snapshots (the rollback path).
     for vmid in [201, 202, 203, 211, 212] {
-        assert_eq!(pve_snapshots(&lab, vmid).len(), 1, "vm {vmid}");
+        assert_eq!(pve_snapshots(&lab, vmid).len(), 2, "vm {vmid}");
     }
 
     // Mirror fixed: the same command finishes the job (a second snapshot name, no clash).
@@ -478,9 +542,9 @@ fn rolling_upgrade_stops_at_a_failing_server_then_a_rerun_finishes_it() {
     for (name, status, v) in nodes(&lab) {
         assert_eq!((status.as_str(), v.as_str()), ("Ready", to), "{name}");
     }
-    // This run's snapshots are deleted after verify; the failed run's stay.
+    // This run's snapshots are deleted after verify; the failed and interrupted runs' stay.
     for vmid in [201, 202, 203, 211, 212] {
-        assert_eq!(pve_snapshots(&lab, vmid).len(), 1, "vm {vmid}");
+        assert_eq!(pve_snapshots(&lab, vmid).len(), 2, "vm {vmid}");
     }
     // Versionlock is back on after the upgrade.
     let lock = lab.exec("rke2-server-3", &["dnf", "versionlock", "list"]);

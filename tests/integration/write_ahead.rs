@@ -467,3 +467,65 @@ fn a_stop_signal_in_the_first_instants_gives_exit_130_and_releases_the_lock() {
         }
     }
 }
+
+/// Three `resume`s of one interrupted bundle at once: exactly one runs the rest of the run; the
+/// others are refused and name the one that holds the lock (never `run ? by ?@? (pid 0)`, what
+/// a reader saw when it read the lock file while it was being written).
+#[test]
+fn three_resumes_at_once_one_runs_and_the_others_name_it() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path();
+    std::fs::write(
+        dir.join("runbook.toml"),
+        "[runbook]\nname = \"trio\"\n\
+         [[steps]]\nid = \"first\"\nrun = \"echo first >> ledger\"\n\
+         [[steps]]\nid = \"slow\"\nneeds = [\"first\"]\nrun = \"echo slow >> ledger; sleep 2\"\n",
+    )
+    .expect("write");
+    let out = runbook(
+        dir,
+        &[
+            "run",
+            "runbook.toml",
+            "--evidence-dir",
+            "proof",
+            "--no-progress",
+        ],
+    )
+    .env("RUNBOOK_CRASH_AFTER_APPEND", "6")
+    .output()
+    .expect("run");
+    assert_eq!(out.status.code(), None, "aborted");
+    let bundle = find_bundle(dir);
+    let b = bundle.to_str().expect("utf-8").to_owned();
+    let children: Vec<Child> = (0..3)
+        .map(|_| {
+            runbook(dir, &["resume", &b, "--no-progress"])
+                .spawn()
+                .expect("resume")
+        })
+        .collect();
+    let mut ran = 0;
+    let mut refused = Vec::new();
+    for mut c in children {
+        let mut stderr = String::new();
+        if let Some(mut e) = c.stderr.take() {
+            let _ = e.read_to_string(&mut stderr);
+        }
+        match c.wait().expect("wait").code() {
+            Some(0) => ran += 1,
+            Some(2) => refused.push(stderr),
+            other => panic!("resume exited {other:?}: {stderr}"),
+        }
+    }
+    assert_eq!(ran, 1, "exactly one resume runs: {refused:?}");
+    assert_eq!(refused.len(), 2);
+    for r in &refused {
+        assert!(r.contains("is in progress: run "), "{r}");
+        assert!(
+            !r.contains("(pid 0)") && !r.contains("?@?"),
+            "the holder is named: {r}"
+        );
+    }
+    crate::common::assert_bundle_verifies(&bundle);
+}
