@@ -964,6 +964,12 @@ fn run(args: &RunArgs) -> i32 {
             return exit::USAGE;
         }
     };
+    for p in recorder.removed_partials() {
+        eprintln!(
+            "note: removed `{}`, a bundle a run had died creating (it held no run record)",
+            p.display()
+        );
+    }
     let me = Holder {
         pid: std::process::id(),
         host: op.host.clone(),

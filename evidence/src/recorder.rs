@@ -67,6 +67,8 @@ pub struct Recorder {
     /// (counted over the bundle's whole journal), as `kill -9` would at that instant. For the
     /// crash-point tests; documented in docs/operations.md.
     crash_after: Option<u64>,
+    /// Half-made bundles of dead runs that `create` removed.
+    removed_partials: Vec<PathBuf>,
     logs: HashMap<AttemptKey, LogWriter>,
     casts: HashMap<AttemptKey, crate::cast::CastWriter>,
     manifest: Manifest,
@@ -76,14 +78,20 @@ pub struct Recorder {
 impl Recorder {
     /// Creates the bundle directory, copies the runbook into it and opens the journal. Fails
     /// before anything runs when the evidence directory cannot be written.
+    ///
+    /// The bundle is made under a hidden `.<name>.partial` name and renamed into place once its
+    /// manifest is written, so a bundle directory never lacks `manifest.json`: a runner killed
+    /// (or a disk that fills) half way leaves only the hidden directory, which the next run of
+    /// the runbook removes (see [`Recorder::removed_partials`]).
     pub fn create(cfg: RecorderConfig) -> Result<Self, EvidenceError> {
         let shapes = cfg.runbook_shapes();
         let stamp = cfg.started_at.format("%Y%m%dT%H%M%SZ");
-        let dir = cfg
-            .evidence_dir
-            .join(&cfg.runbook.meta.name)
-            .join(format!("{stamp}-{}", cfg.run_id));
+        let parent = cfg.evidence_dir.join(&cfg.runbook.meta.name);
+        let name = format!("{stamp}-{}", cfg.run_id);
+        let final_dir = parent.join(&name);
+        let dir = parent.join(format!(".{name}.partial"));
         std::fs::create_dir_all(&dir).map_err(write_err(&dir))?;
+        let removed_partials = remove_stale_partials(&parent, &dir);
 
         let source = &cfg.runbook.source;
         let file_name = source.path().file_name().map_or_else(
@@ -202,9 +210,24 @@ impl Recorder {
             casts: HashMap::new(),
             manifest,
             step_index,
+            removed_partials,
         };
         recorder.write_manifest()?;
+        let mut recorder = recorder;
+        // The open journal follows the directory's inode through the rename.
+        std::fs::rename(&recorder.dir, &final_dir).map_err(write_err(&final_dir))?;
+        std::fs::File::open(&parent)
+            .and_then(|d| d.sync_all())
+            .map_err(write_err(&parent))?;
+        recorder.journal_path = final_dir.join("journal.jsonl");
+        recorder.dir = final_dir;
         Ok(recorder)
+    }
+
+    /// Half-made bundles of earlier runs that died while creating them (hidden `.partial`
+    /// directories more than a minute old), removed by [`Recorder::create`].
+    pub fn removed_partials(&self) -> &[PathBuf] {
+        &self.removed_partials
     }
 
     pub fn dir(&self) -> &Path {
@@ -724,6 +747,7 @@ impl Recorder {
             secrets: known,
             unsynced: false,
             crash_after: crash_point(),
+            removed_partials: Vec::new(),
             logs: HashMap::new(),
             casts: HashMap::new(),
             manifest,
@@ -738,6 +762,9 @@ impl Recorder {
                 message: format!("journal.jsonl ended in a torn line ({bytes} bytes, written when the runner died); it was cut off"),
             });
         }
+        if writable {
+            recorder.close_finished_logs()?;
+        }
         if recorder.manifest.status == RunStatus::Running {
             recorder.manifest.status = RunStatus::Interrupted;
             for s in &mut recorder.manifest.steps {
@@ -747,6 +774,53 @@ impl Recorder {
             }
         }
         Ok(recorder)
+    }
+
+    /// A runner killed between an attempt's `attempt_finished` and the closing record of its log
+    /// left the log open-ended: appends the record the journal holds, as the runner would have,
+    /// so the log and the journal agree again.
+    fn close_finished_logs(&self) -> Result<(), EvidenceError> {
+        for a in self.manifest.steps.iter().flat_map(|s| &s.attempts) {
+            let (Some(outcome), Some(at)) = (&a.outcome, a.finished_at) else {
+                continue;
+            };
+            if a.log.is_empty() {
+                continue;
+            }
+            let path = self.dir.join(&a.log);
+            let Ok(text) = std::fs::read(&path) else {
+                continue;
+            };
+            let closing = format!("--- attempt {}: ", a.attempt);
+            let last = text
+                .trim_ascii_end()
+                .rsplit(|&b| b == b'\n')
+                .next()
+                .unwrap_or_default();
+            if String::from_utf8_lossy(last).contains(&closing) {
+                continue;
+            }
+            let mut line = Vec::new();
+            if !text.is_empty() && !text.ends_with(b"\n") {
+                line.push(b'\n');
+            }
+            line.extend(
+                self.redactor.redact(
+                    format!(
+                        "{} {closing}{}\n",
+                        crate::log::stamp(at),
+                        outcome.describe()
+                    )
+                    .as_bytes(),
+                ),
+            );
+            OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .and_then(|mut f| f.write_all(&line))
+                .map_err(write_err(&path))?;
+        }
+        Ok(())
     }
 
     /// Applies the runbook's `[evidence] redact` patterns (for a reopened bundle).
@@ -1231,6 +1305,33 @@ impl Recorder {
             })
             .collect()
     }
+}
+
+/// Removes `.…partial` bundle directories in `parent` older than a minute (a run still creating
+/// its own takes milliseconds), except `mine`. Returns what it removed.
+fn remove_stale_partials(parent: &Path, mine: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return Vec::new();
+    };
+    let old = |p: &Path| {
+        std::fs::metadata(p)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > std::time::Duration::from_secs(60))
+    };
+    entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p != mine
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with('.') && n.ends_with(".partial"))
+                && old(p)
+        })
+        .filter(|p| std::fs::remove_dir_all(p).is_ok())
+        .collect()
 }
 
 fn crash_point() -> Option<u64> {

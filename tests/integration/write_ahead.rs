@@ -445,9 +445,12 @@ fn a_stop_signal_in_the_first_instants_gives_exit_130_and_releases_the_lock() {
             let status = child.wait().expect("wait");
             // A signal that arrives before the program's first instruction (while the kernel
             // and the loader start it) ends it like any program, before anything exists.
+            let no_bundle = std::fs::read_dir(dir.join("proof/early"))
+                .map(|d| d.flatten().all(|e| !e.path().is_dir()))
+                .unwrap_or(true);
             let before_main = std::os::unix::process::ExitStatusExt::signal(&status)
                 == Some(sig as i32)
-                && !dir.join("proof").exists();
+                && no_bundle;
             assert!(
                 status.code() == Some(130) || before_main,
                 "{sig} after {ms} ms: {status:?}\n{stderr}"
@@ -528,4 +531,68 @@ fn three_resumes_at_once_one_runs_and_the_others_name_it() {
         );
     }
     crate::common::assert_bundle_verifies(&bundle);
+}
+
+/// A bundle is created under a hidden `.partial` name and renamed into place with its manifest,
+/// so no bundle directory ever lacks `manifest.json`; what a run that died while creating one
+/// left behind is removed, with a note, by the next run.
+#[test]
+fn a_half_made_bundle_is_never_listed_and_the_next_run_removes_it() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path();
+    std::fs::write(
+        dir.join("runbook.toml"),
+        "[runbook]\nname = \"half\"\n[[steps]]\nid = \"a\"\nrun = \"true\"\n",
+    )
+    .expect("write");
+    let partial = dir.join("proof/half/.20260101T000000Z-deadbeef.partial");
+    std::fs::create_dir_all(&partial).expect("mkdir");
+    std::fs::write(partial.join("journal.jsonl"), "").expect("journal");
+    std::fs::write(partial.join("manifest.tmp"), "{").expect("manifest.tmp");
+    let ok = Command::new("touch")
+        .args(["-d", "2 hours ago"])
+        .arg(&partial)
+        .status()
+        .expect("touch");
+    assert!(ok.success());
+    let out = runbook(
+        dir,
+        &[
+            "run",
+            "runbook.toml",
+            "--evidence-dir",
+            "proof",
+            "--no-progress",
+        ],
+    )
+    .output()
+    .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("a bundle a run had died creating"),
+        "{stderr}"
+    );
+    assert!(!partial.exists());
+    for e in std::fs::read_dir(dir.join("proof/half"))
+        .expect("dir")
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if e.path().is_dir() {
+            assert!(!name.ends_with(".partial"), "{name}");
+            assert!(
+                e.path().join("manifest.json").exists(),
+                "{name} has its manifest"
+            );
+        }
+    }
+    let list = runbook(dir, &["evidence", "list", "proof"])
+        .output()
+        .expect("list");
+    assert!(
+        list.status.success(),
+        "{}",
+        String::from_utf8_lossy(&list.stderr)
+    );
 }
