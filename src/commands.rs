@@ -859,7 +859,21 @@ fn launch(
 
 /// Takes the run lock; also returns the details of the stale holder it took over, if any.
 fn take_lock(dir: &Path, me: &Holder, break_lock: bool) -> Result<(RunLock, Option<Holder>), i32> {
-    match RunLock::acquire(dir, me, break_lock) {
+    let result = match RunLock::acquire(dir, me, break_lock) {
+        // The holder died on this machine and left nothing to resume: no `--break-lock` needed.
+        Err(crate::lock::LockError::Stale(h))
+            if h.provably_dead() && nothing_to_resume(Path::new(&h.bundle)) =>
+        {
+            eprintln!(
+                "note: the previous run's process is gone (pid {} on this host) and its bundle \
+                 has nothing left to resume: taking over its lock",
+                h.pid
+            );
+            RunLock::acquire(dir, me, true)
+        }
+        other => other,
+    };
+    match result {
         Ok((lock, stale)) => {
             if let Some(h) = &stale {
                 eprintln!("note: took over the lock of a run that did not finish: {h}");
@@ -871,6 +885,27 @@ fn take_lock(dir: &Path, me: &Holder, break_lock: bool) -> Result<(RunLock, Opti
             Err(exit::USAGE)
         }
     }
+}
+
+/// Whether a dead run's bundle leaves nothing for `resume` to do: it is gone, its journal
+/// records no attempt, or its last start or resume ended with `run_finished` (perhaps unsealed:
+/// `runbook resume` seals it).
+fn nothing_to_resume(bundle: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(bundle.join("journal.jsonl")) else {
+        return true;
+    };
+    let (mut attempted, mut finished) = (false, false);
+    for line in text.lines() {
+        if line.contains("\"event\":\"run_started\"") || line.contains("\"event\":\"run_resumed\"")
+        {
+            finished = false;
+        } else if line.contains("\"event\":\"attempt_started\"") {
+            attempted = true;
+        } else if line.contains("\"event\":\"run_finished\"") {
+            finished = true;
+        }
+    }
+    finished || !attempted
 }
 
 fn run(args: &RunArgs) -> i32 {
@@ -970,14 +1005,13 @@ fn run(args: &RunArgs) -> i32 {
             p.display()
         );
     }
-    let me = Holder {
-        pid: std::process::id(),
-        host: op.host.clone(),
-        user: op.user.clone(),
-        started_at: run_info.started_at.to_rfc3339(),
-        run_id: run_info.id.clone(),
-        bundle: canonical(recorder.dir()),
-    };
+    let me = Holder::me(
+        &op.host,
+        &op.user,
+        run_info.started_at.to_rfc3339(),
+        &run_info.id,
+        canonical(recorder.dir()),
+    );
     let lock = match take_lock(
         &evidence_dir.join(&plan.runbook.meta.name),
         &me,
@@ -1220,14 +1254,13 @@ fn resume(args: &ResumeArgs) -> i32 {
 
     // Everything checked: take the lock (a stale one left by this bundle's run is taken over),
     // then make the first change.
-    let me = Holder {
-        pid: std::process::id(),
-        host: op.host.clone(),
-        user: op.user.clone(),
-        started_at: chrono::Utc::now().to_rfc3339(),
-        run_id: manifest.run_id.clone(),
-        bundle: canonical(bundle),
-    };
+    let me = Holder::me(
+        &op.host,
+        &op.user,
+        chrono::Utc::now().to_rfc3339(),
+        &manifest.run_id,
+        canonical(bundle),
+    );
     let (lock, stale) = match take_lock(&evidence_dir, &me, args.exec.break_lock) {
         Ok(l) => l,
         Err(code) => return code,
@@ -1511,14 +1544,13 @@ fn seal_interrupted(
     exec: &crate::cli::ExecArgs,
 ) -> i32 {
     let op = operator();
-    let me = Holder {
-        pid: std::process::id(),
-        host: op.host.clone(),
-        user: op.user.clone(),
-        started_at: chrono::Utc::now().to_rfc3339(),
-        run_id: recorder.manifest().run_id.clone(),
-        bundle: bundle.display().to_string(),
-    };
+    let me = Holder::me(
+        &op.host,
+        &op.user,
+        chrono::Utc::now().to_rfc3339(),
+        &recorder.manifest().run_id,
+        bundle.display().to_string(),
+    );
     let (lock, _) = match take_lock(evidence_dir, &me, exec.break_lock) {
         Ok(l) => l,
         Err(code) => return code,

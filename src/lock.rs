@@ -22,6 +22,66 @@ pub struct Holder {
     pub started_at: String,
     pub run_id: String,
     pub bundle: String,
+    /// `/proc/sys/kernel/random/boot_id` when the lock was taken: a different one now means the
+    /// machine rebooted since, and the holder is gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
+    /// The holder's start time (clock ticks since boot, `/proc/<pid>/stat` field 22): tells the
+    /// holder from a later process that reuses its pid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_ticks: Option<u64>,
+}
+
+impl Holder {
+    /// This process, as a lock holder.
+    pub fn me(host: &str, user: &str, started_at: String, run_id: &str, bundle: String) -> Self {
+        let pid = std::process::id();
+        Self {
+            pid,
+            host: host.to_owned(),
+            user: user.to_owned(),
+            started_at,
+            run_id: run_id.to_owned(),
+            bundle,
+            boot_id: boot_id(),
+            start_ticks: start_ticks(pid),
+        }
+    }
+
+    /// Whether the holder is provably gone: it ran on this host, and its pid is free, belongs to
+    /// a process started at another time, or the machine has rebooted since. A holder on
+    /// another host is never provably gone from here.
+    pub fn provably_dead(&self) -> bool {
+        let here = nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if self.host != here {
+            return false;
+        }
+        if let (Some(then), Some(now)) = (&self.boot_id, boot_id()) {
+            if *then != now {
+                return true;
+            }
+        }
+        match start_ticks(self.pid) {
+            None => true,
+            Some(t) => self.start_ticks.is_some_and(|s| s != t),
+        }
+    }
+}
+
+fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_owned())
+}
+
+/// A process's start time in clock ticks since boot (`/proc/<pid>/stat`, field 22).
+fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count after the last `)`.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 impl std::fmt::Display for Holder {
@@ -90,6 +150,8 @@ impl RunLock {
                         started_at: "?".into(),
                         run_id: "?".into(),
                         bundle: "?".into(),
+                        boot_id: None,
+                        start_ticks: None,
                     })),
                 });
             }

@@ -596,3 +596,61 @@ fn a_half_made_bundle_is_never_listed_and_the_next_run_removes_it() {
         String::from_utf8_lossy(&list.stderr)
     );
 }
+
+/// A runner that died after its run had ended (while sealing) left a lock naming a process
+/// that is provably gone, and nothing to resume: the next `run` takes the lock over by itself
+/// (no `--break-lock`), saying so; `resume` of the old bundle seals it. A run that died mid-step
+/// is still refused (durability.rs: `a_second_run_is_refused_while_one_is_running`).
+#[test]
+fn the_next_run_takes_over_the_lock_of_a_dead_run_with_nothing_to_resume() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path();
+    std::fs::write(
+        dir.join("runbook.toml"),
+        "[runbook]\nname = \"sealing\"\n[[steps]]\nid = \"a\"\nrun = \"echo a >> ledger\"\n",
+    )
+    .expect("write");
+    let run = || {
+        runbook(
+            dir,
+            &[
+                "run",
+                "runbook.toml",
+                "--evidence-dir",
+                "proof",
+                "--no-progress",
+            ],
+        )
+    };
+    let out = run()
+        .env("RUNBOOK_CRASH_AFTER_APPEND", "7")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), None, "aborted right after run_finished");
+    let first = find_bundle(dir);
+    assert!(read_journal(&first)
+        .iter()
+        .any(|e| e["event"] == "run_finished"));
+    assert!(
+        dir.join("proof/sealing/.lock.json").exists(),
+        "the dead run's lock details stay"
+    );
+
+    let out = run().output().expect("second run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("taking over its lock"), "{stderr}");
+    assert!(!dir.join("proof/sealing/.lock.json").exists());
+
+    let out = runbook(
+        dir,
+        &["resume", first.to_str().expect("utf-8"), "--no-progress"],
+    )
+    .output()
+    .expect("resume");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("interrupted while sealing"), "{stderr}");
+    crate::common::assert_bundle_verifies(&first);
+    assert_eq!(ledger(dir), ["a", "a"], "each run ran its step once");
+}
