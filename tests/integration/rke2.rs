@@ -225,14 +225,14 @@ fn dry_run_runs_the_plan_commands_and_leaks_no_secret() {
     // The resolved DAG first, then the side-effect-free commands, run.
     assert!(stdout.contains("level 0:"), "{stdout}");
     assert!(
-        stderr.contains("terraform-stub: -chdir=infra/terraform/envs/lab plan -input=false -lock=false -var template_vmid=9000"),
+        stderr.contains("terraform-stub: -chdir=runbooks/infra/terraform/envs/lab plan -input=false -lock=false -var template_vmid=9000"),
         "{stderr}"
     );
     assert!(
         stderr.contains("ansible-playbook-stub: -i rke2-work/hosts.ini site.yml --check --diff"),
         "{stderr}"
     );
-    assert!(!stderr.contains("terraform-stub: -chdir=infra/terraform/envs/lab apply"));
+    assert!(!stderr.contains("terraform-stub: -chdir=runbooks/infra/terraform/envs/lab apply"));
     // The exported inventory Ansible was given is the lab inventory.
     let hosts = std::fs::read_to_string(tmp.path().join("rke2-work/hosts.ini")).expect("hosts.ini");
     assert!(
