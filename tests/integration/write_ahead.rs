@@ -36,6 +36,29 @@ fn runbook(dir: &Path, args: &[&str]) -> Command {
     cmd
 }
 
+/// `runbook run runbook.toml --evidence-dir proof --no-progress` in `dir`.
+fn run_cmd(dir: &Path) -> Command {
+    runbook(
+        dir,
+        &[
+            "run",
+            "runbook.toml",
+            "--evidence-dir",
+            "proof",
+            "--no-progress",
+        ],
+    )
+}
+
+/// Waits for a spawned runbook, returning its exit status and what it printed on stderr.
+fn finish(mut child: Child) -> (std::process::ExitStatus, String) {
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut stderr);
+    }
+    (child.wait().expect("wait"), stderr)
+}
+
 fn ledger(dir: &Path) -> Vec<String> {
     std::fs::read_to_string(dir.join("ledger"))
         .unwrap_or_default()
@@ -225,23 +248,8 @@ fn a_full_evidence_disk_starts_nothing_it_cannot_record_and_resume_finishes_late
         [[steps]]\nid = \"next\"\nneeds = [\"loud\"]\nrun = \"echo next >> ledger\"\n\
         [[steps]]\nid = \"cleanup\"\nneeds = [\"next\"]\nalways = true\nrun_on_cancel = true\nrun = \"echo cleanup >> ledger\"\n";
     std::fs::write(dir.join("runbook.toml"), toml).expect("write");
-    let mut child = runbook(
-        dir,
-        &[
-            "run",
-            "runbook.toml",
-            "--evidence-dir",
-            "proof",
-            "--no-progress",
-        ],
-    )
-    .spawn()
-    .expect("spawn");
-    let mut stderr = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        let _ = e.read_to_string(&mut stderr);
-    }
-    let status = child.wait().expect("wait");
+    let child = run_cmd(dir).spawn().expect("spawn");
+    let (status, stderr) = finish(child);
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains("cannot write evidence to")
@@ -331,19 +339,10 @@ fn every_crash_point_of_the_reference_runbook_resumes_to_a_verifying_bundle() {
         let tmp = tempfile::tempdir().expect("temp dir");
         let dir = tmp.path();
         std::fs::write(dir.join("runbook.toml"), REFERENCE).expect("write");
-        let out = runbook(
-            dir,
-            &[
-                "run",
-                "runbook.toml",
-                "--evidence-dir",
-                "proof",
-                "--no-progress",
-            ],
-        )
-        .env("RUNBOOK_CRASH_AFTER_APPEND", n.to_string())
-        .output()
-        .expect("run");
+        let out = run_cmd(dir)
+            .env("RUNBOOK_CRASH_AFTER_APPEND", n.to_string())
+            .output()
+            .expect("run");
         if out.status.success() {
             assert!(n > 20, "the reference runbook writes more than {n} records");
             break;
@@ -423,26 +422,11 @@ fn a_stop_signal_in_the_first_instants_gives_exit_130_and_releases_the_lock() {
     .expect("write");
     for ms in (0..=60).step_by(5) {
         for sig in [Signal::SIGINT, Signal::SIGTERM] {
-            let mut child = runbook(
-                dir,
-                &[
-                    "run",
-                    "runbook.toml",
-                    "--evidence-dir",
-                    "proof",
-                    "--no-progress",
-                ],
-            )
-            .spawn()
-            .expect("spawn");
+            let child = run_cmd(dir).spawn().expect("spawn");
             std::thread::sleep(Duration::from_millis(ms));
             let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
             let _ = nix::sys::signal::kill(pid, sig);
-            let mut stderr = String::new();
-            if let Some(mut e) = child.stderr.take() {
-                let _ = e.read_to_string(&mut stderr);
-            }
-            let status = child.wait().expect("wait");
+            let (status, stderr) = finish(child);
             // A signal that arrives before the program's first instruction (while the kernel
             // and the loader start it) ends it like any program, before anything exists.
             let no_bundle = std::fs::read_dir(dir.join("proof/early"))
@@ -485,19 +469,10 @@ fn three_resumes_at_once_one_runs_and_the_others_name_it() {
          [[steps]]\nid = \"slow\"\nneeds = [\"first\"]\nrun = \"echo slow >> ledger; sleep 2\"\n",
     )
     .expect("write");
-    let out = runbook(
-        dir,
-        &[
-            "run",
-            "runbook.toml",
-            "--evidence-dir",
-            "proof",
-            "--no-progress",
-        ],
-    )
-    .env("RUNBOOK_CRASH_AFTER_APPEND", "6")
-    .output()
-    .expect("run");
+    let out = run_cmd(dir)
+        .env("RUNBOOK_CRASH_AFTER_APPEND", "6")
+        .output()
+        .expect("run");
     assert_eq!(out.status.code(), None, "aborted");
     let bundle = find_bundle(dir);
     let b = bundle.to_str().expect("utf-8").to_owned();
@@ -510,12 +485,9 @@ fn three_resumes_at_once_one_runs_and_the_others_name_it() {
         .collect();
     let mut ran = 0;
     let mut refused = Vec::new();
-    for mut c in children {
-        let mut stderr = String::new();
-        if let Some(mut e) = c.stderr.take() {
-            let _ = e.read_to_string(&mut stderr);
-        }
-        match c.wait().expect("wait").code() {
+    for c in children {
+        let (status, stderr) = finish(c);
+        match status.code() {
             Some(0) => ran += 1,
             Some(2) => refused.push(stderr),
             other => panic!("resume exited {other:?}: {stderr}"),
@@ -555,18 +527,7 @@ fn a_half_made_bundle_is_never_listed_and_the_next_run_removes_it() {
         .status()
         .expect("touch");
     assert!(ok.success());
-    let out = runbook(
-        dir,
-        &[
-            "run",
-            "runbook.toml",
-            "--evidence-dir",
-            "proof",
-            "--no-progress",
-        ],
-    )
-    .output()
-    .expect("run");
+    let out = run_cmd(dir).output().expect("run");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(
@@ -610,18 +571,7 @@ fn the_next_run_takes_over_the_lock_of_a_dead_run_with_nothing_to_resume() {
         "[runbook]\nname = \"sealing\"\n[[steps]]\nid = \"a\"\nrun = \"echo a >> ledger\"\n",
     )
     .expect("write");
-    let run = || {
-        runbook(
-            dir,
-            &[
-                "run",
-                "runbook.toml",
-                "--evidence-dir",
-                "proof",
-                "--no-progress",
-            ],
-        )
-    };
+    let run = || run_cmd(dir);
     let out = run()
         .env("RUNBOOK_CRASH_AFTER_APPEND", "7")
         .output()
