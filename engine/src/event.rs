@@ -80,6 +80,9 @@ pub enum FailureKind {
     Config,
     /// Client and server share no algorithm (key exchange, host key, cipher, MAC).
     Negotiation,
+    /// sudo refused the command (wrong or missing password, a rule that does not allow it,
+    /// `requiretty`): retrying cannot change that.
+    Sudo,
 }
 
 impl FailureKind {
@@ -99,6 +102,7 @@ impl FailureKind {
             }
             "config" => FailureKind::Config,
             "negotiation" => FailureKind::Negotiation,
+            "sudo_refused" | "sudo" => FailureKind::Sudo,
             "template" => FailureKind::Template,
             "spawn" => FailureKind::Spawn,
             _ => FailureKind::Io,
@@ -638,5 +642,26 @@ impl RunEvent {
             | RunEvent::DrillMeasured { at, .. }
             | RunEvent::RunFinished { at, .. } => *at,
         }
+    }
+}
+
+#[cfg(test)]
+mod failure_kind_tests {
+    use super::{AttemptOutcome, FailureKind};
+
+    /// A refused sudo has its own kind, and `retry` does not run it again for nothing.
+    #[test]
+    fn a_refused_sudo_is_its_own_kind_and_not_retried() {
+        let kind = FailureKind::from_name("sudo_refused");
+        assert_eq!(kind, FailureKind::Sudo);
+        let outcome = AttemptOutcome::Failed {
+            failure: kind,
+            message: "sudo refused: a password is required".into(),
+        };
+        assert!(!outcome.retryable());
+        assert_eq!(
+            serde_json::to_value(kind).expect("json"),
+            serde_json::json!("sudo")
+        );
     }
 }

@@ -107,8 +107,6 @@ fn ssh_host(host: &Host, jumps: &[Arc<Host>]) -> SshHost {
 fn ssh_failure(e: &SshError) -> AttemptOutcome {
     let failure = match e.kind() {
         "known_hosts" | "request" | "upload" => FailureKind::Config,
-        // sudo's own authentication or policy said no: retrying cannot change that.
-        "sudo_refused" => FailureKind::Auth,
         other => FailureKind::from_name(other),
     };
     match e {
