@@ -146,6 +146,10 @@ retry = { attempts = 3, delay = "100ms" }
         "auth failures are not retried"
     );
     assert_eq!(a[0]["outcome"]["failure"], "auth", "{a}");
+    assert_eq!(
+        a[0]["cwd"], "~",
+        "a remote attempt records the host's home directory, not a local path"
+    );
     // The server's key changes: refused before any credential is offered.
     s.restart_with_new_host_key();
     let before = s.log().matches("publickey").count();

@@ -420,7 +420,13 @@ impl StepTask {
         let shown = self.state.redact(&rendered.command);
         // Write-ahead: the action starts only once its start is in the journal, so a runner
         // killed at any instant leaves a journal that names everything it started.
-        let cwd = rendered.cwd.clone();
+        // A remote command runs in the login's home directory on the host, not in this
+        // machine's working directory: record that, not a local path.
+        let cwd = if remote && host.is_some() {
+            PathBuf::from("~")
+        } else {
+            rendered.cwd.clone()
+        };
         if !announce(&self.events, self.barrier, |receipt| {
             started_event(shown, cwd, receipt)
         })
