@@ -850,7 +850,11 @@ fn launch(
         sign_key: keys.sign_key,
         textfile_dir: exec.signing.textfile_dir.clone(),
         fail_on_leak: exec.signing.fail_on_leak,
-        timestamp_url: exec.signing.timestamp_url.clone(),
+        timestamp_url: exec
+            .signing
+            .timestamp_url
+            .clone()
+            .or_else(|| plan.runbook.meta.timestamp_url.clone()),
         passphrases: keys.passphrases,
         durability: exec.durability,
         plan,

@@ -164,6 +164,9 @@ pub struct Meta {
     /// Regular expressions for secrets recognised by shape (`[evidence] redact`); a group named
     /// `v` limits the redaction to that group.
     pub redact: Vec<String>,
+    /// `[evidence] timestamp_url`: the RFC 3161 authority that time-stamps the sealed bundle
+    /// (`--timestamp-url` overrides).
+    pub timestamp_url: Option<String>,
     /// The inventory file, relative to the runbook's directory (`--inventory` overrides), and
     /// where the runbook names it.
     pub inventory: Option<(PathBuf, Span)>,

@@ -834,3 +834,44 @@ fn the_run_section_names_who_where_which_binary_and_clock() {
         assert!(report.contains(needle), "report lacks {needle}");
     }
 }
+
+/// `[evidence] timestamp_url` is the runbook's setting for the authority: a run stamps its bundle
+/// there without `--timestamp-url` (here an address nothing listens on, so the run must say its
+/// bundle has no trusted time-stamp); a value that is not an http(s) URL is refused by `check`.
+#[test]
+fn the_runbook_names_its_time_stamping_authority() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path();
+    std::fs::write(
+        dir.join("runbook.toml"),
+        "[runbook]\nname = \"stamped\"\n[evidence]\ntimestamp_url = \"http://127.0.0.1:9/tsa\"\n\
+         [[steps]]\nid = \"a\"\nrun = \"true\"\n",
+    )
+    .expect("write");
+    let out = runbook(
+        dir,
+        &[
+            "run",
+            "runbook.toml",
+            "--evidence-dir",
+            "proof",
+            "--no-progress",
+        ],
+    );
+    let stderr = code(&out, 1);
+    assert!(stderr.contains("has NO trusted time-stamp"), "{stderr}");
+
+    std::fs::write(
+        dir.join("bad.toml"),
+        "[runbook]\nname = \"bad\"\n[evidence]\ntimestamp_url = \"ftp://tsa.example/\"\n\
+         [[steps]]\nid = \"a\"\nrun = \"true\"\n",
+    )
+    .expect("write");
+    let out = runbook(dir, &["check", "bad.toml"]);
+    let stderr = code(&out, 2);
+    assert!(
+        stderr.contains("`timestamp_url` scheme `ftp` is not supported")
+            && stderr.contains("bad.toml:4:"),
+        "{stderr}"
+    );
+}

@@ -24,7 +24,7 @@ pub(super) const STRATEGY_KEYS: &[&str] = &[
     "gate",
     "gate_before_first",
 ];
-pub(super) const EVIDENCE_KEYS: &[&str] = &["facts", "redact"];
+pub(super) const EVIDENCE_KEYS: &[&str] = &["facts", "redact", "timestamp_url"];
 pub(super) const RUNBOOK_KEYS: &[&str] = &[
     "name",
     "title",

@@ -142,9 +142,9 @@ impl Analyzer<'_> {
             Some(v) => self.hooks(v, &params, &shifted),
             None => Hooks::default(),
         };
-        let (facts, redact) = match get(root_table, "evidence") {
+        let (facts, redact, timestamp_url) = match get(root_table, "evidence") {
             Some(v) => self.evidence(v, &shifted),
-            None => (Vec::new(), Vec::new()),
+            None => (Vec::new(), Vec::new(), None),
         };
         let steps = match get(root_table, "steps") {
             Some(v) => self.steps(v, &defaults, &params, &shifted),
@@ -168,6 +168,7 @@ impl Analyzer<'_> {
         let mut meta = meta?;
         meta.facts = facts;
         meta.redact = redact;
+        meta.timestamp_url = timestamp_url;
         Some(Runbook {
             source: self.src.clone(),
             meta,

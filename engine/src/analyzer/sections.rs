@@ -83,6 +83,7 @@ impl Analyzer<'_> {
                 .collect(),
             facts: Vec::new(),
             redact: Vec::new(),
+            timestamp_url: None,
             inventory: get(t, "inventory")
                 .and_then(|v| self.string(v, "inventory", s))
                 .map(|(text, span)| (PathBuf::from(text), span)),
@@ -159,16 +160,36 @@ impl Analyzer<'_> {
         out
     }
 
-    /// `[evidence]`: the facts to gather and the extra patterns to redact.
+    /// `[evidence]`: the facts to gather, the extra patterns to redact, and the time-stamping
+    /// authority that stamps the sealed bundle.
     pub(super) fn evidence(
         &mut self,
         v: &Value<'_>,
         s: &ShiftedSpans,
-    ) -> (Vec<String>, Vec<String>) {
+    ) -> (Vec<String>, Vec<String>, Option<String>) {
         let mut redact = Vec::new();
         let Some(t) = self.table(v, "evidence", s) else {
-            return (Vec::new(), redact);
+            return (Vec::new(), redact, None);
         };
+        let timestamp_url = get(t, "timestamp_url")
+            .and_then(|u| self.string(u, "timestamp_url", s))
+            .and_then(|(text, span)| {
+                match crate::request_check::url(
+                    &serde_json::Value::String(text.clone()),
+                    &["http", "https"],
+                ) {
+                    Ok(()) => Some(text),
+                    Err(e) => {
+                        self.error(
+                            Code::BadValue,
+                            span,
+                            e.replace("`url`", "`timestamp_url`"),
+                            "an http(s) URL of an RFC 3161 time-stamping authority",
+                        );
+                        None
+                    }
+                }
+            });
         self.check_keys(t, EVIDENCE_KEYS, "`[evidence]`", s);
         for (re, span) in get(t, "redact")
             .and_then(|f| self.string_list(f, "redact", s))
@@ -193,7 +214,7 @@ impl Analyzer<'_> {
             .into_iter()
             .map(|(f, _)| f)
             .collect();
-        (facts, redact)
+        (facts, redact, timestamp_url)
     }
 
     pub(super) fn defaults(
