@@ -536,8 +536,8 @@ def cmd_up(a):
 export PATH="{bindir}:$PATH"
 export RUNBOOK_INVENTORY="{inv}"
 export RKE2_PROVISION=false
-export RKE2_WORKDIR="{lab_dir}/work"
-export KUBECONFIG="{lab_dir}/work/kubeconfig"
+export RKE2_WORKDIR="{lab_dir}/operator"
+export KUBECONFIG="{lab_dir}/operator/kubeconfig"
 export RKE2_API_HOST="{lab['lb_ip']}"
 export RKE2_API_IP="{lab['lb_ip']}"
 export RKE2_VERSION="{lab['versions'][0]}"
@@ -552,7 +552,7 @@ export PROXMOX_TOKEN_ID="{PVE_TOKEN_ID}"
 export PROXMOX_TOKEN="{lab['pve_secret']}"
 export PROXMOX_CA_FILE="{tls}/ca.pem"
 """)
-    os.makedirs(os.path.join(lab_dir, "work"), exist_ok=True)
+    os.makedirs(os.path.join(lab_dir, "operator"), exist_ok=True)
     say(f"lab: {len(nodes)} nodes up in {lab_dir} (registration address {lab['lb_ip']}, Proxmox API {lab['pve_ip']}:8006)")
     print(inv)
     print(env)
