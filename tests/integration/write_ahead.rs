@@ -422,7 +422,25 @@ fn a_stop_signal_in_the_first_instants_gives_exit_130_and_releases_the_lock() {
     .expect("write");
     for ms in (0..=60).step_by(5) {
         for sig in [Signal::SIGINT, Signal::SIGTERM] {
-            let child = run_cmd(dir).spawn().expect("spawn");
+            // As an operator's terminal starts it: INT and TERM at their defaults, even when
+            // this test itself runs in a background job (where a shell starts INT ignored).
+            let child = Command::new("env")
+                .args(["--default-signal=INT,TERM", BIN])
+                .args([
+                    "run",
+                    "runbook.toml",
+                    "--evidence-dir",
+                    "proof",
+                    "--no-progress",
+                ])
+                .current_dir(dir)
+                .env("NO_COLOR", "1")
+                .env_remove("RUNBOOK_EVIDENCE_DIR")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn");
             std::thread::sleep(Duration::from_millis(ms));
             let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
             let _ = nix::sys::signal::kill(pid, sig);
