@@ -423,7 +423,8 @@ fn a_stop_signal_in_the_first_instants_gives_exit_130_and_releases_the_lock() {
     for ms in (0..=60).step_by(5) {
         for sig in [Signal::SIGINT, Signal::SIGTERM] {
             // As an operator's terminal starts it: INT and TERM at their defaults, even when
-            // this test itself runs in a background job (where a shell starts INT ignored).
+            // this test itself runs in a background job (where a shell starts INT ignored, and a
+            // SIGINT before runbook's handler is installed would be ignored, not stop it).
             let child = Command::new("env")
                 .args(["--default-signal=INT,TERM", BIN])
                 .args([
@@ -441,6 +442,16 @@ fn a_stop_signal_in_the_first_instants_gives_exit_130_and_releases_the_lock() {
                 .stderr(Stdio::piped())
                 .spawn()
                 .expect("spawn");
+            // Time from runbook's own start: `env` resets the signals, then runs runbook (a
+            // signal while `env` itself starts would meet the inherited dispositions).
+            let exe = std::fs::canonicalize(BIN).expect("runbook binary");
+            let proc_exe = PathBuf::from(format!("/proc/{}/exe", child.id()));
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while std::fs::read_link(&proc_exe).ok().as_ref() != Some(&exe)
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_micros(100));
+            }
             std::thread::sleep(Duration::from_millis(ms));
             let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
             let _ = nix::sys::signal::kill(pid, sig);
