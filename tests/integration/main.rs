@@ -13,6 +13,7 @@ mod execution;
 mod expressions;
 mod hosts;
 mod lab;
+mod lab_harness;
 mod output_edges;
 mod probes;
 mod processes;
