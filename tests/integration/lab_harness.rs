@@ -27,7 +27,7 @@ pub(crate) fn text(b: &[u8]) -> String {
 /// A running lab; `scripts/lab down` on drop.
 pub(crate) struct Lab {
     /// Held (flock) while the lab exists; dropped after `scripts/lab down`.
-    _guard: std::fs::File,
+    _guard: nix::fcntl::Flock<std::fs::File>,
     pub(crate) dir: tempfile::TempDir,
     pub(crate) inventory: PathBuf,
     pub(crate) env: Vec<(String, String)>,
@@ -57,8 +57,10 @@ impl Lab {
             );
             return None;
         }
-        let guard = std::fs::File::create(lock_path()).expect("lab lock file");
-        guard.lock().expect("lab lock");
+        let file = std::fs::File::create(lock_path()).expect("lab lock file");
+        let guard = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| e)
+            .expect("lab lock");
         let dir = tempfile::tempdir().expect("tmp");
         let labdir = dir.path().join("lab");
         let out = lab_cmd(&labdir, &["up", "--subnet", subnet]);
