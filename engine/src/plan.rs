@@ -443,7 +443,11 @@ impl Plan {
                                 flags.push("local");
                             }
                             if sub.sudo {
-                                flags.push("sudo");
+                                flags.push(if sub.become_password.is_some() {
+                                    "sudo with password"
+                                } else {
+                                    "sudo"
+                                });
                             }
                             if sub.always {
                                 flags.push("always");

@@ -379,8 +379,12 @@ pub struct StepSpec {
     /// `on = "<selector>"`: the hosts it runs on (none: the machine running `runbook`).
     pub on: Option<(Selector, Span)>,
     pub strategy: Strategy,
-    /// On hosts: run the command through `sudo -n`.
+    /// On hosts: run the command through `sudo` (`-n`, or answering its prompt with
+    /// `become_password`).
     pub sudo: bool,
+    /// sudo's password for this step (`become_password`, itself or from `[defaults]`),
+    /// rendered per attempt and given to sudo on the channel, never on a command line.
+    pub become_password: Option<Template>,
     /// On hosts: ask for a terminal.
     pub pty: bool,
     /// In a block: run on the machine running `runbook` (with `host` still in scope).

@@ -49,11 +49,36 @@ pub struct AttemptContext {
     /// The bastions to go through to reach `host`, outermost first (`proxy_jump`).
     pub jumps: Vec<Arc<Host>>,
     pub sudo: bool,
+    /// The password sudo asks for (`become_password`); None: sudo runs with `-n`, or the
+    /// inventory's `become_password_env` supplies it.
+    pub become_password: Option<BecomePassword>,
     pub pty: bool,
     /// Secret values a runner must keep out of what it writes (headers it echoes, URLs).
     pub secrets: Vec<String>,
     /// The runbook's directory: relative files named in `spec` (`src`, `ca_file`) resolve here.
     pub base_dir: PathBuf,
+}
+
+/// sudo's password for one attempt. It is written only to sudo's prompt on the channel; its
+/// `Debug` form never shows it, so no log or error can carry it by accident.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BecomePassword(String);
+
+impl BecomePassword {
+    pub fn new(password: String) -> Self {
+        Self(password)
+    }
+
+    /// The password itself, for the one place that answers sudo's prompt.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for BecomePassword {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BecomePassword([REDACTED])")
+    }
 }
 
 /// The answer to a step's `approve` question.

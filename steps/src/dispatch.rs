@@ -9,8 +9,6 @@ use runbook_engine::event::{AttemptOutcome, FailureKind, Stream};
 use runbook_engine::runbook::RequestKind;
 use runbook_engine::runner::{AttemptContext, BoxFuture, OutputSink, StepRunner};
 
-use std::sync::Arc;
-
 use runbook_engine::inventory::Host;
 
 use crate::http::{HttpRequest, ProbeError};
@@ -99,9 +97,14 @@ async fn local_request(
     }
 }
 
-/// The inventory's host (and its bastions) as the SSH pool takes it.
-fn ssh_host(host: &Host, jumps: &[Arc<Host>]) -> SshHost {
-    SshHost::from_inventory(host, jumps)
+/// The inventory's host (and its bastions) as the SSH pool takes it, with the attempt's own
+/// sudo password (`become_password`) over the inventory's `become_password_env`.
+fn ssh_host(host: &Host, ctx: &AttemptContext) -> SshHost {
+    let mut target = SshHost::from_inventory(host, &ctx.jumps);
+    if let Some(p) = &ctx.become_password {
+        target.sudo.password = Some(p.clone());
+    }
+    target
 }
 
 fn ssh_failure(e: &SshError) -> AttemptOutcome {
@@ -122,7 +125,7 @@ impl Dispatcher {
         host: &Host,
         out: &mut OutputSink,
     ) -> AttemptOutcome {
-        let target = ssh_host(host, &ctx.jumps);
+        let target = ssh_host(host, ctx);
         let req = ExecRequest {
             command: ctx.command.clone(),
             sudo: ctx.sudo,
@@ -177,7 +180,7 @@ impl Dispatcher {
         };
         let result = self
             .ssh
-            .upload(&ssh_host(host, &ctx.jumps), &req, &ctx.cancel)
+            .upload(&ssh_host(host, ctx), &req, &ctx.cancel)
             .await;
         self.record_accepted_keys(out);
         match result {

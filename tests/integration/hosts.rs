@@ -703,3 +703,122 @@ fn an_encrypted_key_is_asked_for_at_a_terminal_and_named_without_one() {
     crate::common::assert_bundle_lacks(&bundle, &["correct horse"]);
     drop(t);
 }
+
+/// `become_password = "{{ params.sudo_pw }}"`: sudo's password comes from a secret param,
+/// reaches sudo only through its prompt, and is in no file of the bundle; a sudo step without
+/// it is refused once (never retried) with a hint naming the key.
+#[test]
+fn sudo_takes_its_password_from_a_secret_param_and_never_writes_it() {
+    let Some(user) = sshd::TempUser::create() else {
+        eprintln!("not root (or no useradd): cannot make a sudo user; skipped");
+        return;
+    };
+    let password = "pw-7c1e-become-runbook";
+    user.set_password(password);
+    let u = &user.name;
+    let Some(_rule) = sshd::SudoersRule::install(
+        u,
+        &format!("Defaults:{u} !lecture, timestamp_timeout=0\n{u} ALL=(ALL) ALL\n"),
+    ) else {
+        eprintln!("no sudo: skipped");
+        return;
+    };
+    let sshds = vec![Sshd::start_for_user(&user)];
+    let out = Test::new()
+        .file("inventory.toml", &inventory(&sshds))
+        .runbook(
+            r#"
+[runbook]
+name = "become"
+inventory = "inventory.toml"
+[params]
+sudo_pw = { secret = true, env = "RB_TEST_SUDO_PW" }
+[[steps]]
+id = "as-root"
+on = "servers"
+sudo = true
+become_password = "{{ params.sudo_pw }}"
+run = "id -un; echo \"uid=$(id -u)\""
+[[steps]]
+id = "in-a-block"
+needs = ["as-root"]
+on = "servers"
+steps = [
+  { id = "root-again", sudo = true, become_password = "{{ params.sudo_pw }}", run = "id -un" },
+]
+[[steps]]
+id = "no-password"
+needs = ["in-a-block"]
+on = "servers"
+sudo = true
+retry = { attempts = 3, delay = "10ms" }
+continue_on_failure = true
+run = "id -un"
+"#,
+        )
+        .env("RB_TEST_SUDO_PW", password)
+        .args(["run", "runbook.toml", "--no-progress"])
+        .run();
+    out.assert_code(0);
+    let bundle = out.bundle();
+    let log = std::fs::read_to_string(bundle.join("steps/as-root/node-00/attempt-1.log"))
+        .expect("as-root log");
+    assert!(log.contains("root") && log.contains("uid=0"), "{log}");
+    let block =
+        std::fs::read_to_string(bundle.join("steps/in-a-block/node-00/root-again/attempt-1.log"))
+            .expect("block log");
+    assert!(block.contains("root"), "{block}");
+    let m = out.manifest();
+    let refused = crate::common::step(&m, "no-password");
+    assert_eq!(refused["targets"][0]["attempts"], 1, "{refused}");
+    assert_eq!(
+        refused["attempts"][0]["outcome"]["failure"], "sudo",
+        "{refused}"
+    );
+    let reason = refused["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("sudo") && reason.contains("become_password"),
+        "{refused}"
+    );
+    crate::common::assert_bundle_lacks(&bundle, &[password]);
+    assert!(!sshds[0].log().contains(password));
+}
+
+/// A password written in the runbook, or one on a step without `sudo`, is refused by `check`
+/// at its line and column, without echoing the line.
+#[test]
+fn become_password_must_come_from_a_param_and_needs_sudo() {
+    let out = Test::new()
+        .runbook(
+            r#"[runbook]
+name = "become"
+[[steps]]
+id = "a"
+on = "all"
+sudo = true
+become_password = "hunter2-literal"
+run = "true"
+[[steps]]
+id = "b"
+on = "all"
+become_password = "{{ params.pw }}"
+run = "true"
+[params]
+pw = { secret = true, default = "" }
+"#,
+        )
+        .file("inventory.toml", "[hosts.h]\naddress = \"127.0.0.1\"\n")
+        .args(["check", "runbook.toml", "--inventory", "inventory.toml"])
+        .run();
+    out.assert_code(2);
+    let err = &out.stderr;
+    assert!(
+        err.contains("runbook.toml:7:19: `become_password` is written in the runbook"),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2-literal"), "{err}");
+    assert!(
+        err.contains("`become_password` on a step without `sudo = true`") && err.contains(":12:"),
+        "{err}"
+    );
+}

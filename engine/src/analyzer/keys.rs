@@ -42,7 +42,15 @@ pub(super) const HOOK_KEYS: &[&str] = &[
     "on_failure",
 ];
 pub(super) const PARAM_KEYS: &[&str] = &["default", "doc", "secret", "env", "required"];
-pub(super) const DEFAULT_KEYS: &[&str] = &["timeout", "retry", "shell", "env", "cwd", "kill_grace"];
+pub(super) const DEFAULT_KEYS: &[&str] = &[
+    "timeout",
+    "retry",
+    "shell",
+    "env",
+    "cwd",
+    "kill_grace",
+    "become_password",
+];
 /// Durations that limit something, where zero can only be a mistake.
 pub(super) const NONZERO_DURATIONS: &[&str] = &["timeout", "deadline", "max_delay", "rto", "rpo"];
 pub(super) const RETRY_KEYS: &[&str] = &[
@@ -85,6 +93,7 @@ const STEP_KEYS: &[&str] = &[
     "strategy",
     "steps",
     "sudo",
+    "become_password",
     "pty",
 ];
 /// Keys a sub-step of a block takes: no `needs`, `on` or nested blocks of its own.
@@ -111,6 +120,7 @@ const BLOCK_STEP_KEYS: &[&str] = &[
     "before",
     "after",
     "sudo",
+    "become_password",
     "pty",
     "local",
 ];

@@ -64,6 +64,8 @@ struct Defaults {
     shell: Vec<String>,
     env: Vec<(String, Template)>,
     cwd: Option<Template>,
+    /// `become_password`: sudo's password for the steps that use `sudo`.
+    become_password: Option<Template>,
 }
 
 impl Defaults {
@@ -76,6 +78,7 @@ impl Defaults {
             shell: default_shell(),
             env: Vec::new(),
             cwd: None,
+            become_password: None,
         }
     }
 }

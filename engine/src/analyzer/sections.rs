@@ -248,6 +248,9 @@ impl Analyzer<'_> {
         if let Some(v) = get(t, "cwd") {
             d.cwd = self.template(v, "cwd", params, s);
         }
+        if let Some(v) = get(t, "become_password") {
+            d.become_password = self.become_password(v, params, s);
+        }
         d
     }
 

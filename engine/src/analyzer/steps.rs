@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use super::keys::{step_keys, STRATEGY_KEYS};
 use super::reader::{get, holds_template, is_identifier, ShiftedSpans, Value};
-use super::references::{expr_refs_in, property_paths};
+use super::references::{expr_references, expr_refs_in, property_paths};
 use super::{Analyzer, Defaults};
 use crate::diagnostic::{Code, Diagnostic};
 use crate::expr::Context;
@@ -443,6 +443,15 @@ impl Analyzer<'_> {
             None => Vec::new(),
         };
         let plan = get(t, "plan").and_then(|pv| self.template(pv, "plan", params, s));
+        let sudo = self.boolean(t, "sudo", s).unwrap_or(false);
+        if let (false, Some(bv)) = (sudo, get(t, "become_password")) {
+            self.error(
+                Code::BadValue,
+                s.span(bv.span()),
+                "`become_password` on a step without `sudo = true`",
+                "only sudo asks for it",
+            );
+        }
         let (run_on_cancel, always) = self.cancel_flags(t, s);
         let approve = self.approve(t, s);
         let on = self.on(t, s);
@@ -479,11 +488,13 @@ impl Analyzer<'_> {
             timeout,
             kill_grace,
             retry,
+            become_password,
         } = settings;
         Some(StepSpec {
             on,
             strategy,
-            sudo: self.boolean(t, "sudo", s).unwrap_or(false),
+            sudo,
+            become_password: if sudo { become_password } else { None },
             pty: self.boolean(t, "pty", s).unwrap_or(false),
             local: self.boolean(t, "local", s).unwrap_or(false),
             plan,
@@ -674,6 +685,10 @@ impl Analyzer<'_> {
             Some(rv) => self.retry(rv, defaults.retry, s),
             None => defaults.retry,
         };
+        let become_password = match get(t, "become_password") {
+            Some(bv) => self.become_password(bv, params, s),
+            None => defaults.become_password.clone(),
+        };
         StepSettings {
             env,
             cwd,
@@ -681,7 +696,55 @@ impl Analyzer<'_> {
             timeout,
             kill_grace,
             retry,
+            become_password,
         }
+    }
+
+    /// `become_password = "{{ params.NAME }}"`: a template that reads a secret param. A
+    /// password written as text would be in version control and in every bundle (the runbook
+    /// is copied into each), so a literal is refused; one that reads no secret param is
+    /// warned about, since only secret params are redacted wherever they appear.
+    pub(super) fn become_password(
+        &mut self,
+        v: &Value<'_>,
+        params: &[ParamSpec],
+        s: &ShiftedSpans,
+    ) -> Option<Template> {
+        let tpl = self.template(v, "become_password", params, s)?;
+        let span = s.span(v.span());
+        if tpl.is_literal() {
+            // No snippet: the line may hold the password.
+            let lc = self.src.line_col(span.start);
+            self.push(
+                Diagnostic::error(
+                    Code::BadValue,
+                    format!(
+                        "{}:{}:{}: `become_password` is written in the runbook",
+                        self.src.path().display(),
+                        lc.line,
+                        lc.column
+                    ),
+                )
+                .help("declare a param with `secret = true` (given by `env = \"VAR\"` or `--set`) and write `become_password = \"{{ params.NAME }}\"`"),
+            );
+            return None;
+        }
+        let secret_read = tpl.expressions().any(|(e, _)| {
+            expr_references(e, "params")
+                .iter()
+                .any(|(name, _)| params.iter().any(|p| p.secret && p.name == *name))
+        });
+        if !secret_read {
+            self.push(
+                Diagnostic::warning(
+                    Code::BadValue,
+                    "`become_password` reads no secret param, so the password is not redacted where it appears",
+                )
+                .at(&self.src, span, "not a `secret = true` param")
+                .help("declare the param with `secret = true`"),
+            );
+        }
+        Some(tpl)
     }
 
     /// `run_on_cancel` and `always`; the first needs the second.
@@ -808,6 +871,7 @@ struct StepSettings {
     timeout: Option<std::time::Duration>,
     kill_grace: std::time::Duration,
     retry: RetryPolicy,
+    become_password: Option<Template>,
 }
 
 /// The `steps.ID` a step reads, for ordering checks: in its templates and expressions, and in
@@ -830,6 +894,7 @@ fn reads(
         .into_iter()
         .chain(settings.env.iter().map(|(_, t)| t))
         .chain(settings.cwd.iter())
+        .chain(settings.become_password.iter())
         .chain(collect.iter())
         .chain(plan)
     {

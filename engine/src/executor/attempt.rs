@@ -416,6 +416,25 @@ impl StepTask {
             }
         };
         cwd_for_collect.clone_from(&rendered.cwd);
+        let become_password = match self.render_become(spec, host.filter(|_| remote)) {
+            Ok(p) => p,
+            Err(message) => {
+                emit(
+                    &self.events,
+                    started_event(
+                        self.state.redact(&rendered.command),
+                        self.plan.workdir.clone(),
+                        Receipt::default(),
+                    ),
+                )
+                .await;
+                return failed_before_start(
+                    output,
+                    FailureKind::Template,
+                    self.state.redact(&message),
+                );
+            }
+        };
         // Where it ran is the attempt's target, recorded beside the command.
         let shown = self.state.redact(&rendered.command);
         // Write-ahead: the action starts only once its start is in the journal, so a runner
@@ -461,6 +480,7 @@ impl StepTask {
                 Vec::new()
             },
             sudo: spec.sudo,
+            become_password,
             pty: spec.pty,
             secrets: self.state.secret_values(),
             base_dir: self.plan.runbook.base_dir(),

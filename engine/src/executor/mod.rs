@@ -33,7 +33,9 @@ use crate::run_state::RunState;
 use crate::runbook::{
     Action, Budget, Capture, Gate, RequestKind, SpannedExpr, Spec, StepSpec, StrategyKind,
 };
-use crate::runner::{Approval, Approver, AttemptContext, NoApprover, OutputSink, StepRunner};
+use crate::runner::{
+    Approval, Approver, AttemptContext, BecomePassword, NoApprover, OutputSink, StepRunner,
+};
 use crate::template::{RenderError, Template};
 
 mod attempt;

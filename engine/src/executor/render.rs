@@ -25,19 +25,7 @@ impl StepTask {
         effects: &mut Effects,
     ) -> Result<Rendered, String> {
         let mut scope = self.scope(host);
-        let source = &self.plan.runbook.source;
-        let what = |field: &str, tpl: &Template, e: RenderError| match &tpl.at {
-            Some(at) => {
-                let lc = source.line_col(at.at(e.offset).start);
-                format!(
-                    "in `{field}` at {}:{}:{}: {e}",
-                    source.path().display(),
-                    lc.line,
-                    lc.column
-                )
-            }
-            None => format!("in `{field}`: {e}"),
-        };
+        let what = |field: &str, tpl: &Template, e: RenderError| self.render_error(field, tpl, &e);
         let command = command
             .render_with_effects(&self.host, &mut scope, effects)
             .map_err(|e| what("run", command, e))?;
@@ -62,6 +50,40 @@ impl StepTask {
             cwd,
             spec: serde_json::Value::Null,
         })
+    }
+
+    /// Where and why a template did not render, as the attempt's failure reason.
+    fn render_error(&self, field: &str, tpl: &Template, e: &RenderError) -> String {
+        let source = &self.plan.runbook.source;
+        match &tpl.at {
+            Some(at) => {
+                let lc = source.line_col(at.at(e.offset).start);
+                format!(
+                    "in `{field}` at {}:{}:{}: {e}",
+                    source.path().display(),
+                    lc.line,
+                    lc.column
+                )
+            }
+            None => format!("in `{field}`: {e}"),
+        }
+    }
+
+    /// sudo's password for a `sudo` step on a host, when it has `become_password`. An empty
+    /// value (an optional secret left unset) means none: sudo then runs with `-n`.
+    pub(super) fn render_become(
+        &self,
+        step: &StepSpec,
+        host: Option<&Arc<Host>>,
+    ) -> Result<Option<BecomePassword>, String> {
+        let (true, Some(tpl), Some(_)) = (step.sudo, &step.become_password, host) else {
+            return Ok(None);
+        };
+        let mut scope = self.scope(host);
+        let value = tpl
+            .render(&self.host, &mut scope)
+            .map_err(|e| self.render_error("become_password", tpl, &e))?;
+        Ok((!value.is_empty()).then(|| BecomePassword::new(value)))
     }
 
     /// Renders a step kind's settings. A string that is one whole `{{ expr }}` keeps the

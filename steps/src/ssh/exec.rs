@@ -20,7 +20,7 @@ use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
 use runbook_engine::event::Stream;
-use runbook_engine::runner::OutputSink;
+use runbook_engine::runner::{BecomePassword, OutputSink};
 
 use super::connect::russh_error;
 use super::{Connection, ExecOutcome, ExecRequest, SshError, SudoSettings, UploadRequest};
@@ -228,6 +228,7 @@ pub(crate) struct SudoRun {
     /// The prompt sudo is given (`-S -p`) when a password can be supplied; None: `-n`.
     prompt: Option<String>,
     password_env: Option<String>,
+    password: Option<BecomePassword>,
     direct: bool,
 }
 
@@ -235,13 +236,14 @@ impl SudoRun {
     pub(crate) fn new(asked: bool, settings: &SudoSettings, exec_id: &str) -> Option<SudoRun> {
         asked.then(|| SudoRun {
             user: settings.user.clone(),
-            prompt: settings.password_env.as_ref().map(|_| {
+            prompt: (settings.password.is_some() || settings.password_env.is_some()).then(|| {
                 format!(
                     "[runbook sudo {}] password:",
                     &exec_id[..exec_id.len().min(12)]
                 )
             }),
             password_env: settings.password_env.clone(),
+            password: settings.password.clone(),
             direct: settings.direct,
         })
     }
@@ -270,9 +272,13 @@ impl SudoRun {
 
     /// The password, read when needed (never kept in the request).
     fn password(&self) -> Option<String> {
-        self.password_env
-            .as_ref()
-            .and_then(|var| std::env::var(var).ok())
+        match &self.password {
+            Some(p) => Some(p.expose().to_owned()),
+            None => self
+                .password_env
+                .as_ref()
+                .and_then(|var| std::env::var(var).ok()),
+        }
     }
 
     /// What to tell the operator along with sudo's refusal.
@@ -281,10 +287,12 @@ impl SudoRun {
         if m.contains("tty") || m.contains("terminal is required") {
             " (the host's sudoers has `requiretty`: set `pty = true` on the step)"
         } else if m.contains("password is required") && self.prompt.is_none() && !self.direct {
-            " (give the password with `become_password_env` in the inventory; or, if the \
-             sudoers rule allows only specific commands, use `become_method = \"direct\"`)"
+            " (give the password with `become_password = \"{{ params.NAME }}\"` on the step or \
+             `become_password_env` in the inventory; or, if the sudoers rule allows only \
+             specific commands, use `become_method = \"direct\"`)"
         } else if m.contains("password is required") && self.prompt.is_none() {
-            " (give the password with `become_password_env` in the inventory)"
+            " (give the password with `become_password = \"{{ params.NAME }}\"` on the step or \
+             `become_password_env` in the inventory)"
         } else if m.contains("not allowed to execute") && !self.direct {
             " (a sudoers rule for specific commands matches only `become_method = \"direct\"`, \
              which runs the step's text as sudo's own arguments)"

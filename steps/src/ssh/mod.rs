@@ -22,7 +22,7 @@ use bytes::Bytes;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use runbook_engine::runner::OutputSink;
+use runbook_engine::runner::{BecomePassword, OutputSink};
 
 pub use connect::{key_is_encrypted, passphrase_opens};
 pub use error::SshError;
@@ -87,6 +87,9 @@ pub struct SudoSettings {
     /// fails instead of asking. With it, sudo is given a unique prompt and the password is
     /// written to the channel's stdin when (and only when) that prompt appears.
     pub password_env: Option<String>,
+    /// The step's own password (`become_password`, from a secret param); wins over
+    /// `password_env`. Given the same way: only when sudo's prompt appears.
+    pub password: Option<BecomePassword>,
     /// Run the command text as sudo's own arguments (`sudo -- systemctl restart x`) instead
     /// of `sudo -- env … sh -c '…'`, so sudoers rules restricted to commands match. `env`
     /// is then not exported (the step's text is the whole command).
@@ -125,6 +128,7 @@ impl SshHost {
             sudo: SudoSettings {
                 user: h.become_user.clone(),
                 password_env: h.become_password_env.clone(),
+                password: None,
                 direct: h.become_direct,
             },
         };
