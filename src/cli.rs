@@ -2,19 +2,8 @@
 
 use std::path::PathBuf;
 
+use crate::exit;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-
-/// Exit codes, documented in `runbook --help` and docs/cli.md.
-pub mod exit {
-    pub const OK: i32 = 0;
-    pub const RUN_FAILED: i32 = 1;
-    pub const USAGE: i32 = 2;
-    pub const VERIFY_FAILED: i32 = 3;
-    pub const AWAITING_APPROVAL: i32 = 4;
-    /// A `[drill]` run whose steps succeeded but whose RTO/RPO was missed or not measured.
-    pub const DRILL_FAILED: i32 = 5;
-    pub const INTERRUPTED: i32 = 130;
-}
 
 const AFTER_HELP: &str = "\
 Examples:

@@ -7,10 +7,9 @@ use std::sync::Arc;
 
 use clap::Parser;
 use runbook_engine::diagnostic::Code;
-use runbook_engine::event::{RunEvent, RunStatus};
+use runbook_engine::event::RunStatus;
 use runbook_engine::expr::ExprHost;
 use runbook_engine::graph::StepGraph;
-use runbook_engine::inventory::Inventory;
 use runbook_engine::params::BoundParams;
 use runbook_engine::plan::{Plan, RunInfo, Selection};
 use runbook_engine::runner::{Approver, NoApprover};
@@ -20,12 +19,14 @@ use runbook_evidence::{Recorder, RecorderConfig};
 
 use crate::approve::TerminalApprover;
 use crate::cli::{
-    exit, CheckArgs, Cli, Command, EvidenceCommand, ExecArgs, GraphArgs, GraphFormat, PlanArgs,
+    CheckArgs, Cli, Command, EvidenceCommand, ExecArgs, GraphArgs, GraphFormat, PlanArgs,
     ResumeArgs, RunArgs, Signing, VerifyArgs,
 };
 use crate::console::Console;
+use crate::exit;
+use crate::inventory_load::load_inventory;
 use crate::lock::{Holder, RunLock};
-use crate::render::{self, diagnostics_to_string, stderr_color};
+use crate::render::{self, print_diagnostics, print_load_error, stderr_color};
 use crate::session::{self, Session};
 use runbook_evidence::sign::{PublicKey, SecretKey};
 
@@ -167,31 +168,6 @@ fn cli_checks(runbook: &Runbook) -> Diagnostics {
 
 /// A file that cannot be read or is not UTF-8, as an RB0015 diagnostic (with the position of
 /// the first bad byte when there is one).
-fn print_load_error(path: &Path, e: &runbook_engine::LoadError) {
-    use runbook_engine::diagnostic::{Code, Diagnostic};
-    let mut d = Diagnostic::error(Code::Unreadable, e.to_string());
-    if let runbook_engine::LoadError::NotUtf8 { offset, .. } = e {
-        if let Ok(bytes) = std::fs::read(path) {
-            let text = String::from_utf8_lossy(&bytes[..(*offset).min(bytes.len())]).into_owned();
-            let source = runbook_engine::Source::new(path, text.clone() + "\u{fffd}");
-            d = d
-                .at(&source, text.len()..text.len() + 1, "not UTF-8")
-                .help("save the file as UTF-8 text");
-        }
-    }
-    print_diagnostics(&Diagnostics(vec![d]));
-}
-
-pub(crate) fn print_diagnostics_pub(diags: &Diagnostics) {
-    print_diagnostics(diags);
-}
-
-fn print_diagnostics(diags: &Diagnostics) {
-    if !diags.0.is_empty() {
-        eprint!("{}", diagnostics_to_string(&diags.0, stderr_color()));
-    }
-}
-
 fn bind_params(runbook: &Runbook, sets: &[String]) -> Result<BoundParams, i32> {
     BoundParams::bind(runbook, sets, |var| std::env::var(var).ok()).map_err(|errors| {
         let source = &runbook.source;
@@ -241,75 +217,6 @@ fn make_plan(
         plan.set_inventory(inv);
     }
     Ok(plan)
-}
-
-/// The inventory a run uses: `--inventory`, else the runbook's `[runbook] inventory`
-/// (relative to the runbook). Every `on` selector is checked against it; without one,
-/// steps with `on` are errors when `required` (run, plan) and warnings otherwise (check).
-pub(crate) fn load_inventory(
-    runbook: &runbook_engine::Runbook,
-    explicit: Option<&Path>,
-    required: bool,
-) -> Result<Option<Inventory>, i32> {
-    let (path, named_at) = match (explicit, &runbook.meta.inventory) {
-        (Some(p), _) => (Some(p.to_path_buf()), None),
-        (None, Some((rel, span))) => (Some(runbook.base_dir().join(rel)), Some(span.clone())),
-        (None, None) => (None, None),
-    };
-    let inventory = match path {
-        None => None,
-        Some(path) => {
-            let source = runbook_engine::load_source(&path).map_err(|e| {
-                match &named_at {
-                    // The runbook names the file: point at where, as for any runbook error.
-                    Some(span) => print_diagnostics(&Diagnostics(vec![
-                        runbook_engine::diagnostic::Diagnostic::error(
-                            Code::Unreadable,
-                            format!("cannot read the inventory: {e}"),
-                        )
-                        .at(&runbook.source, span.clone(), "the inventory named here")
-                        .help("paths are relative to the runbook's directory; --inventory FILE overrides"),
-                    ])),
-                    None => print_load_error(&path, &e),
-                }
-                exit::USAGE
-            })?;
-            // An Ansible inventory (INI/YAML) is read as such; see docs/inventory.md.
-            let parsed: Result<Result<Inventory, String>, Diagnostics> =
-                if crate::ansible_inventory::is_ansible(&path, source.text()) {
-                    Ok(crate::ansible_inventory::load(&source))
-                } else {
-                    Inventory::parse(&source).map(Ok)
-                };
-            match parsed.map(|r| r.and_then(crate::inventory_cmd::with_ssh_config)) {
-                Ok(Ok(inv)) => Some(inv),
-                Ok(Err(message)) => {
-                    render::error(&format!("inventory `{}`: {message}", path.display()));
-                    return Err(exit::USAGE);
-                }
-                Err(diags) => {
-                    print_diagnostics(&diags);
-                    render::error(&format!(
-                        "inventory `{}` has {} error(s); nothing was run",
-                        path.display(),
-                        diags.error_count()
-                    ));
-                    return Err(exit::USAGE);
-                }
-            }
-        }
-    };
-    let diags = runbook_engine::inventory::check_targets(runbook, inventory.as_ref(), required);
-    print_diagnostics(&diags);
-    if diags.has_errors() {
-        render::error(&format!(
-            "`{}`: {} step(s) cannot find their hosts; nothing was run",
-            runbook.source.path().display(),
-            diags.error_count()
-        ));
-        return Err(exit::USAGE);
-    }
-    Ok(inventory)
 }
 
 fn check(args: &CheckArgs) -> i32 {
@@ -1078,45 +985,24 @@ fn resume(args: &ResumeArgs) -> i32 {
         Ok(k) => k,
         Err(code) => return code,
     };
-    let manifest_path = bundle.join("manifest.json");
-    let manifest: runbook_evidence::manifest::Manifest = match std::fs::read(&manifest_path)
-        .map_err(|e| e.to_string())
-        .and_then(|d| serde_json::from_slice(&d).map_err(|e| e.to_string()))
-    {
-        Ok(m) => m,
+    let interrupted = match runbook_evidence::resume::Interrupted::open(bundle) {
+        Ok(i) => i,
         Err(e) => {
-            render::error(&format!(
-                "`{}` is not a runbook bundle: {e}",
-                manifest_path.display()
-            ));
+            render::error(&e.to_string());
             return exit::USAGE;
         }
     };
-    let evidence_dir = bundle
-        .parent()
-        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    let evidence_dir = interrupted.evidence_dir();
     // A run still alive is refused first (looking, not locking): nothing below may touch it.
     if let Some(h) = RunLock::live_holder(&evidence_dir) {
         render::error(&crate::lock::LockError::Held(Box::new(h)).to_string());
         return exit::USAGE;
     }
-    // A journal that lost lines (emptied, cut short) would number attempts again from what it
-    // knows and overwrite logs already written: refuse before anything is written.
-    if let Err(e) = runbook_evidence::recorder::check_journal_covers_bundle(bundle) {
-        render::error(&format!(
-            "cannot resume `{}`: {e}; resuming would overwrite evidence already written, so \
-             nothing was changed",
-            bundle.display()
-        ));
+    if let Err(e) = interrupted.check_journal() {
+        render::error(&e.to_string());
         return exit::USAGE;
     }
-    let workdir = PathBuf::from(&manifest.workdir);
-    let recorded = PathBuf::from(&manifest.runbook.path);
-    let path = if recorded.is_absolute() {
-        recorded
-    } else {
-        workdir.join(recorded)
-    };
+    let path = interrupted.runbook_path();
     let source = match runbook_engine::load_source(&path) {
         Ok(s) => s,
         Err(e) => {
@@ -1124,23 +1010,23 @@ fn resume(args: &ResumeArgs) -> i32 {
             return exit::USAGE;
         }
     };
-    let sha = runbook_evidence::checksums::sha256_bytes(source.text().as_bytes());
+    let now = interrupted.runbook_now(source.text());
     let mut changed_note: Option<String> = None;
-    if sha != manifest.runbook.sha256 {
+    if now.changed() {
         if args.allow_changed {
             eprintln!("note: `{}` changed since the run started; resuming with the new version (--allow-changed)", path.display());
             changed_note = Some(format!(
                 "resumed with a changed runbook (--allow-changed): `{}` sha256 {} (the run started with {})",
                 path.display(),
-                sha,
-                manifest.runbook.sha256
+                now.sha256,
+                now.recorded
             ));
         } else {
             render::error(&format!(
                 "`{}` changed since this run started (sha256 {} now, {} then); refusing to resume a different runbook — pass `--allow-changed` to do it anyway",
                 path.display(),
-                &sha[..12],
-                &manifest.runbook.sha256[..12.min(manifest.runbook.sha256.len())]
+                &now.sha256[..12],
+                &now.recorded[..12.min(now.recorded.len())]
             ));
             return exit::USAGE;
         }
@@ -1157,20 +1043,8 @@ fn resume(args: &ResumeArgs) -> i32 {
     };
     // The same params as the first time: recorded values for non-secrets, then any --set.
     // Secrets come from where they came from the first time (environment, --set).
-    let mut sets: Vec<String> = Vec::new();
-    if let serde_json::Value::Object(params) = &manifest.params {
-        for (name, value) in params {
-            let secret = loaded.runbook.param(name).is_some_and(|p| p.secret);
-            if secret || loaded.runbook.param(name).is_none() {
-                continue;
-            }
-            let text = match value {
-                serde_json::Value::String(s) => s.clone(),
-                other => other.to_string(),
-            };
-            sets.push(format!("{name}={text}"));
-        }
-    }
+    let mut sets =
+        interrupted.recorded_params(|name| loaded.runbook.param(name).is_some_and(|p| !p.secret));
     sets.extend(args.params.set.iter().cloned());
     let params = match bind_params(&loaded.runbook, &sets) {
         Ok(p) => p,
@@ -1187,28 +1061,13 @@ fn resume(args: &ResumeArgs) -> i32 {
     let previous = inspected.status();
     // The journal says the run ended, but the runner died while sealing (manifest, report,
     // `SHA256SUMS`): seal it now, as the run would have.
-    if previous != RunStatus::Running && previous != RunStatus::Interrupted {
-        let report = runbook_evidence::verify::verify_bundle(bundle, None);
-        let unsealed = report.problems.iter().any(|p| {
-            use runbook_evidence::verify::Problem;
-            matches!(
-                p,
-                Problem::SumsMissing
-                    | Problem::Modified { .. }
-                    | Problem::Missing { .. }
-                    | Problem::Extra { .. }
-                    | Problem::MalformedSums { .. }
-                    | Problem::ManifestDisagrees { .. }
-            )
-        });
-        if unsealed {
-            return seal_interrupted(bundle, &evidence_dir, inspected, previous, &args.exec);
-        }
+    if interrupted.died_while_sealing(previous) {
+        return seal_interrupted(bundle, &evidence_dir, inspected, previous, &args.exec);
     }
     if previous == RunStatus::Succeeded {
         render::error(&format!(
             "run {} already succeeded; nothing to resume",
-            manifest.run_id
+            interrupted.manifest.run_id
         ));
         return exit::USAGE;
     }
@@ -1221,7 +1080,7 @@ fn resume(args: &ResumeArgs) -> i32 {
         loaded.graph,
         params,
         &selection(&args.selection),
-        workdir,
+        interrupted.workdir(),
     ) {
         Ok(p) => p,
         Err(e) => {
@@ -1262,7 +1121,7 @@ fn resume(args: &ResumeArgs) -> i32 {
         &op.host,
         &op.user,
         chrono::Utc::now().to_rfc3339(),
-        &manifest.run_id,
+        &interrupted.manifest.run_id,
         canonical(bundle),
     );
     let (lock, stale) = match take_lock(&evidence_dir, &me, args.exec.break_lock) {
@@ -1284,7 +1143,7 @@ fn resume(args: &ResumeArgs) -> i32 {
         lock.give_back(stale.as_ref());
         render::error(&format!(
             "run {} was resumed by another process meanwhile (it is {} now); look at the bundle, then resume again if needed",
-            manifest.run_id,
+            interrupted.manifest.run_id,
             recorder.status().as_str()
         ));
         return exit::USAGE;
@@ -1295,21 +1154,26 @@ fn resume(args: &ResumeArgs) -> i32 {
     }
     // A runner killed hard leaves its steps' processes running: stop them before going on —
     // those the journal names, and any other process still carrying this run's id.
-    for g in runbook_steps::stop_run_processes(&manifest.run_id, std::time::Duration::from_secs(5))
-    {
+    for g in runbook_steps::stop_run_processes(
+        &interrupted.manifest.run_id,
+        std::time::Duration::from_secs(5),
+    ) {
         let msg = format!("stopped process group {g}, left running by the interrupted run");
         eprintln!("note: {msg}");
         let _ = recorder.note(&msg);
     }
-    if let Ok(read) = runbook_evidence::journal::read(&bundle.join("journal.jsonl")) {
-        for (step, attempt, pid, ticks) in unfinished_processes(&read.events) {
-            if runbook_steps::stop_leftover_group(pid, ticks, std::time::Duration::from_secs(5)) {
-                let msg = format!(
-                    "stopped process group {pid} of step `{step}` attempt {attempt}, left running by the interrupted run"
-                );
-                eprintln!("note: {msg}");
-                let _ = recorder.note(&msg);
-            }
+    for p in interrupted.unfinished_processes() {
+        if runbook_steps::stop_leftover_group(
+            p.pid,
+            p.start_ticks,
+            std::time::Duration::from_secs(5),
+        ) {
+            let msg = format!(
+                "stopped process group {} of step `{}` attempt {}, left running by the interrupted run",
+                p.pid, p.step, p.attempt
+            );
+            eprintln!("note: {msg}");
+            let _ = recorder.note(&msg);
         }
     }
     for n in &host_notes {
@@ -1326,8 +1190,8 @@ fn resume(args: &ResumeArgs) -> i32 {
     recorder.note_resume(&prior);
     recorder.set_shapes(&plan.runbook.meta.redact);
     let run_info = RunInfo {
-        id: manifest.run_id.clone(),
-        started_at: manifest.started_at,
+        id: interrupted.manifest.run_id.clone(),
+        started_at: interrupted.manifest.started_at,
     };
     let code = launch(
         Arc::new(plan),
@@ -1358,45 +1222,6 @@ fn repair_locked(
         });
     }
     Recorder::repair(bundle)
-}
-
-/// Local attempts that started a process but never reported an end.
-fn unfinished_processes(events: &[(u64, RunEvent)]) -> Vec<(String, u32, u32, Option<u64>)> {
-    let mut open = Vec::new();
-    for (_, e) in events {
-        match e {
-            RunEvent::ProcessStarted {
-                step,
-                target,
-                attempt,
-                pid,
-                start_ticks,
-                ..
-            } => {
-                open.push((
-                    step.to_string(),
-                    target.to_string(),
-                    *attempt,
-                    *pid,
-                    *start_ticks,
-                ));
-            }
-            RunEvent::AttemptFinished {
-                step,
-                target,
-                attempt,
-                ..
-            } => {
-                open.retain(|(s, t, a, _, _)| {
-                    !(s == step.as_str() && t == &**target && a == attempt)
-                });
-            }
-            _ => {}
-        }
-    }
-    open.into_iter()
-        .map(|(s, _, a, p, t)| (s, a, p, t))
-        .collect()
 }
 
 fn evidence(cmd: &EvidenceCommand) -> i32 {

@@ -4,7 +4,8 @@ use std::path::Path;
 
 use runbook_engine::inventory::{AnsibleFormat, Host, HostKeyPolicy, Inventory, Selector};
 
-use crate::cli::{exit, ExportFormat, InventoryCommand};
+use crate::cli::{ExportFormat, InventoryCommand};
+use crate::exit;
 use crate::render;
 
 pub fn run(command: &InventoryCommand) -> i32 {
@@ -49,30 +50,24 @@ fn open(file: &Path) -> Result<Inventory, String> {
     if is_runbook {
         let host = runbook_engine::expr::ExprHost::new();
         let (runbook, _, _) = runbook_engine::compile(&source, &host).map_err(|d| {
-            crate::commands::print_diagnostics_pub(&d);
+            crate::render::print_diagnostics(&d);
             String::new()
         })?;
-        return match crate::commands::load_inventory(&runbook, None, false) {
+        return match crate::inventory_load::load_inventory(&runbook, None, false) {
             Ok(Some(inv)) => Ok(inv),
             Ok(None) => Err("the runbook names no inventory (`[runbook] inventory`)".into()),
             Err(_) => Err(String::new()),
         };
     }
     if crate::ansible_inventory::is_ansible(file, text) {
-        return crate::ansible_inventory::load(&source).and_then(with_ssh_config);
+        return crate::ansible_inventory::load(&source)
+            .and_then(crate::inventory_load::with_ssh_config);
     }
     let inv = Inventory::parse(&source).map_err(|d| {
-        crate::commands::print_diagnostics_pub(&d);
+        crate::render::print_diagnostics(&d);
         String::new()
     })?;
-    with_ssh_config(inv)
-}
-
-/// The inventory with the settings it leaves unset filled from each host's OpenSSH client
-/// config (`~/.ssh/config`, `/etc/ssh/ssh_config`, or its `ssh_config` key).
-pub(crate) fn with_ssh_config(mut inv: Inventory) -> Result<Inventory, String> {
-    inv.use_ssh_config(runbook_steps::ssh::config::inventory_lookup())?;
-    Ok(inv)
+    crate::inventory_load::with_ssh_config(inv)
 }
 
 fn show(file: &Path, select: Option<&str>, settings: bool) -> Result<(), String> {
@@ -183,7 +178,7 @@ fn import(file: &Path, output: Option<&Path>, force: bool) -> Result<(), String>
     // The result must read back as a runbook inventory before it is written anywhere.
     runbook_engine::inventory::parse_str(&file.display().to_string(), &converted.toml).map_err(
         |d| {
-            crate::commands::print_diagnostics_pub(&d);
+            crate::render::print_diagnostics(&d);
             "the converted inventory is not valid (a bug: please report it)".to_string()
         },
     )?;

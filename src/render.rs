@@ -139,3 +139,27 @@ pub fn warning(message: &str) {
         eprintln!("warning: {message}");
     }
 }
+
+/// A file that could not be read, as a diagnostic (pointing at the first byte that is not
+/// UTF-8 when that is why).
+pub(crate) fn print_load_error(path: &std::path::Path, e: &runbook_engine::LoadError) {
+    use runbook_engine::diagnostic::{Code, Diagnostic};
+    let mut d = Diagnostic::error(Code::Unreadable, e.to_string());
+    if let runbook_engine::LoadError::NotUtf8 { offset, .. } = e {
+        if let Ok(bytes) = std::fs::read(path) {
+            let text = String::from_utf8_lossy(&bytes[..(*offset).min(bytes.len())]).into_owned();
+            let source = runbook_engine::Source::new(path, text.clone() + "\u{fffd}");
+            d = d
+                .at(&source, text.len()..text.len() + 1, "not UTF-8")
+                .help("save the file as UTF-8 text");
+        }
+    }
+    print_diagnostics(&runbook_engine::Diagnostics(vec![d]));
+}
+
+/// Diagnostics on stderr, coloured when it is a terminal.
+pub(crate) fn print_diagnostics(diags: &runbook_engine::Diagnostics) {
+    if !diags.0.is_empty() {
+        eprint!("{}", diagnostics_to_string(&diags.0, stderr_color()));
+    }
+}

@@ -15,8 +15,8 @@ use runbook_steps::Dispatcher;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::exit;
 use crate::console::{summary_table, Console};
+use crate::exit;
 use crate::render;
 
 /// Writes to stderr, ignoring errors: a closed stderr (`runbook run … 2>&1 | head`) must not

@@ -402,7 +402,7 @@ fn register_functions(engine: &mut Engine) {
     engine.register_fn(
         "hosts",
         |inv: &mut InventoryApi, selector: ImmutableString| -> FnResult<rhai::Array> {
-            let sel = crate::inventory::Selector::parse(&selector).map_err(runtime_error)?;
+            let sel = crate::model::Selector::parse(&selector).map_err(runtime_error)?;
             let hosts = inv.0.select(&sel).map_err(runtime_error)?;
             Ok(hosts
                 .iter()

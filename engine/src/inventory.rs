@@ -13,7 +13,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::diagnostic::{Code, Diagnostic, Diagnostics};
-use crate::runbook::StepId;
+use crate::model::StepId;
+pub use crate::model::{Pattern, Selector, Slice, Term, TermOp};
 use crate::source::Source;
 
 /// How an unknown or changed host key is treated. There is deliberately no "accept anything".
@@ -943,9 +944,9 @@ impl Inventory {
         };
         match &pattern.slice {
             None => Ok(base),
-            Some(slice) => slice
-                .apply(&base)
-                .map_err(|e| format!("`{}`: {e}", pattern.text())),
+            Some(slice) => {
+                apply_slice(*slice, &base).map_err(|e| format!("`{}`: {e}", pattern.text()))
+            }
         }
     }
 }
@@ -1038,183 +1039,6 @@ impl SpanIndex {
         match named {
             Some(span) if !span.is_empty() => (span, true),
             _ => (self.key(table, name), false),
-        }
-    }
-}
-
-/// Which hosts a step runs on: `on = "servers[0]"`, `"workers"`, `"all,!bastion"`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Selector {
-    pub text: String,
-    pub terms: Vec<Term>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Term {
-    pub op: TermOp,
-    pub pattern: Pattern,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TermOp {
-    Union,
-    Intersect,
-    Exclude,
-}
-
-/// A host, a group or `all`, optionally indexed or sliced.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Pattern {
-    pub name: String,
-    pub slice: Option<Slice>,
-}
-
-impl Pattern {
-    /// As written: `servers[1:]`.
-    fn text(&self) -> String {
-        let num = |i: Option<i64>| i.map(|i| i.to_string()).unwrap_or_default();
-        match self.slice {
-            None => self.name.clone(),
-            Some(Slice::Index(i)) => format!("{}[{i}]", self.name),
-            Some(Slice::Range(a, b)) => format!("{}[{}:{}]", self.name, num(a), num(b)),
-        }
-    }
-}
-
-/// `[i]` or `[start:end]`; negative numbers count from the end, like Python.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Slice {
-    Index(i64),
-    Range(Option<i64>, Option<i64>),
-}
-
-impl Slice {
-    /// The hosts the slice picks. An index past the end of a non-empty group is an error,
-    /// not an empty selection: `servers[5]` of 2 servers is a mistake, and skipping the step
-    /// would hide it. A range may be empty (`servers[1:]` of one server: no joiners).
-    fn apply(self, hosts: &[Arc<Host>]) -> Result<Vec<Arc<Host>>, String> {
-        let n = hosts.len() as i64;
-        let norm = |i: i64| if i < 0 { (n + i).max(0) } else { i.min(n) };
-        Ok(match self {
-            Slice::Index(i) => {
-                let at = if i < 0 { n + i } else { i };
-                if (0..n).contains(&at) {
-                    vec![hosts[at as usize].clone()]
-                } else if n == 0 {
-                    Vec::new()
-                } else {
-                    return Err(format!(
-                        "index {i} is out of range: it has {n} host(s), indexes 0 to {} (or -{n} to -1)",
-                        n - 1
-                    ));
-                }
-            }
-            Slice::Range(a, b) => {
-                let a = norm(a.unwrap_or(0));
-                let b = norm(b.unwrap_or(n));
-                if a >= b {
-                    Vec::new()
-                } else {
-                    hosts[a as usize..b as usize].to_vec()
-                }
-            }
-        })
-    }
-}
-
-impl fmt::Display for Selector {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.text)
-    }
-}
-
-impl Selector {
-    /// Parses a selector; the error says what was expected.
-    pub fn parse(text: &str) -> Result<Selector, String> {
-        let mut terms = Vec::new();
-        for (i, raw) in text.split(',').enumerate() {
-            let raw = raw.trim();
-            let (op, rest) = if let Some(r) = raw.strip_prefix('!') {
-                (TermOp::Exclude, r)
-            } else if let Some(r) = raw.strip_prefix('&') {
-                (TermOp::Intersect, r)
-            } else {
-                (TermOp::Union, raw)
-            };
-            if i == 0 && op != TermOp::Union {
-                return Err(format!(
-                    "`{raw}`: a selector starts with a host or group; `!`/`&` narrow what comes before (`all,!{}`)",
-                    rest
-                ));
-            }
-            let (name, slice) = match rest.find('[') {
-                None => (rest, None),
-                Some(open) => {
-                    let Some(inner) = rest[open + 1..].strip_suffix(']') else {
-                        return Err(format!(
-                            "`{rest}`: expected `name[index]` or `name[start:end]`"
-                        ));
-                    };
-                    (
-                        &rest[..open],
-                        Some(parse_slice(inner).map_err(|e| format!("`{rest}`: {e}"))?),
-                    )
-                }
-            };
-            if name.is_empty() {
-                return Err(format!(
-                    "empty term in `{text}`: expected host or group names separated by commas"
-                ));
-            }
-            if !StepId::is_valid(name) {
-                return Err(format!("`{name}` is not a host or group name"));
-            }
-            terms.push(Term {
-                op,
-                pattern: Pattern {
-                    name: name.to_owned(),
-                    slice,
-                },
-            });
-        }
-        Ok(Selector {
-            text: text.trim().to_owned(),
-            terms,
-        })
-    }
-
-    /// The names the selector mentions (to check them against an inventory).
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.terms.iter().map(|t| t.pattern.name.as_str())
-    }
-}
-
-fn parse_slice(inner: &str) -> Result<Slice, String> {
-    let num = |s: &str| -> Result<Option<i64>, String> {
-        let s = s.trim();
-        if s.is_empty() {
-            Ok(None)
-        } else {
-            s.parse::<i64>()
-                .map(Some)
-                .map_err(|_| format!("`{s}` is not an index"))
-        }
-    };
-    match inner.split_once(':') {
-        None => num(inner)?
-            .map(Slice::Index)
-            .ok_or_else(|| "empty index: expected `[0]`, `[1:]`, `[:2]` or `[-1]`".to_owned()),
-        Some((a, b)) => {
-            let (a, b) = (num(a)?, num(b)?);
-            // Only same-sign bounds can be judged without knowing the group's size.
-            if let (Some(x), Some(y)) = (a, b) {
-                if (x >= 0) == (y >= 0) && x >= y {
-                    return Err(format!(
-                        "`[{inner}]` selects nothing: the start must be before the end"
-                    ));
-                }
-            }
-            Ok(Slice::Range(a, b))
         }
     }
 }
@@ -1329,6 +1153,38 @@ impl Inventory {
     }
 }
 
+/// The hosts the slice picks. An index past the end of a non-empty group is an error,
+/// not an empty selection: `servers[5]` of 2 servers is a mistake, and skipping the step
+/// would hide it. A range may be empty (`servers[1:]` of one server: no joiners).
+fn apply_slice(slice: Slice, hosts: &[Arc<Host>]) -> Result<Vec<Arc<Host>>, String> {
+    let n = hosts.len() as i64;
+    let norm = |i: i64| if i < 0 { (n + i).max(0) } else { i.min(n) };
+    Ok(match slice {
+        Slice::Index(i) => {
+            let at = if i < 0 { n + i } else { i };
+            if (0..n).contains(&at) {
+                vec![hosts[at as usize].clone()]
+            } else if n == 0 {
+                Vec::new()
+            } else {
+                return Err(format!(
+                    "index {i} is out of range: it has {n} host(s), indexes 0 to {} (or -{n} to -1)",
+                    n - 1
+                ));
+            }
+        }
+        Slice::Range(a, b) => {
+            let a = norm(a.unwrap_or(0));
+            let b = norm(b.unwrap_or(n));
+            if a >= b {
+                Vec::new()
+            } else {
+                hosts[a as usize..b as usize].to_vec()
+            }
+        }
+    })
+}
+
 fn json_key(k: &str) -> String {
     serde_json::Value::String(k.to_owned()).to_string()
 }
@@ -1336,115 +1192,6 @@ fn json_key(k: &str) -> String {
 /// Reads the groups/hosts a runbook expects from a shared inventory; convenience for tests.
 pub fn parse_str(path: &str, text: &str) -> Result<Inventory, Diagnostics> {
     Inventory::parse(&Source::new(path, text))
-}
-
-/// Checks that every `on` selector names hosts or groups the inventory has. A runbook that
-/// adds hosts at run time (`inventory.add_host`) is only checked for selectors that parse:
-/// its groups may not exist yet. Without an inventory, steps with `on` are reported as
-/// `missing` says (an error when running, a warning for `runbook check`).
-pub fn check_targets(
-    runbook: &crate::runbook::Runbook,
-    inventory: Option<&Inventory>,
-    missing_is_error: bool,
-) -> Diagnostics {
-    let mut diags = Diagnostics::default();
-    let adds_hosts = crate::analyzer::runbook_calls(runbook, "add_host");
-    for step in &runbook.steps {
-        let Some((selector, span)) = &step.on else {
-            continue;
-        };
-        let Some(inv) = inventory else {
-            if adds_hosts {
-                continue;
-            }
-            let message = format!(
-                "step `{}` runs on hosts (`on = \"{selector}\"`) but there is no inventory",
-                step.id
-            );
-            let d = if missing_is_error {
-                Diagnostic::error(Code::UnknownTarget, message)
-            } else {
-                Diagnostic::warning(Code::UnknownTarget, message)
-            };
-            diags.push(
-                d.at(&runbook.source, span.clone(), "no inventory to pick hosts from")
-                    .help("name one with `[runbook] inventory = \"inventory.toml\"` or `--inventory FILE`"),
-            );
-            continue;
-        };
-        if adds_hosts {
-            continue;
-        }
-        let unknown = selector
-            .names()
-            .any(|name| name != "all" && inv.host(name).is_none() && inv.group(name).is_none());
-        if !unknown {
-            if let Err(e) = inv.select(selector) {
-                diags.push(Diagnostic::error(Code::UnknownTarget, e).at(
-                    &runbook.source,
-                    span.clone(),
-                    "selects a host that does not exist",
-                ));
-            }
-        }
-        for name in selector.names() {
-            if name == "all" || inv.host(name).is_some() || inv.group(name).is_some() {
-                continue;
-            }
-            let names: Vec<String> = inv
-                .hosts()
-                .iter()
-                .map(|h| h.name.clone())
-                .chain(inv.group_names())
-                .collect();
-            let mut d = Diagnostic::error(
-                Code::UnknownTarget,
-                format!(
-                    "`on` names `{name}`, which is neither a host nor a group of the inventory"
-                ),
-            )
-            .at(&runbook.source, span.clone(), "unknown host or group");
-            if let Some(s) = crate::diagnostic::suggest(name, names.iter().map(String::as_str)) {
-                d = d.help(format!("did you mean `{s}`?"));
-            } else if let Some(src) = &inv.source {
-                d = d.note(format!(
-                    "`{}` has groups: {}",
-                    src.path().display(),
-                    inv.group_names().join(", ")
-                ));
-            }
-            diags.push(d);
-        }
-    }
-    // A key file that is not there fails every connection to the host; worth saying before
-    // the run (it may exist only on the machine that runs, hence a warning).
-    if let Some(inv) = inventory {
-        let used = runbook.steps.iter().any(|s| s.on.is_some());
-        for h in inv.hosts().iter().filter(|_| used) {
-            let missing: Vec<String> = h
-                .identity_files
-                .iter()
-                .filter(|p| !p.exists())
-                .map(|p| format!("`{}`", p.display()))
-                .collect();
-            if !missing.is_empty() {
-                let place = inv
-                    .source
-                    .as_ref()
-                    .map(|s| format!(" in `{}`", s.path().display()))
-                    .unwrap_or_default();
-                diags.push(Diagnostic::warning(
-                    Code::Inventory,
-                    format!(
-                        "host `{}`{place}: identity file {} does not exist here",
-                        h.name,
-                        missing.join(", ")
-                    ),
-                ));
-            }
-        }
-    }
-    diags
 }
 
 #[cfg(test)]

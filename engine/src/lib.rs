@@ -14,6 +14,7 @@ pub mod executor;
 pub mod expr;
 pub mod graph;
 pub mod inventory;
+pub mod model;
 pub mod params;
 pub mod plan;
 pub mod redact;

@@ -6,46 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::expr::Expr;
-use crate::inventory::Selector;
+use crate::model::Selector;
+pub use crate::model::{Located, StepId};
 use crate::retry::RetryPolicy;
 use crate::source::{Source, Span};
 use crate::template::Template;
-
-/// A step id: letters, digits, `-`, `_`, `.`; it names a directory in the evidence bundle.
-#[derive(
-    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
-#[serde(transparent)]
-pub struct StepId(Arc<str>);
-
-impl StepId {
-    pub fn new(id: &str) -> Self {
-        Self(Arc::from(id))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    /// The form used to detect ids that collide in practice (`Build_Image` vs `build-image`).
-    pub fn normalized(&self) -> String {
-        self.0.to_lowercase().replace('_', "-")
-    }
-
-    /// Whether `id` is acceptable as a step id or runbook name.
-    pub fn is_valid(id: &str) -> bool {
-        let mut chars = id.chars();
-        matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
-            && id.len() <= 64
-            && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-    }
-}
-
-impl fmt::Display for StepId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
 
 #[derive(Debug)]
 pub struct Runbook {
@@ -74,60 +39,6 @@ pub struct DrillSpec {
     /// An expression giving the restored data's time (RFC 3339 or Unix seconds), evaluated
     /// when the run ends: `steps["restore"].outputs.snapshot_time`.
     pub restored_data_time: Option<SpannedExpr>,
-}
-
-/// Where a string value sits in the runbook file, to turn positions inside it into
-/// `file:line:col` for errors found while running.
-#[derive(Debug, Clone)]
-pub struct Located {
-    /// The TOML string token.
-    pub span: Span,
-    /// Byte offset of the value's first character, when the token holds it verbatim.
-    pub origin: Option<usize>,
-}
-
-impl Located {
-    /// The span of byte `offset` inside the value (the whole token when escapes blur it).
-    pub fn at(&self, offset: usize) -> Span {
-        match self.origin {
-            Some(o) => o + offset..o + offset + 1,
-            None => self.span.clone(),
-        }
-    }
-
-    /// Offset inside the value of a 1-based line/column position inside it.
-    pub fn offset_of(text: &str, line: usize, column: usize) -> usize {
-        let mut l = 1;
-        let mut c = 1;
-        for (i, ch) in text.char_indices() {
-            if l == line && c == column {
-                return i;
-            }
-            if ch == '\n' {
-                l += 1;
-                c = 1;
-            } else {
-                c += 1;
-            }
-        }
-        text.len()
-    }
-
-    /// `file:line:col` of a 1-based position inside the value.
-    pub fn describe(
-        &self,
-        source: &Source,
-        text: &str,
-        line: Option<usize>,
-        column: Option<usize>,
-    ) -> String {
-        let offset = match (line, column) {
-            (Some(l), Some(c)) => Self::offset_of(text, l, c),
-            _ => 0,
-        };
-        let lc = source.line_col(self.at(offset).start);
-        format!("{}:{}:{}", source.path().display(), lc.line, lc.column)
-    }
 }
 
 /// A compiled Rhai expression or script and where it is written.

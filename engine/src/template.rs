@@ -22,7 +22,7 @@ pub struct Template {
     raw: String,
     parts: Vec<Part>,
     /// Where the string is written in the runbook, for errors found while rendering.
-    pub at: Option<crate::runbook::Located>,
+    pub at: Option<crate::model::Located>,
 }
 
 /// A template that does not parse: the message and the byte offset inside the template string.

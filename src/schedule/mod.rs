@@ -18,7 +18,7 @@ use chrono::Utc;
 use clap::{Args, Subcommand};
 use runbook_engine::Diagnostics;
 
-use crate::cli::exit;
+use crate::exit;
 use crate::render::{self, diagnostics_to_string, stderr_color};
 use file::{CatchUp, Overlap, ScheduleFile};
 

@@ -102,14 +102,14 @@ pub fn run(file: ScheduleFile, names: Vec<String>, opts: Options) -> i32 {
         Ok(rt) => rt,
         Err(e) => {
             crate::render::error(&format!("cannot start the async runtime: {e}"));
-            return crate::cli::exit::RUN_FAILED;
+            return crate::exit::RUN_FAILED;
         }
     };
     runtime.block_on(run_async(file, names, opts))
 }
 
 async fn run_async(file: ScheduleFile, names: Vec<String>, opts: Options) -> i32 {
-    use crate::cli::exit;
+    use crate::exit;
     let exe = match std::env::current_exe() {
         Ok(p) => p,
         Err(e) => {

@@ -16,6 +16,7 @@ mod reader;
 mod references;
 mod sections;
 mod steps;
+mod targets;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +35,7 @@ use reader::{get, ShiftedSpans};
 
 pub(crate) use references::refs_in;
 pub use references::{calls, references, runbook_calls, step_references};
+pub use targets::check_targets;
 
 /// Parses and validates a runbook. Returns the runbook whenever its structure could be read —
 /// also when there are errors, so that the graph checks can still report theirs in the same

@@ -11,7 +11,7 @@ use super::references::{expr_references, expr_refs_in, property_paths};
 use super::{Analyzer, Defaults};
 use crate::diagnostic::{Code, Diagnostic};
 use crate::expr::Context;
-use crate::inventory::Selector;
+use crate::model::Selector;
 use crate::retry::RetryPolicy;
 use crate::runbook::{
     Action, Budget, Capture, Gate, Need, ParamSpec, RequestKind, SpannedExpr, Spec, StepId,

@@ -27,7 +27,8 @@ use crate::event::{
 use crate::event::{Receipt, TargetResult};
 use crate::expr::{display_value, dynamic_to_json, truthy, Effects, EvalError, ExprHost};
 use crate::graph::StepIdx;
-use crate::inventory::{Host, Selector};
+use crate::inventory::Host;
+use crate::model::Selector;
 use crate::plan::{Plan, RunInfo};
 use crate::run_state::RunState;
 use crate::runbook::{
