@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod recorder;
 pub mod redact;
 pub mod report;
+pub mod resume;
 mod run_view;
 pub mod scrub;
 pub mod sign;
