@@ -116,33 +116,12 @@ fn load(path: &Path, host: &ExprHost) -> Result<Loaded, i32> {
     }
 }
 
-/// Checks of what the CLI, not the engine, gives meaning to: `[notify]` webhooks and whether
-/// a browser exists for `screenshot` steps.
+/// Checks of what only this machine can tell: whether a browser exists for `screenshot`
+/// steps. (`[notify]` is checked by the analyzer with the rest of the runbook.)
 fn cli_checks(runbook: &Runbook) -> Diagnostics {
     use runbook_engine::diagnostic::Diagnostic;
     use runbook_engine::runbook::{Action, RequestKind};
     let mut d = Diagnostics::default();
-    if let Some((value, span)) = &runbook.notify {
-        // The webhook is only used when a run ends, maybe to report its failure: an address
-        // that cannot work must be found now, not when the alert is due.
-        let problem = match serde_json::from_value::<crate::notify::NotifySpec>(value.clone()) {
-            Err(e) => Some(e.to_string()),
-            Ok(spec) => runbook_engine::request_check::check_value(
-                RequestKind::Http,
-                "url",
-                &serde_json::Value::String(spec.url.clone()),
-            )
-            .err()
-            .map(|e| e.replace(&spec.url, &crate::notify::redact_url(&spec.url))),
-        };
-        if let Some(e) = problem {
-            d.push(
-                Diagnostic::error(Code::BadValue, format!("`[notify]`: {e}"))
-                    .at(&runbook.source, span.clone(), "in this table")
-                    .help("keys: url (http or https), format = \"generic\" | \"slack\", on = [\"failure\", \"success\", \"rto_missed\", \"always\"], headers, timeout, retries"),
-            );
-        }
-    }
     let screenshot_step = runbook.steps.iter().find(|s| {
         let direct = matches!(s.action, Action::Request { kind: RequestKind::Screenshot, .. });
         let in_block = matches!(&s.action, Action::Block { steps } if steps.iter().any(|b| matches!(b.action, Action::Request { kind: RequestKind::Screenshot, .. })));

@@ -21,7 +21,8 @@ pub struct Runbook {
     pub steps: Vec<StepSpec>,
     /// `[drill]`: recovery objectives this run measures.
     pub drill: Option<DrillSpec>,
-    /// `[notify]`: webhooks told how the run ended (checked and sent by the CLI).
+    /// `[notify]`: the webhook told how the run ended (checked by the analyzer, sent by the
+    /// CLI).
     pub notify: Option<(serde_json::Value, Span)>,
 }
 

@@ -515,6 +515,21 @@ fn a_notify_url_that_cannot_work_is_found_by_check() {
             .assert_stderr_contains("runbook.toml:3:1");
         assert!(!out.stderr.contains("SECRETPATH"), "{}", out.stderr);
     }
+    // Every other value is checked with the rest of the runbook too, each problem named.
+    let toml = format!(
+        "{HEAD}[notify]\nurl = \"https://hooks.example.test/T000/SECRETPATH\"\non = [\"sometimes\"]\nretries = -1\ntimeout = \"0s\"\nformat = \"teams\"\ncolour = 1\n[[steps]]\nid = \"a\"\nrun = \"true\"\n"
+    );
+    let out = Test::new()
+        .runbook(&toml)
+        .args(["check", "runbook.toml"])
+        .run();
+    out.assert_code(2)
+        .assert_stderr_contains("`[notify]`: `on` must be a list of")
+        .assert_stderr_contains("`[notify]`: `retries` must be a whole number")
+        .assert_stderr_contains("`[notify]`: `timeout` must be more than zero")
+        .assert_stderr_contains("`[notify]`: `format` must be \"generic\" or \"slack\"")
+        .assert_stderr_contains("unknown key `colour`");
+    assert!(!out.stderr.contains("SECRETPATH"), "{}", out.stderr);
 }
 
 /// Values no command could use are errors at check, not failures (or silent no-ops) at run.

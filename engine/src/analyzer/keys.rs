@@ -25,6 +25,7 @@ pub(super) const STRATEGY_KEYS: &[&str] = &[
     "gate_before_first",
 ];
 pub(super) const EVIDENCE_KEYS: &[&str] = &["facts", "redact", "timestamp_url"];
+pub(super) const NOTIFY_KEYS: &[&str] = &["url", "format", "on", "headers", "timeout", "retries"];
 pub(super) const RUNBOOK_KEYS: &[&str] = &[
     "name",
     "title",

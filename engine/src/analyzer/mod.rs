@@ -166,10 +166,7 @@ impl Analyzer<'_> {
             }
         };
         let drill = get(root_table, "drill").and_then(|v| self.drill(v, &params, &shifted));
-        let notify = get(root_table, "notify").and_then(|v| {
-            self.table(v, "notify", &shifted)?;
-            Some((self.json(v, &shifted)?, shifted.span(v.span())))
-        });
+        let notify = get(root_table, "notify").and_then(|v| self.notify(v, &shifted));
         let mut meta = meta?;
         meta.facts = facts;
         meta.redact = redact;

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use toml::de::DeValue;
 
 use super::keys::{
-    DEFAULT_KEYS, DRILL_KEYS, EVIDENCE_KEYS, HOOK_KEYS, PARAM_KEYS, RETRY_KEYS, RUNBOOK_KEYS,
+    DEFAULT_KEYS, DRILL_KEYS, EVIDENCE_KEYS, HOOK_KEYS, NOTIFY_KEYS, PARAM_KEYS, RETRY_KEYS,
+    RUNBOOK_KEYS,
 };
 use super::reader::{get, is_identifier, ShiftedSpans, Value};
 use super::{Analyzer, Defaults};
@@ -215,6 +216,78 @@ impl Analyzer<'_> {
             .map(|(f, _)| f)
             .collect();
         (facts, redact, timestamp_url)
+    }
+
+    /// `[notify]`: the webhook told how the run ended (sent by the CLI). It is used when a
+    /// run ends, maybe to report its failure, so a value that cannot work must be found now.
+    /// Errors point at the table, not the line: a webhook's path often holds a token, and the
+    /// URL itself is never printed.
+    pub(super) fn notify(
+        &mut self,
+        v: &Value<'_>,
+        s: &ShiftedSpans,
+    ) -> Option<(serde_json::Value, Span)> {
+        use serde_json::Value as J;
+        let t = self.table(v, "notify", s)?;
+        self.check_keys(t, NOTIFY_KEYS, "`[notify]`", s);
+        let json = self.json(v, s)?;
+        let span = s.span(v.span());
+        let mut problems = Vec::new();
+        match json.get("url") {
+            None => problems.push("`url` is missing".to_owned()),
+            Some(J::String(url)) => {
+                if let Err(e) = crate::request_check::url(&json["url"], &["http", "https"]) {
+                    problems.push(e.replace(url.as_str(), "<webhook url>"));
+                }
+            }
+            Some(_) => problems.push("`url` must be a string".to_owned()),
+        }
+        match json.get("format") {
+            None => {}
+            Some(J::String(f)) if matches!(f.as_str(), "generic" | "slack") => {}
+            Some(_) => problems.push("`format` must be \"generic\" or \"slack\"".to_owned()),
+        }
+        match json.get("on") {
+            None => {}
+            Some(J::Array(whens))
+                if whens.iter().all(|w| {
+                    matches!(
+                        w.as_str(),
+                        Some("failure" | "success" | "rto_missed" | "always")
+                    )
+                }) => {}
+            Some(_) => problems.push(
+                "`on` must be a list of \"failure\", \"success\", \"rto_missed\", \"always\""
+                    .to_owned(),
+            ),
+        }
+        if let Some(h) = json.get("headers") {
+            if let Err(e) = crate::request_check::table_of_strings("headers", h) {
+                problems.push(e);
+            }
+        }
+        match json.get("timeout") {
+            None => {}
+            Some(J::String(d)) => match crate::duration::parse_duration(d) {
+                Ok(d) if d.is_zero() => problems.push("`timeout` must be more than zero".into()),
+                Ok(_) => {}
+                Err(e) => problems.push(format!("`timeout`: {e}")),
+            },
+            Some(_) => problems.push("`timeout` must be a duration like \"10s\"".to_owned()),
+        }
+        match json.get("retries") {
+            None => {}
+            Some(r) if r.as_u64().is_some_and(|n| u32::try_from(n).is_ok()) => {}
+            Some(_) => problems.push("`retries` must be a whole number, 0 or more".to_owned()),
+        }
+        for p in &problems {
+            self.push(
+                Diagnostic::error(Code::BadValue, format!("`[notify]`: {p}"))
+                    .at(&self.src, span.clone(), "in this table")
+                    .help("keys: url (http or https), format = \"generic\" | \"slack\", on = [\"failure\", \"success\", \"rto_missed\", \"always\"], headers, timeout, retries"),
+            );
+        }
+        problems.is_empty().then_some((json, span))
     }
 
     pub(super) fn defaults(
