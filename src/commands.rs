@@ -767,6 +767,19 @@ fn take_lock(dir: &Path, me: &Holder, break_lock: bool) -> Result<(RunLock, Opti
         Ok((lock, stale)) => {
             if let Some(h) = &stale {
                 eprintln!("note: took over the lock of a run that did not finish: {h}");
+                // Its runner is gone, but the processes its steps started may not be: stop
+                // them before anything new runs beside them (with `--break-lock` too).
+                if h.provably_dead() {
+                    for g in runbook_steps::stop_run_processes(
+                        &h.run_id,
+                        std::time::Duration::from_secs(5),
+                    ) {
+                        eprintln!(
+                            "note: stopped process group {g}, left running by run {}",
+                            h.run_id
+                        );
+                    }
+                }
             }
             Ok((lock, stale))
         }
@@ -1040,8 +1053,25 @@ fn resume(args: &ResumeArgs) -> i32 {
     let previous = inspected.status();
     // The journal says the run ended, but the runner died while sealing (manifest, report,
     // `SHA256SUMS`): seal it now, as the run would have.
-    if interrupted.died_while_sealing(previous) {
-        return seal_interrupted(bundle, &evidence_dir, inspected, previous, &args.exec);
+    // A run that succeeded has nothing left to do but its sealing; one that failed, was
+    // cancelled or awaits approval is resumed as usual (and sealed again at its end).
+    let stamped =
+        args.exec.signing.timestamp_url.is_some() || loaded.runbook.meta.timestamp_url.is_some();
+    if previous == RunStatus::Succeeded
+        && interrupted.died_while_sealing(
+            previous,
+            sign_key.as_ref().map(SecretKey::public_key).as_ref(),
+            stamped,
+        )
+    {
+        return seal_interrupted(
+            bundle,
+            &evidence_dir,
+            inspected,
+            previous,
+            &args.exec,
+            loaded.runbook.meta.timestamp_url.as_deref(),
+        );
     }
     if previous == RunStatus::Succeeded {
         render::error(&format!(
@@ -1350,6 +1380,7 @@ fn seal_interrupted(
     recorder: Recorder,
     status: RunStatus,
     exec: &crate::cli::ExecArgs,
+    runbook_timestamp_url: Option<&str>,
 ) -> i32 {
     let op = operator();
     let me = Holder::me(
@@ -1370,22 +1401,30 @@ fn seal_interrupted(
             return code;
         }
     };
-    let sealed = recorder.finish().and_then(|dir| {
-        if let Some(key) = &sign_key {
-            let comment = runbook_evidence::verify::default_trusted_comment(&dir)?;
-            runbook_evidence::verify::sign_bundle(&dir, key, &comment)?;
-        }
-        Ok(dir)
-    });
+    let timestamp_url = exec
+        .signing
+        .timestamp_url
+        .clone()
+        .or_else(|| runbook_timestamp_url.map(str::to_owned));
+    let sealed = session::seal_bundle(
+        recorder,
+        sign_key.as_ref(),
+        exec.signing.textfile_dir.as_deref(),
+        timestamp_url.as_deref(),
+    );
     lock.release();
     match sealed {
-        Ok(dir) => {
+        Ok((dir, stamp_failed)) => {
             eprintln!(
                 "run {} had {} but was interrupted while sealing its bundle; sealed now: {}",
                 me.run_id,
                 status.as_str(),
                 dir.display()
             );
+            if let Some(message) = stamp_failed {
+                render::error(&message);
+                return exit::RUN_FAILED;
+            }
             match status {
                 RunStatus::Succeeded => exit::OK,
                 RunStatus::Cancelled => exit::INTERRUPTED,

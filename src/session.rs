@@ -174,9 +174,13 @@ pub fn execute(s: Session) -> i32 {
     }
     let mut stamp_failed = None;
     let finished = recorder.map(|r| {
-        let dir = r.finish()?;
-        seal(&dir, s.sign_key.as_ref(), s.textfile_dir.as_deref())?;
-        stamp_failed = stamp(&dir, s.timestamp_url.as_deref());
+        let (dir, failed) = seal_bundle(
+            r,
+            s.sign_key.as_ref(),
+            s.textfile_dir.as_deref(),
+            s.timestamp_url.as_deref(),
+        )?;
+        stamp_failed = failed;
         Ok(dir)
     });
     if let Some(message) = stamp_failed {
@@ -233,6 +237,22 @@ pub fn execute(s: Session) -> i32 {
         );
     }
     code
+}
+
+/// Seals a bundle whose run has ended: the manifest, reports and `SHA256SUMS` (the
+/// recorder's `finish`), then the signature, the metrics textfile and the RFC 3161 time-stamp,
+/// each when asked for. The same for a run that ends and for one `resume` seals after the
+/// runner died while sealing. Returns the bundle and why its time-stamp failed, if it did.
+pub(crate) fn seal_bundle(
+    recorder: Recorder,
+    key: Option<&runbook_evidence::sign::SecretKey>,
+    textfile_dir: Option<&Path>,
+    timestamp_url: Option<&str>,
+) -> Result<(std::path::PathBuf, Option<String>), runbook_evidence::EvidenceError> {
+    let dir = recorder.finish()?;
+    seal(&dir, key, textfile_dir)?;
+    let stamp_failed = stamp(&dir, timestamp_url);
+    Ok((dir, stamp_failed))
 }
 
 /// Gets the sealed bundle's RFC 3161 time-stamp when asked to; a token left from before

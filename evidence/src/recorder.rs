@@ -205,7 +205,7 @@ impl Recorder {
                 .with_shapes(shapes),
             secrets: cfg.secrets,
             unsynced: false,
-            crash_after: crash_point(),
+            crash_after: crate::crash::after_append(),
             logs: HashMap::new(),
             casts: HashMap::new(),
             manifest,
@@ -497,6 +497,10 @@ impl Recorder {
             RunEvent::StepStarted { at, step } => {
                 if let Some(s) = self.step_mut(step.as_str()) {
                     s.started_at.get_or_insert(*at);
+                    // Started again (a resume): what an earlier run concluded (skipped while
+                    // awaiting approval, failed) no longer holds until it finishes again.
+                    s.status = None;
+                    s.reason = None;
                 }
             }
             RunEvent::AttemptStarted {
@@ -746,7 +750,7 @@ impl Recorder {
             redactor: ByteRedactor::with_counts(&known, Some(Arc::default())),
             secrets: known,
             unsynced: false,
-            crash_after: crash_point(),
+            crash_after: crate::crash::after_append(),
             removed_partials: Vec::new(),
             logs: HashMap::new(),
             casts: HashMap::new(),
@@ -884,6 +888,12 @@ impl Recorder {
 
     /// Writes the final manifest and `SHA256SUMS`. Returns the bundle directory.
     pub fn finish(mut self) -> Result<PathBuf, EvidenceError> {
+        crate::crash::sealing_starts();
+        // A sealing that died between writing a file and renaming it into place left the
+        // temporary file: it is no part of the record.
+        for tmp in crate::resume::seal_leftovers(&self.dir) {
+            std::fs::remove_file(&tmp).map_err(write_err(&tmp))?;
+        }
         // Logs still open belong to attempts that never reported an end (a crash mid-run).
         for (_, log) in self.logs.drain() {
             log.finish()?;
@@ -919,6 +929,7 @@ impl Recorder {
         self.journal
             .sync_all()
             .map_err(write_err(&self.journal_path))?;
+        crate::crash::sealing_step();
         self.unsynced = true;
         self.flush()?;
         checksums::write(&self.dir)?;
@@ -1248,7 +1259,10 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
         f.write_all(data)?;
         f.sync_all()?;
     }
-    std::fs::rename(&tmp, path)
+    crate::crash::sealing_step();
+    std::fs::rename(&tmp, path)?;
+    crate::crash::sealing_step();
+    Ok(())
 }
 
 impl Recorder {
@@ -1332,12 +1346,6 @@ fn remove_stale_partials(parent: &Path, mine: &Path) -> Vec<PathBuf> {
         })
         .filter(|p| std::fs::remove_dir_all(p).is_ok())
         .collect()
-}
-
-fn crash_point() -> Option<u64> {
-    std::env::var("RUNBOOK_CRASH_AFTER_APPEND")
-        .ok()
-        .and_then(|n| n.parse().ok())
 }
 
 /// stdout and stderr of an attempt, rebuilt from its log (the last MiB of each).

@@ -10,6 +10,7 @@ use runbook_engine::event::{RunEvent, RunStatus};
 use crate::checksums::sha256_bytes;
 use crate::manifest::Manifest;
 use crate::recorder::{check_journal_covers_bundle, JournalBehind};
+use crate::sign::PublicKey;
 use crate::verify::{verify_bundle, Problem};
 
 /// Why a bundle cannot be resumed.
@@ -132,12 +133,24 @@ impl Interrupted {
     }
 
     /// The journal says the run ended (`status`), but the runner died while sealing:
-    /// `SHA256SUMS` is missing or disagrees with the files or the manifest.
-    pub fn died_while_sealing(&self, status: RunStatus) -> bool {
+    /// `SHA256SUMS` is missing or disagrees with the files or the manifest, a temporary file
+    /// of sealing is left, or what this resume is asked to add is not there yet — the
+    /// signature of `signed_by` (missing, or over other checksums) or the RFC 3161 token
+    /// (`stamped`).
+    pub fn died_while_sealing(
+        &self,
+        status: RunStatus,
+        signed_by: Option<&PublicKey>,
+        stamped: bool,
+    ) -> bool {
         if matches!(status, RunStatus::Running | RunStatus::Interrupted) {
             return false;
         }
-        verify_bundle(&self.bundle, None).problems.iter().any(|p| {
+        if has_seal_leftovers(&self.bundle) {
+            return true;
+        }
+        let report = verify_bundle(&self.bundle, signed_by);
+        let unsealed = report.problems.iter().any(|p| {
             matches!(
                 p,
                 Problem::SumsMissing
@@ -147,7 +160,10 @@ impl Interrupted {
                     | Problem::MalformedSums { .. }
                     | Problem::ManifestDisagrees { .. }
             )
-        })
+        });
+        let unsigned = signed_by.is_some() && !report.problems.is_empty();
+        let unstamped = stamped && !self.bundle.join("SHA256SUMS.tsr").is_file();
+        unsealed || unsigned || unstamped
     }
 
     /// Local processes the journal says were started and never reported ended.
@@ -204,4 +220,22 @@ pub fn unfinished_processes(events: &[(u64, RunEvent)]) -> Vec<LeftoverProcess> 
         }
     }
     open.into_iter().map(|(_, _, p)| p).collect()
+}
+
+/// A temporary file sealing writes before renaming it into place (`manifest.tmp`,
+/// `SHA256SUMS.tmp`, …): one left behind means the runner died between the two.
+pub fn has_seal_leftovers(bundle: &Path) -> bool {
+    !seal_leftovers(bundle).is_empty()
+}
+
+/// The temporary files of an interrupted sealing, in the bundle's top directory.
+pub fn seal_leftovers(bundle: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(bundle)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "tmp"))
+                .collect()
+        })
+        .unwrap_or_default()
 }

@@ -288,15 +288,19 @@ fn a_full_evidence_disk_starts_nothing_it_cannot_record_and_resume_finishes_late
 }
 
 /// The reference runbook of the crash-point enumeration: a retry with backoff, a parallel
-/// pair, a collected file, outputs a later step reads, and an `always` cleanup. Each attempt
-/// appends its step to `ledger`.
-const REFERENCE: &str = r#"[runbook]
+/// pair, a collected file, outputs a later step reads, an approval gate, a step over SSH (on
+/// a real sshd, appending to the same ledger through its absolute path) and an `always`
+/// cleanup. Each attempt appends its step to `ledger`.
+fn reference(ledger: &Path) -> String {
+    format!(
+        r#"[runbook]
 name = "crashpoints"
+inventory = "inventory.toml"
 
 [[steps]]
 id = "flaky"
 run = "echo flaky >> ledger; if [ ! -e flaky.ok ]; then touch flaky.ok; exit 1; fi"
-retry = { attempts = 3, delay = "20ms", backoff = "exponential" }
+retry = {{ attempts = 3, delay = "20ms", backoff = "exponential" }}
 
 [[steps]]
 id = "left"
@@ -308,56 +312,129 @@ id = "right"
 needs = ["flaky"]
 run = "echo right >> ledger; echo report > report.txt; echo hello"
 collect = ["report.txt"]
-outputs = { word = "output.stdout.trim()" }
+outputs = {{ word = "output.stdout.trim()" }}
 
 [[steps]]
 id = "join"
 needs = ["left", "right"]
-run = "echo join-{{ steps.right.outputs.word }} >> ledger"
+run = "echo join-{{{{ steps.right.outputs.word }}}} >> ledger"
+
+[[steps]]
+id = "gate"
+needs = ["join"]
+approve = "Go on with the remote part?"
+run = "echo gate >> ledger"
+
+[[steps]]
+id = "remote"
+needs = ["gate"]
+on = "servers"
+run = "echo remote >> {ledger}"
 
 [[steps]]
 id = "cleanup"
-needs = ["join"]
+needs = ["remote"]
 always = true
 run = "echo cleanup >> ledger"
-"#;
+"#,
+        ledger = ledger.display()
+    )
+}
 
 fn count(lines: &[String], what: &str) -> usize {
     lines.iter().filter(|l| l.as_str() == what).count()
 }
 
+/// What a crashed bundle's journal says: the steps whose attempts were announced, and those
+/// whose success was recorded (the step's record, or its attempt's).
+fn announced_and_done(bundle: &Path) -> (Vec<String>, Vec<String>) {
+    let journal = read_journal(bundle);
+    let announced = steps_with(&journal, "attempt_started", |_| true);
+    let mut done = steps_with(&journal, "step_finished", |e| e["status"] == "succeeded");
+    done.extend(steps_with(&journal, "attempt_finished", |e| {
+        e["outcome"]["kind"] == "exited" && e["outcome"]["code"] == 0
+    }));
+    (announced, done)
+}
+
+const REFERENCE_STEPS: [&str; 7] = [
+    "flaky", "left", "right", "gate", "remote", "cleanup", "join",
+];
+
 /// Crash-point enumeration, as SQLite and FoundationDB test durability: the runner aborts
-/// right after its N-th journal record (`RUNBOOK_CRASH_AFTER_APPEND`), for every N, and a
-/// plain `resume` must finish the run. Each time: every attempt in the ledger has its
-/// `attempt_started`; a step whose success was recorded (its step record, or its attempt's)
-/// does not run again; the restored outputs reach the step that reads them; the bundle
-/// verifies; no `--break-lock` is needed.
+/// right after its N-th journal record (`RUNBOOK_CRASH_AFTER_APPEND`, counted over the whole
+/// journal, so N runs on into the approved resume), for every N, and a plain `resume` must
+/// finish the run. Each time: every attempt in the ledger has its `attempt_started`; a step
+/// whose success was recorded does not run again; the restored outputs reach the step that
+/// reads them; the bundle verifies; no `--break-lock` is needed.
 #[test]
 fn every_crash_point_of_the_reference_runbook_resumes_to_a_verifying_bundle() {
+    let sshd = crate::hosts::sshd::Sshd::start();
     let mut n = 1;
     loop {
         let tmp = tempfile::tempdir().expect("temp dir");
         let dir = tmp.path();
-        std::fs::write(dir.join("runbook.toml"), REFERENCE).expect("write");
+        let ledger_path = dir.join("ledger");
+        std::fs::write(dir.join("runbook.toml"), reference(&ledger_path)).expect("write");
+        std::fs::write(
+            dir.join("inventory.toml"),
+            format!(
+                "[hosts.node-1]\naddress = \"127.0.0.1\"\nport = {}\nuser = \"{}\"\nidentity_file = \"{}\"\nknown_hosts = \"{}\"\ngroups = [\"servers\"]\n",
+                sshd.port(),
+                sshd.user(),
+                sshd.client_key_path().display(),
+                sshd.known_hosts_path().display(),
+            ),
+        )
+        .expect("inventory");
         let out = run_cmd(dir)
             .env("RUNBOOK_CRASH_AFTER_APPEND", n.to_string())
             .output()
             .expect("run");
-        if out.status.success() {
-            assert!(n > 20, "the reference runbook writes more than {n} records");
-            break;
-        }
-        assert_eq!(
-            out.status.code(),
-            None,
-            "crash point {n}: the run should have been aborted: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let resume = |crash: Option<u64>| {
+            let bundle = find_bundle(dir);
+            let mut cmd = runbook(
+                dir,
+                &[
+                    "resume",
+                    bundle.to_str().expect("utf-8"),
+                    "--approve",
+                    "gate",
+                    "--no-progress",
+                ],
+            );
+            if let Some(k) = crash {
+                cmd.env("RUNBOOK_CRASH_AFTER_APPEND", k.to_string());
+            }
+            cmd.output().expect("resume")
+        };
+        // The gate stops the first run (nobody to ask): the approved resume goes on counting.
+        let crashed = match out.status.code() {
+            None => true,
+            Some(4) => {
+                let out = resume(Some(n));
+                match out.status.code() {
+                    None => true,
+                    Some(0) => {
+                        assert!(n > 30, "the reference runbook writes more than {n} records");
+                        break;
+                    }
+                    other => panic!(
+                        "crash point {n}: the approved resume exited {other:?}: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    ),
+                }
+            }
+            other => panic!(
+                "crash point {n}: the run should have been aborted or awaited approval, it exited {other:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        };
+        assert!(crashed);
         let bundle = find_bundle(dir);
-        let journal = read_journal(&bundle);
-        let announced = steps_with(&journal, "attempt_started", |_| true);
+        let (announced, done) = announced_and_done(&bundle);
         let before = ledger(dir);
-        for step in ["flaky", "left", "right", "cleanup"] {
+        for step in REFERENCE_STEPS {
             assert!(
                 count(&before, step) <= count(&announced, step),
                 "crash point {n}: `{step}` ran {} time(s), journal announces {}",
@@ -365,20 +442,7 @@ fn every_crash_point_of_the_reference_runbook_resumes_to_a_verifying_bundle() {
                 count(&announced, step)
             );
         }
-        let done: Vec<String> = {
-            let mut d = steps_with(&journal, "step_finished", |e| e["status"] == "succeeded");
-            d.extend(steps_with(&journal, "attempt_finished", |e| {
-                e["outcome"]["kind"] == "exited" && e["outcome"]["code"] == 0
-            }));
-            d
-        };
-
-        let out = runbook(
-            dir,
-            &["resume", bundle.to_str().expect("utf-8"), "--no-progress"],
-        )
-        .output()
-        .expect("resume");
+        let out = resume(None);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(
             out.status.code(),
@@ -387,7 +451,7 @@ fn every_crash_point_of_the_reference_runbook_resumes_to_a_verifying_bundle() {
         );
         assert!(!stderr.contains("break-lock"), "crash point {n}: {stderr}");
         let after = ledger(dir);
-        for step in ["flaky", "left", "right"] {
+        for step in ["flaky", "left", "right", "gate"] {
             if done.iter().any(|d| d == step) {
                 assert_eq!(
                     count(&after, step),
@@ -396,7 +460,7 @@ fn every_crash_point_of_the_reference_runbook_resumes_to_a_verifying_bundle() {
                 );
             }
         }
-        for want in ["left", "right", "join-hello", "cleanup"] {
+        for want in ["left", "right", "join-hello", "gate", "remote", "cleanup"] {
             assert!(
                 after.iter().any(|l| l == want),
                 "crash point {n}: `{want}` missing after resume: {after:?}"
@@ -404,6 +468,119 @@ fn every_crash_point_of_the_reference_runbook_resumes_to_a_verifying_bundle() {
         }
         crate::common::assert_bundle_verifies(&bundle);
         n += 1;
+    }
+}
+
+/// The same for sealing: the runner aborts right after each file operation of sealing (a
+/// temporary file written and synced, a rename, the journal's sync; `RUNBOOK_CRASH_IN_SEAL`),
+/// for every one, with a signing key. `resume` seals the bundle, runs nothing again, and the
+/// bundle verifies against the public key.
+#[test]
+fn every_crash_point_of_sealing_resumes_to_a_signed_verifying_bundle() {
+    let keys = tempfile::tempdir().expect("temp dir");
+    let out = runbook(keys.path(), &["keygen", "-s", "k.key", "-p", "k.pub"])
+        .output()
+        .expect("keygen");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = keys.path().join("k.key");
+    let key = key.to_str().expect("utf-8");
+    let public = keys.path().join("k.pub");
+    let simple = "[runbook]\nname = \"seal\"\n[[steps]]\nid = \"a\"\nrun = \"echo a >> ledger\"\n[[steps]]\nid = \"b\"\nneeds = [\"a\"]\nrun = \"echo b >> ledger\"\n";
+    let mut k = 1;
+    loop {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path();
+        std::fs::write(dir.join("runbook.toml"), simple).expect("write");
+        let out = runbook(
+            dir,
+            &[
+                "run",
+                "runbook.toml",
+                "--evidence-dir",
+                "proof",
+                "--no-progress",
+                "--sign-key",
+                key,
+            ],
+        )
+        .env("RUNBOOK_CRASH_IN_SEAL", k.to_string())
+        .output()
+        .expect("run");
+        if out.status.success() {
+            assert!(k > 8, "sealing does more than {k} file operations");
+            break;
+        }
+        assert_eq!(
+            out.status.code(),
+            None,
+            "seal point {k}: the run should have been aborted: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let bundle = find_bundle(dir);
+        let out = runbook(
+            dir,
+            &[
+                "resume",
+                bundle.to_str().expect("utf-8"),
+                "--no-progress",
+                "--sign-key",
+                key,
+            ],
+        )
+        .output()
+        .expect("resume");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // Killed after its last file was in place, the run had nothing left but to exit: the
+        // bundle is whole, `resume` says so, and the next run takes the dead run's lock over.
+        let complete = out.status.code() == Some(2) && stderr.contains("already succeeded");
+        assert!(
+            out.status.code() == Some(0) || complete,
+            "seal point {k}: resume: {stderr}"
+        );
+        assert!(!stderr.contains("break-lock"), "seal point {k}: {stderr}");
+        assert_eq!(ledger(dir), ["a", "b"], "seal point {k}: a step ran again");
+        let verify = runbook(dir, &["evidence", "verify"])
+            .arg(&bundle)
+            .arg("--pubkey")
+            .arg(&public)
+            .arg("--require-signature")
+            .output()
+            .expect("verify");
+        assert!(
+            verify.status.success(),
+            "seal point {k}: {}",
+            String::from_utf8_lossy(&verify.stderr)
+        );
+        // Nothing half-written is left beside the sealed files.
+        let leftovers: Vec<PathBuf> = crate::common::all_files(&bundle)
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "seal point {k}: {leftovers:?}");
+        if complete {
+            let again = runbook(
+                dir,
+                &[
+                    "run",
+                    "runbook.toml",
+                    "--evidence-dir",
+                    "proof",
+                    "--no-progress",
+                ],
+            )
+            .output()
+            .expect("run again");
+            assert!(
+                again.status.success(),
+                "seal point {k}: the next run: {}",
+                String::from_utf8_lossy(&again.stderr)
+            );
+        }
+        k += 1;
     }
 }
 
@@ -632,4 +809,65 @@ fn the_next_run_takes_over_the_lock_of_a_dead_run_with_nothing_to_resume() {
     assert!(stderr.contains("interrupted while sealing"), "{stderr}");
     crate::common::assert_bundle_verifies(&first);
     assert_eq!(ledger(dir), ["a", "a"], "each run ran its step once");
+}
+
+/// `run --break-lock` over a run killed while its step was running: the dead run's process is
+/// stopped before the new run starts anything, not left running beside it.
+#[test]
+fn breaking_a_dead_runs_lock_stops_the_processes_it_left() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path();
+    let marker = crate::common::unique_marker();
+    std::fs::write(
+        dir.join("runbook.toml"),
+        format!(
+            "[runbook]\nname = \"leftover\"\n[[steps]]\nid = \"long\"\nrun = \"echo long >> ledger; sleep 300; echo {marker}\"\n"
+        ),
+    )
+    .expect("write");
+    let mut child = run_cmd(dir).spawn().expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while crate::common::processes_matching(&marker).is_empty() {
+        assert!(Instant::now() < deadline, "the step never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    kill9(&mut child);
+    assert!(
+        !crate::common::processes_matching(&marker).is_empty(),
+        "the step outlives its runner"
+    );
+    // Something is left to resume, so a plain run refuses; --break-lock takes the lock over.
+    let out = run_cmd(dir).output().expect("second run");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(
+        dir.join("runbook.toml"),
+        "[runbook]\nname = \"leftover\"\n[[steps]]\nid = \"quick\"\nrun = \"echo quick >> ledger\"\n",
+    )
+    .expect("write");
+    let out = runbook(
+        dir,
+        &[
+            "run",
+            "runbook.toml",
+            "--evidence-dir",
+            "proof",
+            "--no-progress",
+            "--break-lock",
+        ],
+    )
+    .output()
+    .expect("break-lock run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("stopped process group"), "{stderr}");
+    assert!(
+        crate::common::processes_matching(&marker).is_empty(),
+        "the dead run's step is still running"
+    );
+    assert_eq!(ledger(dir), ["long", "quick"]);
 }
