@@ -103,6 +103,7 @@ impl Console {
             | RunEvent::Artifact { .. }
             | RunEvent::Clock { .. }
             | RunEvent::ProcessStarted { .. }
+            | RunEvent::TargetFinished { .. }
             | RunEvent::RunFinished { .. } => {}
             RunEvent::Batch {
                 step,

@@ -466,6 +466,14 @@ pub enum RunEvent {
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         targets: Vec<TargetResult>,
     },
+    /// One host finished its part of a step on hosts (its attempts, or its block's
+    /// sub-steps), before the step as a whole: `resume` does not run a host again that
+    /// finished with success.
+    TargetFinished {
+        at: Timestamp,
+        step: StepId,
+        result: TargetResult,
+    },
     /// A rolling step finished a batch (and passed or failed its gate).
     Batch {
         at: Timestamp,
@@ -637,6 +645,7 @@ impl RunEvent {
             | RunEvent::Approval { at, .. }
             | RunEvent::Artifact { at, .. }
             | RunEvent::Batch { at, .. }
+            | RunEvent::TargetFinished { at, .. }
             | RunEvent::Clock { at, .. }
             | RunEvent::HostAdded { at, .. }
             | RunEvent::DrillMeasured { at, .. }

@@ -128,6 +128,9 @@ pub struct PriorStep {
     pub attempts: u32,
     /// Set when the step succeeded and can be taken as done.
     pub result: Option<PriorResult>,
+    /// For a step on hosts that did not finish (or failed): the hosts that finished their
+    /// part with success, with their attempts. They are not run again.
+    pub done_targets: Vec<(String, u32)>,
 }
 
 /// What downstream expressions need of an earlier success.

@@ -599,6 +599,16 @@ impl Recorder {
                     s.collected.push(record);
                 }
             }
+            RunEvent::TargetFinished { step, result, .. } => {
+                let result = runbook_engine::event::TargetResult {
+                    reason: result.reason.as_ref().map(|r| self.redactor.redact_str(r)),
+                    ..result.clone()
+                };
+                if let Some(s) = self.step_mut(step.as_str()) {
+                    s.targets.retain(|t| t.target != result.target);
+                    s.targets.push(result);
+                }
+            }
             RunEvent::StepFinished {
                 at,
                 step,
@@ -1315,7 +1325,25 @@ impl Recorder {
                         duration: s.duration_seconds,
                     }
                 });
-                (s.id.clone(), PriorStep { attempts, result })
+                // Hosts that finished their part with success while the step as a whole did
+                // not: each host's result is in the journal as it finishes.
+                let done_targets = if s.status == Some(StepStatus::Succeeded) {
+                    Vec::new()
+                } else {
+                    s.targets
+                        .iter()
+                        .filter(|t| t.status == StepStatus::Succeeded)
+                        .map(|t| (t.target.clone(), t.attempts))
+                        .collect()
+                };
+                (
+                    s.id.clone(),
+                    PriorStep {
+                        attempts,
+                        result,
+                        done_targets,
+                    },
+                )
             })
             .collect()
     }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{find_bundle, read_journal, BIN};
+use crate::common::{find_bundle, read_journal, read_json, BIN};
 
 const CHAIN: usize = 10;
 
@@ -870,4 +870,115 @@ fn breaking_a_dead_runs_lock_stops_the_processes_it_left() {
         "the dead run's step is still running"
     );
     assert_eq!(ledger(dir), ["long", "quick"]);
+}
+
+/// A rolling step over hosts killed after its second host finished: `resume` leaves the hosts
+/// that finished their part alone (each host's result is journaled as it finishes) and runs
+/// only the rest. Before, the whole step ran again on every host — a rolling upgrade or
+/// restore repeated on servers already done.
+#[test]
+fn resume_does_not_run_a_host_again_that_finished_its_part() {
+    let sshds: Vec<crate::hosts::sshd::Sshd> =
+        (0..3).map(|_| crate::hosts::sshd::Sshd::start()).collect();
+    let setup = |dir: &Path| {
+        let mut inv = String::new();
+        for (i, s) in sshds.iter().enumerate() {
+            inv.push_str(&format!(
+                "[hosts.node-{i}]\naddress = \"127.0.0.1\"\nport = {}\nuser = \"{}\"\nidentity_file = \"{}\"\nknown_hosts = \"{}\"\ngroups = [\"servers\"]\n",
+                s.port(),
+                s.user(),
+                s.client_key_path().display(),
+                s.known_hosts_path().display(),
+            ));
+        }
+        std::fs::write(dir.join("inventory.toml"), inv).expect("inventory");
+        let ledger = dir.join("ledger");
+        std::fs::write(
+            dir.join("runbook.toml"),
+            format!(
+                r#"[runbook]
+name = "rolling"
+inventory = "inventory.toml"
+[[steps]]
+id = "upgrade"
+on = "servers"
+strategy = {{ rolling = 1 }}
+steps = [
+  {{ id = "drain", local = true, run = "echo drain-{{{{ host.name }}}} >> {l}" }},
+  {{ id = "install", run = "echo install-{{{{ host.name }}}} >> {l}" }},
+]
+[[steps]]
+id = "after"
+needs = ["upgrade"]
+run = "echo after >> {l}"
+"#,
+                l = ledger.display()
+            ),
+        )
+        .expect("runbook");
+    };
+    // Where the second host's result is journaled, from a run that is not killed.
+    let probe = tempfile::tempdir().expect("temp dir");
+    setup(probe.path());
+    let out = run_cmd(probe.path()).output().expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let journal = read_journal(&find_bundle(probe.path()));
+    let n = journal
+        .iter()
+        .position(|e| e["event"] == "target_finished" && e["result"]["target"] == "node-1")
+        .expect("a target_finished record for node-1")
+        + 1;
+
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path();
+    setup(dir);
+    let out = run_cmd(dir)
+        .env("RUNBOOK_CRASH_AFTER_APPEND", n.to_string())
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), None, "aborted after node-1 finished");
+    assert_eq!(
+        ledger(dir),
+        [
+            "drain-node-0",
+            "install-node-0",
+            "drain-node-1",
+            "install-node-1"
+        ]
+    );
+    let bundle = find_bundle(dir);
+    let out = runbook(
+        dir,
+        &["resume", bundle.to_str().expect("utf-8"), "--no-progress"],
+    )
+    .output()
+    .expect("resume");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        ledger(dir),
+        [
+            "drain-node-0",
+            "install-node-0",
+            "drain-node-1",
+            "install-node-1",
+            "drain-node-2",
+            "install-node-2",
+            "after"
+        ],
+        "each host's part ran once"
+    );
+    let m = read_json(&bundle.join("manifest.json"));
+    let targets = &crate::common::step(&m, "upgrade")["targets"];
+    assert_eq!(targets[0]["reason"], "succeeded earlier", "{targets}");
+    assert_eq!(targets[1]["reason"], "succeeded earlier", "{targets}");
+    assert_eq!(targets[2]["status"], "succeeded", "{targets}");
+    crate::common::assert_bundle_verifies(&bundle);
 }

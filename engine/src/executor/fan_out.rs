@@ -146,6 +146,23 @@ impl StepTask {
                 *gate_before_first,
             ),
         };
+        // On resume, hosts that finished their part with success are not run again — unless
+        // the operator picked the step again, or per-host outputs would have to be restored
+        // (they are not recorded per host).
+        let keep_earlier =
+            !self.plan.selected[self.index] || !(self.plan.rerun_selected || step.always);
+        let declares_outputs = !step.outputs.is_empty()
+            || matches!(&step.action, Action::Block { steps } if steps.iter().any(|s| !s.outputs.is_empty()));
+        let done_earlier: Arc<std::collections::HashMap<String, u32>> =
+            Arc::new(if keep_earlier && !declares_outputs {
+                self.plan.prior[self.index]
+                    .done_targets
+                    .iter()
+                    .cloned()
+                    .collect()
+            } else {
+                std::collections::HashMap::new()
+            });
         let step_limit = Arc::new(Semaphore::new(limit.unwrap_or(total).max(1)));
         let failed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut done: Vec<(Arc<Host>, TargetRun)> = Vec::with_capacity(total);
@@ -184,7 +201,14 @@ impl StepTask {
                 let h = h.clone();
                 let step_limit = step_limit.clone();
                 let failed = failed.clone();
+                let done_earlier = done_earlier.clone();
                 tasks.spawn(async move {
+                    let step = me.step();
+                    if let Some(&attempts) = done_earlier.get(&h.name) {
+                        let run = TargetRun::succeeded_earlier(attempts);
+                        me.target_finished(step, &h, &run).await;
+                        return (pos, h, run);
+                    }
                     let permit = step_limit.acquire_owned().await.ok();
                     let so_far = failed.load(std::sync::atomic::Ordering::SeqCst);
                     if permit.is_none() || so_far > budget {
@@ -193,8 +217,8 @@ impl StepTask {
                         );
                         return (pos, h, TargetRun::not_started(offset, &why));
                     }
-                    let step = me.step();
                     let run = me.run_host(step, &h, offset).await;
+                    me.target_finished(step, &h, &run).await;
                     if run.status == StepStatus::Failed {
                         failed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     }
@@ -322,6 +346,25 @@ impl StepTask {
             targets,
             ..result(status, attempts, reason)
         }
+    }
+
+    /// Records that a host finished its part of the step, before the next batch (or the
+    /// step's end): what `resume` reads to leave it alone.
+    async fn target_finished(&self, step: &StepSpec, host: &Host, run: &TargetRun) {
+        emit(
+            &self.events,
+            RunEvent::TargetFinished {
+                at: Utc::now(),
+                step: step.id.clone(),
+                result: TargetResult {
+                    target: host.name.clone(),
+                    status: run.status,
+                    attempts: run.attempts,
+                    reason: run.reason.clone(),
+                },
+            },
+        )
+        .await;
     }
 
     /// Between two batches of a rolling step: what must hold before the next starts.

@@ -179,6 +179,17 @@ impl TargetRun {
         }
     }
 
+    /// A host an earlier run of the bundle finished with success (resume).
+    fn succeeded_earlier(attempts: u32) -> Self {
+        TargetRun {
+            status: StepStatus::Succeeded,
+            attempts,
+            reason: Some("succeeded earlier".into()),
+            output: None,
+            outputs: None,
+        }
+    }
+
     /// Outputs as recorded in evidence, secrets redacted.
     fn outputs_json(&self, state: &RunState) -> Option<serde_json::Value> {
         self.outputs.as_ref().map(|m| outputs_json(m, state))
