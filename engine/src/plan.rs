@@ -131,6 +131,9 @@ pub struct PriorStep {
     /// For a step on hosts that did not finish (or failed): the hosts that finished their
     /// part with success, with their attempts. They are not run again.
     pub done_targets: Vec<(String, u32)>,
+    /// The highest attempt recorded per target (`host`, or `host/sub-step` in a block), so
+    /// that attempts made again are numbered after them and never overwrite their logs.
+    pub target_attempts: std::collections::HashMap<String, u32>,
 }
 
 /// What downstream expressions need of an earlier success.

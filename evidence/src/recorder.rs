@@ -1336,12 +1336,18 @@ impl Recorder {
                         .map(|t| (t.target.clone(), t.attempts))
                         .collect()
                 };
+                let mut target_attempts = std::collections::HashMap::new();
+                for a in &s.attempts {
+                    let n = target_attempts.entry(a.target.clone()).or_insert(0);
+                    *n = (*n).max(a.attempt);
+                }
                 (
                     s.id.clone(),
                     PriorStep {
                         attempts,
                         result,
                         done_targets,
+                        target_attempts,
                     },
                 )
             })

@@ -981,4 +981,44 @@ run = "echo after >> {l}"
     assert_eq!(targets[1]["reason"], "succeeded earlier", "{targets}");
     assert_eq!(targets[2]["status"], "succeeded", "{targets}");
     crate::common::assert_bundle_verifies(&bundle);
+
+    // Killed inside node-1's block, after its first sub-step: node-1's block runs again, its
+    // sub-step attempts numbered after those already made, so no log is overwritten.
+    let n = journal
+        .iter()
+        .position(|e| e["event"] == "attempt_finished" && e["target"] == "node-1/drain")
+        .expect("node-1's drain")
+        + 1;
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path();
+    setup(dir);
+    let out = run_cmd(dir)
+        .env("RUNBOOK_CRASH_AFTER_APPEND", n.to_string())
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), None, "aborted inside node-1's block");
+    let bundle = find_bundle(dir);
+    let out = runbook(
+        dir,
+        &["resume", bundle.to_str().expect("utf-8"), "--no-progress"],
+    )
+    .output()
+    .expect("resume");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let drain = bundle.join("steps/upgrade/node-1/drain");
+    for log in ["attempt-1.log", "attempt-2.log"] {
+        assert!(drain.join(log).is_file(), "{log} of node-1's drain");
+    }
+    let first = std::fs::read_to_string(drain.join("attempt-1.log")).expect("log");
+    assert!(first.contains("drain-node-1"), "{first}");
+    assert_eq!(
+        count(&ledger(dir), "install-node-0"),
+        1,
+        "node-0 finished before the kill"
+    );
+    crate::common::assert_bundle_verifies(&bundle);
 }

@@ -485,8 +485,14 @@ impl StepTask {
                     }
                 }
             }
+            // Resumed: a sub-step's attempts go on from those its target already made.
+            let sub_offset = self.plan.prior[self.index]
+                .target_attempts
+                .get(&*sub_label)
+                .copied()
+                .unwrap_or(0);
             let r = this
-                .run_target(sub, sub_label, Some(host), !sub.local, 0)
+                .run_target(sub, sub_label, Some(host), !sub.local, sub_offset)
                 .await;
             attempts += r.attempts;
             let mut m = r.output.clone().unwrap_or_default();
