@@ -1136,6 +1136,66 @@ fn ansible_baseline_refuses_a_host_that_is_not_el9() {
     assert_eq!(r["rke2-server-1"]["failed"], 1, "{stdout}");
 }
 
+/// What the roles pin (role defaults, group_vars) agrees with the deploy runbook's params, and
+/// docs/rke2/ansible.md lists every pin with its value.
+#[test]
+fn role_pins_match_the_deploy_runbook_and_the_docs() {
+    let yaml = |rel: &str| -> Value {
+        serde_norway::from_str(&read(&repo().join(PLAYBOOKS).join(rel)))
+            .unwrap_or_else(|e| panic!("{rel}: {e}"))
+    };
+    let site = yaml("group_vars/all.yml");
+    let addons = yaml("roles/rke2_addons/defaults/main.yml");
+    let install = yaml("roles/rke2_install/defaults/main.yml");
+    let deploy = runbook_toml("rke2-vm-deploy.toml");
+    let param = |k: &str| {
+        deploy["params"][k]["default"]
+            .as_str()
+            .unwrap_or_else(|| panic!("param {k}"))
+            .to_owned()
+    };
+    let s = |v: &Value| v.as_str().expect("a string").to_owned();
+    assert_eq!(s(&site["rke2_version"]), param("rke2_version"));
+    assert_eq!(
+        s(&addons["rke2_addons_metallb_version"]),
+        param("metallb_version").trim_start_matches('v')
+    );
+    assert_eq!(
+        s(&addons["rke2_addons_longhorn_version"]),
+        param("longhorn_version")
+    );
+    let docs = read(&repo().join("docs/rke2/ansible.md"));
+    for (name, value) in [
+        ("rke2_version", s(&site["rke2_version"])),
+        (
+            "rke2_addons_metallb_version",
+            s(&addons["rke2_addons_metallb_version"]),
+        ),
+        (
+            "rke2_addons_longhorn_version",
+            s(&addons["rke2_addons_longhorn_version"]),
+        ),
+        (
+            "rke2_install_kube_vip_image",
+            s(&install["rke2_install_kube_vip_image"]),
+        ),
+        (
+            "rke2_addons_node_exporter_chart_version",
+            s(&addons["rke2_addons_node_exporter_chart_version"]),
+        ),
+        (
+            "rke2_addons_kube_state_metrics_chart_version",
+            s(&addons["rke2_addons_kube_state_metrics_chart_version"]),
+        ),
+    ] {
+        assert!(
+            docs.lines()
+                .any(|l| l.contains(&format!("`{name}` {value}"))),
+            "docs/rke2/ansible.md does not list `{name}` {value}"
+        );
+    }
+}
+
 // ------------------------------------------------------------------------------- monitoring
 
 struct Panel {
