@@ -123,7 +123,20 @@ fn deploy_with_the_ansible_roles_on_the_lab_checks_writes_the_nodes_and_the_clus
         "ansible_extra_args=-e ansible_python_interpreter=/usr/bin/python3 -e rke2_render_only=true",
     ];
     let nodes_net = "node_cidr=127.0.181.0/24";
-    let vars = [("PATH", path.as_str())];
+    // Ansible's own files (control sockets, module temp dirs, on the runner and on the nodes,
+    // which share this machine's /root) stay in the lab's temp dir and go with it.
+    let scratch = lab.dir.path().join("ansible");
+    let (home, local, remote) = (
+        scratch.join("home").display().to_string(),
+        scratch.join("local").display().to_string(),
+        scratch.join("remote").display().to_string(),
+    );
+    let vars = [
+        ("PATH", path.as_str()),
+        ("ANSIBLE_HOME", home.as_str()),
+        ("ANSIBLE_LOCAL_TEMP", local.as_str()),
+        ("ANSIBLE_REMOTE_TEMP", remote.as_str()),
+    ];
     let token = lab.var("RKE2_TOKEN");
     let s3 = lab.var("S3_SECRET_KEY");
     let lh = lab.var("LONGHORN_S3_SECRET_KEY");
