@@ -573,9 +573,8 @@ fn terraform_modules_share_one_contract_and_the_envs_match_what_the_deploy_runbo
     }
 
     // Every -var the deploy runbook passes to terraform exists in an env (template_vmid in
-    // envs/lab, template_name in envs/lab-vsphere), and its terraform_dir default is an env.
-    // terraform_dir is relative to where runbook starts (the repository root); until the
-    // deploy runbook points into runbooks/ (infra-requests.md) it is looked up under runbooks/.
+    // envs/lab, template_name in envs/lab-vsphere), and the env it picks by `hypervisor` (TF_DIR
+    // in [defaults].env, relative to the repository root where runbook starts) is each of them.
     let env_vars: Vec<BTreeSet<String>> = ["lab", "lab-vsphere"]
         .iter()
         .map(|env| {
@@ -586,26 +585,35 @@ fn terraform_modules_share_one_contract_and_the_envs_match_what_the_deploy_runbo
             ))
         })
         .collect();
-    let tf_dir = deploy["params"]["terraform_dir"]["default"]
+    assert_eq!(
+        deploy["params"]["terraform_dir"]["default"].as_str(),
+        Some(""),
+        "terraform_dir defaults to the env of `hypervisor`"
+    );
+    let tf_dir = deploy["defaults"]["env"]["TF_DIR"]
         .as_str()
-        .expect("terraform_dir default");
-    let env_dir = [repo().join(tf_dir), repo().join("runbooks").join(tf_dir)]
-        .into_iter()
-        .find(|p| p.join("main.tf").is_file())
-        .unwrap_or_else(|| {
-            panic!("terraform_dir {tf_dir} is a Terraform env neither from the repo root nor in runbooks/")
-        });
+        .expect("[defaults].env TF_DIR");
+    for env in ["lab", "lab-vsphere"] {
+        let rel = format!("{TERRAFORM}/envs/{env}");
+        assert!(
+            tf_dir.contains(&format!("\"{rel}\"")),
+            "TF_DIR does not pick {rel}: {tf_dir}"
+        );
+        assert!(repo().join(&rel).join("main.tf").is_file(), "{rel}");
+    }
     assert!(
-        env_dir.starts_with(repo().join(TERRAFORM).join("envs")),
-        "{}",
-        env_dir.display()
+        tf_dir.contains("params.hypervisor == \"vsphere\""),
+        "{tf_dir}"
     );
     let passed: BTreeSet<String> = deploy_strings
         .iter()
         .filter(|s| s.contains("terraform "))
         .flat_map(|s| after(s, "-var "))
         .collect();
-    assert!(passed.contains("template_vmid"), "{passed:?}");
+    assert!(
+        passed.contains("template_vmid") && passed.contains("template_name"),
+        "{passed:?}"
+    );
     for v in &passed {
         assert!(
             env_vars.iter().any(|e| e.contains(v)),
@@ -1128,6 +1136,66 @@ fn ansible_baseline_refuses_a_host_that_is_not_el9() {
     assert_eq!(r["rke2-server-1"]["failed"], 1, "{stdout}");
 }
 
+/// What the roles pin (role defaults, group_vars) agrees with the deploy runbook's params, and
+/// docs/rke2/ansible.md lists every pin with its value.
+#[test]
+fn role_pins_match_the_deploy_runbook_and_the_docs() {
+    let yaml = |rel: &str| -> Value {
+        serde_norway::from_str(&read(&repo().join(PLAYBOOKS).join(rel)))
+            .unwrap_or_else(|e| panic!("{rel}: {e}"))
+    };
+    let site = yaml("group_vars/all.yml");
+    let addons = yaml("roles/rke2_addons/defaults/main.yml");
+    let install = yaml("roles/rke2_install/defaults/main.yml");
+    let deploy = runbook_toml("rke2-vm-deploy.toml");
+    let param = |k: &str| {
+        deploy["params"][k]["default"]
+            .as_str()
+            .unwrap_or_else(|| panic!("param {k}"))
+            .to_owned()
+    };
+    let s = |v: &Value| v.as_str().expect("a string").to_owned();
+    assert_eq!(s(&site["rke2_version"]), param("rke2_version"));
+    assert_eq!(
+        s(&addons["rke2_addons_metallb_version"]),
+        param("metallb_version").trim_start_matches('v')
+    );
+    assert_eq!(
+        s(&addons["rke2_addons_longhorn_version"]),
+        param("longhorn_version")
+    );
+    let docs = read(&repo().join("docs/rke2/ansible.md"));
+    for (name, value) in [
+        ("rke2_version", s(&site["rke2_version"])),
+        (
+            "rke2_addons_metallb_version",
+            s(&addons["rke2_addons_metallb_version"]),
+        ),
+        (
+            "rke2_addons_longhorn_version",
+            s(&addons["rke2_addons_longhorn_version"]),
+        ),
+        (
+            "rke2_install_kube_vip_image",
+            s(&install["rke2_install_kube_vip_image"]),
+        ),
+        (
+            "rke2_addons_node_exporter_chart_version",
+            s(&addons["rke2_addons_node_exporter_chart_version"]),
+        ),
+        (
+            "rke2_addons_kube_state_metrics_chart_version",
+            s(&addons["rke2_addons_kube_state_metrics_chart_version"]),
+        ),
+    ] {
+        assert!(
+            docs.lines()
+                .any(|l| l.contains(&format!("`{name}` {value}"))),
+            "docs/rke2/ansible.md does not list `{name}` {value}"
+        );
+    }
+}
+
 // ------------------------------------------------------------------------------- monitoring
 
 struct Panel {
@@ -1255,6 +1323,13 @@ fn dashboards_have_what_grafana_needs_and_the_runbooks_link_to_them() {
     }
     for uid in ["rke2-nodes", "rke2-control-plane", "longhorn"] {
         assert!(uids.contains(uid), "no dashboard with uid {uid}");
+    }
+    // The control-plane panels (etcd leader changes, DB size) after a deploy and an upgrade.
+    for rb in ["rke2-vm-deploy.toml", "rke2-upgrade.toml"] {
+        assert!(
+            linked.contains(&(rb, "rke2-control-plane".to_owned())),
+            "{rb} captures no /d/rke2-control-plane/ panel"
+        );
     }
 }
 

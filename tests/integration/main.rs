@@ -13,6 +13,7 @@ mod execution;
 mod expressions;
 mod hosts;
 mod lab;
+mod lab_ansible;
 mod lab_harness;
 mod output_edges;
 mod probes;

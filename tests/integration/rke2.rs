@@ -247,6 +247,102 @@ fn dry_run_runs_the_plan_commands_and_leaks_no_secret() {
     }
 }
 
+/// `--dry-run` with `configure_with=ansible` and `hypervisor=vsphere`: the vSphere env's
+/// `terraform plan` with its template variable, and the roles' `site.yml` in `--check --diff`
+/// with the secrets in Ansible's environment (read by vars/from-env.yml), never its arguments.
+#[test]
+fn dry_run_with_the_ansible_roles_on_vsphere_plans_the_vsphere_env_and_checks_the_roles() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let bin = tmp.path().join("bin");
+    std::fs::create_dir_all(&bin).expect("bin");
+    stub(&bin, "terraform");
+    // Prints its arguments and how long the secrets it got through the environment are.
+    let ansible = bin.join("ansible-playbook");
+    std::fs::write(
+        &ansible,
+        "#!/bin/sh\necho \"ansible-playbook-stub: $*\"\necho \"ansible-env: token=${#RKE2_TOKEN} s3=${#S3_SECRET_KEY} longhorn=${#LONGHORN_S3_SECRET_KEY} config=$ANSIBLE_CONFIG transcripts=$RUNBOOK_TRANSCRIPT_DIR\"\n",
+    )
+    .expect("stub");
+    std::fs::set_permissions(&ansible, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let deploy = repo().join("runbooks/rke2-vm-deploy.toml");
+    let inventory = repo().join("runbooks/inventory/lab.toml");
+    let playbooks = repo().join("runbooks/deployment/containerization/kubernetes/rke2/playbooks");
+    let out = runbook(
+        &[
+            "run",
+            &deploy.to_string_lossy(),
+            "--dry-run",
+            "--stream",
+            "--no-progress",
+            "--evidence-dir",
+            "proof",
+            "--set",
+            "configure_with=ansible",
+            "--set",
+            "hypervisor=vsphere",
+            "--set",
+            &format!("playbooks_dir={}", playbooks.display()),
+            "--set",
+            &format!("runbook_bin={BIN}"),
+            "--set",
+            &format!("inventory_file={}", inventory.display()),
+        ],
+        tmp.path(),
+        &[("PATH", path)],
+    );
+    let stdout = text(&out.stdout);
+    let stderr = text(&out.stderr);
+    assert!(
+        out.status.success(),
+        "dry run failed\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
+    );
+    assert!(
+        stderr.contains("terraform-stub: -chdir=runbooks/infra/terraform/envs/lab-vsphere plan -input=false -lock=false -var template_name=rocky9-rke2"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("template_vmid"), "{stderr}");
+    let site = format!(
+        "ansible-playbook-stub: -i rke2-work/hosts.ini {}/site.yml --check --diff -e @{}/vars/from-env.yml -e ",
+        playbooks.display(),
+        playbooks.display()
+    );
+    let line = stderr
+        .lines()
+        .find_map(|l| l.split_once(&site).map(|(_, rest)| rest))
+        .unwrap_or_else(|| panic!("no `{site}` in\n{stderr}"));
+    // The non-secret values as one JSON extra-vars argument the roles read.
+    let vars: Value = serde_json::from_str(line.trim()).expect("extra vars are JSON");
+    assert_eq!(vars["rke2_version"], "v1.33.4+rke2r1");
+    assert_eq!(vars["rke2_cni"], "cilium");
+    assert_eq!(vars["rke2_node_cidrs"], serde_json::json!(["10.0.10.0/24"]));
+    assert_eq!(vars["rke2_addons_metallb_range"], "10.0.10.200-10.0.10.220");
+    assert!(vars.get("rke2_token").is_none(), "{vars}");
+    let env = |k: &str| SECRETS.iter().find(|(n, _)| *n == k).expect(k).1.len();
+    assert!(
+        stderr.contains(&format!(
+            "ansible-env: token={} s3={} longhorn={} config={}/ansible.cfg transcripts={}/rke2-work/ansible-transcripts",
+            env("RKE2_TOKEN"),
+            env("S3_SECRET_KEY"),
+            env("LONGHORN_S3_SECRET_KEY"),
+            playbooks.display(),
+            tmp.path().display()
+        )),
+        "{stderr}"
+    );
+    assert_no_secret("dry-run stdout", &stdout);
+    assert_no_secret("dry-run stderr", &stderr);
+    for f in all_files(&tmp.path().join("proof")) {
+        let body = std::fs::read(&f).expect("read");
+        assert_no_secret(&f.display().to_string(), &text(&body));
+    }
+}
+
 /// The preflight as a local trial: the same checks, run by the real shell on this machine
 /// instead of over SSH (the `on = "all"` lines removed, this machine treated as a server).
 fn local_preflight(tmp: &Path) -> String {
