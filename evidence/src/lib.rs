@@ -12,6 +12,7 @@ pub mod cast;
 pub mod chain;
 pub mod checksums;
 pub mod collect;
+pub mod fs;
 pub mod journal;
 pub mod junit;
 pub mod log;
