@@ -78,7 +78,10 @@ pub fn write(dir: &Path) -> Result<String, EvidenceError> {
 
 /// Writes `SHA256SUMS`, taking the digest of the files in `known` (relative path → hex
 /// SHA-256, from the writer that wrote the file whole) as given and reading every other file.
-pub fn write_with(dir: &Path, known: &HashMap<PathBuf, String>) -> Result<String, EvidenceError> {
+pub fn write_with<S: std::hash::BuildHasher>(
+    dir: &Path,
+    known: &HashMap<PathBuf, String, S>,
+) -> Result<String, EvidenceError> {
     let mut text = Vec::new();
     for rel in bundle_files(dir)? {
         let hash = match known.get(&rel) {
