@@ -14,6 +14,8 @@
 #   GOAL_RATIO       runbook / make throughput to reach (default 0.6)
 #   RSS_GOAL_MIB     runbook's peak RSS limit (default 32)
 #   EVIDENCE_PARENT  where bundles and outputs go (default a temp dir under /tmp)
+#   RUNBOOK_BEFORE   a second runbook binary (an older build), run as tool "before" when
+#                    TOOLS names it: before/after figures in the same run
 #
 # Example: the redaction figure in bench/README.md
 #   SIZE=200M RUNS=5 TOOLS=runbook bench/capture.sh
@@ -64,9 +66,11 @@ run_once() {
     pipe) /usr/bin/time -o "$t" -f '%e %U %S %M' sh -c "$PRODUCER | cat > '$out'" ;;
     make) (cd "$WORK" && /usr/bin/time -o "$t" -f '%e %U %S %M' make -s -f Makefile >"$out") ;;
     ninja) (cd "$WORK" && /usr/bin/time -o "$t" -f '%e %U %S %M' ninja -f build.ninja >"$out") ;;
-    runbook)
+    runbook | before)
+      local bin="$RUNBOOK_BIN"
+      [[ "$tool" == before ]] && bin="${RUNBOOK_BEFORE:?RUNBOOK_BEFORE names the binary for tool before}"
       (cd "$WORK" && CAPTURE_TOKEN="capture-secret-value-0123456789" /usr/bin/time -o "$t" \
-        -f '%e %U %S %M' "$RUNBOOK_BIN" run capture.toml --evidence-dir proof --no-progress \
+        -f '%e %U %S %M' "$bin" run capture.toml --evidence-dir proof --no-progress \
         >/dev/null 2>"$WORK/runbook.err") || { cat "$WORK/runbook.err" >&2; die "runbook run failed"; }
       ;;
   esac

@@ -51,7 +51,7 @@ pub fn stamp(dir: &Path, url: &str) -> Result<DateTime<Utc>, String> {
     let time = tsa::check_reply(&reply, &sums, &req)
         .map_err(|e| format!("time-stamping authority {shown}: {e}"))?;
     let path = dir.join(tsa::TSR_FILE);
-    runbook_evidence::recorder::write_atomic(&path, &reply)
+    runbook_evidence::fs::write_atomic(&path, &reply)
         .map_err(|e| format!("cannot write `{}`: {e}", path.display()))?;
     Ok(time)
 }

@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, Utc};
 use runbook_engine::event::Stream;
 
+use crate::fs::HashingFile;
 use crate::redact::ByteRedactor;
 use crate::{write_err, EvidenceError};
 
@@ -55,7 +56,9 @@ struct StreamState {
 
 pub struct CastWriter {
     path: PathBuf,
-    file: BufWriter<File>,
+    file: BufWriter<HashingFile>,
+    /// The event line being built (reused: no allocation per event).
+    line: Vec<u8>,
     started: DateTime<Utc>,
     /// Time of the last event, in microseconds since `started`.
     last_us: i64,
@@ -84,13 +87,15 @@ impl CastWriter {
         command_line: &str,
         redactor: ByteRedactor,
     ) -> Result<Self, EvidenceError> {
-        if let Some(parent) = path.parent() {
+        // Usually made for the attempt's log just before: a look, not a `mkdir`.
+        if let Some(parent) = path.parent().filter(|p| !p.is_dir()) {
             std::fs::create_dir_all(parent).map_err(write_err(parent))?;
         }
         let file = File::create(path).map_err(write_err(path))?;
         let mut w = Self {
             path: path.to_owned(),
-            file: BufWriter::with_capacity(64 * 1024, file),
+            file: BufWriter::with_capacity(64 * 1024, HashingFile::new(file)),
+            line: Vec::new(),
             started,
             last_us: 0,
             at_line_start: true,
@@ -130,17 +135,29 @@ impl CastWriter {
             .map_or(0, |n| n + 1);
         let held = self.streams[i].held;
         if complete > held {
-            let state = &mut self.streams[i];
-            let mut filtered = Vec::with_capacity(complete - held);
-            for line in state.pending[held..complete].split_inclusive(|&b| b == b'\n') {
+            let StreamState { pending, pem, .. } = &mut self.streams[i];
+            // Rebuilt only from the first line the filter replaces (usually none is).
+            let mut filtered: Option<Vec<u8>> = None;
+            let mut at_line = held;
+            for line in pending[held..complete].split_inclusive(|&b| b == b'\n') {
                 let body = &line[..line.len() - 1];
-                match state.pem.line(body) {
-                    Some(r) => filtered.extend_from_slice(r),
-                    None => filtered.extend_from_slice(body),
+                match pem.line(body) {
+                    Some(r) => {
+                        let f = filtered.get_or_insert_with(|| pending[held..at_line].to_vec());
+                        f.extend_from_slice(r);
+                        f.push(b'\n');
+                    }
+                    None => {
+                        if let Some(f) = &mut filtered {
+                            f.extend_from_slice(line);
+                        }
+                    }
                 }
-                filtered.push(b'\n');
+                at_line += line.len();
             }
-            state.pending.splice(held..complete, filtered);
+            if let Some(filtered) = filtered {
+                pending.splice(held..complete, filtered);
+            }
         }
         if self.streams[i].pem.inside() {
             let keep_from = self.streams[i]
@@ -200,7 +217,16 @@ impl CastWriter {
 
     /// Writes out what is still held back, a closing line (`outcome_text`, e.g. `attempt 2:
     /// exit code 3`), and closes the file, synced to disk.
-    pub fn finish(mut self, at: DateTime<Utc>, outcome_text: &str) -> Result<(), EvidenceError> {
+    pub fn finish(self, at: DateTime<Utc>, outcome_text: &str) -> Result<(), EvidenceError> {
+        self.close(at, outcome_text).map(drop)
+    }
+
+    /// [`CastWriter::finish`], returning the file's SHA-256 when this writer wrote all of it.
+    pub fn close(
+        mut self,
+        at: DateTime<Utc>,
+        outcome_text: &str,
+    ) -> Result<Option<String>, EvidenceError> {
         for stream in [Stream::Stdout, Stream::Stderr] {
             let i = index(stream);
             let mut pending = std::mem::take(&mut self.streams[i].pending);
@@ -217,7 +243,12 @@ impl CastWriter {
         }
         self.note(at, outcome_text)?;
         // Synced by the recorder together with the journal (group commit).
-        self.file.flush().map_err(write_err(&self.path))
+        let path = self.path;
+        let file = self
+            .file
+            .into_inner()
+            .map_err(|e| write_err(&path)(e.into_error()))?;
+        Ok(file.digest())
     }
 
     /// A line from the engine, not from the process (`[runbook] …`, dim): the closing line, or
@@ -254,7 +285,8 @@ impl CastWriter {
             .append(true)
             .open(&self.path)
             .map_err(write_err(&self.path))?;
-        self.file = BufWriter::with_capacity(64 * 1024, file);
+        // Rewritten elsewhere: sealing reads this file.
+        self.file = BufWriter::with_capacity(64 * 1024, HashingFile::unhashed(file));
         Ok(())
     }
 
@@ -275,16 +307,28 @@ impl CastWriter {
         if decoded.is_empty() {
             return Ok(());
         }
-        let mut text = String::with_capacity(decoded.len() + 16);
+        let mut text = String::with_capacity(decoded.len() + decoded.len() / 32 + 16);
         if stream == Stream::Stderr {
             text.push_str(RED);
         }
-        for c in decoded.chars() {
-            if c == '\n' && !state.last_cr {
-                text.push('\r');
-            }
-            state.last_cr = c == '\r';
-            text.push(c);
+        // `\n` becomes `\r\n` unless a `\r` is already before it (possibly at the end of the
+        // previous event): a line at a time, not a character at a time.
+        let mut rest = decoded.as_str();
+        while let Some(nl) = rest.find('\n') {
+            let before = &rest[..nl];
+            let cr_before = if before.is_empty() {
+                state.last_cr
+            } else {
+                before.ends_with('\r')
+            };
+            text.push_str(before);
+            text.push_str(if cr_before { "\n" } else { "\r\n" });
+            state.last_cr = false;
+            rest = &rest[nl + 1..];
+        }
+        if !rest.is_empty() {
+            text.push_str(rest);
+            state.last_cr = rest.ends_with('\r');
         }
         if stream == Stream::Stderr {
             text.push_str(RESET);
@@ -296,10 +340,12 @@ impl CastWriter {
     fn event(&mut self, at: DateTime<Utc>, text: &str) -> Result<(), EvidenceError> {
         let us = (at - self.started).num_microseconds().unwrap_or(i64::MAX);
         self.last_us = self.last_us.max(us);
-        let line = event_line(self.last_us, text);
-        self.file
-            .write_all(line.as_bytes())
-            .map_err(write_err(&self.path))
+        let mut line = std::mem::take(&mut self.line);
+        line.clear();
+        push_event_line(&mut line, self.last_us, text);
+        let r = self.file.write_all(&line).map_err(write_err(&self.path));
+        self.line = line;
+        r
     }
 }
 
@@ -350,8 +396,51 @@ fn event_line(us: i64, text: &str) -> String {
     )
 }
 
+/// [`event_line`] appended to `out`.
+fn push_event_line(out: &mut Vec<u8>, us: i64, text: &str) {
+    let _ = write!(out, "[{}.{:06}, \"o\", ", us / 1_000_000, us % 1_000_000);
+    push_json_string(out, text);
+    out.extend_from_slice(b"]\n");
+}
+
 fn json_string(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+}
+
+/// `s` as a JSON string, byte for byte what `serde_json` writes (short escapes for `\b \t \n
+/// \f \r " \\`, `\u00xx` for other control characters, everything else as it is), without
+/// going through a formatter per character.
+fn push_json_string(out: &mut Vec<u8>, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let bytes = s.as_bytes();
+    out.reserve(bytes.len() + 2);
+    out.push(b'"');
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let short: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
+            0..=0x1f => {
+                out.extend_from_slice(&bytes[start..i]);
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[usize::from(b >> 4)]);
+                out.push(HEX[usize::from(b & 0xf)]);
+                start = i + 1;
+                continue;
+            }
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        out.extend_from_slice(short);
+        start = i + 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+    out.push(b'"');
 }
 
 /// `$ first line`, then `> next line` for each further line of a multi-line command.
@@ -491,6 +580,54 @@ fn redact_cast_text(text: &str, redactor: &ByteRedactor) -> String {
 mod tests {
     use super::*;
     use chrono::Duration;
+
+    /// The hand-written escaper writes exactly what serde_json writes, for every ASCII byte
+    /// and for multi-byte characters around them.
+    #[test]
+    fn json_strings_are_escaped_as_serde_json_escapes_them() {
+        let mut all: String = (0u8..=0x7f).map(char::from).collect();
+        all.push_str("é→😀\u{2028}\u{feff}");
+        let mut cases = vec![String::new(), all.clone()];
+        for (i, c) in all.char_indices() {
+            cases.push(format!("{c}"));
+            cases.push(format!("ab{}cd", &all[i..]));
+        }
+        for case in cases {
+            let mut got = Vec::new();
+            push_json_string(&mut got, &case);
+            assert_eq!(
+                String::from_utf8(got).expect("utf-8"),
+                json_string(&case),
+                "{case:?}"
+            );
+        }
+        let mut line = Vec::new();
+        push_event_line(&mut line, 3_000_042, "a\r\nb\"");
+        assert_eq!(
+            String::from_utf8(line).expect("utf-8"),
+            event_line(3_000_042, "a\r\nb\"")
+        );
+    }
+
+    /// `\n` gains a `\r` unless one is before it, also across events and streams' own state.
+    #[test]
+    fn newlines_become_crlf_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("a.cast");
+        let mut w =
+            CastWriter::create(&path, t0(), "t", "cmd", ByteRedactor::new(&[])).expect("create");
+        for piece in ["a\n", "b\r", "\n", "\n\n", "c\r\nd\r", "\r\ne\n"] {
+            w.write(t0(), Stream::Stdout, piece.as_bytes())
+                .expect("write");
+        }
+        w.finish(t0(), "done").expect("finish");
+        let (_, events) = check_cast(&path);
+        let text: String = events.iter().skip(1).map(|(_, t)| t.as_str()).collect();
+        assert!(
+            text.starts_with("a\r\nb\r\n\r\n\r\nc\r\nd\r\r\ne\r\n"),
+            "{text:?}"
+        );
+    }
 
     fn t0() -> DateTime<Utc> {
         DateTime::parse_from_rfc3339("2026-08-20T10:15:00.000Z")

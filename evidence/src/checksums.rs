@@ -1,6 +1,8 @@
 //! `SHA256SUMS`: one `<hex>  <relative path>` line per file, sorted, in the format
-//! `sha256sum -c` reads.
+//! `sha256sum -c` reads. Files whose digest their writer already knows (see
+//! [`crate::fs::HashingFile`]) are not read again.
 
+use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -71,13 +73,25 @@ pub fn sha256_bytes(data: &[u8]) -> String {
 
 /// Writes `SHA256SUMS` for the bundle and returns its text.
 pub fn write(dir: &Path) -> Result<String, EvidenceError> {
+    write_with(dir, &HashMap::new())
+}
+
+/// Writes `SHA256SUMS`, taking the digest of the files in `known` (relative path → hex
+/// SHA-256, from the writer that wrote the file whole) as given and reading every other file.
+pub fn write_with<S: std::hash::BuildHasher>(
+    dir: &Path,
+    known: &HashMap<PathBuf, String, S>,
+) -> Result<String, EvidenceError> {
     let mut text = Vec::new();
     for rel in bundle_files(dir)? {
-        let hash = sha256_file(&dir.join(&rel))?;
+        let hash = match known.get(&rel) {
+            Some(hash) => hash.clone(),
+            None => sha256_file(&dir.join(&rel))?,
+        };
         text.extend_from_slice(&sums_line(&hash, &rel));
     }
     let path = dir.join(FILE_NAME);
-    crate::recorder::write_atomic(&path, &text).map_err(write_err(&path))?;
+    crate::fs::write_atomic(&path, &text).map_err(write_err(&path))?;
     Ok(String::from_utf8_lossy(&text).into_owned())
 }
 

@@ -13,6 +13,7 @@ pub mod chain;
 pub mod checksums;
 pub mod collect;
 mod crash;
+pub mod fs;
 pub mod journal;
 pub mod junit;
 pub mod log;

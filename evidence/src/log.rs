@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, SecondsFormat, Utc};
 use runbook_engine::event::Stream;
 
+use crate::fs::HashingFile;
 use crate::redact::{ByteRedactor, PemFilter, RedactFile as _, WrapHold};
 use crate::{write_err, EvidenceError};
 
@@ -25,7 +26,10 @@ struct Pending {
 
 pub struct LogWriter {
     path: PathBuf,
-    file: BufWriter<File>,
+    file: BufWriter<HashingFile>,
+    /// The last time stamp formatted, and its text: a read's lines share one time, so the
+    /// stamp is formatted once per read rather than once per line.
+    stamp: Option<(DateTime<Utc>, String)>,
     pending: [Pending; 2],
     /// Per stream: inside a private key block?
     pem: [PemFilter; 2],
@@ -53,7 +57,8 @@ impl LogWriter {
         let file = File::create(path).map_err(write_err(path))?;
         Ok(Self {
             path: path.to_owned(),
-            file: BufWriter::with_capacity(64 * 1024, file),
+            file: BufWriter::with_capacity(64 * 1024, HashingFile::new(file)),
+            stamp: None,
             pending: [
                 Pending {
                     bytes: Vec::new(),
@@ -70,16 +75,17 @@ impl LogWriter {
         })
     }
 
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// A header line that is not process output (the command, notes from the engine).
     pub fn meta(&mut self, at: DateTime<Utc>, text: &str) -> Result<(), EvidenceError> {
         let text = self.redactor.redact_str(text);
-        let mut out = String::new();
         for line in text.trim_end_matches('\n').split('\n') {
-            out.push_str(&format!("{} --- {line}\n", stamp(at)));
+            self.record_redacted(at, "---", line.as_bytes())?;
         }
-        self.file
-            .write_all(out.as_bytes())
-            .map_err(write_err(&self.path))
+        Ok(())
     }
 
     pub fn write(
@@ -89,14 +95,24 @@ impl LogWriter {
         mut data: &[u8],
     ) -> Result<(), EvidenceError> {
         let i = index(stream);
+        let mut joined: Vec<u8>;
         while let Some(nl) = data.iter().position(|&b| b == b'\n') {
             let since = self.pending[i].since.take().unwrap_or(at);
-            let mut line = std::mem::take(&mut self.pending[i].bytes);
-            line.extend_from_slice(&data[..nl]);
-            if let Some(r) = self.pem[i].line(&line) {
-                line = r.to_vec();
+            // A line that started in an earlier read is joined to its start; the others are
+            // used where they are, without a copy.
+            let mut line: &[u8] = if self.pending[i].bytes.is_empty() {
+                &data[..nl]
+            } else {
+                joined = std::mem::take(&mut self.pending[i].bytes);
+                joined.extend_from_slice(&data[..nl]);
+                &joined
+            };
+            let filtered;
+            if let Some(r) = self.pem[i].line(line) {
+                filtered = r.to_vec();
+                line = &filtered;
             }
-            for (since, line) in self.hold[i].line(&self.redactor, since, &line) {
+            for (since, line) in self.hold[i].line(&self.redactor, since, line) {
                 self.record_redacted(since, stream.tag(), &line)?;
             }
             data = &data[nl + 1..];
@@ -155,14 +171,18 @@ impl LogWriter {
         tag: &str,
         line: &[u8],
     ) -> Result<(), EvidenceError> {
-        let mut rec = Vec::with_capacity(line.len() + 40);
-        rec.extend_from_slice(stamp(at).as_bytes());
-        rec.push(b' ');
-        rec.extend_from_slice(tag.as_bytes());
-        rec.push(b' ');
-        rec.extend_from_slice(line);
-        rec.push(b'\n');
-        self.file.write_all(&rec).map_err(write_err(&self.path))
+        if self.stamp.as_ref().is_none_or(|(t, _)| *t != at) {
+            self.stamp = Some((at, stamp(at)));
+        }
+        let text = self.stamp.as_ref().map_or("", |(_, s)| s.as_str());
+        let f = &mut self.file;
+        f.write_all(text.as_bytes())
+            .and_then(|()| f.write_all(b" "))
+            .and_then(|()| f.write_all(tag.as_bytes()))
+            .and_then(|()| f.write_all(b" "))
+            .and_then(|()| f.write_all(line))
+            .and_then(|()| f.write_all(b"\n"))
+            .map_err(write_err(&self.path))
     }
 
     /// Hands buffered bytes to the kernel, so a crash of the runner loses none of them.
@@ -180,15 +200,25 @@ impl LogWriter {
             .append(true)
             .open(&self.path)
             .map_err(write_err(&self.path))?;
-        self.file = BufWriter::with_capacity(64 * 1024, file);
+        // Rewritten elsewhere: sealing reads this file.
+        self.file = BufWriter::with_capacity(64 * 1024, HashingFile::unhashed(file));
         Ok(())
     }
 
     /// Writes out partial lines, then a closing engine line, and closes the file.
-    pub fn finish_with(mut self, at: DateTime<Utc>, text: &str) -> Result<(), EvidenceError> {
+    pub fn finish_with(self, at: DateTime<Utc>, text: &str) -> Result<(), EvidenceError> {
+        self.close_with(at, text).map(drop)
+    }
+
+    /// [`LogWriter::finish_with`], returning the file's SHA-256 when this writer wrote all of it.
+    pub fn close_with(
+        mut self,
+        at: DateTime<Utc>,
+        text: &str,
+    ) -> Result<Option<String>, EvidenceError> {
         self.flush_partial()?;
         self.meta(at, text)?;
-        self.finish()
+        self.close()
     }
 
     fn flush_partial(&mut self) -> Result<(), EvidenceError> {
@@ -211,9 +241,19 @@ impl LogWriter {
 
     /// Writes out partial lines and closes the file.
     /// (Synced by the recorder together with the journal: group commit.)
-    pub fn finish(mut self) -> Result<(), EvidenceError> {
+    pub fn finish(self) -> Result<(), EvidenceError> {
+        self.close().map(drop)
+    }
+
+    /// [`LogWriter::finish`], returning the file's SHA-256 when this writer wrote all of it.
+    pub fn close(mut self) -> Result<Option<String>, EvidenceError> {
         self.flush_partial()?;
-        self.file.flush().map_err(write_err(&self.path))
+        let path = self.path;
+        let file = self
+            .file
+            .into_inner()
+            .map_err(|e| write_err(&path)(e.into_error()))?;
+        Ok(file.digest())
     }
 }
 

@@ -71,6 +71,9 @@ pub struct Recorder {
     removed_partials: Vec<PathBuf>,
     logs: HashMap<AttemptKey, LogWriter>,
     casts: HashMap<AttemptKey, crate::cast::CastWriter>,
+    /// SHA-256 of closed logs and transcripts, from their writers (relative path → hex), for
+    /// `SHA256SUMS`; a file rewritten or removed since is dropped from here and read at sealing.
+    digests: HashMap<PathBuf, String>,
     manifest: Manifest,
     step_index: HashMap<String, usize>,
 }
@@ -208,6 +211,7 @@ impl Recorder {
             crash_after: crate::crash::after_append(),
             logs: HashMap::new(),
             casts: HashMap::new(),
+            digests: HashMap::new(),
             manifest,
             step_index,
             removed_partials,
@@ -286,6 +290,9 @@ impl Recorder {
                     .unwrap_or_default();
                 for rel in closed {
                     let path = self.dir.join(&rel);
+                    self.digests.remove(Path::new(&rel));
+                    self.digests
+                        .remove(&PathBuf::from(&rel).with_extension("cast"));
                     self.redactor.redact_file(&path).map_err(write_err(&path))?;
                     // The attempt's transcript showed the same output. It is rewritten as a
                     // cast (event by event), uncounted: the log already counted the matches.
@@ -313,7 +320,9 @@ impl Recorder {
                     // summarised by their journal events.
                     if let Some(prev) = self.previous_compact(step.as_str(), target) {
                         for ext in ["log", "cast"] {
-                            let path = self.dir.join(prev.replace(".log", &format!(".{ext}")));
+                            let rel = prev.replace(".log", &format!(".{ext}"));
+                            self.digests.remove(Path::new(&rel));
+                            let path = self.dir.join(rel);
                             match std::fs::remove_file(&path) {
                                 Ok(()) => {}
                                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -353,10 +362,14 @@ impl Recorder {
                 let key = (step.to_string(), target.to_string(), *attempt);
                 let closing = format!("attempt {attempt}: {}", outcome.describe());
                 if let Some(log) = self.logs.remove(&key) {
-                    log.finish_with(*at, &closing)?;
+                    let path = log.path().to_owned();
+                    let digest = log.close_with(*at, &closing)?;
+                    self.remember_digest(&path, digest);
                 }
                 if let Some(cast) = self.casts.remove(&key) {
-                    cast.finish(*at, &closing)?;
+                    let path = cast.path().to_owned();
+                    let digest = cast.close(*at, &closing)?;
+                    self.remember_digest(&path, digest);
                 }
             }
             RunEvent::AttemptNote {
@@ -764,6 +777,7 @@ impl Recorder {
             removed_partials: Vec::new(),
             logs: HashMap::new(),
             casts: HashMap::new(),
+            digests: HashMap::new(),
             manifest,
             step_index,
         };
@@ -905,11 +919,15 @@ impl Recorder {
             std::fs::remove_file(&tmp).map_err(write_err(&tmp))?;
         }
         // Logs still open belong to attempts that never reported an end (a crash mid-run).
-        for (_, log) in self.logs.drain() {
-            log.finish()?;
+        for (_, log) in std::mem::take(&mut self.logs) {
+            let path = log.path().to_owned();
+            let digest = log.close()?;
+            self.remember_digest(&path, digest);
         }
-        for (_, cast) in self.casts.drain() {
-            cast.finish(Utc::now(), "did not finish")?;
+        for (_, cast) in std::mem::take(&mut self.casts) {
+            let path = cast.path().to_owned();
+            let digest = cast.close(Utc::now(), "did not finish")?;
+            self.remember_digest(&path, digest);
         }
         let mut summary = std::collections::BTreeMap::new();
         for s in &self.manifest.steps {
@@ -934,7 +952,7 @@ impl Recorder {
         ] {
             let path = self.dir.join(name);
             let text = self.redactor.redact(text.as_bytes());
-            write_atomic(&path, &text).map_err(write_err(&path))?;
+            crate::fs::write_atomic(&path, &text).map_err(write_err(&path))?;
         }
         self.journal
             .sync_all()
@@ -942,8 +960,23 @@ impl Recorder {
         crate::crash::sealing_step();
         self.unsynced = true;
         self.flush()?;
-        checksums::write(&self.dir)?;
+        checksums::write_with(&self.dir, &self.digests)?;
         Ok(self.dir)
+    }
+
+    /// Keeps the digest a writer computed for its file, by path in the bundle.
+    fn remember_digest(&mut self, path: &Path, digest: Option<String>) {
+        let Ok(rel) = path.strip_prefix(&self.dir) else {
+            return;
+        };
+        match digest {
+            Some(d) => {
+                self.digests.insert(rel.to_owned(), d);
+            }
+            None => {
+                self.digests.remove(rel);
+            }
+        }
     }
 
     pub fn manifest(&self) -> &Manifest {
@@ -1024,7 +1057,7 @@ impl Recorder {
         let mut text = serde_json::to_vec_pretty(&value).unwrap_or_default();
         text.push(b'\n');
         let text = self.redactor.redact(&text);
-        write_atomic(&path, &text).map_err(write_err(&path))
+        crate::fs::write_atomic(&path, &text).map_err(write_err(&path))
     }
 
     fn step_mut(&mut self, id: &str) -> Option<&mut StepRecord> {
@@ -1258,21 +1291,6 @@ fn safe_relative(name: &str) -> PathBuf {
         out.push("unnamed");
     }
     out
-}
-
-/// Writes a file by writing a temporary sibling, syncing it and renaming it over the target,
-/// so readers never see half a manifest.
-pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = File::create(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-    }
-    crate::crash::sealing_step();
-    std::fs::rename(&tmp, path)?;
-    crate::crash::sealing_step();
-    Ok(())
 }
 
 impl Recorder {

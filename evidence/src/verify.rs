@@ -530,7 +530,7 @@ pub fn sign_bundle(
     })?;
     let text = sign::sign_file(key, &sums, trusted_comment);
     let path = dir.join(SIGNATURE_FILE);
-    crate::recorder::write_atomic(&path, text.as_bytes()).map_err(write_err(&path))
+    crate::fs::write_atomic(&path, text.as_bytes()).map_err(write_err(&path))
 }
 
 /// A trusted comment naming what was signed, in minisign's style (`key:value` fields separated

@@ -10,9 +10,14 @@
 //! by someone else (`systemd-run`, a service manager). Output is read in chunks as it arrives
 //! and sent on with backpressure; it is never collected whole.
 
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -25,6 +30,14 @@ use runbook_engine::event::{AttemptOutcome, FailureKind, StoppedProcess, Stream}
 use runbook_engine::runner::{AttemptContext, BoxFuture, OutputSink, StepRunner};
 
 const READ_CHUNK: usize = 64 * 1024;
+/// Output of one attempt read but not yet consumed (written to the bundle, shown): reading
+/// pauses while this much is in flight, so a step printing faster than its evidence is written
+/// waits on its full pipe instead of the runner's memory filling with queued chunks (the event
+/// queue alone would hold 256 of them).
+const IN_FLIGHT: usize = 2 * 1024 * 1024;
+/// A consumer that keeps chunks (none should) cannot stall a step: past this wait, reading
+/// goes on.
+const IN_FLIGHT_WAIT: Duration = Duration::from_millis(200);
 /// How long to keep reading after the group was killed, for a pipe held open by a process
 /// that escaped the group (`setsid`).
 const DRAIN_AFTER_KILL: Duration = Duration::from_secs(1);
@@ -74,8 +87,10 @@ async fn run(ctx: AttemptContext, out: &mut OutputSink) -> AttemptOutcome {
         ctx.attempt,
         ATTEMPT_SEQ.fetch_add(1, Ordering::Relaxed)
     );
-    let mut cmd = tokio::process::Command::new(program);
-    cmd.args(args)
+    let mut cmd = tokio::process::Command::new(resolve_program(program, &ctx.env));
+    // argv[0] stays the name as configured: it is the shell's `$0` and prefixes its messages.
+    cmd.arg0(program)
+        .args(args)
         .arg(&ctx.command)
         .current_dir(&ctx.cwd)
         .envs(ctx.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -122,6 +137,7 @@ async fn run(ctx: AttemptContext, out: &mut OutputSink) -> AttemptOutcome {
     let mut stderr = child.stderr.take();
     let mut out_buf = BytesMut::with_capacity(READ_CHUNK);
     let mut err_buf = BytesMut::with_capacity(READ_CHUNK);
+    let budget = Arc::new(Budget::default());
 
     let started = Instant::now();
     // Far enough in the future to never fire; avoids Option juggling in `select!`.
@@ -140,19 +156,19 @@ async fn run(ctx: AttemptContext, out: &mut OutputSink) -> AttemptOutcome {
             break;
         }
         tokio::select! {
-            r = read_chunk(&mut stdout, &mut out_buf), if stdout.is_some() => {
+            r = read_chunk(&mut stdout, &mut out_buf, &budget), if stdout.is_some() => {
                 match r {
                     Ok(0) => stdout = None,
                     // Copy out exactly what was read: a slice of the read buffer would pin the
                     // whole 64 KiB block for as long as the chunk waits in the event queue.
-                    Ok(_) => out.write(Stream::Stdout, Bytes::copy_from_slice(&out_buf.split())).await,
+                    Ok(_) => out.write(Stream::Stdout, budget.chunk(&out_buf.split())).await,
                     Err(e) => { io_error.get_or_insert(format!("reading stdout: {e}")); stdout = None; }
                 }
             }
-            r = read_chunk(&mut stderr, &mut err_buf), if stderr.is_some() => {
+            r = read_chunk(&mut stderr, &mut err_buf, &budget), if stderr.is_some() => {
                 match r {
                     Ok(0) => stderr = None,
-                    Ok(_) => out.write(Stream::Stderr, Bytes::copy_from_slice(&err_buf.split())).await,
+                    Ok(_) => out.write(Stream::Stderr, budget.chunk(&err_buf.split())).await,
                     Err(e) => { io_error.get_or_insert(format!("reading stderr: {e}")); stderr = None; }
                 }
             }
@@ -168,9 +184,12 @@ async fn run(ctx: AttemptContext, out: &mut OutputSink) -> AttemptOutcome {
                     stop = Some(Stop::Exited);
                 }
                 // Stop whatever the step left behind, in its group or not, then stop waiting
-                // for pipes.
+                // for pipes. With both pipes already closed the loop ends now, and the look
+                // for strays just after it is this one: made once, there.
                 signal_group(pgid, Signal::SIGTERM);
-                strays.signal(Signal::SIGTERM);
+                if stdout.is_some() || stderr.is_some() {
+                    strays.signal(Signal::SIGTERM);
+                }
                 kill_at = kill_at.min(Instant::now() + ctx.kill_grace.min(Duration::from_secs(2)));
             }
             () = sleep_until(deadline), if stop.is_none() => {
@@ -262,12 +281,117 @@ async fn run(ctx: AttemptContext, out: &mut OutputSink) -> AttemptOutcome {
     }
 }
 
+/// Where a program named without a `/` was found, per `PATH` value: the shell is looked up once
+/// per run instead of by every spawn (`execvp` tries each `PATH` entry in turn, one failed
+/// `execve` per entry before the one that holds it). A shell removed or replaced by another
+/// earlier on `PATH` while a run goes on is not noticed: the spawn fails, or runs the one found.
+type Resolved = HashMap<(String, OsString), PathBuf>;
+
+static RESOLVED: OnceLock<Mutex<Resolved>> = OnceLock::new();
+
+/// `program` as the spawn should name it: as given when it holds a `/` or is not found on the
+/// `PATH` the process will get (the spawn then reports the error), otherwise its full path.
+fn resolve_program(program: &str, env: &[(String, String)]) -> OsString {
+    if program.contains('/') {
+        return program.into();
+    }
+    // The step's own PATH, when it sets one, is where the program is looked for.
+    let path = env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| OsString::from(v))
+        .or_else(|| std::env::var_os("PATH"));
+    let Some(path) = path else {
+        return program.into();
+    };
+    let cache = RESOLVED.get_or_init(Mutex::default);
+    let key = (program.to_owned(), path);
+    if let Some(found) = cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
+        return found.into_os_string();
+    }
+    // An empty or relative entry is looked up from the working directory by execvp: such a
+    // PATH is left to it.
+    if std::env::split_paths(&key.1).any(|dir| !dir.is_absolute()) {
+        return program.into();
+    }
+    let found = std::env::split_paths(&key.1)
+        .map(|dir| dir.join(program))
+        .find(|candidate| {
+            std::fs::metadata(candidate)
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        });
+    match found {
+        Some(found) => {
+            if let Ok(mut c) = cache.lock() {
+                c.insert(key, found.clone());
+            }
+            found.into_os_string()
+        }
+        None => program.into(),
+    }
+}
+
+/// Bytes of an attempt's output handed on and not yet dropped by their consumers.
+#[derive(Default)]
+struct Budget {
+    in_flight: AtomicUsize,
+    freed: tokio::sync::Notify,
+}
+
+impl Budget {
+    /// A copy of `data` that gives its bytes back to the budget when the last consumer drops it.
+    fn chunk(self: &Arc<Self>, data: &[u8]) -> Bytes {
+        self.in_flight.fetch_add(data.len(), Ordering::AcqRel);
+        Bytes::from_owner(Counted {
+            data: data.to_vec(),
+            budget: Arc::clone(self),
+        })
+    }
+
+    /// Waits while [`IN_FLIGHT`] bytes or more are in flight (at most [`IN_FLIGHT_WAIT`] per
+    /// look, see there).
+    async fn wait_for_room(&self) {
+        while self.in_flight.load(Ordering::Acquire) >= IN_FLIGHT {
+            let freed = self.freed.notified();
+            if self.in_flight.load(Ordering::Acquire) < IN_FLIGHT {
+                return;
+            }
+            if tokio::time::timeout(IN_FLIGHT_WAIT, freed).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+struct Counted {
+    data: Vec<u8>,
+    budget: Arc<Budget>,
+}
+
+impl AsRef<[u8]> for Counted {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.budget
+            .in_flight
+            .fetch_sub(self.data.len(), Ordering::AcqRel);
+        self.budget.freed.notify_one();
+    }
+}
+
 async fn read_chunk<R: AsyncRead + Unpin>(
     reader: &mut Option<R>,
     buf: &mut BytesMut,
+    budget: &Budget,
 ) -> std::io::Result<usize> {
     match reader {
         Some(r) => {
+            budget.wait_for_room().await;
             buf.reserve(READ_CHUNK);
             r.read_buf(buf).await
         }

@@ -3,6 +3,7 @@
 
 mod assessor;
 mod automation;
+mod capture;
 mod common;
 mod corpus;
 mod diagnostics;

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use aho_corasick::{AhoCorasick, MatchKind};
+use aho_corasick::{AhoCorasick, AhoCorasickKind, MatchKind};
 
 use super::encodings::variants;
 use super::shapes::ShapeRules;
@@ -103,6 +103,7 @@ fn spans_lines_grams(patterns: &[(String, Vec<u8>)]) -> Option<Arc<AhoCorasick>>
     }
     AhoCorasick::builder()
         .match_kind(MatchKind::Standard)
+        .kind(Some(AhoCorasickKind::DFA))
         .build(grams)
         .ok()
         .map(Arc::new)
@@ -244,8 +245,11 @@ impl ByteRedactor {
         let matcher = if patterns.is_empty() {
             None
         } else {
+            // A DFA: every byte of output is searched, and base64 output (all of it looks
+            // like the start of a base64 form) makes prefilters thrash.
             AhoCorasick::builder()
                 .match_kind(MatchKind::LeftmostLongest)
+                .kind(Some(AhoCorasickKind::DFA))
                 .build(patterns.iter().map(|p| &p.1))
                 .ok()
                 .map(Arc::new)

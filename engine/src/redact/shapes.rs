@@ -42,8 +42,11 @@ const _: () = assert!(TRIGGERS.len() == BUILTIN_SHAPES.len());
 
 static TRIGGER_MATCHER: std::sync::LazyLock<Option<aho_corasick::AhoCorasick>> =
     std::sync::LazyLock::new(|| {
+        // A DFA: one table step per byte whatever the text (base64 output defeats the
+        // prefilters, and this runs over every byte of output).
         aho_corasick::AhoCorasick::builder()
             .ascii_case_insensitive(true)
+            .kind(Some(aho_corasick::AhoCorasickKind::DFA))
             .build(TRIGGERS)
             .ok()
     });
@@ -81,7 +84,9 @@ impl ShapeRules {
         }
         let mut present = [false; TRIGGERS.len()];
         if let Some(ac) = TRIGGER_MATCHER.as_ref() {
-            for m in ac.find_overlapping_iter(&text[..]) {
+            // No trigger can overlap another (none ends with the start of one), so the
+            // non-overlapping search sees every one that is there.
+            for m in ac.find_iter(&text[..]) {
                 present[m.pattern().as_usize()] = true;
                 if present.iter().all(|&p| p) {
                     break;
@@ -130,7 +135,7 @@ pub struct PemFilter {
 impl PemFilter {
     /// A complete line (without its newline): `Some(replacement)` when it belongs to a block.
     pub fn line(&mut self, line: &[u8]) -> Option<&'static [u8]> {
-        let has = |needle: &[u8]| line.windows(needle.len()).any(|w| w == needle);
+        let has = |needle: &[u8]| contains(line, needle);
         let marker = has(b"PRIVATE KEY-----");
         if marker && has(b"-----BEGIN ") {
             self.inside = !has(b"-----END ");
@@ -150,6 +155,22 @@ impl PemFilter {
     }
 }
 
+/// Whether `needle` (not empty) is in `hay`: a scan for its first byte, compared only there
+/// (every marker starts with `-`, rare in output; a window compare at every byte is not).
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    let Some((&first, _)) = needle.split_first() else {
+        return true;
+    };
+    let mut from = 0;
+    while let Some(p) = hay[from..].iter().position(|&b| b == first) {
+        if hay[from + p..].starts_with(needle) {
+            return true;
+        }
+        from += p + 1;
+    }
+    false
+}
+
 pub static KEY_BEGIN: std::sync::LazyLock<Option<regex::bytes::Regex>> =
     std::sync::LazyLock::new(|| {
         regex::bytes::Regex::new("-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----").ok()
@@ -167,4 +188,24 @@ pub fn key_marker(
 ) -> Option<(usize, usize)> {
     let m = re.as_ref()?.find_at(data, from)?;
     Some((m.start(), m.end()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markers_are_found_wherever_they_are() {
+        assert!(contains(b"-----BEGIN ", b"-----BEGIN "));
+        assert!(contains(b"x--------BEGIN y", b"-----BEGIN "));
+        assert!(!contains(b"----BEGIN ", b"-----BEGIN "));
+        assert!(!contains(b"", b"-"));
+        let mut f = PemFilter::default();
+        assert_eq!(f.line(b"text - with -- dashes"), None);
+        assert!(f.line(b"--------BEGIN RSA PRIVATE KEY-----").is_some());
+        assert!(f.inside());
+        assert!(f.line(b"MIIEow").is_some());
+        assert!(f.line(b"-----END RSA PRIVATE KEY-----").is_some());
+        assert!(!f.inside());
+    }
 }
