@@ -767,19 +767,6 @@ fn take_lock(dir: &Path, me: &Holder, break_lock: bool) -> Result<(RunLock, Opti
         Ok((lock, stale)) => {
             if let Some(h) = &stale {
                 eprintln!("note: took over the lock of a run that did not finish: {h}");
-                // Its runner is gone, but the processes its steps started may not be: stop
-                // them before anything new runs beside them (with `--break-lock` too).
-                if h.provably_dead() {
-                    for g in runbook_steps::stop_run_processes(
-                        &h.run_id,
-                        std::time::Duration::from_secs(5),
-                    ) {
-                        eprintln!(
-                            "note: stopped process group {g}, left running by run {}",
-                            h.run_id
-                        );
-                    }
-                }
             }
             Ok((lock, stale))
         }
@@ -788,6 +775,26 @@ fn take_lock(dir: &Path, me: &Holder, break_lock: bool) -> Result<(RunLock, Opti
             Err(exit::USAGE)
         }
     }
+}
+
+/// After taking over the lock of another run (`stale`, not `mine`) whose runner is dead: its
+/// runner is gone, but the processes its steps started may not be. They are stopped before
+/// anything new runs beside them (with `--break-lock` too); returns what to note.
+fn stop_stale_run(stale: Option<&Holder>, mine: &str) -> Vec<String> {
+    let Some(h) = stale.filter(|h| h.run_id != mine && h.provably_dead()) else {
+        return Vec::new();
+    };
+    runbook_steps::stop_run_processes(&h.run_id, std::time::Duration::from_secs(5))
+        .into_iter()
+        .map(|g| {
+            let msg = format!(
+                "stopped process group {g}, left running by run {}",
+                h.run_id
+            );
+            eprintln!("note: {msg}");
+            msg
+        })
+        .collect()
 }
 
 /// Whether a dead run's bundle leaves nothing for `resume` to do: it is gone, its journal
@@ -881,7 +888,7 @@ fn run(args: &RunArgs) -> i32 {
     ));
     context["scrubbed"] = scrubbed.into();
     let command_line: Vec<String> = serde_json::from_value(command_line).unwrap_or_default();
-    let recorder = match Recorder::create(RecorderConfig {
+    let mut recorder = match Recorder::create(RecorderConfig {
         evidence_dir: evidence_dir.clone(),
         runbook: plan.runbook.clone(),
         run_id: run_info.id.clone(),
@@ -920,7 +927,12 @@ fn run(args: &RunArgs) -> i32 {
         &me,
         args.exec.break_lock,
     ) {
-        Ok((l, _)) => l,
+        Ok((l, stale)) => {
+            for msg in stop_stale_run(stale.as_ref(), &run_info.id) {
+                let _ = recorder.note(&msg);
+            }
+            l
+        }
         Err(code) => {
             // Nothing ran: leave no bundle behind that looks like a run.
             let _ = std::fs::remove_dir_all(recorder.dir());
@@ -1160,6 +1172,9 @@ fn resume(args: &ResumeArgs) -> i32 {
     drop(inspected);
     if let Some(n) = &changed_note {
         let _ = recorder.note(n);
+    }
+    for msg in stop_stale_run(stale.as_ref(), &interrupted.manifest.run_id) {
+        let _ = recorder.note(&msg);
     }
     // A runner killed hard leaves its steps' processes running: stop them before going on —
     // those the journal names, and any other process still carrying this run's id.
