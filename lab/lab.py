@@ -30,7 +30,7 @@ HERE = os.path.dirname(os.path.realpath(__file__))
 MARKER = ".rke2-lab"
 NODE_TOOLS = ["rke2", "rke2-install", "curl", "systemctl", "dnf", "yum", "rpm", "firewall-cmd", "getenforce",
               "nmcli", "hostnamectl", "systemd-detect-virt", "timedatectl", "lsblk", "ss", "needs-restarting",
-              "iscsi-iname", "rke2-killall.sh", "rke2-uninstall.sh"]
+              "iscsi-iname", "rke2-killall.sh", "rke2-uninstall.sh", "systemd-run", "reboot", "shutdown"]
 OS_RELEASE = """NAME="Rocky Linux"
 VERSION="9.6 (Blue Onyx)"
 ID="rocky"
@@ -43,6 +43,10 @@ CPE_NAME="cpe:/o:rocky:rocky:9::baseos"
 HOME_URL="https://rockylinux.org/"
 """
 API_NAME = "rke2-api.lab.internal"
+# What the lab's Rocky repositories offer over the image's packages (node.py BASE_PACKAGES):
+# a kernel and openssl-libs (core: needs-restarting -r asks for a reboot) and two that are not.
+UPDATES = {"kernel-core": "5.14.0-570.42.2.el9_6", "openssl-libs": "3.2.2-6.el9_6.1",
+           "vim-minimal": "8.2.2637-21.el9_6.2", "tzdata": "2025b-1.el9"}
 PVE_TOKEN_ID = "runbook@pve!lab"
 
 
@@ -166,6 +170,10 @@ mount --bind {d}/swaps /proc/swaps
 mount -t tmpfs -o size=1m lab-selinux /sys/fs
 mkdir -p /sys/fs/selinux && echo 1 > /sys/fs/selinux/enforce
 hostname "$(cat /etc/hostname)"
+# A boot: a new boot id (the kubelet reports it as nodeInfo.bootID) and its time (needs-restarting).
+mkdir -p /var/lib/lab-node
+cat /proc/sys/kernel/random/uuid > /var/lib/lab-node/boot_id
+date +%s > /var/lib/lab-node/booted-at
 mkdir -p /run/sshd
 /usr/sbin/sshd -f {d}/sshd_config -E {d}/sshd.log
 exec sleep infinity
@@ -553,6 +561,8 @@ export PROXMOX_TOKEN="{lab['pve_secret']}"
 export PROXMOX_CA_FILE="{tls}/ca.pem"
 """)
     os.makedirs(os.path.join(lab_dir, "operator"), exist_ok=True)
+    with open(os.path.join(lab_dir, "updates.json"), "w") as f:
+        json.dump(UPDATES, f, indent=1)
     say(f"lab: {len(nodes)} nodes up in {lab_dir} (registration address {lab['lb_ip']}, Proxmox API {lab['pve_ip']}:8006)")
     print(inv)
     print(env)
@@ -610,6 +620,7 @@ def cmd_fault(a):
         kill_node(n)
         n["state"] = "stopped"
     elif a.fault == "start":       # powered on: sshd and the enabled units come back
+        n.pop("no_boot", None)     # whatever kept it from booting was fixed at the console
         if n.get("state") == "lost":
             raise SystemExit(f"lab: {n['name']} is lost for good")
         if n.get("state") == "frozen":
@@ -617,6 +628,8 @@ def cmd_fault(a):
             n["state"] = "running"
         elif n.get("state") != "running":
             boot_node(lab_dir, lab, n)
+    elif a.fault == "no-boot":     # the next reboot does not come back (stays powered off)
+        n["no_boot"] = True
     elif a.fault == "freeze":      # hung VM: every process stopped, sockets stay open
         kill_node(n, signal.SIGSTOP)
         n["state"] = "frozen"
@@ -647,6 +660,36 @@ def cmd_fault(a):
         raise SystemExit(f"lab: unknown fault {a.fault}")
     save(lab_dir, lab)
     say(f"lab: {a.fault} {n['name']}")
+
+
+def cmd_reboot_node(a):
+    """A node's `systemctl reboot`, run in the host's namespaces (the node's own processes all
+    go): services stopped, then every process, then a boot like `start` unless `no-boot`."""
+    lab_dir = os.path.abspath(a.dir)
+    time.sleep(a.delay)
+    lab = load(lab_dir)
+    n = [m for m in lab["nodes"] if m["name"] == a.node][0]
+    if n.get("state") != "running":
+        return
+    node_exec(n, ["systemctl", "stop", "rke2-server", "rke2-agent"], check=False)
+    kill_node(n, signal.SIGTERM)
+    time.sleep(0.5)
+    kill_node(n)
+    lab = load(lab_dir)
+    n = [m for m in lab["nodes"] if m["name"] == a.node][0]
+    n["state"] = "rebooting"
+    save(lab_dir, lab)
+    time.sleep(1)
+    lab = load(lab_dir)
+    n = [m for m in lab["nodes"] if m["name"] == a.node][0]
+    if n.get("no_boot"):
+        n["state"] = "stopped"
+        save(lab_dir, lab)
+        say(f"lab: {n['name']} did not come back from its reboot (fault no-boot)")
+        return
+    boot_node(lab_dir, lab, n)
+    save(lab_dir, lab)
+    say(f"lab: {n['name']} rebooted")
 
 
 def cmd_exec(a):
@@ -683,11 +726,14 @@ def main():
     sub("status", help="nodes, services, versions")
     f = sub("fault", help="break a node")
     f.add_argument("node")
-    f.add_argument("fault", choices=["stop", "start", "freeze", "thaw", "lose", "stop-service", "fill-disk",
+    f.add_argument("fault", choices=["stop", "start", "no-boot", "freeze", "thaw", "lose", "stop-service", "fill-disk",
                                      "free-disk", "break-sshd", "fix-sshd", "fail-install", "fix-install"])
     e = sub("exec", help="run a command inside a node")
     e.add_argument("node")
     e.add_argument("command", nargs=argparse.REMAINDER)
+    r = sub("reboot-node", help="(internal) the reboot a node asked for")
+    r.add_argument("node")
+    r.add_argument("--delay", type=float, default=0.5)
     sub("serve-lb")
     sub("serve-pve")
     a = p.parse_args()
@@ -696,7 +742,8 @@ def main():
     elif a.cmd == "serve-pve":
         serve_pve(os.path.abspath(a.dir))
     else:
-        {"up": cmd_up, "down": cmd_down, "status": cmd_status, "fault": cmd_fault, "exec": cmd_exec}[a.cmd](a)
+        {"up": cmd_up, "down": cmd_down, "status": cmd_status, "fault": cmd_fault, "exec": cmd_exec,
+         "reboot-node": cmd_reboot_node}[a.cmd](a)
 
 
 if __name__ == "__main__":
