@@ -654,6 +654,11 @@ def cmd_fault(a):
             pass
     elif a.fault == "fix-sshd":
         node_exec(n, ["/usr/sbin/sshd", "-f", os.path.join(d, "sshd_config"), "-E", os.path.join(d, "sshd.log")])
+    elif a.fault == "cert-expiry":  # every leaf certificate of the node expires in --days days
+        r = node_exec(n, ["/usr/bin/python3", os.path.join(HERE, "node.py"), "lab-certs", "expire-in", str(a.days)],
+                      check=False)
+        if r.returncode != 0:
+            raise SystemExit(f"lab: cert-expiry {n['name']}: {r.stderr.strip()}")
     elif a.fault in ("fail-install", "fix-install"):  # the next installs fail like a broken mirror
         node_flag(n, "fail-install", a.fault == "fail-install")
     else:
@@ -727,7 +732,8 @@ def main():
     f = sub("fault", help="break a node")
     f.add_argument("node")
     f.add_argument("fault", choices=["stop", "start", "no-boot", "freeze", "thaw", "lose", "stop-service", "fill-disk",
-                                     "free-disk", "break-sshd", "fix-sshd", "fail-install", "fix-install"])
+                                     "free-disk", "break-sshd", "fix-sshd", "fail-install", "fix-install", "cert-expiry"])
+    f.add_argument("--days", type=int, default=20, help="cert-expiry: days until the certificates expire")
     e = sub("exec", help="run a command inside a node")
     e.add_argument("node")
     e.add_argument("command", nargs=argparse.REMAINDER)

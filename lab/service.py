@@ -27,6 +27,7 @@ from labcommon import (  # noqa: E402
     Etcd,
     LabError,
     Store,
+    ensure_certs,
     http_json,
     node_info,
     parse_version,
@@ -297,6 +298,11 @@ class Service:
             token = str(token)
         for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
             signal.signal(sig, lambda n, f: (log(f"stopping on signal {n}"), self.stop()))
+        # A start issues missing certificates and renews those near expiry (RKE2 does it on start).
+        try:
+            ensure_certs(self.kind)
+        except LabError as e:
+            self.fail(f"certificates: {e}")
         if self.kind == "agent":
             return self.run_agent(cfg, token, server)
         fresh = not os.path.isdir(DB + "/etcd/member")
@@ -343,7 +349,7 @@ class Service:
             f.write(f"K10{secrets.token_hex(8)}::server:{cluster_token}\n")
         os.makedirs("/etc/rancher/rke2", exist_ok=True)
         mode = int(str(cfg.get("write-kubeconfig-mode", "0600")), 8)
-        kc = kubeconfig("https://127.0.0.1:6443", self.admin_token)
+        kc = kubeconfig("https://127.0.0.1:6443", self.admin_token, DATA + "/server/tls/client-admin")
         with open("/etc/rancher/rke2/rke2.yaml", "w") as f:
             f.write(kc)
         os.chmod("/etc/rancher/rke2/rke2.yaml", mode)
@@ -419,7 +425,18 @@ def default_critical(k):
             "service-cidr": "10.43.0.0/16", "cluster-dns": "10.43.0.10", "cluster-domain": "cluster.local"}[k]
 
 
-def kubeconfig(server, token):
+def kubeconfig(server, token, client=None):
+    """A kubeconfig as RKE2 writes it; with `client`, the client certificate and key embedded (the
+    lab's API authenticates the token; the certificate is there for its expiry date)."""
+    cert = ""
+    if client:
+        import base64
+
+        with open(client + ".crt", "rb") as f:
+            crt = base64.b64encode(f.read()).decode()
+        with open(client + ".key", "rb") as f:
+            key = base64.b64encode(f.read()).decode()
+        cert = f"\n    client-certificate-data: {crt}\n    client-key-data: {key}"
     return f"""apiVersion: v1
 kind: Config
 clusters:
@@ -436,7 +453,7 @@ current-context: default
 users:
 - name: default
   user:
-    token: {token}
+    token: {token}{cert}
 """
 
 

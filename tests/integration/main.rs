@@ -5,6 +5,7 @@ mod assessor;
 mod automation;
 mod common;
 mod corpus;
+mod day2;
 mod diagnostics;
 mod drills;
 mod durability;
