@@ -222,8 +222,21 @@ def node_flag(n, name, on):
     node_exec(n, ["sh", "-c", f"mkdir -p /var/lib/lab-node && touch {path}" if on else f"rm -f {path}"])
 
 
-def kill_node(n, sig=signal.SIGKILL):
+def node_alive(n):
+    """Whether the node's anchor still holds the node's namespace."""
+    try:
+        return os.readlink(f"/proc/{n['anchor']}/ns/mnt") == n["ns"]
+    except (OSError, KeyError):
+        return False
+
+
+def kill_node(n, sig=signal.SIGKILL, check=True):
     if not n.get("ns"):
+        return
+    # Only while the node's anchor still holds that namespace: once a node is gone its
+    # namespace id may be reused by the kernel for another node's (even another lab's), and
+    # killing by a stale id kills that one.
+    if check and not node_alive(n):
         return
     for _ in range(20):
         pids = [p for p in ns_pids(n["ns"]) if p != os.getpid()]
@@ -676,10 +689,12 @@ def cmd_reboot_node(a):
     n = [m for m in lab["nodes"] if m["name"] == a.node][0]
     if n.get("state") != "running":
         return
+    if not node_alive(n):
+        return
     node_exec(n, ["systemctl", "stop", "rke2-server", "rke2-agent"], check=False)
-    kill_node(n, signal.SIGTERM)
+    kill_node(n, signal.SIGTERM, check=False)  # the anchor goes too: no check for the KILL round
     time.sleep(0.5)
-    kill_node(n)
+    kill_node(n, check=False)
     lab = load(lab_dir)
     n = [m for m in lab["nodes"] if m["name"] == a.node][0]
     n["state"] = "rebooting"
