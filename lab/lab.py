@@ -48,6 +48,7 @@ API_NAME = "rke2-api.lab.internal"
 UPDATES = {"kernel-core": "5.14.0-570.42.2.el9_6", "openssl-libs": "3.2.2-6.el9_6.1",
            "vim-minimal": "8.2.2637-21.el9_6.2", "tzdata": "2025b-1.el9"}
 PVE_TOKEN_ID = "runbook@pve!lab"
+PVE_HOSTS = ["pve1", "pve2", "pve3"]
 
 
 def say(msg):
@@ -354,6 +355,27 @@ class Pve:
         n["state"] = "stopped"
         save(self.lab_dir, lab)
 
+    def migrate(self, vmid, target, online):
+        lab = load(self.lab_dir)
+        n = [m for m in lab["nodes"] if str(m["vmid"]) == str(vmid)][0]
+        if n.get("state") == "running" and not online:
+            raise RuntimeError("VM is running - use online migration (online=1) or shut it down first")
+        # An online migration moves the running VM: its processes and sockets stay as they are.
+        n["pve_node"] = target
+        save(self.lab_dir, lab)
+
+    def shutdown(self, vmid):
+        """ACPI shutdown: the guest stops its services, then powers off."""
+        lab = load(self.lab_dir)
+        n = [m for m in lab["nodes"] if str(m["vmid"]) == str(vmid)][0]
+        if n.get("state") == "running" and node_alive(n):
+            node_exec(n, ["systemctl", "stop", "rke2-server", "rke2-agent"], check=False)
+            kill_node(n, signal.SIGTERM, check=False)
+            time.sleep(0.5)
+            kill_node(n, check=False)
+        n["state"] = "stopped"
+        save(self.lab_dir, lab)
+
     def start(self, vmid):
         lab = load(self.lab_dir)
         n = [m for m in lab["nodes"] if str(m["vmid"]) == str(vmid)][0]
@@ -401,11 +423,34 @@ def pve_handler(pve, secret):
                 if not t:
                     return self.reply(404, None, "no such task")
                 return self.reply(200, {"upid": p[3], **t})
+            if p == ["nodes"]:
+                return self.reply(200, [{"node": h, "status": "online", "type": "node"} for h in PVE_HOSTS])
+            if p == ["cluster", "resources"]:
+                vms = [{"id": f"qemu/{n['vmid']}", "vmid": n["vmid"], "name": n["name"], "type": "qemu",
+                        "node": n.get("pve_node", PVE_HOSTS[0]),
+                        "status": "running" if n.get("state") in ("running", "frozen") else "stopped"}
+                       for n in load(pve.lab_dir)["nodes"] if n.get("state") != "lost"]
+                hosts = [{"id": f"node/{h}", "node": h, "type": "node", "status": "online"} for h in PVE_HOSTS]
+                kind = q.get("type")
+                return self.reply(200, vms if kind == "vm" else hosts if kind == "node" else hosts + vms)
             if len(p) >= 4 and p[0] == "nodes" and p[2] == "qemu":
                 node, vmid = p[1], p[3]
                 if not pve.node_by_vmid(vmid):
                     return self.reply(500, None, f"Configuration file 'nodes/{node}/qemu-server/{vmid}.conf' does not exist")
                 rest = p[4:]
+                here = pve.node_by_vmid(vmid).get("pve_node", PVE_HOSTS[0])
+                if rest in (["migrate"], ["status", "shutdown"]) and node != here:
+                    return self.reply(500, None, f"Configuration file 'nodes/{node}/qemu-server/{vmid}.conf' does not exist")
+                if rest == ["migrate"] and method == "POST":
+                    target = q.get("target", "")
+                    if target not in PVE_HOSTS:
+                        return self.reply(400, None, f"Parameter verification failed. target: no such cluster node '{target}'")
+                    if target == node:
+                        return self.reply(500, None, f"target is local node '{node}'")
+                    online = str(q.get("online", "0")) == "1"
+                    return self.reply(200, pve.task(node, "qmigrate", vmid, lambda: pve.migrate(vmid, target, online)))
+                if rest == ["status", "shutdown"] and method == "POST":
+                    return self.reply(200, pve.task(node, "qmshutdown", vmid, lambda: pve.shutdown(vmid)))
                 if rest == ["snapshot"] and method == "GET":
                     d = pve.snapdir(vmid)
                     snaps = sorted(os.listdir(d)) if os.path.isdir(d) else []
@@ -487,10 +532,11 @@ def cmd_up(a):
         raise SystemExit("lab: needs root (namespaces and mounts)")
     os.makedirs(lab_dir, exist_ok=True)
     open(os.path.join(lab_dir, MARKER), "w").close()
-    nodes = [{"name": f"rke2-server-{i + 1}", "ip": f"{sub}.{11 + i}", "role": "servers", "vmid": 201 + i}
-             for i in range(a.servers)]
-    nodes += [{"name": f"rke2-agent-{i + 1}", "ip": f"{sub}.{21 + i}", "role": "agents", "vmid": 211 + i}
-              for i in range(a.agents)]
+    # Proxmox hosts: the servers spread one per host (pve1, pve2, pve3), the agents too.
+    nodes = [{"name": f"rke2-server-{i + 1}", "ip": f"{sub}.{11 + i}", "role": "servers", "vmid": 201 + i,
+              "pve_node": PVE_HOSTS[i % len(PVE_HOSTS)]} for i in range(a.servers)]
+    nodes += [{"name": f"rke2-agent-{i + 1}", "ip": f"{sub}.{21 + i}", "role": "agents", "vmid": 211 + i,
+               "pve_node": PVE_HOSTS[i % len(PVE_HOSTS)]} for i in range(a.agents)]
     for n in nodes:
         if port_open(n["ip"], a.port, 0.2):
             raise SystemExit(f"lab: {n['ip']}:{a.port} is already taken (another lab? pick another --subnet)")
@@ -550,7 +596,7 @@ def cmd_up(a):
                 f"known_hosts = \"{ssh}/known_hosts\"\nhost_key_check = \"strict\"\nconnect_timeout = \"5s\"\n")
         for n in nodes:
             f.write(f"\n[hosts.{n['name']}]\naddress = \"{n['ip']}\"\n" + (f"port = {a.port}\n" if a.port != 22 else "")
-                    + f"groups = [\"{n['role']}\"]\nvars = {{ vmid = {n['vmid']}, pve_node = \"pve1\" }}\n")
+                    + f"groups = [\"{n['role']}\"]\nvars = {{ vmid = {n['vmid']}, pve_node = \"{n['pve_node']}\" }}\n")
     env = os.path.join(lab_dir, "env.sh")
     with open(env, "w") as f:
         f.write(f"""# Source this to run the RKE2 runbooks against the lab in {lab_dir} (written by `scripts/lab up`).
@@ -667,6 +713,10 @@ def cmd_fault(a):
             pass
     elif a.fault == "fix-sshd":
         node_exec(n, ["/usr/sbin/sshd", "-f", os.path.join(d, "sshd_config"), "-E", os.path.join(d, "sshd.log")])
+    elif a.fault == "place":  # the VM is (live-)migrated to another Proxmox host
+        if a.host not in PVE_HOSTS:
+            raise SystemExit(f"lab: --host must be one of {', '.join(PVE_HOSTS)}")
+        n["pve_node"] = a.host
     elif a.fault == "cert-expiry":  # every leaf certificate of the node expires in --days days
         r = node_exec(n, ["/usr/bin/python3", os.path.join(HERE, "node.py"), "lab-certs", "expire-in", str(a.days)],
                       check=False)
@@ -747,7 +797,8 @@ def main():
     f = sub("fault", help="break a node")
     f.add_argument("node")
     f.add_argument("fault", choices=["stop", "start", "no-boot", "freeze", "thaw", "lose", "stop-service", "fill-disk",
-                                     "free-disk", "break-sshd", "fix-sshd", "fail-install", "fix-install", "cert-expiry"])
+                                     "free-disk", "break-sshd", "fix-sshd", "fail-install", "fix-install", "cert-expiry", "place"])
+    f.add_argument("--host", default="pve1", help="place: the Proxmox host the VM runs on from now")
     f.add_argument("--days", type=int, default=20, help="cert-expiry: days until the certificates expire")
     e = sub("exec", help="run a command inside a node")
     e.add_argument("node")

@@ -255,3 +255,89 @@ fn cert_rotate_check_warns_of_a_near_expiry_then_rotation_renews_every_node() {
     assert_bundle_verifies(&done.bundle());
     lab.run("rke2-cert-rotate.toml", &check, &[]).assert_code(0);
 }
+
+/// The Proxmox host each lab VM runs on now (`lab.json`, what the lab's PVE API answers).
+fn pve_host_of(lab: &Lab, vm: &str) -> String {
+    let lab_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(lab.labdir().join("lab.json")).expect("lab.json"))
+            .expect("lab.json");
+    lab_json["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .find(|n| n["name"] == vm)
+        .and_then(|n| n["pve_node"].as_str())
+        .expect(vm)
+        .to_owned()
+}
+
+/// Hypervisor maintenance on the lab's Proxmox API: a host holding two servers is refused
+/// before anything changes; a host with one server and one agent is emptied by draining and
+/// live-migrating both, the run waits at the approve gate for the host maintenance, then brings
+/// them back and uncordons them, quorum kept throughout.
+#[test]
+fn hypervisor_maintenance_refuses_two_servers_on_a_host_then_empties_and_refills_one() {
+    let Some(lab) = Lab::up("127.0.193") else {
+        return;
+    };
+    lab.run("rke2-vm-deploy.toml", &[], &[]).assert_code(0);
+    assert_eq!(pve_host_of(&lab, "rke2-server-1"), "pve1");
+    assert_eq!(pve_host_of(&lab, "rke2-agent-1"), "pve1");
+
+    let out = lab_cmd(
+        &lab.labdir(),
+        &["fault", "rke2-server-2", "place", "--host", "pve1"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let refused = lab.run("hypervisor-maintenance.toml", &["--set", "pve_host=pve1"], &[]);
+    refused.assert_code(1);
+    assert_eq!(refused.status_of("assess"), "failed");
+    assert_eq!(refused.status_of("drain"), "skipped");
+    assert!(
+        refused.stderr().contains("pve1 holds 2 RKE2 servers"),
+        "{}",
+        refused.stderr()
+    );
+    for (name, status, _) in nodes(&lab) {
+        assert_eq!(status, "Ready", "{name} touched by a refused run");
+    }
+    assert_bundle_verifies(&refused.bundle());
+
+    let out = lab_cmd(
+        &lab.labdir(),
+        &["fault", "rke2-server-2", "place", "--host", "pve2"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let args = ["--set", "pve_host=pve1"];
+    let asked = lab.run("hypervisor-maintenance.toml", &args, &[]);
+    asked.assert_code(4);
+    assert_eq!(asked.status_of("host-empty"), "succeeded");
+    // Live-migrated to the least loaded other host, still running, cordoned.
+    for vm in ["rke2-server-1", "rke2-agent-1"] {
+        assert_eq!(pve_host_of(&lab, vm), "pve3", "{vm}");
+    }
+    let got = nodes(&lab);
+    for (name, status, _) in &got {
+        let moved = name == "rke2-server-1" || name == "rke2-agent-1";
+        assert_eq!(
+            status.as_str(),
+            if moved { "Ready,SchedulingDisabled" } else { "Ready" },
+            "{name}"
+        );
+    }
+    let etcd = lab.kubectl(&["get", "--raw=/readyz/etcd"]);
+    assert_eq!(text(&etcd.stdout).trim(), "ok");
+
+    let done = lab.resume(&asked, &["--approve", "host-maintenance"], &[]);
+    done.assert_code(0);
+    assert_eq!(done.status_of("verify"), "succeeded");
+    for vm in ["rke2-server-1", "rke2-agent-1"] {
+        assert_eq!(pve_host_of(&lab, vm), "pve1", "{vm} not back");
+    }
+    for (name, status, _) in nodes(&lab) {
+        assert_eq!(status, "Ready", "{name}");
+    }
+    let token = lab.var("PROXMOX_TOKEN");
+    crate::common::assert_bundle_lacks(&done.bundle(), &[&token]);
+    assert_bundle_verifies(&done.bundle());
+}
