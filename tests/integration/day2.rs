@@ -57,13 +57,19 @@ fn os_patch_stops_at_a_node_that_does_not_come_back_then_a_rerun_finishes_it() {
     assert!(notes.contains("left cordoned"), "{notes}");
     assert!(notes.contains("run this runbook again"), "{notes}");
     // rke2-server-1 was updated, rebooted (a new boot id) and is back, schedulable.
-    let history = log_of(&failed, "steps/patch-servers/rke2-server-1/update/attempt-1.log");
+    let history = log_of(
+        &failed,
+        "steps/patch-servers/rke2-server-1/update/attempt-1.log",
+    );
     assert!(history.contains("Packages Altered"), "{history}");
     assert!(
         history.contains("kernel-core-5.14.0-570.42.2.el9_6"),
         "{history}"
     );
-    let back = log_of(&failed, "steps/patch-servers/rke2-server-1/back/attempt-1.log");
+    let back = log_of(
+        &failed,
+        "steps/patch-servers/rke2-server-1/back/attempt-1.log",
+    );
     assert!(back.contains("back from its reboot"), "{back}");
     assert_ne!(boot("rke2-server-1"), boot_before[0]);
     let got = nodes(&lab);
@@ -75,7 +81,10 @@ fn os_patch_stops_at_a_node_that_does_not_come_back_then_a_rerun_finishes_it() {
         "{got:?}"
     );
     assert!(!by("rke2-server-2").1.starts_with("Ready"), "{got:?}");
-    let unc = log_of(&failed, "steps/patch-servers/rke2-server-2/uncordon/attempt-1.log");
+    let unc = log_of(
+        &failed,
+        "steps/patch-servers/rke2-server-2/uncordon/attempt-1.log",
+    );
     assert!(unc.contains("left cordoned"), "{unc}");
     // Quorum kept (two of three members), and nothing after rke2-server-2 was touched.
     let etcd = lab.kubectl(&["get", "--raw=/readyz/etcd"]);
@@ -95,21 +104,34 @@ fn os_patch_stops_at_a_node_that_does_not_come_back_then_a_rerun_finishes_it() {
     assert_eq!(done.status_of("verify"), "succeeded");
     assert_eq!(done.status_of("what-now"), "skipped");
     for (name, status, v) in nodes(&lab) {
-        assert_eq!((status.as_str(), v.as_str()), ("Ready", version.as_str()), "{name}");
+        assert_eq!(
+            (status.as_str(), v.as_str()),
+            ("Ready", version.as_str()),
+            "{name}"
+        );
         let nr = lab.exec(&name, &["needs-restarting", "-r"]);
         assert!(nr.status.success(), "{name}: {}", text(&nr.stdout));
     }
     // Patched nodes are not updated or rebooted again; the rest were, once.
     assert_eq!(boot("rke2-server-1"), server1_boot, "rebooted twice");
-    let again = log_of(&done, "steps/patch-servers/rke2-server-1/update/attempt-1.log");
+    let again = log_of(
+        &done,
+        "steps/patch-servers/rke2-server-1/update/attempt-1.log",
+    );
     assert!(again.contains("no package changed"), "{again}");
-    let back = log_of(&done, "steps/patch-servers/rke2-server-1/back/attempt-1.log");
+    let back = log_of(
+        &done,
+        "steps/patch-servers/rke2-server-1/back/attempt-1.log",
+    );
     assert!(back.contains("no reboot needed"), "{back}");
     for n in ["rke2-server-3", "rke2-agent-1", "rke2-agent-2"] {
         assert_eq!(dnf_transactions(&lab, n), 1, "{n}");
     }
     assert_ne!(boot("rke2-agent-1"), boot_before[2]);
-    let agent = log_of(&done, "steps/patch-agents/rke2-agent-1/update/attempt-1.log");
+    let agent = log_of(
+        &done,
+        "steps/patch-agents/rke2-agent-1/update/attempt-1.log",
+    );
     assert!(agent.contains("Packages Altered"), "{agent}");
     // RKE2 stayed versionlocked: dnf update did not move it.
     assert!(!agent.contains("Upgrade  rke2-"), "{agent}");
@@ -170,7 +192,12 @@ fn schedules_export_the_dr_drill_and_the_certificate_expiry_check() {
     assert!(cj.join("runbook-rke2-dr-drill-weekly.yaml").exists());
     // The check is a runbook the scheduler can run: it passes `runbook check`.
     let out = std::process::Command::new(crate::common::BIN)
-        .args(["check", &repo.join("runbooks/rke2-cert-rotate.toml").to_string_lossy()])
+        .args([
+            "check",
+            &repo
+                .join("runbooks/rke2-cert-rotate.toml")
+                .to_string_lossy(),
+        ])
         .output()
         .expect("check");
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -198,7 +225,11 @@ fn cert_rotate_check_warns_of_a_near_expiry_then_rotation_renews_every_node() {
         "rke2-server-2",
         &["rke2", "certificate", "check", "--output", "table"],
     );
-    assert!(text(&table.stdout).contains("WARNING"), "{}", text(&table.stdout));
+    assert!(
+        text(&table.stdout).contains("WARNING"),
+        "{}",
+        text(&table.stdout)
+    );
     let warned = lab.run("rke2-cert-rotate.toml", &check, &[]);
     warned.assert_code(1);
     assert_eq!(warned.status_of("assess"), "failed");
@@ -258,9 +289,10 @@ fn cert_rotate_check_warns_of_a_near_expiry_then_rotation_renews_every_node() {
 
 /// The Proxmox host each lab VM runs on now (`lab.json`, what the lab's PVE API answers).
 fn pve_host_of(lab: &Lab, vm: &str) -> String {
-    let lab_json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(lab.labdir().join("lab.json")).expect("lab.json"))
-            .expect("lab.json");
+    let lab_json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(lab.labdir().join("lab.json")).expect("lab.json"),
+    )
+    .expect("lab.json");
     lab_json["nodes"]
         .as_array()
         .expect("nodes")
@@ -289,7 +321,11 @@ fn hypervisor_maintenance_refuses_two_servers_on_a_host_then_empties_and_refills
         &["fault", "rke2-server-2", "place", "--host", "pve1"],
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let refused = lab.run("hypervisor-maintenance.toml", &["--set", "pve_host=pve1"], &[]);
+    let refused = lab.run(
+        "hypervisor-maintenance.toml",
+        &["--set", "pve_host=pve1"],
+        &[],
+    );
     refused.assert_code(1);
     assert_eq!(refused.status_of("assess"), "failed");
     assert_eq!(refused.status_of("drain"), "skipped");
@@ -321,7 +357,11 @@ fn hypervisor_maintenance_refuses_two_servers_on_a_host_then_empties_and_refills
         let moved = name == "rke2-server-1" || name == "rke2-agent-1";
         assert_eq!(
             status.as_str(),
-            if moved { "Ready,SchedulingDisabled" } else { "Ready" },
+            if moved {
+                "Ready,SchedulingDisabled"
+            } else {
+                "Ready"
+            },
             "{name}"
         );
     }
