@@ -30,7 +30,7 @@ HERE = os.path.dirname(os.path.realpath(__file__))
 MARKER = ".rke2-lab"
 NODE_TOOLS = ["rke2", "rke2-install", "curl", "systemctl", "dnf", "yum", "rpm", "firewall-cmd", "getenforce",
               "nmcli", "hostnamectl", "systemd-detect-virt", "timedatectl", "lsblk", "ss", "needs-restarting",
-              "iscsi-iname", "rke2-killall.sh", "rke2-uninstall.sh"]
+              "iscsi-iname", "rke2-killall.sh", "rke2-uninstall.sh", "systemd-run", "reboot", "shutdown"]
 OS_RELEASE = """NAME="Rocky Linux"
 VERSION="9.6 (Blue Onyx)"
 ID="rocky"
@@ -43,7 +43,12 @@ CPE_NAME="cpe:/o:rocky:rocky:9::baseos"
 HOME_URL="https://rockylinux.org/"
 """
 API_NAME = "rke2-api.lab.internal"
+# What the lab's Rocky repositories offer over the image's packages (node.py BASE_PACKAGES):
+# a kernel and openssl-libs (core: needs-restarting -r asks for a reboot) and two that are not.
+UPDATES = {"kernel-core": "5.14.0-570.42.2.el9_6", "openssl-libs": "3.2.2-6.el9_6.1",
+           "vim-minimal": "8.2.2637-21.el9_6.2", "tzdata": "2025b-1.el9"}
 PVE_TOKEN_ID = "runbook@pve!lab"
+PVE_HOSTS = ["pve1", "pve2", "pve3"]
 
 
 def say(msg):
@@ -166,6 +171,10 @@ mount --bind {d}/swaps /proc/swaps
 mount -t tmpfs -o size=1m lab-selinux /sys/fs
 mkdir -p /sys/fs/selinux && echo 1 > /sys/fs/selinux/enforce
 hostname "$(cat /etc/hostname)"
+# A boot: a new boot id (the kubelet reports it as nodeInfo.bootID) and its time (needs-restarting).
+mkdir -p /var/lib/lab-node
+cat /proc/sys/kernel/random/uuid > /var/lib/lab-node/boot_id
+date +%s > /var/lib/lab-node/booted-at
 mkdir -p /run/sshd
 /usr/sbin/sshd -f {d}/sshd_config -E {d}/sshd.log
 exec sleep infinity
@@ -214,8 +223,21 @@ def node_flag(n, name, on):
     node_exec(n, ["sh", "-c", f"mkdir -p /var/lib/lab-node && touch {path}" if on else f"rm -f {path}"])
 
 
-def kill_node(n, sig=signal.SIGKILL):
+def node_alive(n):
+    """Whether the node's anchor still holds the node's namespace."""
+    try:
+        return os.readlink(f"/proc/{n['anchor']}/ns/mnt") == n["ns"]
+    except (OSError, KeyError):
+        return False
+
+
+def kill_node(n, sig=signal.SIGKILL, check=True):
     if not n.get("ns"):
+        return
+    # Only while the node's anchor still holds that namespace: once a node is gone its
+    # namespace id may be reused by the kernel for another node's (even another lab's), and
+    # killing by a stale id kills that one.
+    if check and not node_alive(n):
         return
     for _ in range(20):
         pids = [p for p in ns_pids(n["ns"]) if p != os.getpid()]
@@ -333,6 +355,27 @@ class Pve:
         n["state"] = "stopped"
         save(self.lab_dir, lab)
 
+    def migrate(self, vmid, target, online):
+        lab = load(self.lab_dir)
+        n = [m for m in lab["nodes"] if str(m["vmid"]) == str(vmid)][0]
+        if n.get("state") == "running" and not online:
+            raise RuntimeError("VM is running - use online migration (online=1) or shut it down first")
+        # An online migration moves the running VM: its processes and sockets stay as they are.
+        n["pve_node"] = target
+        save(self.lab_dir, lab)
+
+    def shutdown(self, vmid):
+        """ACPI shutdown: the guest stops its services, then powers off."""
+        lab = load(self.lab_dir)
+        n = [m for m in lab["nodes"] if str(m["vmid"]) == str(vmid)][0]
+        if n.get("state") == "running" and node_alive(n):
+            node_exec(n, ["systemctl", "stop", "rke2-server", "rke2-agent"], check=False)
+            kill_node(n, signal.SIGTERM, check=False)
+            time.sleep(0.5)
+            kill_node(n, check=False)
+        n["state"] = "stopped"
+        save(self.lab_dir, lab)
+
     def start(self, vmid):
         lab = load(self.lab_dir)
         n = [m for m in lab["nodes"] if str(m["vmid"]) == str(vmid)][0]
@@ -380,11 +423,34 @@ def pve_handler(pve, secret):
                 if not t:
                     return self.reply(404, None, "no such task")
                 return self.reply(200, {"upid": p[3], **t})
+            if p == ["nodes"]:
+                return self.reply(200, [{"node": h, "status": "online", "type": "node"} for h in PVE_HOSTS])
+            if p == ["cluster", "resources"]:
+                vms = [{"id": f"qemu/{n['vmid']}", "vmid": n["vmid"], "name": n["name"], "type": "qemu",
+                        "node": n.get("pve_node", PVE_HOSTS[0]),
+                        "status": "running" if n.get("state") in ("running", "frozen") else "stopped"}
+                       for n in load(pve.lab_dir)["nodes"] if n.get("state") != "lost"]
+                hosts = [{"id": f"node/{h}", "node": h, "type": "node", "status": "online"} for h in PVE_HOSTS]
+                kind = q.get("type")
+                return self.reply(200, vms if kind == "vm" else hosts if kind == "node" else hosts + vms)
             if len(p) >= 4 and p[0] == "nodes" and p[2] == "qemu":
                 node, vmid = p[1], p[3]
                 if not pve.node_by_vmid(vmid):
                     return self.reply(500, None, f"Configuration file 'nodes/{node}/qemu-server/{vmid}.conf' does not exist")
                 rest = p[4:]
+                here = pve.node_by_vmid(vmid).get("pve_node", PVE_HOSTS[0])
+                if rest in (["migrate"], ["status", "shutdown"]) and node != here:
+                    return self.reply(500, None, f"Configuration file 'nodes/{node}/qemu-server/{vmid}.conf' does not exist")
+                if rest == ["migrate"] and method == "POST":
+                    target = q.get("target", "")
+                    if target not in PVE_HOSTS:
+                        return self.reply(400, None, f"Parameter verification failed. target: no such cluster node '{target}'")
+                    if target == node:
+                        return self.reply(500, None, f"target is local node '{node}'")
+                    online = str(q.get("online", "0")) == "1"
+                    return self.reply(200, pve.task(node, "qmigrate", vmid, lambda: pve.migrate(vmid, target, online)))
+                if rest == ["status", "shutdown"] and method == "POST":
+                    return self.reply(200, pve.task(node, "qmshutdown", vmid, lambda: pve.shutdown(vmid)))
                 if rest == ["snapshot"] and method == "GET":
                     d = pve.snapdir(vmid)
                     snaps = sorted(os.listdir(d)) if os.path.isdir(d) else []
@@ -466,10 +532,11 @@ def cmd_up(a):
         raise SystemExit("lab: needs root (namespaces and mounts)")
     os.makedirs(lab_dir, exist_ok=True)
     open(os.path.join(lab_dir, MARKER), "w").close()
-    nodes = [{"name": f"rke2-server-{i + 1}", "ip": f"{sub}.{11 + i}", "role": "servers", "vmid": 201 + i}
-             for i in range(a.servers)]
-    nodes += [{"name": f"rke2-agent-{i + 1}", "ip": f"{sub}.{21 + i}", "role": "agents", "vmid": 211 + i}
-              for i in range(a.agents)]
+    # Proxmox hosts: the servers spread one per host (pve1, pve2, pve3), the agents too.
+    nodes = [{"name": f"rke2-server-{i + 1}", "ip": f"{sub}.{11 + i}", "role": "servers", "vmid": 201 + i,
+              "pve_node": PVE_HOSTS[i % len(PVE_HOSTS)]} for i in range(a.servers)]
+    nodes += [{"name": f"rke2-agent-{i + 1}", "ip": f"{sub}.{21 + i}", "role": "agents", "vmid": 211 + i,
+               "pve_node": PVE_HOSTS[i % len(PVE_HOSTS)]} for i in range(a.agents)]
     for n in nodes:
         if port_open(n["ip"], a.port, 0.2):
             raise SystemExit(f"lab: {n['ip']}:{a.port} is already taken (another lab? pick another --subnet)")
@@ -529,7 +596,7 @@ def cmd_up(a):
                 f"known_hosts = \"{ssh}/known_hosts\"\nhost_key_check = \"strict\"\nconnect_timeout = \"5s\"\n")
         for n in nodes:
             f.write(f"\n[hosts.{n['name']}]\naddress = \"{n['ip']}\"\n" + (f"port = {a.port}\n" if a.port != 22 else "")
-                    + f"groups = [\"{n['role']}\"]\nvars = {{ vmid = {n['vmid']}, pve_node = \"pve1\" }}\n")
+                    + f"groups = [\"{n['role']}\"]\nvars = {{ vmid = {n['vmid']}, pve_node = \"{n['pve_node']}\" }}\n")
     env = os.path.join(lab_dir, "env.sh")
     with open(env, "w") as f:
         f.write(f"""# Source this to run the RKE2 runbooks against the lab in {lab_dir} (written by `scripts/lab up`).
@@ -553,6 +620,8 @@ export PROXMOX_TOKEN="{lab['pve_secret']}"
 export PROXMOX_CA_FILE="{tls}/ca.pem"
 """)
     os.makedirs(os.path.join(lab_dir, "operator"), exist_ok=True)
+    with open(os.path.join(lab_dir, "updates.json"), "w") as f:
+        json.dump(UPDATES, f, indent=1)
     say(f"lab: {len(nodes)} nodes up in {lab_dir} (registration address {lab['lb_ip']}, Proxmox API {lab['pve_ip']}:8006)")
     print(inv)
     print(env)
@@ -610,6 +679,7 @@ def cmd_fault(a):
         kill_node(n)
         n["state"] = "stopped"
     elif a.fault == "start":       # powered on: sshd and the enabled units come back
+        n.pop("no_boot", None)     # whatever kept it from booting was fixed at the console
         if n.get("state") == "lost":
             raise SystemExit(f"lab: {n['name']} is lost for good")
         if n.get("state") == "frozen":
@@ -617,6 +687,8 @@ def cmd_fault(a):
             n["state"] = "running"
         elif n.get("state") != "running":
             boot_node(lab_dir, lab, n)
+    elif a.fault == "no-boot":     # the next reboot does not come back (stays powered off)
+        n["no_boot"] = True
     elif a.fault == "freeze":      # hung VM: every process stopped, sockets stay open
         kill_node(n, signal.SIGSTOP)
         n["state"] = "frozen"
@@ -641,12 +713,53 @@ def cmd_fault(a):
             pass
     elif a.fault == "fix-sshd":
         node_exec(n, ["/usr/sbin/sshd", "-f", os.path.join(d, "sshd_config"), "-E", os.path.join(d, "sshd.log")])
+    elif a.fault == "place":  # the VM is (live-)migrated to another Proxmox host
+        if a.host not in PVE_HOSTS:
+            raise SystemExit(f"lab: --host must be one of {', '.join(PVE_HOSTS)}")
+        n["pve_node"] = a.host
+    elif a.fault == "cert-expiry":  # every leaf certificate of the node expires in --days days
+        r = node_exec(n, ["/usr/bin/python3", os.path.join(HERE, "node.py"), "lab-certs", "expire-in", str(a.days)],
+                      check=False)
+        if r.returncode != 0:
+            raise SystemExit(f"lab: cert-expiry {n['name']}: {r.stderr.strip()}")
     elif a.fault in ("fail-install", "fix-install"):  # the next installs fail like a broken mirror
         node_flag(n, "fail-install", a.fault == "fail-install")
     else:
         raise SystemExit(f"lab: unknown fault {a.fault}")
     save(lab_dir, lab)
     say(f"lab: {a.fault} {n['name']}")
+
+
+def cmd_reboot_node(a):
+    """A node's `systemctl reboot`, run in the host's namespaces (the node's own processes all
+    go): services stopped, then every process, then a boot like `start` unless `no-boot`."""
+    lab_dir = os.path.abspath(a.dir)
+    time.sleep(a.delay)
+    lab = load(lab_dir)
+    n = [m for m in lab["nodes"] if m["name"] == a.node][0]
+    if n.get("state") != "running":
+        return
+    if not node_alive(n):
+        return
+    node_exec(n, ["systemctl", "stop", "rke2-server", "rke2-agent"], check=False)
+    kill_node(n, signal.SIGTERM, check=False)  # the anchor goes too: no check for the KILL round
+    time.sleep(0.5)
+    kill_node(n, check=False)
+    lab = load(lab_dir)
+    n = [m for m in lab["nodes"] if m["name"] == a.node][0]
+    n["state"] = "rebooting"
+    save(lab_dir, lab)
+    time.sleep(1)
+    lab = load(lab_dir)
+    n = [m for m in lab["nodes"] if m["name"] == a.node][0]
+    if n.get("no_boot"):
+        n["state"] = "stopped"
+        save(lab_dir, lab)
+        say(f"lab: {n['name']} did not come back from its reboot (fault no-boot)")
+        return
+    boot_node(lab_dir, lab, n)
+    save(lab_dir, lab)
+    say(f"lab: {n['name']} rebooted")
 
 
 def cmd_exec(a):
@@ -683,11 +796,16 @@ def main():
     sub("status", help="nodes, services, versions")
     f = sub("fault", help="break a node")
     f.add_argument("node")
-    f.add_argument("fault", choices=["stop", "start", "freeze", "thaw", "lose", "stop-service", "fill-disk",
-                                     "free-disk", "break-sshd", "fix-sshd", "fail-install", "fix-install"])
+    f.add_argument("fault", choices=["stop", "start", "no-boot", "freeze", "thaw", "lose", "stop-service", "fill-disk",
+                                     "free-disk", "break-sshd", "fix-sshd", "fail-install", "fix-install", "cert-expiry", "place"])
+    f.add_argument("--host", default="pve1", help="place: the Proxmox host the VM runs on from now")
+    f.add_argument("--days", type=int, default=20, help="cert-expiry: days until the certificates expire")
     e = sub("exec", help="run a command inside a node")
     e.add_argument("node")
     e.add_argument("command", nargs=argparse.REMAINDER)
+    r = sub("reboot-node", help="(internal) the reboot a node asked for")
+    r.add_argument("node")
+    r.add_argument("--delay", type=float, default=0.5)
     sub("serve-lb")
     sub("serve-pve")
     a = p.parse_args()
@@ -696,7 +814,8 @@ def main():
     elif a.cmd == "serve-pve":
         serve_pve(os.path.abspath(a.dir))
     else:
-        {"up": cmd_up, "down": cmd_down, "status": cmd_status, "fault": cmd_fault, "exec": cmd_exec}[a.cmd](a)
+        {"up": cmd_up, "down": cmd_down, "status": cmd_status, "fault": cmd_fault, "exec": cmd_exec,
+         "reboot-node": cmd_reboot_node}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import ssl
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -380,3 +381,92 @@ def load_yaml_docs(text):
 
 def dump_yaml(obj):
     return yaml.safe_dump(obj, sort_keys=False)
+
+
+# ------------------------------------------------------------------------------- certificates
+# RKE2's leaf certificates as the lab issues them with the real openssl: 365 days, renewed by a
+# start when within RKE2_RENEW_DAYS of expiry (servers) or on every start (agent certificates),
+# deleted by `rke2 certificate rotate` and issued again by the next start. The CAs last 10 years.
+
+RKE2_DATA = "/var/lib/rancher/rke2"
+RKE2_RENEW_DAYS = 120
+SERVER_CERTS = {  # path under the data dir: subject CN
+    "server/tls/client-admin.crt": "system:admin",
+    "server/tls/client-kube-apiserver.crt": "system:kube-apiserver",
+    "server/tls/serving-kube-apiserver.crt": "kube-apiserver",
+    "server/tls/client-supervisor.crt": "system:rke2-supervisor",
+    "server/tls/etcd/server-client.crt": "etcd-server",
+}
+AGENT_CERTS = {
+    "agent/client-kubelet.crt": "system:node",
+    "agent/serving-kubelet.crt": "kubelet",
+    "agent/client-kube-proxy.crt": "system:kube-proxy",
+}
+
+
+def _openssl(*args):
+    r = subprocess.run(["openssl", *args], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise LabError(f"openssl {args[0]}: {r.stderr.strip()}")
+    return r.stdout
+
+
+def cert_ca(kind):
+    """The node's CA (server/tls/client-ca.* on servers; a lab CA under agent/ on agents)."""
+    base = f"{RKE2_DATA}/server/tls/client-ca" if kind == "server" else f"{RKE2_DATA}/agent/lab-ca"
+    crt, key = base + ".crt", base + ".key"
+    if not os.path.exists(crt):
+        os.makedirs(os.path.dirname(crt), exist_ok=True)
+        _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                 "-keyout", key, "-out", crt, "-days", "3650", "-subj", f"/CN=rke2-client-ca@{int(time.time())}")
+    return crt, key
+
+
+def cert_not_after(path):
+    out = _openssl("x509", "-noout", "-enddate", "-in", path).strip()
+    return parse_openssl_date(out.split("=", 1)[1])
+
+
+def parse_openssl_date(s):
+    import calendar
+
+    return calendar.timegm(time.strptime(s.replace("  ", " "), "%b %d %H:%M:%S %Y GMT"))
+
+
+def issue_cert(kind, rel, cn, days):
+    crt = f"{RKE2_DATA}/{rel}"
+    key = crt[:-4] + ".key"
+    ca, cakey = cert_ca(kind)
+    os.makedirs(os.path.dirname(crt), exist_ok=True)
+    if not os.path.exists(key):
+        _openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-out", key)
+    csr = crt + ".csr"
+    _openssl("req", "-new", "-key", key, "-subj", f"/CN={cn}", "-out", csr)
+    _openssl("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", cakey, "-set_serial", str(int.from_bytes(os.urandom(8), "big")),
+             "-days", str(days), "-out", crt)
+    os.remove(csr)
+
+
+def node_certs(kind):
+    certs = dict(AGENT_CERTS)
+    if kind == "server":
+        certs.update(SERVER_CERTS)
+    return certs
+
+
+def ensure_certs(kind):
+    """What a start of rke2-<kind> does to the certificates: issue the missing ones, renew the
+    server's within RKE2_RENEW_DAYS of expiry and the agent's always."""
+    now = time.time()
+    for rel, cn in node_certs(kind).items():
+        path = f"{RKE2_DATA}/{rel}"
+        if not os.path.exists(path):
+            issue_cert(kind, rel, cn, 365)
+        elif rel.startswith("agent/") or cert_not_after(path) - now < RKE2_RENEW_DAYS * 86400:
+            issue_cert(kind, rel, cn, 365)
+
+
+def age_certs(kind, days):
+    """Lab fault: every leaf certificate of the node expires in `days` days."""
+    for rel, cn in node_certs(kind).items():
+        issue_cert(kind, rel, cn, days)

@@ -3,7 +3,7 @@
 /usr/local/bin, which is ahead of /usr/bin on sshd's and sudo's PATH): `rke2`, the install
 script (`curl https://get.rke2.io` answers it), `systemctl`, `dnf`, `rpm`, `firewall-cmd`,
 `getenforce`, `nmcli`, `hostnamectl`, `systemd-detect-virt`, `timedatectl`, `lsblk`, `ss`,
-`needs-restarting`, `rke2-killall.sh`. `kubectl` and `helm` are in kubectl.py.
+`needs-restarting`, `systemd-run`, `reboot`, `shutdown`, `rke2-killall.sh`. `kubectl` and `helm` are in kubectl.py.
 
 State is kept in /var/lib/lab-node (the node's own /var/lib overlay).
 """
@@ -18,7 +18,10 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.realpath(__file__)))
-from labcommon import NODE_STATE, Etcd, LabError, Store, node_info, parse_version, rfc3339  # noqa: E402
+from labcommon import (  # noqa: E402
+    NODE_STATE, RKE2_DATA, RKE2_RENEW_DAYS, Etcd, LabError, Store, age_certs, cert_not_after, node_certs, node_info,
+    parse_version, rfc3339,
+)
 
 HERE = os.path.dirname(os.path.realpath(__file__))
 DATA = "/var/lib/rancher/rke2"
@@ -169,6 +172,11 @@ def systemctl(args):
     quiet = "--quiet" in flags or "-q" in flags
     if verb in ("daemon-reload", "reset-failed"):
         return 0
+    if verb in ("reboot", "poweroff", "halt"):
+        need_root()
+        if verb != "reboot":
+            raise LabError(f"lab: systemctl {verb} is not modelled (a lab node only reboots)")
+        return schedule_reboot(0.5)
     if verb in ("is-active", "is-enabled", "is-failed"):
         rc = 0
         for u in names:
@@ -227,6 +235,66 @@ def systemctl(args):
         sys.stderr.write(f"Unknown command verb {verb}.\n")
         return 1
     return rc
+
+
+# ------------------------------------------------------------------------------- reboot
+
+
+def schedule_reboot(delay):
+    """The reboot is done by the lab from outside the node (every process of the node goes,
+    this one too): `scripts/lab reboot-node` in the namespaces of the lab's Proxmox daemon."""
+    info = lab_info()
+    with open(os.path.join(info["lab_dir"], "lab.json")) as f:
+        host_pid = json.load(f)["pve_pid"]
+    subprocess.Popen(["nsenter", "-t", str(host_pid), "-m", "-u", "--", "/usr/bin/python3",
+                      os.path.join(HERE, "lab.py"), "reboot-node", "--dir", info["lab_dir"], info["name"],
+                      "--delay", str(delay)],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     start_new_session=True, cwd="/", env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+    return 0
+
+
+def systemd_run(args):
+    """`systemd-run --on-active=N … CMD`: only a delayed reboot is modelled."""
+    need_root()
+    delay = 0.0
+    i = 0
+    while i < len(args) and args[i].startswith("-"):
+        a = args[i]
+        if a.startswith("--on-active="):
+            delay = float(re.sub(r"s$", "", a.split("=", 1)[1]))
+        elif a in ("--on-active", "--unit", "--description", "-p", "--property"):
+            if a == "--on-active":
+                delay = float(re.sub(r"s$", "", args[i + 1]))
+            i += 1
+        i += 1
+    cmd = args[i:]
+    if cmd and os.path.basename(cmd[0]) in ("systemctl", "reboot", "shutdown") and (
+            os.path.basename(cmd[0]) != "systemctl" or cmd[1:2] == ["reboot"]):
+        print("Running timer as unit: run-lab-reboot.timer\nWill run service as unit: run-lab-reboot.service")
+        return schedule_reboot(max(delay, 0.5))
+    raise LabError(f"lab systemd-run: only a (delayed) reboot is modelled, not {' '.join(cmd)}")
+
+
+def needs_restarting(args):
+    """`needs-restarting -r`: 1 when a core package was installed after this boot."""
+    if "-r" not in args and "--reboothint" not in args:
+        return 0
+    try:
+        with open(state_path("booted-at")) as f:
+            booted = float(f.read().strip())
+    except (OSError, ValueError):
+        booted = 0.0
+    core = [n for n, p in os_packages().items() if n in CORE_PACKAGES and p["installed"] > booted]
+    if core:
+        print("Core libraries or services have been updated since boot-up:")
+        for n in sorted(core):
+            print(f"  * {n}")
+        print("\nReboot is required to fully utilize these updates.\n"
+              "More information: https://access.redhat.com/solutions/27943")
+        return 1
+    print("No core libraries or services have been updated since boot-up.\nReboot should not be necessary.")
+    return 0
 
 
 # ------------------------------------------------------------------------------- install
@@ -320,6 +388,8 @@ def rke2(args):
         return etcd_snapshot(args[1:])
     if args[:1] == ["server"]:
         return rke2_server(args[1:])
+    if args[:1] == ["certificate"]:
+        return rke2_certificate(args[1:])
     raise LabError(f"rke2 (lab): unsupported command {' '.join(args)}")
 
 
@@ -432,6 +502,55 @@ def rke2_server(args):
     return 0
 
 
+def rke2_certificate(args):
+    """`rke2 certificate check [--output table]` and `rke2 certificate rotate` (the service
+    stopped first, as the RKE2 docs require: the lab refuses otherwise)."""
+    need_root()
+    inst = load("installed.json", None)
+    kind = inst["type"]
+    sub = [a for a in args if not a.startswith("-")]
+    verb = sub[0] if sub else "check"
+    certs = node_certs(kind)
+    if verb == "check":
+        table = opt(args, "--output", opt(args, "-o", "text")) == "table"
+        now = time.time()
+        if table:
+            print(f"{'FILENAME':<28} {'SUBJECT':<26} {'USAGES':<12} {'EXPIRES':<24} {'RESIDUAL TIME':<15} STATUS")
+            print(f"{'--------':<28} {'-------':<26} {'------':<12} {'-------':<24} {'-------------':<15} ------")
+        for rel, cn in sorted(certs.items()):
+            path = f"{RKE2_DATA}/{rel}"
+            if not os.path.exists(path):
+                continue
+            end = cert_not_after(path)
+            days = int((end - now) // 86400)
+            status = "EXPIRED" if end < now else ("WARNING" if days < RKE2_RENEW_DAYS else "OK")
+            when = time.strftime("%b %d, %Y %H:%M UTC", time.gmtime(end))
+            left = f"{days // 365} year" if days >= 365 else f"{days} days"
+            usage = "ServerAuth" if os.path.basename(rel).startswith("serving") else "ClientAuth"
+            if table:
+                print(f"{os.path.basename(rel):<28} {cn:<26} {usage:<12} {when:<24} {left:<15} {status}")
+            else:
+                print(f"level=info msg=\"{os.path.basename(rel)}: certificate CN={cn} {status.lower()}, expires at {rfc3339(end)}\"")
+        return 0
+    if verb == "rotate":
+        unit = f"rke2-{kind}"
+        if daemon_pid(unit):
+            raise LabError(f"level=fatal msg=\"{unit} is running: stop it before `rke2 certificate rotate` (lab: the RKE2 docs require the service stopped)\"")
+        if kind == "server":
+            backup = f"{DATA}/server/tls-{int(time.time())}"
+            shutil.copytree(f"{DATA}/server/tls", backup)
+            print(f"level=info msg=\"Server certificates backed up to {backup}\"")
+        for rel in certs:
+            for ext in (".crt", ".key"):
+                try:
+                    os.remove(f"{RKE2_DATA}/{rel[:-4]}{ext}")
+                except OSError:
+                    pass
+        print("level=info msg=\"Certificates rotated: start rke2 to issue the new ones\"")
+        return 0
+    raise LabError(f"rke2 certificate: unknown command {verb}")
+
+
 def killall(args):
     need_root()
     for u in DAEMONS:
@@ -485,6 +604,11 @@ def dnf(args):
             if v.get("enabled"):
                 print(r)
         return 0
+    if verb == "history":
+        return dnf_history(words[1:])
+    if verb in ("update", "upgrade") and len(words) == 1:
+        need_root()
+        return dnf_update_all(args)
     if verb in ("install", "update", "upgrade", "reinstall"):
         need_root()
         pk = load("packages.json", [])
@@ -513,6 +637,98 @@ def dnf(args):
     if verb in ("makecache", "clean", "check-update"):
         return 0
     raise LabError(f"No such command: {verb}. (lab dnf)")
+
+
+# The image's packages that the lab's repositories update (lab.py UPDATES); the installed time
+# of 0 is the image build, before any boot.
+BASE_PACKAGES = {"kernel-core": "5.14.0-570.17.1.el9_6", "openssl-libs": "3.2.2-6.el9_5.1",
+                 "vim-minimal": "8.2.2637-21.el9", "tzdata": "2025a-1.el9"}
+# dnf-utils' needs-restarting: an update of these asks for a reboot.
+CORE_PACKAGES = ("kernel", "kernel-core", "kernel-rt", "glibc", "linux-firmware", "systemd", "openssl-libs",
+                 "gnutls", "dbus", "dbus-broker", "dbus-daemon")
+
+
+def os_packages():
+    pk = load("os-packages.json", None)
+    if pk is None:
+        pk = {n: {"version": v, "installed": 0} for n, v in BASE_PACKAGES.items()}
+    return pk
+
+
+def dnf_update_all(args):
+    """`dnf -y update`: every package the lab's repositories have newer, RKE2 only when not
+    versionlocked (then to the newest patch release of its minor, as the RKE2 repo would)."""
+    info = lab_info()
+    try:
+        with open(os.path.join(info["lab_dir"], "updates.json")) as f:
+            updates = json.load(f)
+    except (OSError, ValueError):
+        updates = {}
+    pk = os_packages()
+    changes = []
+    for name, new in sorted(updates.items()):
+        cur = pk.get(name)
+        if cur and cur["version"] != new:
+            changes.append((name, cur["version"], new))
+    inst = load("installed.json", None)
+    locks = load("versionlock.json", [])
+    rke2_new = None
+    if inst and not any(lk.startswith("rke2") for lk in locks):
+        have = parse_version(inst["version"])
+        same = [v for v in info.get("available_versions", []) if parse_version(v)[:2] == have[:2]]
+        best = max(same, key=parse_version) if same else inst["version"]
+        if parse_version(best) > have:
+            rke2_new = best
+            changes.append((f"rke2-{inst['type']}", inst["version"].lstrip("v").replace("+", "~"),
+                            best.lstrip("v").replace("+", "~")))
+    print("Last metadata expiration check: 0:03:12 ago.")
+    if not changes:
+        print("Dependencies resolved.\nNothing to do.\nComplete!")
+        return 0
+    print("Dependencies resolved.\nUpgrading:")
+    for name, old, new in changes:
+        print(f" {name:<24} x86_64  {new:<28} baseos")
+    now = time.time()
+    for name, old, new in changes:
+        if name in pk:
+            pk[name] = {"version": new, "installed": now}
+    save("os-packages.json", pk)
+    if rke2_new:
+        inst["version"] = rke2_new
+        save("installed.json", inst)
+    hist = load("dnf-history.json", [])
+    hist.append({"id": len(hist) + 1, "cmdline": " ".join(args), "time": now,
+                 "changes": [list(c) for c in changes]})
+    save("dnf-history.json", hist)
+    print("\nTransaction Summary\n" + "=" * 40 + f"\nUpgrade  {len(changes)} Packages\n\nComplete!")
+    return 0
+
+
+def dnf_history(words):
+    hist = load("dnf-history.json", [])
+    sub = words[0] if words else "list"
+    if sub == "list":
+        print("ID     | Command line             | Date and time    | Action(s)      | Altered")
+        print("-" * 79)
+        for h in reversed(hist):
+            when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(h["time"]))
+            print(f"{h['id']:>6} | {h['cmdline'][:24]:<24} | {when} | Upgrade        | {len(h['changes']):>4}")
+        return 0
+    if sub == "info":
+        want = words[1] if len(words) > 1 else "last"
+        pick = hist[-1:] if want == "last" else [h for h in hist if str(h["id"]) == want]
+        if not pick:
+            raise LabError(f"No transaction which manipulates package '{want}' was found.", 1)
+        h = pick[0]
+        when = time.strftime("%a %d %b %Y %I:%M:%S %p UTC", time.gmtime(h["time"]))
+        print(f"Transaction ID : {h['id']}\nBegin time     : {when}\nEnd time       : {when}\n"
+              f"User           : root <root>\nReturn-Code    : Success\nReleasever     : 9\n"
+              f"Command Line   : {h['cmdline']}\nPackages Altered:")
+        for name, old, new in h["changes"]:
+            print(f"    Upgrade  {name}-{new}.x86_64 @baseos")
+            print(f"    Upgraded {name}-{old}.x86_64 @@System")
+        return 0
+    raise LabError(f"lab dnf history: {sub} is not modelled")
 
 
 def rpm(args):
@@ -635,9 +851,20 @@ def main():
         if tool == "lsblk":
             return lsblk(args)
         if tool == "needs-restarting":
-            return 0
+            return needs_restarting(args)
+        if tool == "systemd-run":
+            return systemd_run(args)
+        if tool == "reboot" or (tool == "shutdown" and "-r" in args):
+            need_root()
+            return schedule_reboot(0.5)
         if tool == "iscsi-iname":
             print(f"iqn.1994-05.com.redhat:{os.urandom(6).hex()}")
+            return 0
+        if tool == "lab-certs" and args[:1] == ["expire-in"]:  # the lab's cert-expiry fault
+            inst = load("installed.json", None)
+            if not inst:
+                raise LabError("lab-certs: rke2 is not installed on this node")
+            age_certs(inst["type"], int(args[1]))
             return 0
         if tool in ("rke2-killall.sh", "rke2-uninstall.sh"):
             return killall(args)

@@ -27,6 +27,7 @@ from labcommon import (  # noqa: E402
     Etcd,
     LabError,
     Store,
+    ensure_certs,
     http_json,
     node_info,
     parse_version,
@@ -250,7 +251,7 @@ class Service:
                   "role": req["role"], "iscsid": req.get("iscsid", False)}
             et.put("/lab/hb/" + req["name"], json.dumps(hb))
             if req.get("register"):
-                register_node(store, req["name"], req["ip"], req["version"], req["role"])
+                register_node(store, req["name"], req["ip"], req["version"], req["role"], req.get("boot_id", ""))
             return {"ok": True}
         raise LabError("unknown supervisor call " + op)
 
@@ -297,6 +298,11 @@ class Service:
             token = str(token)
         for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
             signal.signal(sig, lambda n, f: (log(f"stopping on signal {n}"), self.stop()))
+        # A start issues missing certificates and renews those near expiry (RKE2 does it on start).
+        try:
+            ensure_certs(self.kind)
+        except LabError as e:
+            self.fail(f"certificates: {e}")
         if self.kind == "agent":
             return self.run_agent(cfg, token, server)
         fresh = not os.path.isdir(DB + "/etcd/member")
@@ -343,11 +349,12 @@ class Service:
             f.write(f"K10{secrets.token_hex(8)}::server:{cluster_token}\n")
         os.makedirs("/etc/rancher/rke2", exist_ok=True)
         mode = int(str(cfg.get("write-kubeconfig-mode", "0600")), 8)
-        kc = kubeconfig("https://127.0.0.1:6443", self.admin_token)
+        kc = kubeconfig("https://127.0.0.1:6443", self.admin_token, DATA + "/server/tls/client-admin")
         with open("/etc/rancher/rke2/rke2.yaml", "w") as f:
             f.write(kc)
         os.chmod("/etc/rancher/rke2/rke2.yaml", mode)
-        register_node(store, self.name, self.ip, self.version, "server")
+        register_node(store, self.name, self.ip, self.version, "server", boot_id())
+        write_kubelet_kubeconfig("https://127.0.0.1:6443", self.admin_token)
         self.heartbeat_local()
         for port in (9345, 6443):
             h = type(f"H{port}", (Handler,), {"svc": self, "port": port})
@@ -384,13 +391,14 @@ class Service:
         if st != 200:
             self.fail(f"join {server} refused: {out.get('error') if isinstance(out, dict) else out}")
         first = True
+        write_kubelet_kubeconfig(server.rstrip("/").rsplit(":", 1)[0] + ":6443", token)
         self.mark_ready()
         log("rke2 agent is up and running")
         while not self.stopping:
             try:
                 st, _ = http_json(server.rstrip("/") + "/v1-lab/heartbeat",
                           {"token": token, "name": self.name, "ip": self.ip, "version": self.version,
-                           "role": "agent", "started": self.started, "register": first,
+                           "role": "agent", "started": self.started, "register": first, "boot_id": boot_id(),
                            "iscsid": unit_active("iscsid")}, timeout=3)
                 first = first and st != 200
             except OSError:
@@ -417,7 +425,18 @@ def default_critical(k):
             "service-cidr": "10.43.0.0/16", "cluster-dns": "10.43.0.10", "cluster-domain": "cluster.local"}[k]
 
 
-def kubeconfig(server, token):
+def kubeconfig(server, token, client=None):
+    """A kubeconfig as RKE2 writes it; with `client`, the client certificate and key embedded (the
+    lab's API authenticates the token; the certificate is there for its expiry date)."""
+    cert = ""
+    if client:
+        import base64
+
+        with open(client + ".crt", "rb") as f:
+            crt = base64.b64encode(f.read()).decode()
+        with open(client + ".key", "rb") as f:
+            key = base64.b64encode(f.read()).decode()
+        cert = f"\n    client-certificate-data: {crt}\n    client-key-data: {key}"
     return f"""apiVersion: v1
 kind: Config
 clusters:
@@ -434,11 +453,30 @@ current-context: default
 users:
 - name: default
   user:
-    token: {token}
+    token: {token}{cert}
 """
 
 
-def register_node(store, name, ip, version, role):
+def boot_id():
+    try:
+        with open(f"{NODE_STATE}/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def write_kubelet_kubeconfig(server, token):
+    """The kubelet's own credentials (RKE2: agent/kubelet.kubeconfig on every node); the lab's
+    kubectl takes it on the node with `--kubeconfig`. The lab's API knows no node identities, so
+    it carries the token the node joined with."""
+    os.makedirs(DATA + "/agent", exist_ok=True)
+    path = DATA + "/agent/kubelet.kubeconfig"
+    with open(path, "w") as f:
+        f.write(kubeconfig(server, token))
+    os.chmod(path, 0o600)
+
+
+def register_node(store, name, ip, version, role, boot=""):
     n = store.get("nodes", None, name) or {"metadata": {"name": name, "labels": {}}, "spec": {}}
     labels = n["metadata"].setdefault("labels", {})
     labels["kubernetes.io/hostname"] = name
@@ -447,7 +485,7 @@ def register_node(store, name, ip, version, role):
         labels["node-role.kubernetes.io/etcd"] = "true"
     n["status"] = {
         "addresses": [{"type": "InternalIP", "address": ip}, {"type": "Hostname", "address": name}],
-        "nodeInfo": {"kubeletVersion": version, "osImage": "Rocky Linux 9.6 (Blue Onyx)",
+        "nodeInfo": {"kubeletVersion": version, "osImage": "Rocky Linux 9.6 (Blue Onyx)", "bootID": boot,
                      "kernelVersion": "5.14.0-570.el9_6.x86_64",
                      "containerRuntimeVersion": "containerd://2.0.5-k3s1"},
     }

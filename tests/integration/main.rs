@@ -6,6 +6,7 @@ mod automation;
 mod capture;
 mod common;
 mod corpus;
+mod day2;
 mod diagnostics;
 mod drills;
 mod durability;

@@ -1,0 +1,383 @@
+//! The day-2 runbooks (issue #24) end to end against the RKE2 lab (docs/rke2/lab.md), one lab
+//! test per runbook, each with the fault the issue names. Like `lab`, each test stands up its own
+//! lab under the machine-wide lab lock, runs the real `runbook` binary, checks the cluster and
+//! verifies the bundle, and takes the lab down on drop.
+
+use crate::common::assert_bundle_verifies;
+use crate::lab_harness::{lab_cmd, nodes, text, Lab};
+
+/// `kubectl get node NAME -o jsonpath=…` against the lab.
+fn node_field(lab: &Lab, node: &str, path: &str) -> String {
+    let out = lab.kubectl(&["get", "node", node, "-o", &format!("jsonpath={path}")]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout).trim().to_owned()
+}
+
+/// Transactions in a node's `dnf history list`.
+fn dnf_transactions(lab: &Lab, node: &str) -> usize {
+    let out = lab.exec(node, &["dnf", "history", "list"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout).lines().skip(2).count()
+}
+
+fn log_of(run: &crate::lab_harness::Run, rel: &str) -> String {
+    std::fs::read_to_string(run.bundle().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+/// Rolling OS patching: rke2-server-2 does not come back from its reboot, so the run stops
+/// there with it cordoned, quorum kept, nothing after it touched, and a report saying what to
+/// do; once it is powered on again the same command finishes the job without rebooting the
+/// nodes already patched.
+#[test]
+fn os_patch_stops_at_a_node_that_does_not_come_back_then_a_rerun_finishes_it() {
+    let Some(lab) = Lab::up("127.0.190") else {
+        return;
+    };
+    let version = lab.var("RKE2_VERSION");
+    lab.run("rke2-vm-deploy.toml", &[], &[]).assert_code(0);
+    let boot = |n: &str| node_field(&lab, n, "{.status.nodeInfo.bootID}");
+    let boot_before: Vec<String> = ["rke2-server-1", "rke2-server-2", "rke2-agent-1"]
+        .iter()
+        .map(|n| boot(n))
+        .collect();
+    assert!(boot_before.iter().all(|b| !b.is_empty()), "{boot_before:?}");
+
+    let out = lab_cmd(&lab.labdir(), &["fault", "rke2-server-2", "no-boot"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let failed = lab.run("rocky-os-patch.toml", &["--set", "reboot_timeout=45s"], &[]);
+    failed.assert_code(1);
+    assert_eq!(failed.status_of("patch-servers"), "failed");
+    assert_eq!(failed.status_of("patch-agents"), "skipped");
+    assert_eq!(failed.status_of("what-now"), "succeeded");
+    let notes = failed.manifest()["notes"].to_string();
+    assert!(
+        notes.contains("patching stopped at [\\\"rke2-server-2\\\"]"),
+        "{notes}"
+    );
+    assert!(notes.contains("left cordoned"), "{notes}");
+    assert!(notes.contains("run this runbook again"), "{notes}");
+    // rke2-server-1 was updated, rebooted (a new boot id) and is back, schedulable.
+    let history = log_of(
+        &failed,
+        "steps/patch-servers/rke2-server-1/update/attempt-1.log",
+    );
+    assert!(history.contains("Packages Altered"), "{history}");
+    assert!(
+        history.contains("kernel-core-5.14.0-570.42.2.el9_6"),
+        "{history}"
+    );
+    let back = log_of(
+        &failed,
+        "steps/patch-servers/rke2-server-1/back/attempt-1.log",
+    );
+    assert!(back.contains("back from its reboot"), "{back}");
+    assert_ne!(boot("rke2-server-1"), boot_before[0]);
+    let got = nodes(&lab);
+    let by = |n: &str| got.iter().find(|x| x.0 == n).cloned().expect(n);
+    assert_eq!(by("rke2-server-1").1, "Ready");
+    // rke2-server-2 is not back and stays cordoned; the uncordon said so.
+    assert!(
+        by("rke2-server-2").1.contains("SchedulingDisabled"),
+        "{got:?}"
+    );
+    assert!(!by("rke2-server-2").1.starts_with("Ready"), "{got:?}");
+    let unc = log_of(
+        &failed,
+        "steps/patch-servers/rke2-server-2/uncordon/attempt-1.log",
+    );
+    assert!(unc.contains("left cordoned"), "{unc}");
+    // Quorum kept (two of three members), and nothing after rke2-server-2 was touched.
+    let etcd = lab.kubectl(&["get", "--raw=/readyz/etcd"]);
+    assert_eq!(text(&etcd.stdout).trim(), "ok", "{}", text(&etcd.stderr));
+    for n in ["rke2-server-3", "rke2-agent-1", "rke2-agent-2"] {
+        assert_eq!(dnf_transactions(&lab, n), 0, "{n} was patched");
+        assert_eq!(by(n).1, "Ready", "{n}");
+    }
+    assert_bundle_verifies(&failed.bundle());
+
+    // Powered on at the console: the same command finishes the job.
+    let out = lab_cmd(&lab.labdir(), &["fault", "rke2-server-2", "start"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let server1_boot = boot("rke2-server-1");
+    let done = lab.run("rocky-os-patch.toml", &[], &[]);
+    done.assert_code(0);
+    assert_eq!(done.status_of("verify"), "succeeded");
+    assert_eq!(done.status_of("what-now"), "skipped");
+    for (name, status, v) in nodes(&lab) {
+        assert_eq!(
+            (status.as_str(), v.as_str()),
+            ("Ready", version.as_str()),
+            "{name}"
+        );
+        let nr = lab.exec(&name, &["needs-restarting", "-r"]);
+        assert!(nr.status.success(), "{name}: {}", text(&nr.stdout));
+    }
+    // Patched nodes are not updated or rebooted again; the rest were, once.
+    assert_eq!(boot("rke2-server-1"), server1_boot, "rebooted twice");
+    let again = log_of(
+        &done,
+        "steps/patch-servers/rke2-server-1/update/attempt-1.log",
+    );
+    assert!(again.contains("no package changed"), "{again}");
+    let back = log_of(
+        &done,
+        "steps/patch-servers/rke2-server-1/back/attempt-1.log",
+    );
+    assert!(back.contains("no reboot needed"), "{back}");
+    for n in ["rke2-server-3", "rke2-agent-1", "rke2-agent-2"] {
+        assert_eq!(dnf_transactions(&lab, n), 1, "{n}");
+    }
+    assert_ne!(boot("rke2-agent-1"), boot_before[2]);
+    let agent = log_of(
+        &done,
+        "steps/patch-agents/rke2-agent-1/update/attempt-1.log",
+    );
+    assert!(agent.contains("Packages Altered"), "{agent}");
+    // RKE2 stayed versionlocked: dnf update did not move it.
+    assert!(!agent.contains("Upgrade  rke2-"), "{agent}");
+    assert_bundle_verifies(&done.bundle());
+}
+
+/// `runbooks/schedules.toml` schedules the real DR drill and the daily certificate-expiry
+/// check; `runbook schedule export` turns both into systemd units and CronJobs that run the
+/// runbooks with the entries' parameters.
+#[test]
+fn schedules_export_the_dr_drill_and_the_certificate_expiry_check() {
+    let repo = crate::lab_harness::repo();
+    let schedules = repo.join("runbooks/schedules.toml");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(crate::common::BIN)
+            .arg("schedule")
+            .args(args)
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("runbook schedule");
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        out
+    };
+    let sd = tmp.path().join("systemd");
+    let sched = schedules.to_string_lossy().into_owned();
+    run(&["export", &sched, "--systemd", &sd.to_string_lossy()]);
+    let service = std::fs::read_to_string(sd.join("runbook-rke2-cert-expiry-daily.service"))
+        .expect("cert check service");
+    let exec = service
+        .lines()
+        .find(|l| l.starts_with("ExecStart="))
+        .expect("ExecStart");
+    assert!(exec.contains("rke2-cert-rotate.toml"), "{exec}");
+    assert!(exec.contains("--set check_only=true"), "{exec}");
+    assert!(exec.contains("--set window_days=60"), "{exec}");
+    let timer = std::fs::read_to_string(sd.join("runbook-rke2-cert-expiry-daily.timer"))
+        .expect("cert check timer");
+    assert!(timer.contains("OnCalendar=*-*-* 06:15:00 UTC"), "{timer}");
+    let drill = std::fs::read_to_string(sd.join("runbook-rke2-dr-drill-weekly.service"))
+        .expect("drill service");
+    assert!(drill.contains("rke2-dr-drill.toml"), "{drill}");
+
+    let cj = tmp.path().join("cronjobs");
+    run(&[
+        "export",
+        &sched,
+        "--cronjob",
+        &cj.to_string_lossy(),
+        "--image",
+        "registry.example/runbook:0.1.0",
+    ]);
+    let job = std::fs::read_to_string(cj.join("runbook-rke2-cert-expiry-daily.yaml"))
+        .expect("cert check cronjob");
+    assert!(job.contains("schedule: \"15 6 * * *\""), "{job}");
+    assert!(job.contains("\"check_only=true\""), "{job}");
+    assert!(job.contains("rke2-cert-rotate.toml"), "{job}");
+    assert!(cj.join("runbook-rke2-dr-drill-weekly.yaml").exists());
+    // The check is a runbook the scheduler can run: it passes `runbook check`.
+    let out = std::process::Command::new(crate::common::BIN)
+        .args([
+            "check",
+            &repo
+                .join("runbooks/rke2-cert-rotate.toml")
+                .to_string_lossy(),
+        ])
+        .output()
+        .expect("check");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+/// Certificate rotation: with rke2-server-2's certificates 20 days from expiry (a server not
+/// restarted for 345 days), the scheduled check fails naming it and touches nothing; the
+/// rotation renews every node, server by server with the service stopped, refreshes the admin
+/// kubeconfig and records the old and new expiry; the check passes again afterwards.
+#[test]
+fn cert_rotate_check_warns_of_a_near_expiry_then_rotation_renews_every_node() {
+    let Some(lab) = Lab::up("127.0.192") else {
+        return;
+    };
+    lab.run("rke2-vm-deploy.toml", &[], &[]).assert_code(0);
+    let check = ["--set", "check_only=true", "--set", "window_days=60"];
+    lab.run("rke2-cert-rotate.toml", &check, &[]).assert_code(0);
+
+    let out = lab_cmd(
+        &lab.labdir(),
+        &["fault", "rke2-server-2", "cert-expiry", "--days", "20"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let table = lab.exec(
+        "rke2-server-2",
+        &["rke2", "certificate", "check", "--output", "table"],
+    );
+    assert!(
+        text(&table.stdout).contains("WARNING"),
+        "{}",
+        text(&table.stdout)
+    );
+    let warned = lab.run("rke2-cert-rotate.toml", &check, &[]);
+    warned.assert_code(1);
+    assert_eq!(warned.status_of("assess"), "failed");
+    assert_eq!(warned.status_of("rotate-servers"), "skipped");
+    assert!(
+        warned
+            .stderr()
+            .contains("expire within 60 days on [\"rke2-server-2\"]"),
+        "{}",
+        warned.stderr()
+    );
+    assert_bundle_verifies(&warned.bundle());
+
+    let kubeconfig = std::path::PathBuf::from(lab.var("KUBECONFIG"));
+    let kc_before = std::fs::read_to_string(&kubeconfig).expect("kubeconfig");
+    let done = lab.run("rke2-cert-rotate.toml", &[], &[]);
+    done.assert_code(0);
+    for id in [
+        "rotate-servers",
+        "restart-agents",
+        "write-kubeconfig",
+        "expiry-after",
+        "verify",
+        "report",
+    ] {
+        assert_eq!(done.status_of(id), "succeeded", "{id}");
+    }
+    let notes = done.manifest()["notes"].to_string();
+    assert!(notes.contains("rke2-server-2: 19 -> 364 days"), "{notes}");
+    assert!(notes.contains("rke2-agent-1: 364 -> 364 days"), "{notes}");
+    // The old certificates are kept beside the new ones on every server.
+    for s in ["rke2-server-1", "rke2-server-2", "rke2-server-3"] {
+        let b = lab.exec(s, &["sh", "-c", "ls -d /var/lib/rancher/rke2/server/tls-*"]);
+        assert!(b.status.success(), "{s}: no backup: {}", text(&b.stderr));
+    }
+    // The kubeconfig the other runbooks use carries the new admin certificate and works.
+    let kc_after = std::fs::read_to_string(&kubeconfig).expect("kubeconfig");
+    assert_ne!(kc_before, kc_after, "kubeconfig not refreshed");
+    assert!(kc_after.contains("client-certificate-data"));
+    for (name, status, _) in nodes(&lab) {
+        assert_eq!(status, "Ready", "{name}");
+    }
+    let members = lab.exec(
+        "rke2-server-1",
+        &[
+            "etcdctl",
+            "--endpoints",
+            "http://127.0.192.11:2379",
+            "member",
+            "list",
+        ],
+    );
+    assert_eq!(text(&members.stdout).lines().count(), 3);
+    assert_bundle_verifies(&done.bundle());
+    lab.run("rke2-cert-rotate.toml", &check, &[]).assert_code(0);
+}
+
+/// The Proxmox host each lab VM runs on now (`lab.json`, what the lab's PVE API answers).
+fn pve_host_of(lab: &Lab, vm: &str) -> String {
+    let lab_json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(lab.labdir().join("lab.json")).expect("lab.json"),
+    )
+    .expect("lab.json");
+    lab_json["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .find(|n| n["name"] == vm)
+        .and_then(|n| n["pve_node"].as_str())
+        .expect(vm)
+        .to_owned()
+}
+
+/// Hypervisor maintenance on the lab's Proxmox API: a host holding two servers is refused
+/// before anything changes; a host with one server and one agent is emptied by draining and
+/// live-migrating both, the run waits at the approve gate for the host maintenance, then brings
+/// them back and uncordons them, quorum kept throughout.
+#[test]
+fn hypervisor_maintenance_refuses_two_servers_on_a_host_then_empties_and_refills_one() {
+    let Some(lab) = Lab::up("127.0.193") else {
+        return;
+    };
+    lab.run("rke2-vm-deploy.toml", &[], &[]).assert_code(0);
+    assert_eq!(pve_host_of(&lab, "rke2-server-1"), "pve1");
+    assert_eq!(pve_host_of(&lab, "rke2-agent-1"), "pve1");
+
+    let out = lab_cmd(
+        &lab.labdir(),
+        &["fault", "rke2-server-2", "place", "--host", "pve1"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let refused = lab.run(
+        "hypervisor-maintenance.toml",
+        &["--set", "pve_host=pve1"],
+        &[],
+    );
+    refused.assert_code(1);
+    assert_eq!(refused.status_of("assess"), "failed");
+    assert_eq!(refused.status_of("drain"), "skipped");
+    assert!(
+        refused.stderr().contains("pve1 holds 2 RKE2 servers"),
+        "{}",
+        refused.stderr()
+    );
+    for (name, status, _) in nodes(&lab) {
+        assert_eq!(status, "Ready", "{name} touched by a refused run");
+    }
+    assert_bundle_verifies(&refused.bundle());
+
+    let out = lab_cmd(
+        &lab.labdir(),
+        &["fault", "rke2-server-2", "place", "--host", "pve2"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let args = ["--set", "pve_host=pve1"];
+    let asked = lab.run("hypervisor-maintenance.toml", &args, &[]);
+    asked.assert_code(4);
+    assert_eq!(asked.status_of("host-empty"), "succeeded");
+    // Live-migrated to the least loaded other host, still running, cordoned.
+    for vm in ["rke2-server-1", "rke2-agent-1"] {
+        assert_eq!(pve_host_of(&lab, vm), "pve3", "{vm}");
+    }
+    let got = nodes(&lab);
+    for (name, status, _) in &got {
+        let moved = name == "rke2-server-1" || name == "rke2-agent-1";
+        assert_eq!(
+            status.as_str(),
+            if moved {
+                "Ready,SchedulingDisabled"
+            } else {
+                "Ready"
+            },
+            "{name}"
+        );
+    }
+    let etcd = lab.kubectl(&["get", "--raw=/readyz/etcd"]);
+    assert_eq!(text(&etcd.stdout).trim(), "ok");
+
+    let done = lab.resume(&asked, &["--approve", "host-maintenance"], &[]);
+    done.assert_code(0);
+    assert_eq!(done.status_of("verify"), "succeeded");
+    for vm in ["rke2-server-1", "rke2-agent-1"] {
+        assert_eq!(pve_host_of(&lab, vm), "pve1", "{vm} not back");
+    }
+    for (name, status, _) in nodes(&lab) {
+        assert_eq!(status, "Ready", "{name}");
+    }
+    let token = lab.var("PROXMOX_TOKEN");
+    crate::common::assert_bundle_lacks(&done.bundle(), &[&token]);
+    assert_bundle_verifies(&done.bundle());
+}
