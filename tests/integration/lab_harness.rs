@@ -131,7 +131,9 @@ impl Lab {
             ])
             .args(extra)
             .env("NO_COLOR", "1")
-            .env_remove("RUNBOOK_EVIDENCE_DIR")
+            // The run's own `proof/`, whatever `evidence_dir` the runbook names (the
+            // deploy names the decision record's path inside the repository).
+            .env("RUNBOOK_EVIDENCE_DIR", cwd.join("proof"))
             .env_remove("RUST_LOG");
         if runbook == "rke2-vm-deploy.toml" {
             // The nested preflight is found in the repository, wherever the run starts.
