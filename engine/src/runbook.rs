@@ -284,6 +284,8 @@ pub struct StepSpec {
     pub after: Option<SpannedExpr>,
     /// Steps whose results the step's expressions read (`steps.<id>`), with where.
     pub refs: Vec<Need>,
+    /// Earlier sub-steps of the same block a sub-step reads (`block.<id>`), with where.
+    pub block_reads: Vec<Need>,
     /// An `always` step that also runs when the run is cancelled (uncordon after Ctrl-C).
     pub run_on_cancel: bool,
     /// A question a person must answer yes to before the step runs.

@@ -673,3 +673,41 @@ steps = [
     assert_eq!(o.step("cycle").status, StepStatus::Cancelled);
     assert_eq!(o.report.status, runbook_engine::event::RunStatus::Cancelled);
 }
+
+/// A sub-step sees the sub-steps before it on the same host as `block.<id>`: a reboot that
+/// runs only where the check before it asked for one.
+#[tokio::test(start_paused = true)]
+async fn a_sub_step_reads_the_earlier_sub_steps_of_its_host() {
+    let o = run(
+        r#"
+[runbook]
+name = "patch"
+[[steps]]
+id = "patch"
+on = "servers"
+strategy = { rolling = 1 }
+steps = [
+  { id = "probe", run = "needs-restarting -r", continue_on_failure = true },
+  { id = "reboot", run = "reboot after exit {{ block.probe.exit_code }}", when = 'block.probe.status == "failed"' },
+  { id = "back", local = true, run = "wait {{ host.name }}", when = '"reboot" in block' },
+]
+"#,
+        3,
+        &[("node-02/probe", 1)],
+        50,
+    )
+    .await;
+    let order: Vec<String> = o.seen.iter().map(|s| s.target.clone()).collect();
+    assert_eq!(
+        order,
+        [
+            "node-01/probe",
+            "node-02/probe",
+            "node-02/reboot",
+            "node-02/back",
+            "node-03/probe"
+        ]
+    );
+    assert_eq!(o.seen[2].command, "reboot after exit 1");
+    assert_eq!(o.step("patch").status, StepStatus::Succeeded);
+}

@@ -643,3 +643,33 @@ fn a_missing_identity_file_is_warned_about_before_the_run() {
         .assert_code(0)
         .assert_stderr_contains("warning[RB0018]: host `a` in `./inv.toml`: identity file `/nonexistent/key` does not exist here");
 }
+
+/// `block.<id>` names a sub-step before this one in the same block; outside a block, or for a
+/// later sub-step, it is an error at the mention.
+#[test]
+fn block_reads_only_earlier_sub_steps() {
+    let toml = r#"[runbook]
+name = "b"
+[[steps]]
+id = "cycle"
+on = "all"
+steps = [
+  { id = "first", run = "echo {{ block.second.stdout }}" },
+  { id = "second", run = "true", when = 'block.first.status == "succeeded"' },
+]
+[[steps]]
+id = "after"
+run = "echo {{ block.first.stdout }}"
+"#;
+    let out = Test::new()
+        .runbook(toml)
+        .file("inventory.toml", "[hosts.h]\naddress = \"127.0.0.1\"\n")
+        .args(["check", "runbook.toml", "--inventory", "inventory.toml"])
+        .run();
+    out.assert_code(2)
+        .assert_stderr_contains("`block.second`: no earlier sub-step `second` in this block")
+        .assert_stderr_contains("runbook.toml:7:34")
+        .assert_stderr_contains("`block.first`: `block` is only set in a block's sub-steps")
+        .assert_stderr_contains("runbook.toml:12:16")
+        .assert_stderr_contains("has 2 errors");
+}

@@ -109,13 +109,17 @@ pub(crate) fn refs_in(code: &str, offset: usize, at: &Located) -> Vec<Need> {
 }
 
 fn needs(reads: Vec<(String, usize)>, offset: usize, at: &Located) -> Vec<Need> {
+    needs_of(reads, offset, at, "steps")
+}
+
+fn needs_of(reads: Vec<(String, usize)>, offset: usize, at: &Located, root: &str) -> Vec<Need> {
     reads
         .into_iter()
         .map(|(name, pos)| {
             let span = match at.origin {
                 Some(_) => {
                     let start = at.at(offset + pos).start;
-                    start..start + "steps.".len() + name.len()
+                    start..start + root.len() + 1 + name.len()
                 }
                 None => at.span.clone(),
             };
@@ -130,6 +134,16 @@ fn needs(reads: Vec<(String, usize)>, offset: usize, at: &Located) -> Vec<Need> 
 /// [`refs_in`] for a compiled expression: its syntax tree is walked, not parsed again.
 pub(super) fn expr_refs_in(expr: &crate::expr::Expr, offset: usize, at: &Located) -> Vec<Need> {
     needs(expr_references(expr, "steps"), offset, at)
+}
+
+/// The `ROOT.NAME` an expression reads (`block.drain` in a sub-step), each with where.
+pub(super) fn expr_reads_of(
+    expr: &crate::expr::Expr,
+    offset: usize,
+    at: &Located,
+    root: &str,
+) -> Vec<Need> {
+    needs_of(expr_references(expr, root), offset, at, root)
 }
 
 /// `steps.ID` and `steps["ID"]` references in an expression, with their offsets.

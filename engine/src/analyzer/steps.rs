@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use super::keys::{step_keys, STRATEGY_KEYS};
 use super::reader::{get, holds_template, is_identifier, ShiftedSpans, Value};
-use super::references::{expr_references, expr_refs_in, property_paths};
+use super::references::{expr_reads_of, expr_references, expr_refs_in, property_paths};
 use super::{Analyzer, Defaults};
 use crate::diagnostic::{Code, Diagnostic};
 use crate::expr::Context;
@@ -158,6 +158,27 @@ impl Analyzer<'_> {
                 .also(&self.src, first.id_span.clone(), "first defined here");
                 self.push(d);
                 continue;
+            }
+            // A sub-step sees the sub-steps before it on the same host (`block.<id>`).
+            for r in &sub.block_reads {
+                if !steps.iter().any(|earlier| earlier.id == r.id) {
+                    let later = items.len() > steps.len() + 1;
+                    self.push(
+                        Diagnostic::error(
+                            Code::UnknownStepRef,
+                            format!(
+                                "`block.{}`: no earlier sub-step `{}` in this block",
+                                r.id, r.id
+                            ),
+                        )
+                        .at(&self.src, r.span.clone(), "not a sub-step before this one")
+                        .help(if later {
+                            "a sub-step sees only those before it in the block, on the same host"
+                        } else {
+                            "name a sub-step listed before this one in the same block"
+                        }),
+                    );
+                }
             }
             steps.push(sub);
         }
@@ -473,6 +494,29 @@ impl Analyzer<'_> {
             &exprs,
             &strategy,
         );
+        // `block.<sub>` is set only for a block's sub-steps (checked against the earlier
+        // sub-steps by `block()`); anywhere else it is a mistake.
+        let block_reads = own_reads(
+            action.as_ref(),
+            &settings,
+            &collect,
+            plan.as_ref(),
+            &exprs,
+            "block",
+        );
+        if !in_block {
+            for r in &block_reads {
+                self.error(
+                    Code::UnknownStepRef,
+                    r.span.clone(),
+                    format!(
+                        "`block.{}`: `block` is only set in a block's sub-steps",
+                        r.id
+                    ),
+                    "not in a block",
+                );
+            }
+        }
         let StepExprs {
             when,
             until,
@@ -513,6 +557,7 @@ impl Analyzer<'_> {
             phase: self.opt_string(t, "phase", s),
             continue_on_failure: self.boolean(t, "continue_on_failure", s).unwrap_or(false),
             always,
+            block_reads,
             id,
             id_span,
             needs,
@@ -884,6 +929,32 @@ fn reads(
     exprs: &StepExprs,
     strategy: &Strategy,
 ) -> Vec<Need> {
+    let mut refs = own_reads(action, settings, collect, plan, exprs, "steps");
+    // What sub-steps and gates read counts as read by the step (ordering checks).
+    if let Some(Action::Block { steps }) = action {
+        refs.extend(steps.iter().flat_map(|sub| sub.refs.iter().cloned()));
+    }
+    if let StrategyKind::Rolling {
+        gate: Some(gate), ..
+    } = &strategy.kind
+    {
+        match gate {
+            Gate::Step(probe) => refs.extend(probe.refs.iter().cloned()),
+            Gate::Expr(e) => refs.extend(expr_refs_in(&e.expr, 0, &e.at)),
+        }
+    }
+    refs
+}
+
+/// The `ROOT.NAME` a step's own templates and expressions read (not its sub-steps').
+fn own_reads(
+    action: Option<&Action>,
+    settings: &StepSettings,
+    collect: &[Template],
+    plan: Option<&Template>,
+    exprs: &StepExprs,
+    root: &str,
+) -> Vec<Need> {
     let mut refs = Vec::new();
     let templates: Vec<&Template> = match action {
         Some(Action::Run { command }) => vec![command],
@@ -900,7 +971,7 @@ fn reads(
     {
         if let Some(at) = &tpl.at {
             for (e, offset) in tpl.expressions() {
-                refs.extend(expr_refs_in(e, offset, at));
+                refs.extend(expr_reads_of(e, offset, at, root));
             }
         }
     }
@@ -920,20 +991,7 @@ fn reads(
     .flatten()
     .chain(exprs.outputs.iter().map(|(_, e)| e))
     {
-        refs.extend(expr_refs_in(&e.expr, 0, &e.at));
-    }
-    // What sub-steps and gates read counts as read by the step (ordering checks).
-    if let Some(Action::Block { steps }) = action {
-        refs.extend(steps.iter().flat_map(|sub| sub.refs.iter().cloned()));
-    }
-    if let StrategyKind::Rolling {
-        gate: Some(gate), ..
-    } = &strategy.kind
-    {
-        match gate {
-            Gate::Step(probe) => refs.extend(probe.refs.iter().cloned()),
-            Gate::Expr(e) => refs.extend(expr_refs_in(&e.expr, 0, &e.at)),
-        }
+        refs.extend(expr_reads_of(&e.expr, 0, &e.at, root));
     }
     refs
 }

@@ -459,22 +459,25 @@ impl StepTask {
             }
             // A cleanup sub-step (`uncordon` after a drain) runs also when the run is being
             // cancelled: under the third interrupt's token, as a `run_on_cancel` step does.
-            let cleanup;
+            // The sub-steps before it on this host are in its scope as `block`.
             let this = if sub.run_on_cancel && self.cancel.is_cancelled() {
-                cleanup = StepTask {
+                StepTask {
                     cancel: self.abort.clone(),
                     force: self.abort.clone(),
+                    block: Some(block.clone()),
                     ..self.clone()
-                };
-                &cleanup
+                }
             } else {
-                self
+                StepTask {
+                    block: Some(block.clone()),
+                    ..self.clone()
+                }
             };
             let sub_label: Target = Arc::from(format!("{}/{}", host.name, sub.id).as_str());
             if let Some(when) = &sub.when {
-                let (value, effects) = self
+                let (value, effects) = this
                     .host
-                    .eval_with_effects(&when.expr, &mut self.scope(Some(host)));
+                    .eval_with_effects(&when.expr, &mut this.scope(Some(host)));
                 apply_effects(&self.state, &self.events, Some(step), effects).await;
                 match condition(&self.plan, &self.state, "`when`", when, value) {
                     Ok(true) => {}

@@ -147,6 +147,8 @@ struct StepTask {
     /// When the first attempt on any target started (and `StepStarted` was sent): the step's
     /// duration counts from here, not from when it began to wait for a `--parallel` slot.
     step_started: Arc<OnceLock<Instant>>,
+    /// In a block's sub-step: the sub-steps before it on the same host (`block.<id>`).
+    block: Option<Map>,
 }
 
 /// A step's templates, rendered for one attempt.

@@ -212,6 +212,7 @@ impl Executor {
                     results: results.clone(),
                     index: i,
                     step_started: Arc::default(),
+                    block: None,
                 };
                 tasks.spawn(async move { (i, task.run().await) });
             }

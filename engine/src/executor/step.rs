@@ -24,6 +24,10 @@ impl StepTask {
             &self.results,
             &self.plan.step_refs[self.index],
         );
+        scope.push_constant(
+            "block",
+            self.block.clone().map_or(Dynamic::UNIT, Dynamic::from_map),
+        );
         scope
     }
 
