@@ -33,9 +33,20 @@ from labcommon import (  # noqa: E402
     node_info,
     parse_rfc3339,
     resource_name,
+    rfc3339,
 )
 
 CLIENT_VERSION = "v1.33.4"
+
+# A Longhorn volume's contents: the lines the canary app (image lab/canary) wrote to it. Kept in
+# etcd beside the objects, so an etcd restore rolls them back with the volume objects.
+VOLUME_DATA = "/lab/volume-data/"
+# The Longhorn backup target (S3 in a real cluster): what each Backup copied, by backup name.
+# In the lab it is an etcd prefix too, so backups taken after an etcd snapshot are rolled back
+# with it (a real backup target keeps them); the drill restores backups older than its snapshot.
+BACKUP_STORE = "/lab/backupstore/"
+BACKUP_URL = "s3://longhorn-backups@lab/?backup={backup}&volume={volume}"
+CANARY_IMAGE = "lab/canary"
 
 
 def parse_duration(s, default=30.0):
@@ -292,6 +303,17 @@ class Cluster:
                         self.bind_pvc(pvc)
 
     def bind_pvc(self, pvc):
+        want = pvc.get("spec", {}).get("volumeName")
+        if want:
+            # A static PV named by the claim (a restored Longhorn volume): bound when it exists.
+            pv = self.store.get("persistentvolumes", None, want)
+            pvc["status"] = {"phase": "Pending"}
+            if pv:
+                pv["spec"]["claimRef"] = {"name": pvc["metadata"]["name"], "namespace": pvc["metadata"]["namespace"]}
+                self.store.put("persistentvolumes", pv)
+                pvc["status"] = {"phase": "Bound"}
+            self.store.put("persistentvolumeclaims", pvc)
+            return
         sc = pvc.get("spec", {}).get("storageClassName")
         if not sc:
             for s in self.store.list("storageclasses"):
@@ -307,7 +329,9 @@ class Cluster:
                                                               "restoreRequired": False,
                                                               "kubernetesStatus": {"pvcName": pvc["metadata"]["name"],
                                                                                    "namespace": pvc["metadata"]["namespace"]}}})
+            self.etcd.put(VOLUME_DATA + vol, "[]")
             self.store.put("persistentvolumes", {"metadata": {"name": vol}, "spec": {"storageClassName": sc,
+                                                 "persistentVolumeReclaimPolicy": "Delete",
                                                  "claimRef": {"name": pvc["metadata"]["name"], "namespace": pvc["metadata"]["namespace"]},
                                                  "csi": {"driver": "driver.longhorn.io", "volumeHandle": vol}}})
             pvc.setdefault("spec", {})["volumeName"] = vol
@@ -595,6 +619,48 @@ def deep_merge(dst, src):
     return dst
 
 
+def size_bytes(size):
+    m = re.match(r"^(\d+)(Ki|Mi|Gi|Ti)?$", str(size))
+    if not m:
+        return str(size)
+    return str(int(m.group(1)) * {None: 1, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40}[m.group(2)])
+
+
+def take_backup(c, doc):
+    """A Longhorn Backup (what a RecurringJob of task `backup` creates): the volume's contents as
+    of now copied to the backup target; Completed at once, or Error when the volume is gone."""
+    vol = doc["metadata"].get("labels", {}).get("backup-volume") or doc.get("spec", {}).get("volumeName", "")
+    v = c.store.get("volumes.longhorn.io", "longhorn-system", vol) if vol else None
+    name = doc["metadata"]["name"]
+    if not v:
+        doc["status"] = {"state": "Error", "volumeName": vol, "messages": {"error": f"volume {vol} not found"}}
+        return
+    now = rfc3339(time.time())
+    c.etcd.put(BACKUP_STORE + name, c.etcd.get(VOLUME_DATA + vol) or "[]")
+    doc["status"] = {"state": "Completed", "progress": 100, "volumeName": vol,
+                     "url": BACKUP_URL.format(backup=name, volume=vol),
+                     "volumeSize": size_bytes(v["spec"].get("size", "0")),
+                     "snapshotCreatedAt": now, "backupCreatedAt": now}
+
+
+def restore_volume(c, doc):
+    """A Volume with `spec.fromBackup`: its contents are the backup's; `restoreRequired` turns
+    false when they are in place. A URL no backup has stays `restoreRequired: true` (as a failed
+    restore does), so `kubectl wait` on it times out."""
+    url = doc["spec"]["fromBackup"]
+    q = urllib.parse.parse_qs(url.partition("?")[2])
+    name = (q.get("backup") or [""])[0]
+    data = c.etcd.get(BACKUP_STORE + name) if name else None
+    vol = doc["metadata"]["name"]
+    if data is None:
+        doc["status"] = {"state": "detached", "robustness": "unknown", "restoreRequired": True,
+                         "conditions": [{"type": "Restore", "status": "False", "message": f"backup {url} not found"}]}
+        return
+    c.etcd.put(VOLUME_DATA + vol, data)
+    doc["status"] = {"state": "detached", "robustness": "healthy", "restoreRequired": False,
+                     "restoredFrom": url}
+
+
 def apply_obj(c, doc, ns_default, verb="apply"):
     kind = doc.get("kind")
     res = KIND_TO_RESOURCE.get(kind)
@@ -619,6 +685,10 @@ def apply_obj(c, doc, ns_default, verb="apply"):
         import base64
 
         doc.setdefault("data", {}).update({k: base64.b64encode(str(v).encode()).decode() for k, v in doc.pop("stringData").items()})
+    if res == "backups.longhorn.io" and not old:
+        take_backup(c, doc)
+    elif res == "volumes.longhorn.io" and not old and doc.get("spec", {}).get("fromBackup"):
+        restore_volume(c, doc)
     if res == "persistentvolumeclaims" and not old:
         c.bind_pvc(doc)
     else:
@@ -698,11 +768,20 @@ def delete_obj(c, r, ns, name):
         for p in c.store.list("pods", ns):
             if p["metadata"].get("ownerReferences", [{}])[0].get("name") == name:
                 c.store.delete("pods", ns, p["metadata"]["name"])
+    if r == "persistentvolumeclaims":
+        # Dynamic PVs (reclaim policy Delete) go with their claim, and the Longhorn volume and its
+        # data with them; a Retain PV (the restore's static ones) stays, Released.
+        pv = c.store.get("persistentvolumes", None, o.get("spec", {}).get("volumeName", ""))
+        if pv and pv.get("spec", {}).get("persistentVolumeReclaimPolicy", "Delete") == "Delete":
+            delete_obj(c, "persistentvolumes", None, pv["metadata"]["name"])
+            delete_obj(c, "volumes.longhorn.io", "longhorn-system", pv["metadata"]["name"])
+    if r == "volumes.longhorn.io":
+        c.etcd.delete(VOLUME_DATA + name)
     if r == "namespaces":
         for res in RESOURCES:
             if namespaced(res):
                 for x in c.store.list(res, name):
-                    c.store.delete(res, name, x["metadata"]["name"])
+                    delete_obj(c, res, name, x["metadata"]["name"])
     if r == "nodes":
         c.etcd.delete("/lab/hb/" + name)
         for p in c.store.list("pods"):
@@ -884,8 +963,91 @@ def helm(argv):
     raise LabError(f"lab helm: `{verb}` is not modelled")
 
 
+# --------------------------------------------------------------------------------- load balancer
+
+
+def lb_backend(c, ip, port, method, body):
+    """(status, text) of a request to a LoadBalancer address: the Service holding `ip`:`port`,
+    a Ready pod it selects, and that pod's app. The lab runs one app, the DR canary (image
+    lab/canary): GET answers `canary-ok` and the lines on its volume, POST appends
+    "<time> <body>" to them. The volume is the pod's first PVC's Longhorn volume; a missing or
+    still-restoring volume is an error, as the real app would fail to start without it."""
+    for s in c.get_objects("services", None, True):
+        spec = s.get("spec", {})
+        ing = s.get("status", {}).get("loadBalancer", {}).get("ingress") or []
+        if spec.get("type") != "LoadBalancer" or not ing or ing[0]["ip"] != ip:
+            continue
+        if not any(int(p.get("port", 0)) == port for p in spec.get("ports", [])):
+            continue
+        ns = s["metadata"]["namespace"]
+        sel = spec.get("selector", {})
+        pods = [p for p in c.pods(ns) if p["status"]["conditions"][0]["status"] == "True"
+                and all(p["metadata"].get("labels", {}).get(k) == v for k, v in sel.items())]
+        if not pods:
+            return 503, f"no endpoints available for service {ns}/{s['metadata']['name']}"
+        ref = pods[0]["metadata"].get("ownerReferences", [{}])[0]
+        owner = c.store.get(KIND_TO_RESOURCE.get(ref.get("kind"), "deployments"), ns, ref.get("name", ""))
+        tmpl = (owner or {}).get("spec", {}).get("template", {}).get("spec", {})
+        image = (tmpl.get("containers") or [{}])[0].get("image", "")
+        if image.split(":")[0] != CANARY_IMAGE:
+            return 502, f"the lab runs no app for image {image!r} (only {CANARY_IMAGE})"
+        claims = [v["persistentVolumeClaim"]["claimName"] for v in tmpl.get("volumes", []) if "persistentVolumeClaim" in v]
+        pvc = c.store.get("persistentvolumeclaims", ns, claims[0]) if claims else None
+        vol = (pvc or {}).get("spec", {}).get("volumeName", "")
+        v = c.store.get("volumes.longhorn.io", "longhorn-system", vol) if vol else None
+        data = c.etcd.get(VOLUME_DATA + vol) if v else None
+        if not pvc or (pvc.get("status", {}).get("phase") != "Bound") or not v or data is None \
+                or v.get("status", {}).get("restoreRequired"):
+            return 500, f"canary: volume of claim {ns}/{claims[0] if claims else '?'} is not available"
+        lines = json.loads(data)
+        if method == "POST":
+            lines.append(f"{rfc3339(time.time())} {body.strip()}")
+            c.etcd.put(VOLUME_DATA + vol, json.dumps(lines))
+            return 201, lines[-1] + "\n"
+        return 200, "canary-ok\n" + "".join(x + "\n" for x in lines)
+    return 503, f"no LoadBalancer service holds {ip}:{port}"
+
+
+def serve_lb(argv):
+    """`kubectl.py lab-lb IP[:PORT]`: answers HTTP on a MetalLB pool address as the announced
+    Service would (the lab's MetalLB assigns addresses but announces nothing). Runs until killed."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    ip, _, port = argv[0].partition(":")
+    port = int(port or 80)
+
+    class Handler(BaseHTTPRequestHandler):
+        def answer(self, method):
+            n = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(n).decode() if n else ""
+            try:
+                st, text = lb_backend(Cluster(Args([])), ip, port, method, body)
+            except Exception as e:  # noqa: BLE001 (a server: every failure is an answer)
+                st, text = 503, f"upstream unavailable: {e}"
+            raw = text.encode()
+            self.send_response(st)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def do_GET(self):  # noqa: N802 (http.server's names)
+            self.answer("GET")
+
+        def do_POST(self):  # noqa: N802
+            self.answer("POST")
+
+        def log_message(self, fmt, *args):
+            sys.stderr.write("lab-lb: " + (fmt % args) + "\n")
+
+    ThreadingHTTPServer((ip, port), Handler).serve_forever()
+    return 0
+
+
 def main():
     tool = os.path.basename(sys.argv[0])
+    if sys.argv[1:2] == ["lab-lb"]:
+        return serve_lb(sys.argv[2:])
     try:
         return helm(sys.argv[1:]) if tool == "helm" else kubectl(sys.argv[1:])
     except LabError as e:

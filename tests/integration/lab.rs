@@ -12,8 +12,8 @@
 use std::path::Path;
 use std::process::Output;
 
-use crate::common::assert_bundle_lacks;
-use crate::lab_harness::{lab_cmd, nodes, text, Lab};
+use crate::common::{assert_bundle_lacks, BIN};
+use crate::lab_harness::{lab_cmd, nodes, text, Lab, Run};
 
 #[test]
 fn deploy_from_nothing_then_rerun_is_idempotent_and_never_downgrades() {
@@ -387,4 +387,461 @@ fn dr_restore_with_servers_0_lost_resets_where_the_snapshot_is_and_rolls_the_clu
         &["test", "-e", "/var/lib/rancher/rke2/server/restore-token"],
     );
     assert!(!tf.status.success());
+}
+
+/// The DR canary (docs/rke2/rke2-dr-drill.md): a Deployment of the lab's canary app
+/// (image `lab/canary`) with a Longhorn PVC and a LoadBalancer Service.
+const CANARY: &str = "\
+apiVersion: v1
+kind: Namespace
+metadata: {name: dr-canary}
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: canary-data, namespace: dr-canary}
+spec:
+  accessModes: [ReadWriteOnce]
+  storageClassName: longhorn
+  resources: {requests: {storage: 1Gi}}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: canary, namespace: dr-canary}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: canary}}
+  template:
+    metadata: {labels: {app: canary}}
+    spec:
+      containers:
+        - {name: canary, image: 'lab/canary:1', ports: [{containerPort: 8080}], volumeMounts: [{name: data, mountPath: /data}]}
+      volumes:
+        - {name: data, persistentVolumeClaim: {claimName: canary-data}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: canary, namespace: dr-canary}
+spec:
+  type: LoadBalancer
+  selector: {app: canary}
+  ports: [{port: 80, targetPort: 8080}]
+";
+
+/// `kubectl apply -f` of a manifest written to the lab's temp directory.
+fn apply(lab: &Lab, name: &str, manifest: &str) {
+    let f = lab.dir.path().join(name);
+    std::fs::write(&f, manifest).expect("manifest");
+    let out = lab.kubectl(&["apply", "-f", &f.to_string_lossy()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+/// The canary's LoadBalancer address answered as MetalLB + kube-proxy would
+/// (`lab/kubectl.py lab-lb`); stopped on drop.
+struct CanaryLb(std::process::Child);
+
+impl CanaryLb {
+    fn start(lab: &Lab, ip: &str) -> CanaryLb {
+        let child = std::process::Command::new("python3")
+            .arg(crate::lab_harness::repo().join("lab/kubectl.py"))
+            .args(["lab-lb", &format!("{ip}:80")])
+            .env("KUBECONFIG", lab.var("KUBECONFIG"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("lab-lb");
+        CanaryLb(child)
+    }
+}
+
+impl Drop for CanaryLb {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `curl` against the canary: (HTTP status, body).
+fn canary(url: &str, post: Option<&str>) -> (u16, String) {
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args(["-sS", "--max-time", "10", "-w", "\n%{http_code}"]);
+    if let Some(body) = post {
+        cmd.args(["-X", "POST", "--data-binary", body]);
+    }
+    let out = cmd.arg(url).output().expect("curl");
+    let all = text(&out.stdout);
+    let (body, code) = all.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+/// A Longhorn backup of `volume` (what the deploy's RecurringJob creates on schedule).
+fn backup(lab: &Lab, volume: &str, name: &str) {
+    let manifest = format!(
+        "apiVersion: longhorn.io/v1beta2\nkind: Backup\nmetadata: {{name: {name}, namespace: longhorn-system, labels: {{backup-volume: {volume}}}}}\nspec: {{snapshotName: {name}}}\n"
+    );
+    apply(lab, &format!("{name}.yaml"), &manifest);
+}
+
+/// `rke2 etcd-snapshot save --name NAME` on `node`.
+fn etcd_snapshot(lab: &Lab, node: &str, name: &str) {
+    let out = lab.exec(node, &["rke2", "etcd-snapshot", "save", "--name", name]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+/// Records on the canary's volume (every line after the marker).
+fn records(body: &str) -> Vec<String> {
+    body.lines()
+        .filter(|l| !l.is_empty() && *l != "canary-ok")
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The RFC 3339 time a second after now has started: records and backups carry whole seconds,
+/// so a record meant to come after a backup is written in a later second.
+fn next_second() {
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+}
+
+#[test]
+fn dr_drill_on_the_canary_then_a_missed_rto_then_a_resumed_restore_onto_the_survivors() {
+    let Some(lab) = Lab::up("127.0.183") else {
+        return;
+    };
+    let ok = |o: Output| assert!(o.status.success(), "{}", text(&o.stderr));
+    lab.run("rke2-vm-deploy.toml", &[], &[]).assert_code(0);
+    apply(&lab, "canary.yaml", CANARY);
+    let ip = text(
+        &lab.kubectl(&[
+            "-n",
+            "dr-canary",
+            "get",
+            "svc",
+            "canary",
+            "-o",
+            "jsonpath={.status.loadBalancer.ingress[0].ip}",
+        ])
+        .stdout,
+    );
+    assert!(ip.starts_with("127.0.183.2"), "MetalLB pool address: {ip}");
+    let volume = text(
+        &lab.kubectl(&[
+            "-n",
+            "dr-canary",
+            "get",
+            "pvc",
+            "canary-data",
+            "-o",
+            "jsonpath={.spec.volumeName}",
+        ])
+        .stdout,
+    );
+    assert!(volume.starts_with("pvc-"), "{volume}");
+    let _lb = CanaryLb::start(&lab, &ip);
+    let url = format!("http://{ip}/canary");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while canary(&url, None).0 != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the canary never answered"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+
+    // The app writes; a backup and an etcd snapshot (on rke2-server-2 only) are taken, as the
+    // RecurringJob and etcd-snapshot-schedule-cron would; then it writes again.
+    assert_eq!(canary(&url, Some("order 1")).0, 201);
+    next_second();
+    backup(&lab, &volume, "backup-1");
+    etcd_snapshot(&lab, "rke2-server-2", "drill");
+    next_second();
+    assert_eq!(canary(&url, Some("order 2 after the backup")).0, 201);
+
+    let service = format!("service_url={url}");
+    let volumes = format!("drill_volumes=[\"{volume}\"]");
+    let runbooks = format!(
+        "runbooks_dir={}",
+        crate::lab_harness::repo().join("runbooks").display()
+    );
+    let args = [
+        "--set",
+        "snapshot_source=local",
+        "--set",
+        &volumes,
+        "--set",
+        &service,
+        "--set",
+        &runbooks,
+    ];
+    let drill = lab.run("rke2-dr-drill.toml", &args, &[]);
+    drill.assert_code(0);
+    let m = drill.manifest();
+    let d = &m["drill"];
+    assert_eq!(d["verdict"], "pass", "{d}");
+    // RTO: the disaster (namespace deleted), the nested restore and the canary answering.
+    let rto = d["rto"]["measured_seconds"].as_f64().expect("RTO measured");
+    assert!(rto > 0.0, "{d}");
+    assert_eq!(d["rto"]["target_seconds"], 7200.0);
+    // RPO on the data: the newest record back is "order 1", written before the backup; the
+    // clock started after "order 2" and the drill's own record, which are lost.
+    let rpo = d["rpo"]["measured_seconds"].as_f64().expect("RPO measured");
+    assert!(
+        rpo >= 2.0,
+        "RPO {rpo}: at least the two seconds between order 1 and the disaster"
+    );
+    assert_eq!(d["rpo"]["verdict"], "pass");
+    let notes = m["notes"].to_string();
+    assert!(notes.contains("canary: 1 record(s) back"), "{notes}");
+    assert!(
+        notes.contains("2 newer than the recovery point lost"),
+        "{notes}"
+    );
+    let (code, body) = canary(&url, None);
+    assert_eq!(code, 200);
+    let got = records(&body);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(got[0].ends_with(" order 1"), "{got:?}");
+    // The nested restore ran under the drill, reset on the snapshot's holder and rejoined
+    // rke2-server-1, whose config has no `server:` (the first server of the deploy).
+    let nested = walk_journals(&drill.cwd);
+    assert!(
+        nested.contains("\"target\":\"rke2-server-1/start\""),
+        "the nested restore's journal is in the work directory"
+    );
+    let restore_notes = walk_manifest_notes(&drill.cwd);
+    assert!(
+        restore_notes.contains("cluster-reset on rke2-server-2"),
+        "{restore_notes}"
+    );
+    let members = lab.exec(
+        "rke2-server-1",
+        &[
+            "etcdctl",
+            "--endpoints",
+            "http://127.0.183.12:2379",
+            "member",
+            "list",
+        ],
+    );
+    assert_eq!(
+        text(&members.stdout).lines().count(),
+        3,
+        "one etcd cluster of three again: {}",
+        text(&members.stdout)
+    );
+    for (name, status, _) in nodes(&lab) {
+        assert_eq!(status, "Ready", "{name}");
+    }
+    let report = std::fs::read_to_string(drill.bundle().join("report.html")).expect("report");
+    assert!(
+        report.contains("<section id=\"drill\">"),
+        "no drill section"
+    );
+
+    // The same drill with an RTO no restore can meet: every step succeeds, exit 5, the report
+    // says the objective was missed. A fresh backup and snapshot first (the schedule's).
+    assert_eq!(canary(&url, Some("order 3")).0, 201);
+    next_second();
+    backup(&lab, &volume, "backup-2");
+    etcd_snapshot(&lab, "rke2-server-2", "drill");
+    let strict =
+        std::fs::read_to_string(crate::lab_harness::repo().join("runbooks/rke2-dr-drill.toml"))
+            .expect("drill")
+            .replace("rto = \"2h\"", "rto = \"5s\"");
+    assert!(strict.contains("rto = \"5s\""));
+    let strict_path = lab.dir.path().join("rke2-dr-drill-5s.toml");
+    std::fs::write(&strict_path, strict).expect("strict drill");
+    let missed = lab.run(&strict_path.to_string_lossy(), &args, &[]);
+    missed.assert_code(5);
+    assert!(
+        missed.stderr().contains("recovery objectives were not met"),
+        "{}",
+        missed.stderr()
+    );
+    let m = missed.manifest();
+    assert_eq!(m["status"], "succeeded", "every step succeeded");
+    assert_eq!(m["drill"]["verdict"], "fail");
+    assert_eq!(m["drill"]["rto"]["verdict"], "fail");
+    let why = m["drill"]["rto"]["why"].as_str().unwrap_or_default();
+    assert!(why.contains("over the target"), "{why}");
+    assert_eq!(m["drill"]["rpo"]["verdict"], "pass");
+    let junit = std::fs::read_to_string(missed.bundle().join("junit.xml")).expect("junit");
+    assert!(junit.contains("type=\"objective\""), "{junit}");
+    let got = records(&canary(&url, None).1);
+    assert!(got.iter().any(|r| r.ends_with(" order 3")), "{got:?}");
+
+    // Restore onto the survivors (rke2-server-3 lost for good): the reset on rke2-server-1,
+    // where the snapshot is; rke2-server-2 is wiped and rejoins. The run is killed (-9) after
+    // rke2-server-2 rejoined and before the block ends; `runbook resume` runs the block again on
+    // every server, and the guard keeps rke2-server-2's new database.
+    ok(lab_cmd(&lab.labdir(), &["fault", "rke2-server-3", "lose"]));
+    etcd_snapshot(&lab, "rke2-server-1", "resume");
+    let ls = text(
+        &lab.exec("rke2-server-1", &["rke2", "etcd-snapshot", "ls"])
+            .stdout,
+    );
+    let snap = ls
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .find(|n| n.starts_with("resume-rke2-server-1-"))
+        .expect("the snapshot")
+        .to_owned();
+    let snapshot = format!("snapshot={snap}");
+    let args = [
+        "--set",
+        "confirm_cluster=lab",
+        "--set",
+        &snapshot,
+        "--set",
+        "snapshot_source=local",
+        "--set",
+        "delete_stale_nodes=true",
+    ];
+    let asked = lab.run("rke2-dr-restore.toml", &args, &[]);
+    asked.assert_code(4);
+    let bundle = asked.bundle();
+    let journal = || std::fs::read_to_string(bundle.join("journal.jsonl")).unwrap_or_default();
+    let mut child = resume_command(&lab, &asked, &["--approve", "stop-servers"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn resume");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    let rejoined = |j: &str| {
+        j.lines().any(|l| {
+            l.contains("\"event\":\"attempt_finished\"")
+                && l.contains("\"target\":\"rke2-server-2/start\"")
+        })
+    };
+    while !rejoined(&journal()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rke2-server-2 never rejoined"
+        );
+        assert!(
+            child.try_wait().expect("try_wait").is_none(),
+            "the restore ended before rke2-server-2 rejoined"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.kill().expect("kill -9");
+    child.wait().expect("wait");
+    let member = |node: &str| -> String {
+        let out = lab.exec(
+            node,
+            &[
+                "etcdctl",
+                "--endpoints",
+                "http://127.0.183.11:2379",
+                "member",
+                "list",
+            ],
+        );
+        text(&out.stdout)
+            .lines()
+            .find(|l| l.contains("rke2-server-2"))
+            .and_then(|l| l.split(',').next())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let id_before = member("rke2-server-1");
+    assert!(!id_before.is_empty(), "rke2-server-2 is an etcd member");
+    let done = lab.resume(&asked, &[], &[]);
+    done.assert_code(0);
+    let wipes = journal()
+        .lines()
+        .filter(|l| {
+            l.contains("\"event\":\"attempt_started\"")
+                && l.contains("\"target\":\"rke2-server-2/wipe-db\"")
+        })
+        .count();
+    assert_eq!(
+        wipes, 2,
+        "the resumed block ran wipe-db on rke2-server-2 again"
+    );
+    let log = walk_logs(&bundle.join("steps/rejoin-servers/rke2-server-2/wipe-db"));
+    assert!(
+        log.contains("rejoined already in this restore"),
+        "the guard: {log}"
+    );
+    assert_eq!(
+        member("rke2-server-1"),
+        id_before,
+        "the same member, not a new one"
+    );
+    let dbs = text(
+        &lab.exec("rke2-server-2", &["ls", "/var/lib/rancher/rke2/server"])
+            .stdout,
+    );
+    assert_eq!(
+        dbs.lines()
+            .filter(|l| l.starts_with("db-before-restore-"))
+            .count(),
+        1,
+        "one archive, one wipe: {dbs}"
+    );
+    let notes = done.manifest()["notes"].to_string();
+    assert!(notes.contains("cluster-reset on rke2-server-1"), "{notes}");
+    let names: Vec<String> = nodes(&lab).into_iter().map(|n| n.0).collect();
+    assert_eq!(
+        names,
+        [
+            "rke2-agent-1",
+            "rke2-agent-2",
+            "rke2-server-1",
+            "rke2-server-2"
+        ],
+        "the lost server's Node deleted"
+    );
+}
+
+/// `runbook resume BUNDLE …` of `run`, not started yet (to be killed mid-way).
+fn resume_command(lab: &Lab, run: &Run, extra: &[&str]) -> std::process::Command {
+    let bindir = Path::new(BIN).parent().expect("bin dir");
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.current_dir(&run.cwd)
+        .arg("resume")
+        .arg(run.bundle())
+        .arg("--no-progress")
+        .args(extra)
+        .env("NO_COLOR", "1")
+        .env_remove("RUST_LOG");
+    for (k, v) in &lab.env {
+        let v = if k == "PATH" {
+            format!("{}:{v}", bindir.display())
+        } else {
+            v.clone()
+        };
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+/// Every attempt log under `dir`, concatenated.
+fn walk_logs(dir: &Path) -> String {
+    let mut out = String::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.path().extension().is_some_and(|x| x == "log") {
+            out.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
+        }
+    }
+    out
+}
+
+/// Every manifest's notes under `dir` (nested bundles included), concatenated.
+fn walk_manifest_notes(dir: &Path) -> String {
+    let mut out = String::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.push_str(&walk_manifest_notes(&p));
+        } else if p.file_name().is_some_and(|n| n == "manifest.json") {
+            let m: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&p).unwrap_or_default())
+                    .unwrap_or_default();
+            out.push_str(&m["notes"].to_string());
+        }
+    }
+    out
 }
