@@ -423,7 +423,8 @@ fn etcd_healthy(lab: &Lab, server: &str) -> usize {
             "--cluster",
         ],
     );
-    text(&out.stdout)
+    // etcdctl 3.4 prints the verdicts on stderr, 3.5 on stdout.
+    format!("{}{}", text(&out.stdout), text(&out.stderr))
         .lines()
         .filter(|l| l.contains(" is healthy"))
         .count()
@@ -578,4 +579,52 @@ fn node_replace_swaps_a_lost_server_for_a_spare_without_losing_quorum() {
         .contains(&lab.var("RKE2_TOKEN")),
         "the token is in the bundle"
     );
+
+    // The agent path: rke2-agent-1 lost, a spare agent in its place, etcd untouched.
+    let out = lab_cmd(
+        &lab.labdir(),
+        &[
+            "add-node",
+            "rke2-agent-3",
+            "--role",
+            "agents",
+            "--host",
+            "pve3",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = lab_cmd(&lab.labdir(), &["fault", "rke2-agent-1", "lose"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let agent = lab.run(
+        "rke2-node-replace.toml",
+        &[
+            "--set",
+            "node=rke2-agent-1",
+            "--set",
+            "replacement=rke2-agent-3",
+            "--set",
+            "drain_timeout=20s",
+        ],
+        &[],
+    );
+    agent.assert_code(0);
+    assert_eq!(agent.status_of("member-remove"), "skipped");
+    assert_eq!(agent.status_of("etcd-after"), "skipped");
+    assert_eq!(agent.status_of("verify"), "succeeded");
+    let got = nodes(&lab);
+    assert!(!got.iter().any(|n| n.0 == "rke2-agent-1"), "{got:?}");
+    let new = got
+        .iter()
+        .find(|n| n.0 == "rke2-agent-3")
+        .unwrap_or_else(|| panic!("{got:?}"));
+    assert_eq!(
+        (new.1.as_str(), new.2.as_str()),
+        ("Ready", version.as_str())
+    );
+    // An agent's config is `server:` and `token:` only.
+    let cfg = lab.exec("rke2-agent-3", &["cat", "/etc/rancher/rke2/config.yaml"]);
+    let cfg = text(&cfg.stdout);
+    assert_eq!(cfg.lines().count(), 2, "{:?}", cfg.lines().next());
+    assert_eq!(etcd_members(&lab, "rke2-server-1").len(), 3);
+    assert_bundle_verifies(&agent.bundle());
 }
