@@ -562,7 +562,7 @@ fn node_replace_swaps_a_lost_server_for_a_spare_without_losing_quorum() {
     );
     assert!(cfg.contains("token:"), "no token in the config");
     // The inventory change is printed and in the bundle; the spare is among hosts_added.
-    let change = log_of(&done, "steps/inventory-change/attempt-1.log");
+    let change = log_of(&done, "steps/inventory-change/local/attempt-1.log");
     assert!(change.contains("[hosts.rke2-server-2]"), "{change}");
     assert!(change.contains("groups = [\"servers\"]"), "{change}");
     let added = done.manifest()["hosts_added"].to_string();
