@@ -30,7 +30,7 @@ HERE = os.path.dirname(os.path.realpath(__file__))
 MARKER = ".rke2-lab"
 NODE_TOOLS = ["rke2", "rke2-install", "curl", "systemctl", "dnf", "yum", "rpm", "firewall-cmd", "getenforce",
               "nmcli", "hostnamectl", "systemd-detect-virt", "timedatectl", "lsblk", "ss", "needs-restarting",
-              "iscsi-iname", "rke2-killall.sh", "rke2-uninstall.sh", "systemd-run", "reboot", "shutdown"]
+              "iscsi-iname", "rke2-killall.sh", "rke2-uninstall.sh", "systemd-run", "reboot", "shutdown", "etcdctl"]
 OS_RELEASE = """NAME="Rocky Linux"
 VERSION="9.6 (Blue Onyx)"
 ID="rocky"
@@ -762,6 +762,37 @@ def cmd_reboot_node(a):
     say(f"lab: {n['name']} rebooted")
 
 
+def cmd_add_node(a):
+    """A spare VM cloned from the template: booted, reachable over SSH, nothing of RKE2 on it,
+    in the inventory under the group `spare` (the node-replace runbook's `replacement`)."""
+    lab_dir = os.path.abspath(a.dir)
+    lab = load(lab_dir)
+    if any(n["name"] == a.node for n in lab["nodes"]):
+        raise SystemExit(f"lab: a node {a.node} exists already")
+    base, first_vmid = (11, 201) if a.role == "servers" else (21, 211)
+    taken = {n["ip"] for n in lab["nodes"]}
+    octet = next(o for o in range(base, base + 9) if f"{lab['subnet']}.{o}" not in taken)
+    vmids = {n["vmid"] for n in lab["nodes"]}
+    vmid = next(v for v in range(first_vmid, first_vmid + 9) if v not in vmids)
+    n = {"name": a.node, "ip": f"{lab['subnet']}.{octet}", "role": a.role, "vmid": vmid, "pve_node": a.host}
+    if port_open(n["ip"], lab["ssh_port"], 0.2):
+        raise SystemExit(f"lab: {n['ip']}:{lab['ssh_port']} is already taken")
+    lab["nodes"].append(n)
+    prepare_node(lab_dir, lab, n)
+    boot_node(lab_dir, lab, n, start_services=False)
+    save(lab_dir, lab)
+    ssh = os.path.join(lab_dir, "ssh")
+    hostpub = open(os.path.join(ssh, "host_ed25519.pub")).read().split()[:2]
+    host = n["ip"] if lab["ssh_port"] == 22 else f"[{n['ip']}]:{lab['ssh_port']}"
+    with open(os.path.join(ssh, "known_hosts"), "a") as f:
+        f.write(f"{host} {hostpub[0]} {hostpub[1]}\n")
+    with open(os.path.join(lab_dir, "inventory.toml"), "a") as f:
+        f.write(f"\n[hosts.{n['name']}]\naddress = \"{n['ip']}\"\n"
+                + (f"port = {lab['ssh_port']}\n" if lab["ssh_port"] != 22 else "")
+                + f"groups = [\"spare\"]\nvars = {{ vmid = {n['vmid']}, pve_node = \"{n['pve_node']}\" }}\n")
+    say(f"lab: {n['name']} up at {n['ip']} (vmid {vmid} on {a.host}), in the inventory as a spare")
+
+
 def cmd_exec(a):
     lab = load(os.path.abspath(a.dir))
     n = [m for m in lab["nodes"] if m["name"] == a.node][0]
@@ -800,6 +831,10 @@ def main():
                                      "free-disk", "break-sshd", "fix-sshd", "fail-install", "fix-install", "cert-expiry", "place"])
     f.add_argument("--host", default="pve1", help="place: the Proxmox host the VM runs on from now")
     f.add_argument("--days", type=int, default=20, help="cert-expiry: days until the certificates expire")
+    an = sub("add-node", help="a spare VM (cloned from the template, no RKE2), in the inventory's group spare")
+    an.add_argument("node")
+    an.add_argument("--role", choices=["servers", "agents"], default="servers", help="address range and vmid range")
+    an.add_argument("--host", default="pve1", help="the Proxmox host the VM runs on")
     e = sub("exec", help="run a command inside a node")
     e.add_argument("node")
     e.add_argument("command", nargs=argparse.REMAINDER)
@@ -815,7 +850,7 @@ def main():
         serve_pve(os.path.abspath(a.dir))
     else:
         {"up": cmd_up, "down": cmd_down, "status": cmd_status, "fault": cmd_fault, "exec": cmd_exec,
-         "reboot-node": cmd_reboot_node}[a.cmd](a)
+         "reboot-node": cmd_reboot_node, "add-node": cmd_add_node}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -812,6 +812,36 @@ def lsblk(args):
     return 0
 
 
+def etcdctl(args):
+    """RKE2's etcd listens on https://127.0.0.1:2379 with client certificates; the lab's member
+    listens on plain http on the node's address. Same command line, the real etcdctl underneath."""
+    info = lab_info()
+    out = []
+    skip = False
+    for i, a in enumerate(args):
+        if skip:
+            skip = False
+            continue
+        name, eq, val = a.partition("=")
+        if name in ("--cacert", "--cert", "--key", "--endpoints"):
+            if not eq:
+                val = args[i + 1] if i + 1 < len(args) else ""
+                skip = True
+            if name in ("--cert", "--key") and not os.path.exists(val):
+                raise LabError(f"Error: open {val}: no such file or directory")
+            if name == "--endpoints":
+                eps = [re.sub(r"^https://(127\.0\.0\.1|localhost):2379$", f"http://{info['ip']}:2379", e)
+                       for e in val.split(",")]
+                out.append("--endpoints=" + ",".join(eps))
+            continue
+        out.append(a)
+    real = shutil.which("etcdctl", path=os.pathsep.join(
+        p for p in os.environ.get("PATH", "/usr/bin:/bin").split(os.pathsep) if p not in ("/usr/local/bin", "")) or "/usr/bin")
+    if not real:
+        raise LabError("etcdctl: the lab needs the real etcdctl (etcd-client)")
+    os.execv(real, ["etcdctl"] + out)
+
+
 def main():
     tool = os.path.basename(sys.argv[0])
     args = sys.argv[1:]
@@ -820,6 +850,8 @@ def main():
     try:
         if tool == "systemctl":
             return systemctl(args)
+        if tool == "etcdctl":
+            return etcdctl(args)
         if tool == "rke2":
             return rke2(args)
         if tool == "rke2-install":

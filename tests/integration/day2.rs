@@ -381,3 +381,250 @@ fn hypervisor_maintenance_refuses_two_servers_on_a_host_then_empties_and_refills
     crate::common::assert_bundle_lacks(&done.bundle(), &[&token]);
     assert_bundle_verifies(&done.bundle());
 }
+
+/// `etcdctl member list` on a lab server, as (name, status) of every member; the etcdctl the
+/// node answers takes RKE2's endpoint and certificates.
+fn etcd_members(lab: &Lab, server: &str) -> Vec<(String, String)> {
+    let out = lab.exec(
+        server,
+        &[
+            "etcdctl",
+            "--endpoints=https://127.0.0.1:2379",
+            "--cert=/var/lib/rancher/rke2/server/tls/etcd/server-client.crt",
+            "--key=/var/lib/rancher/rke2/server/tls/etcd/server-client.key",
+            "--command-timeout=10s",
+            "member",
+            "list",
+        ],
+    );
+    assert!(out.status.success(), "{server}: {}", text(&out.stderr));
+    text(&out.stdout)
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split(", ").collect();
+            (
+                f.get(2).copied().unwrap_or_default().to_owned(),
+                f.get(1).copied().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Healthy endpoints of `etcdctl endpoint health --cluster` on a lab server.
+fn etcd_healthy(lab: &Lab, server: &str) -> usize {
+    let out = lab.exec(
+        server,
+        &[
+            "etcdctl",
+            "--endpoints=https://127.0.0.1:2379",
+            "--command-timeout=10s",
+            "endpoint",
+            "health",
+            "--cluster",
+        ],
+    );
+    // etcdctl 3.4 prints the verdicts on stderr, 3.5 on stdout.
+    format!("{}{}", text(&out.stdout), text(&out.stderr))
+        .lines()
+        .filter(|l| l.contains(" is healthy"))
+        .count()
+}
+
+/// A server VM lost for good is replaced by a spare: refused while a second server is down
+/// (quorum), then with it back the old Node and etcd member are gone, the spare is a Ready
+/// server and an etcd member, at least two healthy started members throughout, and the bundle
+/// holds the inventory change.
+#[test]
+fn node_replace_swaps_a_lost_server_for_a_spare_without_losing_quorum() {
+    let Some(lab) = Lab::up("127.0.194") else {
+        return;
+    };
+    let version = lab.var("RKE2_VERSION");
+    lab.run("rke2-vm-deploy.toml", &[], &[]).assert_code(0);
+    let out = lab_cmd(
+        &lab.labdir(),
+        &[
+            "add-node",
+            "rke2-server-4",
+            "--role",
+            "servers",
+            "--host",
+            "pve2",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = lab_cmd(&lab.labdir(), &["fault", "rke2-server-2", "lose"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let started = |who: &str| {
+        etcd_members(&lab, who)
+            .iter()
+            .filter(|(_, s)| s == "started")
+            .count()
+    };
+    assert_eq!(
+        started("rke2-server-1"),
+        3,
+        "the lost member is still listed"
+    );
+    assert_eq!(etcd_healthy(&lab, "rke2-server-1"), 2);
+    let args = [
+        "--set",
+        "node=rke2-server-2",
+        "--set",
+        "replacement=rke2-server-4",
+        "--set",
+        "drain_timeout=20s",
+    ];
+
+    // A second server down: without rke2-server-2 one healthy member of two is no quorum.
+    let out = lab_cmd(&lab.labdir(), &["fault", "rke2-server-3", "stop-service"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let refused = lab.run("rke2-node-replace.toml", &args, &[]);
+    refused.assert_code(1);
+    assert_eq!(refused.status_of("delete-node"), "skipped");
+    assert_eq!(refused.status_of("member-remove"), "skipped");
+    assert_eq!(refused.status_of("install"), "skipped");
+    let e = refused.stderr();
+    assert!(e.contains("no quorum to keep"), "{e}");
+    assert_eq!(refused.status_of("pick-peer"), "failed");
+
+    // rke2-server-3 back: the cluster has its quorum again, nothing was removed.
+    let out = lab.exec("rke2-server-3", &["systemctl", "start", "rke2-server"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut back = 0;
+    for _ in 0..60 {
+        back = etcd_healthy(&lab, "rke2-server-1");
+        if back == 2 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+    assert_eq!(back, 2, "rke2-server-3's member did not come back");
+    assert_eq!(
+        etcd_members(&lab, "rke2-server-1").len(),
+        3,
+        "a member went"
+    );
+    assert!(
+        nodes(&lab).iter().any(|n| n.0 == "rke2-server-2"),
+        "the node was deleted although the run was refused"
+    );
+    assert_bundle_verifies(&refused.bundle());
+
+    let done = lab.run("rke2-node-replace.toml", &args, &[]);
+    done.assert_code(0);
+    for s in [
+        "quorum",
+        "member-remove",
+        "install",
+        "ready",
+        "etcd-after",
+        "verify",
+    ] {
+        assert_eq!(done.status_of(s), "succeeded", "{s}");
+    }
+    // The quorum step saw the member list before the removal: never fewer than 2 healthy.
+    let quorum = log_of(&done, "steps/quorum/rke2-server-1/attempt-1.log");
+    assert!(quorum.contains("healthy others 2"), "{quorum}");
+    // After: three started members, all healthy, rke2-server-2's gone, rke2-server-4's there.
+    let members = etcd_members(&lab, "rke2-server-1");
+    assert_eq!(members.len(), 3, "{members:?}");
+    assert!(members.iter().all(|(_, s)| s == "started"), "{members:?}");
+    assert!(
+        !members.iter().any(|(n, _)| n.starts_with("rke2-server-2")),
+        "{members:?}"
+    );
+    assert!(
+        members.iter().any(|(n, _)| n.starts_with("rke2-server-4")),
+        "{members:?}"
+    );
+    assert_eq!(etcd_healthy(&lab, "rke2-server-1"), 3);
+    assert_eq!(etcd_healthy(&lab, "rke2-server-4"), 3);
+    let got = nodes(&lab);
+    assert!(!got.iter().any(|n| n.0 == "rke2-server-2"), "{got:?}");
+    let new = got
+        .iter()
+        .find(|n| n.0 == "rke2-server-4")
+        .unwrap_or_else(|| panic!("{got:?}"));
+    assert_eq!(
+        (new.1.as_str(), new.2.as_str()),
+        ("Ready", version.as_str())
+    );
+    // The replacement joined through the registration address with the peer's settings.
+    let cfg = lab.exec("rke2-server-4", &["cat", "/etc/rancher/rke2/config.yaml"]);
+    let cfg = text(&cfg.stdout);
+    assert!(
+        cfg.starts_with(&format!(
+            "server: \"https://{}:9345\"",
+            lab.var("RKE2_API_HOST")
+        )),
+        "{cfg}"
+    );
+    assert!(cfg.contains("token:"), "no token in the config");
+    // The inventory change is printed and in the bundle; the spare is among hosts_added.
+    let change = log_of(&done, "steps/inventory-change/local/attempt-1.log");
+    assert!(change.contains("[hosts.rke2-server-2]"), "{change}");
+    assert!(change.contains("groups = [\"servers\"]"), "{change}");
+    let added = done.manifest()["hosts_added"].to_string();
+    assert!(added.contains("rke2-server-4"), "{added}");
+    assert_bundle_verifies(&done.bundle());
+    assert!(
+        !text(
+            &std::fs::read(
+                done.bundle()
+                    .join("steps/peer-config/rke2-server-1/attempt-1.log")
+            )
+            .unwrap_or_default()
+        )
+        .contains(&lab.var("RKE2_TOKEN")),
+        "the token is in the bundle"
+    );
+
+    // The agent path: rke2-agent-1 lost, a spare agent in its place, etcd untouched.
+    let out = lab_cmd(
+        &lab.labdir(),
+        &[
+            "add-node",
+            "rke2-agent-3",
+            "--role",
+            "agents",
+            "--host",
+            "pve3",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = lab_cmd(&lab.labdir(), &["fault", "rke2-agent-1", "lose"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let agent = lab.run(
+        "rke2-node-replace.toml",
+        &[
+            "--set",
+            "node=rke2-agent-1",
+            "--set",
+            "replacement=rke2-agent-3",
+            "--set",
+            "drain_timeout=20s",
+        ],
+        &[],
+    );
+    agent.assert_code(0);
+    assert_eq!(agent.status_of("member-remove"), "skipped");
+    assert_eq!(agent.status_of("etcd-after"), "skipped");
+    assert_eq!(agent.status_of("verify"), "succeeded");
+    let got = nodes(&lab);
+    assert!(!got.iter().any(|n| n.0 == "rke2-agent-1"), "{got:?}");
+    let new = got
+        .iter()
+        .find(|n| n.0 == "rke2-agent-3")
+        .unwrap_or_else(|| panic!("{got:?}"));
+    assert_eq!(
+        (new.1.as_str(), new.2.as_str()),
+        ("Ready", version.as_str())
+    );
+    // An agent's config is `server:` and `token:` only.
+    let cfg = lab.exec("rke2-agent-3", &["cat", "/etc/rancher/rke2/config.yaml"]);
+    let cfg = text(&cfg.stdout);
+    assert_eq!(cfg.lines().count(), 2, "{:?}", cfg.lines().next());
+    assert_eq!(etcd_members(&lab, "rke2-server-1").len(), 3);
+    assert_bundle_verifies(&agent.bundle());
+}
