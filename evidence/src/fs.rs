@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
@@ -67,6 +67,24 @@ impl Write for HashingFile {
     fn flush(&mut self) -> std::io::Result<()> {
         self.file.flush()
     }
+}
+
+/// A temporary file sealing writes before renaming it into place (`manifest.tmp`,
+/// `SHA256SUMS.tmp`, …): one left behind means the runner died between the two.
+pub fn has_leftovers(bundle: &Path) -> bool {
+    !leftovers(bundle).is_empty()
+}
+
+/// The temporary files of interrupted [`write_atomic`]s in the bundle's top directory.
+pub fn leftovers(bundle: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(bundle)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "tmp"))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

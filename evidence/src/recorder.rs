@@ -915,7 +915,7 @@ impl Recorder {
         crate::crash::sealing_starts();
         // A sealing that died between writing a file and renaming it into place left the
         // temporary file: it is no part of the record.
-        for tmp in crate::resume::seal_leftovers(&self.dir) {
+        for tmp in crate::fs::leftovers(&self.dir) {
             std::fs::remove_file(&tmp).map_err(write_err(&tmp))?;
         }
         // Logs still open belong to attempts that never reported an end (a crash mid-run).

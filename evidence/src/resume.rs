@@ -146,7 +146,7 @@ impl Interrupted {
         if matches!(status, RunStatus::Running | RunStatus::Interrupted) {
             return false;
         }
-        if has_seal_leftovers(&self.bundle) {
+        if crate::fs::has_leftovers(&self.bundle) {
             return true;
         }
         let report = verify_bundle(&self.bundle, signed_by);
@@ -220,22 +220,4 @@ pub fn unfinished_processes(events: &[(u64, RunEvent)]) -> Vec<LeftoverProcess> 
         }
     }
     open.into_iter().map(|(_, _, p)| p).collect()
-}
-
-/// A temporary file sealing writes before renaming it into place (`manifest.tmp`,
-/// `SHA256SUMS.tmp`, …): one left behind means the runner died between the two.
-pub fn has_seal_leftovers(bundle: &Path) -> bool {
-    !seal_leftovers(bundle).is_empty()
-}
-
-/// The temporary files of an interrupted sealing, in the bundle's top directory.
-pub fn seal_leftovers(bundle: &Path) -> Vec<PathBuf> {
-    std::fs::read_dir(bundle)
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .map(|e| e.path())
-                .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "tmp"))
-                .collect()
-        })
-        .unwrap_or_default()
 }
