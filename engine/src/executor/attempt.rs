@@ -277,6 +277,17 @@ impl StepTask {
             script_outputs: None,
             details: serde_json::Map::new(),
         };
+        // A template that did not render: the attempt is recorded as started (with what it
+        // would have run) and failed, before anything ran.
+        let not_rendered = |shown: String, output: Map, message: &str| {
+            let event = started_event(shown, self.plan.workdir.clone(), Receipt::default());
+            let run =
+                failed_before_start(output, FailureKind::Template, self.state.redact(message));
+            async move {
+                emit(&self.events, event).await;
+                run
+            }
+        };
         let mut sink = OutputSink::new(
             self.events.clone(),
             step.id.clone(),
@@ -296,20 +307,8 @@ impl StepTask {
                 apply_effects(&self.state, &self.events, Some(step), effects).await;
                 match rendered {
                     Err(message) => {
-                        emit(
-                            &self.events,
-                            started_event(
-                                self.state.redact(plan_cmd.raw()),
-                                self.plan.workdir.clone(),
-                                Receipt::default(),
-                            ),
-                        )
-                        .await;
-                        return failed_before_start(
-                            output,
-                            FailureKind::Template,
-                            self.state.redact(&message),
-                        );
+                        return not_rendered(self.state.redact(plan_cmd.raw()), output, &message)
+                            .await;
                     }
                     Ok(r) => (None, r),
                 }
@@ -320,20 +319,12 @@ impl StepTask {
                 apply_effects(&self.state, &self.events, Some(step), effects).await;
                 match rendered {
                     Err(message) => {
-                        emit(
-                            &self.events,
-                            started_event(
-                                format!("{} (settings did not render)", kind.key()),
-                                self.plan.workdir.clone(),
-                                Receipt::default(),
-                            ),
+                        return not_rendered(
+                            format!("{} (settings did not render)", kind.key()),
+                            output,
+                            &message,
                         )
                         .await;
-                        return failed_before_start(
-                            output,
-                            FailureKind::Template,
-                            self.state.redact(&message),
-                        );
                     }
                     Ok(value) => (
                         Some(*kind),
@@ -419,20 +410,7 @@ impl StepTask {
         let become_password = match self.render_become(spec, host.filter(|_| remote)) {
             Ok(p) => p,
             Err(message) => {
-                emit(
-                    &self.events,
-                    started_event(
-                        self.state.redact(&rendered.command),
-                        self.plan.workdir.clone(),
-                        Receipt::default(),
-                    ),
-                )
-                .await;
-                return failed_before_start(
-                    output,
-                    FailureKind::Template,
-                    self.state.redact(&message),
-                );
+                return not_rendered(self.state.redact(&rendered.command), output, &message).await;
             }
         };
         // Where it ran is the attempt's target, recorded beside the command.
