@@ -41,16 +41,22 @@ done
 
 places=(disk)
 mkdir -p "$TMPFS_DIR"
-if [[ "${TMPFS:-1}" == 1 ]] && [[ "$(id -u)" == 0 ]] && mount -t tmpfs -o size=1g tmpfs "$TMPFS_DIR" 2>/dev/null; then
+if [[ "${TMPFS:-1}" == 1 ]] && [[ "$(id -u)" == 0 ]] && mount -t tmpfs -o size=2g tmpfs "$TMPFS_DIR" 2>/dev/null; then
   places+=(tmpfs)
 else
   log "no tmpfs (needs root, or TMPFS=0): measuring on disk only"
 fi
 
 # One timed run: prints "wall_seconds cpu_seconds" (cpu = user + sys of runbook and children).
+# Every run writes into a directory of its own, all removed only at exit: on ext4, creating
+# files right after deleting thousands makes the inode allocator skip each recently deleted
+# inode (`recently_deleted` in the kernel profile), a cost that would land on whichever
+# binary runs after the deletions, not on the one that causes them.
+RUN_NO=0
 one() {
-  local bin="$1" shape="$2" evid="$3"
-  rm -rf "$evid"
+  local bin="$1" shape="$2" base="$3"
+  RUN_NO=$((RUN_NO + 1))
+  local evid="$base/evidence-$RUN_NO"
   /usr/bin/time -o "$WORK/time" -f '%e %U %S' "$bin" run "$WORK/$shape/runbook.toml" \
     --parallel 2 --evidence-dir "$evid" --no-progress >/dev/null 2>&1 ||
     die "$bin failed on the $shape DAG"
@@ -67,16 +73,18 @@ for place in "${places[@]}"; do
   base="$WORK"
   [[ "$place" == tmpfs ]] && base="$TMPFS_DIR"
   for shape in wide chain; do
+    one "$BEFORE" "$shape" "$base" >/dev/null # warm-ups, untimed
+    one "$AFTER" "$shape" "$base" >/dev/null
+    : >"$WORK/samples.before"
+    : >"$WORK/samples.after"
+    # Interleaved, so drift in the machine's load or the disk's state hits both alike.
+    for ((r = 0; r < RUNS; r++)); do
+      one "$BEFORE" "$shape" "$base" >>"$WORK/samples.before"
+      one "$AFTER" "$shape" "$base" >>"$WORK/samples.after"
+    done
     for which in before after; do
-      bin="$BEFORE"
-      [[ "$which" == after ]] && bin="$AFTER"
-      one "$bin" "$shape" "$base/warm" >/dev/null # warm-up, untimed
-      : >"$WORK/samples"
-      for ((r = 0; r < RUNS; r++)); do
-        one "$bin" "$shape" "$base/evidence" >>"$WORK/samples"
-      done
-      wall[$place.$shape.$which]="$(awk '{ print $1 }' "$WORK/samples" | median)"
-      cpu[$place.$shape.$which]="$(awk '{ print $2 }' "$WORK/samples" | median)"
+      wall[$place.$shape.$which]="$(awk '{ print $1 }' "$WORK/samples.$which" | median)"
+      cpu[$place.$shape.$which]="$(awk '{ print $2 }' "$WORK/samples.$which" | median)"
     done
   done
 done
