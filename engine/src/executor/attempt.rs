@@ -252,13 +252,8 @@ impl StepTask {
         let step = self.step();
         let mut output = Map::new();
         output.insert("attempt".into(), Dynamic::from_int(i64::from(attempt)));
-        let compact = matches!(
-            spec.action,
-            Action::Request {
-                kind: RequestKind::Http | RequestKind::Tcp,
-                ..
-            }
-        ) && !self.plan.dry_run;
+        let compact = matches!(spec.action, Action::Request { kind, .. } if kind.is_probe())
+            && !self.plan.dry_run;
         let started_event = |command: String, cwd: PathBuf, receipt| RunEvent::AttemptStarted {
             at: Utc::now(),
             receipt,

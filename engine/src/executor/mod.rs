@@ -31,9 +31,7 @@ use crate::inventory::Host;
 use crate::model::Selector;
 use crate::plan::{Plan, RunInfo};
 use crate::run_state::RunState;
-use crate::runbook::{
-    Action, Budget, Capture, Gate, RequestKind, SpannedExpr, Spec, StepSpec, StrategyKind,
-};
+use crate::runbook::{Action, Budget, Capture, Gate, SpannedExpr, Spec, StepSpec, StrategyKind};
 use crate::runner::{
     Approval, Approver, AttemptContext, BecomePassword, NoApprover, OutputSink, StepRunner,
 };

@@ -12,7 +12,7 @@ use crate::request_check::{boolean, table_of_strings, timeout, url};
 
 pub const SPEC: StepKindSpec = StepKindSpec {
     key: "http",
-    description: "sends an HTTP(S) request and checks its status",
+    probe: true,
     example: "http = { url = \"…\" }",
     keys: &[
         "method",
@@ -69,6 +69,12 @@ fn combination(present: &[&str]) -> Result<(), Conflict> {
         return Err(Conflict {
             message: format!("`http` has both `{}` and `{}`", bodies[0], bodies[1]),
             label: "a request has one body",
+        });
+    }
+    if present.contains(&"basic") && present.contains(&"bearer") {
+        return Err(Conflict {
+            message: "`http` has both `basic` and `bearer`".into(),
+            label: "a request authenticates one way",
         });
     }
     Ok(())

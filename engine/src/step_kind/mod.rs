@@ -1,8 +1,8 @@
-//! One descriptor per step kind: the key that introduces it, the keys its table takes and which
-//! are required, how a literal value is checked, its help text and its compact form. The
-//! analyzer's step-key tables, `runbook check`'s "add one of …" help and the one-line
-//! description of an attempt are derived from these, so a new kind is one module here, one
-//! runner module in the steps crate, and their tests.
+//! One descriptor per step kind: the key that introduces it, whether it is a probe, the keys
+//! its table takes and which are required, how a literal value is checked, its help text and
+//! its compact form. The analyzer's step-key tables, `runbook check`'s "add one of …" help, the
+//! one-line description of an attempt and whether earlier attempts' logs are compacted are
+//! derived from these (docs/architecture.md, "Adding a step kind", lists what else a kind needs).
 //!
 //! [`RequestKind::spec`] matches every kind: a kind without a descriptor does not compile.
 
@@ -30,8 +30,9 @@ pub struct Conflict {
 pub struct StepKindSpec {
     /// The step key that introduces it (`tcp = { … }`).
     pub key: &'static str,
-    /// What it does, in a few words.
-    pub description: &'static str,
+    /// A probe: asks a service whether it is ready, typically many times under `until`/`retry`.
+    /// Only its last attempts keep their logs; earlier ones are compacted into the journal.
+    pub probe: bool,
     /// The shortest useful form, as `runbook check` suggests it.
     pub example: &'static str,
     /// The keys its settings table takes (none for kinds written as one string).
@@ -71,6 +72,11 @@ impl RequestKind {
     /// Keys that must be present.
     pub fn required(self) -> &'static [&'static str] {
         self.spec().required
+    }
+
+    /// Whether attempts of this kind are probes (see [`StepKindSpec::probe`]).
+    pub fn is_probe(self) -> bool {
+        self.spec().probe
     }
 
     /// One line for the journal and console: what an attempt with `settings` does.

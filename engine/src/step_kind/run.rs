@@ -5,7 +5,7 @@ use super::{any_combination, any_value, StepKindSpec};
 
 pub const SPEC: StepKindSpec = StepKindSpec {
     key: "run",
-    description: "runs a shell command, locally or on each host `on` selects",
+    probe: false,
     example: "run = \"<shell command>\"",
     keys: &[],
     required: &[],

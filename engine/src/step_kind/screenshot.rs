@@ -7,7 +7,7 @@ use crate::request_check::{boolean, table_of_strings, timeout, url};
 
 pub const SPEC: StepKindSpec = StepKindSpec {
     key: "screenshot",
-    description: "takes a PNG of a web page with headless Chromium",
+    probe: false,
     example: "screenshot = { url = \"…\" }",
     keys: &[
         "url",

@@ -4,7 +4,7 @@ use super::{any_combination, any_value, StepKindSpec};
 
 pub const SPEC: StepKindSpec = StepKindSpec {
     key: "script",
-    description: "runs a Rhai script in the engine",
+    probe: false,
     example: "script = \"<Rhai>\"",
     keys: &[],
     required: &[],

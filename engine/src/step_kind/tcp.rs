@@ -7,7 +7,7 @@ use crate::request_check::{non_empty, port, timeout};
 
 pub const SPEC: StepKindSpec = StepKindSpec {
     key: "tcp",
-    description: "opens a TCP connection to a host and port",
+    probe: true,
     example: "tcp = { host = \"…\", port = 22 }",
     keys: &["host", "port", "timeout"],
     required: &["host", "port"],

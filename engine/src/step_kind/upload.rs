@@ -7,7 +7,7 @@ use crate::request_check::{mode, non_empty};
 
 pub const SPEC: StepKindSpec = StepKindSpec {
     key: "upload",
-    description: "puts a file, or rendered text, on each host",
+    probe: false,
     example: "upload = { dest = \"…\", content = \"…\" }",
     keys: &["src", "content", "dest", "mode"],
     required: &["dest"],
