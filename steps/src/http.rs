@@ -476,13 +476,7 @@ fn prepare(req: &HttpRequest) -> Result<Prepared, ProbeError> {
     let method_text = req.method.as_deref().unwrap_or("GET").to_ascii_uppercase();
     let method = reqwest::Method::from_bytes(method_text.as_bytes())
         .map_err(|_| config(format!("`method` `{method_text}` is not an HTTP method")))?;
-    let bodies = [req.body.is_some(), req.json.is_some(), req.form.is_some()];
-    if bodies.iter().filter(|b| **b).count() > 1 {
-        return Err(config("give at most one of `body`, `json` and `form`"));
-    }
-    if req.basic.is_some() && req.bearer.is_some() {
-        return Err(config("give at most one of `basic` and `bearer`"));
-    }
+    // One body and one of basic/bearer: the descriptor's `combination`, checked before the run.
     if (req.basic.is_some() || req.bearer.is_some())
         && req
             .headers
@@ -678,19 +672,24 @@ async fn run(
     cancel: &CancellationToken,
 ) -> Result<HttpResponse, ProbeError> {
     let p = prepare(req)?;
-    if let Some(pw) = &p.url_password {
-        redactor.add(pw);
-    }
     // Credentials as sent (`Basic <base64>` says the password to anyone who decodes it): a
     // server echoing them back must not put them in the evidence either.
-    for (name, value) in p.request.headers() {
-        if redact::is_credential_header(name.as_str()) {
-            let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
-            if let Some((_, credential)) = value.split_once(' ') {
-                redactor.add(credential.trim());
-            }
-            redactor.add(&value);
-        }
+    let sent: Vec<(String, String)> = p
+        .request
+        .headers()
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    for secret in redact::request_credentials(
+        p.url_password.as_deref(),
+        sent.iter().map(|(n, v)| (n.as_str(), v.as_str())),
+    ) {
+        redactor.add(&secret);
     }
     let mut transcript = String::new();
     if p.insecure {

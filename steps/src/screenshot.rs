@@ -274,79 +274,33 @@ pub fn redact(s: &str, secrets: &[String]) -> String {
 /// Base64 SHA-256 of the SubjectPublicKeyInfo of every certificate in a PEM file, the form
 /// Chromium's `--ignore-certificate-errors-spki-list` takes.
 pub fn spki_hashes(pem: &str) -> Result<Vec<String>, String> {
+    use x509_cert::der::{DecodePem as _, Encode as _};
+    const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
+    const END: &str = "-----END CERTIFICATE-----";
     let b64 = base64::engine::general_purpose::STANDARD;
     let mut hashes = Vec::new();
+    // Block by block, so that text between certificates (the `# name` lines of EL's
+    // ca-bundle.crt, openssl's `subject=`) is allowed, as Chromium and curl allow it.
     let mut rest = pem;
-    while let Some(start) = rest.find("-----BEGIN CERTIFICATE-----") {
-        let body_start = start + "-----BEGIN CERTIFICATE-----".len();
-        let Some(len) = rest[body_start..].find("-----END CERTIFICATE-----") else {
+    while let Some(start) = rest.find(BEGIN) {
+        let Some(len) = rest[start..].find(END) else {
             return Err("a certificate has no END line".into());
         };
-        let body: String = rest[body_start..body_start + len]
-            .chars()
-            .filter(|c| !c.is_whitespace())
-            .collect();
-        let der = b64
-            .decode(body)
-            .map_err(|e| format!("bad base64 in a certificate: {e}"))?;
-        let spki = certificate_spki(&der).ok_or("a certificate is not valid DER X.509")?;
+        let block = &rest[start..start + len + END.len()];
+        let cert = x509_cert::Certificate::from_pem(block)
+            .map_err(|e| format!("a certificate is not valid X.509: {e}"))?;
+        let spki = cert
+            .tbs_certificate
+            .subject_public_key_info
+            .to_der()
+            .map_err(|e| format!("a certificate's public key does not encode: {e}"))?;
         hashes.push(b64.encode(Sha256::digest(spki)));
-        rest = &rest[body_start + len..];
+        rest = &rest[start + len + END.len()..];
     }
     if hashes.is_empty() {
         return Err("no `BEGIN CERTIFICATE` block".into());
     }
     Ok(hashes)
-}
-
-/// One DER element at the start of `data`: (tag, whole element, contents, rest).
-type DerElement<'a> = (u8, &'a [u8], &'a [u8], &'a [u8]);
-
-fn der_element(data: &[u8]) -> Option<DerElement<'_>> {
-    let tag = *data.first()?;
-    let first = *data.get(1)?;
-    let (len, header) = if first < 0x80 {
-        (usize::from(first), 2)
-    } else {
-        let n = usize::from(first & 0x7f);
-        if n == 0 || n > 4 {
-            return None;
-        }
-        let mut len = 0usize;
-        for i in 0..n {
-            len = (len << 8) | usize::from(*data.get(2 + i)?);
-        }
-        (len, 2 + n)
-    };
-    let end = header.checked_add(len)?;
-    if end > data.len() {
-        return None;
-    }
-    Some((tag, &data[..end], &data[header..end], &data[end..]))
-}
-
-/// The SubjectPublicKeyInfo element of an X.509 certificate: the seventh field of
-/// tbsCertificate, counting the optional `[0]` version.
-fn certificate_spki(der: &[u8]) -> Option<&[u8]> {
-    let (0x30, _, cert, _) = der_element(der)? else {
-        return None;
-    };
-    let (0x30, _, tbs, _) = der_element(cert)? else {
-        return None;
-    };
-    let mut rest = tbs;
-    let (tag, _, _, after) = der_element(rest)?;
-    if tag == 0xa0 {
-        rest = after;
-    }
-    // serialNumber, signature, issuer, validity, subject
-    for _ in 0..5 {
-        rest = der_element(rest)?.3;
-    }
-    let (0x30, spki, _, _) = der_element(rest)? else {
-        return None;
-    };
-    Some(spki)
 }
 
 /// Width and height from a PNG's IHDR chunk.
@@ -392,12 +346,17 @@ struct Checked {
 
 fn check(req: &ScreenshotRequest, secrets: &[String]) -> Result<Checked, ScreenshotError> {
     let mut all_secrets: Vec<String> = secrets.iter().filter(|s| !s.is_empty()).cloned().collect();
-    all_secrets.extend(
-        req.headers
-            .iter()
-            .filter(|(k, v)| runbook_engine::redact::is_credential_header(k) && !v.is_empty())
-            .map(|(_, v)| v.clone()),
-    );
+    let url_password = url::Url::parse(&req.url)
+        .ok()
+        .and_then(|u| u.password().map(str::to_owned));
+    for secret in runbook_engine::redact::request_credentials(
+        url_password.as_deref(),
+        req.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+    ) {
+        if !all_secrets.contains(&secret) {
+            all_secrets.push(secret);
+        }
+    }
     let parsed = url::Url::parse(&req.url).map_err(|e| {
         ScreenshotError::Invalid(format!(
             "`url` `{}` is not a URL: {e}",
@@ -1286,21 +1245,59 @@ mod tests {
         assert_eq!(png_dimensions(b"GIF89a"), None);
     }
 
+    /// The hash Chromium expects, as its documentation computes it with openssl, for a
+    /// two-certificate PEM file.
     #[test]
-    fn spki_of_a_hand_built_certificate() {
-        // SEQ { SEQ(tbs) { [0]{INT 2}, INT 1, SEQ{}, SEQ{}, SEQ{}, SEQ{}, SEQ{05 00} } }
-        let spki = [0x30, 0x02, 0x05, 0x00];
-        let mut tbs = vec![0xa0, 0x03, 0x02, 0x01, 0x02, 0x02, 0x01, 0x01];
-        for _ in 0..4 {
-            tbs.extend_from_slice(&[0x30, 0x00]);
+    fn spki_hashes_match_openssl_for_every_certificate_of_a_file() {
+        use std::process::Command;
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut pem = String::new();
+        let mut want = Vec::new();
+        for name in ["a", "b"] {
+            let (key, crt) = (
+                dir.path().join(format!("{name}.key")),
+                dir.path().join(format!("{name}.crt")),
+            );
+            let made = Command::new("openssl")
+                .args([
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:P-256",
+                    "-nodes",
+                    "-days",
+                    "1",
+                    "-subj",
+                ])
+                .arg(format!("/CN={name}"))
+                .arg("-keyout")
+                .arg(&key)
+                .arg("-out")
+                .arg(&crt)
+                .output()
+                .expect("openssl");
+            assert!(
+                made.status.success(),
+                "{}",
+                String::from_utf8_lossy(&made.stderr)
+            );
+            let hash = Command::new("sh")
+                .arg("-c")
+                .arg("openssl x509 -in \"$1\" -pubkey -noout | openssl pkey -pubin -outform der | openssl dgst -sha256 -binary | base64")
+                .arg("sh")
+                .arg(&crt)
+                .output()
+                .expect("openssl pipeline");
+            want.push(String::from_utf8_lossy(&hash.stdout).trim().to_owned());
+            pem.push_str(&format!(
+                "# {name}, as EL's ca-bundle.crt names its entries\n"
+            ));
+            pem.push_str(&std::fs::read_to_string(&crt).expect("crt"));
         }
-        tbs.extend_from_slice(&spki);
-        let mut tbs_el = vec![0x30, u8::try_from(tbs.len()).unwrap_or(0)];
-        tbs_el.extend_from_slice(&tbs);
-        let mut cert = vec![0x30, u8::try_from(tbs_el.len()).unwrap_or(0)];
-        cert.extend_from_slice(&tbs_el);
-        assert_eq!(certificate_spki(&cert), Some(&spki[..]));
-        assert_eq!(certificate_spki(&cert[..10]), None);
+        assert_eq!(spki_hashes(&pem), Ok(want));
+        assert!(spki_hashes("no certificate here").is_err());
     }
 
     #[test]

@@ -37,6 +37,35 @@ pub fn is_credential_header(name: &str) -> bool {
             .any(|w| n.contains(w)))
 }
 
+/// The credentials a request carries that a step must keep out of its own transcript (and out
+/// of what a server echoes back): each credential header's whole value and, for
+/// `Scheme credential` values (`Bearer …`, `Basic <base64>`), the credential alone; and the
+/// password of the URL. One rule for every step that sends requests (http, screenshot).
+pub fn request_credentials<'a>(
+    url_password: Option<&str>,
+    headers: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut add = |v: &str| {
+        let v = v.trim();
+        if !v.is_empty() && !out.iter().any(|s| s == v) {
+            out.push(v.to_owned());
+        }
+    };
+    if let Some(pw) = url_password {
+        add(pw);
+    }
+    for (name, value) in headers {
+        if is_credential_header(name) {
+            if let Some((_, credential)) = value.split_once(' ') {
+                add(credential);
+            }
+            add(value);
+        }
+    }
+    out
+}
+
 /// The engine's view of the run's secrets, for text it produces itself (commands, messages,
 /// failure reasons): every searched form of each value is replaced by its placeholder. Shapes
 /// are left to the evidence writer and the console, which see this text again.
@@ -143,5 +172,19 @@ mod tests {
             r.redact_str("Authorization: Bearer abcdefgh1234"),
             "Authorization: Bearer abcdefgh1234"
         );
+    }
+
+    #[test]
+    fn request_credentials_take_whole_values_the_credential_alone_and_the_url_password() {
+        let got = request_credentials(
+            Some("url-pw"),
+            [
+                ("Authorization", "Bearer tok-123"),
+                ("X-Api-Key", "k-456"),
+                ("Accept", "text/html"),
+                ("Cookie", ""),
+            ],
+        );
+        assert_eq!(got, ["url-pw", "tok-123", "Bearer tok-123", "k-456"]);
     }
 }
