@@ -129,7 +129,7 @@ impl BoundParams {
                             from,
                             expected,
                             got: if spec.secret {
-                                format!("[REDACTED:{}]", spec.name)
+                                crate::redact::placeholder(&spec.name)
                             } else {
                                 format!("`{raw}`")
                             },
@@ -174,7 +174,7 @@ impl BoundParams {
                 .iter()
                 .map(|p| {
                     let v = if redact && p.secret {
-                        serde_json::Value::String(format!("[REDACTED:{}]", p.name))
+                        serde_json::Value::String(crate::redact::placeholder(&p.name))
                     } else {
                         p.value.clone()
                     };

@@ -311,7 +311,7 @@ impl Plan {
             let _ = writeln!(out, "params:");
             for p in &self.params.0 {
                 let v = if p.secret {
-                    format!("[REDACTED:{}]", p.name)
+                    crate::redact::placeholder(&p.name)
                 } else {
                     p.value.to_string()
                 };
