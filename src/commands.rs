@@ -540,12 +540,12 @@ fn verify_chain(dir: &Path, trust: &Trust, args: &VerifyArgs) -> i32 {
         let mut report = chain::walk(rb_dir, &trust.options());
         if let Some(schedule) = &args.schedule {
             let since = report.entries.iter().filter_map(|e| e.started_at).min();
-            match schedule_expectations(schedule, rb_dir, since) {
-                Ok((slots, last_bundles)) => {
-                    for at in chain::missed_slots(&report, &slots) {
+            match crate::schedule::expected::expected(schedule, rb_dir, since) {
+                Ok(expected) => {
+                    for at in chain::missed_slots(&report, &expected.slots) {
                         report.problems.push(chain::ChainProblem::MissedSlot { at });
                     }
-                    for b in last_bundles {
+                    for b in expected.last_bundles_missing {
                         report
                             .problems
                             .push(chain::ChainProblem::LastRunMissing { bundle: b });
@@ -616,73 +616,6 @@ fn verify_chain(dir: &Path, trust: &Trust, args: &VerifyArgs) -> i32 {
     }
 }
 
-/// From a schedule file: the fire times (with the window until the next) of the entries that
-/// run the runbook whose bundles are in `rb_dir`, from the first bundle (`since`) up to now
-/// (at most 10 000), and the bundles its state file names as their last runs that are not there.
-#[allow(clippy::type_complexity)]
-fn schedule_expectations(
-    schedule: &Path,
-    rb_dir: &Path,
-    since: Option<chrono::DateTime<chrono::Utc>>,
-) -> Result<
-    (
-        Vec<(chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)>,
-        Vec<String>,
-    ),
-    String,
-> {
-    let file = crate::schedule::file::load(schedule).map_err(|d| {
-        print_diagnostics(&d);
-        format!("schedule file `{}` has errors", schedule.display())
-    })?;
-    let state = crate::schedule::state::State::load(&file.state_file).map_err(|e| e.to_string())?;
-    let name = rb_dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let here = rb_dir.parent().map(canonical).unwrap_or_default();
-    let now = chrono::Utc::now();
-    let mut slots = Vec::new();
-    let mut last = Vec::new();
-    for entry in &file.entries {
-        let runbook_name = std::fs::read_to_string(&entry.runbook)
-            .ok()
-            .and_then(|t| toml::from_str::<toml::Value>(&t).ok())
-            .and_then(|v| v.get("runbook")?.get("name")?.as_str().map(str::to_owned));
-        if runbook_name.as_deref() != Some(name.as_str()) || canonical(&entry.evidence_dir) != here
-        {
-            continue;
-        }
-        // A drill starts within its jitter after its fire time; the next fire time ends its
-        // window. Fire times not yet due (plus jitter) are not counted.
-        let jitter = chrono::Duration::from_std(entry.jitter).unwrap_or_default();
-        let Some(mut t) = since.map(|s| s - chrono::Duration::minutes(1)) else {
-            continue;
-        };
-        while let Some(at) = entry.cron.next_after(t) {
-            if at + jitter + chrono::Duration::minutes(1) > now || slots.len() >= 10_000 {
-                break;
-            }
-            let end = entry.cron.next_after(at).unwrap_or(now);
-            slots.push((at, end));
-            t = at;
-        }
-        if let Some(b) = state
-            .entries
-            .get(&entry.name)
-            .and_then(|s| s.last_outcome.as_ref())
-            .and_then(|o| o.bundle.clone())
-        {
-            // Written as the scheduler saw it: absolute, or relative to where it ran.
-            let p = Path::new(&b);
-            if !p.exists() && !file.dir.join(p).exists() {
-                last.push(b);
-            }
-        }
-    }
-    Ok((slots, last))
-}
-
 /// The secrets a run holds in memory only: the key that signs its bundle and the
 /// passphrases of its hosts' encrypted SSH keys.
 struct Keys {
@@ -747,28 +680,23 @@ fn launch(
     })
 }
 
-/// Takes the run lock; also returns the details of the stale holder it took over, if any.
+/// Takes the run lock (see [`RunLock::take`]) and says what it took over; also returns the
+/// stale holder it replaced, if any.
 fn take_lock(dir: &Path, me: &Holder, break_lock: bool) -> Result<(RunLock, Option<Holder>), i32> {
-    let result = match RunLock::acquire(dir, me, break_lock) {
-        // The holder died on this machine and left nothing to resume: no `--break-lock` needed.
-        Err(crate::lock::LockError::Stale(h))
-            if h.provably_dead() && nothing_to_resume(Path::new(&h.bundle)) =>
-        {
-            eprintln!(
-                "note: the previous run's process is gone (pid {} on this host) and its bundle \
-                 has nothing left to resume: taking over its lock",
-                h.pid
-            );
-            RunLock::acquire(dir, me, true)
-        }
-        other => other,
-    };
-    match result {
-        Ok((lock, stale)) => {
-            if let Some(h) = &stale {
-                eprintln!("note: took over the lock of a run that did not finish: {h}");
+    match RunLock::take(dir, me, break_lock) {
+        Ok(taken) => {
+            match (&taken.stale, taken.automatic) {
+                (Some(h), true) => eprintln!(
+                    "note: the previous run's process is gone (pid {} on this host) and its \
+                     bundle has nothing left to resume: taking over its lock",
+                    h.pid
+                ),
+                (Some(h), false) => {
+                    eprintln!("note: took over the lock of a run that did not finish: {h}");
+                }
+                (None, _) => {}
             }
-            Ok((lock, stale))
+            Ok((taken.lock, taken.stale))
         }
         Err(e) => {
             render::error(&e.to_string());
@@ -777,45 +705,13 @@ fn take_lock(dir: &Path, me: &Holder, break_lock: bool) -> Result<(RunLock, Opti
     }
 }
 
-/// After taking over the lock of another run (`stale`, not `mine`) whose runner is dead: its
-/// runner is gone, but the processes its steps started may not be. They are stopped before
-/// anything new runs beside them (with `--break-lock` too); returns what to note.
+/// [`crate::lock::stop_stale_run`], each note also on the console.
 fn stop_stale_run(stale: Option<&Holder>, mine: &str) -> Vec<String> {
-    let Some(h) = stale.filter(|h| h.run_id != mine && h.provably_dead()) else {
-        return Vec::new();
-    };
-    runbook_steps::stop_run_processes(&h.run_id, std::time::Duration::from_secs(5))
-        .into_iter()
-        .map(|g| {
-            let msg = format!(
-                "stopped process group {g}, left running by run {}",
-                h.run_id
-            );
-            eprintln!("note: {msg}");
-            msg
-        })
-        .collect()
-}
-
-/// Whether a dead run's bundle leaves nothing for `resume` to do: it is gone, its journal
-/// records no attempt, or its last start or resume ended with `run_finished` (perhaps unsealed:
-/// `runbook resume` seals it).
-fn nothing_to_resume(bundle: &Path) -> bool {
-    let Ok(text) = std::fs::read_to_string(bundle.join("journal.jsonl")) else {
-        return true;
-    };
-    let (mut attempted, mut finished) = (false, false);
-    for line in text.lines() {
-        if line.contains("\"event\":\"run_started\"") || line.contains("\"event\":\"run_resumed\"")
-        {
-            finished = false;
-        } else if line.contains("\"event\":\"attempt_started\"") {
-            attempted = true;
-        } else if line.contains("\"event\":\"run_finished\"") {
-            finished = true;
-        }
+    let notes = crate::lock::stop_stale_run(stale, mine);
+    for n in &notes {
+        eprintln!("note: {n}");
     }
-    finished || !attempted
+    notes
 }
 
 fn run(args: &RunArgs) -> i32 {

@@ -6,7 +6,9 @@
 //! The OS releases the lock when its holder dies, however it dies; the details stay in the
 //! file. A free lock with details in it therefore means the previous run died without finishing
 //! (maybe half way through a rolling upgrade): that is reported, and the lock is taken over only
-//! with `--break-lock`, or by `runbook resume` of that very run.
+//! with `--break-lock`, by `runbook resume` of that very run, or when its holder is provably
+//! dead on this machine and its bundle has nothing left to resume ([`RunLock::take`]). After a
+//! takeover, [`stop_stale_run`] stops what the dead run's steps left running.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -262,4 +264,56 @@ fn write_holder(dir: &Path, holder: Option<&Holder>) -> std::io::Result<()> {
         },
     }
     File::open(dir)?.sync_all()
+}
+
+/// A lock taken by [`RunLock::take`].
+pub struct Taken {
+    pub lock: RunLock,
+    /// The holder of a lock left behind that this one replaced.
+    pub stale: Option<Holder>,
+    /// Taken over without `--break-lock`: the holder was provably dead with nothing to resume.
+    pub automatic: bool,
+}
+
+impl RunLock {
+    /// [`RunLock::acquire`] with the takeover policy: a holder that died on this machine and
+    /// whose bundle leaves nothing to resume needs no `--break-lock`.
+    pub fn take(dir: &Path, me: &Holder, break_lock: bool) -> Result<Taken, LockError> {
+        match Self::acquire(dir, me, break_lock) {
+            Err(LockError::Stale(h))
+                if h.provably_dead()
+                    && runbook_evidence::resume::nothing_to_resume(Path::new(&h.bundle)) =>
+            {
+                let (lock, stale) = Self::acquire(dir, me, true)?;
+                Ok(Taken {
+                    lock,
+                    stale,
+                    automatic: true,
+                })
+            }
+            other => other.map(|(lock, stale)| Taken {
+                lock,
+                stale,
+                automatic: false,
+            }),
+        }
+    }
+}
+
+/// After taking over the lock of another run (`stale`, not `mine`) whose runner is dead: its
+/// runner is gone, but the processes its steps started may not be. They are stopped before
+/// anything new runs beside them (with `--break-lock` too); returns one note per group stopped.
+pub fn stop_stale_run(stale: Option<&Holder>, mine: &str) -> Vec<String> {
+    let Some(h) = stale.filter(|h| h.run_id != mine && h.provably_dead()) else {
+        return Vec::new();
+    };
+    runbook_steps::stop_run_processes(&h.run_id, std::time::Duration::from_secs(5))
+        .into_iter()
+        .map(|g| {
+            format!(
+                "stopped process group {g}, left running by run {}",
+                h.run_id
+            )
+        })
+        .collect()
 }

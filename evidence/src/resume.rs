@@ -1,6 +1,7 @@
 //! What `runbook resume` reads from an interrupted bundle before it continues it: the manifest,
 //! the runbook the run started with (and whether it changed since), the params it was given,
-//! whether it died while sealing, and the processes its attempts left running. Reading only:
+//! whether it died while sealing, and the processes its attempts left running; and whether a
+//! dead run's bundle leaves anything to resume at all (the lock's takeover policy). Reading only:
 //! the CLI decides, takes the lock and reopens the recorder.
 
 use std::path::{Path, PathBuf};
@@ -220,4 +221,23 @@ pub fn unfinished_processes(events: &[(u64, RunEvent)]) -> Vec<LeftoverProcess> 
         }
     }
     open.into_iter().map(|(_, _, p)| p).collect()
+}
+
+/// Whether a dead run's bundle leaves nothing for `resume` to do: it is gone, its journal
+/// records no attempt, or its last start or resume ended with `run_finished` (perhaps unsealed:
+/// `runbook resume` seals it). The lock's takeover policy asks this of a dead holder's bundle.
+pub fn nothing_to_resume(bundle: &Path) -> bool {
+    let Ok(journal) = crate::journal::read(&bundle.join("journal.jsonl")) else {
+        return true;
+    };
+    let (mut attempted, mut finished) = (false, false);
+    for (_, event) in &journal.events {
+        match event {
+            RunEvent::RunStarted { .. } | RunEvent::RunResumed { .. } => finished = false,
+            RunEvent::AttemptStarted { .. } => attempted = true,
+            RunEvent::RunFinished { .. } => finished = true,
+            _ => {}
+        }
+    }
+    finished || !attempted
 }

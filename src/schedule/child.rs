@@ -18,18 +18,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::file::Entry;
 use super::state::Outcome;
+use crate::exit as code;
 use crate::notify::NotifyPayload;
-
-/// Exit codes of `runbook run` (docs/cli.md).
-pub mod code {
-    pub const OK: i32 = 0;
-    pub const RUN_FAILED: i32 = 1;
-    pub const USAGE: i32 = 2;
-    pub const AWAITING_APPROVAL: i32 = 4;
-    /// Every step succeeded but the drill missed its RTO or RPO target.
-    pub const DRILL_FAILED: i32 = 5;
-    pub const INTERRUPTED: i32 = 130;
-}
 
 /// Every value of the `status` of an [`Outcome`] (the states of `runbook_run_last_status`).
 pub const STATES: [&str; 7] = [

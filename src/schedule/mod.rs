@@ -1,10 +1,12 @@
 //! `runbook schedule`: drills (or any runbook) on cron schedules. Owns the schedule file
 //! ([`file`]), cron handling ([`cron`]), the long-running scheduler ([`scheduler`]) and the
-//! children it starts ([`child`]), its state file ([`state`]) and metrics ([`metrics`]), and
+//! children it starts ([`child`]), its state file ([`state`]) and metrics ([`metrics`]), what a
+//! schedule expected of an evidence directory ([`expected`], for `verify --chain`), and
 //! the export to systemd timers and Kubernetes CronJobs ([`export`]).
 
 pub mod child;
 pub mod cron;
+pub mod expected;
 pub mod export;
 pub mod file;
 pub mod metrics;
