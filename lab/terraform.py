@@ -1125,7 +1125,7 @@ def plan(ctx, cli_vars, replace, targets, refresh=True):
             "dir": ctx.dir}
 
 
-def show_plan(p, out=sys.stdout):
+def show_plan(p, out=sys.stdout, warn=True):
     w = out.write
     if p["gone"]:
         w("\nNote: Objects have changed outside of Terraform\n\nTerraform detected the following changes made "
@@ -1166,7 +1166,7 @@ def show_plan(p, out=sys.stdout):
     chg = sum(x["action"] == "update" for x in p["actions"])
     dele = sum(x["action"] in ("delete", "replace") for x in p["actions"])
     w(f"Plan: {add} to add, {chg} to change, {dele} to destroy.\n")
-    if p["targets"]:
+    if p["targets"] and warn:
         diag("Warning", "Resource targeting is in effect", "You are creating a plan with the -target option, which "
              "means that the result of this plan may not represent all of the changes requested by the current "
              "configuration.")
@@ -1403,7 +1403,7 @@ def main(argv):
                                   "actions": {"replace": ["delete", "create"]}.get(x["action"], [x["action"]]),
                                   "before": x["before"], "after": x["after"]}} for x in p["actions"]]}))
         else:
-            show_plan(p)
+            show_plan(p, warn=False)
         return 0
     if cmd == "apply":
         if rest:
