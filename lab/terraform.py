@@ -1078,8 +1078,13 @@ def plan(ctx, cli_vars, replace, targets, refresh=True):
     have = instances(st)
     pve = ctx.provider(mod, values)
     gone = []
+
+    def targeted(a):
+        return not targets or any(a == t or a.startswith(t + "[") or a.startswith(t + ".") for t in targets)
+
     if refresh:
-        for a, inst in list(have.items()):
+        # As Terraform: with -target only the targeted objects are read back.
+        for a, inst in [(a, i) for a, i in have.items() if targeted(a)]:
             now = read_vm(pve, inst["attributes"])
             if now is None:
                 gone.append(a)
@@ -1093,9 +1098,6 @@ def plan(ctx, cli_vars, replace, targets, refresh=True):
     for r in bad:
         diag("Warning", "Replace target not found", f"The -replace option refers to {r}, which does not exist in the "
              "configuration or the state.")
-
-    def targeted(a):
-        return not targets or any(a == t or a.startswith(t + "[") or a.startswith(t + ".") for t in targets)
 
     actions = []
     for a in sorted(set(want) | set(have)):
