@@ -473,10 +473,7 @@ class Pve:
 
     def start(self, vmid):
         lab = load(self.lab_dir)
-        n = self.vm(lab, vmid)
-        if n.get("state") == "running":
-            raise RuntimeError(f"VM {vmid} already running")
-        vm_start(self.lab_dir, lab, n)
+        vm_start(self.lab_dir, lab, self.vm(lab, vmid))
         save(self.lab_dir, lab)
 
     def stop(self, vmid):
