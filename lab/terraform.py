@@ -1076,6 +1076,10 @@ def plan(ctx, cli_vars, replace, targets, refresh=True):
     mod, values = ctx.config(cli_vars)
     st = load_state(ctx.dir)
     have = instances(st)
+    # Module inputs and their validations come before the provider is configured, as in Terraform.
+    pre = Evaluated(mod, ctx.dir, values, {})
+    for name in mod.calls:
+        pre.child(name)
     pve = ctx.provider(mod, values)
     gone = []
 

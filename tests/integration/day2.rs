@@ -795,3 +795,113 @@ fn node_replace_swaps_a_lost_server_for_a_spare_without_losing_quorum() {
     assert_eq!(etcd_members(&lab, "rke2-server-1").len(), 3);
     assert_bundle_verifies(&agent.bundle());
 }
+
+/// The lab's Terraform stand-in (lab/terraform.py) on copies of the real envs, before it talks
+/// to any API: `init` first, variables resolved as Terraform resolves them (`TF_VAR_*` <
+/// `*.auto.tfvars` < `-var`, module validations, Terraform's messages for an undeclared or an
+/// unset variable), and the vSphere env refused rather than pretended.
+#[test]
+fn terraform_stand_in_resolves_variables_as_terraform_does_and_refuses_what_it_cannot_run() {
+    let repo = crate::lab_harness::repo();
+    let tmp = tempfile::tempdir().expect("tmp");
+    for rel in [
+        "envs/lab",
+        "envs/lab-vsphere",
+        "modules/rke2/proxmox",
+        "modules/rke2/vsphere",
+    ] {
+        let from = repo.join("runbooks/infra/terraform").join(rel);
+        let to = tmp.path().join(rel);
+        std::fs::create_dir_all(&to).expect("mkdir");
+        for f in std::fs::read_dir(&from).expect("read_dir") {
+            let f = f.expect("entry").path();
+            if f.extension().is_some_and(|e| e == "tf") {
+                std::fs::copy(&f, to.join(f.file_name().expect("name"))).expect("copy");
+            }
+        }
+    }
+    let env = tmp.path().join("envs/lab");
+    let tf = |dir: &std::path::Path, args: &[&str], vars: &[(&str, &str)]| {
+        let mut cmd = std::process::Command::new("python3");
+        cmd.arg(repo.join("lab/terraform.py"))
+            .arg(format!("-chdir={}", dir.display()))
+            .args(args);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("TF_VAR_") || k.starts_with("PROXMOX_VE_") {
+                cmd.env_remove(k);
+            }
+        }
+        for (k, v) in vars {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().expect("python3 lab/terraform.py");
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    };
+
+    let (code, _, err) = tf(&env, &["plan", "-input=false"], &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("Module not installed"), "{err}");
+    let (code, out, err) = tf(&env, &["init", "-input=false"], &[]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("- rke2 in ../../modules/rke2/proxmox"),
+        "{out}"
+    );
+    assert!(env.join(".terraform/modules/modules.json").exists());
+
+    let (code, _, err) = tf(&env, &["plan", "-input=false", "-var", "nope=1"], &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("Error: Value for undeclared variable"),
+        "{err}"
+    );
+    assert!(
+        err.contains("A variable named \"nope\" was assigned on the command line"),
+        "{err}"
+    );
+    // The module's validation, from TF_VAR_ and from -var.
+    let (code, _, err) = tf(
+        &env,
+        &["plan", "-input=false"],
+        &[("TF_VAR_server_count", "2")],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("server_count must be 1 or 3"), "{err}");
+    // *.auto.tfvars over TF_VAR_, -var over both: the plan gets as far as the provider.
+    std::fs::write(env.join("lab.auto.tfvars"), "server_count = 2\n").expect("tfvars");
+    let (code, _, err) = tf(
+        &env,
+        &["plan", "-input=false"],
+        &[("TF_VAR_server_count", "3")],
+    );
+    assert!(
+        code == Some(1) && err.contains("server_count must be 1 or 3"),
+        "{err}"
+    );
+    let (code, _, err) = tf(&env, &["plan", "-input=false", "-var=server_count=3"], &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("Missing Proxmox VE API token"), "{err}");
+    std::fs::remove_file(env.join("lab.auto.tfvars")).expect("rm");
+    // A required variable without a value, named where it is declared.
+    std::fs::write(
+        env.join("extra.tf"),
+        "variable \"needed\" {\n  type = string\n}\n",
+    )
+    .expect("extra.tf");
+    let (code, _, err) = tf(&env, &["plan", "-input=false"], &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("Error: No value for required variable"),
+        "{err}"
+    );
+    assert!(
+        err.contains("The root module input variable \"needed\" is not set"),
+        "{err}"
+    );
+    assert!(err.contains("extra.tf line 1"), "{err}");
+
+    // No vSphere here: refused at init, not faked.
+    let (code, _, err) = tf(&tmp.path().join("envs/lab-vsphere"), &["init"], &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("implements only bpg/proxmox"), "{err}");
+}
