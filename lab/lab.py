@@ -891,8 +891,8 @@ ssh_public_keys  = [{json.dumps(key)}]
 
 
 def import_terraform(lab_dir, lab, tf_dir, bindir):
-    """The lab's VMs stand for the deploy's Terraform run: `terraform import` each into the
-    lab's env, so its state knows them as the module's nodes (a later plan shows no changes)."""
+    """The lab's VMs stand for the deploy's Terraform run: imported into the lab's env, so its
+    state knows them as the module's nodes (a later plan shows no changes)."""
     env = dict(os.environ, PROXMOX_VE_API_TOKEN=f"{PVE_TOKEN_ID}={lab['pve_secret']}")
     tf = os.path.join(bindir, "terraform")
     if subprocess.run(["python3", "-c", "import hcl2"], capture_output=True).returncode != 0:
@@ -901,12 +901,18 @@ def import_terraform(lab_dir, lab, tf_dir, bindir):
     r = subprocess.run([tf, f"-chdir={tf_dir}", "init", "-input=false"], env=env, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"lab: terraform init in {tf_dir}: {r.stderr.strip()}")
-    for n in lab["nodes"]:
-        addr = f'module.rke2.proxmox_virtual_environment_vm.node["{n["name"]}"]'
-        r = subprocess.run([tf, f"-chdir={tf_dir}", "import", "-input=false", addr, f"{n['pve_node']}/{n['vmid']}"],
-                           env=env, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise SystemExit(f"lab: terraform import {addr}: {r.stderr.strip()}")
+    # One apply of `import` blocks (Terraform 1.5+), then the blocks go: a VM lost later must be
+    # planned for creation again, not imported.
+    blocks = os.path.join(tf_dir, "lab-imports.tf")
+    with open(blocks, "w") as f:
+        for n in lab["nodes"]:
+            f.write(f'import {{\n  to = module.rke2.proxmox_virtual_environment_vm.node["{n["name"]}"]\n'
+                    f'  id = "{n["pve_node"]}/{n["vmid"]}"\n}}\n')
+    r = subprocess.run([tf, f"-chdir={tf_dir}", "apply", "-input=false", "-auto-approve"], env=env,
+                       capture_output=True, text=True)
+    os.remove(blocks)
+    if r.returncode != 0:
+        raise SystemExit(f"lab: terraform apply (imports) in {tf_dir}: {r.stderr.strip()}")
 
 
 def cmd_down(a):

@@ -552,7 +552,7 @@ class Module:
     def __init__(self, path, root, addr=""):
         self.path, self.addr = path, addr
         self.variables, self.locals, self.calls, self.resources, self.outputs = {}, {}, {}, [], {}
-        self.providers, self.checks, self.required = [], [], {}
+        self.providers, self.checks, self.required, self.imports = [], [], {}, []
         files = sorted(glob.glob(os.path.join(path, "*.tf")))
         if not files:
             raise TfError("No configuration files", f"There are no .tf files in {os.path.relpath(path, root)}.")
@@ -578,6 +578,8 @@ class Module:
                     self.providers.append((labels[0], b))
                 elif typ == "check":
                     self.checks.append((labels[0], b))
+                elif typ == "import":
+                    self.imports.append(b)
                 elif typ == "terraform":
                     for t2, _, b2, _ in b.blocks:
                         if t2 == "required_providers":
@@ -730,6 +732,21 @@ class Evaluated:
                              ev(sub.attrs["error_message"], self.scope, sub.src), sub.where())
         for c in self.children.values():
             c.run_checks()
+
+
+def traversal(t, src):
+    """The address an `import` block's `to` names (a traversal, not a value)."""
+    d, k = t.data, kids(t)
+    if d == "expr_term" and len(k) == 1:
+        return traversal(k[0], src)
+    if d == "identifier":
+        return str(t.children[0])
+    if d == "get_attr_expr_term":
+        return traversal(k[0], src) + "." + name_of(kids(k[1])[0])
+    if d == "index_expr_term":
+        key = ev(kids(k[1])[0], Scope({}), src)
+        return traversal(k[0], src) + (f'["{key}"]' if isinstance(key, str) else f"[{key}]")
+    raise TfError("Invalid import address", "`to` must be a resource instance address.", src.where(t))
 
 
 def resolve_module_vars(mod, given, what):
@@ -1081,7 +1098,7 @@ def plan(ctx, cli_vars, replace, targets, refresh=True):
     for name in mod.calls:
         pre.child(name)
     pve = ctx.provider(mod, values)
-    gone = []
+    gone, imported = [], []
 
     def targeted(a):
         return not targets or any(a == t or a.startswith(t + "[") or a.startswith(t + ".") for t in targets)
@@ -1095,6 +1112,26 @@ def plan(ctx, cli_vars, replace, targets, refresh=True):
                 del have[a]
             else:
                 inst["attributes"] = now
+    # `import` blocks (Terraform 1.5): an object not in the state yet is read from the hypervisor.
+    todo = [(traversal(b.attrs["to"], b.src), ev(b.attrs["id"], Scope({}), b.src), b) for b in mod.imports]
+    todo = [(a, i, b) for a, i, b in todo if a not in have]
+    if todo:
+        pre_want = pre.all_instances()
+        for a, vid, b in todo:
+            if a not in pre_want:
+                raise TfError("Configuration for import target does not exist", f"The configuration for the given "
+                              f"import target {a} does not exist. All target instances must have an associated "
+                              "configuration to be imported.", b.where())
+            node, _, vmid = str(vid).partition("/")
+            if not vmid.isdigit():
+                raise TfError("Invalid import id", f"expected node/vmid, got {vid!r}", b.where())
+            cfg, _, key = pre_want[a]
+            now = read_vm(pve, dict(jsonable(cfg), vm_id=int(vmid), id=vmid, node_name=node))
+            if now is None:
+                raise TfError("Cannot import non-existent remote object", f"VM {vmid} does not exist on {node}.",
+                              b.where())
+            have[a] = {"index_key": key, "attributes": now}
+            imported.append({"addr": a, "key": key, "id": vid, "attributes": now})
     ev_ = Evaluated(mod, ctx.dir, values, have)
     want = ev_.all_instances()
     ev_.run_checks()
@@ -1128,6 +1165,7 @@ def plan(ctx, cli_vars, replace, targets, refresh=True):
                                 "diff": diff})
     return {"format": "runbook-lab-terraform-plan", "terraform_version": VERSION, "lineage": st["lineage"],
             "serial": st["serial"], "vars": values, "targets": targets, "actions": actions, "gone": gone,
+            "imports": imported,
             "dir": ctx.dir}
 
 
@@ -1140,7 +1178,9 @@ def show_plan(p, out=sys.stdout, warn=True):
             w(f"  # {a} has been deleted\n")
         w("\nUnless you have made equivalent changes to your configuration, or ignored the relevant attributes "
           "using ignore_changes, the following plan may include actions to undo or respond to these changes.\n\n")
-    if not p["actions"]:
+    for x in p.get("imports", []):
+        w(f"  # {x['addr']} will be imported\n")
+    if not p["actions"] and not p.get("imports"):
         w("\nNo changes. Your infrastructure matches the configuration.\n\nTerraform has compared your real "
           "infrastructure against your configuration and found no differences, so no changes are needed.\n")
         return
@@ -1171,7 +1211,8 @@ def show_plan(p, out=sys.stdout, warn=True):
     add = sum(x["action"] in ("create", "replace") for x in p["actions"])
     chg = sum(x["action"] == "update" for x in p["actions"])
     dele = sum(x["action"] in ("delete", "replace") for x in p["actions"])
-    w(f"Plan: {add} to add, {chg} to change, {dele} to destroy.\n")
+    imp = f"{len(p['imports'])} to import, " if p.get("imports") else ""
+    w(f"Plan: {imp}{add} to add, {chg} to change, {dele} to destroy.\n")
     if p["targets"] and warn:
         diag("Warning", "Resource targeting is in effect", "You are creating a plan with the -target option, which "
              "means that the result of this plan may not represent all of the changes requested by the current "
@@ -1180,6 +1221,8 @@ def show_plan(p, out=sys.stdout, warn=True):
 
 def apply(ctx, p):
     st = load_state(ctx.dir)
+    if not os.path.exists(state_path(ctx.dir)):
+        st["lineage"] = p["lineage"]  # the new state's lineage is the plan's
     if st["lineage"] != p["lineage"] or st["serial"] != p["serial"]:
         raise TfError("Saved plan is stale", "The given plan file can no longer be applied because the state was "
                       "changed by another operation after the plan was created.")
@@ -1188,7 +1231,13 @@ def apply(ctx, p):
     for a in p["gone"]:
         key = instances(st)[a].get("index_key") if a in instances(st) else None
         put_instance(st, a, key, None)
-    counts = {"added": 0, "changed": 0, "destroyed": 0}
+    counts = {"imported": 0, "added": 0, "changed": 0, "destroyed": 0}
+    for x in p.get("imports", []):
+        print(f"{x['addr']}: Importing... [id={x['id']}]", flush=True)
+        put_instance(st, x["addr"], x["key"], x["attributes"])
+        save_state(ctx.dir, st)
+        counts["imported"] += 1
+        print(f"{x['addr']}: Import complete [id={x['id']}]", flush=True)
     for x in p["actions"]:
         a, t0 = x["addr"], time.time()
         if x["action"] in ("delete", "replace"):
@@ -1245,7 +1294,8 @@ def apply(ctx, p):
     outputs = compute_outputs(ctx, mod, p["vars"], st)
     st["outputs"] = {k: {"value": v, "type": out_type(v)} for k, v in outputs.items()}
     save_state(ctx.dir, st)
-    print(f"\nApply complete! Resources: {counts['added']} added, {counts['changed']} changed, "
+    imp = f"{counts['imported']} imported, " if counts["imported"] else ""
+    print(f"\nApply complete! Resources: {imp}{counts['added']} added, {counts['changed']} changed, "
           f"{counts['destroyed']} destroyed.")
     if outputs:
         print("\nOutputs:\n")
