@@ -11,6 +11,7 @@ whose snapshots are copies of the nodes' upper layers. Only 127.0.0.0/8 is ever 
 
 import argparse
 import asyncio
+import hashlib
 import http.server
 import itertools
 import json
@@ -120,7 +121,7 @@ def prepare_node(lab_dir, lab, n):
     with open(os.path.join(etc, "hostname"), "w") as f:
         f.write(n["name"] + "\n")  # cloud-init names the clone after the VM
     hosts = ["127.0.0.1 localhost localhost.localdomain", f"{lab['lb_ip']} {API_NAME}"]
-    hosts += [f"{m['ip']} {m['name']}" for m in lab["nodes"]]
+    hosts += [f"{m['ip']} {m['name']}" for m in lab["nodes"] if m.get("ip") and m.get("state") != "lost"]
     with open(os.path.join(etc, "hosts"), "w") as f:
         f.write("\n".join(hosts) + "\n")
     os.makedirs(os.path.join(etc, "NetworkManager", "conf.d"), exist_ok=True)
@@ -210,6 +211,96 @@ def boot_node(lab_dir, lab, n, start_services=True):
             enabled = []
         for u in enabled:
             node_exec(n, ["systemctl", "start", u], check=False)
+
+
+# ------------------------------------------------------------------------------------- VMs
+# One code path for a VM cloned from the template: `add-node` and the Proxmox API's clone,
+# config and start routes (which the Terraform stand-in, lab/terraform.py, drives) all use these.
+
+TEMPLATE = {"vmid": 9000, "name": "rocky9-rke2", "pve_node": PVE_HOSTS[0]}
+
+
+def vm_clone(lab_dir, lab, name, vmid, pve_node):
+    """A full clone of the template: a stopped VM with the template's config, no address yet
+    (cloud-init's ipconfig0 decides it) and nothing of RKE2. A lost VM's leftovers under the
+    same name or vmid are gone first (its disks were lost with it)."""
+    for m in [m for m in lab["nodes"] if m.get("state") == "lost" and (m["name"] == name or m["vmid"] == vmid)]:
+        lab["nodes"].remove(m)
+    if any(m["name"] == name for m in lab["nodes"]):
+        raise RuntimeError(f"a VM named {name} exists already")
+    shutil.rmtree(node_dir(lab_dir, name), ignore_errors=True)
+    n = {"name": name, "ip": None, "role": None, "vmid": int(vmid), "pve_node": pve_node, "state": "stopped",
+         "config": {"name": name, "cores": 2, "memory": 4096, "sockets": 1, "ostype": "l26", "agent": "1",
+                    "scsi0": "local-lvm:vm-%d-disk-0,size=40G" % int(vmid), "net0": "virtio,bridge=vmbr0",
+                    "ide2": "local-lvm:vm-%d-cloudinit,media=cdrom" % int(vmid)}}
+    lab["nodes"].append(n)
+    return n
+
+
+def vm_configure(lab, n, cfg):
+    """`config` POST/PUT: the keys PVE takes. ipconfig0 (`ip=A/24,gw=G`) is the address the
+    guest comes up with; the tags say the role (the module tags each VM `servers` or `agents`)."""
+    sub = lab["subnet"]
+    if "ipconfig0" in cfg:
+        fields = dict(f.split("=", 1) for f in str(cfg["ipconfig0"]).split(",") if "=" in f)
+        ip = fields.get("ip", "").split("/")[0]
+        if not ip.startswith(sub + ".") or not ip.rsplit(".", 1)[1].isdigit() or not 2 <= int(ip.rsplit(".", 1)[1]) <= 254:
+            raise ValueError(f"ipconfig0: address '{fields.get('ip', '')}' is outside the lab's network {sub}.0/24")
+        taken = [m["name"] for m in lab["nodes"] if m.get("ip") == ip and m is not n and m.get("state") != "lost"]
+        if taken or ip in (lab["lb_ip"], lab["pve_ip"]):
+            raise ValueError(f"ipconfig0: address {ip} is in use ({', '.join(taken) or 'the lab'})")
+        n["ip"] = ip
+    if "tags" in cfg:
+        tags = str(cfg["tags"]).replace(",", ";").split(";")
+        n["role"] = "servers" if "servers" in tags else "agents" if "agents" in tags else n.get("role")
+    for k, v in cfg.items():
+        if k in ("delete", "digest", "node", "vmid"):
+            continue
+        n.setdefault("config", {})[k] = v
+    for k in str(cfg.get("delete", "")).split(","):
+        n.get("config", {}).pop(k.strip(), None)
+
+
+def vm_start(lab_dir, lab, n):
+    """Power on: the first boot of a clone writes its system (cloud-init) and its host key
+    into the lab's known_hosts, then sshd and the enabled units come up."""
+    if n.get("state") == "running":
+        return
+    if not n.get("ip"):
+        raise RuntimeError(f"VM {n['vmid']} has no address: set ipconfig0 first")
+    if not n.get("role"):
+        n["role"] = "servers" if "size=40G" in str(n.get("config", {}).get("scsi0", "")) else "agents"
+    if not os.path.exists(os.path.join(node_dir(lab_dir, n["name"]), "etc", "os-release")):
+        prepare_node(lab_dir, lab, n)
+        ssh = os.path.join(lab_dir, "ssh")
+        hostpub = open(os.path.join(ssh, "host_ed25519.pub")).read().split()[:2]
+        host = n["ip"] if lab["ssh_port"] == 22 else f"[{n['ip']}]:{lab['ssh_port']}"
+        with open(os.path.join(ssh, "known_hosts")) as f:
+            known = f.read()
+        if f"{host} {hostpub[0]} {hostpub[1]}" not in known.splitlines():
+            with open(os.path.join(ssh, "known_hosts"), "a") as f:
+                f.write(f"{host} {hostpub[0]} {hostpub[1]}\n")
+    if port_open(n["ip"], lab["ssh_port"], 0.2):
+        raise RuntimeError(f"{n['ip']}:{lab['ssh_port']} is already taken")
+    boot_node(lab_dir, lab, n)
+
+
+def vm_stop(n):
+    """Power off (hard stop, as `qm stop`)."""
+    if n.get("state") in ("running", "frozen"):
+        if n.get("state") == "frozen":
+            kill_node(n, signal.SIGCONT)
+        kill_node(n)
+    n["state"] = "stopped"
+
+
+def vm_destroy(lab_dir, lab, n):
+    """`qm destroy`: the VM and its disks; refused while it runs, as PVE does."""
+    if n.get("state") in ("running", "frozen"):
+        raise RuntimeError(f"VM {n['vmid']} is running - destroy failed")
+    lab["nodes"].remove(n)
+    shutil.rmtree(node_dir(lab_dir, n["name"]), ignore_errors=True)
+    shutil.rmtree(os.path.join(lab_dir, "pve", str(n["vmid"])), ignore_errors=True)
 
 
 def node_exec(n, cmd, check=True):
@@ -306,8 +397,9 @@ class Pve:
         self.seq = itertools.count(1)
 
     def node_by_vmid(self, vmid):
+        """The VM `vmid` as the hypervisor knows it (a lost VM is gone, disks and config)."""
         for n in load(self.lab_dir)["nodes"]:
-            if str(n["vmid"]) == str(vmid):
+            if str(n["vmid"]) == str(vmid) and n.get("state") != "lost":
                 return n
         return None
 
@@ -376,12 +468,37 @@ class Pve:
         n["state"] = "stopped"
         save(self.lab_dir, lab)
 
+    def vm(self, lab, vmid):
+        return [m for m in lab["nodes"] if str(m["vmid"]) == str(vmid) and m.get("state") != "lost"][0]
+
     def start(self, vmid):
         lab = load(self.lab_dir)
-        n = [m for m in lab["nodes"] if str(m["vmid"]) == str(vmid)][0]
-        if n.get("state") != "running":
-            boot_node(self.lab_dir, lab, n)
-            save(self.lab_dir, lab)
+        vm_start(self.lab_dir, lab, self.vm(lab, vmid))
+        save(self.lab_dir, lab)
+
+    def stop(self, vmid):
+        lab = load(self.lab_dir)
+        vm_stop(self.vm(lab, vmid))
+        save(self.lab_dir, lab)
+
+    def clone(self, name, newid, target):
+        lab = load(self.lab_dir)
+        vm_clone(self.lab_dir, lab, name, int(newid), target)
+        save(self.lab_dir, lab)
+
+    def configure(self, vmid, cfg):
+        lab = load(self.lab_dir)
+        vm_configure(lab, self.vm(lab, vmid), cfg)
+        save(self.lab_dir, lab)
+
+    def destroy(self, vmid):
+        lab = load(self.lab_dir)
+        vm_destroy(self.lab_dir, lab, self.vm(lab, vmid))
+        save(self.lab_dir, lab)
+
+    def nextid(self):
+        used = {int(m["vmid"]) for m in load(self.lab_dir)["nodes"] if m.get("state") != "lost"} | {TEMPLATE["vmid"]}
+        return next(v for v in itertools.count(100) if v not in used)
 
 
 def pve_handler(pve, secret):
@@ -430,9 +547,27 @@ def pve_handler(pve, secret):
                         "node": n.get("pve_node", PVE_HOSTS[0]),
                         "status": "running" if n.get("state") in ("running", "frozen") else "stopped"}
                        for n in load(pve.lab_dir)["nodes"] if n.get("state") != "lost"]
+                vms.append({"id": f"qemu/{TEMPLATE['vmid']}", "vmid": TEMPLATE["vmid"], "name": TEMPLATE["name"],
+                            "type": "qemu", "node": TEMPLATE["pve_node"], "status": "stopped", "template": 1})
                 hosts = [{"id": f"node/{h}", "node": h, "type": "node", "status": "online"} for h in PVE_HOSTS]
                 kind = q.get("type")
                 return self.reply(200, vms if kind == "vm" else hosts if kind == "node" else hosts + vms)
+            if p == ["cluster", "nextid"]:
+                if q.get("vmid"):
+                    if pve.node_by_vmid(q["vmid"]) or str(q["vmid"]) == str(TEMPLATE["vmid"]):
+                        return self.reply(400, None, f"Parameter verification failed. vmid: VM {q['vmid']} already exists")
+                    return self.reply(200, str(q["vmid"]))
+                return self.reply(200, str(pve.nextid()))
+            if len(p) >= 4 and p[0] == "nodes" and p[2] == "qemu" and p[3] == str(TEMPLATE["vmid"]):
+                return self.template(method, p[1], p[4:], q)
+            if len(p) == 4 and p[0] == "nodes" and p[2] == "qemu" and method == "DELETE":
+                node, vmid = p[1], p[3]
+                n = pve.node_by_vmid(vmid)
+                if not n or n.get("pve_node", PVE_HOSTS[0]) != node:
+                    return self.reply(500, None, f"Configuration file 'nodes/{node}/qemu-server/{vmid}.conf' does not exist")
+                if n.get("state") in ("running", "frozen"):
+                    return self.reply(500, None, f"VM {vmid} is running - destroy failed")
+                return self.reply(200, pve.task(node, "qmdestroy", vmid, lambda: pve.destroy(vmid)))
             if len(p) >= 4 and p[0] == "nodes" and p[2] == "qemu":
                 node, vmid = p[1], p[3]
                 if not pve.node_by_vmid(vmid):
@@ -476,11 +611,65 @@ def pve_handler(pve, secret):
                     return self.reply(200, pve.task(node, "qmstart", vmid, lambda: pve.start(vmid)))
                 if rest == ["status", "current"]:
                     n = pve.node_by_vmid(vmid)
-                    return self.reply(200, {"vmid": int(vmid), "status": "running" if n.get("state") == "running" else "stopped"})
+                    run = n.get("state") in ("running", "frozen")
+                    return self.reply(200, {"vmid": int(vmid), "name": n["name"], "status": "running" if run else "stopped",
+                                            "qmpstatus": "paused" if n.get("state") == "frozen" else "running" if run else "stopped",
+                                            "cpus": int(n.get("config", {}).get("cores", 2)),
+                                            "maxmem": int(n.get("config", {}).get("memory", 4096)) * 1024 * 1024})
+                if rest == ["status", "stop"] and method == "POST":
+                    return self.reply(200, pve.task(node, "qmstop", vmid, lambda: pve.stop(vmid)))
+                if rest == ["config"] and method == "GET":
+                    n = pve.node_by_vmid(vmid)
+                    cfg = {"name": n["name"], "cores": 2, "memory": "4096", **n.get("config", {})}
+                    if n.get("ip") and "ipconfig0" not in cfg:
+                        cfg["ipconfig0"] = f"ip={n['ip']}/24,gw={load(pve.lab_dir)['subnet']}.1"
+                    if n.get("role") and "tags" not in cfg:
+                        cfg["tags"] = f"rke2;{n['role']}"
+                    cfg["digest"] = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
+                    return self.reply(200, cfg)
+                if rest == ["config"] and method in ("POST", "PUT"):
+                    bad = check_config(load(pve.lab_dir), q)
+                    if bad:
+                        return self.reply(400, None, bad)
+                    if method == "PUT":  # synchronous
+                        with pve.lock:
+                            pve.configure(vmid, q)
+                        return self.reply(200, None)
+                    return self.reply(200, pve.task(node, "qmconfig", vmid, lambda: pve.configure(vmid, q)))
+            return self.reply(501, None, f"Method '{method} {self.path}' not implemented")
+
+        def template(self, method, node, rest, q):
+            """The Packer template (vmid 9000 on pve1): readable, and the source of clones."""
+            t = TEMPLATE
+            if node != t["pve_node"]:
+                return self.reply(500, None, f"Configuration file 'nodes/{node}/qemu-server/{t['vmid']}.conf' does not exist")
+            if rest == ["config"] and method == "GET":
+                return self.reply(200, {"name": t["name"], "template": 1, "cores": 2, "memory": "4096", "agent": "1",
+                                        "scsi0": f"local-lvm:base-{t['vmid']}-disk-0,size=40G", "ostype": "l26"})
+            if rest == ["status", "current"]:
+                return self.reply(200, {"vmid": t["vmid"], "name": t["name"], "status": "stopped", "template": 1})
+            if rest == ["clone"] and method == "POST":
+                newid = str(q.get("newid", ""))
+                if not newid.isdigit() or not 100 <= int(newid) <= 999999999:
+                    return self.reply(400, None, "Parameter verification failed. newid: property is missing or invalid")
+                name = q.get("name") or f"Copy-of-VM-{t['name']}"
+                target = q.get("target") or node
+                if target not in PVE_HOSTS:
+                    return self.reply(400, None, f"Parameter verification failed. target: no such cluster node '{target}'")
+                if pve.node_by_vmid(newid) or int(newid) == t["vmid"]:
+                    return self.reply(500, None, f"unable to create VM {newid}: config file already exists")
+                if any(m["name"] == name and m.get("state") != "lost" for m in load(pve.lab_dir)["nodes"]):
+                    return self.reply(500, None, f"a VM named {name} exists already")
+                return self.reply(200, pve.task(node, "qmclone", t["vmid"], lambda: pve.clone(name, newid, target)))
+            if method in ("POST", "PUT", "DELETE"):
+                return self.reply(500, None, f"VM {t['vmid']} is a template")
             return self.reply(501, None, f"Method '{method} {self.path}' not implemented")
 
         def do_GET(self):
             self.route("GET")
+
+        def do_PUT(self):
+            self.route("PUT")
 
         def do_POST(self):
             self.route("POST")
@@ -489,6 +678,21 @@ def pve_handler(pve, secret):
             self.route("DELETE")
 
     return H
+
+
+def check_config(lab, q):
+    """What PVE's parameter verification says of a config update, for the keys the lab reads."""
+    for k in ("cores", "memory", "sockets"):
+        if k in q and not str(q[k]).isdigit():
+            return f"Parameter verification failed. {k}: type check ('integer') failed - got '{q[k]}'"
+    if "ipconfig0" in q:
+        fields = dict(f.split("=", 1) for f in str(q["ipconfig0"]).split(",") if "=" in f)
+        ip = fields.get("ip", "")
+        if "/" not in ip and ip != "dhcp":
+            return f"Parameter verification failed. ipconfig0: invalid format - ip: '{ip}' is not a CIDR address"
+        if not ip.startswith(lab["subnet"] + "."):
+            return f"Parameter verification failed. ipconfig0: {ip} is outside the lab's network {lab['subnet']}.0/24"
+    return None
 
 
 class TLSServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
@@ -538,6 +742,11 @@ def cmd_up(a):
     nodes += [{"name": f"rke2-agent-{i + 1}", "ip": f"{sub}.{21 + i}", "role": "agents", "vmid": 211 + i,
                "pve_node": PVE_HOSTS[i % len(PVE_HOSTS)]} for i in range(a.agents)]
     for n in nodes:
+        # As the Terraform module configures its clones (lab/terraform.py imports them at `up`).
+        n["config"] = {"name": n["name"], "cores": 2, "memory": 8192, "onboot": 1, "agent": "1",
+                       "ipconfig0": f"ip={n['ip']}/24,gw={sub}.1", "tags": f"rke2;{n['role']};rke2-template-9000",
+                       "scsi0": f"local-lvm:vm-{n['vmid']}-disk-0,size={40 if n['role'] == 'servers' else 60}G"}
+    for n in nodes:
         if port_open(n["ip"], a.port, 0.2):
             raise SystemExit(f"lab: {n['ip']}:{a.port} is already taken (another lab? pick another --subnet)")
     lab = {"dir": lab_dir, "subnet": sub, "lb_ip": f"{sub}.10", "pve_ip": f"{sub}.5", "ssh_port": a.port,
@@ -580,6 +789,13 @@ def cmd_up(a):
         save(lab_dir, lab)
     lab["lb_pid"] = daemon(lab_dir, "lb")
     lab["pve_pid"] = daemon(lab_dir, "pve")
+    # The canary's LoadBalancer address (the first of the MetalLB pool) answered as kube-proxy
+    # would; it reads the operator's kubeconfig per request, so it may start before the deploy.
+    lab_lb = subprocess.Popen([sys.executable, os.path.join(HERE, "kubectl.py"), "lab-lb", f"{sub}.200:80"],
+                              env=dict(os.environ, KUBECONFIG=os.path.join(lab_dir, "operator", "kubeconfig")),
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=open(os.path.join(lab_dir, "lab-lb.log"), "ab"), start_new_session=True)
+    lab["lab_lb_pid"] = lab_lb.pid
     save(lab_dir, lab)
     for ip, port in ((lab["lb_ip"], 9345), (lab["pve_ip"], 8006)):
         end = time.time() + 10
@@ -589,6 +805,12 @@ def cmd_up(a):
     os.makedirs(bindir, exist_ok=True)
     for t in ("kubectl", "helm"):
         os.symlink(os.path.join(HERE, "kubectl.py"), os.path.join(bindir, t))
+    tf_dir = write_terraform(lab_dir, lab, a, nodes)
+    with open(os.path.join(bindir, "terraform"), "w") as f:
+        # The operator's machine trusts its Proxmox VE's CA; the lab's Terraform trusts the lab's.
+        f.write(f"#!/bin/sh\n# The lab's Terraform stand-in (lab/terraform.py), written by `scripts/lab up`.\n"
+                f"SSL_CERT_FILE=\"{tls}/ca.pem\" exec python3 \"{os.path.join(HERE, 'terraform.py')}\" \"$@\"\n")
+    os.chmod(os.path.join(bindir, "terraform"), 0o755)
     inv = os.path.join(lab_dir, "inventory.toml")
     with open(inv, "w") as f:
         f.write(f"# The RKE2 lab ({sub}.0/24 on loopback), written by `scripts/lab up`.\n"
@@ -618,13 +840,79 @@ export PROXMOX_URL="https://{lab['pve_ip']}:8006/api2/json"
 export PROXMOX_TOKEN_ID="{PVE_TOKEN_ID}"
 export PROXMOX_TOKEN="{lab['pve_secret']}"
 export PROXMOX_CA_FILE="{tls}/ca.pem"
+export PROXMOX_VE_API_TOKEN="{PVE_TOKEN_ID}={lab['pve_secret']}"
+export RKE2_TERRAFORM_DIR="{tf_dir}"
 """)
+    import_terraform(lab_dir, lab, tf_dir, bindir)
     os.makedirs(os.path.join(lab_dir, "operator"), exist_ok=True)
     with open(os.path.join(lab_dir, "updates.json"), "w") as f:
         json.dump(UPDATES, f, indent=1)
     say(f"lab: {len(nodes)} nodes up in {lab_dir} (registration address {lab['lb_ip']}, Proxmox API {lab['pve_ip']}:8006)")
     print(inv)
     print(env)
+
+
+def write_terraform(lab_dir, lab, a, nodes):
+    """The Proxmox env and module copied into the lab (Terraform keeps its state beside the env,
+    which must not be the repository's), with a terraform.tfvars of the lab's values: its
+    Proxmox API, names, vmids, hosts and addresses as `up` made them. Returns the env's path."""
+    src = os.path.join(HERE, "..", "runbooks", "infra", "terraform")
+    dst = os.path.join(lab_dir, "terraform")
+    skip = shutil.ignore_patterns(".terraform", "terraform.tfstate*", "tfplan", "*.tfvars", ".terraform.lock.hcl")
+    for rel in (os.path.join("envs", "lab"), os.path.join("modules", "rke2", "proxmox")):
+        shutil.copytree(os.path.join(src, rel), os.path.join(dst, rel), ignore=skip)
+    sub = lab["subnet"]
+    servers = [n for n in nodes if n["role"] == "servers"]
+    agents = [n for n in nodes if n["role"] == "agents"]
+    q = lambda xs: "[" + ", ".join(json.dumps(x) for x in xs) + "]"
+    key = open(os.path.join(lab_dir, "ssh", "id_ed25519.pub")).read().strip()
+    env = os.path.join(dst, "envs", "lab")
+    with open(os.path.join(env, "terraform.tfvars"), "w") as f:
+        f.write(f"""# The RKE2 lab's values, written by `scripts/lab up` (the lab's Proxmox VE API stand-in).
+proxmox_endpoint = "https://{lab['pve_ip']}:8006/"
+cluster_name     = "rke2"
+template_vmid    = {TEMPLATE['vmid']}
+template_host    = "{TEMPLATE['pve_node']}"
+vm_id_base       = 201
+hosts            = {q(PVE_HOSTS)}
+server_count     = {len(servers)}
+agent_count      = {len(agents)}
+server_ips       = {q([f"{sub}.{11 + i}/24" for i in range(len(servers))])}
+agent_ips        = {q([f"{sub}.{21 + i}/24" for i in range(len(agents))])}
+gateway          = "{sub}.1"
+dns_servers      = ["{sub}.1"]
+domain           = "lab.internal"
+api_host         = "{API_NAME}"
+api_ip           = "{lab['lb_ip']}"
+ssh_user         = "root"
+ssh_public_keys  = [{json.dumps(key)}]
+""")
+    return env
+
+
+def import_terraform(lab_dir, lab, tf_dir, bindir):
+    """The lab's VMs stand for the deploy's Terraform run: imported into the lab's env, so its
+    state knows them as the module's nodes (a later plan shows no changes)."""
+    env = dict(os.environ, PROXMOX_VE_API_TOKEN=f"{PVE_TOKEN_ID}={lab['pve_secret']}")
+    tf = os.path.join(bindir, "terraform")
+    if subprocess.run(["python3", "-c", "import hcl2"], capture_output=True).returncode != 0:
+        say("lab: python-hcl2 is missing for python3: the lab's terraform does not work (scripts/test installs it)")
+        return
+    r = subprocess.run([tf, f"-chdir={tf_dir}", "init", "-input=false"], env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"lab: terraform init in {tf_dir}: {r.stderr.strip()}")
+    # One apply of `import` blocks (Terraform 1.5+), then the blocks go: a VM lost later must be
+    # planned for creation again, not imported.
+    blocks = os.path.join(tf_dir, "lab-imports.tf")
+    with open(blocks, "w") as f:
+        for n in lab["nodes"]:
+            f.write(f'import {{\n  to = module.rke2.proxmox_virtual_environment_vm.node["{n["name"]}"]\n'
+                    f'  id = "{n["pve_node"]}/{n["vmid"]}"\n}}\n')
+    r = subprocess.run([tf, f"-chdir={tf_dir}", "apply", "-input=false", "-auto-approve"], env=env,
+                       capture_output=True, text=True)
+    os.remove(blocks)
+    if r.returncode != 0:
+        raise SystemExit(f"lab: terraform apply (imports) in {tf_dir}: {r.stderr.strip()}")
 
 
 def cmd_down(a):
@@ -636,7 +924,7 @@ def cmd_down(a):
         lab = load(lab_dir)
     except (OSError, ValueError):
         lab = {"nodes": []}
-    for key in ("lb_pid", "pve_pid"):
+    for key in ("lb_pid", "pve_pid", "lab_lb_pid"):
         pid = lab.get(key)
         if pid and alive(pid):
             os.killpg(pid, signal.SIGKILL)
@@ -662,7 +950,7 @@ def cmd_status(a):
         inst = os.path.join(d, "varlib", "lab-node", "installed.json")
         ver = json.load(open(inst))["version"] if os.path.exists(inst) else "-"
         ssh = "sshd up" if port_open(n["ip"], lab["ssh_port"]) else "sshd down"
-        print(f"{n['name']:<16} {n['ip']:<15} {n['role']:<8} {n.get('state', '?'):<8} {ssh:<10} rke2 {ver:<16} {' '.join(units)}")
+        print(f"{n['name']:<16} {n.get('ip') or '-':<15} {n.get('role') or '-':<8} {n.get('state', '?'):<8} {ssh:<10} rke2 {ver:<16} {' '.join(units)}")
     print(f"registration address {lab['lb_ip']}:9345/6443 ({'up' if port_open(lab['lb_ip'], 9345) else 'down'}), "
           f"Proxmox API https://{lab['pve_ip']}:8006 ({'up' if port_open(lab['pve_ip'], 8006) else 'down'})")
 
@@ -763,29 +1051,27 @@ def cmd_reboot_node(a):
 
 
 def cmd_add_node(a):
-    """A spare VM cloned from the template: booted, reachable over SSH, nothing of RKE2 on it,
-    in the inventory under the group `spare` (the node-replace runbook's `replacement`)."""
+    """A spare VM cloned from the template (the same path as the Proxmox API's clone, config
+    and start): booted, reachable over SSH, nothing of RKE2 on it, in the inventory under the
+    group `spare` (the node-replace runbook's `replacement`)."""
     lab_dir = os.path.abspath(a.dir)
     lab = load(lab_dir)
-    if any(n["name"] == a.node for n in lab["nodes"]):
+    if any(n["name"] == a.node and n.get("state") != "lost" for n in lab["nodes"]):
         raise SystemExit(f"lab: a node {a.node} exists already")
     base, first_vmid = (11, 201) if a.role == "servers" else (21, 211)
-    taken = {n["ip"] for n in lab["nodes"]}
+    live = [n for n in lab["nodes"] if n.get("state") != "lost"]
+    taken = {n["ip"] for n in live}
     octet = next(o for o in range(base, base + 9) if f"{lab['subnet']}.{o}" not in taken)
-    vmids = {n["vmid"] for n in lab["nodes"]}
+    vmids = {n["vmid"] for n in live}
     vmid = next(v for v in range(first_vmid, first_vmid + 9) if v not in vmids)
-    n = {"name": a.node, "ip": f"{lab['subnet']}.{octet}", "role": a.role, "vmid": vmid, "pve_node": a.host}
-    if port_open(n["ip"], lab["ssh_port"], 0.2):
-        raise SystemExit(f"lab: {n['ip']}:{lab['ssh_port']} is already taken")
-    lab["nodes"].append(n)
-    prepare_node(lab_dir, lab, n)
-    boot_node(lab_dir, lab, n, start_services=False)
+    try:
+        n = vm_clone(lab_dir, lab, a.node, vmid, a.host)
+        vm_configure(lab, n, {"ipconfig0": f"ip={lab['subnet']}.{octet}/24,gw={lab['subnet']}.1",
+                              "tags": f"rke2;{a.role}"})
+        vm_start(lab_dir, lab, n)
+    except (RuntimeError, ValueError) as e:
+        raise SystemExit(f"lab: {e}")
     save(lab_dir, lab)
-    ssh = os.path.join(lab_dir, "ssh")
-    hostpub = open(os.path.join(ssh, "host_ed25519.pub")).read().split()[:2]
-    host = n["ip"] if lab["ssh_port"] == 22 else f"[{n['ip']}]:{lab['ssh_port']}"
-    with open(os.path.join(ssh, "known_hosts"), "a") as f:
-        f.write(f"{host} {hostpub[0]} {hostpub[1]}\n")
     with open(os.path.join(lab_dir, "inventory.toml"), "a") as f:
         f.write(f"\n[hosts.{n['name']}]\naddress = \"{n['ip']}\"\n"
                 + (f"port = {lab['ssh_port']}\n" if lab["ssh_port"] != 22 else "")

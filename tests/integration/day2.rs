@@ -410,6 +410,39 @@ fn etcd_members(lab: &Lab, server: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The etcd member id of `name` (RKE2's `<name>` or `<name>-<suffix>`) in a server's member list.
+fn etcd_member_id(lab: &Lab, server: &str, name: &str) -> Option<String> {
+    let out = lab.exec(
+        server,
+        &[
+            "etcdctl",
+            "--endpoints=https://127.0.0.1:2379",
+            "--command-timeout=10s",
+            "member",
+            "list",
+        ],
+    );
+    assert!(out.status.success(), "{server}: {}", text(&out.stderr));
+    text(&out.stdout).lines().find_map(|l| {
+        let f: Vec<&str> = l.split(", ").collect();
+        let n = f.get(2).copied().unwrap_or_default();
+        (n == name || n.starts_with(&format!("{name}-"))).then(|| f[0].to_owned())
+    })
+}
+
+/// Waits (up to a minute) until a server sees `want` healthy etcd endpoints.
+fn wait_etcd_healthy(lab: &Lab, server: &str, want: usize) {
+    let mut got = 0;
+    for _ in 0..60 {
+        got = etcd_healthy(lab, server);
+        if got == want {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+    panic!("{server} sees {got} healthy etcd endpoints, not {want}");
+}
+
 /// Healthy endpoints of `etcdctl endpoint health --cluster` on a lab server.
 fn etcd_healthy(lab: &Lab, server: &str) -> usize {
     let out = lab.exec(
@@ -433,7 +466,10 @@ fn etcd_healthy(lab: &Lab, server: &str) -> usize {
 /// A server VM lost for good is replaced by a spare: refused while a second server is down
 /// (quorum), then with it back the old Node and etcd member are gone, the spare is a Ready
 /// server and an etcd member, at least two healthy started members throughout, and the bundle
-/// holds the inventory change.
+/// holds the inventory change. Replacing a server while another is down is refused by the
+/// numbers (`only 1 of 2 … healthy`). Without a spare, Terraform (the lab's stand-in against the
+/// lab's Proxmox API) makes a lost server's VM again with its name and address, and the cluster
+/// keeps two healthy members throughout. Last, an agent is replaced by a spare.
 #[test]
 fn node_replace_swaps_a_lost_server_for_a_spare_without_losing_quorum() {
     let Some(lab) = Lab::up("127.0.194") else {
@@ -441,6 +477,43 @@ fn node_replace_swaps_a_lost_server_for_a_spare_without_losing_quorum() {
     };
     let version = lab.var("RKE2_VERSION");
     lab.run("rke2-vm-deploy.toml", &[], &[]).assert_code(0);
+
+    // rke2-server-3's etcd down, then rke2-server-1 to be replaced: its peer answers, but
+    // without rke2-server-1 one healthy member of the two others is no quorum.
+    let out = lab_cmd(&lab.labdir(), &["fault", "rke2-server-3", "stop-service"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    wait_etcd_healthy(&lab, "rke2-server-1", 2);
+    let refused = lab.run(
+        "rke2-node-replace.toml",
+        &["--set", "node=rke2-server-1", "--set", "drain_timeout=20s"],
+        &[],
+    );
+    refused.assert_code(1);
+    assert_eq!(refused.status_of("pick-peer"), "succeeded");
+    assert_eq!(refused.status_of("quorum"), "failed");
+    for s in [
+        "cordon",
+        "delete-node",
+        "member-remove",
+        "vm-plan",
+        "vm-apply",
+    ] {
+        assert_eq!(refused.status_of(s), "skipped", "{s}");
+    }
+    let quorum = log_of(&refused, "steps/quorum/rke2-server-2/attempt-1.log");
+    assert!(
+        quorum
+            .contains("without rke2-server-1 only 1 of 2 etcd members are healthy, quorum needs 2"),
+        "{quorum}"
+    );
+    assert_bundle_verifies(&refused.bundle());
+    let out = lab.exec("rke2-server-3", &["systemctl", "start", "rke2-server"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    wait_etcd_healthy(&lab, "rke2-server-1", 3);
+    assert!(
+        !node_field(&lab, "rke2-server-1", "{.spec.unschedulable}").contains("true"),
+        "the refused run cordoned rke2-server-1"
+    );
     let out = lab_cmd(
         &lab.labdir(),
         &[
@@ -580,6 +653,100 @@ fn node_replace_swaps_a_lost_server_for_a_spare_without_losing_quorum() {
         "the token is in the bundle"
     );
 
+    // No spare: rke2-server-3's VM is lost for good and Terraform makes it again from the
+    // template, with its name and address. etcd is watched from rke2-server-1 all along.
+    let boot3 = node_field(&lab, "rke2-server-3", "{.status.nodeInfo.bootID}");
+    let old3 =
+        etcd_member_id(&lab, "rke2-server-1", "rke2-server-3").expect("member of rke2-server-3");
+    let out = lab_cmd(&lab.labdir(), &["fault", "rke2-server-3", "lose"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    wait_etcd_healthy(&lab, "rke2-server-1", 2);
+    let (cwd, mut cmd) = lab.command(
+        "rke2-node-replace.toml",
+        &["--set", "node=rke2-server-3", "--set", "drain_timeout=20s"],
+        &[],
+    );
+    let mut child = cmd
+        .stdout(std::fs::File::create(cwd.join("stdout")).expect("stdout"))
+        .stderr(std::fs::File::create(cwd.join("stderr")).expect("stderr"))
+        .spawn()
+        .expect("runbook");
+    let mut fewest = usize::MAX;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        fewest = fewest.min(etcd_healthy(&lab, "rke2-server-1"));
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    let provisioned = crate::lab_harness::Run {
+        out: std::process::Output {
+            status,
+            stdout: std::fs::read(cwd.join("stdout")).unwrap_or_default(),
+            stderr: std::fs::read(cwd.join("stderr")).unwrap_or_default(),
+        },
+        cwd,
+    };
+    provisioned.assert_code(0);
+    assert!(fewest >= 2, "etcd fell to {fewest} healthy members");
+    for s in [
+        "quorum",
+        "member-remove",
+        "vm-plan",
+        "vm-apply",
+        "vm-output",
+        "install",
+        "ready",
+        "etcd-after",
+        "verify",
+    ] {
+        assert_eq!(provisioned.status_of(s), "succeeded", "{s}");
+    }
+    // Terraform saw the VM gone and planned it alone, from the template.
+    let plan = log_of(&provisioned, "steps/vm-plan/local/attempt-1.log");
+    assert!(
+        plan.contains(
+            "module.rke2.proxmox_virtual_environment_vm.node[\"rke2-server-3\"] has been deleted"
+        ),
+        "{plan}"
+    );
+    assert!(
+        plan.contains("Plan: 1 to add, 0 to change, 0 to destroy."),
+        "{plan}"
+    );
+    let applied = log_of(&provisioned, "steps/vm-apply/local/attempt-1.log");
+    assert!(
+        applied.contains("Creation complete") && applied.contains("[id=203]"),
+        "{applied}"
+    );
+    // Three started, healthy members: the lost one's id gone, a new one of rke2-server-3.
+    let members = etcd_members(&lab, "rke2-server-1");
+    assert_eq!(members.len(), 3, "{members:?}");
+    assert!(members.iter().all(|(_, s)| s == "started"), "{members:?}");
+    let new3 = etcd_member_id(&lab, "rke2-server-1", "rke2-server-3").expect("new member");
+    assert_ne!(new3, old3, "the old member of rke2-server-3 is still there");
+    assert_eq!(etcd_healthy(&lab, "rke2-server-3"), 3);
+    let got = nodes(&lab);
+    let new = got
+        .iter()
+        .find(|n| n.0 == "rke2-server-3")
+        .unwrap_or_else(|| panic!("{got:?}"));
+    assert_eq!(
+        (new.1.as_str(), new.2.as_str()),
+        ("Ready", version.as_str())
+    );
+    assert_ne!(
+        node_field(&lab, "rke2-server-3", "{.status.nodeInfo.bootID}"),
+        boot3
+    );
+    assert_eq!(
+        node_field(&lab, "rke2-server-3", "{.status.addresses[0].address}"),
+        "127.0.194.13"
+    );
+    let change = log_of(&provisioned, "steps/inventory-change/local/attempt-1.log");
+    assert!(change.contains("no inventory change"), "{change}");
+    assert_bundle_verifies(&provisioned.bundle());
+
     // The agent path: rke2-agent-1 lost, a spare agent in its place, etcd untouched.
     let out = lab_cmd(
         &lab.labdir(),
@@ -627,4 +794,114 @@ fn node_replace_swaps_a_lost_server_for_a_spare_without_losing_quorum() {
     assert_eq!(cfg.lines().count(), 2, "{:?}", cfg.lines().next());
     assert_eq!(etcd_members(&lab, "rke2-server-1").len(), 3);
     assert_bundle_verifies(&agent.bundle());
+}
+
+/// The lab's Terraform stand-in (lab/terraform.py) on copies of the real envs, before it talks
+/// to any API: `init` first, variables resolved as Terraform resolves them (`TF_VAR_*` <
+/// `*.auto.tfvars` < `-var`, module validations, Terraform's messages for an undeclared or an
+/// unset variable), and the vSphere env refused rather than pretended.
+#[test]
+fn terraform_stand_in_resolves_variables_as_terraform_does_and_refuses_what_it_cannot_run() {
+    let repo = crate::lab_harness::repo();
+    let tmp = tempfile::tempdir().expect("tmp");
+    for rel in [
+        "envs/lab",
+        "envs/lab-vsphere",
+        "modules/rke2/proxmox",
+        "modules/rke2/vsphere",
+    ] {
+        let from = repo.join("runbooks/infra/terraform").join(rel);
+        let to = tmp.path().join(rel);
+        std::fs::create_dir_all(&to).expect("mkdir");
+        for f in std::fs::read_dir(&from).expect("read_dir") {
+            let f = f.expect("entry").path();
+            if f.extension().is_some_and(|e| e == "tf") {
+                std::fs::copy(&f, to.join(f.file_name().expect("name"))).expect("copy");
+            }
+        }
+    }
+    let env = tmp.path().join("envs/lab");
+    let tf = |dir: &std::path::Path, args: &[&str], vars: &[(&str, &str)]| {
+        let mut cmd = std::process::Command::new("python3");
+        cmd.arg(repo.join("lab/terraform.py"))
+            .arg(format!("-chdir={}", dir.display()))
+            .args(args);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("TF_VAR_") || k.starts_with("PROXMOX_VE_") {
+                cmd.env_remove(k);
+            }
+        }
+        for (k, v) in vars {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().expect("python3 lab/terraform.py");
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    };
+
+    let (code, _, err) = tf(&env, &["plan", "-input=false"], &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("Module not installed"), "{err}");
+    let (code, out, err) = tf(&env, &["init", "-input=false"], &[]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("- rke2 in ../../modules/rke2/proxmox"),
+        "{out}"
+    );
+    assert!(env.join(".terraform/modules/modules.json").exists());
+
+    let (code, _, err) = tf(&env, &["plan", "-input=false", "-var", "nope=1"], &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("Error: Value for undeclared variable"),
+        "{err}"
+    );
+    assert!(
+        err.contains("A variable named \"nope\" was assigned on the command line"),
+        "{err}"
+    );
+    // The module's validation, from TF_VAR_ and from -var.
+    let (code, _, err) = tf(
+        &env,
+        &["plan", "-input=false"],
+        &[("TF_VAR_server_count", "2")],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("server_count must be 1 or 3"), "{err}");
+    // *.auto.tfvars over TF_VAR_, -var over both: the plan gets as far as the provider.
+    std::fs::write(env.join("lab.auto.tfvars"), "server_count = 2\n").expect("tfvars");
+    let (code, _, err) = tf(
+        &env,
+        &["plan", "-input=false"],
+        &[("TF_VAR_server_count", "3")],
+    );
+    assert!(
+        code == Some(1) && err.contains("server_count must be 1 or 3"),
+        "{err}"
+    );
+    let (code, _, err) = tf(&env, &["plan", "-input=false", "-var=server_count=3"], &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("Missing Proxmox VE API token"), "{err}");
+    std::fs::remove_file(env.join("lab.auto.tfvars")).expect("rm");
+    // A required variable without a value, named where it is declared.
+    std::fs::write(
+        env.join("extra.tf"),
+        "variable \"needed\" {\n  type = string\n}\n",
+    )
+    .expect("extra.tf");
+    let (code, _, err) = tf(&env, &["plan", "-input=false"], &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("Error: No value for required variable"),
+        "{err}"
+    );
+    assert!(
+        err.contains("The root module input variable \"needed\" is not set"),
+        "{err}"
+    );
+    assert!(err.contains("extra.tf line 1"), "{err}");
+
+    // No vSphere here: refused at init, not faked.
+    let (code, _, err) = tf(&tmp.path().join("envs/lab-vsphere"), &["init"], &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("implements only bpg/proxmox"), "{err}");
 }
