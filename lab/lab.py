@@ -619,6 +619,9 @@ export PROXMOX_TOKEN_ID="{PVE_TOKEN_ID}"
 export PROXMOX_TOKEN="{lab['pve_secret']}"
 export PROXMOX_CA_FILE="{tls}/ca.pem"
 """)
+    import s3  # the lab's S3 (lab/s3.py, branch dr2): started here, its env lines appended to env.sh
+    s3.up(lab_dir, lab, env)
+    save(lab_dir, lab)
     os.makedirs(os.path.join(lab_dir, "operator"), exist_ok=True)
     with open(os.path.join(lab_dir, "updates.json"), "w") as f:
         json.dump(UPDATES, f, indent=1)
@@ -636,7 +639,7 @@ def cmd_down(a):
         lab = load(lab_dir)
     except (OSError, ValueError):
         lab = {"nodes": []}
-    for key in ("lb_pid", "pve_pid"):
+    for key in ("lb_pid", "pve_pid", "s3_pid"):  # s3_pid: lab/s3.py (branch dr2)
         pid = lab.get(key)
         if pid and alive(pid):
             os.killpg(pid, signal.SIGKILL)
