@@ -209,7 +209,7 @@ def boot_node(lab_dir, lab, n, start_services=True):
         except (OSError, ValueError):
             enabled = []
         for u in enabled:
-            node_exec(n, ["systemctl", "start", u], check=False)
+            node_exec(n, ["systemctl", "start", "--no-block", u], check=False)  # a boot waits for no unit (dr2)
 
 
 def node_exec(n, cmd, check=True):

@@ -106,7 +106,9 @@ def daemon_pid(u):
         return None
 
 
-def daemon_start(u):
+def daemon_start(u, block=True):
+    """Start a unit's daemon; like systemd with a Type=notify unit, wait until it says it is up,
+    unless `--no-block` (a boot: systemd starts the enabled units without anyone waiting)."""
     if daemon_pid(u):
         return 0
     try:
@@ -122,6 +124,8 @@ def daemon_start(u):
                          cwd="/", env=env)
     with open(state_path(u + ".pid"), "w") as f:
         f.write(str(p.pid))
+    if not block:
+        return 0
     end = time.time() + 180
     while time.time() < end:
         if os.path.exists(state_path(u + ".ready")):
@@ -221,7 +225,7 @@ def systemctl(args):
                 if verb in ("stop", "restart", "try-restart", "reload-or-restart"):
                     daemon_stop(u)
                 if verb != "stop":
-                    rc |= daemon_start(u)
+                    rc |= daemon_start(u, block="--no-block" not in flags)
             else:
                 if verb != "reload":
                     cur["active"] = verb != "stop"
@@ -473,7 +477,7 @@ def s3_request(s, method, key="", query="", infile=None, outfile=None):
                 h.update(chunk)
     body = tempfile.NamedTemporaryFile(delete=False)
     body.close()
-    cmd = ["/usr/bin/curl", "-sS", "-K", "-", "-X", method, "-o", outfile or body.name, "-w", "%{http_code}",
+    cmd = ["/usr/bin/curl", "-sS", "--connect-timeout", "10", "-K", "-", "-X", method, "-o", outfile or body.name, "-w", "%{http_code}",
            "--aws-sigv4", f"aws:amz:{s['region']}:s3", "-H", f"x-amz-content-sha256: {h.hexdigest()}"]
     if infile:
         cmd += ["-T", infile]
@@ -548,8 +552,12 @@ def etcd_snapshot(args):
             p = os.path.join(SNAPDIR, f)
             print(f"{f:<60} file://{p:<93} {os.path.getsize(p):<10} {rfc3339(os.path.getmtime(p))}")
         if s3:
-            for name, size, modified in sorted(s3_list(s3)):
-                print(f"{name:<60} {s3_location(s3, name):<100} {size:<10} {modified}")
+            # An unreachable S3 is reported; the local snapshots are still listed.
+            try:
+                for name, size, modified in sorted(s3_list(s3)):
+                    print(f"{name:<60} {s3_location(s3, name):<100} {size:<10} {modified}")
+            except LabError as e:
+                print(f"level=error msg=\"Error retrieving S3 snapshots: {e}\"", file=sys.stderr)
         return 0
     if verb == "save":
         if os.path.exists(state_path("disk-full")):
@@ -619,7 +627,7 @@ def rke2_server(args):
     name, ip = info["name"], info["ip"]
     etcd_dir = DB + "/etcd"
     if not path:
-        raise LabError("lab: --cluster-reset without --cluster-reset-restore-path is not modelled")
+        return reset_membership(name, ip, etcd_dir, token)
     s3 = s3_settings(args)
     if s3 and not os.path.isabs(path):
         # With etcd-s3 configured the restore path is an S3 snapshot name: RKE2 downloads it into
@@ -658,6 +666,44 @@ def rke2_server(args):
     if os.path.isdir(etcd_dir):
         os.rename(etcd_dir, f"{DB}/etcd-old-{int(time.time())}")
     os.rename(tmp, etcd_dir)
+    with open(DB + "/reset-flag", "w") as f:
+        f.write("")
+    if token:
+        with open(DATA + "/server/reset-token", "w") as f:
+            f.write(token)
+    print("level=info msg=\"Managed etcd cluster membership has been reset, restart without --cluster-reset flag now. Backup and delete ${datadir}/server/db on each peer etcd server and rejoin the nodes\"")
+    return 0
+
+
+def reset_membership(name, ip, etcd_dir, token):
+    """`--cluster-reset` with no restore path: this member's own data, its membership reset to
+    itself alone (k3s starts its etcd with ForceNewCluster) — how quorum comes back after losing
+    it, or after VM rollbacks whose snapshots were not taken at one instant."""
+    if not os.path.isdir(etcd_dir + "/member"):
+        raise LabError("level=fatal msg=\"etcd: no existing etcd data to reset (nothing in db/etcd)\"")
+    logf = open(NODE_STATE + "/etcd.log", "ab")
+    p = subprocess.Popen(["etcd", "--name", name, "--data-dir", etcd_dir, "--force-new-cluster",
+                          "--listen-client-urls", f"http://{ip}:2379", "--advertise-client-urls", f"http://{ip}:2379",
+                          "--listen-peer-urls", f"http://{ip}:2380", "--initial-advertise-peer-urls", f"http://{ip}:2380",
+                          "--listen-metrics-urls", f"http://{ip}:2381"],
+                         stdout=logf, stderr=logf, stdin=subprocess.DEVNULL)
+    try:
+        end = time.time() + 60
+        while True:
+            if p.poll() is not None:
+                raise LabError(f"level=fatal msg=\"etcd --force-new-cluster exited with {p.returncode}\"")
+            r = subprocess.run(["etcdctl", "--endpoints", f"http://{ip}:2379", "--command-timeout=2s",
+                                "get", "/lab/health"], capture_output=True, text=True,
+                               env=dict(os.environ, ETCDCTL_API="3"))
+            if r.returncode == 0:
+                break
+            if time.time() > end:
+                raise LabError("level=fatal msg=\"etcd did not come up with its membership reset\"")
+            time.sleep(0.3)
+    finally:
+        if p.poll() is None:
+            p.terminate()
+            p.wait(10)
     with open(DB + "/reset-flag", "w") as f:
         f.write("")
     if token:
