@@ -5,6 +5,9 @@ script (`curl https://get.rke2.io` answers it), `systemctl`, `dnf`, `rpm`, `fire
 `getenforce`, `nmcli`, `hostnamectl`, `systemd-detect-virt`, `timedatectl`, `lsblk`, `ss`,
 `needs-restarting`, `systemd-run`, `reboot`, `shutdown`, `rke2-killall.sh`. `kubectl` and `helm` are in kubectl.py.
 
+`rke2 etcd-snapshot` and `rke2 server --cluster-reset` also speak to S3 when `etcd-s3` is set
+(config.yaml or flags): the lab's S3 is lab/s3.py, the client the real `curl --aws-sigv4`.
+
 State is kept in /var/lib/lab-node (the node's own /var/lib overlay).
 """
 

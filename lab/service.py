@@ -7,6 +7,8 @@ the supervisor on :9345 (`/ping` → `pong`; joins with the cluster token) and a
 quorum. An agent registers through the registration address's supervisor. Both heartbeat
 into etcd; readers count a node Ready once its service has run `ready_delay` seconds and its
 heartbeat is fresh. The process writes `<state>/<unit>.ready` when `systemctl start` may return.
+A server also plays RKE2's etcd-snapshot controller once at start: an `EtcdSnapshotFile` for
+every snapshot in its snapshot directory and (with etcd-s3) in S3 that has none.
 """
 
 import http.server
