@@ -864,6 +864,17 @@ fn dr_drill_on_the_canary_then_a_missed_rto_then_a_resumed_restore_onto_the_surv
     // rke2-server-2 rejoined and before the block ends; `runbook resume` runs the block again on
     // every server, and the guard keeps rke2-server-2's new database.
     ok(lab_cmd(&lab.labdir(), &["fault", "rke2-server-3", "lose"]));
+    // rke2-server-2's database archives so far (the first drill's restore wiped it once).
+    let archives = || {
+        text(
+            &lab.exec("rke2-server-2", &["ls", "/var/lib/rancher/rke2/server"])
+                .stdout,
+        )
+        .lines()
+        .filter(|l| l.starts_with("db-before-restore-"))
+        .count()
+    };
+    let archives_before = archives();
     etcd_snapshot(&lab, "rke2-server-1", "resume");
     let ls = text(
         &lab.exec("rke2-server-1", &["rke2", "etcd-snapshot", "ls"])
@@ -958,16 +969,10 @@ fn dr_drill_on_the_canary_then_a_missed_rto_then_a_resumed_restore_onto_the_surv
         id_before,
         "the same member, not a new one"
     );
-    let dbs = text(
-        &lab.exec("rke2-server-2", &["ls", "/var/lib/rancher/rke2/server"])
-            .stdout,
-    );
     assert_eq!(
-        dbs.lines()
-            .filter(|l| l.starts_with("db-before-restore-"))
-            .count(),
-        1,
-        "one archive, one wipe: {dbs}"
+        archives(),
+        archives_before + 1,
+        "one more archive in this restore, one wipe"
     );
     let notes = done.manifest()["notes"].to_string();
     assert!(notes.contains("cluster-reset on rke2-server-1"), "{notes}");
