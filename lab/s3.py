@@ -83,7 +83,8 @@ def up(lab_dir, lab, env_file):
     # be in the `python3` on PATH rather than in the system Python that runs the lab.
     python = sys.executable
     for cand in (sys.executable, shutil.which("python3")):
-        if cand and subprocess.run([cand, "-c", "import moto.server"], capture_output=True).returncode == 0:
+        probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('moto') is None)"
+        if cand and subprocess.run([cand, "-c", probe], capture_output=True).returncode == 0:
             python = cand
             break
     p = subprocess.Popen([python, os.path.realpath(__file__), "serve", "--dir", lab_dir],
