@@ -27,6 +27,8 @@ import threading
 import time
 import urllib.parse
 
+import s3  # lab/s3.py, beside this file
+
 HERE = os.path.dirname(os.path.realpath(__file__))
 MARKER = ".rke2-lab"
 NODE_TOOLS = ["rke2", "rke2-install", "curl", "systemctl", "dnf", "yum", "rpm", "firewall-cmd", "getenforce",
@@ -210,7 +212,7 @@ def boot_node(lab_dir, lab, n, start_services=True):
         except (OSError, ValueError):
             enabled = []
         for u in enabled:
-            node_exec(n, ["systemctl", "start", u], check=False)
+            node_exec(n, ["systemctl", "start", "--no-block", u], check=False)  # a boot waits for no unit
 
 
 # ------------------------------------------------------------------------------------- VMs
@@ -844,6 +846,9 @@ export PROXMOX_VE_API_TOKEN="{PVE_TOKEN_ID}={lab['pve_secret']}"
 export RKE2_TERRAFORM_DIR="{tf_dir}"
 """)
     import_terraform(lab_dir, lab, tf_dir, bindir)
+    # The lab's S3 (lab/s3.py): started here, its env lines appended to env.sh.
+    s3.up(lab_dir, lab, env)
+    save(lab_dir, lab)
     os.makedirs(os.path.join(lab_dir, "operator"), exist_ok=True)
     with open(os.path.join(lab_dir, "updates.json"), "w") as f:
         json.dump(UPDATES, f, indent=1)
@@ -924,7 +929,7 @@ def cmd_down(a):
         lab = load(lab_dir)
     except (OSError, ValueError):
         lab = {"nodes": []}
-    for key in ("lb_pid", "pve_pid", "lab_lb_pid"):
+    for key in ("lb_pid", "pve_pid", "lab_lb_pid", "s3_pid"):
         pid = lab.get(key)
         if pid and alive(pid):
             os.killpg(pid, signal.SIGKILL)

@@ -5,6 +5,9 @@ script (`curl https://get.rke2.io` answers it), `systemctl`, `dnf`, `rpm`, `fire
 `getenforce`, `nmcli`, `hostnamectl`, `systemd-detect-virt`, `timedatectl`, `lsblk`, `ss`,
 `needs-restarting`, `systemd-run`, `reboot`, `shutdown`, `rke2-killall.sh`. `kubectl` and `helm` are in kubectl.py.
 
+`rke2 etcd-snapshot` and `rke2 server --cluster-reset` also speak to S3 when `etcd-s3` is set
+(config.yaml or flags): the lab's S3 is lab/s3.py, the client the real `curl --aws-sigv4`.
+
 State is kept in /var/lib/lab-node (the node's own /var/lib overlay).
 """
 
@@ -106,7 +109,9 @@ def daemon_pid(u):
         return None
 
 
-def daemon_start(u):
+def daemon_start(u, block=True):
+    """Start a unit's daemon; like systemd with a Type=notify unit, wait until it says it is up,
+    unless `--no-block` (a boot: systemd starts the enabled units without anyone waiting)."""
     if daemon_pid(u):
         return 0
     try:
@@ -122,6 +127,8 @@ def daemon_start(u):
                          cwd="/", env=env)
     with open(state_path(u + ".pid"), "w") as f:
         f.write(str(p.pid))
+    if not block:
+        return 0
     end = time.time() + 180
     while time.time() < end:
         if os.path.exists(state_path(u + ".ready")):
@@ -221,7 +228,7 @@ def systemctl(args):
                 if verb in ("stop", "restart", "try-restart", "reload-or-restart"):
                     daemon_stop(u)
                 if verb != "stop":
-                    rc |= daemon_start(u)
+                    rc |= daemon_start(u, block="--no-block" not in flags)
             else:
                 if verb != "reload":
                     cur["active"] = verb != "stop"
@@ -402,17 +409,158 @@ def opt(args, name, default=None):
     return default
 
 
+# ------------------------------------------------------------------------------- etcd-s3
+
+S3_OPTS = ("endpoint", "bucket", "folder", "access-key", "secret-key", "region", "insecure",
+           "skip-ssl-verify", "endpoint-ca")
+S3_BOOLS = ("insecure", "skip-ssl-verify")
+
+
+def truthy(v):
+    return str(v).strip().lower() in ("true", "1", "yes", "on")
+
+
+def bool_flag(args, names, default):
+    for a in args:
+        for n in names:
+            if a == n:
+                default = True
+            elif a.startswith(n + "="):
+                default = a.split("=", 1)[1]
+    return default
+
+
+def s3_settings(args):
+    """RKE2's etcd-s3 settings: config.yaml's `etcd-s3*` keys, over which the command's flags win
+    (`--s3-*` on `etcd-snapshot`, `--etcd-s3-*` on `server`). None when S3 is off."""
+    sys.path.insert(0, HERE)
+    from service import read_config  # noqa: E402
+
+    cfg = read_config()
+    if not truthy(bool_flag(args, ("--s3", "--etcd-s3"), cfg.get("etcd-s3", False))):
+        return None
+    s = {}
+    for k in S3_OPTS:
+        names = ("--s3-" + k, "--etcd-s3-" + k)
+        v = cfg.get("etcd-s3-" + k)
+        if k in S3_BOOLS:
+            v = truthy(bool_flag(args, names, v or False))
+        else:
+            for n in names:
+                v = opt(args, n, v)
+        s[k] = v
+    s["endpoint"] = s["endpoint"] or "s3.amazonaws.com"
+    s["region"] = s["region"] or "us-east-1"
+    s["folder"] = (s["folder"] or "").strip("/")
+    if not s["bucket"]:
+        raise LabError("level=fatal msg=\"s3 bucket name was not set\"")
+    return s
+
+
+def s3_key(s, name):
+    return f"{s['folder']}/{name}" if s["folder"] else name
+
+
+def s3_location(s, name):
+    return f"s3://{s['bucket']}/{s3_key(s, name)}"
+
+
+def s3_request(s, method, key="", query="", infile=None, outfile=None):
+    """One SigV4-signed S3 request with the real curl (`--aws-sigv4`); returns the body (or writes
+    it to outfile). The keys go to curl on stdin, never on its command line (`ps`)."""
+    import hashlib
+    import tempfile
+
+    scheme = "http" if s["insecure"] else "https"
+    url = f"{scheme}://{s['endpoint']}/{s['bucket']}" + (f"/{key}" if key else "") + (f"?{query}" if query else "")
+    h = hashlib.sha256()
+    if infile:
+        with open(infile, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    body = tempfile.NamedTemporaryFile(delete=False)
+    body.close()
+    cmd = ["/usr/bin/curl", "-sS", "--connect-timeout", "10", "-K", "-", "-X", method, "-o", outfile or body.name, "-w", "%{http_code}",
+           "--aws-sigv4", f"aws:amz:{s['region']}:s3", "-H", f"x-amz-content-sha256: {h.hexdigest()}"]
+    if infile:
+        cmd += ["-T", infile]
+    if scheme == "https":
+        if s["skip-ssl-verify"]:
+            cmd += ["-k"]
+        else:
+            # The CA that signed the S3 endpoint: etcd-s3-endpoint-ca, else the system trust store,
+            # which on the lab's "image" is the lab CA (as a site CA would be on real VMs).
+            cmd += ["--cacert", s["endpoint-ca"] or os.path.join(lab_info()["lab_dir"], "tls", "ca.pem")]
+    cmd += [url]
+    cred = f'user = "{s["access-key"] or ""}:{s["secret-key"] or ""}"\n'
+    try:
+        r = subprocess.run(cmd, input=cred, capture_output=True, text=True, timeout=60)
+        with open(body.name, errors="replace") as f:
+            text = f.read()
+    finally:
+        os.unlink(body.name)
+    if r.returncode != 0:
+        raise LabError(f"level=fatal msg=\"s3 {method} {url}: {r.stderr.strip()}\"")
+    code = r.stdout.strip()
+    if not code.startswith("2"):
+        m = re.search(r"<Code>(.*?)</Code>", text)
+        raise LabError(f"level=fatal msg=\"s3 {method} {url}: HTTP {code} {m.group(1) if m else text[:200]}\"")
+    return text
+
+
+def s3_list(s):
+    """The snapshots under the folder: [(name, size, last_modified)]."""
+    import xml.etree.ElementTree as ET
+
+    prefix = s["folder"] + "/" if s["folder"] else ""
+    out = []
+    token = None
+    while True:
+        q = "list-type=2&prefix=" + prefix + (f"&continuation-token={token}" if token else "")
+        root = ET.fromstring(s3_request(s, "GET", query=q))
+        ns = root.tag.split("}")[0] + "}" if root.tag.startswith("{") else ""
+        for c in root.findall(f"{ns}Contents"):
+            name = c.find(f"{ns}Key").text[len(prefix):]
+            if "/" in name:  # RKE2's .metadata/ and other folders
+                continue
+            modified = c.find(f"{ns}LastModified").text
+            out.append((name, int(c.find(f"{ns}Size").text), modified.split(".")[0].rstrip("Z") + "Z"))
+        nxt = root.find(f"{ns}NextContinuationToken")
+        if nxt is None or not nxt.text:
+            return out
+        token = nxt.text
+
+
+def snapshot_object(name, node, location, size, created, s3=None):
+    """The EtcdSnapshotFile RKE2 keeps for a snapshot (local-… on its node, s3-… for S3)."""
+    kind = "s3" if s3 else "local"
+    spec = {"snapshotName": name, "nodeName": "s3" if s3 else node, "location": location}
+    if s3:
+        spec["s3"] = {"endpoint": s3["endpoint"], "bucket": s3["bucket"], "prefix": s3["folder"],
+                      "region": s3["region"], "insecure": s3["insecure"], "skipSSLVerify": s3["skip-ssl-verify"]}
+    return {"metadata": {"name": f"{kind}-{name}".lower().replace("_", "-")}, "spec": spec,
+            "status": {"size": str(size), "readyToUse": True, "creationTime": created}}
+
+
 def etcd_snapshot(args):
     need_root()
     info = lab_info()
     sub = [a for a in args if not a.startswith("-")]
     verb = sub[0] if sub else "save"
     os.makedirs(SNAPDIR, exist_ok=True)
+    s3 = s3_settings(args)
     if verb in ("ls", "list"):
         print(f"{'Name':<60} {'Location':<100} {'Size':<10} Created")
         for f in sorted(os.listdir(SNAPDIR)):
             p = os.path.join(SNAPDIR, f)
             print(f"{f:<60} file://{p:<93} {os.path.getsize(p):<10} {rfc3339(os.path.getmtime(p))}")
+        if s3:
+            # An unreachable S3 is reported; the local snapshots are still listed.
+            try:
+                for name, size, modified in sorted(s3_list(s3)):
+                    print(f"{name:<60} {s3_location(s3, name):<100} {size:<10} {modified}")
+            except LabError as e:
+                print(f"level=error msg=\"Error retrieving S3 snapshots: {e}\"", file=sys.stderr)
         return 0
     if verb == "save":
         if os.path.exists(state_path("disk-full")):
@@ -425,22 +573,35 @@ def etcd_snapshot(args):
                            env=dict(os.environ, ETCDCTL_API="3"))
         if r.returncode != 0:
             raise LabError(f"level=fatal msg=\"failed to save snapshot: {r.stderr.strip()}\"")
+        created = rfc3339(time.time())
+        objs = [snapshot_object(fname, info["name"], f"file://{path}", os.path.getsize(path), created)]
+        print(f"level=info msg=\"Snapshot {fname} saved.\"")
+        if s3:
+            # RKE2 saves locally first, then uploads the file under the folder by the same name. A
+            # failed upload does not fail the save: it is logged and its EtcdSnapshotFile says so.
+            obj = snapshot_object(fname, info["name"], s3_location(s3, fname), os.path.getsize(path), created, s3)
+            try:
+                s3_request(s3, "PUT", s3_key(s3, fname), infile=path)
+                print(f"level=info msg=\"Uploaded snapshot {fname} to {s3_location(s3, fname)}\"")
+            except LabError as e:
+                print(f"level=error msg=\"Error received during snapshot upload to S3: {e}\"", file=sys.stderr)
+                obj["status"]["readyToUse"] = False
+                obj["status"]["error"] = {"message": str(e), "time": created}
+            objs.append(obj)
         try:
             store = Store(local_etcd())
-            store.put("etcdsnapshotfiles", {
-                "metadata": {"name": f"local-{fname}".lower().replace("_", "-")},
-                "spec": {"snapshotName": fname, "nodeName": info["name"], "location": f"file://{path}"},
-                "status": {"size": str(os.path.getsize(path)), "readyToUse": True,
-                           "creationTime": rfc3339(time.time())}})
+            for o in objs:
+                store.put("etcdsnapshotfiles", o)
         except LabError:
             pass
-        print(f"level=info msg=\"Snapshot {fname} saved.\"")
         return 0
     if verb in ("delete", "prune"):
         for n in sub[1:]:
             p = os.path.join(SNAPDIR, n)
             if os.path.exists(p):
                 os.remove(p)
+            if s3 and verb == "delete":
+                s3_request(s3, "DELETE", s3_key(s3, n))
         return 0
     raise LabError(f"rke2 etcd-snapshot: unknown command {verb}")
 
@@ -469,7 +630,22 @@ def rke2_server(args):
     name, ip = info["name"], info["ip"]
     etcd_dir = DB + "/etcd"
     if not path:
-        raise LabError("lab: --cluster-reset without --cluster-reset-restore-path is not modelled")
+        return reset_membership(name, ip, etcd_dir, token)
+    s3 = s3_settings(args)
+    if s3 and not os.path.isabs(path):
+        # With etcd-s3 configured the restore path is an S3 snapshot name: RKE2 downloads it into
+        # the snapshot directory first (--etcd-s3=false: a local file).
+        os.makedirs(SNAPDIR, exist_ok=True)
+        dest = os.path.join(SNAPDIR, os.path.basename(path))
+        try:
+            s3_request(s3, "GET", s3_key(s3, path), outfile=dest + ".part")
+        except LabError:
+            if os.path.exists(dest + ".part"):
+                os.remove(dest + ".part")
+            raise
+        os.replace(dest + ".part", dest)
+        print(f"level=info msg=\"Downloaded {s3_location(s3, path)} to {dest}\"")
+        path = dest
     if not os.path.isabs(path):
         cand = os.path.join(SNAPDIR, path)
         if not os.path.exists(cand):
@@ -493,6 +669,44 @@ def rke2_server(args):
     if os.path.isdir(etcd_dir):
         os.rename(etcd_dir, f"{DB}/etcd-old-{int(time.time())}")
     os.rename(tmp, etcd_dir)
+    with open(DB + "/reset-flag", "w") as f:
+        f.write("")
+    if token:
+        with open(DATA + "/server/reset-token", "w") as f:
+            f.write(token)
+    print("level=info msg=\"Managed etcd cluster membership has been reset, restart without --cluster-reset flag now. Backup and delete ${datadir}/server/db on each peer etcd server and rejoin the nodes\"")
+    return 0
+
+
+def reset_membership(name, ip, etcd_dir, token):
+    """`--cluster-reset` with no restore path: this member's own data, its membership reset to
+    itself alone (k3s starts its etcd with ForceNewCluster) — how quorum comes back after losing
+    it, or after VM rollbacks whose snapshots were not taken at one instant."""
+    if not os.path.isdir(etcd_dir + "/member"):
+        raise LabError("level=fatal msg=\"etcd: no existing etcd data to reset (nothing in db/etcd)\"")
+    logf = open(NODE_STATE + "/etcd.log", "ab")
+    p = subprocess.Popen(["etcd", "--name", name, "--data-dir", etcd_dir, "--force-new-cluster",
+                          "--listen-client-urls", f"http://{ip}:2379", "--advertise-client-urls", f"http://{ip}:2379",
+                          "--listen-peer-urls", f"http://{ip}:2380", "--initial-advertise-peer-urls", f"http://{ip}:2380",
+                          "--listen-metrics-urls", f"http://{ip}:2381"],
+                         stdout=logf, stderr=logf, stdin=subprocess.DEVNULL)
+    try:
+        end = time.time() + 60
+        while True:
+            if p.poll() is not None:
+                raise LabError(f"level=fatal msg=\"etcd --force-new-cluster exited with {p.returncode}\"")
+            r = subprocess.run(["etcdctl", "--endpoints", f"http://{ip}:2379", "--command-timeout=2s",
+                                "get", "/lab/health"], capture_output=True, text=True,
+                               env=dict(os.environ, ETCDCTL_API="3"))
+            if r.returncode == 0:
+                break
+            if time.time() > end:
+                raise LabError("level=fatal msg=\"etcd did not come up with its membership reset\"")
+            time.sleep(0.3)
+    finally:
+        if p.poll() is None:
+            p.terminate()
+            p.wait(10)
     with open(DB + "/reset-flag", "w") as f:
         f.write("")
     if token:

@@ -7,6 +7,8 @@ the supervisor on :9345 (`/ping` → `pong`; joins with the cluster token) and a
 quorum. An agent registers through the registration address's supervisor. Both heartbeat
 into etcd; readers count a node Ready once its service has run `ready_delay` seconds and its
 heartbeat is fresh. The process writes `<state>/<unit>.ready` when `systemctl start` may return.
+A server also plays RKE2's etcd-snapshot controller once at start: an `EtcdSnapshotFile` for
+every snapshot in its snapshot directory and (with etcd-s3) in S3 that has none.
 """
 
 import http.server
@@ -31,6 +33,7 @@ from labcommon import (  # noqa: E402
     http_json,
     node_info,
     parse_version,
+    rfc3339,
 )
 
 DATA = "/var/lib/rancher/rke2"
@@ -363,6 +366,9 @@ class Service:
             ctx.load_cert_chain(self.node["tls_cert"], self.node["tls_key"])
             srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
             threading.Thread(target=srv.serve_forever, daemon=True).start()
+        # RKE2's etcd-snapshot controller: an EtcdSnapshotFile for every snapshot that has none
+        # (after a restore, those of the restored snapshot and of every later one are missing).
+        threading.Thread(target=reconcile_snapshots, args=(store, self.name), daemon=True).start()
         self.mark_ready()
         log("rke2 is up and running")
         while not self.stopping:
@@ -418,6 +424,30 @@ class Service:
             except subprocess.TimeoutExpired:
                 self.etcd_proc.kill()
         os._exit(0)
+
+
+def reconcile_snapshots(store, node):
+    from node import SNAPDIR, s3_list, s3_location, s3_settings, snapshot_object  # noqa: E402
+
+    try:
+        have = {o["metadata"]["name"] for o in store.list("etcdsnapshotfiles")}
+        objs = []
+        if os.path.isdir(SNAPDIR):
+            for f in sorted(os.listdir(SNAPDIR)):
+                p = os.path.join(SNAPDIR, f)
+                if os.path.isfile(p) and not f.endswith(".part"):
+                    objs.append(snapshot_object(f, node, f"file://{p}", os.path.getsize(p), rfc3339(os.path.getmtime(p))))
+        s3 = s3_settings([])
+        if s3:
+            for name, size, modified in s3_list(s3):
+                objs.append(snapshot_object(name, node, s3_location(s3, name), size, modified, s3))
+        added = [o for o in objs if o["metadata"]["name"] not in have]
+        for o in added:
+            store.put("etcdsnapshotfiles", o)
+        if added:
+            log(f"etcd-snapshot controller: {len(added)} EtcdSnapshotFile object(s) reconciled")
+    except LabError as e:
+        log(f"level=error msg=\"etcd-snapshot controller: {e}\"")
 
 
 def default_critical(k):

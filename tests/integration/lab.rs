@@ -15,15 +15,40 @@ use std::process::Output;
 use crate::common::{assert_bundle_lacks, BIN};
 use crate::lab_harness::{lab_cmd, nodes, text, Lab, Run};
 
+/// `rke2-vm-deploy.toml` with `etcd-s3` pointed at the lab's S3 (`RKE2_S3_ENDPOINT` of the env
+/// file), as an operator passes their S3 endpoint.
+fn deploy(lab: &Lab, extra: &[&str], vars: &[(&str, &str)]) -> Run {
+    let s3 = format!("s3_endpoint={}", lab.var("RKE2_S3_ENDPOINT"));
+    let mut args = vec!["--set", s3.as_str()];
+    args.extend_from_slice(extra);
+    lab.run("rke2-vm-deploy.toml", &args, vars)
+}
+
 #[test]
-fn deploy_from_nothing_then_rerun_is_idempotent_and_never_downgrades() {
+fn deploy_from_nothing_rerun_and_downgrade_refused_then_dr_restore_from_s3_with_servers_0_lost() {
     let Some(lab) = Lab::up("127.0.177") else {
         return;
     };
+    // A contradictory setting is refused before anything runs.
+    let run = lab.run(
+        "rke2-vm-deploy.toml",
+        &["--set", "cni=canal", "--set", "kube_proxy_replacement=true"],
+        &[],
+    );
+    run.assert_code(1);
+    assert_eq!(run.status_of("prepare"), "failed");
+    assert!(
+        run.stderr()
+            .contains("kube_proxy_replacement=true needs cni=cilium"),
+        "{}",
+        run.stderr()
+    );
+    assert_eq!(run.status_of("wait-ssh"), "skipped");
+
     let version = lab.var("RKE2_VERSION");
 
     // From nothing: 3 servers, 2 agents.
-    let first = lab.run("rke2-vm-deploy.toml", &[], &[]);
+    let first = deploy(&lab, &[], &[]);
     first.assert_code(0);
     let manifest = first.manifest();
     assert_eq!(manifest["status"], "succeeded");
@@ -70,6 +95,25 @@ fn deploy_from_nothing_then_rerun_is_idempotent_and_never_downgrades() {
         "{}",
         text(&snaps.stdout)
     );
+    // …and in the lab's S3 (etcd-s3 in config.yaml): another server lists it from there.
+    let snaps = lab.exec("rke2-server-2", &["rke2", "etcd-snapshot", "ls"]);
+    assert!(
+        text(&snaps.stdout).contains("s3://rke2-etcd/lab/post-deploy-rke2-server-1-"),
+        "{}{}",
+        text(&snaps.stdout),
+        text(&snaps.stderr)
+    );
+    // The lab's S3 checks the keys: a wrong secret is refused (the local list still comes).
+    let wrong = lab.exec(
+        "rke2-server-2",
+        &["rke2", "etcd-snapshot", "ls", "--s3-secret-key=wrong"],
+    );
+    assert!(
+        text(&wrong.stderr).contains("SignatureDoesNotMatch")
+            && !text(&wrong.stdout).contains("s3://"),
+        "{}",
+        text(&wrong.stderr)
+    );
     // The nodes got the secrets; nothing runbook wrote did.
     let token = lab.var("RKE2_TOKEN");
     let s3 = lab.var("S3_SECRET_KEY");
@@ -92,7 +136,7 @@ fn deploy_from_nothing_then_rerun_is_idempotent_and_never_downgrades() {
     );
 
     // Again: nothing reinstalled, the same cluster, one more snapshot.
-    let again = lab.run("rke2-vm-deploy.toml", &[], &[]);
+    let again = deploy(&lab, &[], &[]);
     again.assert_code(0);
     let log = std::fs::read_to_string(
         again
@@ -107,41 +151,174 @@ fn deploy_from_nothing_then_rerun_is_idempotent_and_never_downgrades() {
     assert_eq!(nodes(&lab).len(), 5);
 
     // A re-run with another version stops before touching any node (no downgrade).
-    let older = lab.run(
-        "rke2-vm-deploy.toml",
-        &[],
-        &[("RKE2_VERSION", "v1.33.3+rke2r1")],
-    );
+    let older = deploy(&lab, &[], &[("RKE2_VERSION", "v1.33.3+rke2r1")]);
     older.assert_code(1);
     assert_eq!(older.status_of("installed"), "failed");
     assert_eq!(older.status_of("node-prep"), "skipped");
     for (name, _, v) in nodes(&lab) {
         assert_eq!(v, version, "{name} was changed");
     }
-}
 
-#[test]
-fn disable_kube_proxy_with_canal_is_refused_before_anything_runs() {
-    let Some(lab) = Lab::up("127.0.178") else {
-        return;
-    };
-    let run = lab.run(
-        "rke2-vm-deploy.toml",
-        &["--set", "cni=canal", "--set", "kube_proxy_replacement=true"],
-        &[],
+    // DR restore from S3 onto a set where servers[0] is lost and no node has the file.
+    let ok = |o: Output| assert!(o.status.success(), "{}", text(&o.stderr));
+    ok(lab.kubectl(&["create", "namespace", "before-snapshot"]));
+    // The snapshot is taken on rke2-server-2 and uploaded to S3 (etcd-s3 in config.yaml).
+    ok(lab.exec(
+        "rke2-server-2",
+        &["rke2", "etcd-snapshot", "save", "--name", "dr"],
+    ));
+    let ls = text(
+        &lab.exec("rke2-server-2", &["rke2", "etcd-snapshot", "ls"])
+            .stdout,
     );
-    run.assert_code(1);
-    assert_eq!(run.status_of("prepare"), "failed");
+    let snap = ls
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .find(|n| n.starts_with("dr-rke2-server-2-"))
+        .expect("the snapshot")
+        .to_owned();
     assert!(
-        run.stderr()
-            .contains("kube_proxy_replacement=true needs cni=cilium"),
-        "{}",
-        run.stderr()
+        ls.contains(&format!("s3://rke2-etcd/lab/{snap}")),
+        "uploaded: {ls}"
     );
-    assert_eq!(run.status_of("wait-ssh"), "skipped");
+    ok(lab.kubectl(&["create", "namespace", "after-snapshot"]));
+    ok(lab.exec(
+        "rke2-server-3",
+        &["rke2", "etcd-snapshot", "save", "--name", "later"],
+    ));
+    // No node keeps the file: the restore must fetch it from S3.
+    ok(lab.exec(
+        "rke2-server-2",
+        &[
+            "rm",
+            &format!("/var/lib/rancher/rke2/server/db/snapshots/{snap}"),
+        ],
+    ));
+    // servers[0] is gone for good.
+    ok(lab_cmd(&lab.labdir(), &["fault", "rke2-server-1", "lose"]));
+
+    let token = lab.var("RKE2_TOKEN");
+    let snapshot = format!("snapshot={snap}");
+    let args = [
+        "--set",
+        "confirm_cluster=lab",
+        "--set",
+        &snapshot,
+        "--set",
+        "delete_stale_nodes=true",
+    ];
+    let vars = [("RKE2_RESTORE_TOKEN", token.as_str())];
+    // Stopping every server waits for a person's yes (exit 4), given on resume.
+    let asked = lab.run("rke2-dr-restore.toml", &args, &vars);
+    asked.assert_code(4);
+    assert_eq!(asked.status_of("pick-reset"), "succeeded");
+    let done = lab.resume(&asked, &["--approve", "stop-servers"], &vars);
+    done.assert_code(0);
+    let notes = done.manifest()["notes"].to_string();
+    assert!(notes.contains("cluster-reset on rke2-server-2"), "{notes}");
+    assert_bundle_lacks(&done.bundle(), &[&token]);
+    let reset = walk_logs(&done.bundle().join("steps/cluster-reset/rke2-server-2"));
+    assert!(
+        reset.contains(&format!("Downloaded s3://rke2-etcd/lab/{snap}")),
+        "{reset}"
+    );
+    // RKE2's etcd-snapshot controller put back the EtcdSnapshotFile objects the restored etcd
+    // did not have: the snapshot restored from (its S3 object, and the local copy the reset
+    // downloaded) and the later one.
+    let objs = text(
+        &lab.kubectl(&[
+            "get",
+            "etcdsnapshotfile",
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name}{\"\\n\"}{end}",
+        ])
+        .stdout,
+    );
+    for want in [
+        format!("s3-{snap}"),
+        format!("local-{snap}"),
+        "s3-later-rke2-server-3-".to_owned(),
+    ] {
+        assert!(
+            objs.lines().any(|l| l.starts_with(&want)),
+            "{want} missing: {objs}"
+        );
+    }
+
+    // The cluster is the snapshot's: what came after it is gone.
+    let ns = text(&lab.kubectl(&["get", "namespaces", "--no-headers"]).stdout);
+    assert!(ns.contains("before-snapshot"), "{ns}");
+    assert!(
+        !ns.contains("after-snapshot"),
+        "restore did not roll back: {ns}"
+    );
+    // Two servers in a real two-member etcd; the lost server's Node deleted.
+    let got = nodes(&lab);
+    let names: Vec<&str> = got.iter().map(|n| n.0.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "rke2-agent-1",
+            "rke2-agent-2",
+            "rke2-server-2",
+            "rke2-server-3"
+        ],
+        "{got:?}"
+    );
+    for (name, status, _) in &got {
+        assert_eq!(status, "Ready", "{name}");
+    }
+    let members = lab.exec(
+        "rke2-server-2",
+        &[
+            "etcdctl",
+            "--endpoints",
+            "http://127.0.177.12:2379",
+            "member",
+            "list",
+        ],
+    );
+    assert_eq!(
+        text(&members.stdout).lines().count(),
+        2,
+        "{}",
+        text(&members.stdout)
+    );
+    // `server:` was taken out for the reset only.
+    let cfg = text(
+        &lab.exec("rke2-server-2", &["cat", "/etc/rancher/rke2/config.yaml"])
+            .stdout,
+    );
+    assert!(
+        cfg.contains("server: \"https://127.0.177.10:9345\""),
+        "{cfg}"
+    );
+    // The token file is gone.
+    let tf = lab.exec(
+        "rke2-server-2",
+        &["test", "-e", "/var/lib/rancher/rke2/server/restore-token"],
+    );
+    assert!(!tf.status.success());
 }
 
 /// Every journal under `dir`, concatenated (the bundles of one work directory).
+/// Every step log (`*.log`) under `dir`, nested bundles included.
+fn walk_logs_deep(dir: &Path) -> String {
+    let mut out = String::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.push_str(&walk_logs_deep(&p));
+        } else if p.extension().is_some_and(|x| x == "log") {
+            out.push_str(&std::fs::read_to_string(&p).unwrap_or_default());
+        }
+    }
+    out
+}
+
 fn walk_journals(dir: &Path) -> String {
     let mut out = String::new();
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -176,7 +353,7 @@ fn rolling_upgrade_stops_at_a_failing_server_then_a_rerun_finishes_it() {
     };
     let from = lab.var("RKE2_VERSION");
     let to = "v1.33.5+rke2r1";
-    lab.run("rke2-vm-deploy.toml", &[], &[]).assert_code(0);
+    deploy(&lab, &[], &[]).assert_code(0);
 
     // rke2-server-2's install fails (a broken mirror): the run stops there.
     let out = lab_cmd(&lab.labdir(), &["fault", "rke2-server-2", "fail-install"]);
@@ -218,6 +395,9 @@ fn rolling_upgrade_stops_at_a_failing_server_then_a_rerun_finishes_it() {
         "the uncordon ran after the interrupt"
     );
 
+    // Data of before the run: the rollback must bring it back, and lose what came after.
+    let ok = |o: Output| assert!(o.status.success(), "{}", text(&o.stderr));
+    ok(lab.kubectl(&["create", "namespace", "before-upgrade"]));
     let failed = lab.run("rke2-upgrade.toml", &["--set", &target], &[]);
     failed.assert_code(1);
     assert_eq!(failed.status_of("pve-snapshot-wait"), "succeeded");
@@ -260,6 +440,60 @@ fn rolling_upgrade_stops_at_a_failing_server_then_a_rerun_finishes_it() {
         assert_eq!(pve_snapshots(&lab, vmid).len(), 2, "vm {vmid}");
     }
 
+    // Roll back instead of going on: the Proxmox path of rke2-dr-restore.toml, every VM to the
+    // failed run's snapshot, whose one name (the same on every VM) the report gives.
+    ok(lab.kubectl(&["create", "namespace", "after-upgrade"]));
+    let run_id = failed.manifest()["run_id"]
+        .as_str()
+        .expect("run id")
+        .to_owned();
+    let pve_snap = format!("pre-{}-{run_id}", to.replace(['.', '+'], "-"));
+    assert!(
+        notes.contains(&format!("--set pve_snapshot={pve_snap}")),
+        "{notes}"
+    );
+    for vmid in [201, 202, 203, 211, 212] {
+        assert!(pve_snapshots(&lab, vmid).contains(&pve_snap), "vm {vmid}");
+    }
+    let pve = format!("pve_snapshot={pve_snap}");
+    let asked = lab.run(
+        "rke2-dr-restore.toml",
+        &[
+            "--set",
+            "confirm_cluster=lab",
+            "--set",
+            "method=proxmox",
+            "--set",
+            &pve,
+        ],
+        &[],
+    );
+    asked.assert_code(4);
+    let back = lab.resume(&asked, &["--approve", "stop-servers"], &[]);
+    back.assert_code(0);
+    for id in [
+        "pve-rollback-wait",
+        "pve-start-wait",
+        "cluster-reset",
+        "rejoin-servers",
+    ] {
+        assert_eq!(back.status_of(id), "succeeded", "{id}");
+    }
+    for (name, status, v) in nodes(&lab) {
+        assert_eq!(
+            (status.as_str(), v.as_str()),
+            ("Ready", from.as_str()),
+            "{name} after the VM rollback"
+        );
+    }
+    for node in ["rke2-server-1", "rke2-agent-2"] {
+        let v = text(&lab.exec(node, &["rke2", "--version"]).stdout);
+        assert!(v.contains(&from), "{node} runs {v}");
+    }
+    let ns = text(&lab.kubectl(&["get", "namespaces", "--no-headers"]).stdout);
+    assert!(ns.contains("before-upgrade"), "{ns}");
+    assert!(!ns.contains("after-upgrade"), "rolled back: {ns}");
+
     // Mirror fixed: the same command finishes the job (a second snapshot name, no clash).
     let out = lab_cmd(&lab.labdir(), &["fault", "rke2-server-2", "fix-install"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -281,112 +515,56 @@ fn rolling_upgrade_stops_at_a_failing_server_then_a_rerun_finishes_it() {
         "{}",
         text(&lock.stdout)
     );
-}
 
-#[test]
-fn dr_restore_with_servers_0_lost_resets_where_the_snapshot_is_and_rolls_the_cluster_back() {
-    let Some(lab) = Lab::up("127.0.180") else {
-        return;
-    };
-    lab.run("rke2-vm-deploy.toml", &[], &[]).assert_code(0);
-    let ok = |o: Output| assert!(o.status.success(), "{}", text(&o.stderr));
-    ok(lab.kubectl(&["create", "namespace", "before-snapshot"]));
-    // The snapshot is taken on rke2-server-2 and exists only there.
-    ok(lab.exec(
-        "rke2-server-2",
-        &["rke2", "etcd-snapshot", "save", "--name", "dr"],
-    ));
+    // And back by the etcd path (the RKE2 docs' rollback): every node stopped and the old
+    // version reinstalled, the cluster reset to the pre-upgrade snapshot the finished run took
+    // on the old version (by its S3 name), the other servers wiped and rejoined, agents last.
+    ok(lab.kubectl(&["create", "namespace", "after-second-upgrade"]));
     let ls = text(
         &lab.exec("rke2-server-2", &["rke2", "etcd-snapshot", "ls"])
             .stdout,
     );
     let snap = ls
         .lines()
+        .filter(|l| l.contains("s3://"))
         .filter_map(|l| l.split_whitespace().next())
-        .find(|n| n.starts_with("dr-rke2-server-2-"))
-        .expect("the snapshot")
+        .filter(|n| n.starts_with("pre-upgrade-"))
+        .max()
+        .expect("the finished run's pre-upgrade snapshot in S3")
         .to_owned();
-    ok(lab.kubectl(&["create", "namespace", "after-snapshot"]));
-    // servers[0] is gone for good.
-    ok(lab_cmd(&lab.labdir(), &["fault", "rke2-server-1", "lose"]));
-
-    let token = lab.var("RKE2_TOKEN");
     let snapshot = format!("snapshot={snap}");
-    let args = [
-        "--set",
-        "confirm_cluster=lab",
-        "--set",
-        &snapshot,
-        "--set",
-        "snapshot_source=local",
-        "--set",
-        "delete_stale_nodes=true",
-    ];
-    let vars = [("RKE2_RESTORE_TOKEN", token.as_str())];
-    // Stopping every server waits for a person's yes (exit 4), given on resume.
-    let asked = lab.run("rke2-dr-restore.toml", &args, &vars);
-    asked.assert_code(4);
-    assert_eq!(asked.status_of("pick-reset"), "succeeded");
-    let done = lab.resume(&asked, &["--approve", "stop-servers"], &vars);
-    done.assert_code(0);
-    let notes = done.manifest()["notes"].to_string();
-    assert!(notes.contains("cluster-reset on rke2-server-2"), "{notes}");
-    assert_bundle_lacks(&done.bundle(), &[&token]);
-
-    // The cluster is the snapshot's: what came after it is gone.
-    let ns = text(&lab.kubectl(&["get", "namespaces", "--no-headers"]).stdout);
-    assert!(ns.contains("before-snapshot"), "{ns}");
-    assert!(
-        !ns.contains("after-snapshot"),
-        "restore did not roll back: {ns}"
-    );
-    // Two servers in a real two-member etcd; the lost server's Node deleted.
-    let got = nodes(&lab);
-    let names: Vec<&str> = got.iter().map(|n| n.0.as_str()).collect();
-    assert_eq!(
-        names,
-        [
-            "rke2-agent-1",
-            "rke2-agent-2",
-            "rke2-server-2",
-            "rke2-server-3"
-        ],
-        "{got:?}"
-    );
-    for (name, status, _) in &got {
-        assert_eq!(status, "Ready", "{name}");
-    }
-    let members = lab.exec(
-        "rke2-server-2",
+    let old = format!("rke2_version={from}");
+    let asked = lab.run(
+        "rke2-dr-restore.toml",
         &[
-            "etcdctl",
-            "--endpoints",
-            "http://127.0.180.12:2379",
-            "member",
-            "list",
+            "--set",
+            "confirm_cluster=lab",
+            "--set",
+            &snapshot,
+            "--set",
+            &old,
         ],
+        &[],
     );
-    assert_eq!(
-        text(&members.stdout).lines().count(),
-        2,
-        "{}",
-        text(&members.stdout)
-    );
-    // `server:` was taken out for the reset only.
-    let cfg = text(
-        &lab.exec("rke2-server-2", &["cat", "/etc/rancher/rke2/config.yaml"])
-            .stdout,
-    );
-    assert!(
-        cfg.contains("server: \"https://127.0.180.10:9345\""),
-        "{cfg}"
-    );
-    // The token file is gone.
-    let tf = lab.exec(
-        "rke2-server-2",
-        &["test", "-e", "/var/lib/rancher/rke2/server/restore-token"],
-    );
-    assert!(!tf.status.success());
+    asked.assert_code(4);
+    let back = lab.resume(&asked, &["--approve", "stop-servers"], &[]);
+    back.assert_code(0);
+    assert_eq!(back.status_of("reinstall"), "succeeded");
+    assert_eq!(back.status_of("start-agents"), "succeeded");
+    for (name, status, v) in nodes(&lab) {
+        assert_eq!(
+            (status.as_str(), v.as_str()),
+            ("Ready", from.as_str()),
+            "{name} after the etcd rollback"
+        );
+    }
+    for node in ["rke2-server-3", "rke2-agent-1"] {
+        let v = text(&lab.exec(node, &["rke2", "--version"]).stdout);
+        assert!(v.contains(&from), "{node} runs {v}");
+    }
+    let ns = text(&lab.kubectl(&["get", "namespaces", "--no-headers"]).stdout);
+    assert!(ns.contains("before-upgrade"), "{ns}");
+    assert!(!ns.contains("after-second-upgrade"), "rolled back: {ns}");
 }
 
 /// The DR canary (docs/rke2/rke2-dr-drill.md): a Deployment of the lab's canary app
@@ -507,7 +685,7 @@ fn dr_drill_on_the_canary_then_a_missed_rto_then_a_resumed_restore_onto_the_surv
         return;
     };
     let ok = |o: Output| assert!(o.status.success(), "{}", text(&o.stderr));
-    lab.run("rke2-vm-deploy.toml", &[], &[]).assert_code(0);
+    deploy(&lab, &[], &[]).assert_code(0);
     apply(&lab, "canary.yaml", CANARY);
     let ip = text(
         &lab.kubectl(&[
@@ -561,16 +739,8 @@ fn dr_drill_on_the_canary_then_a_missed_rto_then_a_resumed_restore_onto_the_surv
         "runbooks_dir={}",
         crate::lab_harness::repo().join("runbooks").display()
     );
-    let args = [
-        "--set",
-        "snapshot_source=local",
-        "--set",
-        &volumes,
-        "--set",
-        &service,
-        "--set",
-        &runbooks,
-    ];
+    // The runbook's default snapshot_source: the newest snapshot in S3.
+    let args = ["--set", &volumes, "--set", &service, "--set", &runbooks];
     let drill = lab.run("rke2-dr-drill.toml", &args, &[]);
     drill.assert_code(0);
     let m = drill.manifest();
@@ -599,17 +769,16 @@ fn dr_drill_on_the_canary_then_a_missed_rto_then_a_resumed_restore_onto_the_surv
     let got = records(&body);
     assert_eq!(got.len(), 1, "{got:?}");
     assert!(got[0].ends_with(" order 1"), "{got:?}");
-    // The nested restore ran under the drill, reset on the snapshot's holder and rejoined
-    // rke2-server-1, whose config has no `server:` (the first server of the deploy).
-    let nested = walk_journals(&drill.cwd);
-    assert!(
-        nested.contains("\"target\":\"rke2-server-1/start\""),
-        "the nested restore's journal is in the work directory"
-    );
+    // The nested restore ran under the drill: the snapshot by its S3 name, downloaded by the
+    // first server that answers (the file is also on rke2-server-2's disk, unused).
     let restore_notes = walk_manifest_notes(&drill.cwd);
     assert!(
-        restore_notes.contains("cluster-reset on rke2-server-2"),
+        restore_notes.contains("cluster-reset on rke2-server-1"),
         "{restore_notes}"
+    );
+    assert!(
+        walk_logs_deep(&drill.cwd).contains("Downloaded s3://rke2-etcd/lab/drill-rke2-server-2-"),
+        "the reset fetched the snapshot from S3"
     );
     let members = lab.exec(
         "rke2-server-1",
@@ -649,8 +818,30 @@ fn dr_drill_on_the_canary_then_a_missed_rto_then_a_resumed_restore_onto_the_surv
     assert!(strict.contains("rto = \"5s\""));
     let strict_path = lab.dir.path().join("rke2-dr-drill-5s.toml");
     std::fs::write(&strict_path, strict).expect("strict drill");
-    let missed = lab.run(&strict_path.to_string_lossy(), &args, &[]);
+    // This one from the local snapshot: the reset runs on its holder, rke2-server-2, and
+    // rke2-server-1 (no `server:` in its config, the deploy's first server) rejoins.
+    let local = [
+        "--set",
+        "snapshot_source=local",
+        "--set",
+        &volumes,
+        "--set",
+        &service,
+        "--set",
+        &runbooks,
+    ];
+    let missed = lab.run(&strict_path.to_string_lossy(), &local, &[]);
     missed.assert_code(5);
+    let nested = walk_journals(&missed.cwd);
+    assert!(
+        nested.contains("\"target\":\"rke2-server-1/start\""),
+        "the nested restore's journal is in the work directory"
+    );
+    let restore_notes = walk_manifest_notes(&missed.cwd);
+    assert!(
+        restore_notes.contains("cluster-reset on rke2-server-2"),
+        "{restore_notes}"
+    );
     assert!(
         missed.stderr().contains("recovery objectives were not met"),
         "{}",
@@ -673,6 +864,17 @@ fn dr_drill_on_the_canary_then_a_missed_rto_then_a_resumed_restore_onto_the_surv
     // rke2-server-2 rejoined and before the block ends; `runbook resume` runs the block again on
     // every server, and the guard keeps rke2-server-2's new database.
     ok(lab_cmd(&lab.labdir(), &["fault", "rke2-server-3", "lose"]));
+    // rke2-server-2's database archives so far (the first drill's restore wiped it once).
+    let archives = || {
+        text(
+            &lab.exec("rke2-server-2", &["ls", "/var/lib/rancher/rke2/server"])
+                .stdout,
+        )
+        .lines()
+        .filter(|l| l.starts_with("db-before-restore-"))
+        .count()
+    };
+    let archives_before = archives();
     etcd_snapshot(&lab, "rke2-server-1", "resume");
     let ls = text(
         &lab.exec("rke2-server-1", &["rke2", "etcd-snapshot", "ls"])
@@ -767,16 +969,10 @@ fn dr_drill_on_the_canary_then_a_missed_rto_then_a_resumed_restore_onto_the_surv
         id_before,
         "the same member, not a new one"
     );
-    let dbs = text(
-        &lab.exec("rke2-server-2", &["ls", "/var/lib/rancher/rke2/server"])
-            .stdout,
-    );
     assert_eq!(
-        dbs.lines()
-            .filter(|l| l.starts_with("db-before-restore-"))
-            .count(),
-        1,
-        "one archive, one wipe: {dbs}"
+        archives(),
+        archives_before + 1,
+        "one more archive in this restore, one wipe"
     );
     let notes = done.manifest()["notes"].to_string();
     assert!(notes.contains("cluster-reset on rke2-server-1"), "{notes}");
