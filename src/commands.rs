@@ -1250,8 +1250,8 @@ fn repair(bundle: &Path, force: bool, sign_key: Option<&Path>, password: Option<
         );
     }
     if let Some(key) = &key {
-        let signed_again = verify::default_trusted_comment(bundle)
-            .and_then(|comment| verify::sign_bundle(bundle, key, &comment));
+        let signed_again = runbook_evidence::sign::default_trusted_comment(bundle)
+            .and_then(|comment| runbook_evidence::sign::sign_bundle(bundle, key, &comment));
         if let Err(e) = signed_again {
             // The old signature covers the old checksums: left in place it would only fail.
             let _ = std::fs::remove_file(bundle.join(SIGNATURE_FILE));

@@ -295,8 +295,8 @@ fn seal(
     let sig = dir.join("SHA256SUMS.minisig");
     match key {
         Some(key) => {
-            let comment = runbook_evidence::verify::default_trusted_comment(dir)?;
-            runbook_evidence::verify::sign_bundle(dir, key, &comment)?;
+            let comment = runbook_evidence::sign::default_trusted_comment(dir)?;
+            runbook_evidence::sign::sign_bundle(dir, key, &comment)?;
         }
         None if sig.exists() => {
             let _ = std::fs::remove_file(&sig);

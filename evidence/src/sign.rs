@@ -1,5 +1,6 @@
 //! minisign-compatible Ed25519 keys and signatures, so that a bundle's `SHA256SUMS` can be
-//! signed by `runbook` and checked with the stock `minisign -V` (and the other way round).
+//! signed by `runbook` and checked with the stock `minisign -V` (and the other way round), and
+//! a bundle's signature: [`sign_bundle`] over its `SHA256SUMS` with [`default_trusted_comment`].
 //!
 //! Formats (jedisct1/minisign, `src/minisign.h`; all integers little-endian):
 //!
@@ -32,6 +33,9 @@ use base64::Engine as _;
 use blake2::digest::consts::U32;
 use blake2::{Blake2b, Blake2b512, Digest};
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+
+use crate::verify::{MANIFEST_FILE, SIGNATURE_FILE, SUMS_FILE};
+use crate::EvidenceError;
 
 const UNTRUSTED_PREFIX: &str = "untrusted comment: ";
 const TRUSTED_PREFIX: &str = "trusted comment: ";
@@ -795,6 +799,50 @@ fn read_text(path: &Path) -> Result<String, SignError> {
         source,
     })
 }
+
+// ------------------------------------------------------------------ a bundle's signature
+
+/// Signs the bundle's `SHA256SUMS`, writing `SHA256SUMS.minisig` atomically.
+pub fn sign_bundle(
+    dir: &Path,
+    key: &SecretKey,
+    trusted_comment: &str,
+) -> Result<(), EvidenceError> {
+    let sums_path = dir.join(SUMS_FILE);
+    let sums = std::fs::read(&sums_path).map_err(|source| EvidenceError::Read {
+        path: sums_path,
+        source,
+    })?;
+    let text = sign_file(key, &sums, trusted_comment);
+    let path = dir.join(SIGNATURE_FILE);
+    crate::fs::write_atomic(&path, text.as_bytes()).map_err(crate::write_err(&path))
+}
+
+/// A trusted comment naming what was signed, in minisign's style (`key:value` fields separated
+/// by tabs): `timestamp:<unix>`, `file:SHA256SUMS`, `runbook:<name>`, `run:<id>`,
+/// `status:<status>`, `sha256:<SHA-256 of SHA256SUMS>`.
+pub fn default_trusted_comment(dir: &Path) -> Result<String, EvidenceError> {
+    let sums_path = dir.join(SUMS_FILE);
+    let sums = std::fs::read(&sums_path).map_err(|source| EvidenceError::Read {
+        path: sums_path,
+        source,
+    })?;
+    let manifest_path = dir.join(MANIFEST_FILE);
+    let manifest: serde_json::Value = std::fs::read(&manifest_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let field = |v: &serde_json::Value| v.as_str().unwrap_or("?").to_owned();
+    Ok(format!(
+        "timestamp:{}\tfile:{SUMS_FILE}\trunbook:{}\trun:{}\tstatus:{}\tsha256:{}",
+        chrono::Utc::now().timestamp(),
+        field(&manifest["runbook"]["name"]),
+        field(&manifest["run_id"]),
+        field(&manifest["status"]),
+        crate::checksums::sha256_bytes(&sums),
+    ))
+}
+
 
 #[cfg(test)]
 mod tests {

@@ -10,9 +10,9 @@ use std::io::{BufRead, BufReader};
 use std::path::{Component, Path, PathBuf};
 
 use crate::checksums;
-use crate::sign::{self, KeyId, PublicKey, SecretKey};
+use crate::sign::{self, KeyId, PublicKey};
 use crate::tsa::{self, Stamp};
-use crate::{write_err, EvidenceError};
+use crate::EvidenceError;
 
 pub const SUMS_FILE: &str = checksums::FILE_NAME;
 pub const SIGNATURE_FILE: &str = "SHA256SUMS.minisig";
@@ -515,47 +515,6 @@ fn check_timestamp(
 fn invalid_timestamp(report: &mut VerifyReport, reason: String) {
     report.timestamp = TimestampState::Invalid(reason.clone());
     report.problems.push(Problem::TimestampInvalid { reason });
-}
-
-/// Signs the bundle's `SHA256SUMS`, writing `SHA256SUMS.minisig` atomically.
-pub fn sign_bundle(
-    dir: &Path,
-    key: &SecretKey,
-    trusted_comment: &str,
-) -> Result<(), EvidenceError> {
-    let sums_path = dir.join(SUMS_FILE);
-    let sums = std::fs::read(&sums_path).map_err(|source| EvidenceError::Read {
-        path: sums_path,
-        source,
-    })?;
-    let text = sign::sign_file(key, &sums, trusted_comment);
-    let path = dir.join(SIGNATURE_FILE);
-    crate::fs::write_atomic(&path, text.as_bytes()).map_err(write_err(&path))
-}
-
-/// A trusted comment naming what was signed, in minisign's style (`key:value` fields separated
-/// by tabs): `timestamp:<unix>`, `file:SHA256SUMS`, `runbook:<name>`, `run:<id>`,
-/// `status:<status>`, `sha256:<SHA-256 of SHA256SUMS>`.
-pub fn default_trusted_comment(dir: &Path) -> Result<String, EvidenceError> {
-    let sums_path = dir.join(SUMS_FILE);
-    let sums = std::fs::read(&sums_path).map_err(|source| EvidenceError::Read {
-        path: sums_path,
-        source,
-    })?;
-    let manifest_path = dir.join(MANIFEST_FILE);
-    let manifest: serde_json::Value = std::fs::read(&manifest_path)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default();
-    let field = |v: &serde_json::Value| v.as_str().unwrap_or("?").to_owned();
-    Ok(format!(
-        "timestamp:{}\tfile:{SUMS_FILE}\trunbook:{}\trun:{}\tstatus:{}\tsha256:{}",
-        chrono::Utc::now().timestamp(),
-        field(&manifest["runbook"]["name"]),
-        field(&manifest["run_id"]),
-        field(&manifest["status"]),
-        checksums::sha256_bytes(&sums),
-    ))
 }
 
 fn check_signature(dir: &Path, sums: Option<&[u8]>, keys: &[PublicKey], report: &mut VerifyReport) {
@@ -1120,6 +1079,7 @@ fn shorten(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sign::{default_trusted_comment, sign_bundle};
     use serde_json::json;
 
     const RUN: &str = "5acbfb1e";
