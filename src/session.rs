@@ -320,12 +320,12 @@ fn seal(
     Ok(())
 }
 
-/// For each failed step, where its last log is and how it ends: the first thing an operator
-/// needs when a run fails.
-/// The last lines of each failed local step's log, under its reason. The log is redacted on
-/// disk already; the reason comes from the engine and is redacted here, like every other
-/// line the console prints.
+/// For each failed step, where its last logs are and how they end, under its reason: the
+/// first thing an operator needs when a run fails. A step on hosts shows each failed host (at
+/// most three, then how many more). The logs are redacted on disk already; the reason comes
+/// from the engine and is redacted here, like every other line the console prints.
 fn print_failure_tails(report: &RunReport, bundle: &Path, console: &Console) {
+    const SHOWN: usize = 3;
     for s in report
         .steps
         .iter()
@@ -334,23 +334,29 @@ fn print_failure_tails(report: &RunReport, bundle: &Path, console: &Console) {
         if s.attempts == 0 {
             continue;
         }
-        let log = bundle.join(format!("steps/{}/local/attempt-{}.log", s.id, s.attempts));
-        let Ok(text) = std::fs::read_to_string(&log) else {
+        let tails = runbook_evidence::log_tail::failed_tails(bundle, s.id.as_str(), 10);
+        if tails.is_empty() {
             continue;
-        };
-        let lines: Vec<&str> = text
-            .lines()
-            .filter_map(|l| l.split_once(' ').map(|(_, rest)| rest))
-            .filter(|l| !l.starts_with("--- "))
-            .collect();
+        }
         sayln!(
             "\n{} failed: {}",
             s.id,
             console.redact(s.reason.as_deref().unwrap_or("failed"))
         );
-        sayln!("  log: {}", log.display());
-        for l in &lines[lines.len().saturating_sub(10)..] {
-            sayln!("  | {}", console.redact(l));
+        for t in tails.iter().take(SHOWN) {
+            if tails.len() > 1 || t.target != "local" {
+                sayln!("  {}:", console.redact(&t.target));
+            }
+            sayln!("  log: {}", t.log.display());
+            for l in &t.lines {
+                sayln!("  | {}", console.redact(l));
+            }
+        }
+        if tails.len() > SHOWN {
+            sayln!(
+                "  … and {} more failed host(s): see the report",
+                tails.len() - SHOWN
+            );
         }
     }
 }

@@ -17,7 +17,7 @@ pub mod fs;
 pub mod journal;
 pub mod junit;
 pub mod log;
-mod log_tail;
+pub mod log_tail;
 pub mod manifest;
 pub mod metrics;
 pub mod recorder;

@@ -1,9 +1,11 @@
 //! Reading attempt logs back for people: the records of `steps/<step>/<target>/attempt-<n>.log`
 //! (`<time> <tag> <bytes>`, written by `log.rs`), the last part of a long one, and which lines
-//! of a failure to show. Used by the report and the JUnit file.
+//! of a failure to show. Used by the report, the JUnit file and the console's failure tails.
 
 use std::io::{Read, Seek, SeekFrom};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use runbook_engine::event::{RunEvent, StepStatus};
 
 /// One record of an attempt log (`<time> <tag> <bytes>`, see log.rs).
 #[derive(Debug, Clone, PartialEq)]
@@ -109,6 +111,96 @@ pub(crate) fn excerpt(lines: &[&LogLine], last: usize, errs: usize) -> Vec<usize
     keep.sort_unstable();
     keep.dedup();
     keep
+}
+
+/// The end of one failed target's last attempt log (see [`failed_tails`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FailedTail {
+    /// `local`, a host, or `host/sub-step` for a block.
+    pub target: String,
+    pub log: PathBuf,
+    /// The last lines of its output (stdout and stderr, without the `---` records).
+    pub lines: Vec<String>,
+}
+
+/// For a step that failed, the last attempt log of each target that failed (the step itself
+/// when it ran here; each failed host, down to the block sub-step it failed in), as the
+/// journal records them, with up to `max_lines` of output each.
+pub fn failed_tails(bundle: &Path, step: &str, max_lines: usize) -> Vec<FailedTail> {
+    let Ok(journal) = crate::journal::read(&bundle.join("journal.jsonl")) else {
+        return Vec::new();
+    };
+    let mut failed_hosts: Option<Vec<String>> = None;
+    // The last attempt of each target (and whether it exited 0), in the order targets first
+    // finished one.
+    let mut last: Vec<(String, u32, bool)> = Vec::new();
+    for (_, event) in &journal.events {
+        match event {
+            RunEvent::AttemptFinished {
+                step: s,
+                target,
+                attempt,
+                outcome,
+                ..
+            } if s.as_str() == step => {
+                let t = target.to_string();
+                let ok = outcome.succeeded();
+                match last.iter_mut().find(|(x, _, _)| *x == t) {
+                    Some(entry) => (entry.1, entry.2) = (*attempt, ok),
+                    None => last.push((t, *attempt, ok)),
+                }
+            }
+            RunEvent::StepFinished {
+                step: s, targets, ..
+            } if s.as_str() == step && !targets.is_empty() => {
+                failed_hosts = Some(
+                    targets
+                        .iter()
+                        .filter(|t| t.status == StepStatus::Failed)
+                        .map(|t| t.target.clone())
+                        .collect(),
+                );
+            }
+            _ => {}
+        }
+    }
+    let failed = |target: &str| match &failed_hosts {
+        None => true,
+        Some(hosts) => hosts
+            .iter()
+            .any(|h| target == h || target.starts_with(&format!("{h}/"))),
+    };
+    // One tail per host: for a block, the last sub-step whose last attempt did not exit 0 (an
+    // `always` uncordon after it succeeds), else the last sub-step that ran.
+    let mut picked: Vec<(String, u32, bool)> = Vec::new();
+    for (target, attempt, ok) in last.into_iter().filter(|(t, _, _)| failed(t)) {
+        let host = target.split('/').next().unwrap_or(&target).to_owned();
+        match picked
+            .iter_mut()
+            .find(|(t, _, _)| t.split('/').next() == Some(host.as_str()))
+        {
+            Some(p) if ok && !p.2 => {}
+            Some(p) => *p = (target, attempt, ok),
+            None => picked.push((target, attempt, ok)),
+        }
+    }
+    let mut out: Vec<FailedTail> = Vec::new();
+    for (target, attempt, _) in picked {
+        let log = bundle.join(format!("steps/{step}/{target}/attempt-{attempt}.log"));
+        let lines = read_log_tail(&log, max_lines * 4, 256 * 1024)
+            .map(|t| {
+                let text: Vec<String> = t
+                    .lines
+                    .into_iter()
+                    .filter(|l| !l.is_meta())
+                    .map(|l| l.text)
+                    .collect();
+                text[text.len().saturating_sub(max_lines)..].to_vec()
+            })
+            .unwrap_or_default();
+        out.push(FailedTail { target, log, lines });
+    }
+    out
 }
 
 #[cfg(test)]

@@ -367,7 +367,7 @@ allow_env = ["OUT"]
 id = "upgrade"
 on = "all"
 strategy = { rolling = 1, max_failures = 1 }
-run = "touch {{ env.OUT }}/ran-{{ host.name }}; exit {{ host.vars.code }}"
+run = "touch {{ env.OUT }}/ran-{{ host.name }}; echo 'upgrade stopped'; exit {{ host.vars.code }}"
 [[steps]]
 id = "after"
 needs = ["upgrade"]
@@ -395,7 +395,7 @@ run = "touch {{ env.OUT }}/after-ran"
     for part in [
         "2 of 5 host(s) failed",
         // Hosts that failed the same way are listed together.
-        "node-b, node-c (exit code 3)",
+        "node-b, node-c (exit code 3: upgrade stopped)",
         "2 host(s) not started",
         "more than `max_failures` (1)",
     ] {
@@ -438,6 +438,15 @@ run = "touch {{ env.OUT }}/after-ran"
     assert_eq!(attempted, names[..3]);
     assert_eq!(crate::common::step(&m, "after")["status"], "skipped");
     out.assert_stderr_contains("more than `max_failures` (1)");
+    // The console ends with the tail of each failed host's log (text only, no log tags), and
+    // of no host that succeeded.
+    for n in ["node-b", "node-c"] {
+        out.assert_stderr_contains(&format!("  {n}:\n  log: "));
+        out.assert_stderr_contains(&format!("steps/upgrade/{n}/attempt-1.log"));
+        out.assert_stderr_contains("  | upgrade stopped");
+    }
+    assert!(!out.stderr.contains("  | out "), "{}", out.stderr);
+    assert!(!out.stderr.contains("  node-a:"), "{}", out.stderr);
 }
 
 #[test]
