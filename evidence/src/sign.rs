@@ -843,7 +843,6 @@ pub fn default_trusted_comment(dir: &Path) -> Result<String, EvidenceError> {
     ))
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
