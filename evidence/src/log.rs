@@ -297,4 +297,71 @@ mod tests {
             );
         }
     }
+
+    /// The transcript written from the log's result (as the recorder does) shows exactly the
+    /// bytes the log records, redacted once, whatever the reads.
+    #[test]
+    fn the_transcript_written_from_the_log_shows_the_same_redacted_output() {
+        use base64::Engine as _;
+        let secret = "long-secret/with+special chars&=?~ and more text to exceed 57 bytes";
+        let r = ByteRedactor::new(&[("pw".into(), secret.into())]);
+        let enc = base64::engine::general_purpose::STANDARD.encode(format!("admin:{secret}"));
+        let mut out = String::from("start\nprogress 10%\rprogress 20%\rprogress done\n");
+        for line in enc.as_bytes().chunks(76) {
+            out.push_str(std::str::from_utf8(line).expect("ascii"));
+            out.push('\n');
+        }
+        out.push_str(&format!(
+            "token {secret} end\nAuthorization: Bearer abcdefgh12345678\n"
+        ));
+        out.push_str(&"x".repeat(70_000));
+        out.push_str(" tail");
+        let dir = tempfile::tempdir().expect("tempdir");
+        for size in [1, 7, 100, 4096, 65536] {
+            let log_path = dir.path().join(format!("a-{size}.log"));
+            let cast_path = dir.path().join(format!("a-{size}.cast"));
+            let at = Utc::now();
+            let mut log = LogWriter::create(&log_path, r.clone()).expect("log");
+            let mut cast = crate::cast::CastWriter::create(&cast_path, at, "t", "x", r.uncounted())
+                .expect("cast");
+            for chunk in out.as_bytes().chunks(size) {
+                let rel = log.write_output(at, Stream::Stdout, chunk).expect("write");
+                cast.write_redacted(at, Stream::Stdout, &rel.text)
+                    .expect("cast");
+            }
+            for (stream, rest) in log.finish_output().expect("finish") {
+                cast.write_redacted(at, stream, &rest.text).expect("cast");
+            }
+            log.finish().expect("log");
+            cast.finish(at, "done").expect("cast");
+            // The log's stdout records, joined back.
+            let text = std::fs::read(&log_path).expect("read log");
+            let mut from_log = Vec::new();
+            for rec in text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                let mut parts = rec.splitn(3, |&b| b == b' ');
+                let (_, tag) = (parts.next(), parts.next().unwrap_or_default());
+                let body = parts.next().unwrap_or_default();
+                match tag {
+                    b"out" => {
+                        from_log.extend_from_slice(body);
+                        from_log.push(b'\n');
+                    }
+                    b"out+" => from_log.extend_from_slice(body),
+                    _ => {}
+                }
+            }
+            let want = r.redact(out.as_bytes());
+            assert!(from_log == want, "log differs, reads of {size}");
+            let cast_text = std::fs::read_to_string(&cast_path).expect("read cast");
+            let mut shown = String::new();
+            for line in cast_text.lines().skip(2) {
+                let v: serde_json::Value = serde_json::from_str(line).expect("event");
+                shown.push_str(v[2].as_str().unwrap_or_default());
+            }
+            let shown = shown.replace("\r\n", "\n");
+            let want = String::from_utf8_lossy(&want).into_owned();
+            assert!(shown.starts_with(&want), "cast differs, reads of {size}");
+            assert!(!shown.contains("long-secret") && !shown.contains("abcdefgh"));
+        }
+    }
 }

@@ -272,6 +272,19 @@ impl<M: Clone> StreamRedactor<M> {
             && self.pending[after_eol - 1] == b'\n'
             && (cut == 0 || self.pending[cut - 1] == b'\n'))
             .then(|| (cut, after_eol));
+        // The start of an unfinished line going out (up to a `\r`, or a long one): never in
+        // the middle of a shape's match (`Authorization:` and its value on both sides of a
+        // `\r`). Past MAX_HOLD, `fragment_cut` has looked at the end it keeps, and a key block
+        // goes to the line filter below.
+        while cut > complete && len - complete <= MAX_HOLD {
+            match redactor
+                .shapes()
+                .match_across(&self.pending[complete..], cut - complete)
+            {
+                Some(start) if complete + start < cut => cut = complete + start,
+                _ => break,
+            }
+        }
         if cut > complete && has(&BEGIN_MARKER, &self.pending[complete..cut]) {
             // The start of an unfinished line goes out: a key block starting in it must be
             // seen by the line filter, whole, first.
