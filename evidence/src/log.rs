@@ -60,6 +60,9 @@ fn index(stream: Stream) -> usize {
     }
 }
 
+/// What a stream's driver gave out at its end.
+pub type StreamRest = (Stream, Released<DateTime<Utc>>);
+
 /// The tag of a fragment record of `stream`.
 fn fragment_tag(stream: Stream) -> &'static str {
     match stream {
@@ -219,9 +222,7 @@ impl LogWriter {
     /// Ends both output streams: writes out what their drivers held and the starts of
     /// unfinished lines (as fragment records), and returns what the drivers gave out, for the
     /// transcript.
-    pub fn finish_output(
-        &mut self,
-    ) -> Result<[(Stream, Released<DateTime<Utc>>); 2], EvidenceError> {
+    pub fn finish_output(&mut self) -> Result<[StreamRest; 2], EvidenceError> {
         let mut out = [
             (Stream::Stdout, Released::empty()),
             (Stream::Stderr, Released::empty()),

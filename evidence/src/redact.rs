@@ -271,7 +271,7 @@ impl<M: Clone> StreamRedactor<M> {
         let held_checked = (cut < after_eol
             && self.pending[after_eol - 1] == b'\n'
             && (cut == 0 || self.pending[cut - 1] == b'\n'))
-            .then(|| (cut, after_eol));
+            .then_some((cut, after_eol));
         // The start of an unfinished line going out (up to a `\r`, or a long one): never in
         // the middle of a shape's match (`Authorization:` and its value on both sides of a
         // `\r`). Past MAX_HOLD, `fragment_cut` has looked at the end it keeps, and a key block
@@ -864,8 +864,8 @@ mod tests {
         let r = ByteRedactor::new(&[("pw".into(), LONG.into())]);
         let mut d = StreamRedactor::<u32>::lines();
         assert_eq!(d.push(&r, 1, b"done\nno newline, ").text, b"done\n");
-        assert!(d.push(&r, 2, LONG[..20].as_bytes()).is_empty());
-        assert!(d.push(&r, 3, LONG[20..].as_bytes()).is_empty());
+        assert!(d.push(&r, 2, &LONG.as_bytes()[..20]).is_empty());
+        assert!(d.push(&r, 3, &LONG.as_bytes()[20..]).is_empty());
         let rel = d.finish(&r);
         let pieces: Vec<_> = rel.pieces().collect();
         assert_eq!(pieces.len(), 1);
