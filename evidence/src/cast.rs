@@ -324,7 +324,19 @@ fn push_json_string(out: &mut Vec<u8>, s: &str) {
     out.reserve(bytes.len() + 2);
     out.push(b'"');
     let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
+    let mut i = 0;
+    while i < bytes.len() {
+        // Eight bytes at a time past runs that need no escape (most output).
+        if let Some(word) = bytes.get(i..i + 8) {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(word);
+            if !may_need_escape(u64::from_le_bytes(w)) {
+                i += 8;
+                continue;
+            }
+        }
+        let b = bytes[i];
+        i += 1;
         let short: &[u8] = match b {
             b'"' => b"\\\"",
             b'\\' => b"\\\\",
@@ -334,21 +346,36 @@ fn push_json_string(out: &mut Vec<u8>, s: &str) {
             0x08 => b"\\b",
             0x0c => b"\\f",
             0..=0x1f => {
-                out.extend_from_slice(&bytes[start..i]);
+                out.extend_from_slice(&bytes[start..i - 1]);
                 out.extend_from_slice(b"\\u00");
                 out.push(HEX[usize::from(b >> 4)]);
                 out.push(HEX[usize::from(b & 0xf)]);
-                start = i + 1;
+                start = i;
                 continue;
             }
             _ => continue,
         };
-        out.extend_from_slice(&bytes[start..i]);
+        out.extend_from_slice(&bytes[start..i - 1]);
         out.extend_from_slice(short);
-        start = i + 1;
+        start = i;
     }
     out.extend_from_slice(&bytes[start..]);
     out.push(b'"');
+}
+
+/// Whether any of the eight bytes of `x` is a control character, `"` or `\\` (what JSON
+/// escapes). Exact when false, which is all the caller relies on (a true sends it byte by byte).
+fn may_need_escape(x: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // A byte below 0x20, and a zero byte after xor with `"` or `\\` (bit tricks: "has less",
+    // "has zero byte").
+    let below = x.wrapping_sub(ONES * 0x20) & !x & HIGH;
+    let q = x ^ (ONES * u64::from(b'"'));
+    let quote = q.wrapping_sub(ONES) & !q & HIGH;
+    let b = x ^ (ONES * u64::from(b'\\'));
+    let backslash = b.wrapping_sub(ONES) & !b & HIGH;
+    (below | quote | backslash) != 0
 }
 
 /// `$ first line`, then `> next line` for each further line of a multi-line command.
@@ -508,6 +535,37 @@ mod tests {
                 json_string(&case),
                 "{case:?}"
             );
+        }
+        // The eight-byte test never misses a byte to escape, wherever it is in the word and
+        // whatever is around it (ASCII, UTF-8 continuation and lead bytes).
+        for fill in [b'x', 0x80, 0xbf, 0xe2, 0xff, b' ', b'!', b'#', b']'] {
+            for at in 0..8 {
+                for v in 0u8..=0xff {
+                    let mut w = [fill; 8];
+                    w[at] = v;
+                    let escape = v < 0x20 || v == b'"' || v == b'\\';
+                    if escape {
+                        assert!(may_need_escape(u64::from_le_bytes(w)), "{v:#x} at {at}");
+                    }
+                }
+                if !(fill < 0x20 || fill == b'"' || fill == b'\\') {
+                    assert!(!may_need_escape(u64::from_le_bytes([fill; 8])), "{fill:#x}");
+                }
+            }
+        }
+        let long = format!(
+            "{}\"{}\\{}\n{}",
+            "x".repeat(13),
+            "é".repeat(9),
+            "y".repeat(7),
+            "z".repeat(30)
+        );
+        for i in 0..long.len() {
+            if let Some(case) = long.get(i..) {
+                let mut got = Vec::new();
+                push_json_string(&mut got, case);
+                assert_eq!(String::from_utf8(got).expect("utf-8"), json_string(case));
+            }
         }
         let mut line = Vec::new();
         push_event_line(&mut line, 3_000_042, "a\r\nb\"");

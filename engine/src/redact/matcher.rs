@@ -57,7 +57,14 @@ pub fn ends_wrapped(lead: &[u8], line: &[u8]) -> bool {
         Some(_) => (lead, line),
         None => (lead.strip_suffix(b"\r").unwrap_or(lead), line),
     };
-    let run = line.iter().rev().take_while(|&&b| is_base64(b)).count();
+    // Counting stops at WRAP_MIN: that many already answers (a 76-column line is not walked
+    // whole, for every line of a base64 dump).
+    let run = line
+        .iter()
+        .rev()
+        .take(WRAP_MIN)
+        .take_while(|&&b| is_base64(b))
+        .count();
     if run >= WRAP_MIN || run < line.len() {
         return run >= WRAP_MIN;
     }
