@@ -16,21 +16,21 @@ use runbook_engine::duration::format_duration;
 use runbook_engine::event::{RunEvent, StepStatus, Stream};
 use runbook_engine::executor::RunReport;
 use runbook_engine::redact::{ByteRedactor, ShapeRules};
-use runbook_evidence::redact::WrapHold;
+use runbook_evidence::redact::StreamRedactor;
 
 pub struct Console {
     live: Option<MultiProgress>,
     bars: HashMap<String, ProgressBar>,
     stream_output: bool,
-    /// Unfinished output lines, per step, host and stream (the hosts of a step run at once).
-    partial: HashMap<(String, String, Stream), Vec<u8>>,
+    /// Output being shown, per step, host and stream (the hosts of a step run at once): the
+    /// redaction driver (holding back what a secret cut between reads needs) and the redacted
+    /// start of the unfinished line.
+    partial: HashMap<(String, String, Stream), (StreamRedactor, Vec<u8>)>,
     /// The end of the output of each running attempt (per step and host): the stream that
     /// wrote last and the last bytes it wrote, whose last non-empty line is shown when the
     /// attempt fails. Kept raw and redacted as a whole when shown, so a secret's base64 form
     /// wrapped over the last lines is found.
     last_output: HashMap<(String, String), (Stream, Vec<u8>)>,
-    /// Output lines that may be wrapped base64, held until the text ends (see `WrapHold`).
-    holds: HashMap<(String, String, Stream), WrapHold<()>>,
     /// Probe attempts being polled, per step and host: their repeated failures are summed up
     /// rather than printed one by one (a wait can take hundreds of attempts).
     polling: HashMap<(String, String), Polling>,
@@ -55,7 +55,6 @@ impl Console {
             stream_output,
             partial: HashMap::new(),
             last_output: HashMap::new(),
-            holds: HashMap::new(),
             polling: HashMap::new(),
             color,
             redactor: ByteRedactor::new(&secrets).with_shapes(shapes),
@@ -301,7 +300,6 @@ impl Console {
                 let mut left: Vec<String> = self
                     .partial
                     .keys()
-                    .chain(self.holds.keys())
                     .filter(|(s, _, _)| s == step.as_str())
                     .map(|(_, t, _)| t.clone())
                     .collect();
@@ -311,7 +309,7 @@ impl Console {
                     self.flush_partial(step.as_str(), &target);
                 }
                 self.last_output.retain(|(s, _), _| s != step.as_str());
-                self.holds.retain(|(s, _, _), _| s != step.as_str());
+                self.partial.retain(|(s, _, _), _| s != step.as_str());
                 self.polling.retain(|(s, _), _| s != step.as_str());
                 if let Some(bar) = self.bars.remove(step.as_str()) {
                     bar.finish_and_clear();
@@ -412,19 +410,13 @@ impl Console {
 
     fn output(&mut self, step: &str, target: &str, stream: Stream, data: &[u8]) {
         let key = (step.to_owned(), target.to_owned(), stream);
-        let buf = self.partial.entry(key.clone()).or_default();
-        buf.extend_from_slice(data);
-        let mut lines = Vec::new();
-        while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=nl).collect();
-            lines.push(line);
-        }
-        let hold = self.holds.entry(key).or_default();
-        let mut out = Vec::new();
-        for line in lines {
-            out.extend(hold.line(&self.redactor, (), &line[..line.len() - 1]));
-        }
-        for (_, l) in out {
+        let (driver, line) = self
+            .partial
+            .entry(key)
+            .or_insert_with(|| (StreamRedactor::lines(), Vec::new()));
+        let released = driver.push(&self.redactor, (), data);
+        let lines = complete_lines(line, &released);
+        for l in lines {
             self.print_output(step, target, stream, &String::from_utf8_lossy(&l));
         }
     }
@@ -455,21 +447,13 @@ impl Console {
     fn flush_partial(&mut self, step: &str, target: &str) {
         for stream in [Stream::Stdout, Stream::Stderr] {
             let key = (step.to_owned(), target.to_owned(), stream);
-            let mut buf = self.partial.remove(&key).unwrap_or_default();
-            // Held lines end here, and a secret's form in them may run into the partial line.
-            let mut lines = Vec::new();
-            if let Some(mut hold) = self.holds.remove(&key) {
-                let (held, into) = hold.release(&self.redactor, &buf);
-                lines = held.into_iter().map(|(_, l)| l).collect();
-                if into > 0 {
-                    let start = lines.pop().unwrap_or_default();
-                    let rest = self.redactor.redact(&buf[into..]);
-                    buf.clear();
-                    lines.push([start, rest].concat());
-                }
-            }
-            if !buf.is_empty() {
-                lines.push(self.redactor.redact(&buf));
+            let Some((mut driver, mut line)) = self.partial.remove(&key) else {
+                continue;
+            };
+            let released = driver.finish(&self.redactor);
+            let mut lines = complete_lines(&mut line, &released);
+            if !line.is_empty() {
+                lines.push(line);
             }
             for l in lines {
                 self.print_output(step, target, stream, &String::from_utf8_lossy(&l));
@@ -490,6 +474,22 @@ impl Console {
     pub fn redact(&self, text: &str) -> String {
         terminal_safe(&self.redactor.redact_str(text))
     }
+}
+
+/// The lines `released` completes, the first one joined to the start kept in `line`; the
+/// start of an unfinished line is kept there.
+fn complete_lines(
+    line: &mut Vec<u8>,
+    released: &runbook_evidence::redact::Released<()>,
+) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for piece in released.pieces() {
+        line.extend_from_slice(piece.text);
+        if piece.line_end {
+            out.push(std::mem::take(line));
+        }
+    }
+    out
 }
 
 /// `text` as it may reach the operator's terminal: SGR sequences (colours, `ESC [ … m`), tabs

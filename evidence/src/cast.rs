@@ -9,12 +9,12 @@
 //!   held back until its remaining bytes arrive, never split across events;
 //! - `\n` becomes `\r\n` so the transcript replays in a terminal;
 //! - stderr is wrapped in red (`\x1b[31m` … `\x1b[0m`): the format has one output stream;
-//! - secrets are redacted before anything is written. Output is streamed (a progress line
-//!   without a newline shows when it was printed); only the last `overlap()` bytes after the
-//!   last newline are held back so a secret cut by a read boundary is still seen whole, and
-//!   complete lines that may be wrapped base64 until the line that ends them. A
-//!   secret value containing a newline is not supported by that rule (tokens and passwords
-//!   don't have one). [`CastWriter::rewrite_redacted`] redacts what was already written when a
+//! - secrets are redacted before anything is written, by the one streaming driver
+//!   ([`crate::redact::StreamRedactor`]; in a run, the attempt log's, whose result this writes
+//!   too). Output is streamed: complete lines and progress lines (ending in `\r`) go out at
+//!   once, an unfinished line after a bound, lines that may be wrapped base64 when the line
+//!   that ends them arrives. A secret value containing a newline is not supported by that rule
+//!   (tokens and passwords don't have one). [`CastWriter::rewrite_redacted`] redacts what was already written when a
 //!   secret becomes known mid-run, like the attempt log's `rewrite_redacted`.
 
 use std::fs::File;
@@ -25,33 +25,34 @@ use chrono::{DateTime, Utc};
 use runbook_engine::event::Stream;
 
 use crate::fs::HashingFile;
-use crate::redact::ByteRedactor;
+use crate::redact::{ByteRedactor, StreamRedactor};
 use crate::{write_err, EvidenceError};
 
 pub const WIDTH: u32 = 120;
 pub const HEIGHT: u32 = 40;
 
 const RED: &str = "\x1b[31m";
-/// The longest unfinished line held back for redaction by shape.
-const HOLD_UNFINISHED: usize = 4096;
 const RESET: &str = "\x1b[0m";
 
-#[derive(Default)]
 struct StreamState {
-    /// Bytes not yet redacted: complete lines held while they may be wrapped base64 (see
-    /// `redact::hold_wrapped`), then at most `overlap()` bytes of an unfinished line.
-    pending: Vec<u8>,
-    /// How many bytes at the start of `pending` are held complete lines (already through the
-    /// private-key filter).
-    held: usize,
-    /// The end of the line before `pending` (see `redact::next_lead`).
-    lead: Vec<u8>,
+    /// Holds back what redaction needs when this writer is given raw output
+    /// ([`CastWriter::write`]); the recorder gives it the log's result instead
+    /// ([`CastWriter::write_redacted`]).
+    driver: StreamRedactor<()>,
     /// Redacted bytes of an incomplete UTF-8 sequence at the end of the last event.
     carry: Vec<u8>,
     /// The last character written for this stream was `\r` (so a following `\n` stays as is).
     last_cr: bool,
-    /// Inside a private key block?
-    pem: crate::redact::PemFilter,
+}
+
+impl Default for StreamState {
+    fn default() -> Self {
+        Self {
+            driver: StreamRedactor::lines(),
+            carry: Vec::new(),
+            last_cr: false,
+        }
+    }
 }
 
 pub struct CastWriter {
@@ -117,102 +118,28 @@ impl CastWriter {
         &self.path
     }
 
-    /// Appends output of one stream.
+    /// Appends output of one stream, redacting it here.
     pub fn write(
         &mut self,
         at: DateTime<Utc>,
         stream: Stream,
         data: &[u8],
     ) -> Result<(), EvidenceError> {
-        let i = index(stream);
-        self.streams[i].pending.extend_from_slice(data);
-        // Complete lines pass the private-key filter; inside a block, nothing more goes out
-        // until the line is complete.
-        let complete = self.streams[i]
-            .pending
-            .iter()
-            .rposition(|&b| b == b'\n')
-            .map_or(0, |n| n + 1);
-        let held = self.streams[i].held;
-        if complete > held {
-            let StreamState { pending, pem, .. } = &mut self.streams[i];
-            // Rebuilt only from the first line the filter replaces (usually none is).
-            let mut filtered: Option<Vec<u8>> = None;
-            let mut at_line = held;
-            for line in pending[held..complete].split_inclusive(|&b| b == b'\n') {
-                let body = &line[..line.len() - 1];
-                match pem.line(body) {
-                    Some(r) => {
-                        let f = filtered.get_or_insert_with(|| pending[held..at_line].to_vec());
-                        f.extend_from_slice(r);
-                        f.push(b'\n');
-                    }
-                    None => {
-                        if let Some(f) = &mut filtered {
-                            f.extend_from_slice(line);
-                        }
-                    }
-                }
-                at_line += line.len();
-            }
-            if let Some(filtered) = filtered {
-                pending.splice(held..complete, filtered);
-            }
-        }
-        if self.streams[i].pem.inside() {
-            let keep_from = self.streams[i]
-                .pending
-                .iter()
-                .rposition(|&b| b == b'\n')
-                .map_or(0, |n| n + 1);
-            if keep_from == 0 {
-                return Ok(());
-            }
-            return self.emit_up_to(at, stream, keep_from);
-        }
-        let pending = &self.streams[i].pending;
-        let len = pending.len();
-        // Complete lines (a `\r` ends a progress-bar line too) go out now. An unfinished line
-        // is held back, up to a bound, because secrets recognised by shape (`Authorization:
-        // Bearer …` printed in two writes) can only be matched whole; past the bound, all but
-        // the bytes a secret value could still be continuing in goes out.
-        let after_eol = pending
-            .iter()
-            .rposition(|&b| b == b'\n' || b == b'\r')
-            .map_or(0, |n| n + 1);
-        // Complete lines that may be wrapped base64 wait for the line that ends them, so a
-        // secret's base64 form broken over lines is found.
-        let cut = if len - after_eol > HOLD_UNFINISHED {
-            after_eol.max(len.saturating_sub(self.redactor.overlap()))
-        } else {
-            crate::redact::hold_wrapped(
-                &self.streams[i].lead,
-                pending,
-                after_eol,
-                self.redactor.overlap(),
-            )
-        };
-        if cut == 0 {
-            self.streams[i].held = complete_after_filter(pending);
-            return Ok(());
-        }
-        self.emit_up_to(at, stream, cut)
+        let released = self.streams[index(stream)]
+            .driver
+            .push(&self.redactor, (), data);
+        self.emit(at, stream, &released.text, false)
     }
 
-    /// Redacts and writes out the pending bytes of `stream` before `cut` (or past it, to the
-    /// end of a match that starts before it); the rest stays pending.
-    fn emit_up_to(
+    /// Appends output of one stream already redacted by the attempt log's driver (what
+    /// [`crate::log::LogWriter::write_output`] returns): the same bytes, redacted once.
+    pub fn write_redacted(
         &mut self,
         at: DateTime<Utc>,
         stream: Stream,
-        cut: usize,
+        text: &[u8],
     ) -> Result<(), EvidenceError> {
-        let state = &mut self.streams[index(stream)];
-        let (out, used) = self.redactor.redact_after(&state.lead, &state.pending, cut);
-        state.lead = crate::redact::next_lead(&state.lead, &state.pending[..used]);
-        state.pending.drain(..used);
-        state.held = complete_after_filter(&state.pending);
-        self.emit(at, stream, &out, false)
+        self.emit(at, stream, text, false)
     }
 
     /// Writes out what is still held back, a closing line (`outcome_text`, e.g. `attempt 2:
@@ -228,18 +155,8 @@ impl CastWriter {
         outcome_text: &str,
     ) -> Result<Option<String>, EvidenceError> {
         for stream in [Stream::Stdout, Stream::Stderr] {
-            let i = index(stream);
-            let mut pending = std::mem::take(&mut self.streams[i].pending);
-            let held = self.streams[i].held.min(pending.len());
-            if pending.len() > held {
-                if let Some(r) = self.streams[i].pem.line(&pending[held..]) {
-                    pending.truncate(held);
-                    pending.extend_from_slice(r);
-                }
-            }
-            let lead = std::mem::take(&mut self.streams[i].lead);
-            let (out, _) = self.redactor.redact_after(&lead, &pending, pending.len());
-            self.emit(at, stream, &out, true)?;
+            let released = self.streams[index(stream)].driver.finish(&self.redactor);
+            self.emit(at, stream, &released.text, true)?;
         }
         self.note(at, outcome_text)?;
         // Synced by the recorder together with the journal (group commit).
@@ -370,15 +287,6 @@ pub fn redact_cast_file(path: &Path, redactor: &ByteRedactor) -> Result<(), Evid
     std::fs::rename(&tmp, path).map_err(write_err(path))
 }
 
-/// How many bytes at the start of `pending` are complete lines: after a write, those are the
-/// held ones, already through the private-key filter.
-fn complete_after_filter(pending: &[u8]) -> usize {
-    pending
-        .iter()
-        .rposition(|&b| b == b'\n')
-        .map_or(0, |n| n + 1)
-}
-
 fn header_line(timestamp: i64, title: &str) -> String {
     format!(
         "{{\"version\": 2, \"width\": {WIDTH}, \"height\": {HEIGHT}, \"timestamp\": {timestamp}, \
@@ -416,7 +324,19 @@ fn push_json_string(out: &mut Vec<u8>, s: &str) {
     out.reserve(bytes.len() + 2);
     out.push(b'"');
     let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
+    let mut i = 0;
+    while i < bytes.len() {
+        // Eight bytes at a time past runs that need no escape (most output).
+        if let Some(word) = bytes.get(i..i + 8) {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(word);
+            if !may_need_escape(u64::from_le_bytes(w)) {
+                i += 8;
+                continue;
+            }
+        }
+        let b = bytes[i];
+        i += 1;
         let short: &[u8] = match b {
             b'"' => b"\\\"",
             b'\\' => b"\\\\",
@@ -426,21 +346,36 @@ fn push_json_string(out: &mut Vec<u8>, s: &str) {
             0x08 => b"\\b",
             0x0c => b"\\f",
             0..=0x1f => {
-                out.extend_from_slice(&bytes[start..i]);
+                out.extend_from_slice(&bytes[start..i - 1]);
                 out.extend_from_slice(b"\\u00");
                 out.push(HEX[usize::from(b >> 4)]);
                 out.push(HEX[usize::from(b & 0xf)]);
-                start = i + 1;
+                start = i;
                 continue;
             }
             _ => continue,
         };
-        out.extend_from_slice(&bytes[start..i]);
+        out.extend_from_slice(&bytes[start..i - 1]);
         out.extend_from_slice(short);
-        start = i + 1;
+        start = i;
     }
     out.extend_from_slice(&bytes[start..]);
     out.push(b'"');
+}
+
+/// Whether any of the eight bytes of `x` is a control character, `"` or `\\` (what JSON
+/// escapes). Exact when false, which is all the caller relies on (a true sends it byte by byte).
+fn may_need_escape(x: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // A byte below 0x20, and a zero byte after xor with `"` or `\\` (bit tricks: "has less",
+    // "has zero byte").
+    let below = x.wrapping_sub(ONES * 0x20) & !x & HIGH;
+    let q = x ^ (ONES * u64::from(b'"'));
+    let quote = q.wrapping_sub(ONES) & !q & HIGH;
+    let b = x ^ (ONES * u64::from(b'\\'));
+    let backslash = b.wrapping_sub(ONES) & !b & HIGH;
+    (below | quote | backslash) != 0
 }
 
 /// `$ first line`, then `> next line` for each further line of a multi-line command.
@@ -600,6 +535,37 @@ mod tests {
                 json_string(&case),
                 "{case:?}"
             );
+        }
+        // The eight-byte test never misses a byte to escape, wherever it is in the word and
+        // whatever is around it (ASCII, UTF-8 continuation and lead bytes).
+        for fill in [b'x', 0x80, 0xbf, 0xe2, 0xff, b' ', b'!', b'#', b']'] {
+            for at in 0..8 {
+                for v in 0u8..=0xff {
+                    let mut w = [fill; 8];
+                    w[at] = v;
+                    let escape = v < 0x20 || v == b'"' || v == b'\\';
+                    if escape {
+                        assert!(may_need_escape(u64::from_le_bytes(w)), "{v:#x} at {at}");
+                    }
+                }
+                if !(fill < 0x20 || fill == b'"' || fill == b'\\') {
+                    assert!(!may_need_escape(u64::from_le_bytes([fill; 8])), "{fill:#x}");
+                }
+            }
+        }
+        let long = format!(
+            "{}\"{}\\{}\n{}",
+            "x".repeat(13),
+            "é".repeat(9),
+            "y".repeat(7),
+            "z".repeat(30)
+        );
+        for i in 0..long.len() {
+            if let Some(case) = long.get(i..) {
+                let mut got = Vec::new();
+                push_json_string(&mut got, case);
+                assert_eq!(String::from_utf8(got).expect("utf-8"), json_string(case));
+            }
         }
         let mut line = Vec::new();
         push_event_line(&mut line, 3_000_042, "a\r\nb\"");

@@ -254,15 +254,15 @@ fn copy_file(
     if binary {
         std::io::copy(&mut input, &mut out)?;
     } else {
-        let mut stream = StreamRedactor::new(redactor);
+        let mut stream = StreamRedactor::<()>::whole();
         loop {
             let n = input.read(&mut buf)?;
             if n == 0 {
                 break;
             }
-            out.write_all(&stream.push(&buf[..n]))?;
+            out.write_all(&stream.push(redactor, (), &buf[..n]).text)?;
         }
-        out.write_all(&stream.finish())?;
+        out.write_all(&stream.finish(redactor).text)?;
     }
     out.flush()?;
     // Anything left past the limit?

@@ -12,16 +12,33 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use runbook_engine::event::Stream;
 
 use crate::fs::HashingFile;
-use crate::redact::{ByteRedactor, PemFilter, RedactFile as _, WrapHold};
+use crate::redact::{ByteRedactor, RedactFile as _, Released, StreamRedactor};
 use crate::{write_err, EvidenceError};
 
-/// Longest fragment kept in memory while waiting for a newline.
+/// Longest start of a line kept in memory while waiting for its newline: past it, the start
+/// is written as a fragment record.
 const MAX_FRAGMENT: usize = 64 * 1024;
 
-struct Pending {
-    bytes: Vec<u8>,
-    /// When the first byte of `bytes` arrived.
+/// One output stream of the attempt.
+#[derive(Debug)]
+struct StreamLog {
+    /// Holds back what redaction needs (the one driver; its result is also the transcript's).
+    driver: StreamRedactor<DateTime<Utc>>,
+    /// The redacted start of the current line.
+    partial: Vec<u8>,
+    /// When the current line's first byte (or, after a fragment record, its next byte)
+    /// arrived.
     since: Option<DateTime<Utc>>,
+}
+
+impl Default for StreamLog {
+    fn default() -> Self {
+        Self {
+            driver: StreamRedactor::lines(),
+            partial: Vec::new(),
+            since: None,
+        }
+    }
 }
 
 pub struct LogWriter {
@@ -30,13 +47,7 @@ pub struct LogWriter {
     /// The last time stamp formatted, and its text: a read's lines share one time, so the
     /// stamp is formatted once per read rather than once per line.
     stamp: Option<(DateTime<Utc>, String)>,
-    pending: [Pending; 2],
-    /// Per stream: inside a private key block?
-    pem: [PemFilter; 2],
-    /// Per stream: lines that may be wrapped base64, held until the text ends so a secret's
-    /// base64 form broken over lines is found (see [`WrapHold`]). Records of the other stream
-    /// can be written meanwhile; each keeps its own time.
-    hold: [WrapHold<DateTime<Utc>>; 2],
+    streams: [StreamLog; 2],
     /// Secrets as known when the last bytes arrived; the recorder updates it when a secret is
     /// registered mid-run.
     pub redactor: ByteRedactor,
@@ -46,6 +57,17 @@ fn index(stream: Stream) -> usize {
     match stream {
         Stream::Stdout => 0,
         Stream::Stderr => 1,
+    }
+}
+
+/// What a stream's driver gave out at its end.
+pub type StreamRest = (Stream, Released<DateTime<Utc>>);
+
+/// The tag of a fragment record of `stream`.
+fn fragment_tag(stream: Stream) -> &'static str {
+    match stream {
+        Stream::Stdout => "out+",
+        Stream::Stderr => "err+",
     }
 }
 
@@ -59,19 +81,8 @@ impl LogWriter {
             path: path.to_owned(),
             file: BufWriter::with_capacity(64 * 1024, HashingFile::new(file)),
             stamp: None,
-            pending: [
-                Pending {
-                    bytes: Vec::new(),
-                    since: None,
-                },
-                Pending {
-                    bytes: Vec::new(),
-                    since: None,
-                },
-            ],
+            streams: Default::default(),
             redactor,
-            pem: Default::default(),
-            hold: Default::default(),
         })
     }
 
@@ -92,77 +103,58 @@ impl LogWriter {
         &mut self,
         at: DateTime<Utc>,
         stream: Stream,
-        mut data: &[u8],
+        data: &[u8],
+    ) -> Result<(), EvidenceError> {
+        self.write_output(at, stream, data).map(drop)
+    }
+
+    /// [`LogWriter::write`], returning the redacted output given out now: the transcript
+    /// writes the same bytes (see [`crate::cast::CastWriter::write_redacted`]), so output is
+    /// redacted once.
+    pub fn write_output(
+        &mut self,
+        at: DateTime<Utc>,
+        stream: Stream,
+        data: &[u8],
+    ) -> Result<Released<DateTime<Utc>>, EvidenceError> {
+        let released = self.streams[index(stream)]
+            .driver
+            .push(&self.redactor, at, data);
+        self.record_released(at, stream, &released)?;
+        Ok(released)
+    }
+
+    /// Writes the records of what the driver gave out: a complete line as one record with
+    /// the time its first byte arrived, the start of a long one as fragment records.
+    fn record_released(
+        &mut self,
+        at: DateTime<Utc>,
+        stream: Stream,
+        released: &Released<DateTime<Utc>>,
     ) -> Result<(), EvidenceError> {
         let i = index(stream);
-        let mut joined: Vec<u8>;
-        while let Some(nl) = data.iter().position(|&b| b == b'\n') {
-            let since = self.pending[i].since.take().unwrap_or(at);
-            // A line that started in an earlier read is joined to its start; the others are
-            // used where they are, without a copy.
-            let mut line: &[u8] = if self.pending[i].bytes.is_empty() {
-                &data[..nl]
-            } else {
-                joined = std::mem::take(&mut self.pending[i].bytes);
-                joined.extend_from_slice(&data[..nl]);
-                &joined
-            };
-            let filtered;
-            if let Some(r) = self.pem[i].line(line) {
-                filtered = r.to_vec();
-                line = &filtered;
+        for piece in released.pieces() {
+            if piece.line_end {
+                let since = self.streams[i].since.take().unwrap_or(*piece.meta);
+                if self.streams[i].partial.is_empty() {
+                    self.record_redacted(since, stream.tag(), piece.text)?;
+                } else {
+                    let mut line = std::mem::take(&mut self.streams[i].partial);
+                    line.extend_from_slice(piece.text);
+                    self.record_redacted(since, stream.tag(), &line)?;
+                }
+                continue;
             }
-            for (since, line) in self.hold[i].line(&self.redactor, since, line) {
-                self.record_redacted(since, stream.tag(), &line)?;
-            }
-            data = &data[nl + 1..];
-        }
-        if !data.is_empty() {
-            let p = &mut self.pending[i];
-            p.since.get_or_insert(at);
-            p.bytes.extend_from_slice(data);
-            if p.bytes.len() > MAX_FRAGMENT && self.pem[i].inside() {
-                // Inside a private key block: nothing of it may be written.
-                p.bytes = b"[REDACTED:private-key]".to_vec();
-            } else if p.bytes.len() > MAX_FRAGMENT {
-                // Held lines go out first, with this line's start to look into.
-                self.release_hold(stream)?;
-                let p = &mut self.pending[i];
-                // Redact what can be decided now; a secret that may continue past the end stays
-                // in the buffer until more arrives, so no cut ever splits one.
-                let cut = fragment_cut(&p.bytes, self.redactor.overlap());
-                let (head, used) = self.redactor.redact_prefix(&p.bytes, cut);
-                p.bytes.drain(..used);
-                let since = p.since.replace(at).unwrap_or(at);
-                let tag = format!("{}+", stream.tag());
-                self.record_redacted(since, &tag, &head)?;
+            let s = &mut self.streams[i];
+            s.since.get_or_insert(*piece.meta);
+            s.partial.extend_from_slice(piece.text);
+            if s.partial.len() > MAX_FRAGMENT {
+                let since = s.since.replace(at).unwrap_or(at);
+                let head = std::mem::take(&mut s.partial);
+                self.record_redacted(since, fragment_tag(stream), &head)?;
             }
         }
         Ok(())
-    }
-
-    /// Writes out the held lines of `stream`, looking into the unfinished line after them (a
-    /// secret's form may run into it): what that consumed of it is written as its first piece.
-    fn release_hold(&mut self, stream: Stream) -> Result<(), EvidenceError> {
-        let i = index(stream);
-        if self.hold[i].is_empty() {
-            return Ok(());
-        }
-        let (mut lines, into) = self.hold[i].release(&self.redactor, &self.pending[i].bytes);
-        let piece = (into > 0).then(|| lines.pop()).flatten();
-        for (since, line) in lines {
-            self.record_redacted(since, stream.tag(), &line)?;
-        }
-        if let Some((since, piece)) = piece {
-            self.pending[i].bytes.drain(..into);
-            self.record_redacted(since, &format!("{}+", stream.tag()), &piece)?;
-        }
-        Ok(())
-    }
-
-    fn record(&mut self, at: DateTime<Utc>, tag: &str, line: &[u8]) -> Result<(), EvidenceError> {
-        let line = self.redactor.redact(line);
-        self.record_redacted(at, tag, &line)
     }
 
     fn record_redacted(
@@ -202,6 +194,12 @@ impl LogWriter {
             .map_err(write_err(&self.path))?;
         // Rewritten elsewhere: sealing reads this file.
         self.file = BufWriter::with_capacity(64 * 1024, HashingFile::unhashed(file));
+        // The redacted starts of unfinished lines are not in the file yet.
+        for s in &mut self.streams {
+            if !s.partial.is_empty() {
+                s.partial = self.redactor.redact(&s.partial);
+            }
+        }
         Ok(())
     }
 
@@ -221,22 +219,32 @@ impl LogWriter {
         self.close()
     }
 
-    fn flush_partial(&mut self) -> Result<(), EvidenceError> {
-        for stream in [Stream::Stdout, Stream::Stderr] {
-            let i = index(stream);
-            if !self.pending[i].bytes.is_empty() {
-                if let Some(r) = self.pem[i].line(&self.pending[i].bytes) {
-                    self.pending[i].bytes = r.to_vec();
-                }
+    /// Ends both output streams: writes out what their drivers held and the starts of
+    /// unfinished lines (as fragment records), and returns what the drivers gave out, for the
+    /// transcript.
+    pub fn finish_output(&mut self) -> Result<[StreamRest; 2], EvidenceError> {
+        let mut out = [
+            (Stream::Stdout, Released::empty()),
+            (Stream::Stderr, Released::empty()),
+        ];
+        for (stream, rest) in &mut out {
+            let i = index(*stream);
+            let released = self.streams[i].driver.finish(&self.redactor);
+            let at = released.pieces().last().map_or_else(Utc::now, |p| *p.meta);
+            self.record_released(at, *stream, &released)?;
+            let s = &mut self.streams[i];
+            if !s.partial.is_empty() {
+                let bytes = std::mem::take(&mut s.partial);
+                let since = s.since.take().unwrap_or(at);
+                self.record_redacted(since, fragment_tag(*stream), &bytes)?;
             }
-            self.release_hold(stream)?;
-            if !self.pending[i].bytes.is_empty() {
-                let bytes = std::mem::take(&mut self.pending[i].bytes);
-                let since = self.pending[i].since.take().unwrap_or_else(Utc::now);
-                self.record(since, &format!("{}+", stream.tag()), &bytes)?;
-            }
+            *rest = released;
         }
-        Ok(())
+        Ok(out)
+    }
+
+    fn flush_partial(&mut self) -> Result<(), EvidenceError> {
+        self.finish_output().map(drop)
     }
 
     /// Writes out partial lines and closes the file.
@@ -255,23 +263,6 @@ impl LogWriter {
             .map_err(|e| write_err(&path)(e.into_error()))?;
         Ok(file.digest())
     }
-}
-
-/// Where to cut a long unfinished line: keep back what a secret value could still continue
-/// in, and never cut between a shape trigger (`authorization`, `bearer`) and the value after
-/// it, so redaction by shape sees both in the same piece.
-fn fragment_cut(bytes: &[u8], overlap: usize) -> usize {
-    const KEEP: usize = 256;
-    let len = bytes.len();
-    let mut cut = len.saturating_sub(overlap.max(KEEP));
-    let window = cut.saturating_sub(KEEP);
-    let lower = bytes[window..].to_ascii_lowercase();
-    for trigger in [&b"authorization"[..], b"bearer"] {
-        if let Some(pos) = lower.windows(trigger.len()).rposition(|w| w == trigger) {
-            cut = cut.min(window + pos);
-        }
-    }
-    cut.max(1)
 }
 
 pub fn stamp(at: DateTime<Utc>) -> String {
@@ -305,6 +296,73 @@ mod tests {
                 text.contains("[REDACTED:tok]"),
                 "redacted with shift {shift}"
             );
+        }
+    }
+
+    /// The transcript written from the log's result (as the recorder does) shows exactly the
+    /// bytes the log records, redacted once, whatever the reads.
+    #[test]
+    fn the_transcript_written_from_the_log_shows_the_same_redacted_output() {
+        use base64::Engine as _;
+        let secret = "long-secret/with+special chars&=?~ and more text to exceed 57 bytes";
+        let r = ByteRedactor::new(&[("pw".into(), secret.into())]);
+        let enc = base64::engine::general_purpose::STANDARD.encode(format!("admin:{secret}"));
+        let mut out = String::from("start\nprogress 10%\rprogress 20%\rprogress done\n");
+        for line in enc.as_bytes().chunks(76) {
+            out.push_str(std::str::from_utf8(line).expect("ascii"));
+            out.push('\n');
+        }
+        out.push_str(&format!(
+            "token {secret} end\nAuthorization: Bearer abcdefgh12345678\n"
+        ));
+        out.push_str(&"x".repeat(70_000));
+        out.push_str(" tail");
+        let dir = tempfile::tempdir().expect("tempdir");
+        for size in [1, 7, 100, 4096, 65536] {
+            let log_path = dir.path().join(format!("a-{size}.log"));
+            let cast_path = dir.path().join(format!("a-{size}.cast"));
+            let at = Utc::now();
+            let mut log = LogWriter::create(&log_path, r.clone()).expect("log");
+            let mut cast = crate::cast::CastWriter::create(&cast_path, at, "t", "x", r.uncounted())
+                .expect("cast");
+            for chunk in out.as_bytes().chunks(size) {
+                let rel = log.write_output(at, Stream::Stdout, chunk).expect("write");
+                cast.write_redacted(at, Stream::Stdout, &rel.text)
+                    .expect("cast");
+            }
+            for (stream, rest) in log.finish_output().expect("finish") {
+                cast.write_redacted(at, stream, &rest.text).expect("cast");
+            }
+            log.finish().expect("log");
+            cast.finish(at, "done").expect("cast");
+            // The log's stdout records, joined back.
+            let text = std::fs::read(&log_path).expect("read log");
+            let mut from_log = Vec::new();
+            for rec in text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                let mut parts = rec.splitn(3, |&b| b == b' ');
+                let (_, tag) = (parts.next(), parts.next().unwrap_or_default());
+                let body = parts.next().unwrap_or_default();
+                match tag {
+                    b"out" => {
+                        from_log.extend_from_slice(body);
+                        from_log.push(b'\n');
+                    }
+                    b"out+" => from_log.extend_from_slice(body),
+                    _ => {}
+                }
+            }
+            let want = r.redact(out.as_bytes());
+            assert!(from_log == want, "log differs, reads of {size}");
+            let cast_text = std::fs::read_to_string(&cast_path).expect("read cast");
+            let mut shown = String::new();
+            for line in cast_text.lines().skip(2) {
+                let v: serde_json::Value = serde_json::from_str(line).expect("event");
+                shown.push_str(v[2].as_str().unwrap_or_default());
+            }
+            let shown = shown.replace("\r\n", "\n");
+            let want = String::from_utf8_lossy(&want).into_owned();
+            assert!(shown.starts_with(&want), "cast differs, reads of {size}");
+            assert!(!shown.contains("long-secret") && !shown.contains("abcdefgh"));
         }
     }
 }

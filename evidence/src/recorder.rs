@@ -251,11 +251,16 @@ impl Recorder {
         } = event
         {
             let key = (step.to_string(), target.to_string(), *attempt);
-            if let Some(log) = self.logs.get_mut(&key) {
-                log.write(*at, *stream, data)?;
-            }
-            if let Some(cast) = self.casts.get_mut(&key) {
-                cast.write(*at, *stream, data)?;
+            // Redacted once, by the log's driver; the transcript shows the same bytes.
+            match (self.logs.get_mut(&key), self.casts.get_mut(&key)) {
+                (Some(log), cast) => {
+                    let released = log.write_output(*at, *stream, data)?;
+                    if let Some(cast) = cast {
+                        cast.write_redacted(*at, *stream, &released.text)?;
+                    }
+                }
+                (None, Some(cast)) => cast.write(*at, *stream, data)?,
+                (None, None) => {}
             }
             return Ok(());
         }
@@ -361,12 +366,19 @@ impl Recorder {
             } => {
                 let key = (step.to_string(), target.to_string(), *attempt);
                 let closing = format!("attempt {attempt}: {}", outcome.describe());
-                if let Some(log) = self.logs.remove(&key) {
+                let mut cast = self.casts.remove(&key);
+                if let Some(mut log) = self.logs.remove(&key) {
+                    // What the log's driver still held goes to the transcript too.
+                    for (stream, rest) in log.finish_output()? {
+                        if let Some(cast) = cast.as_mut() {
+                            cast.write_redacted(*at, stream, &rest.text)?;
+                        }
+                    }
                     let path = log.path().to_owned();
                     let digest = log.close_with(*at, &closing)?;
                     self.remember_digest(&path, digest);
                 }
-                if let Some(cast) = self.casts.remove(&key) {
+                if let Some(cast) = cast {
                     let path = cast.path().to_owned();
                     let digest = cast.close(*at, &closing)?;
                     self.remember_digest(&path, digest);
@@ -919,7 +931,13 @@ impl Recorder {
             std::fs::remove_file(&tmp).map_err(write_err(&tmp))?;
         }
         // Logs still open belong to attempts that never reported an end (a crash mid-run).
-        for (_, log) in std::mem::take(&mut self.logs) {
+        for (key, mut log) in std::mem::take(&mut self.logs) {
+            let now = Utc::now();
+            for (stream, rest) in log.finish_output()? {
+                if let Some(cast) = self.casts.get_mut(&key) {
+                    cast.write_redacted(now, stream, &rest.text)?;
+                }
+            }
             let path = log.path().to_owned();
             let digest = log.close()?;
             self.remember_digest(&path, digest);

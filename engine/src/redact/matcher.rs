@@ -57,7 +57,14 @@ pub fn ends_wrapped(lead: &[u8], line: &[u8]) -> bool {
         Some(_) => (lead, line),
         None => (lead.strip_suffix(b"\r").unwrap_or(lead), line),
     };
-    let run = line.iter().rev().take_while(|&&b| is_base64(b)).count();
+    // Counting stops at WRAP_MIN: that many already answers (a 76-column line is not walked
+    // whole, for every line of a base64 dump).
+    let run = line
+        .iter()
+        .rev()
+        .take(WRAP_MIN)
+        .take_while(|&&b| is_base64(b))
+        .count();
     if run >= WRAP_MIN || run < line.len() {
         return run >= WRAP_MIN;
     }
@@ -308,19 +315,15 @@ impl ByteRedactor {
     }
 
     pub fn redact(&self, data: &[u8]) -> Vec<u8> {
-        self.redact_prefix(data, data.len()).0
+        self.redact_after(&[], data, data.len()).0
     }
 
     /// Redacts matches that start before `cut`; returns the output and how many input bytes it
-    /// covers (a match straddling `cut` is taken whole). Callers streaming a file keep the rest
-    /// for the next chunk; with `cut = len - overlap()` no match is ever split.
-    pub fn redact_prefix(&self, data: &[u8], cut: usize) -> (Vec<u8>, usize) {
-        self.redact_after(&[], data, cut)
-    }
-
-    /// [`ByteRedactor::redact_prefix`] for data that continues a stream: `lead` is what came
-    /// just before `data` on the same line (see [`next_lead`]), needed only to tell whether the
-    /// first line of `data` continues a wrapped base64 text.
+    /// covers (a match straddling `cut` is taken whole). Streaming callers (the evidence
+    /// crate's one driver) keep the rest for the next chunk; with `cut = len - overlap()` no
+    /// match is ever split. `lead` is what came just before `data` on the same line (see
+    /// [`next_lead`]), needed only to tell whether the first line of `data` continues a wrapped
+    /// base64 text.
     ///
     /// Besides the secrets' forms found in `data` as it is, a form is found across the line
     /// breaks of a wrapped encoding (base64, base32, hex; see [`WRAP_MIN`]): a line that ends

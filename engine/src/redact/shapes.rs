@@ -125,6 +125,23 @@ impl ShapeRules {
     }
 }
 
+impl ShapeRules {
+    /// The start of a match of any rule that starts before `cut` and ends after it, if any:
+    /// a streaming caller cutting `data` there would split it (and leave part of the secret
+    /// in the clear).
+    pub fn match_across(&self, data: &[u8], cut: usize) -> Option<usize> {
+        self.rules
+            .iter()
+            .filter_map(|(_, re)| {
+                re.find_iter(data)
+                    .take_while(|m| m.start() < cut)
+                    .find(|m| m.end() > cut)
+                    .map(|m| m.start())
+            })
+            .min()
+    }
+}
+
 /// Follows private key blocks across lines of one stream: every line from a `BEGIN … PRIVATE
 /// KEY` line to its `END` line is replaced whole.
 #[derive(Debug, Clone, Default)]
