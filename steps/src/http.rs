@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use runbook_engine::duration::format_duration;
 use runbook_engine::event::Stream;
 use runbook_engine::redact;
+use runbook_engine::runbook::RequestKind;
 use runbook_engine::runner::OutputSink;
 
 /// Used when a step gives no `timeout`: long enough for a slow API server, short enough that a
@@ -476,7 +477,19 @@ fn prepare(req: &HttpRequest) -> Result<Prepared, ProbeError> {
     let method_text = req.method.as_deref().unwrap_or("GET").to_ascii_uppercase();
     let method = reqwest::Method::from_bytes(method_text.as_bytes())
         .map_err(|_| config(format!("`method` `{method_text}` is not an HTTP method")))?;
-    // One body and one of basic/bearer: the descriptor's `combination`, checked before the run.
+    // One body, one of basic/bearer: the descriptor's rule, which `check` applies to the
+    // runbook; applied here too for callers that come without one.
+    let present: Vec<&str> = [
+        ("body", req.body.is_some()),
+        ("json", req.json.is_some()),
+        ("form", req.form.is_some()),
+        ("basic", req.basic.is_some()),
+        ("bearer", req.bearer.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(k, on)| on.then_some(k))
+    .collect();
+    (RequestKind::Http.spec().combination)(&present).map_err(|c| config(c.message))?;
     if (req.basic.is_some() || req.bearer.is_some())
         && req
             .headers

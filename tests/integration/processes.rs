@@ -227,6 +227,10 @@ fn interrupt_cancels_the_run_and_finalises_the_bundle() {
 #[test]
 fn processes_that_leave_the_group_end_with_the_step() {
     let marker = unique_marker();
+    // The steps wait until their stray has exec'd `sleep` (its argv ends in the marker), so the
+    // stray is recorded as `sleep …` however slow the machine. `[d]igits` keeps grep from
+    // finding its own pattern in its own argv.
+    let (m0, mrest) = marker.split_at(1);
     let toml = format!(
         r#"{HEAD}
 [defaults]
@@ -245,11 +249,11 @@ sleep 100
 
 [[steps]]
 id = "exits"
-run = "setsid sleep {marker}2 & sleep 0.2; echo launched"
+run = "setsid sleep {marker}2 & until grep -qsxz '[{m0}]{mrest}2' /proc/[0-9]*/cmdline; do sleep 0.05; done; echo launched"
 
 [[steps]]
 id = "stubborn"
-run = "setsid sh -c 'trap \"\" TERM; exec sleep {marker}3' > /dev/null 2>&1 & sleep 0.2; echo launched"
+run = "setsid sh -c 'trap \"\" TERM; exec sleep {marker}3' > /dev/null 2>&1 & until grep -qsxz '[{m0}]{mrest}3' /proc/[0-9]*/cmdline; do sleep 0.05; done; echo launched"
 "#
     );
     let started = Instant::now();
