@@ -83,13 +83,16 @@ def alive(pid):
         return False
 
 
-def ns_pids(ns_id):
-    """Every process whose mount namespace is `ns_id` (the node's processes)."""
+def ns_pids(ns_id, uts_id=None):
+    """Every process whose mount namespace is `ns_id` and UTS namespace `uts_id` (the node's
+    processes). Both: a namespace's id is reused once it is gone, and other tests make mount
+    namespaces of their own all the time (never a UTS one); a node has both."""
     out = []
     for p in os.listdir("/proc"):
         if p.isdigit():
             try:
-                if os.readlink(f"/proc/{p}/ns/mnt") == ns_id:
+                if os.readlink(f"/proc/{p}/ns/mnt") == ns_id and (
+                        uts_id is None or os.readlink(f"/proc/{p}/ns/uts") == uts_id):
                     out.append(int(p))
             except OSError:
                 pass
@@ -202,6 +205,7 @@ def boot_node(lab_dir, lab, n, start_services=True):
         raise SystemExit(f"lab: sshd of {n['name']} does not answer on {n['ip']}:{lab['ssh_port']}; see {d}/sshd.log")
     n["anchor"] = p.pid
     n["ns"] = os.readlink(f"/proc/{p.pid}/ns/mnt")
+    n["uts"] = os.readlink(f"/proc/{p.pid}/ns/uts")
     n["state"] = "running"
     if start_services:
         # A VM boot starts the enabled units.
@@ -333,7 +337,7 @@ def kill_node(n, sig=signal.SIGKILL, check=True):
     if check and not node_alive(n):
         return
     for _ in range(20):
-        pids = [p for p in ns_pids(n["ns"]) if p != os.getpid()]
+        pids = [p for p in ns_pids(n["ns"], n.get("uts")) if p != os.getpid()]
         if not pids:
             return
         for p in pids:
