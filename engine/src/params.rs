@@ -94,6 +94,7 @@ impl BoundParams {
                 _ => errors.push(ParamError::Malformed(set.clone())),
             }
         }
+        let durations: Vec<&str> = runbook.duration_params().collect();
         let mut bound = Vec::with_capacity(runbook.params.len());
         for spec in &runbook.params {
             let from_set = given
@@ -149,6 +150,27 @@ impl BoundParams {
                     None => serde_json::Value::String(String::new()),
                 },
             };
+            if durations.contains(&spec.name.as_str()) {
+                let ok = value
+                    .as_str()
+                    .is_some_and(|t| crate::duration::parse_duration(t).is_ok());
+                if !ok {
+                    errors.push(ParamError::BadValue {
+                        name: spec.name.clone(),
+                        from: match &source {
+                            ParamSource::Default => "its default".to_owned(),
+                            _ => from,
+                        },
+                        expected: "a duration such as `30s` or `2m` (a step's `pause` reads it)",
+                        got: if spec.secret {
+                            crate::redact::placeholder(&spec.name)
+                        } else {
+                            value.to_string()
+                        },
+                    });
+                    continue;
+                }
+            }
             bound.push(BoundParam {
                 name: spec.name.clone(),
                 value,

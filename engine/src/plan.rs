@@ -390,8 +390,22 @@ impl Plan {
                             let sizes: Vec<String> =
                                 batches.iter().map(ToString::to_string).collect();
                             let mut s = format!("rolling [{}]", sizes.join(", "));
-                            if let Some(p) = pause {
-                                let _ = write!(s, ", pause {}", crate::duration::format_spec(*p));
+                            match pause {
+                                Some(crate::runbook::Pause::Fixed(p)) => {
+                                    let _ =
+                                        write!(s, ", pause {}", crate::duration::format_spec(*p));
+                                }
+                                Some(p @ crate::runbook::Pause::Param(name)) => {
+                                    let _ = match p.resolve(&self.params) {
+                                        Some(d) => write!(
+                                            s,
+                                            ", pause {} (params.{name})",
+                                            crate::duration::format_spec(d)
+                                        ),
+                                        None => write!(s, ", pause params.{name}"),
+                                    };
+                                }
+                                None => {}
                             }
                             if gate.is_some() && *gate_before_first {
                                 s.push_str(", gated before the first batch and between batches");

@@ -177,7 +177,7 @@ pub enum StrategyKind {
     /// Batches one after another: sizes as written, the last repeating until every host ran.
     Rolling {
         batches: Vec<Budget>,
-        pause: Option<Duration>,
+        pause: Option<Pause>,
         gate: Option<Gate>,
         /// The gate also runs before the first batch: nothing starts on an unhealthy cluster.
         gate_before_first: bool,
@@ -187,6 +187,29 @@ pub enum StrategyKind {
 impl Default for StrategyKind {
     fn default() -> Self {
         StrategyKind::Parallel { limit: None }
+    }
+}
+
+/// The wait between two batches: written in the runbook, or a parameter's value, so that an
+/// operator can set it per run (`--set batch_pause=2m`) without editing the runbook.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Pause {
+    Fixed(Duration),
+    /// `pause = "{{ params.NAME }}"`: the parameter is checked as a duration when it is bound.
+    Param(String),
+}
+
+impl Pause {
+    /// The wait this run uses; `None` when a parameter's value is not a duration (binding
+    /// refuses such a value, so a run never sees it).
+    pub fn resolve(&self, params: &crate::params::BoundParams) -> Option<Duration> {
+        match self {
+            Pause::Fixed(d) => Some(*d),
+            Pause::Param(name) => params
+                .get(name)
+                .and_then(|p| p.value.as_str())
+                .and_then(|text| crate::duration::parse_duration(text).ok()),
+        }
     }
 }
 
@@ -320,6 +343,17 @@ pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(5);
 impl Runbook {
     pub fn step(&self, id: &str) -> Option<&StepSpec> {
         self.steps.iter().find(|s| s.id.as_str() == id)
+    }
+
+    /// The parameters a step reads as a duration (`pause = "{{ params.NAME }}"`).
+    pub fn duration_params(&self) -> impl Iterator<Item = &str> {
+        self.steps.iter().filter_map(|s| match &s.strategy.kind {
+            StrategyKind::Rolling {
+                pause: Some(Pause::Param(name)),
+                ..
+            } => Some(name.as_str()),
+            _ => None,
+        })
     }
 
     pub fn param(&self, name: &str) -> Option<&ParamSpec> {

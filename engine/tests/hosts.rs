@@ -135,7 +135,7 @@ fn inventory(n: usize) -> String {
 }
 
 async fn run(toml: &str, hosts: usize, codes: &[(&str, i32)], forks: usize) -> Outcome {
-    run_with(toml, hosts, codes, forks, CancellationToken::new()).await
+    run_with(toml, hosts, codes, forks, CancellationToken::new(), &[]).await
 }
 
 async fn run_with(
@@ -144,12 +144,13 @@ async fn run_with(
     codes: &[(&str, i32)],
     forks: usize,
     cancel: CancellationToken,
+    sets: &[String],
 ) -> Outcome {
     let host = ExprHost::new();
     let source = Source::new("test.toml", toml);
     let (runbook, graph, _) =
         runbook_engine::compile(&source, &host).unwrap_or_else(|d| panic!("{d}"));
-    let params = BoundParams::bind(&runbook, &[], |_| None).expect("params");
+    let params = BoundParams::bind(&runbook, sets, |_| None).expect("params");
     let mut plan = Plan::new(
         runbook,
         graph,
@@ -286,6 +287,54 @@ strategy = { rolling = 1, pause = "2s" }
         .filter(|e| matches!(e, RunEvent::Batch { .. }))
         .count();
     assert_eq!(batches, 5);
+}
+
+/// `pause = "{{ params.NAME }}"`: the run waits what the operator set, not the default.
+#[tokio::test(start_paused = true)]
+async fn a_pause_read_from_a_parameter_waits_the_value_the_run_was_given() {
+    let toml = r#"
+[runbook]
+name = "roll"
+[params]
+batch_pause = { default = "1s" }
+[[steps]]
+id = "upgrade"
+on = "all"
+run = "upgrade"
+strategy = { rolling = 1, pause = "{{ params.batch_pause }}" }
+"#;
+    let o = run_with(
+        toml,
+        3,
+        &[],
+        50,
+        CancellationToken::new(),
+        &["batch_pause=90s".to_owned()],
+    )
+    .await;
+    assert_eq!(o.report.status, RunStatus::Succeeded);
+    let spans: Vec<&Seen> = o.seen.iter().filter(|s| s.step == "upgrade").collect();
+    assert_eq!(spans.len(), 3);
+    for w in spans.windows(2) {
+        let gap = w[1].start - w[0].end;
+        assert!(
+            gap >= Duration::from_secs(90) && gap < Duration::from_secs(91),
+            "{} started {gap:?} after {} ended, not the 90s pause",
+            w[1].target,
+            w[0].target
+        );
+    }
+
+    let source = Source::new("test.toml", toml);
+    let (runbook, _, _) =
+        runbook_engine::compile(&source, &ExprHost::new()).unwrap_or_else(|d| panic!("{d}"));
+    let errors = BoundParams::bind(&runbook, &["batch_pause=soon".to_owned()], |_| None)
+        .expect_err("not a duration");
+    assert_eq!(
+        errors[0].to_string(),
+        "parameter `batch_pause` (from --set) must be a duration such as `30s` or `2m` \
+         (a step's `pause` reads it), got \"soon\""
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -666,6 +715,7 @@ steps = [
         &[],
         10,
         cancel,
+        &[],
     )
     .await;
     let ran = o.targets("cycle");

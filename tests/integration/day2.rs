@@ -44,7 +44,11 @@ fn os_patch_stops_at_a_node_that_does_not_come_back_then_a_rerun_finishes_it() {
 
     let out = lab_cmd(&lab.labdir(), &["fault", "rke2-server-2", "no-boot"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let failed = lab.run("rocky-os-patch.toml", &["--set", "reboot_timeout=45s"], &[]);
+    let failed = lab.run(
+        "rocky-os-patch.toml",
+        &["--set", "reboot_timeout=45s", "--set", "batch_pause=1s"],
+        &[],
+    );
     failed.assert_code(1);
     assert_eq!(failed.status_of("patch-servers"), "failed");
     assert_eq!(failed.status_of("patch-agents"), "skipped");
@@ -99,7 +103,7 @@ fn os_patch_stops_at_a_node_that_does_not_come_back_then_a_rerun_finishes_it() {
     let out = lab_cmd(&lab.labdir(), &["fault", "rke2-server-2", "start"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let server1_boot = boot("rke2-server-1");
-    let done = lab.run("rocky-os-patch.toml", &[], &[]);
+    let done = lab.run("rocky-os-patch.toml", &["--set", "batch_pause=1s"], &[]);
     done.assert_code(0);
     assert_eq!(done.status_of("verify"), "succeeded");
     assert_eq!(done.status_of("what-now"), "skipped");

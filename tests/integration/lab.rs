@@ -398,7 +398,11 @@ fn rolling_upgrade_stops_at_a_failing_server_then_a_rerun_finishes_it() {
     // Data of before the run: the rollback must bring it back, and lose what came after.
     let ok = |o: Output| assert!(o.status.success(), "{}", text(&o.stderr));
     ok(lab.kubectl(&["create", "namespace", "before-upgrade"]));
-    let failed = lab.run("rke2-upgrade.toml", &["--set", &target], &[]);
+    let failed = lab.run(
+        "rke2-upgrade.toml",
+        &["--set", &target, "--set", "batch_pause=1s"],
+        &[],
+    );
     failed.assert_code(1);
     assert_eq!(failed.status_of("pve-snapshot-wait"), "succeeded");
     assert_eq!(failed.status_of("upgrade-servers"), "failed");
@@ -497,7 +501,11 @@ fn rolling_upgrade_stops_at_a_failing_server_then_a_rerun_finishes_it() {
     // Mirror fixed: the same command finishes the job (a second snapshot name, no clash).
     let out = lab_cmd(&lab.labdir(), &["fault", "rke2-server-2", "fix-install"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let done = lab.run("rke2-upgrade.toml", &["--set", &target], &[]);
+    let done = lab.run(
+        "rke2-upgrade.toml",
+        &["--set", &target, "--set", "batch_pause=1s"],
+        &[],
+    );
     done.assert_code(0);
     assert_eq!(done.status_of("verify"), "succeeded");
     assert_eq!(done.status_of("pve-snapshot-delete-wait"), "succeeded");

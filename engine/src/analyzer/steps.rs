@@ -9,12 +9,12 @@ use super::keys::{step_keys, STRATEGY_KEYS};
 use super::reader::{get, holds_template, is_identifier, ShiftedSpans, Value};
 use super::references::{expr_reads_of, expr_references, expr_refs_in, property_paths};
 use super::{Analyzer, Defaults};
-use crate::diagnostic::{Code, Diagnostic};
+use crate::diagnostic::{suggest, Code, Diagnostic};
 use crate::expr::Context;
 use crate::model::Selector;
 use crate::retry::RetryPolicy;
 use crate::runbook::{
-    Action, Budget, Capture, Gate, Need, ParamSpec, RequestKind, SpannedExpr, Spec, StepId,
+    Action, Budget, Capture, Gate, Need, ParamSpec, Pause, RequestKind, SpannedExpr, Spec, StepId,
     StepSpec, Strategy, StrategyKind,
 };
 use crate::source::Span;
@@ -318,6 +318,64 @@ impl Analyzer<'_> {
         }
     }
 
+    /// `pause`: a duration, or `"{{ params.NAME }}"` naming a parameter whose default (if it
+    /// has one) is a duration; the value a run binds is checked by [`crate::params`].
+    fn pause(&mut self, v: &Value<'_>, params: &[ParamSpec], s: &ShiftedSpans) -> Option<Pause> {
+        let DeValue::String(text) = v.get_ref() else {
+            return self.duration(v, "pause", s).map(Pause::Fixed);
+        };
+        if !text.contains("{{") {
+            return self.duration(v, "pause", s).map(Pause::Fixed);
+        }
+        let name = text
+            .trim()
+            .strip_prefix("{{")
+            .and_then(|t| t.strip_suffix("}}"))
+            .and_then(|t| t.trim().strip_prefix("params."))
+            .filter(|n| is_identifier(n));
+        let Some(name) = name else {
+            self.error(
+                Code::BadDuration,
+                s.span(v.span()),
+                "`pause` is a duration or one parameter",
+                "write `pause = \"30s\"` or `pause = \"{{ params.NAME }}\"`",
+            );
+            return None;
+        };
+        let Some(spec) = params.iter().find(|p| p.name == name) else {
+            let mut d = Diagnostic::error(
+                Code::UnknownParam,
+                format!("unknown parameter `{name}`"),
+            )
+            .at(&self.src, s.span(v.span()), "not declared under `[params]`");
+            if let Some(near) = suggest(name, params.iter().map(|p| p.name.as_str())) {
+                d = d.help(format!("did you mean `params.{near}`?"));
+            }
+            self.push(d);
+            return None;
+        };
+        let default_ok = spec.default.as_ref().is_none_or(|d| {
+            d.as_str()
+                .is_some_and(|t| crate::duration::parse_duration(t).is_ok())
+        });
+        if !default_ok {
+            let d = Diagnostic::error(
+                Code::BadDuration,
+                format!(
+                    "the default of parameter `{name}` is not a duration, and `pause` reads it"
+                ),
+            )
+            .at(
+                &self.src,
+                spec.span.clone(),
+                "expected a duration such as \"30s\"",
+            );
+            self.push(d);
+            return None;
+        }
+        Some(Pause::Param(name.to_owned()))
+    }
+
     pub(super) fn strategy(
         &mut self,
         v: &Value<'_>,
@@ -381,7 +439,7 @@ impl Analyzer<'_> {
                         "batch sizes are at least 1 (or a percentage)",
                     );
                 }
-                let pause = get(t, "pause").and_then(|p| self.duration(p, "pause", s));
+                let pause = get(t, "pause").and_then(|p| self.pause(p, params, s));
                 let gate = get(t, "gate").and_then(|g| match g.get_ref() {
                     DeValue::String(_) => self
                         .expression(g, "gate", Context::Result, false, params, s)

@@ -141,7 +141,7 @@ impl StepTask {
             } => (
                 split_batches(&hosts, batches),
                 None,
-                *pause,
+                pause.as_ref().and_then(|p| p.resolve(&self.plan.params)),
                 gate.as_ref(),
                 *gate_before_first,
             ),
