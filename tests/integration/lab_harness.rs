@@ -104,7 +104,15 @@ impl Lab {
     /// work directory of its own, with `extra` arguments and `vars` over the env file's.
     pub(crate) fn run(&self, runbook: &str, extra: &[&str], vars: &[(&str, &str)]) -> Run {
         let (cwd, mut cmd) = self.command(runbook, extra, vars);
+        let t0 = std::time::Instant::now();
         let out = cmd.output().expect("run runbook");
+        eprintln!(
+            "[lab-timing] run {runbook} {:.1}s",
+            t0.elapsed().as_secs_f64()
+        );
+        if std::env::var_os("LAB_TIMING_OUT").is_some() {
+            eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+        }
         Run { cwd, out }
     }
 
@@ -176,7 +184,12 @@ impl Lab {
         for (k, v) in vars {
             cmd.env(k, v);
         }
+        let t0 = std::time::Instant::now();
         let out = cmd.output().expect("resume runbook");
+        eprintln!("[lab-timing] resume {:.1}s", t0.elapsed().as_secs_f64());
+        if std::env::var_os("LAB_TIMING_OUT").is_some() {
+            eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+        }
         Run {
             cwd: run.cwd.clone(),
             out,
