@@ -113,25 +113,7 @@ pub enum Action {
     Block { steps: Vec<StepSpec> },
 }
 
-/// The step kinds that take a settings table; each one's descriptor is in
-/// [`crate::step_kind`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RequestKind {
-    Http,
-    Tcp,
-    Screenshot,
-    Upload,
-}
-
-impl RequestKind {
-    pub const ALL: [RequestKind; 4] = [
-        RequestKind::Http,
-        RequestKind::Tcp,
-        RequestKind::Screenshot,
-        RequestKind::Upload,
-    ];
-}
+pub use crate::step_kind::RequestKind;
 
 /// A settings value as written: strings are templates, rendered when the attempt starts.
 #[derive(Debug, Clone)]

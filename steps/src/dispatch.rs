@@ -11,11 +11,10 @@ use runbook_engine::runner::{AttemptContext, BoxFuture, OutputSink, StepRunner};
 
 use runbook_engine::inventory::Host;
 
-use crate::http::{HttpRequest, ProbeError};
+use crate::http::ProbeError;
 use crate::local::LocalRunner;
-use crate::screenshot::{ScreenshotError, ScreenshotRequest};
 use crate::ssh::{ExecOutcome, ExecRequest, SshError, SshHost, SshPool, UploadRequest};
-use crate::tcp::TcpRequest;
+use crate::upload::UploadSpec;
 
 /// Runs every kind of attempt; holds what lives longer than one attempt (SSH connections).
 #[derive(Default)]
@@ -70,7 +69,7 @@ impl StepRunner for Dispatcher {
                 (None, Some(host)) => self.remote(&ctx, &host, out).await,
                 (Some(RequestKind::Upload), Some(host)) => self.upload(&ctx, &host, out).await,
                 (Some(kind), _) => {
-                    let work = local_request(kind, &ctx, out);
+                    let work = crate::local_request(kind, &ctx, out);
                     match ctx.timeout {
                         Some(limit) => tokio::time::timeout(limit, work)
                             .await
@@ -80,20 +79,6 @@ impl StepRunner for Dispatcher {
                 }
             }
         })
-    }
-}
-
-/// A step kind that runs on this machine.
-async fn local_request(
-    kind: RequestKind,
-    ctx: &AttemptContext,
-    out: &mut OutputSink,
-) -> AttemptOutcome {
-    match kind {
-        RequestKind::Http => http(ctx, out).await,
-        RequestKind::Tcp => tcp(ctx, out).await,
-        RequestKind::Screenshot => screenshot(ctx, out).await,
-        RequestKind::Upload => upload_local(ctx, out).await,
     }
 }
 
@@ -238,7 +223,7 @@ fn signal_number(name: &str) -> i32 {
 }
 
 /// Paths in a probe's settings are the runbook's, like every other path it names.
-fn under(base: &Path, p: &mut Option<PathBuf>) {
+pub(crate) fn under(base: &Path, p: &mut Option<PathBuf>) {
     if let Some(path) = p {
         if path.is_relative() {
             *path = base.join(&*path);
@@ -246,92 +231,17 @@ fn under(base: &Path, p: &mut Option<PathBuf>) {
     }
 }
 
-fn probe_failure(e: &ProbeError) -> AttemptOutcome {
+pub(crate) fn probe_failure(e: &ProbeError) -> AttemptOutcome {
     match e {
         ProbeError::Cancelled => AttemptOutcome::Cancelled,
         _ => failed(FailureKind::from_name(e.kind()), e.to_string()),
     }
 }
 
-fn details(out: &mut OutputSink, value: serde_json::Value) {
+pub(crate) fn details(out: &mut OutputSink, value: serde_json::Value) {
     if let serde_json::Value::Object(map) = value {
         for (k, v) in map {
             out.detail(&k, v);
-        }
-    }
-}
-
-async fn http(ctx: &AttemptContext, out: &mut OutputSink) -> AttemptOutcome {
-    let mut req: HttpRequest = match serde_json::from_value(ctx.spec.clone()) {
-        Ok(r) => r,
-        Err(e) => return failed(FailureKind::Config, format!("http: {e}")),
-    };
-    under(&ctx.base_dir, &mut req.ca_file);
-    under(&ctx.base_dir, &mut req.client_cert);
-    under(&ctx.base_dir, &mut req.client_key);
-    match crate::http::execute(&req, &ctx.secrets, out, &ctx.cancel).await {
-        Ok(resp) => {
-            details(out, resp.to_json());
-            AttemptOutcome::Exited { code: 0 }
-        }
-        Err(e) => probe_failure(&e),
-    }
-}
-
-async fn tcp(ctx: &AttemptContext, out: &mut OutputSink) -> AttemptOutcome {
-    let req: TcpRequest = match serde_json::from_value(ctx.spec.clone()) {
-        Ok(r) => r,
-        Err(e) => return failed(FailureKind::Config, format!("tcp: {e}")),
-    };
-    match crate::tcp::probe_tcp(&req, out, &ctx.cancel).await {
-        Ok(c) => {
-            details(out, c.to_json());
-            AttemptOutcome::Exited { code: 0 }
-        }
-        Err(e) => probe_failure(&e),
-    }
-}
-
-async fn screenshot(ctx: &AttemptContext, out: &mut OutputSink) -> AttemptOutcome {
-    let mut req: ScreenshotRequest = match serde_json::from_value(ctx.spec.clone()) {
-        Ok(r) => r,
-        Err(e) => return failed(FailureKind::Config, format!("screenshot: {e}")),
-    };
-    under(&ctx.base_dir, &mut req.ca_file);
-    let dir = match tempfile::Builder::new().prefix("runbook-shot-").tempdir() {
-        Ok(d) => d,
-        Err(e) => {
-            return failed(
-                FailureKind::Io,
-                format!("screenshot: temporary directory: {e}"),
-            )
-        }
-    };
-    let dest = dir.path().join("shot.png");
-    let result = crate::screenshot::capture(&req, &ctx.secrets, &dest, out, &ctx.cancel).await;
-    let info = match &result {
-        Ok(info) => Some(info.clone()),
-        Err(ScreenshotError::HttpStatus { info, .. }) => Some((**info).clone()),
-        Err(_) => None,
-    };
-    if let Some(info) = info {
-        let sidecar = serde_json::to_value(&info).unwrap_or_default();
-        details(out, serde_json::json!({ "screenshot": sidecar.clone() }));
-        out.artifact("png", dest.clone(), sidecar).await;
-    }
-    match result {
-        Ok(_) => AttemptOutcome::Exited { code: 0 },
-        Err(ScreenshotError::Cancelled) => AttemptOutcome::Cancelled,
-        Err(e) => {
-            // The screenshot's own judgement of what a retry can fix decides.
-            let failure = if e.retryable() {
-                FailureKind::Browser
-            } else if e.kind() == "tls" {
-                FailureKind::Tls
-            } else {
-                FailureKind::Config
-            };
-            failed(failure, e.to_string())
         }
     }
 }
@@ -340,82 +250,5 @@ pub(crate) fn failed(failure: FailureKind, message: impl Into<String>) -> Attemp
     AttemptOutcome::Failed {
         failure,
         message: message.into(),
-    }
-}
-
-/// `upload = { src | content, dest, mode }` as rendered.
-#[derive(Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UploadSpec {
-    pub src: Option<PathBuf>,
-    pub content: Option<String>,
-    pub dest: String,
-    /// Octal, as a string (`"0600"`) or a number written in octal digits (`600`).
-    pub mode: Option<serde_json::Value>,
-}
-
-impl UploadSpec {
-    pub fn parse(spec: &serde_json::Value) -> Result<Self, String> {
-        serde_json::from_value(spec.clone()).map_err(|e| format!("upload: {e}"))
-    }
-
-    /// The bytes to write: `content`, or the `src` file (relative to the runbook).
-    pub fn bytes(&self, base_dir: &Path) -> Result<Bytes, String> {
-        match (&self.content, &self.src) {
-            (Some(c), None) => Ok(Bytes::from(c.clone())),
-            (None, Some(src)) => {
-                let path = base_dir.join(src);
-                std::fs::read(&path)
-                    .map(Bytes::from)
-                    .map_err(|e| format!("upload: cannot read `{}`: {e}", path.display()))
-            }
-            _ => Err("upload: needs exactly one of `src` and `content`".into()),
-        }
-    }
-
-    pub fn mode(&self) -> Result<Option<u32>, String> {
-        self.mode
-            .as_ref()
-            .map(|m| runbook_engine::request_check::mode(m).map_err(|e| format!("upload: {e}")))
-            .transpose()
-    }
-}
-
-/// Writes an upload on this machine: a temporary sibling, its mode, then a rename, so a
-/// reader sees the old file or the new one, never half of one.
-async fn upload_local(ctx: &AttemptContext, out: &mut OutputSink) -> AttemptOutcome {
-    let result = async {
-        let spec = UploadSpec::parse(&ctx.spec)?;
-        let data = spec.bytes(&ctx.base_dir)?;
-        let mode = spec.mode()?;
-        let dest = ctx.cwd.join(&spec.dest);
-        let dir = dest.parent().unwrap_or(Path::new("."));
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".runbook-upload-")
-            .tempfile_in(dir)
-            .map_err(|e| format!("upload: {}: {e}", dir.display()))?;
-        std::io::Write::write_all(&mut tmp, &data)
-            .map_err(|e| format!("upload: {}: {e}", tmp.path().display()))?;
-        if let Some(m) = mode {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(m))
-                .map_err(|e| format!("upload: chmod {}: {e}", tmp.path().display()))?;
-        }
-        tmp.persist(&dest)
-            .map_err(|e| format!("upload: {}: {}", dest.display(), e.error))?;
-        Ok::<_, String>(format!(
-            "wrote {} bytes to {}{}\n",
-            data.len(),
-            dest.display(),
-            mode.map(|m| format!(" (mode {m:04o})")).unwrap_or_default()
-        ))
-    }
-    .await;
-    match result {
-        Ok(line) => {
-            out.write(Stream::Stdout, Bytes::from(line)).await;
-            AttemptOutcome::Exited { code: 0 }
-        }
-        Err(message) => failed(FailureKind::Config, message),
     }
 }

@@ -970,3 +970,26 @@ fn unix_date(t: rustls::pki_types::UnixTime) -> String {
             |d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         )
 }
+
+/// The `http` step kind's runner: the rendered settings, then the request.
+pub(crate) async fn run_attempt(
+    ctx: &runbook_engine::runner::AttemptContext,
+    out: &mut OutputSink,
+) -> runbook_engine::event::AttemptOutcome {
+    use crate::dispatch::{details, failed, probe_failure, under};
+    use runbook_engine::event::{AttemptOutcome, FailureKind};
+    let mut req: HttpRequest = match serde_json::from_value(ctx.spec.clone()) {
+        Ok(r) => r,
+        Err(e) => return failed(FailureKind::Config, format!("http: {e}")),
+    };
+    under(&ctx.base_dir, &mut req.ca_file);
+    under(&ctx.base_dir, &mut req.client_cert);
+    under(&ctx.base_dir, &mut req.client_key);
+    match execute(&req, &ctx.secrets, out, &ctx.cancel).await {
+        Ok(resp) => {
+            details(out, resp.to_json());
+            AttemptOutcome::Exited { code: 0 }
+        }
+        Err(e) => probe_failure(&e),
+    }
+}

@@ -1206,6 +1206,57 @@ impl Cdp {
     }
 }
 
+/// The `screenshot` step kind's runner: the rendered settings, a temporary directory for the
+/// image, the capture, then the image as an artifact with its sidecar.
+pub(crate) async fn run_attempt(
+    ctx: &runbook_engine::runner::AttemptContext,
+    out: &mut OutputSink,
+) -> runbook_engine::event::AttemptOutcome {
+    use crate::dispatch::{details, failed, under};
+    use runbook_engine::event::{AttemptOutcome, FailureKind};
+    let mut req: ScreenshotRequest = match serde_json::from_value(ctx.spec.clone()) {
+        Ok(r) => r,
+        Err(e) => return failed(FailureKind::Config, format!("screenshot: {e}")),
+    };
+    under(&ctx.base_dir, &mut req.ca_file);
+    let dir = match tempfile::Builder::new().prefix("runbook-shot-").tempdir() {
+        Ok(d) => d,
+        Err(e) => {
+            return failed(
+                FailureKind::Io,
+                format!("screenshot: temporary directory: {e}"),
+            )
+        }
+    };
+    let dest = dir.path().join("shot.png");
+    let result = capture(&req, &ctx.secrets, &dest, out, &ctx.cancel).await;
+    let info = match &result {
+        Ok(info) => Some(info.clone()),
+        Err(ScreenshotError::HttpStatus { info, .. }) => Some((**info).clone()),
+        Err(_) => None,
+    };
+    if let Some(info) = info {
+        let sidecar = serde_json::to_value(&info).unwrap_or_default();
+        details(out, serde_json::json!({ "screenshot": sidecar.clone() }));
+        out.artifact("png", dest.clone(), sidecar).await;
+    }
+    match result {
+        Ok(_) => AttemptOutcome::Exited { code: 0 },
+        Err(ScreenshotError::Cancelled) => AttemptOutcome::Cancelled,
+        Err(e) => {
+            // The screenshot's own judgement of what a retry can fix decides.
+            let failure = if e.retryable() {
+                FailureKind::Browser
+            } else if e.kind() == "tls" {
+                FailureKind::Tls
+            } else {
+                FailureKind::Config
+            };
+            failed(failure, e.to_string())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

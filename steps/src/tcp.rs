@@ -180,3 +180,23 @@ fn display_addr(host: &str, port: u16) -> String {
         format!("{h}:{port}")
     }
 }
+
+/// The `tcp` step kind's runner: the rendered settings, then the probe.
+pub(crate) async fn run_attempt(
+    ctx: &runbook_engine::runner::AttemptContext,
+    out: &mut OutputSink,
+) -> runbook_engine::event::AttemptOutcome {
+    use crate::dispatch::{details, failed, probe_failure};
+    use runbook_engine::event::{AttemptOutcome, FailureKind};
+    let req: TcpRequest = match serde_json::from_value(ctx.spec.clone()) {
+        Ok(r) => r,
+        Err(e) => return failed(FailureKind::Config, format!("tcp: {e}")),
+    };
+    match probe_tcp(&req, out, &ctx.cancel).await {
+        Ok(c) => {
+            details(out, c.to_json());
+            AttemptOutcome::Exited { code: 0 }
+        }
+        Err(e) => probe_failure(&e),
+    }
+}

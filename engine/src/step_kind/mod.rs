@@ -4,18 +4,50 @@
 //! one-line description of an attempt and whether earlier attempts' logs are compacted are
 //! derived from these (docs/architecture.md, "Adding a step kind", lists what else a kind needs).
 //!
-//! [`RequestKind::spec`] matches every kind: a kind without a descriptor does not compile.
+//! A kind with a settings table is its module plus one line in `request_kinds!` below, which
+//! declares the module, its `RequestKind` variant, its place in `RequestKind::ALL` and its arm in
+//! `RequestKind::spec`: nothing to keep in step by hand.
 
-pub mod http;
 pub mod run;
-pub mod screenshot;
 pub mod script;
-pub mod tcp;
-pub mod upload;
 
 use serde_json::Value;
 
-use crate::runbook::RequestKind;
+/// Declares the kinds with a settings table: `Variant => module`, in the order help text and
+/// `RequestKind::ALL` list them. Each module has a `pub const SPEC: StepKindSpec`.
+macro_rules! request_kinds {
+    ($($variant:ident => $module:ident),+ $(,)?) => {
+        $(pub mod $module;)+
+
+        /// The step kinds that take a settings table; each one's descriptor is its module's
+        /// `SPEC`.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        pub enum RequestKind {
+            $($variant,)+
+        }
+
+        impl RequestKind {
+            /// Every kind, in declaration order.
+            pub const ALL: [RequestKind; [$(stringify!($variant)),+].len()] =
+                [$(RequestKind::$variant,)+];
+
+            /// The kind's descriptor.
+            pub fn spec(self) -> &'static StepKindSpec {
+                match self {
+                    $(RequestKind::$variant => &$module::SPEC,)+
+                }
+            }
+        }
+    };
+}
+
+request_kinds! {
+    Http => http,
+    Tcp => tcp,
+    Screenshot => screenshot,
+    Upload => upload,
+}
 
 /// Keys of a settings table that cannot go together (or one that needs another).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,16 +81,6 @@ pub struct StepKindSpec {
 }
 
 impl RequestKind {
-    /// The kind's descriptor.
-    pub fn spec(self) -> &'static StepKindSpec {
-        match self {
-            RequestKind::Http => &http::SPEC,
-            RequestKind::Tcp => &tcp::SPEC,
-            RequestKind::Screenshot => &screenshot::SPEC,
-            RequestKind::Upload => &upload::SPEC,
-        }
-    }
-
     /// The step key that introduces it.
     pub fn key(self) -> &'static str {
         self.spec().key
@@ -84,24 +106,6 @@ impl RequestKind {
         (self.spec().compact)(settings)
     }
 }
-
-// `RequestKind::ALL` lists every kind, each once, in declaration order: a kind added to the
-// enum fails to compile here until it has a place.
-const _: () = {
-    const fn index(kind: RequestKind) -> usize {
-        match kind {
-            RequestKind::Http => 0,
-            RequestKind::Tcp => 1,
-            RequestKind::Screenshot => 2,
-            RequestKind::Upload => 3,
-        }
-    }
-    let mut i = 0;
-    while i < RequestKind::ALL.len() {
-        assert!(index(RequestKind::ALL[i]) == i);
-        i += 1;
-    }
-};
 
 /// Every kind a step can be, in the order help text lists them: a command, a script, then the
 /// kinds with a settings table.
