@@ -281,12 +281,10 @@ fn binary_sha256(path: &std::path::Path) -> Result<(String, bool), String> {
         // Best effort: a cache that cannot be written only costs the next run the hashing.
         if let Some(dir) = cache.parent() {
             if std::fs::create_dir_all(dir).is_ok() {
-                let tmp = dir.join(format!("binary-sha256.{}", std::process::id()));
-                if std::fs::write(&tmp, format!("{key} {hash}\n")).is_ok()
-                    && std::fs::rename(&tmp, &cache).is_err()
-                {
-                    let _ = std::fs::remove_file(&tmp);
-                }
+                let _ = runbook_evidence::fs::write_atomic(
+                    &cache,
+                    format!("{key} {hash}\n").as_bytes(),
+                );
             }
         }
     }

@@ -11,7 +11,7 @@
 //! takeover, [`stop_stale_run`] stops what the dead run's steps left running.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
@@ -251,19 +251,18 @@ fn read_holder(dir: &Path) -> Option<Holder> {
 fn write_holder(dir: &Path, holder: Option<&Holder>) -> std::io::Result<()> {
     let path = holder_path(dir);
     match holder {
-        Some(h) => {
-            let tmp = dir.join(format!(".lock.json.{}.tmp", std::process::id()));
-            let mut f = File::create(&tmp)?;
-            f.write_all(serde_json::to_string(h).unwrap_or_default().as_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
+        Some(h) => runbook_evidence::fs::write_atomic(
+            &path,
+            serde_json::to_string(h).unwrap_or_default().as_bytes(),
+        ),
+        None => {
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+            File::open(dir)?.sync_all()
         }
-        None => match std::fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        },
     }
-    File::open(dir)?.sync_all()
 }
 
 /// A lock taken by [`RunLock::take`].
