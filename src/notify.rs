@@ -276,8 +276,7 @@ pub async fn send(
     let mut last = String::new();
     for attempt in 1..=policy.attempts {
         if attempt > 1 {
-            // No jitter: one webhook per run, nothing to spread out.
-            tokio::time::sleep(policy.delay_before(attempt, 0.0)).await;
+            tokio::time::sleep(runbook_engine::backoff::delay(&policy, attempt)).await;
         }
         let mut req = client
             .post(&spec.url)
@@ -316,6 +315,7 @@ fn delivery_policy(retries: u32) -> RetryPolicy {
         backoff: Backoff::Exponential { factor: 2.0 },
         delay: Duration::from_secs(1),
         max_delay: Duration::from_secs(30),
+        // No jitter: one webhook per run, nothing to spread out.
         jitter: false,
         deadline: None,
     }
