@@ -54,9 +54,7 @@ impl Holder {
     /// a process started at another time, or the machine has rebooted since. A holder on
     /// another host is never provably gone from here.
     pub fn provably_dead(&self) -> bool {
-        let here = nix::unistd::gethostname()
-            .map(|h| h.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let here = crate::context::hostname();
         if self.host != here {
             return false;
         }
@@ -218,9 +216,7 @@ fn holder_path(dir: &Path) -> PathBuf {
 /// lock, so for a moment the file may be missing or still name the previous (dead) holder:
 /// wait up to half a second for details whose process is alive on this host.
 fn live_details(dir: &Path) -> Option<Holder> {
-    let host = nix::unistd::gethostname()
-        .map(|h| h.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let host = crate::context::hostname();
     let mut last = None;
     for _ in 0..50 {
         last = read_holder(dir);
