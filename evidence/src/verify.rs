@@ -983,21 +983,13 @@ fn expected_closing(attempt: u64, outcome: &serde_json::Value) -> Option<String>
 
 /// The text of the last record of a log, if it is a `--- ` record.
 fn last_meta_record(path: &Path) -> std::io::Result<Option<String>> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut file = std::fs::File::open(path)?;
-    let len = file.metadata()?.len();
-    let start = len.saturating_sub(8192);
-    file.seek(SeekFrom::Start(start))?;
-    let mut tail = Vec::new();
-    file.read_to_end(&mut tail)?;
-    let text = String::from_utf8_lossy(&tail);
-    let Some(last) = text.trim_end_matches('\n').rsplit('\n').next() else {
-        return Ok(None);
-    };
-    Ok(last
-        .split_once(' ')
-        .and_then(|(_, rest)| rest.strip_prefix("--- "))
-        .map(str::to_owned))
+    let tail = crate::log_tail::read_log_tail(path, 1, 8192)?;
+    Ok(tail
+        .lines
+        .into_iter()
+        .next_back()
+        .filter(crate::log_tail::LogLine::is_meta)
+        .map(|l| l.text))
 }
 
 /// Each attempt log that the journal says finished ends with the closing record of that
