@@ -121,7 +121,7 @@ impl RunLock {
         me: &Holder,
         break_lock: bool,
     ) -> Result<(Self, Option<Holder>), LockError> {
-        let path = dir.join(".lock");
+        let path = dir.join(runbook_evidence::verify::LOCK_FILE);
         let io = |source| LockError::Io {
             path: path.clone(),
             source,
@@ -182,7 +182,7 @@ impl RunLock {
     pub fn live_holder(dir: &Path) -> Option<Holder> {
         let file = std::fs::OpenOptions::new()
             .read(true)
-            .open(dir.join(".lock"))
+            .open(dir.join(runbook_evidence::verify::LOCK_FILE))
             .ok()?;
         match Flock::lock(file, FlockArg::LockSharedNonblock) {
             Ok(_) => None,

@@ -15,9 +15,9 @@ use crate::tsa::{self, Stamp};
 use crate::EvidenceError;
 
 pub const SUMS_FILE: &str = checksums::FILE_NAME;
-pub const SIGNATURE_FILE: &str = "SHA256SUMS.minisig";
+pub const SIGNATURE_FILE: &str = checksums::SIGNATURE_FILE;
 pub const TIMESTAMP_FILE: &str = tsa::TSR_FILE;
-pub const LOCK_FILE: &str = ".lock";
+pub const LOCK_FILE: &str = checksums::LOCK_FILE;
 pub const JOURNAL_FILE: &str = "journal.jsonl";
 pub const MANIFEST_FILE: &str = "manifest.json";
 
@@ -694,37 +694,15 @@ fn unescape(s: &str) -> Option<String> {
     Some(out)
 }
 
-/// Every non-directory under `dir`, relative, `/`-separated; top-level `SHA256SUMS`,
-/// `SHA256SUMS.minisig` and `.lock` left out.
+/// The bundle's files as [`checksums::walk`] finds them, `/`-separated as sums lines are.
 fn bundle_files(dir: &Path) -> Result<Vec<String>, (String, std::io::Error)> {
-    let mut out = Vec::new();
-    let mut stack = vec![PathBuf::new()];
-    while let Some(rel_dir) = stack.pop() {
-        let abs = dir.join(&rel_dir);
-        let entries = std::fs::read_dir(&abs).map_err(|e| (display_rel(&rel_dir), e))?;
-        for entry in entries {
-            let entry = entry.map_err(|e| (display_rel(&rel_dir), e))?;
-            let rel = rel_dir.join(entry.file_name());
-            let kind = entry.file_type().map_err(|e| (display_rel(&rel), e))?;
-            if kind.is_dir() {
-                stack.push(rel);
-                continue;
-            }
-            if rel_dir.as_os_str().is_empty() {
-                let name = entry.file_name();
-                if name == SUMS_FILE
-                    || name == SIGNATURE_FILE
-                    || name == TIMESTAMP_FILE
-                    || name == LOCK_FILE
-                {
-                    continue;
-                }
-            }
-            out.push(display_rel(&rel));
-        }
-    }
-    out.sort();
-    Ok(out)
+    let mut files: Vec<String> = checksums::walk(dir)
+        .map_err(|(rel, e)| (display_rel(&rel), e))?
+        .iter()
+        .map(|rel| display_rel(rel))
+        .collect();
+    files.sort();
+    Ok(files)
 }
 
 fn display_rel(rel: &Path) -> String {
