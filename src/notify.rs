@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use runbook_engine::retry::{Backoff, RetryPolicy};
+use runbook_engine::retry::RetryPolicy;
 use serde::{Deserialize, Serialize};
 
 pub use runbook_engine::analyzer::notify::{NotifyFormat, NotifySpec, RunEnd};
@@ -245,15 +245,13 @@ pub async fn send(
 /// Delivery as the engine's retry policy: `retries` further attempts after the first, waiting
 /// 1 s, 2 s, 4 s, … capped at 30 s.
 fn delivery_policy(retries: u32) -> RetryPolicy {
-    RetryPolicy {
-        attempts: retries.saturating_add(1),
-        backoff: Backoff::Exponential { factor: 2.0 },
-        delay: Duration::from_secs(1),
-        max_delay: Duration::from_secs(30),
-        // No jitter: one webhook per run, nothing to spread out.
-        jitter: false,
-        deadline: None,
-    }
+    // No jitter: one webhook per run, nothing to spread out.
+    runbook_engine::backoff::doubling(
+        retries.saturating_add(1),
+        Duration::from_secs(1),
+        Duration::from_secs(30),
+        false,
+    )
 }
 
 /// reqwest errors name the URL, which for Slack-style webhooks is itself the secret.

@@ -5,7 +5,25 @@
 
 use std::time::Duration;
 
-use crate::retry::RetryPolicy;
+use crate::retry::{Backoff, RetryPolicy};
+
+/// `attempts` tries, waiting `delay` after the first failure and twice as long after each
+/// next one, at most `max_delay`; with `jitter`, each wait spread over its lower half.
+pub const fn doubling(
+    attempts: u32,
+    delay: Duration,
+    max_delay: Duration,
+    jitter: bool,
+) -> RetryPolicy {
+    RetryPolicy {
+        attempts,
+        backoff: Backoff::Exponential { factor: 2.0 },
+        delay,
+        max_delay,
+        jitter,
+        deadline: None,
+    }
+}
 
 /// A random number in [0, 1) from the operating system (0.5 if it has none to give: jitter
 /// then falls back to the middle of its range rather than failing a retry).
@@ -32,7 +50,6 @@ pub fn spread(max: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::retry::Backoff;
 
     #[test]
     fn random_units_are_in_range_and_not_all_alike() {
@@ -43,14 +60,12 @@ mod tests {
 
     #[test]
     fn a_jittered_delay_stays_within_the_policys_range() {
-        let policy = RetryPolicy {
-            attempts: 8,
-            backoff: Backoff::Exponential { factor: 2.0 },
-            delay: Duration::from_millis(100),
-            max_delay: Duration::from_millis(1600),
-            jitter: true,
-            deadline: None,
-        };
+        let policy = doubling(
+            8,
+            Duration::from_millis(100),
+            Duration::from_millis(1600),
+            true,
+        );
         for _ in 0..50 {
             let d = delay(&policy, 3);
             assert!(

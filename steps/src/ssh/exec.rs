@@ -20,7 +20,7 @@ use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
 use runbook_engine::event::Stream;
-use runbook_engine::retry::{Backoff, RetryPolicy};
+use runbook_engine::retry::RetryPolicy;
 use runbook_engine::runner::{BecomePassword, OutputSink};
 
 use super::connect::russh_error;
@@ -36,14 +36,12 @@ const REAPER_WAIT: Duration = Duration::from_secs(10);
 const OPEN_ATTEMPTS: u32 = 20;
 /// 50 ms doubling, at most 1 s, between tries to open a channel the server refused (its
 /// sessions are all taken until one ends).
-const OPEN_BACKOFF: RetryPolicy = RetryPolicy {
-    attempts: OPEN_ATTEMPTS,
-    backoff: Backoff::Exponential { factor: 2.0 },
-    delay: Duration::from_millis(50),
-    max_delay: Duration::from_secs(1),
-    jitter: false,
-    deadline: None,
-};
+const OPEN_BACKOFF: RetryPolicy = runbook_engine::backoff::doubling(
+    OPEN_ATTEMPTS,
+    Duration::from_millis(50),
+    Duration::from_secs(1),
+    false,
+);
 
 /// An open session channel, holding its share of the connection's session limit.
 pub(crate) struct Session {

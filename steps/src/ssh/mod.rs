@@ -22,7 +22,7 @@ use bytes::Bytes;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use runbook_engine::retry::{Backoff, RetryPolicy};
+use runbook_engine::retry::RetryPolicy;
 use runbook_engine::runner::{BecomePassword, OutputSink};
 
 pub use connect::{key_is_encrypted, passphrase_opens};
@@ -590,14 +590,12 @@ fn dropped_before_auth(e: &SshError) -> bool {
 /// 150 ms doubling, at most 2.4 s, each spread over its lower half (the engine's jitter) so
 /// that connections the server dropped together do not come back together.
 fn handshake_backoff(tries: u32) -> Duration {
-    const POLICY: RetryPolicy = RetryPolicy {
-        attempts: HANDSHAKE_ATTEMPTS,
-        backoff: Backoff::Exponential { factor: 2.0 },
-        delay: Duration::from_millis(150),
-        max_delay: Duration::from_millis(2400),
-        jitter: true,
-        deadline: None,
-    };
+    const POLICY: RetryPolicy = runbook_engine::backoff::doubling(
+        HANDSHAKE_ATTEMPTS,
+        Duration::from_millis(150),
+        Duration::from_millis(2400),
+        true,
+    );
     runbook_engine::backoff::delay(&POLICY, tries + 1)
 }
 
