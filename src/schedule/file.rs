@@ -446,4 +446,33 @@ mod tests {
         );
         assert!(all.contains("s.toml:7:1: unknown key `jiter`"), "{all}");
     }
+
+    /// A schedule file's `[notify]` is read by the runbook rules: a URL that cannot work is an
+    /// error when the scheduler starts, reported at the table without the URL's secret path.
+    #[test]
+    fn notify_is_read_by_the_runbook_rules() {
+        let entry = "[[schedule]]\nname = \"a\"\nrunbook = \"r.toml\"\ncron = \"0 2 * * *\"\n";
+        let err = load_text(&format!(
+            "[notify]\nurl = \"ftp://hooks.example.test/T000/SECRETPATH\"\nretries = 21\n{entry}"
+        ))
+        .expect_err("fails");
+        let all: Vec<String> = err.0.iter().map(ToString::to_string).collect();
+        let all = all.join("\n");
+        assert!(
+            all.contains("s.toml:1:1: `[notify]`: `url` scheme `ftp` is not supported"),
+            "{all}"
+        );
+        assert!(
+            all.contains("`retries` must be a whole number from 0 to 20"),
+            "{all}"
+        );
+        assert!(!all.contains("SECRETPATH"), "{all}");
+        let f = load_text(&format!(
+            "[notify]\nurl = \"https://hooks.example.test/x\"\non = [\"always\"]\n{entry}"
+        ))
+        .expect("loads");
+        let spec = f.entries[0].notify.as_ref().expect("inherited");
+        assert_eq!(spec.retries, 3);
+        assert_eq!(spec.url, "https://hooks.example.test/x");
+    }
 }
