@@ -264,25 +264,6 @@ fn explain(code: &str) -> i32 {
     }
 }
 
-fn operator() -> Operator {
-    let uid = nix::unistd::getuid();
-    let user = nix::unistd::User::from_uid(uid)
-        .ok()
-        .flatten()
-        .map(|u| u.name)
-        .or_else(|| std::env::var("USER").ok())
-        .unwrap_or_else(|| uid.to_string());
-    let host = nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_else(|| "unknown".into());
-    Operator {
-        user,
-        uid: uid.as_raw(),
-        host,
-    }
-}
-
 fn evidence_dir_for(plan: &Plan, flag: Option<&PathBuf>) -> PathBuf {
     flag.cloned().unwrap_or_else(|| {
         plan.runbook.meta.evidence_dir.as_ref().map_or_else(
@@ -340,7 +321,7 @@ fn load_sign_key(s: &Signing) -> Result<Option<SecretKey>, i32> {
 }
 
 fn keygen(secret: &Path, public: &Path, force: bool, password: Option<&str>) -> i32 {
-    let op = operator();
+    let op = crate::context::operator();
     let (sk, pk) =
         runbook_evidence::sign::generate(&format!("runbook key of {}@{}", op.user, op.host));
     let result = sk.to_minisign(password).and_then(|text| {
@@ -765,7 +746,7 @@ fn run(args: &RunArgs) -> i32 {
             )
         })
         .collect();
-    let op = operator();
+    let op = crate::context::operator();
     let mut context = crate::context::collect(&args.file, &plan.workdir, &plan.runbook.meta.facts);
     context["signing"] = serde_json::json!({
         "key_id": keys.sign_key.as_ref().map(|k| k.key_id().to_string()),
@@ -1014,7 +995,7 @@ fn resume(args: &ResumeArgs) -> i32 {
         .unwrap_or(runbook_engine::plan::DEFAULT_FORKS)
         .max(1);
 
-    let op = operator();
+    let op = crate::context::operator();
     let by = format!("{}@{}", op.user, op.host);
     for id in &args.approve {
         if plan.runbook.step(id).is_none_or(|s| s.approve.is_none()) {
@@ -1293,7 +1274,7 @@ fn seal_interrupted(
     exec: &crate::cli::ExecArgs,
     runbook_timestamp_url: Option<&str>,
 ) -> i32 {
-    let op = operator();
+    let op = crate::context::operator();
     let me = Holder::me(
         &op.host,
         &op.user,

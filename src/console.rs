@@ -497,41 +497,7 @@ fn complete_lines(
 /// ESC, `^G` for BEL, `^M` for a carriage return that is not at the end), and C1 controls as
 /// `\u{9b}`. So an OSC title change reads `^[]0;title^G`: visible, not obeyed.
 pub fn terminal_safe(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.char_indices().peekable();
-    while let Some((i, c)) = chars.next() {
-        match c {
-            '\x1b' => {
-                if let Some(len) = sgr_len(&text[i..]) {
-                    out.push_str(&text[i..i + len]);
-                    while chars.peek().is_some_and(|&(j, _)| j < i + len) {
-                        chars.next();
-                    }
-                } else {
-                    out.push_str("^[");
-                }
-            }
-            '\t' | '\n' => out.push(c),
-            '\r' if chars.peek().is_none_or(|&(_, n)| n == '\n') => {}
-            '\0'..='\x1f' | '\x7f' => {
-                out.push('^');
-                out.push(char::from((c as u8) ^ 0x40));
-            }
-            '\u{80}'..='\u{9f}' => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
-            _ => out.push(c),
-        }
-    }
-    out
-}
-
-/// The length of the SGR sequence (`ESC [ params m`) `text` starts with, if it starts with one.
-fn sgr_len(text: &str) -> Option<usize> {
-    let rest = text.strip_prefix("\x1b[")?;
-    let params = rest
-        .bytes()
-        .take_while(|b| b.is_ascii_digit() || matches!(b, b';' | b':'))
-        .count();
-    (rest.as_bytes().get(params) == Some(&b'm')).then_some(2 + params + 1)
+    runbook_evidence::run_view::safe_text(text, runbook_evidence::run_view::Escapes::KeepColour)
 }
 
 /// How much of an attempt's last output is kept for the line shown when it fails.

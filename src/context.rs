@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::process::Command;
 
+use runbook_evidence::manifest::Operator;
 use serde_json::{json, Value};
 
 /// Runs a command with a time limit; (exit code, combined output trimmed to 4 KiB).
@@ -203,15 +204,39 @@ fn machine_id() -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
+/// Who runs runbook and where, as bundles, locks and chains name them: the effective user
+/// (its name from the user database, else `$USER`, else the number) and the host name.
+pub fn operator() -> Operator {
+    let uid = nix::unistd::getuid();
+    let user = user_name(uid.as_raw())
+        .or_else(|| std::env::var("USER").ok())
+        .unwrap_or_else(|| uid.to_string());
+    Operator {
+        user,
+        uid: uid.as_raw(),
+        host: hostname(),
+    }
+}
+
+/// This machine's host name (`gethostname`), or `unknown`. A lock's holder is compared with
+/// it to tell whether the holder ran here.
+pub fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn user_name(uid: u32) -> Option<String> {
+    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+}
+
 /// Who is behind the run: the user `sudo` was run by, and the login user the kernel's audit
 /// records for this session (`/proc/self/loginuid`, kept across `sudo` and `su`).
 fn identity() -> Value {
-    let name_of = |uid: u32| {
-        nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
-            .ok()
-            .flatten()
-            .map(|u| u.name)
-    };
     let login_uid = std::fs::read_to_string("/proc/self/loginuid")
         .ok()
         .and_then(|s| s.trim().parse::<u32>().ok())
@@ -224,7 +249,7 @@ fn identity() -> Value {
         "sudo_user": std::env::var("SUDO_USER").ok(),
         "sudo_uid": sudo_uid,
         "login_uid": login_uid,
-        "login_user": login_uid.and_then(name_of),
+        "login_user": login_uid.and_then(user_name),
         "logname": std::env::var("LOGNAME").ok(),
     })
 }
@@ -281,12 +306,10 @@ fn binary_sha256(path: &std::path::Path) -> Result<(String, bool), String> {
         // Best effort: a cache that cannot be written only costs the next run the hashing.
         if let Some(dir) = cache.parent() {
             if std::fs::create_dir_all(dir).is_ok() {
-                let tmp = dir.join(format!("binary-sha256.{}", std::process::id()));
-                if std::fs::write(&tmp, format!("{key} {hash}\n")).is_ok()
-                    && std::fs::rename(&tmp, &cache).is_err()
-                {
-                    let _ = std::fs::remove_file(&tmp);
-                }
+                let _ = runbook_evidence::fs::write_atomic(
+                    &cache,
+                    format!("{key} {hash}\n").as_bytes(),
+                );
             }
         }
     }

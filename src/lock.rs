@@ -11,7 +11,7 @@
 //! takeover, [`stop_stale_run`] stops what the dead run's steps left running.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
@@ -54,9 +54,7 @@ impl Holder {
     /// a process started at another time, or the machine has rebooted since. A holder on
     /// another host is never provably gone from here.
     pub fn provably_dead(&self) -> bool {
-        let here = nix::unistd::gethostname()
-            .map(|h| h.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let here = crate::context::hostname();
         if self.host != here {
             return false;
         }
@@ -123,7 +121,7 @@ impl RunLock {
         me: &Holder,
         break_lock: bool,
     ) -> Result<(Self, Option<Holder>), LockError> {
-        let path = dir.join(".lock");
+        let path = dir.join(runbook_evidence::verify::LOCK_FILE);
         let io = |source| LockError::Io {
             path: path.clone(),
             source,
@@ -184,7 +182,7 @@ impl RunLock {
     pub fn live_holder(dir: &Path) -> Option<Holder> {
         let file = std::fs::OpenOptions::new()
             .read(true)
-            .open(dir.join(".lock"))
+            .open(dir.join(runbook_evidence::verify::LOCK_FILE))
             .ok()?;
         match Flock::lock(file, FlockArg::LockSharedNonblock) {
             Ok(_) => None,
@@ -218,9 +216,7 @@ fn holder_path(dir: &Path) -> PathBuf {
 /// lock, so for a moment the file may be missing or still name the previous (dead) holder:
 /// wait up to half a second for details whose process is alive on this host.
 fn live_details(dir: &Path) -> Option<Holder> {
-    let host = nix::unistd::gethostname()
-        .map(|h| h.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let host = crate::context::hostname();
     let mut last = None;
     for _ in 0..50 {
         last = read_holder(dir);
@@ -251,19 +247,18 @@ fn read_holder(dir: &Path) -> Option<Holder> {
 fn write_holder(dir: &Path, holder: Option<&Holder>) -> std::io::Result<()> {
     let path = holder_path(dir);
     match holder {
-        Some(h) => {
-            let tmp = dir.join(format!(".lock.json.{}.tmp", std::process::id()));
-            let mut f = File::create(&tmp)?;
-            f.write_all(serde_json::to_string(h).unwrap_or_default().as_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
+        Some(h) => runbook_evidence::fs::write_atomic(
+            &path,
+            serde_json::to_string(h).unwrap_or_default().as_bytes(),
+        ),
+        None => {
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+            File::open(dir)?.sync_all()
         }
-        None => match std::fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        },
     }
-    File::open(dir)?.sync_all()
 }
 
 /// A lock taken by [`RunLock::take`].

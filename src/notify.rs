@@ -7,72 +7,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use runbook_engine::retry::{Backoff, RetryPolicy};
+use runbook_engine::retry::RetryPolicy;
 use serde::{Deserialize, Serialize};
 
-/// A webhook: `[notify]` in a schedule file (or a runbook).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NotifySpec {
-    pub url: String,
-    #[serde(default)]
-    pub format: NotifyFormat,
-    /// When to send; default: on failure (which includes a failed drill).
-    #[serde(default = "default_on")]
-    pub on: Vec<When>,
-    /// Extra request headers (`Authorization`, …); their values are treated as secrets.
-    #[serde(default)]
-    pub headers: BTreeMap<String, String>,
-    /// Per request.
-    #[serde(default = "default_timeout", with = "humane_duration")]
-    pub timeout: Duration,
-    /// Further attempts after a failed one (connection error, timeout, 5xx, 429).
-    #[serde(default = "default_retries")]
-    pub retries: u32,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum NotifyFormat {
-    #[default]
-    Generic,
-    Slack,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum When {
-    /// The run failed, was cancelled, or its drill missed a target.
-    Failure,
-    /// The run succeeded and its drill (if any) did not fail.
-    Success,
-    /// The drill's RTO was measured and missed.
-    RtoMissed,
-    Always,
-}
-
-pub fn default_on() -> Vec<When> {
-    vec![When::Failure]
-}
-
-pub const fn default_timeout() -> Duration {
-    Duration::from_secs(10)
-}
-
-pub const fn default_retries() -> u32 {
-    3
-}
-
-/// Durations as runbooks write them (`10s`, `1m30s`).
-mod humane_duration {
-    use serde::{Deserialize, Deserializer};
-    use std::time::Duration;
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let text = String::deserialize(d)?;
-        runbook_engine::duration::parse_duration(&text).map_err(serde::de::Error::custom)
-    }
-}
+pub use runbook_engine::analyzer::notify::{NotifyFormat, NotifySpec, RunEnd};
 
 /// One target (RTO or RPO) of a drill, as the manifest's `drill` object has it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -198,15 +136,12 @@ impl NotifyPayload {
     }
 }
 
-impl NotifySpec {
-    /// Whether this payload is one the spec's `on` asks for.
-    pub fn wants(&self, p: &NotifyPayload) -> bool {
-        self.on.iter().any(|w| match w {
-            When::Always => true,
-            When::Failure => p.failed(),
-            When::Success => !p.failed(),
-            When::RtoMissed => p.rto_missed(),
-        })
+impl RunEnd for NotifyPayload {
+    fn failed(&self) -> bool {
+        NotifyPayload::failed(self)
+    }
+    fn rto_missed(&self) -> bool {
+        NotifyPayload::rto_missed(self)
     }
 }
 
@@ -276,8 +211,7 @@ pub async fn send(
     let mut last = String::new();
     for attempt in 1..=policy.attempts {
         if attempt > 1 {
-            // No jitter: one webhook per run, nothing to spread out.
-            tokio::time::sleep(policy.delay_before(attempt, 0.0)).await;
+            tokio::time::sleep(runbook_engine::backoff::delay(&policy, attempt)).await;
         }
         let mut req = client
             .post(&spec.url)
@@ -311,14 +245,13 @@ pub async fn send(
 /// Delivery as the engine's retry policy: `retries` further attempts after the first, waiting
 /// 1 s, 2 s, 4 s, … capped at 30 s.
 fn delivery_policy(retries: u32) -> RetryPolicy {
-    RetryPolicy {
-        attempts: retries.saturating_add(1),
-        backoff: Backoff::Exponential { factor: 2.0 },
-        delay: Duration::from_secs(1),
-        max_delay: Duration::from_secs(30),
-        jitter: false,
-        deadline: None,
-    }
+    // No jitter: one webhook per run, nothing to spread out.
+    runbook_engine::backoff::doubling(
+        retries.saturating_add(1),
+        Duration::from_secs(1),
+        Duration::from_secs(30),
+        false,
+    )
 }
 
 /// reqwest errors name the URL, which for Slack-style webhooks is itself the secret.
@@ -351,6 +284,7 @@ pub fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use runbook_engine::analyzer::notify::When;
 
     #[test]
     fn delivery_waits_double_up_to_thirty_seconds() {
@@ -389,12 +323,16 @@ mod tests {
         assert_eq!(spec.timeout, Duration::from_secs(2));
         assert_eq!(spec.retries, 3);
         assert_eq!(spec.on, [When::RtoMissed]);
-        assert!(toml::from_str::<NotifySpec>("url = \"x\"\nbogus = 1").is_err());
+        assert!(
+            toml::from_str::<NotifySpec>("url = \"https://hooks.example.test/x\"\nbogus = 1")
+                .is_err()
+        );
     }
 
     #[test]
     fn when_filters() {
-        let mut spec: NotifySpec = toml::from_str("url = \"x\"").expect("parses");
+        let mut spec: NotifySpec =
+            toml::from_str("url = \"https://hooks.example.test/x\"").expect("parses");
         let p = payload();
         assert!(spec.wants(&p), "a failed drill is a failure");
         spec.on = vec![When::Success];
@@ -405,7 +343,8 @@ mod tests {
 
     #[test]
     fn bodies_are_redacted() {
-        let spec: NotifySpec = toml::from_str("url = \"x\"").expect("parses");
+        let spec: NotifySpec =
+            toml::from_str("url = \"https://hooks.example.test/x\"").expect("parses");
         let redact = |s: &str| s.replace("hunter2-secret", "[REDACTED:token]");
         let generic = body(&spec, &payload(), &redact);
         assert!(!generic.contains("hunter2"), "{generic}");

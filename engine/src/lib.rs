@@ -7,6 +7,7 @@
 //! the evidence recorder.
 
 pub mod analyzer;
+pub mod backoff;
 pub mod diagnostic;
 pub mod duration;
 pub mod event;

@@ -11,40 +11,47 @@ use sha2::{Digest, Sha256};
 use crate::{write_err, EvidenceError};
 
 pub const FILE_NAME: &str = "SHA256SUMS";
+/// The signature over [`FILE_NAME`].
+pub const SIGNATURE_FILE: &str = "SHA256SUMS.minisig";
+/// The run's lock, taken while the bundle is written.
+pub const LOCK_FILE: &str = ".lock";
 
-/// Every regular file under `dir`, relative, sorted; `SHA256SUMS*` at the top level excluded.
-pub fn bundle_files(dir: &Path) -> Result<Vec<PathBuf>, EvidenceError> {
+/// Files at the bundle's top that the sums do not cover: the sums themselves, what is made
+/// from them afterwards (signature, time-stamp token) and the lock. Everything else in the
+/// bundle is listed, so that `verify` finds a file added after sealing.
+pub const NOT_SUMMED: [&str; 4] = [FILE_NAME, SIGNATURE_FILE, crate::tsa::TSR_FILE, LOCK_FILE];
+
+/// The one walk of a bundle (sealing and verify): every non-directory under `dir` (links not
+/// followed), relative, sorted, without [`NOT_SUMMED`]. An error names the relative path
+/// that could not be read (empty for `dir` itself).
+pub fn walk(dir: &Path) -> Result<Vec<PathBuf>, (PathBuf, std::io::Error)> {
     let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let entries = std::fs::read_dir(&d).map_err(|source| EvidenceError::Read {
-            path: d.clone(),
-            source,
-        })?;
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel_dir) = stack.pop() {
+        let entries = std::fs::read_dir(dir.join(&rel_dir)).map_err(|e| (rel_dir.clone(), e))?;
         for entry in entries {
-            let entry = entry.map_err(|source| EvidenceError::Read {
-                path: d.clone(),
-                source,
-            })?;
-            let path = entry.path();
-            let kind = entry.file_type().map_err(|source| EvidenceError::Read {
-                path: path.clone(),
-                source,
-            })?;
+            let entry = entry.map_err(|e| (rel_dir.clone(), e))?;
+            let rel = rel_dir.join(entry.file_name());
+            let kind = entry.file_type().map_err(|e| (rel.clone(), e))?;
             if kind.is_dir() {
-                stack.push(path);
-            } else if let Ok(rel) = path.strip_prefix(dir) {
-                let top = rel.components().count() == 1;
-                let name = rel.to_string_lossy();
-                if top && (name.starts_with(FILE_NAME) || name == ".lock") {
-                    continue;
-                }
-                out.push(rel.to_path_buf());
+                stack.push(rel);
+            } else if !(rel_dir.as_os_str().is_empty()
+                && NOT_SUMMED.iter().any(|n| entry.file_name() == *n))
+            {
+                out.push(rel);
             }
         }
     }
     out.sort();
     Ok(out)
+}
+
+/// [`walk`], an error naming the absolute path.
+pub fn bundle_files(dir: &Path) -> Result<Vec<PathBuf>, EvidenceError> {
+    walk(dir).map_err(|(rel, source)| EvidenceError::Read {
+        path: dir.join(rel),
+        source,
+    })
 }
 
 pub fn sha256_file(path: &Path) -> Result<String, EvidenceError> {
@@ -128,6 +135,35 @@ fn sums_line(hash: &str, rel: &Path) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Sealing and verify walk the bundle alike: the top's sums, signature, token and lock
+    /// are left out, the same names deeper down and every other top-level file are not.
+    #[test]
+    fn the_walk_leaves_out_only_what_the_sums_cannot_cover() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sub = dir.path().join("steps").join("collect");
+        std::fs::create_dir_all(&sub).expect("mkdir");
+        for name in NOT_SUMMED
+            .iter()
+            .chain(&["SHA256SUMS.bak", "manifest.json"])
+        {
+            std::fs::write(dir.path().join(name), "x").expect("write");
+        }
+        std::fs::write(sub.join(FILE_NAME), "x").expect("write");
+        std::fs::write(sub.join(LOCK_FILE), "x").expect("write");
+        let files = walk(dir.path()).expect("walk");
+        assert_eq!(
+            files,
+            [
+                PathBuf::from("SHA256SUMS.bak"),
+                PathBuf::from("manifest.json"),
+                PathBuf::from("steps/collect/.lock"),
+                PathBuf::from("steps/collect/SHA256SUMS"),
+            ]
+        );
+        let gone = dir.path().join("nothing");
+        assert!(matches!(walk(&gone), Err((rel, _)) if rel.as_os_str().is_empty()));
+    }
 
     #[test]
     fn names_with_line_breaks_are_escaped_as_sha256sum_does() {

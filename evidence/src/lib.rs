@@ -24,7 +24,7 @@ pub mod recorder;
 pub mod redact;
 pub mod report;
 pub mod resume;
-mod run_view;
+pub mod run_view;
 pub mod scrub;
 pub mod sign;
 #[cfg(test)]

@@ -37,26 +37,31 @@ pub(crate) struct LogTail {
     pub truncated: bool,
 }
 
+/// The tags of attempt-log records.
+const TAGS: [&str; 5] = ["out", "err", "out+", "err+", "---"];
+
+/// The one reader of the attempt-log record format: a line (without its newline) split into
+/// time, tag and bytes as written, or `None` when the line is not a record. The bytes stay
+/// bytes: a character cut between an `out+` record and the next is whole once joined.
+pub(crate) fn split_record(raw: &[u8]) -> Option<(&str, &'static str, &[u8])> {
+    let mut parts = raw.splitn(3, |&b| b == b' ');
+    let (time, tag, rest) = (parts.next()?, parts.next()?, parts.next());
+    let time = std::str::from_utf8(time).ok()?;
+    let tag = TAGS.iter().find(|t| t.as_bytes() == tag)?;
+    (time.len() >= 20 && time.as_bytes()[4] == b'-').then_some((time, *tag, rest.unwrap_or(b"")))
+}
+
 pub(crate) fn parse_log_line(raw: &[u8]) -> LogLine {
-    let text = String::from_utf8_lossy(raw);
-    let mut parts = text.splitn(3, ' ');
-    let (time, tag, rest) = (parts.next(), parts.next(), parts.next());
-    match (time, tag) {
-        (Some(time), Some(tag))
-            if time.len() >= 20
-                && time.as_bytes()[4] == b'-'
-                && matches!(tag, "out" | "err" | "out+" | "err+" | "---") =>
-        {
-            LogLine {
-                time: time.to_owned(),
-                tag: tag.to_owned(),
-                text: rest.unwrap_or("").to_owned(),
-            }
-        }
-        _ => LogLine {
+    match split_record(raw) {
+        Some((time, tag, rest)) => LogLine {
+            time: time.to_owned(),
+            tag: tag.to_owned(),
+            text: String::from_utf8_lossy(rest).into_owned(),
+        },
+        None => LogLine {
             time: String::new(),
             tag: String::new(),
-            text: text.into_owned(),
+            text: String::from_utf8_lossy(raw).into_owned(),
         },
     }
 }
@@ -206,6 +211,20 @@ pub fn failed_tails(bundle: &Path, step: &str, max_lines: usize) -> Vec<FailedTa
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn records_split_into_time_tag_and_the_bytes_as_written() {
+        let t = "2026-01-02T03:04:05.000006Z";
+        let line = [format!("{t} out+ a").as_bytes(), &[0xc3]].concat();
+        assert_eq!(split_record(&line), Some((t, "out+", &b"a\xc3"[..])));
+        assert_eq!(
+            split_record(format!("{t} ---").as_bytes()),
+            Some((t, "---", &b""[..]))
+        );
+        assert_eq!(split_record(format!("{t} in x").as_bytes()), None);
+        assert_eq!(split_record(b"not a record"), None);
+        assert_eq!(split_record(b"short out x"), None);
+    }
 
     #[test]
     fn log_tail_reads_only_the_end() {

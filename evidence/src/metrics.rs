@@ -10,7 +10,6 @@
 //! `absent()` or keep the value in a separate file written only on success.
 
 use std::fmt::Write as _;
-use std::io::Write as _;
 use std::path::Path;
 
 use chrono::{DateTime, Utc};
@@ -164,37 +163,7 @@ pub fn write_textfile(dir: &Path, name: &str, text: &str) -> std::io::Result<()>
             format!("`{name}` is not a plain file name"),
         ));
     }
-    write_atomically(&dir.join(name), text.as_bytes())
-}
-
-/// Replaces `path` with `bytes` all at once: written to a temporary file beside it, synced,
-/// renamed over it. A reader (node_exporter, the next scheduler start) sees the old file or
-/// the new one, never half of one.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-        return result;
-    }
-    // Make the rename itself durable (best effort: not every platform can sync a directory).
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    crate::fs::write_atomic(&dir.join(name), text.as_bytes())
 }
 
 /// Seconds since the Unix epoch, as Prometheus timestamps-as-values are written.
@@ -231,6 +200,7 @@ pub fn escape_label(s: &str) -> String {
 mod tests {
     use super::*;
     use crate::test_support::{failed_run, succeeded_run};
+    use std::io::Write as _;
 
     fn sample<'a>(text: &'a str, prefix: &str) -> &'a str {
         text.lines()

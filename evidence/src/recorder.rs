@@ -1427,17 +1427,14 @@ fn read_streams(log: &Path) -> (String, String) {
     let mut out: Vec<u8> = Vec::new();
     let mut err: Vec<u8> = Vec::new();
     for line in data.split(|&b| b == b'\n') {
-        // `<stamp> <tag> <bytes>`
-        let mut parts = line.splitn(3, |&b| b == b' ');
-        let (Some(_), Some(tag), rest) = (parts.next(), parts.next(), parts.next()) else {
+        let Some((_, tag, rest)) = crate::log_tail::split_record(line) else {
             continue;
         };
-        let rest = rest.unwrap_or_default();
         let (buf, newline) = match tag {
-            b"out" => (&mut out, true),
-            b"out+" => (&mut out, false),
-            b"err" => (&mut err, true),
-            b"err+" => (&mut err, false),
+            "out" => (&mut out, true),
+            "out+" => (&mut out, false),
+            "err" => (&mut err, true),
+            "err+" => (&mut err, false),
             _ => continue,
         };
         buf.extend_from_slice(rest);

@@ -7,19 +7,43 @@ use runbook_engine::event::AttemptOutcome;
 
 use crate::manifest::{AttemptRecord, Manifest, StepRecord};
 
-/// Text safe to show anywhere: ANSI escape sequences removed, carriage returns dropped, other
-/// control characters (except tab and newline) shown in caret notation like `cat -v` (`^G`),
-/// noncharacters U+FFFE/U+FFFF replaced by U+FFFD.
-pub(crate) fn clean_text(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
+/// What [`safe_text`] does with escape sequences.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Escapes {
+    /// Removed whole (CSI, OSC, two-character escapes), and carriage returns dropped: for
+    /// the report, the JUnit file and metrics labels, where no terminal interprets them.
+    Strip,
+    /// SGR colour sequences (`ESC [ … m`) pass; every other escape is shown, not obeyed
+    /// (`^[` then its characters), and a carriage return is shown as `^M` unless it ends a
+    /// line: for the operator's terminal.
+    KeepColour,
+}
+
+/// Text safe to show: escape sequences treated as `escapes` says; tab and newline pass; other
+/// C0 controls and DEL in caret notation like `cat -v` (`^G`, `^?`); C1 controls (U+0080 to
+/// U+009F, which some terminals obey as escapes, such as U+009B for CSI) as `\u{9b}`;
+/// noncharacters U+FFFE/U+FFFF as U+FFFD. The one rule for text from runs shown to people,
+/// in the terminal and in every file made for reading.
+pub fn safe_text(text: &str, escapes: Escapes) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.char_indices().peekable();
+    while let Some((i, c)) = chars.next() {
         match c {
-            '\x1b' => match chars.peek() {
+            '\x1b' if escapes == Escapes::KeepColour => {
+                if let Some(len) = sgr_len(&text[i..]) {
+                    out.push_str(&text[i..i + len]);
+                    while chars.peek().is_some_and(|&(j, _)| j < i + len) {
+                        chars.next();
+                    }
+                } else {
+                    out.push_str("^[");
+                }
+            }
+            '\x1b' => match chars.peek().map(|&(_, n)| n) {
                 // CSI: ESC [ parameters… final byte 0x40–0x7E
                 Some('[') => {
                     chars.next();
-                    for c in chars.by_ref() {
+                    for (_, c) in chars.by_ref() {
                         if ('\x40'..='\x7e').contains(&c) {
                             break;
                         }
@@ -28,12 +52,12 @@ pub(crate) fn clean_text(s: &str) -> String {
                 // OSC: ESC ] … BEL or ESC \
                 Some(']') => {
                     chars.next();
-                    while let Some(c) = chars.next() {
+                    while let Some((_, c)) = chars.next() {
                         if c == '\x07' {
                             break;
                         }
                         if c == '\x1b' {
-                            if chars.peek() == Some(&'\\') {
+                            if chars.peek().is_some_and(|&(_, n)| n == '\\') {
                                 chars.next();
                             }
                             break;
@@ -46,17 +70,33 @@ pub(crate) fn clean_text(s: &str) -> String {
                 None => {}
             },
             '\t' | '\n' => out.push(c),
-            '\r' => {}
-            c if (c as u32) < 0x20 => {
+            '\r' if escapes == Escapes::Strip => {}
+            '\r' if chars.peek().is_none_or(|&(_, n)| n == '\n') => {}
+            '\0'..='\x1f' | '\x7f' => {
                 out.push('^');
-                out.push(char::from_u32(0x40 + c as u32).unwrap_or('?'));
+                out.push(char::from((c as u8) ^ 0x40));
             }
-            '\x7f' => out.push_str("^?"),
+            '\u{80}'..='\u{9f}' => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
             '\u{fffe}' | '\u{ffff}' => out.push('\u{fffd}'),
-            c => out.push(c),
+            _ => out.push(c),
         }
     }
     out
+}
+
+/// [`safe_text`] for files made for reading (report, JUnit, metrics).
+pub(crate) fn clean_text(s: &str) -> String {
+    safe_text(s, Escapes::Strip)
+}
+
+/// The length of the SGR sequence (`ESC [ params m`) `text` starts with, if it starts with one.
+fn sgr_len(text: &str) -> Option<usize> {
+    let rest = text.strip_prefix("\x1b[")?;
+    let params = rest
+        .bytes()
+        .take_while(|b| b.is_ascii_digit() || matches!(b, b';' | b':'))
+        .count();
+    (rest.as_bytes().get(params) == Some(&b'm')).then_some(2 + params + 1)
 }
 
 /// `3 ms`, `1.04 s`, `2 min 03 s`, `1 h 02 min`.
@@ -140,6 +180,30 @@ mod tests {
         assert_eq!(clean_text("\x1b]0;title\x07x"), "x");
         assert_eq!(clean_text("t\tn\r\x00\x08\x7f"), "t\tn^@^H^?");
         assert_eq!(clean_text("\u{fffe}"), "\u{fffd}");
+        assert_eq!(clean_text("a\x1bcb"), "ab");
+    }
+
+    /// C1 controls are escapes to some terminals (U+009B is CSI): no output made for people
+    /// carries them raw, whatever it is made for.
+    #[test]
+    fn c1_controls_are_shown_not_passed_in_every_mode() {
+        for escapes in [Escapes::Strip, Escapes::KeepColour] {
+            assert_eq!(safe_text("\u{9b}2J x\u{85}", escapes), "\\u{9b}2J x\\u{85}");
+            assert_eq!(safe_text("bell\x07", escapes), "bell^G");
+            assert_eq!(safe_text("\u{ffff}", escapes), "\u{fffd}");
+        }
+    }
+
+    #[test]
+    fn the_terminal_keeps_colour_and_shows_other_escapes() {
+        let mode = Escapes::KeepColour;
+        assert_eq!(
+            safe_text("\x1b[1;31mred\x1b[0m", mode),
+            "\x1b[1;31mred\x1b[0m"
+        );
+        assert_eq!(safe_text("\x1b]0;t\x07x", mode), "^[]0;t^Gx");
+        assert_eq!(safe_text("10%\r20%\r", mode), "10%^M20%");
+        assert_eq!(safe_text("10%\r20%\r", Escapes::Strip), "10%20%");
     }
 
     #[test]

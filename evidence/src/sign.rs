@@ -525,36 +525,27 @@ pub fn write_key_pair(
             }
         }
     }
-    let secret_tmp = write_temp(secret.0, &secret_dest, secret.1, 0o600)?;
-    let public_tmp = match write_temp(public.0, &public_dest, public.1, 0o644) {
-        Ok(tmp) => tmp,
-        Err(e) => {
-            let _ = std::fs::remove_file(&secret_tmp);
-            return Err(e);
-        }
+    let staged = |(shown, text): (&Path, &str), dest: &Path, mode| {
+        crate::fs::stage(dest, mode, |f| f.write_all(text.as_bytes())).map_err(|source| {
+            SignError::Io {
+                path: shown.to_owned(),
+                source,
+            }
+        })
     };
-    if let Err(source) = std::fs::rename(&secret_tmp, &secret_dest) {
-        let _ = std::fs::remove_file(&secret_tmp);
-        let _ = std::fs::remove_file(&public_tmp);
-        return Err(SignError::Io {
-            path: secret.0.to_owned(),
-            source,
-        });
-    }
-    if let Err(source) = std::fs::rename(&public_tmp, &public_dest) {
-        let _ = std::fs::remove_file(&public_tmp);
+    // Both files are complete before either is in place; a failure removes what is not.
+    let secret_tmp = staged(secret, &secret_dest, 0o600)?;
+    let public_tmp = staged(public, &public_dest, 0o644)?;
+    secret_tmp.commit().map_err(|source| SignError::Io {
+        path: secret.0.to_owned(),
+        source,
+    })?;
+    if let Err(source) = public_tmp.commit() {
         let _ = std::fs::remove_file(&secret_dest);
         return Err(SignError::Io {
             path: public.0.to_owned(),
             source,
         });
-    }
-    // The renames survive a power cut only once their directories are synced; the keys are
-    // complete either way, so this is best effort.
-    for dest in [&secret_dest, &public_dest] {
-        if let Some(dir) = dest.parent() {
-            let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
-        }
     }
     Ok(())
 }
@@ -585,33 +576,6 @@ fn destination(path: &Path) -> Result<PathBuf, SignError> {
 
 /// Writes `text` to a new, synced temporary file beside `dest` and returns its path. Errors
 /// name `shown`, the path the caller was given.
-fn write_temp(shown: &Path, dest: &Path, text: &str, mode: u32) -> Result<PathBuf, SignError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let io = |source| SignError::Io {
-        path: shown.to_owned(),
-        source,
-    };
-    let mut suffix = [0u8; 6];
-    random(&mut suffix)?;
-    let name = dest.file_name().unwrap_or_default().to_string_lossy();
-    let tmp = dest.with_file_name(format!(".{name}.{}.tmp", hex::encode(suffix)));
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io)?;
-    if let Err(e) = file
-        .write_all(text.as_bytes())
-        .and_then(|()| file.sync_all())
-    {
-        drop(file);
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io(e));
-    }
-    Ok(tmp)
-}
-
 fn parse_signature(minisig: &str) -> Result<ParsedSignature, SignError> {
     let malformed = |reason: &str| SignError::Malformed {
         what: "signature",

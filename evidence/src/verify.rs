@@ -15,9 +15,9 @@ use crate::tsa::{self, Stamp};
 use crate::EvidenceError;
 
 pub const SUMS_FILE: &str = checksums::FILE_NAME;
-pub const SIGNATURE_FILE: &str = "SHA256SUMS.minisig";
+pub const SIGNATURE_FILE: &str = checksums::SIGNATURE_FILE;
 pub const TIMESTAMP_FILE: &str = tsa::TSR_FILE;
-pub const LOCK_FILE: &str = ".lock";
+pub const LOCK_FILE: &str = checksums::LOCK_FILE;
 pub const JOURNAL_FILE: &str = "journal.jsonl";
 pub const MANIFEST_FILE: &str = "manifest.json";
 
@@ -694,37 +694,15 @@ fn unescape(s: &str) -> Option<String> {
     Some(out)
 }
 
-/// Every non-directory under `dir`, relative, `/`-separated; top-level `SHA256SUMS`,
-/// `SHA256SUMS.minisig` and `.lock` left out.
+/// The bundle's files as [`checksums::walk`] finds them, `/`-separated as sums lines are.
 fn bundle_files(dir: &Path) -> Result<Vec<String>, (String, std::io::Error)> {
-    let mut out = Vec::new();
-    let mut stack = vec![PathBuf::new()];
-    while let Some(rel_dir) = stack.pop() {
-        let abs = dir.join(&rel_dir);
-        let entries = std::fs::read_dir(&abs).map_err(|e| (display_rel(&rel_dir), e))?;
-        for entry in entries {
-            let entry = entry.map_err(|e| (display_rel(&rel_dir), e))?;
-            let rel = rel_dir.join(entry.file_name());
-            let kind = entry.file_type().map_err(|e| (display_rel(&rel), e))?;
-            if kind.is_dir() {
-                stack.push(rel);
-                continue;
-            }
-            if rel_dir.as_os_str().is_empty() {
-                let name = entry.file_name();
-                if name == SUMS_FILE
-                    || name == SIGNATURE_FILE
-                    || name == TIMESTAMP_FILE
-                    || name == LOCK_FILE
-                {
-                    continue;
-                }
-            }
-            out.push(display_rel(&rel));
-        }
-    }
-    out.sort();
-    Ok(out)
+    let mut files: Vec<String> = checksums::walk(dir)
+        .map_err(|(rel, e)| (display_rel(&rel), e))?
+        .iter()
+        .map(|rel| display_rel(rel))
+        .collect();
+    files.sort();
+    Ok(files)
 }
 
 fn display_rel(rel: &Path) -> String {
@@ -983,21 +961,13 @@ fn expected_closing(attempt: u64, outcome: &serde_json::Value) -> Option<String>
 
 /// The text of the last record of a log, if it is a `--- ` record.
 fn last_meta_record(path: &Path) -> std::io::Result<Option<String>> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut file = std::fs::File::open(path)?;
-    let len = file.metadata()?.len();
-    let start = len.saturating_sub(8192);
-    file.seek(SeekFrom::Start(start))?;
-    let mut tail = Vec::new();
-    file.read_to_end(&mut tail)?;
-    let text = String::from_utf8_lossy(&tail);
-    let Some(last) = text.trim_end_matches('\n').rsplit('\n').next() else {
-        return Ok(None);
-    };
-    Ok(last
-        .split_once(' ')
-        .and_then(|(_, rest)| rest.strip_prefix("--- "))
-        .map(str::to_owned))
+    let tail = crate::log_tail::read_log_tail(path, 1, 8192)?;
+    Ok(tail
+        .lines
+        .into_iter()
+        .next_back()
+        .filter(crate::log_tail::LogLine::is_meta)
+        .map(|l| l.text))
 }
 
 /// Each attempt log that the journal says finished ends with the closing record of that

@@ -8,17 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono_tz::Tz;
+use runbook_engine::analyzer::reader::{get, ShiftedSpans, TomlReader, Value};
 use runbook_engine::diagnostic::{suggest, Code, Diagnostic};
-use runbook_engine::duration::parse_duration;
 use runbook_engine::source::Span;
 use runbook_engine::{Diagnostics, Source};
 use toml::de::{DeTable, DeValue};
-use toml::Spanned;
 
 use super::cron::CronSpec;
-use crate::notify::{NotifyFormat, NotifySpec, When};
-
-type Value<'i> = Spanned<DeValue<'i>>;
+use crate::notify::NotifySpec;
 
 const TOP_KEYS: &[&str] = &[
     "schedule",
@@ -42,7 +39,6 @@ const ENTRY_KEYS: &[&str] = &[
     "evidence_dir",
     "notify",
 ];
-const NOTIFY_KEYS: &[&str] = &["url", "format", "on", "headers", "timeout", "retries"];
 
 /// What to do when an entry's time comes while its previous run is still going.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,12 +128,18 @@ pub fn load(path: &Path) -> Result<ScheduleFile, Diagnostics> {
         .ok()
         .and_then(|p| p.parent().map(Path::to_path_buf))
         .unwrap_or_else(|| PathBuf::from("."));
-    let mut reader = Reader {
-        src: source.clone(),
-        diags: Diagnostics::default(),
+    let mut r = TomlReader::new(source.clone());
+    let text = source.text().to_owned();
+    let file = match r.parse(&text) {
+        Some((root, s)) => {
+            let mut reader = Reader { r, s };
+            let file = reader.file(root.get_ref(), &dir);
+            r = reader.r;
+            file
+        }
+        None => None,
     };
-    let file = reader.file(&dir);
-    let mut diags = reader.diags;
+    let mut diags = r.diags;
     if diags.has_errors() {
         diags.sort();
         return Err(diags);
@@ -146,27 +148,8 @@ pub fn load(path: &Path) -> Result<ScheduleFile, Diagnostics> {
 }
 
 struct Reader {
-    src: Arc<Source>,
-    diags: Diagnostics,
-}
-
-fn get<'a, 'i>(table: &'a DeTable<'i>, key: &str) -> Option<&'a Value<'i>> {
-    table
-        .iter()
-        .find(|(k, _)| k.get_ref().as_ref() == key)
-        .map(|(_, v)| v)
-}
-
-fn type_name(v: &DeValue<'_>) -> &'static str {
-    match v {
-        DeValue::String(_) => "a string",
-        DeValue::Integer(_) => "an integer",
-        DeValue::Float(_) => "a float",
-        DeValue::Boolean(_) => "a boolean",
-        DeValue::Datetime(_) => "a date-time",
-        DeValue::Array(_) => "an array",
-        DeValue::Table(_) => "a table",
-    }
+    r: TomlReader,
+    s: ShiftedSpans,
 }
 
 /// Entry names become unit file names and Kubernetes object names.
@@ -178,45 +161,24 @@ fn valid_name(name: &str) -> bool {
 }
 
 impl Reader {
-    fn error(&mut self, code: Code, span: Span, message: impl Into<String>, label: &str) {
-        let d = Diagnostic::error(code, message).at(&self.src, span, label);
-        self.diags.push(d);
-    }
-
-    fn file(&mut self, dir: &Path) -> Option<ScheduleFile> {
-        let text = self.src.text().to_owned();
-        let root = match DeTable::parse(&text) {
-            Ok(root) => root,
-            Err(err) => {
-                let span = err.span().map_or(0..0, |s| s.start..s.end.max(s.start + 1));
-                let message = err.message().trim().to_owned();
-                let first = message.lines().next().unwrap_or("invalid TOML").to_owned();
-                self.error(
-                    Code::TomlSyntax,
-                    span,
-                    format!("invalid TOML: {first}"),
-                    &first,
-                );
-                return None;
-            }
-        };
-        let root = root.get_ref();
-        self.check_keys(root, TOP_KEYS, "the top level of a schedule file");
+    fn file(&mut self, root: &DeTable<'_>, dir: &Path) -> Option<ScheduleFile> {
+        self.r
+            .check_keys(root, TOP_KEYS, "the top level of a schedule file", &self.s);
         let path_of = |s: String| dir.join(s);
         let state_file = get(root, "state_file")
-            .and_then(|v| self.string(v, "state_file"))
+            .and_then(|v| self.r.string(v, "state_file", &self.s))
             .map(|(s, _)| path_of(s));
         let evidence_dir = get(root, "evidence_dir")
-            .and_then(|v| self.string(v, "evidence_dir"))
+            .and_then(|v| self.r.string(v, "evidence_dir", &self.s))
             .map_or_else(|| dir.join("proof"), |(s, _)| path_of(s));
         let textfile_dir = get(root, "textfile_dir")
-            .and_then(|v| self.string(v, "textfile_dir"))
+            .and_then(|v| self.r.string(v, "textfile_dir", &self.s))
             .map(|(s, _)| path_of(s));
         let shutdown_grace = get(root, "shutdown_grace")
-            .and_then(|v| self.duration(v, "shutdown_grace"))
+            .and_then(|v| self.r.duration(v, "shutdown_grace", &self.s))
             .unwrap_or(Duration::from_secs(60));
         let kill_grace = get(root, "kill_grace")
-            .and_then(|v| self.duration(v, "kill_grace"))
+            .and_then(|v| self.r.duration(v, "kill_grace", &self.s))
             .unwrap_or(Duration::from_secs(30));
         let notify = get(root, "notify").and_then(|v| self.notify(v));
 
@@ -230,32 +192,37 @@ impl Reader {
                         }
                     }
                 }
-                _ => self.wrong_type(v, "schedule", "an array of tables (`[[schedule]]`)"),
+                _ => self.r.wrong_type(
+                    v,
+                    "schedule",
+                    "an array of tables (`[[schedule]]`)",
+                    &self.s,
+                ),
             },
             None => {
                 let d = Diagnostic::error(Code::MissingKey, "the schedule file has no entries")
-                    .at(&self.src, 0..0, "expected at least one `[[schedule]]` table")
+                    .at(&self.r.src, 0..0, "expected at least one `[[schedule]]` table")
                     .help("add:\n[[schedule]]\nname = \"nightly-restore\"\nrunbook = \"restore.toml\"\ncron = \"0 2 * * *\"");
-                self.diags.push(d);
+                self.r.push(d);
             }
         }
         let mut seen: BTreeMap<String, Span> = BTreeMap::new();
         for e in &entries {
             if let Some(first) = seen.insert(e.name.to_lowercase(), e.name_span.clone()) {
-                let first = self.src.line_col(first.start);
-                self.diags.push(
+                let first = self.r.src.line_col(first.start);
+                self.r.push(
                     Diagnostic::error(
                         Code::DuplicateStep,
                         format!("two schedule entries are named `{}`", e.name),
                     )
                     .at(
-                        &self.src,
+                        &self.r.src,
                         e.name_span.clone(),
                         "a second entry with this name",
                     )
                     .note(format!(
                         "the first is at {}:{}:{}",
-                        self.src.path().display(),
+                        self.r.src.path().display(),
                         first.line,
                         first.column
                     )),
@@ -263,12 +230,13 @@ impl Reader {
             }
         }
         let stem = self
+            .r
             .src
             .path()
             .file_stem()
             .map_or_else(|| "schedules".into(), |s| s.to_string_lossy().into_owned());
         Some(ScheduleFile {
-            source: self.src.clone(),
+            source: self.r.src.clone(),
             dir: dir.to_path_buf(),
             state_file: state_file.unwrap_or_else(|| dir.join(format!("{stem}.state.json"))),
             textfile_dir,
@@ -286,14 +254,15 @@ impl Reader {
         notify: Option<&NotifySpec>,
     ) -> Option<Entry> {
         let DeValue::Table(t) = v.get_ref() else {
-            self.wrong_type(v, "schedule", "a table");
+            self.r.wrong_type(v, "schedule", "a table", &self.s);
             return None;
         };
-        self.check_keys(t, ENTRY_KEYS, "a `[[schedule]]` entry");
-        let name = self.required_string(t, "name", v.span());
+        self.r
+            .check_keys(t, ENTRY_KEYS, "a `[[schedule]]` entry", &self.s);
+        let name = self.r.required_string(t, "name", v.span(), &self.s);
         if let Some((n, span)) = &name {
             if !valid_name(n) {
-                self.error(
+                self.r.error(
                     Code::BadId,
                     span.clone(),
                     format!("schedule name `{n}` may contain only letters, digits, `-`, `_` and `.`, start with a letter or digit, and be at most 52 characters"),
@@ -301,8 +270,8 @@ impl Reader {
                 );
             }
         }
-        let runbook = self.required_string(t, "runbook", v.span());
-        let tz = match get(t, "timezone").and_then(|v| self.string(v, "timezone")) {
+        let runbook = self.r.required_string(t, "runbook", v.span(), &self.s);
+        let tz = match get(t, "timezone").and_then(|v| self.r.string(v, "timezone", &self.s)) {
             None => Some(Tz::UTC),
             Some((text, span)) => match text.parse::<Tz>() {
                 Ok(tz) => Some(tz),
@@ -311,7 +280,7 @@ impl Reader {
                         Code::BadValue,
                         format!("`{text}` is not an IANA time zone"),
                     )
-                    .at(&self.src, span, "unknown time zone");
+                    .at(&self.r.src, span, "unknown time zone");
                     if let Some(near) =
                         suggest(&text, chrono_tz::TZ_VARIANTS.iter().map(|z| z.name()))
                     {
@@ -320,12 +289,12 @@ impl Reader {
                         d = d
                             .help("write a name like `UTC`, `Europe/Berlin` or `America/New_York`");
                     }
-                    self.diags.push(d);
+                    self.r.push(d);
                     None
                 }
             },
         };
-        let cron = self.required_string(t, "cron", v.span()).and_then(|(text, span)| {
+        let cron = self.r.required_string(t, "cron", v.span(), &self.s).and_then(|(text, span)| {
             match CronSpec::parse(&text, tz.unwrap_or(Tz::UTC)) {
                 // `0 0 31 2 *` parses, but the scheduler would wait for it forever.
                 Ok(c) if c.upcoming(chrono::Utc::now(), 1).is_empty() => {
@@ -333,47 +302,49 @@ impl Reader {
                         Code::BadValue,
                         format!("`cron = \"{text}\"` never fires: no date matches it"),
                     )
-                    .at(&self.src, span, "never fires")
+                    .at(&self.r.src, span, "never fires")
                     .help("check the day of month against the month (there is no 31 February)");
-                    self.diags.push(d);
+                    self.r.push(d);
                     None
                 }
                 Ok(c) => Some(c),
                 Err(why) => {
                     let d = Diagnostic::error(Code::BadValue, format!("invalid `cron`: {why}"))
-                        .at(&self.src, span, "not a cron expression")
+                        .at(&self.r.src, span, "not a cron expression")
                         .help("5 fields `minute hour day-of-month month day-of-week` (`0 2 * * *`), or 6 with seconds first (`*/30 * * * * *`)");
-                    self.diags.push(d);
+                    self.r.push(d);
                     None
                 }
             }
         });
         let params = get(t, "params").map(|p| self.params(p)).unwrap_or_default();
-        let params_span = get(t, "params").map(Spanned::span);
+        let params_span = get(t, "params").map(|p| self.s.span(p.span()));
         let jitter = get(t, "jitter")
-            .and_then(|v| self.duration(v, "jitter"))
+            .and_then(|v| self.r.duration(v, "jitter", &self.s))
             .unwrap_or_default();
-        let overlap = match get(t, "overlap").and_then(|v| self.string(v, "overlap")) {
+        let overlap = match get(t, "overlap").and_then(|v| self.r.string(v, "overlap", &self.s)) {
             None => Overlap::Skip,
             Some((s, _)) if s == "skip" => Overlap::Skip,
             Some((s, _)) if s == "queue" => Overlap::Queue,
             Some((s, span)) => {
-                self.bad_choice(span, "overlap", &s, &["skip", "queue"]);
+                self.r.bad_choice(span, "overlap", &s, &["skip", "queue"]);
                 Overlap::Skip
             }
         };
-        let catch_up = match get(t, "catch_up").and_then(|v| self.string(v, "catch_up")) {
+        let catch_up = match get(t, "catch_up").and_then(|v| self.r.string(v, "catch_up", &self.s))
+        {
             None => CatchUp::None,
             Some((s, _)) if s == "none" => CatchUp::None,
             Some((s, _)) if s == "latest" => CatchUp::Latest,
             Some((s, span)) => {
-                self.bad_choice(span, "catch_up", &s, &["none", "latest"]);
+                self.r.bad_choice(span, "catch_up", &s, &["none", "latest"]);
                 CatchUp::None
             }
         };
-        let max_duration = get(t, "max_duration").and_then(|v| self.duration(v, "max_duration"));
+        let max_duration =
+            get(t, "max_duration").and_then(|v| self.r.duration(v, "max_duration", &self.s));
         let evidence_dir = get(t, "evidence_dir")
-            .and_then(|v| self.string(v, "evidence_dir"))
+            .and_then(|v| self.r.string(v, "evidence_dir", &self.s))
             .map_or_else(|| evidence_dir.to_path_buf(), |(s, _)| dir.join(s));
         let own_notify = get(t, "notify").and_then(|v| self.notify(v));
         let (name, name_span) = name?;
@@ -399,7 +370,12 @@ impl Reader {
 
     fn params(&mut self, v: &Value<'_>) -> Vec<(String, String)> {
         let DeValue::Table(t) = v.get_ref() else {
-            self.wrong_type(v, "params", "a table like `{ cluster = \"staging\" }`");
+            self.r.wrong_type(
+                v,
+                "params",
+                "a table like `{ cluster = \"staging\" }`",
+                &self.s,
+            );
             return Vec::new();
         };
         let mut out = Vec::new();
@@ -411,7 +387,8 @@ impl Reader {
                 DeValue::Float(f) => f.as_str().to_owned(),
                 DeValue::Boolean(b) => b.to_string(),
                 _ => {
-                    self.wrong_type(val, &key, "a string, number or boolean");
+                    self.r
+                        .wrong_type(val, &key, "a string, number or boolean", &self.s);
                     continue;
                 }
             };
@@ -421,205 +398,7 @@ impl Reader {
     }
 
     fn notify(&mut self, v: &Value<'_>) -> Option<NotifySpec> {
-        let DeValue::Table(t) = v.get_ref() else {
-            self.wrong_type(v, "notify", "a table");
-            return None;
-        };
-        self.check_keys(t, NOTIFY_KEYS, "`[notify]`");
-        let url = self.required_string(t, "url", v.span());
-        if let Some((u, span)) = &url {
-            if reqwest::Url::parse(u).is_err() {
-                self.error(
-                    Code::BadValue,
-                    span.clone(),
-                    "`url` is not a URL",
-                    "expected `https://…`",
-                );
-            }
-        }
-        let format = match get(t, "format").and_then(|v| self.string(v, "format")) {
-            None => NotifyFormat::Generic,
-            Some((s, _)) if s == "generic" => NotifyFormat::Generic,
-            Some((s, _)) if s == "slack" => NotifyFormat::Slack,
-            Some((s, span)) => {
-                self.bad_choice(span, "format", &s, &["generic", "slack"]);
-                NotifyFormat::Generic
-            }
-        };
-        let mut on = Vec::new();
-        match get(t, "on") {
-            None => on = crate::notify::default_on(),
-            Some(list) => match list.get_ref() {
-                DeValue::Array(items) => {
-                    for item in items.iter() {
-                        let Some((s, span)) = self.string(item, "on") else {
-                            continue;
-                        };
-                        match s.as_str() {
-                            "failure" => on.push(When::Failure),
-                            "success" => on.push(When::Success),
-                            "rto_missed" => on.push(When::RtoMissed),
-                            "always" => on.push(When::Always),
-                            _ => self.bad_choice(
-                                span,
-                                "on",
-                                &s,
-                                &["failure", "success", "rto_missed", "always"],
-                            ),
-                        }
-                    }
-                }
-                _ => self.wrong_type(list, "on", "an array like `[\"failure\"]`"),
-            },
-        }
-        let mut headers = BTreeMap::new();
-        if let Some(h) = get(t, "headers") {
-            match h.get_ref() {
-                DeValue::Table(ht) => {
-                    for (k, val) in ht.iter() {
-                        let key = k.get_ref().as_ref().to_owned();
-                        if let Some((s, _)) = self.string(val, &key) {
-                            headers.insert(key, s);
-                        }
-                    }
-                }
-                _ => self.wrong_type(h, "headers", "a table of strings"),
-            }
-        }
-        let timeout = get(t, "timeout")
-            .and_then(|v| self.duration(v, "timeout"))
-            .unwrap_or_else(crate::notify::default_timeout);
-        let retries = match get(t, "retries") {
-            None => crate::notify::default_retries(),
-            Some(v) => match v.get_ref() {
-                DeValue::Integer(i) => match i.as_str().parse::<u32>() {
-                    Ok(n) if n <= 20 => n,
-                    _ => {
-                        self.error(
-                            Code::BadValue,
-                            v.span(),
-                            "`retries` must be between 0 and 20",
-                            "out of range",
-                        );
-                        0
-                    }
-                },
-                _ => {
-                    self.wrong_type(v, "retries", "an integer");
-                    0
-                }
-            },
-        };
-        Some(NotifySpec {
-            url: url?.0,
-            format,
-            on,
-            headers,
-            timeout,
-            retries,
-        })
-    }
-
-    fn check_keys(&mut self, table: &DeTable<'_>, allowed: &[&str], what: &str) {
-        for (key, _) in table.iter() {
-            let name = key.get_ref().as_ref();
-            if allowed.contains(&name) {
-                continue;
-            }
-            let mut d = Diagnostic::error(
-                Code::UnknownKey,
-                format!("unknown key `{name}` in {what}"),
-            )
-            .at(&self.src, key.span(), "unknown key");
-            d = match suggest(name, allowed.iter().copied()) {
-                Some(near) => d.help(format!("did you mean `{near}`?")),
-                None => d.help(format!(
-                    "valid keys here: {}",
-                    allowed
-                        .iter()
-                        .map(|k| format!("`{k}`"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )),
-            };
-            self.diags.push(d);
-        }
-    }
-
-    fn wrong_type(&mut self, v: &Value<'_>, key: &str, expected: &str) {
-        let found = type_name(v.get_ref());
-        self.error(
-            Code::WrongType,
-            v.span(),
-            format!("`{key}` must be {expected}, found {found}"),
-            &format!("expected {expected}"),
-        );
-    }
-
-    fn bad_choice(&mut self, span: Span, key: &str, got: &str, allowed: &[&str]) {
-        let list = allowed
-            .iter()
-            .map(|a| format!("`{a}`"))
-            .collect::<Vec<_>>()
-            .join(" or ");
-        self.error(
-            Code::BadValue,
-            span,
-            format!("`{key}` must be {list}, found `{got}`"),
-            "not allowed here",
-        );
-    }
-
-    fn string(&mut self, v: &Value<'_>, key: &str) -> Option<(String, Span)> {
-        match v.get_ref() {
-            DeValue::String(text) => Some((text.to_string(), v.span())),
-            _ => {
-                self.wrong_type(v, key, "a string");
-                None
-            }
-        }
-    }
-
-    fn required_string(
-        &mut self,
-        t: &DeTable<'_>,
-        key: &str,
-        table_span: Span,
-    ) -> Option<(String, Span)> {
-        match get(t, key) {
-            Some(v) => self.string(v, key),
-            None => {
-                let start = table_span.start;
-                self.error(
-                    Code::MissingKey,
-                    start..start,
-                    format!("missing `{key}`"),
-                    &format!("this table needs `{key}`"),
-                );
-                None
-            }
-        }
-    }
-
-    fn duration(&mut self, v: &Value<'_>, key: &str) -> Option<Duration> {
-        match v.get_ref() {
-            DeValue::String(text) => match parse_duration(text) {
-                Ok(d) => Some(d),
-                Err(why) => {
-                    self.error(
-                        Code::BadDuration,
-                        v.span(),
-                        format!("invalid duration for `{key}`: {why}"),
-                        "expected a duration like `90s`, `10m` or `1h30m`",
-                    );
-                    None
-                }
-            },
-            _ => {
-                self.wrong_type(v, key, "a duration string like `90s`");
-                None
-            }
-        }
+        self.r.notify(v, &self.s).map(|(spec, _, _)| spec)
     }
 }
 
@@ -666,5 +445,34 @@ mod tests {
             "{all}"
         );
         assert!(all.contains("s.toml:7:1: unknown key `jiter`"), "{all}");
+    }
+
+    /// A schedule file's `[notify]` is read by the runbook rules: a URL that cannot work is an
+    /// error when the scheduler starts, reported at the table without the URL's secret path.
+    #[test]
+    fn notify_is_read_by_the_runbook_rules() {
+        let entry = "[[schedule]]\nname = \"a\"\nrunbook = \"r.toml\"\ncron = \"0 2 * * *\"\n";
+        let err = load_text(&format!(
+            "[notify]\nurl = \"ftp://hooks.example.test/T000/SECRETPATH\"\nretries = 21\n{entry}"
+        ))
+        .expect_err("fails");
+        let all: Vec<String> = err.0.iter().map(ToString::to_string).collect();
+        let all = all.join("\n");
+        assert!(
+            all.contains("s.toml:1:1: `[notify]`: `url` scheme `ftp` is not supported"),
+            "{all}"
+        );
+        assert!(
+            all.contains("`retries` must be a whole number from 0 to 20"),
+            "{all}"
+        );
+        assert!(!all.contains("SECRETPATH"), "{all}");
+        let f = load_text(&format!(
+            "[notify]\nurl = \"https://hooks.example.test/x\"\non = [\"always\"]\n{entry}"
+        ))
+        .expect("loads");
+        let spec = f.entries[0].notify.as_ref().expect("inherited");
+        assert_eq!(spec.retries, 3);
+        assert_eq!(spec.url, "https://hooks.example.test/x");
     }
 }

@@ -259,24 +259,6 @@ async fn watch_signals(stop_firing: CancellationToken, cancel_runs: Cancellation
     }
 }
 
-/// A random delay in `[0, jitter)`: enough randomness to spread load, no crate needed.
-fn jitter_delay(jitter: Duration) -> Duration {
-    use std::hash::{BuildHasher as _, Hasher as _};
-    if jitter.is_zero() {
-        return Duration::ZERO;
-    }
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        Utc::now()
-            .timestamp_nanos_opt()
-            .unwrap_or_default()
-            .unsigned_abs()
-            .into(),
-    );
-    let nanos = jitter.as_nanos().max(1);
-    Duration::from_nanos(u64::try_from(u128::from(h.finish()) % nanos).unwrap_or(0))
-}
-
 fn until(t: DateTime<Utc>) -> tokio::time::Instant {
     let wait = (t - Utc::now()).to_std().unwrap_or_default();
     tokio::time::Instant::now() + wait
@@ -344,7 +326,7 @@ async fn entry_loop(
         let next = entry.cron.next_after(cursor);
         shared.with_live(i, |l| l.next_fire = next);
         shared.publish();
-        let fire_at = next.map(|n| n + jitter_delay(entry.jitter));
+        let fire_at = next.map(|n| n + runbook_engine::backoff::spread(entry.jitter));
         let event = {
             let sleep = async {
                 match fire_at {
@@ -577,13 +559,5 @@ mod tests {
             while_running(Overlap::Queue, true),
             WhileRunning::Skip(_)
         ));
-    }
-
-    #[test]
-    fn jitter_stays_below_its_bound() {
-        for _ in 0..100 {
-            assert!(jitter_delay(Duration::from_millis(5)) < Duration::from_millis(5));
-        }
-        assert_eq!(jitter_delay(Duration::ZERO), Duration::ZERO);
     }
 }

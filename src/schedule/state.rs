@@ -107,7 +107,7 @@ impl State {
             source,
         };
         let text = serde_json::to_string_pretty(self).unwrap_or_default() + "\n";
-        runbook_evidence::metrics::write_atomically(path, text.as_bytes()).map_err(err)
+        runbook_evidence::fs::write_atomic(path, text.as_bytes()).map_err(err)
     }
 }
 

@@ -18,10 +18,10 @@ impl Analyzer<'_> {
         params: &[ParamSpec],
         s: &ShiftedSpans,
     ) -> Option<Template> {
-        let (text, span) = self.string(v, key, s)?;
+        let (text, span) = self.r.string(v, key, s)?;
         // No command, argument, variable or path can carry a NUL byte: execve would refuse.
         if text.contains('\0') {
-            self.error(
+            self.r.error(
                 Code::BadValue,
                 span,
                 format!("`{key}` contains a NUL byte"),
@@ -30,7 +30,7 @@ impl Analyzer<'_> {
             return None;
         }
         if key == "cwd" && text.trim().is_empty() {
-            self.error(
+            self.r.error(
                 Code::BadValue,
                 span,
                 "`cwd` is empty",
@@ -42,7 +42,7 @@ impl Analyzer<'_> {
     }
 
     pub(super) fn locate(&self, text: &str, span: Span) -> Located {
-        let origin = string_origin(self.src.slice(&span), text).map(|o| span.start + o);
+        let origin = string_origin(self.r.src.slice(&span), text).map(|o| span.start + o);
         Located { span, origin }
     }
 
@@ -67,7 +67,7 @@ impl Analyzer<'_> {
                 };
                 let mut d =
                     Diagnostic::error(Code::UnknownParam, format!("unknown parameter `{name}`"))
-                        .at(&self.src, here, "not declared under `[params]`");
+                        .at(&self.r.src, here, "not declared under `[params]`");
                 if let Some(near) = suggest(&name, params.iter().map(|p| p.name.as_str())) {
                     d = d.help(format!("did you mean `params.{near}`?"));
                 } else {
@@ -75,7 +75,7 @@ impl Analyzer<'_> {
                         "declare it:\n[params]\n{name} = {{ default = \"…\" }}"
                     ));
                 }
-                self.push(d);
+                self.r.push(d);
             }
         }
     }
@@ -105,12 +105,12 @@ impl Analyzer<'_> {
                     Code::TemplateSyntax,
                     format!("template does not parse: {}", e.message),
                 )
-                .at(&self.src, at.at(e.offset), e.message.clone())
+                .at(&self.r.src, at.at(e.offset), e.message.clone())
                 .help("`{{ expr }}` holds a Rhai expression; write a literal `{{` as `\\{{`");
                 if e.message.contains("Undefined variable") {
                     d = d.note(format!("templates can use: {}", Context::Step.describe()));
                 }
-                self.push(d);
+                self.r.push(d);
                 None
             }
         }
@@ -126,7 +126,7 @@ impl Analyzer<'_> {
         params: &[ParamSpec],
         s: &ShiftedSpans,
     ) -> Option<SpannedExpr> {
-        let (text, span) = self.string(v, key, s)?;
+        let (text, span) = self.r.string(v, key, s)?;
         let at = self.locate(&text, span);
         let compiled = if script {
             self.host.compile_script(&text, context)
@@ -144,11 +144,11 @@ impl Analyzer<'_> {
                     Code::TemplateSyntax,
                     format!("`{key}` does not parse: {}", e.message),
                 )
-                .at(&self.src, at.at(offset), e.message.clone());
+                .at(&self.r.src, at.at(offset), e.message.clone());
                 if e.message.contains("Undefined variable") {
                     d = d.help(format!("`{key}` can use: {}", context.describe()));
                 }
-                self.push(d);
+                self.r.push(d);
                 None
             }
         }

@@ -7,12 +7,14 @@
 //! - [`keys`]: the keys each table takes.
 //! - [`expressions`]: templates and Rhai expressions, and their parameter references.
 //! - [`sections`]: `[runbook]`, `[params]`, `[defaults]`, `[hooks]`, `[evidence]`, `[drill]`.
+//! - [`notify`]: `[notify]`, read alike in runbooks and schedule files.
 //! - [`steps`]: `[[steps]]`, their actions (one per step kind), blocks and strategies.
 //! - [`references`]: the `params.NAME` and `steps.ID` an expression reads, from Rhai's AST.
 
 mod expressions;
 mod keys;
-mod reader;
+pub mod notify;
+pub mod reader;
 mod references;
 mod sections;
 mod steps;
@@ -21,17 +23,16 @@ mod targets;
 use std::sync::Arc;
 use std::time::Duration;
 
-use toml::de::DeTable;
-
 use crate::diagnostic::{Code, Diagnostic, Diagnostics};
 use crate::expr::ExprHost;
 use crate::retry::RetryPolicy;
 use crate::runbook::{default_shell, Hooks, Runbook, DEFAULT_KILL_GRACE};
-use crate::source::{Source, Span};
+use crate::source::Source;
 use crate::template::Template;
 
 use keys::TOP_KEYS;
-use reader::{get, ShiftedSpans};
+use reader::get;
+pub use reader::TomlReader;
 
 pub(crate) use references::refs_in;
 pub use references::{calls, references, runbook_calls, step_references};
@@ -42,20 +43,18 @@ pub use targets::check_targets;
 /// pass; callers must not run a runbook whose diagnostics hold errors.
 pub fn analyze(source: &Arc<Source>, host: &ExprHost) -> (Option<Runbook>, Diagnostics) {
     let mut analyzer = Analyzer {
-        src: source.clone(),
+        r: TomlReader::new(source.clone()),
         host,
-        diags: Diagnostics::default(),
     };
     let runbook = analyzer.runbook();
-    let mut diags = analyzer.diags;
+    let mut diags = analyzer.r.diags;
     diags.sort();
     (runbook, diags)
 }
 
 struct Analyzer<'h> {
-    src: Arc<Source>,
+    r: TomlReader,
     host: &'h ExprHost,
-    diags: Diagnostics,
 }
 
 /// Defaults that steps inherit.
@@ -86,53 +85,25 @@ impl Defaults {
 }
 
 impl Analyzer<'_> {
-    fn push(&mut self, d: Diagnostic) {
-        self.diags.push(d);
-    }
-
-    fn error(&mut self, code: Code, span: Span, message: impl Into<String>, label: &str) {
-        let d = Diagnostic::error(code, message).at(&self.src, span, label);
-        self.push(d);
-    }
-
     fn runbook(&mut self) -> Option<Runbook> {
-        let text = self.src.text().to_owned();
-        // A UTF-8 byte-order mark is harmless; skip it rather than failing the first key.
-        let body = text.strip_prefix('\u{feff}').unwrap_or(&text);
-        let bom = text.len() - body.len();
-        let root = match DeTable::parse(body) {
-            Ok(root) => root,
-            Err(err) => {
-                let span = err
-                    .span()
-                    .map_or(bom..bom, |s| s.start + bom..s.end.max(s.start + 1) + bom);
-                let message = err.message().trim().to_owned();
-                let first = message.lines().next().unwrap_or("invalid TOML").to_owned();
-                let mut d = Diagnostic::error(Code::TomlSyntax, format!("invalid TOML: {first}"))
-                    .at(&self.src, span, first);
-                for extra in message.lines().skip(1).filter(|l| !l.trim().is_empty()) {
-                    d = d.note(extra.trim().to_owned());
-                }
-                self.push(d);
-                return None;
-            }
-        };
+        let text = self.r.src.text().to_owned();
+        let (root, shifted) = self.r.parse(&text)?;
+        let bom = shifted.0;
         let root_table = root.get_ref();
-        // Spans from the parser are relative to `body`; shift them past the BOM.
-        let shifted = ShiftedSpans(bom);
-        self.check_keys(root_table, TOP_KEYS, "the top level", &shifted);
+        self.r
+            .check_keys(root_table, TOP_KEYS, "the top level", &shifted);
 
         let meta = match get(root_table, "runbook") {
             Some(v) => self.meta(v, &shifted),
             None => {
                 let d = Diagnostic::error(Code::MissingKey, "missing `[runbook]` table")
                     .at(
-                        &self.src,
+                        &self.r.src,
                         bom..bom,
                         "expected `[runbook]` with at least `name`",
                     )
                     .help("add:\n[runbook]\nname = \"my-runbook\"");
-                self.push(d);
+                self.r.push(d);
                 None
             }
         };
@@ -156,12 +127,12 @@ impl Analyzer<'_> {
             None => {
                 let d = Diagnostic::error(Code::MissingKey, "the runbook has no steps")
                     .at(
-                        &self.src,
+                        &self.r.src,
                         bom..bom,
                         "expected at least one `[[steps]]` table",
                     )
                     .help("add:\n[[steps]]\nid = \"hello\"\nrun = \"echo hello\"");
-                self.push(d);
+                self.r.push(d);
                 Vec::new()
             }
         };
@@ -172,7 +143,7 @@ impl Analyzer<'_> {
         meta.redact = redact;
         meta.timestamp_url = timestamp_url;
         Some(Runbook {
-            source: self.src.clone(),
+            source: self.r.src.clone(),
             meta,
             params,
             hooks,

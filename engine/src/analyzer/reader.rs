@@ -1,20 +1,23 @@
 //! The typed TOML reader: spanned values read as strings, numbers, durations, lists and
-//! tables, each mistake reported at its span with what was expected.
+//! tables, each mistake reported at its span with what was expected. The one reader of
+//! spanned TOML: the runbook analyzer and the CLI's schedule file both read through it, so a
+//! mistake reads the same in either.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
 use super::keys::{list, NONZERO_DURATIONS};
-use super::Analyzer;
-use crate::diagnostic::{suggest, Code, Diagnostic};
+use crate::diagnostic::{suggest, Code, Diagnostic, Diagnostics};
 use crate::duration::parse_duration;
-use crate::source::Span;
+use crate::source::{Source, Span};
 
-pub(super) type Value<'i> = Spanned<DeValue<'i>>;
+/// A spanned TOML value.
+pub type Value<'i> = Spanned<DeValue<'i>>;
 
-pub(super) fn type_name(v: &DeValue<'_>) -> &'static str {
+pub fn type_name(v: &DeValue<'_>) -> &'static str {
     match v {
         DeValue::String(_) => "a string",
         DeValue::Integer(_) => "an integer",
@@ -26,15 +29,102 @@ pub(super) fn type_name(v: &DeValue<'_>) -> &'static str {
     }
 }
 
-pub(super) fn get<'a, 'i>(table: &'a DeTable<'i>, key: &str) -> Option<&'a Value<'i>> {
+/// The value of `key` in `table`.
+pub fn get<'a, 'i>(table: &'a DeTable<'i>, key: &str) -> Option<&'a Value<'i>> {
     table
         .iter()
         .find(|(k, _)| k.get_ref().as_ref() == key)
         .map(|(_, v)| v)
 }
 
-impl Analyzer<'_> {
-    pub(super) fn check_keys(
+/// Reads one TOML file's values, collecting every mistake as a spanned diagnostic so that a
+/// file's problems are all reported in one pass.
+pub struct TomlReader {
+    pub src: Arc<Source>,
+    pub diags: Diagnostics,
+}
+
+impl TomlReader {
+    pub fn new(src: Arc<Source>) -> Self {
+        Self {
+            src,
+            diags: Diagnostics::default(),
+        }
+    }
+
+    /// Parses `text` (the source's text; a UTF-8 byte-order mark is skipped, as harmless),
+    /// or reports its syntax error. The spans of the tree are shifted back with the
+    /// [`ShiftedSpans`] returned.
+    pub fn parse<'t>(&mut self, text: &'t str) -> Option<(Spanned<DeTable<'t>>, ShiftedSpans)> {
+        let body = text.strip_prefix('\u{feff}').unwrap_or(text);
+        let bom = text.len() - body.len();
+        match DeTable::parse(body) {
+            Ok(root) => Some((root, ShiftedSpans(bom))),
+            Err(err) => {
+                let span = err
+                    .span()
+                    .map_or(bom..bom, |s| s.start + bom..s.end.max(s.start + 1) + bom);
+                let message = err.message().trim().to_owned();
+                let first = message.lines().next().unwrap_or("invalid TOML").to_owned();
+                let mut d = Diagnostic::error(Code::TomlSyntax, format!("invalid TOML: {first}"))
+                    .at(&self.src, span, first);
+                for extra in message.lines().skip(1).filter(|l| !l.trim().is_empty()) {
+                    d = d.note(extra.trim().to_owned());
+                }
+                self.push(d);
+                None
+            }
+        }
+    }
+
+    pub fn push(&mut self, d: Diagnostic) {
+        self.diags.push(d);
+    }
+
+    pub fn error(&mut self, code: Code, span: Span, message: impl Into<String>, label: &str) {
+        let d = Diagnostic::error(code, message).at(&self.src, span, label);
+        self.push(d);
+    }
+
+    /// `key`'s value `got` (at `span`) is none of `allowed`.
+    pub fn bad_choice(&mut self, span: Span, key: &str, got: &str, allowed: &[&str]) {
+        let choices = allowed
+            .iter()
+            .map(|a| format!("`{a}`"))
+            .collect::<Vec<_>>()
+            .join(" or ");
+        self.error(
+            Code::BadValue,
+            span,
+            format!("`{key}` must be {choices}, found `{got}`"),
+            "not allowed here",
+        );
+    }
+
+    /// The string `key` of `table` (which starts at `table_span`), reported when missing.
+    pub fn required_string(
+        &mut self,
+        table: &DeTable<'_>,
+        key: &str,
+        table_span: Span,
+        s: &ShiftedSpans,
+    ) -> Option<(String, Span)> {
+        match get(table, key) {
+            Some(v) => self.string(v, key, s),
+            None => {
+                let start = s.span(table_span).start;
+                self.error(
+                    Code::MissingKey,
+                    start..start,
+                    format!("missing `{key}`"),
+                    &format!("this table needs `{key}`"),
+                );
+                None
+            }
+        }
+    }
+
+    pub fn check_keys(
         &mut self,
         table: &DeTable<'_>,
         allowed: &[&str],
@@ -59,13 +149,7 @@ impl Analyzer<'_> {
         }
     }
 
-    pub(super) fn wrong_type(
-        &mut self,
-        v: &Value<'_>,
-        key: &str,
-        expected: &str,
-        s: &ShiftedSpans,
-    ) {
+    pub fn wrong_type(&mut self, v: &Value<'_>, key: &str, expected: &str, s: &ShiftedSpans) {
         let found = type_name(v.get_ref());
         self.error(
             Code::WrongType,
@@ -75,7 +159,7 @@ impl Analyzer<'_> {
         );
     }
 
-    pub(super) fn table<'a, 'i>(
+    pub fn table<'a, 'i>(
         &mut self,
         v: &'a Value<'i>,
         key: &str,
@@ -90,12 +174,7 @@ impl Analyzer<'_> {
         }
     }
 
-    pub(super) fn string(
-        &mut self,
-        v: &Value<'_>,
-        key: &str,
-        s: &ShiftedSpans,
-    ) -> Option<(String, Span)> {
+    pub fn string(&mut self, v: &Value<'_>, key: &str, s: &ShiftedSpans) -> Option<(String, Span)> {
         match v.get_ref() {
             DeValue::String(text) => Some((text.to_string(), s.span(v.span()))),
             _ => {
@@ -105,18 +184,13 @@ impl Analyzer<'_> {
         }
     }
 
-    pub(super) fn opt_string(
-        &mut self,
-        t: &DeTable<'_>,
-        key: &str,
-        s: &ShiftedSpans,
-    ) -> Option<String> {
+    pub fn opt_string(&mut self, t: &DeTable<'_>, key: &str, s: &ShiftedSpans) -> Option<String> {
         get(t, key)
             .and_then(|v| self.string(v, key, s))
             .map(|(text, _)| text)
     }
 
-    pub(super) fn boolean(&mut self, t: &DeTable<'_>, key: &str, s: &ShiftedSpans) -> Option<bool> {
+    pub fn boolean(&mut self, t: &DeTable<'_>, key: &str, s: &ShiftedSpans) -> Option<bool> {
         let v = get(t, key)?;
         match v.get_ref() {
             DeValue::Boolean(b) => Some(*b),
@@ -127,7 +201,7 @@ impl Analyzer<'_> {
         }
     }
 
-    pub(super) fn integer(&mut self, v: &Value<'_>, key: &str, s: &ShiftedSpans) -> Option<i64> {
+    pub fn integer(&mut self, v: &Value<'_>, key: &str, s: &ShiftedSpans) -> Option<i64> {
         match v.get_ref() {
             DeValue::Integer(i) => {
                 let parsed = i64::from_str_radix(i.as_str(), i.radix()).ok();
@@ -148,7 +222,7 @@ impl Analyzer<'_> {
         }
     }
 
-    pub(super) fn float(&mut self, v: &Value<'_>, key: &str, s: &ShiftedSpans) -> Option<f64> {
+    pub fn float(&mut self, v: &Value<'_>, key: &str, s: &ShiftedSpans) -> Option<f64> {
         match v.get_ref() {
             DeValue::Float(f) => f.as_str().parse().ok(),
             DeValue::Integer(i) => i64::from_str_radix(i.as_str(), i.radix())
@@ -161,12 +235,7 @@ impl Analyzer<'_> {
         }
     }
 
-    pub(super) fn duration(
-        &mut self,
-        v: &Value<'_>,
-        key: &str,
-        s: &ShiftedSpans,
-    ) -> Option<Duration> {
+    pub fn duration(&mut self, v: &Value<'_>, key: &str, s: &ShiftedSpans) -> Option<Duration> {
         match v.get_ref() {
             DeValue::String(text) => match parse_duration(text) {
                 // A zero limit would fail every attempt (or every drill) at once.
@@ -220,7 +289,7 @@ impl Analyzer<'_> {
         }
     }
 
-    pub(super) fn string_list(
+    pub fn string_list(
         &mut self,
         v: &Value<'_>,
         key: &str,
@@ -250,7 +319,7 @@ impl Analyzer<'_> {
         }
     }
 
-    pub(super) fn json(&mut self, v: &Value<'_>, s: &ShiftedSpans) -> Option<serde_json::Value> {
+    pub fn json(&mut self, v: &Value<'_>, s: &ShiftedSpans) -> Option<serde_json::Value> {
         use serde_json::Value as J;
         Some(match v.get_ref() {
             DeValue::String(text) => J::String(text.to_string()),
@@ -271,10 +340,10 @@ impl Analyzer<'_> {
 }
 
 /// Parser spans are relative to the text after any BOM; this shifts them back.
-pub(super) struct ShiftedSpans(pub(super) usize);
+pub struct ShiftedSpans(pub(super) usize);
 
 impl ShiftedSpans {
-    pub(super) fn span(&self, s: Span) -> Span {
+    pub fn span(&self, s: Span) -> Span {
         s.start + self.0..s.end + self.0
     }
 }

@@ -6,8 +6,7 @@ use std::path::PathBuf;
 use toml::de::DeValue;
 
 use super::keys::{
-    DEFAULT_KEYS, DRILL_KEYS, EVIDENCE_KEYS, HOOK_KEYS, NOTIFY_KEYS, PARAM_KEYS, RETRY_KEYS,
-    RUNBOOK_KEYS,
+    DEFAULT_KEYS, DRILL_KEYS, EVIDENCE_KEYS, HOOK_KEYS, PARAM_KEYS, RETRY_KEYS, RUNBOOK_KEYS,
 };
 use super::reader::{get, is_identifier, ShiftedSpans, Value};
 use super::{Analyzer, Defaults};
@@ -23,10 +22,10 @@ use crate::template::Template;
 impl Analyzer<'_> {
     pub(super) fn hooks(&mut self, v: &Value<'_>, params: &[ParamSpec], s: &ShiftedSpans) -> Hooks {
         let mut hooks = Hooks::default();
-        let Some(t) = self.table(v, "hooks", s) else {
+        let Some(t) = self.r.table(v, "hooks", s) else {
             return hooks;
         };
-        self.check_keys(t, HOOK_KEYS, "`[hooks]`", s);
+        self.r.check_keys(t, HOOK_KEYS, "`[hooks]`", s);
         let mut hook = |name: &str, context: Context| {
             get(t, name).and_then(|hv| self.expression(hv, name, context, true, params, s))
         };
@@ -39,13 +38,13 @@ impl Analyzer<'_> {
     }
 
     pub(super) fn meta(&mut self, v: &Value<'_>, s: &ShiftedSpans) -> Option<Meta> {
-        let t = self.table(v, "runbook", s)?;
-        self.check_keys(t, RUNBOOK_KEYS, "`[runbook]`", s);
+        let t = self.r.table(v, "runbook", s)?;
+        self.r.check_keys(t, RUNBOOK_KEYS, "`[runbook]`", s);
         let name = match get(t, "name") {
             Some(nv) => {
-                let (name, span) = self.string(nv, "name", s)?;
+                let (name, span) = self.r.string(nv, "name", s)?;
                 if !StepId::is_valid(&name) {
-                    self.error(
+                    self.r.error(
                         Code::BadId,
                         span,
                         format!("runbook name `{name}` is not a valid name"),
@@ -55,7 +54,7 @@ impl Analyzer<'_> {
                 name
             }
             None => {
-                self.error(
+                self.r.error(
                     Code::MissingKey,
                     s.span(v.span()),
                     "`[runbook]` has no `name`",
@@ -65,19 +64,19 @@ impl Analyzer<'_> {
             }
         };
         let refs = get(t, "refs")
-            .and_then(|v| self.string_list(v, "refs", s))
+            .and_then(|v| self.r.string_list(v, "refs", s))
             .unwrap_or_default()
             .into_iter()
             .map(|(r, _)| r)
             .collect();
         Some(Meta {
             name,
-            title: self.opt_string(t, "title", s),
-            description: self.opt_string(t, "description", s),
+            title: self.r.opt_string(t, "title", s),
+            description: self.r.opt_string(t, "description", s),
             refs,
-            evidence_dir: self.opt_string(t, "evidence_dir", s).map(PathBuf::from),
+            evidence_dir: self.r.opt_string(t, "evidence_dir", s).map(PathBuf::from),
             allow_env: get(t, "allow_env")
-                .and_then(|v| self.string_list(v, "allow_env", s))
+                .and_then(|v| self.r.string_list(v, "allow_env", s))
                 .unwrap_or_default()
                 .into_iter()
                 .map(|(n, _)| n)
@@ -86,13 +85,13 @@ impl Analyzer<'_> {
             redact: Vec::new(),
             timestamp_url: None,
             inventory: get(t, "inventory")
-                .and_then(|v| self.string(v, "inventory", s))
+                .and_then(|v| self.r.string(v, "inventory", s))
                 .map(|(text, span)| (PathBuf::from(text), span)),
         })
     }
 
     pub(super) fn params(&mut self, v: &Value<'_>, s: &ShiftedSpans) -> Vec<ParamSpec> {
-        let Some(t) = self.table(v, "params", s) else {
+        let Some(t) = self.r.table(v, "params", s) else {
             return Vec::new();
         };
         let mut out = Vec::new();
@@ -100,7 +99,7 @@ impl Analyzer<'_> {
             let name = key.get_ref().to_string();
             let span = s.span(key.span());
             if !is_identifier(&name) {
-                self.error(
+                self.r.error(
                     Code::BadId,
                     span.clone(),
                     format!("parameter name `{name}` is not an identifier"),
@@ -110,9 +109,10 @@ impl Analyzer<'_> {
             }
             let spec = match value.get_ref() {
                 DeValue::Table(pt) => {
-                    self.check_keys(pt, PARAM_KEYS, &format!("parameter `{name}`"), s);
-                    let default = get(pt, "default").and_then(|d| self.json(d, s));
-                    let secret = self.boolean(pt, "secret", s).unwrap_or(false);
+                    self.r
+                        .check_keys(pt, PARAM_KEYS, &format!("parameter `{name}`"), s);
+                    let default = get(pt, "default").and_then(|d| self.r.json(d, s));
+                    let secret = self.r.boolean(pt, "secret", s).unwrap_or(false);
                     // The runbook is copied verbatim into every bundle: a secret written here
                     // is in all of them. An empty default (an optional secret) is fine.
                     let written = default.as_ref().is_some_and(
@@ -121,13 +121,13 @@ impl Analyzer<'_> {
                     if let (true, true, Some(dv)) = (secret, written, get(pt, "default")) {
                         // Located in the message, without a snippet: the line holds the
                         // secret, and this warning may end up in a CI log.
-                        let lc = self.src.line_col(s.span(dv.span()).start);
-                        self.push(
+                        let lc = self.r.src.line_col(s.span(dv.span()).start);
+                        self.r.push(
                             Diagnostic::warning(
                                 Code::BadValue,
                                 format!(
                                     "{}:{}:{}: secret parameter `{name}` has its value in the runbook, which is copied into every evidence bundle",
-                                    self.src.path().display(),
+                                    self.r.src.path().display(),
                                     lc.line,
                                     lc.column
                                 ),
@@ -139,17 +139,17 @@ impl Analyzer<'_> {
                         name,
                         span,
                         default,
-                        doc: self.opt_string(pt, "doc", s),
+                        doc: self.r.opt_string(pt, "doc", s),
                         secret,
-                        env: self.opt_string(pt, "env", s),
-                        required: self.boolean(pt, "required", s).unwrap_or(false),
+                        env: self.r.opt_string(pt, "env", s),
+                        required: self.r.boolean(pt, "required", s).unwrap_or(false),
                     }
                 }
                 // `name = value` is shorthand for `name = { default = value }`.
                 _ => ParamSpec {
                     name,
                     span,
-                    default: self.json(value, s),
+                    default: self.r.json(value, s),
                     doc: None,
                     secret: false,
                     env: None,
@@ -169,11 +169,11 @@ impl Analyzer<'_> {
         s: &ShiftedSpans,
     ) -> (Vec<String>, Vec<String>, Option<String>) {
         let mut redact = Vec::new();
-        let Some(t) = self.table(v, "evidence", s) else {
+        let Some(t) = self.r.table(v, "evidence", s) else {
             return (Vec::new(), redact, None);
         };
         let timestamp_url = get(t, "timestamp_url")
-            .and_then(|u| self.string(u, "timestamp_url", s))
+            .and_then(|u| self.r.string(u, "timestamp_url", s))
             .and_then(|(text, span)| {
                 match crate::request_check::url(
                     &serde_json::Value::String(text.clone()),
@@ -181,7 +181,7 @@ impl Analyzer<'_> {
                 ) {
                     Ok(()) => Some(text),
                     Err(e) => {
-                        self.error(
+                        self.r.error(
                             Code::BadValue,
                             span,
                             e.replace("`url`", "`timestamp_url`"),
@@ -191,16 +191,16 @@ impl Analyzer<'_> {
                     }
                 }
             });
-        self.check_keys(t, EVIDENCE_KEYS, "`[evidence]`", s);
+        self.r.check_keys(t, EVIDENCE_KEYS, "`[evidence]`", s);
         for (re, span) in get(t, "redact")
-            .and_then(|f| self.string_list(f, "redact", s))
+            .and_then(|f| self.r.string_list(f, "redact", s))
             .unwrap_or_default()
         {
             match regex::bytes::Regex::new(&re) {
                 Ok(_) => redact.push(re),
                 Err(e) => {
                     let first = e.to_string().lines().last().unwrap_or("").trim().to_owned();
-                    self.error(
+                    self.r.error(
                         Code::BadValue,
                         span,
                         format!("`redact` pattern is not a valid regular expression: {first}"),
@@ -210,7 +210,7 @@ impl Analyzer<'_> {
             }
         }
         let facts = get(t, "facts")
-            .and_then(|f| self.string_list(f, "facts", s))
+            .and_then(|f| self.r.string_list(f, "facts", s))
             .unwrap_or_default()
             .into_iter()
             .map(|(f, _)| f)
@@ -218,76 +218,13 @@ impl Analyzer<'_> {
         (facts, redact, timestamp_url)
     }
 
-    /// `[notify]`: the webhook told how the run ended (sent by the CLI). It is used when a
-    /// run ends, maybe to report its failure, so a value that cannot work must be found now.
-    /// Errors point at the table, not the line: a webhook's path often holds a token, and the
-    /// URL itself is never printed.
+    /// `[notify]`: the webhook told how the run ended (sent by the CLI); see [`super::notify`].
     pub(super) fn notify(
         &mut self,
         v: &Value<'_>,
         s: &ShiftedSpans,
     ) -> Option<(serde_json::Value, Span)> {
-        use serde_json::Value as J;
-        let t = self.table(v, "notify", s)?;
-        self.check_keys(t, NOTIFY_KEYS, "`[notify]`", s);
-        let json = self.json(v, s)?;
-        let span = s.span(v.span());
-        let mut problems = Vec::new();
-        match json.get("url") {
-            None => problems.push("`url` is missing".to_owned()),
-            Some(J::String(url)) => {
-                if let Err(e) = crate::request_check::url(&json["url"], &["http", "https"]) {
-                    problems.push(e.replace(url.as_str(), "<webhook url>"));
-                }
-            }
-            Some(_) => problems.push("`url` must be a string".to_owned()),
-        }
-        match json.get("format") {
-            None => {}
-            Some(J::String(f)) if matches!(f.as_str(), "generic" | "slack") => {}
-            Some(_) => problems.push("`format` must be \"generic\" or \"slack\"".to_owned()),
-        }
-        match json.get("on") {
-            None => {}
-            Some(J::Array(whens))
-                if whens.iter().all(|w| {
-                    matches!(
-                        w.as_str(),
-                        Some("failure" | "success" | "rto_missed" | "always")
-                    )
-                }) => {}
-            Some(_) => problems.push(
-                "`on` must be a list of \"failure\", \"success\", \"rto_missed\", \"always\""
-                    .to_owned(),
-            ),
-        }
-        if let Some(h) = json.get("headers") {
-            if let Err(e) = crate::request_check::table_of_strings("headers", h) {
-                problems.push(e);
-            }
-        }
-        match json.get("timeout") {
-            None => {}
-            Some(J::String(d)) => match crate::duration::parse_duration(d) {
-                Ok(d) if d.is_zero() => problems.push("`timeout` must be more than zero".into()),
-                Ok(_) => {}
-                Err(e) => problems.push(format!("`timeout`: {e}")),
-            },
-            Some(_) => problems.push("`timeout` must be a duration like \"10s\"".to_owned()),
-        }
-        match json.get("retries") {
-            None => {}
-            Some(r) if r.as_u64().is_some_and(|n| u32::try_from(n).is_ok()) => {}
-            Some(_) => problems.push("`retries` must be a whole number, 0 or more".to_owned()),
-        }
-        for p in &problems {
-            self.push(
-                Diagnostic::error(Code::BadValue, format!("`[notify]`: {p}"))
-                    .at(&self.src, span.clone(), "in this table")
-                    .help("keys: url (http or https), format = \"generic\" | \"slack\", on = [\"failure\", \"success\", \"rto_missed\", \"always\"], headers, timeout, retries"),
-            );
-        }
-        problems.is_empty().then_some((json, span))
+        self.r.notify(v, s).map(|(_, json, span)| (json, span))
     }
 
     pub(super) fn defaults(
@@ -297,15 +234,16 @@ impl Analyzer<'_> {
         s: &ShiftedSpans,
     ) -> Defaults {
         let mut d = Defaults::builtin();
-        let Some(t) = self.table(v, "defaults", s) else {
+        let Some(t) = self.r.table(v, "defaults", s) else {
             return d;
         };
-        self.check_keys(t, DEFAULT_KEYS, "`[defaults]`", s);
+        self.r.check_keys(t, DEFAULT_KEYS, "`[defaults]`", s);
         if let Some(v) = get(t, "timeout") {
-            d.timeout = self.duration(v, "timeout", s);
+            d.timeout = self.r.duration(v, "timeout", s);
         }
         if let Some(v) = get(t, "kill_grace") {
             d.kill_grace = self
+                .r
                 .duration(v, "kill_grace", s)
                 .unwrap_or(DEFAULT_KILL_GRACE);
         }
@@ -331,17 +269,18 @@ impl Analyzer<'_> {
         let words: Vec<String> = match v.get_ref() {
             DeValue::String(text) => text.split_whitespace().map(String::from).collect(),
             DeValue::Array(_) => self
+                .r
                 .string_list(v, "shell", s)?
                 .into_iter()
                 .map(|(w, _)| w)
                 .collect(),
             _ => {
-                self.wrong_type(v, "shell", "a string like `bash -c`", s);
+                self.r.wrong_type(v, "shell", "a string like `bash -c`", s);
                 return None;
             }
         };
         if words.is_empty() || words.iter().any(|w| w.trim().is_empty()) {
-            self.error(
+            self.r.error(
                 Code::BadValue,
                 s.span(v.span()),
                 "`shell` is empty",
@@ -358,14 +297,14 @@ impl Analyzer<'_> {
         params: &[ParamSpec],
         s: &ShiftedSpans,
     ) -> Vec<(String, Template)> {
-        let Some(t) = self.table(v, "env", s) else {
+        let Some(t) = self.r.table(v, "env", s) else {
             return Vec::new();
         };
         let mut out = Vec::new();
         for (key, value) in t.iter() {
             let name = key.get_ref().to_string();
             if !crate::runbook::valid_env_name(&name) {
-                self.error(
+                self.r.error(
                     Code::BadValue,
                     s.span(key.span()),
                     format!(
@@ -393,14 +332,14 @@ impl Analyzer<'_> {
         let t = match v.get_ref() {
             // `retry = 3` is shorthand for `retry = { attempts = 3 }`.
             DeValue::Integer(_) => {
-                if let Some(n) = self.integer(v, "retry", s) {
+                if let Some(n) = self.r.integer(v, "retry", s) {
                     policy.attempts = self.attempts(n, s.span(v.span()));
                 }
                 return policy;
             }
             DeValue::Table(t) => t,
             _ => {
-                self.wrong_type(
+                self.r.wrong_type(
                     v,
                     "retry",
                     "a number of attempts (`retry = 3`) or a table like `{ attempts = 3, delay = \"2s\" }`",
@@ -409,32 +348,35 @@ impl Analyzer<'_> {
                 return policy;
             }
         };
-        self.check_keys(t, RETRY_KEYS, "`retry`", s);
+        self.r.check_keys(t, RETRY_KEYS, "`retry`", s);
         if let Some(v) = get(t, "attempts") {
-            if let Some(n) = self.integer(v, "attempts", s) {
+            if let Some(n) = self.r.integer(v, "attempts", s) {
                 policy.attempts = self.attempts(n, s.span(v.span()));
             }
         }
         if let Some(v) = get(t, "delay") {
-            policy.delay = self.duration(v, "delay", s).unwrap_or(policy.delay);
+            policy.delay = self.r.duration(v, "delay", s).unwrap_or(policy.delay);
         }
         if let Some(v) = get(t, "max_delay") {
-            policy.max_delay = self.duration(v, "max_delay", s).unwrap_or(policy.max_delay);
+            policy.max_delay = self
+                .r
+                .duration(v, "max_delay", s)
+                .unwrap_or(policy.max_delay);
         }
         if let Some(v) = get(t, "deadline") {
-            policy.deadline = self.duration(v, "deadline", s);
+            policy.deadline = self.r.duration(v, "deadline", s);
         }
         if let Some(v) = get(t, "jitter") {
             match v.get_ref() {
                 DeValue::Boolean(b) => policy.jitter = *b,
-                _ => self.wrong_type(v, "jitter", "`true` or `false`", s),
+                _ => self.r.wrong_type(v, "jitter", "`true` or `false`", s),
             }
         }
         let factor = match get(t, "factor") {
-            Some(fv) => match self.float(fv, "factor", s) {
+            Some(fv) => match self.r.float(fv, "factor", s) {
                 Some(f) if (1.0..=100.0).contains(&f) => Some(f),
                 Some(_) => {
-                    self.error(
+                    self.r.error(
                         Code::BadRetry,
                         s.span(fv.span()),
                         "`factor` must be between 1 and 100",
@@ -447,7 +389,7 @@ impl Analyzer<'_> {
             None => None,
         };
         if let Some(bv) = get(t, "backoff") {
-            if let Some((name, span)) = self.string(bv, "backoff", s) {
+            if let Some((name, span)) = self.r.string(bv, "backoff", s) {
                 match name.as_str() {
                     "fixed" => policy.backoff = Backoff::Fixed,
                     "exponential" => {
@@ -458,11 +400,11 @@ impl Analyzer<'_> {
                     other => {
                         let mut d =
                             Diagnostic::error(Code::BadRetry, format!("unknown backoff `{other}`"))
-                                .at(&self.src, span, "expected `fixed` or `exponential`");
+                                .at(&self.r.src, span, "expected `fixed` or `exponential`");
                         if let Some(near) = suggest(other, ["fixed", "exponential"]) {
                             d = d.help(format!("did you mean `{near}`?"));
                         }
-                        self.push(d);
+                        self.r.push(d);
                     }
                 }
             }
@@ -475,7 +417,7 @@ impl Analyzer<'_> {
         }
         if policy.max_delay < policy.delay {
             let span = get(t, "max_delay").map_or_else(|| s.span(v.span()), |v| s.span(v.span()));
-            self.error(
+            self.r.error(
                 Code::BadRetry,
                 span,
                 format!(
@@ -493,7 +435,7 @@ impl Analyzer<'_> {
         match u32::try_from(n) {
             Ok(n @ 1..=10_000) => n,
             _ => {
-                self.error(
+                self.r.error(
                     Code::BadRetry,
                     span,
                     format!("`attempts` must be between 1 and 10000, found {n}"),
@@ -510,19 +452,19 @@ impl Analyzer<'_> {
         params: &[ParamSpec],
         s: &ShiftedSpans,
     ) -> Option<DrillSpec> {
-        let t = self.table(v, "drill", s)?;
-        self.check_keys(t, DRILL_KEYS, "`[drill]`", s);
+        let t = self.r.table(v, "drill", s)?;
+        self.r.check_keys(t, DRILL_KEYS, "`[drill]`", s);
         let step_ref = |this: &mut Self, key: &str| {
             get(t, key)
-                .and_then(|v| this.string(v, key, s))
+                .and_then(|v| this.r.string(v, key, s))
                 .map(|(id, span)| Need {
                     id: StepId::new(&id),
                     span,
                 })
         };
         let spec = DrillSpec {
-            rto: get(t, "rto").and_then(|d| self.duration(d, "rto", s)),
-            rpo: get(t, "rpo").and_then(|d| self.duration(d, "rpo", s)),
+            rto: get(t, "rto").and_then(|d| self.r.duration(d, "rto", s)),
+            rpo: get(t, "rpo").and_then(|d| self.r.duration(d, "rpo", s)),
             clock_start: step_ref(self, "clock_start"),
             clock_stop: step_ref(self, "clock_stop"),
             restored_data_time: get(t, "restored_data_time").and_then(|e| {
@@ -530,7 +472,7 @@ impl Analyzer<'_> {
             }),
         };
         if spec.rto.is_none() && spec.rpo.is_none() {
-            self.error(
+            self.r.error(
                 Code::MissingKey,
                 s.span(v.span()),
                 "`[drill]` sets no objective",
@@ -538,7 +480,7 @@ impl Analyzer<'_> {
             );
         }
         if spec.rpo.is_some() && spec.restored_data_time.is_none() {
-            self.error(Code::MissingKey, s.span(v.span()), "`rpo` needs `restored_data_time`", "an expression giving the restored data's time, e.g. `steps[\"restore\"].outputs.snapshot_time`");
+            self.r.error(Code::MissingKey, s.span(v.span()), "`rpo` needs `restored_data_time`", "an expression giving the restored data's time, e.g. `steps[\"restore\"].outputs.snapshot_time`");
         }
         Some(spec)
     }

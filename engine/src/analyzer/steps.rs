@@ -33,13 +33,14 @@ impl Analyzer<'_> {
             DeValue::Array(a) => a,
             DeValue::Table(_) => {
                 let d = Diagnostic::error(Code::WrongType, "`steps` must be an array of tables")
-                    .at(&self.src, s.span(v.span()), "this is a single table")
+                    .at(&self.r.src, s.span(v.span()), "this is a single table")
                     .help("write each step as `[[steps]]` (double brackets), not `[steps]`");
-                self.push(d);
+                self.r.push(d);
                 return Vec::new();
             }
             _ => {
-                self.wrong_type(v, "steps", "an array of tables (`[[steps]]`)", s);
+                self.r
+                    .wrong_type(v, "steps", "an array of tables (`[[steps]]`)", s);
                 return Vec::new();
             }
         };
@@ -57,10 +58,10 @@ impl Analyzer<'_> {
                     format!("step id `{}` collides with `{first}`", step.id)
                 };
                 let d = Diagnostic::error(Code::DuplicateStep, message)
-                    .at(&self.src, step.id_span.clone(), "defined again here")
-                    .also(&self.src, first_span.clone(), "first defined here")
+                    .at(&self.r.src, step.id_span.clone(), "defined again here")
+                    .also(&self.r.src, first_span.clone(), "first defined here")
                     .note("ids are compared ignoring case and treating `-` and `_` alike");
-                self.push(d);
+                self.r.push(d);
                 continue;
             }
             seen.insert(norm, (step.id.clone(), step.id_span.clone()));
@@ -94,9 +95,9 @@ impl Analyzer<'_> {
             [] => {
                 let d =
                     Diagnostic::error(Code::StepAction, format!("step `{id}` has nothing to do"))
-                        .at(&self.src, id_span.clone(), "no action in this step")
+                        .at(&self.r.src, id_span.clone(), "no action in this step")
                         .help(step_kind::help_add_one());
-                self.push(d);
+                self.r.push(d);
                 None
             }
             [(key, v)] => match *key {
@@ -117,9 +118,9 @@ impl Analyzer<'_> {
                     Code::StepAction,
                     format!("step `{id}` has both `{first}` and `{second}`"),
                 )
-                .at(&self.src, s.span(v2.span()), "second action")
+                .at(&self.r.src, s.span(v2.span()), "second action")
                 .help("a step does one thing: split it into two steps");
-                self.push(d);
+                self.r.push(d);
                 None
             }
         }
@@ -133,7 +134,7 @@ impl Analyzer<'_> {
         s: &ShiftedSpans,
     ) -> Option<Action> {
         let DeValue::Array(items) = v.get_ref() else {
-            self.wrong_type(
+            self.r.wrong_type(
                 v,
                 "steps",
                 "an array of step tables (`steps = [ { id = \"…\", run = \"…\" }, … ]`)",
@@ -154,16 +155,16 @@ impl Analyzer<'_> {
                     Code::DuplicateStep,
                     format!("duplicate step id `{}` in the block", sub.id),
                 )
-                .at(&self.src, sub.id_span.clone(), "defined again here")
-                .also(&self.src, first.id_span.clone(), "first defined here");
-                self.push(d);
+                .at(&self.r.src, sub.id_span.clone(), "defined again here")
+                .also(&self.r.src, first.id_span.clone(), "first defined here");
+                self.r.push(d);
                 continue;
             }
             // A sub-step sees the sub-steps before it on the same host (`block.<id>`).
             for r in &sub.block_reads {
                 if !steps.iter().any(|earlier| earlier.id == r.id) {
                     let later = items.len() > steps.len() + 1;
-                    self.push(
+                    self.r.push(
                         Diagnostic::error(
                             Code::UnknownStepRef,
                             format!(
@@ -171,7 +172,11 @@ impl Analyzer<'_> {
                                 r.id, r.id
                             ),
                         )
-                        .at(&self.src, r.span.clone(), "not a sub-step before this one")
+                        .at(
+                            &self.r.src,
+                            r.span.clone(),
+                            "not a sub-step before this one",
+                        )
                         .help(if later {
                             "a sub-step sees only those before it in the block, on the same host"
                         } else {
@@ -183,7 +188,7 @@ impl Analyzer<'_> {
             steps.push(sub);
         }
         if steps.is_empty() && items.is_empty() {
-            self.error(
+            self.r.error(
                 Code::StepAction,
                 s.span(v.span()),
                 "the block has no steps",
@@ -204,8 +209,9 @@ impl Analyzer<'_> {
         s: &ShiftedSpans,
     ) -> Option<Action> {
         let spec = kind.spec();
-        let t = self.table(v, spec.key, s)?;
-        self.check_keys(t, spec.keys, &format!("`{}`", spec.key), s);
+        let t = self.r.table(v, spec.key, s)?;
+        self.r
+            .check_keys(t, spec.keys, &format!("`{}`", spec.key), s);
         let mut ok = true;
         // Literal values are judged now; templated ones when the step renders them.
         for (key, value) in t.iter() {
@@ -213,11 +219,11 @@ impl Analyzer<'_> {
             if !spec.keys.contains(&key) || holds_template(value) {
                 continue;
             }
-            let Some(json) = self.json(value, s) else {
+            let Some(json) = self.r.json(value, s) else {
                 continue;
             };
             if let Err(expected) = (spec.check)(key, &json) {
-                self.error(
+                self.r.error(
                     Code::BadValue,
                     s.span(value.span()),
                     format!("`{}` {expected}", spec.key),
@@ -228,7 +234,7 @@ impl Analyzer<'_> {
         }
         for required in spec.required {
             if get(t, required).is_none() {
-                self.error(
+                self.r.error(
                     Code::MissingKey,
                     s.span(v.span()),
                     format!("`{}` needs `{required}`", spec.key),
@@ -240,7 +246,8 @@ impl Analyzer<'_> {
         let present: Vec<&str> = t.iter().map(|(k, _)| k.get_ref().as_ref()).collect();
         if let Err(conflict) = (spec.combination)(&present) {
             let span = s.span(v.span());
-            self.error(Code::BadValue, span, conflict.message, conflict.label);
+            self.r
+                .error(Code::BadValue, span, conflict.message, conflict.label);
             ok = false;
         }
         let settings = self.spec(v, params, s)?;
@@ -271,18 +278,18 @@ impl Analyzer<'_> {
                     .filter_map(|(k, v)| Some((k.get_ref().to_string(), self.spec(v, params, s)?)))
                     .collect(),
             ),
-            _ => Spec::Value(self.json(v, s)?),
+            _ => Spec::Value(self.r.json(v, s)?),
         })
     }
 
     pub(super) fn budget(&mut self, v: &Value<'_>, key: &str, s: &ShiftedSpans) -> Option<Budget> {
         match v.get_ref() {
             DeValue::Integer(_) => {
-                let n = self.integer(v, key, s)?;
+                let n = self.r.integer(v, key, s)?;
                 match usize::try_from(n) {
                     Ok(n) => Some(Budget::Count(n)),
                     Err(_) => {
-                        self.error(
+                        self.r.error(
                             Code::BadValue,
                             s.span(v.span()),
                             format!("`{key}` cannot be negative"),
@@ -301,7 +308,7 @@ impl Analyzer<'_> {
                 match parsed {
                     Some(p) => Some(Budget::Percent(p)),
                     None => {
-                        self.error(
+                        self.r.error(
                             Code::BadValue,
                             s.span(v.span()),
                             format!("`{key} = \"{text}\"` is not a percentage"),
@@ -312,7 +319,8 @@ impl Analyzer<'_> {
                 }
             }
             _ => {
-                self.wrong_type(v, key, "a number of hosts or a percentage like \"25%\"", s);
+                self.r
+                    .wrong_type(v, key, "a number of hosts or a percentage like \"25%\"", s);
                 None
             }
         }
@@ -322,10 +330,10 @@ impl Analyzer<'_> {
     /// has one) is a duration; the value a run binds is checked by [`crate::params`].
     fn pause(&mut self, v: &Value<'_>, params: &[ParamSpec], s: &ShiftedSpans) -> Option<Pause> {
         let DeValue::String(text) = v.get_ref() else {
-            return self.duration(v, "pause", s).map(Pause::Fixed);
+            return self.r.duration(v, "pause", s).map(Pause::Fixed);
         };
         if !text.contains("{{") {
-            return self.duration(v, "pause", s).map(Pause::Fixed);
+            return self.r.duration(v, "pause", s).map(Pause::Fixed);
         }
         let name = text
             .trim()
@@ -334,7 +342,7 @@ impl Analyzer<'_> {
             .and_then(|t| t.trim().strip_prefix("params."))
             .filter(|n| is_identifier(n));
         let Some(name) = name else {
-            self.error(
+            self.r.error(
                 Code::BadDuration,
                 s.span(v.span()),
                 "`pause` is a duration or one parameter",
@@ -343,15 +351,16 @@ impl Analyzer<'_> {
             return None;
         };
         let Some(spec) = params.iter().find(|p| p.name == name) else {
-            let mut d = Diagnostic::error(
-                Code::UnknownParam,
-                format!("unknown parameter `{name}`"),
-            )
-            .at(&self.src, s.span(v.span()), "not declared under `[params]`");
+            let mut d =
+                Diagnostic::error(Code::UnknownParam, format!("unknown parameter `{name}`")).at(
+                    &self.r.src,
+                    s.span(v.span()),
+                    "not declared under `[params]`",
+                );
             if let Some(near) = suggest(name, params.iter().map(|p| p.name.as_str())) {
                 d = d.help(format!("did you mean `params.{near}`?"));
             }
-            self.push(d);
+            self.r.push(d);
             return None;
         };
         let default_ok = spec.default.as_ref().is_none_or(|d| {
@@ -366,11 +375,11 @@ impl Analyzer<'_> {
                 ),
             )
             .at(
-                &self.src,
+                &self.r.src,
                 spec.span.clone(),
                 "expected a duration such as \"30s\"",
             );
-            self.push(d);
+            self.r.push(d);
             return None;
         }
         Some(Pause::Param(name.to_owned()))
@@ -384,10 +393,10 @@ impl Analyzer<'_> {
         s: &ShiftedSpans,
     ) -> Strategy {
         let mut out = Strategy::default();
-        let Some(t) = self.table(v, "strategy", s) else {
+        let Some(t) = self.r.table(v, "strategy", s) else {
             return out;
         };
-        self.check_keys(t, STRATEGY_KEYS, "`strategy`", s);
+        self.r.check_keys(t, STRATEGY_KEYS, "`strategy`", s);
         if let Some(mv) = get(t, "max_failures") {
             if let Some(b) = self.budget(mv, "max_failures", s) {
                 out.max_failures = b;
@@ -395,9 +404,9 @@ impl Analyzer<'_> {
         }
         match (get(t, "parallel"), get(t, "rolling")) {
             (Some(pv), None) => {
-                let limit = self.integer(pv, "parallel", s).and_then(|n| {
+                let limit = self.r.integer(pv, "parallel", s).and_then(|n| {
                     if n < 1 {
-                        self.error(
+                        self.r.error(
                             Code::BadValue,
                             s.span(pv.span()),
                             "`parallel` must be at least 1",
@@ -410,7 +419,7 @@ impl Analyzer<'_> {
                 });
                 for key in ["pause", "gate", "gate_before_first"] {
                     if let Some(x) = get(t, key) {
-                        self.error(
+                        self.r.error(
                             Code::BadValue,
                             s.span(x.span()),
                             format!("`{key}` applies to `rolling`"),
@@ -432,7 +441,7 @@ impl Analyzer<'_> {
                         .collect::<Vec<_>>(),
                 };
                 if batches.contains(&Budget::Count(0)) {
-                    self.error(
+                    self.r.error(
                         Code::BadValue,
                         s.span(rv.span()),
                         "a rolling batch of 0 hosts",
@@ -448,14 +457,15 @@ impl Analyzer<'_> {
                         .step(g, defaults, params, s, true)
                         .map(|st| Gate::Step(Box::new(st))),
                     _ => {
-                        self.wrong_type(g, "gate", "a Rhai condition or a probe step table", s);
+                        self.r
+                            .wrong_type(g, "gate", "a Rhai condition or a probe step table", s);
                         None
                     }
                 });
                 let gate_before_first = get(t, "gate_before_first")
-                    .and_then(|g| self.boolean(t, "gate_before_first", s).map(|b| (g, b)));
+                    .and_then(|g| self.r.boolean(t, "gate_before_first", s).map(|b| (g, b)));
                 if let (Some((g, true)), None) = (gate_before_first, &gate) {
-                    self.error(
+                    self.r.error(
                         Code::BadValue,
                         s.span(g.span()),
                         "`gate_before_first` without a `gate`",
@@ -474,7 +484,7 @@ impl Analyzer<'_> {
                 };
             }
             (Some(_), Some(rv)) => {
-                self.error(
+                self.r.error(
                     Code::BadValue,
                     s.span(rv.span()),
                     "`strategy` has both `parallel` and `rolling`",
@@ -495,8 +505,8 @@ impl Analyzer<'_> {
         s: &ShiftedSpans,
         in_block: bool,
     ) -> Option<StepSpec> {
-        let t = self.table(v, "steps", s)?;
-        self.check_keys(
+        let t = self.r.table(v, "steps", s)?;
+        self.r.check_keys(
             t,
             step_keys(in_block),
             if in_block {
@@ -514,6 +524,7 @@ impl Analyzer<'_> {
         let settings = self.step_settings(t, defaults, params, s);
         let collect = match get(t, "collect") {
             Some(cv) => self
+                .r
                 .string_list(cv, "collect", s)
                 .unwrap_or_default()
                 .into_iter()
@@ -522,9 +533,9 @@ impl Analyzer<'_> {
             None => Vec::new(),
         };
         let plan = get(t, "plan").and_then(|pv| self.template(pv, "plan", params, s));
-        let sudo = self.boolean(t, "sudo", s).unwrap_or(false);
+        let sudo = self.r.boolean(t, "sudo", s).unwrap_or(false);
         if let (false, Some(bv)) = (sudo, get(t, "become_password")) {
-            self.error(
+            self.r.error(
                 Code::BadValue,
                 s.span(bv.span()),
                 "`become_password` on a step without `sudo = true`",
@@ -564,7 +575,7 @@ impl Analyzer<'_> {
         );
         if !in_block {
             for r in &block_reads {
-                self.error(
+                self.r.error(
                     Code::UnknownStepRef,
                     r.span.clone(),
                     format!(
@@ -597,8 +608,8 @@ impl Analyzer<'_> {
             strategy,
             sudo,
             become_password: if sudo { become_password } else { None },
-            pty: self.boolean(t, "pty", s).unwrap_or(false),
-            local: self.boolean(t, "local", s).unwrap_or(false),
+            pty: self.r.boolean(t, "pty", s).unwrap_or(false),
+            local: self.r.boolean(t, "local", s).unwrap_or(false),
             plan,
             run_on_cancel,
             approve,
@@ -610,10 +621,10 @@ impl Analyzer<'_> {
             before,
             after,
             refs,
-            title: self.opt_string(t, "title", s),
-            description: self.opt_string(t, "description", s),
-            phase: self.opt_string(t, "phase", s),
-            continue_on_failure: self.boolean(t, "continue_on_failure", s).unwrap_or(false),
+            title: self.r.opt_string(t, "title", s),
+            description: self.r.opt_string(t, "description", s),
+            phase: self.r.opt_string(t, "phase", s),
+            continue_on_failure: self.r.boolean(t, "continue_on_failure", s).unwrap_or(false),
             always,
             block_reads,
             id,
@@ -642,9 +653,9 @@ impl Analyzer<'_> {
     ) -> Option<(StepId, Span)> {
         match get(t, "id") {
             Some(iv) => {
-                let (id, span) = self.string(iv, "id", s)?;
+                let (id, span) = self.r.string(iv, "id", s)?;
                 if !StepId::is_valid(&id) {
-                    self.error(
+                    self.r.error(
                         Code::BadId,
                         span.clone(),
                         format!("step id `{}` is not valid", id.escape_debug()),
@@ -656,8 +667,8 @@ impl Analyzer<'_> {
             }
             None => {
                 let span = s.span(v.span());
-                let span = span.start..(span.start + 1).min(self.src.text().len());
-                self.error(
+                let span = span.start..(span.start + 1).min(self.r.src.text().len());
+                self.r.error(
                     Code::MissingKey,
                     span,
                     "step has no `id`",
@@ -671,6 +682,7 @@ impl Analyzer<'_> {
     fn needs(&mut self, t: &DeTable<'_>, s: &ShiftedSpans) -> Vec<Need> {
         match get(t, "needs") {
             Some(nv) => self
+                .r
                 .string_list(nv, "needs", s)
                 .unwrap_or_default()
                 .into_iter()
@@ -696,11 +708,11 @@ impl Analyzer<'_> {
         let after = expr("after", Context::Result, true);
         let mut outputs = Vec::new();
         if let Some(ov) = get(t, "outputs") {
-            if let Some(ot) = self.table(ov, "outputs", s) {
+            if let Some(ot) = self.r.table(ov, "outputs", s) {
                 for (key, value) in ot.iter() {
                     let name = key.get_ref().to_string();
                     if !is_identifier(&name) {
-                        self.error(
+                        self.r.error(
                             Code::BadId,
                             s.span(key.span()),
                             format!("output name `{name}` is not an identifier"),
@@ -733,11 +745,11 @@ impl Analyzer<'_> {
 
     fn capture(&mut self, t: &DeTable<'_>, s: &ShiftedSpans) -> Capture {
         match get(t, "capture") {
-            Some(cv) => match self.string(cv, "capture", s) {
+            Some(cv) => match self.r.string(cv, "capture", s) {
                 Some((c, _)) if c == "text" => Capture::Text,
                 Some((c, _)) if c == "json" => Capture::Json,
                 Some((c, span)) => {
-                    self.error(
+                    self.r.error(
                         Code::BadValue,
                         span,
                         format!("unknown capture `{c}`"),
@@ -775,11 +787,12 @@ impl Analyzer<'_> {
             None => defaults.shell.clone(),
         };
         let timeout = match get(t, "timeout") {
-            Some(tv) => self.duration(tv, "timeout", s),
+            Some(tv) => self.r.duration(tv, "timeout", s),
             None => defaults.timeout,
         };
         let kill_grace = match get(t, "kill_grace") {
             Some(kv) => self
+                .r
                 .duration(kv, "kill_grace", s)
                 .unwrap_or(defaults.kill_grace),
             None => defaults.kill_grace,
@@ -817,13 +830,13 @@ impl Analyzer<'_> {
         let span = s.span(v.span());
         if tpl.is_literal() {
             // No snippet: the line may hold the password.
-            let lc = self.src.line_col(span.start);
-            self.push(
+            let lc = self.r.src.line_col(span.start);
+            self.r.push(
                 Diagnostic::error(
                     Code::BadValue,
                     format!(
                         "{}:{}:{}: `become_password` is written in the runbook",
-                        self.src.path().display(),
+                        self.r.src.path().display(),
                         lc.line,
                         lc.column
                     ),
@@ -838,12 +851,12 @@ impl Analyzer<'_> {
                 .any(|(name, _)| params.iter().any(|p| p.secret && p.name == *name))
         });
         if !secret_read {
-            self.push(
+            self.r.push(
                 Diagnostic::warning(
                     Code::BadValue,
                     "`become_password` reads no secret param, so the password is not redacted where it appears",
                 )
-                .at(&self.src, span, "not a `secret = true` param")
+                .at(&self.r.src, span, "not a `secret = true` param")
                 .help("declare the param with `secret = true`"),
             );
         }
@@ -852,11 +865,11 @@ impl Analyzer<'_> {
 
     /// `run_on_cancel` and `always`; the first needs the second.
     fn cancel_flags(&mut self, t: &DeTable<'_>, s: &ShiftedSpans) -> (bool, bool) {
-        let run_on_cancel = self.boolean(t, "run_on_cancel", s).unwrap_or(false);
-        let always = self.boolean(t, "always", s).unwrap_or(false);
+        let run_on_cancel = self.r.boolean(t, "run_on_cancel", s).unwrap_or(false);
+        let always = self.r.boolean(t, "always", s).unwrap_or(false);
         if run_on_cancel && !always {
             if let Some(v) = get(t, "run_on_cancel") {
-                self.error(
+                self.r.error(
                     Code::BadValue,
                     s.span(v.span()),
                     "`run_on_cancel` needs `always = true`",
@@ -868,10 +881,10 @@ impl Analyzer<'_> {
     }
 
     fn approve(&mut self, t: &DeTable<'_>, s: &ShiftedSpans) -> Option<String> {
-        let approve = self.opt_string(t, "approve", s);
+        let approve = self.r.opt_string(t, "approve", s);
         if approve.as_deref().is_some_and(|a| a.trim().is_empty()) {
             if let Some(av) = get(t, "approve") {
-                self.error(
+                self.r.error(
                     Code::BadValue,
                     s.span(av.span()),
                     "`approve` is empty",
@@ -884,11 +897,11 @@ impl Analyzer<'_> {
 
     fn on(&mut self, t: &DeTable<'_>, s: &ShiftedSpans) -> Option<(Selector, Span)> {
         let ov = get(t, "on")?;
-        let (text, span) = self.string(ov, "on", s)?;
+        let (text, span) = self.r.string(ov, "on", s)?;
         match Selector::parse(&text) {
             Ok(sel) => Some((sel, span)),
             Err(e) => {
-                self.error(
+                self.r.error(
                     Code::UnknownTarget,
                     span,
                     format!("`on` does not parse: {e}"),
@@ -909,7 +922,7 @@ impl Analyzer<'_> {
         s: &ShiftedSpans,
     ) {
         if let Some(sv) = get(t, "strategy") {
-            self.error(
+            self.r.error(
                 Code::BadValue,
                 s.span(sv.span()),
                 "`strategy` needs `on`",
@@ -917,7 +930,7 @@ impl Analyzer<'_> {
             );
         }
         if let Some(Action::Block { .. }) = action {
-            self.error(
+            self.r.error(
                 Code::StepAction,
                 id_span.clone(),
                 format!("step `{id}` has a block of `steps` but no `on`"),
@@ -948,9 +961,9 @@ impl Analyzer<'_> {
                     Code::BadValue,
                     "`output.json` is only set when the step has `capture = \"json\"`",
                 )
-                .at(&self.src, here, "needs `capture = \"json\"`")
+                .at(&self.r.src, here, "needs `capture = \"json\"`")
                 .help("add `capture = \"json\"` to the step (stdout must then be JSON), or read `output.stdout`");
-                self.push(d);
+                self.r.push(d);
             }
         }
     }

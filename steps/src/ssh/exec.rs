@@ -20,6 +20,7 @@ use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
 use runbook_engine::event::Stream;
+use runbook_engine::retry::RetryPolicy;
 use runbook_engine::runner::{BecomePassword, OutputSink};
 
 use super::connect::russh_error;
@@ -33,7 +34,14 @@ const REAPER_WAIT: Duration = Duration::from_secs(10);
 /// slot only on its next main-loop pass, so right after many channels closed at once an open
 /// can be refused although we stay under `MaxSessions`.
 const OPEN_ATTEMPTS: u32 = 20;
-const OPEN_BACKOFF: Duration = Duration::from_millis(50);
+/// 50 ms doubling, at most 1 s, between tries to open a channel the server refused (its
+/// sessions are all taken until one ends).
+const OPEN_BACKOFF: RetryPolicy = runbook_engine::backoff::doubling(
+    OPEN_ATTEMPTS,
+    Duration::from_millis(50),
+    Duration::from_secs(1),
+    false,
+);
 
 /// An open session channel, holding its share of the connection's session limit.
 pub(crate) struct Session {
@@ -110,7 +118,8 @@ async fn open_channel(
         match opened {
             Ok(channel) => return Ok(channel),
             Err(russh::Error::ChannelOpenFailure(_)) if attempt < OPEN_ATTEMPTS => {
-                tokio::time::sleep(OPEN_BACKOFF * attempt).await;
+                tokio::time::sleep(runbook_engine::backoff::delay(&OPEN_BACKOFF, attempt + 1))
+                    .await;
                 attempt += 1;
             }
             Err(e) => return Err(russh_error(host, "opening a session channel", e)),

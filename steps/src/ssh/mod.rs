@@ -22,6 +22,7 @@ use bytes::Bytes;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use runbook_engine::retry::RetryPolicy;
 use runbook_engine::runner::{BecomePassword, OutputSink};
 
 pub use connect::{key_is_encrypted, passphrase_opens};
@@ -586,15 +587,16 @@ fn dropped_before_auth(e: &SshError) -> bool {
     }
 }
 
-/// 50 ms doubling, at most 1.6 s, each with ±50 % jitter so that connections the server
-/// dropped together do not come back together.
+/// 150 ms doubling, at most 2.4 s, each spread over its lower half (the engine's jitter) so
+/// that connections the server dropped together do not come back together.
 fn handshake_backoff(tries: u32) -> Duration {
-    use std::hash::{BuildHasher, Hasher};
-    let base = 50u64 << tries.min(5);
-    let random = std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish();
-    Duration::from_millis(base / 2 + random % base.max(1))
+    const POLICY: RetryPolicy = runbook_engine::backoff::doubling(
+        HANDSHAKE_ATTEMPTS,
+        Duration::from_millis(150),
+        Duration::from_millis(2400),
+        true,
+    );
+    runbook_engine::backoff::delay(&POLICY, tries + 1)
 }
 
 fn max_startups_hint(e: SshError, tries: u32) -> SshError {
