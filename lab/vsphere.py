@@ -28,8 +28,8 @@ powered-on VM is on the host (without DRS vCenter waits for them to be moved), a
 change in `vsphere.json` (`history`).
 
 `up(lab_dir, lab, env_file)` is what lab.py calls; `serve` is the daemon; `down` in lab.py kills
-it by its `vsphere_pid`. Live sessions are counted in `vsphere-sessions.json` (tests check that a
-run logs out).
+it by its `vsphere_pid`. Live sessions are counted in `vsphere-sessions.json`, with every token
+issued (tests check that a run logs out and that its bundle holds no token).
 """
 
 import base64
@@ -78,11 +78,13 @@ def power(n):
 
 def handler(lab_mod, lab_dir, pve):
     sessions = {}
+    issued = []
     lock = threading.Lock()
 
     def record_sessions():
+        # For the tests: how many are open, and every token issued (a bundle must hold none).
         with open(os.path.join(lab_dir, "vsphere-sessions.json.tmp"), "w") as f:
-            json.dump({"open": len(sessions)}, f)
+            json.dump({"open": len(sessions), "issued": issued}, f)
         os.replace(os.path.join(lab_dir, "vsphere-sessions.json.tmp"), os.path.join(lab_dir, "vsphere-sessions.json"))
 
     record_sessions()
@@ -132,6 +134,7 @@ def handler(lab_mod, lab_dir, pve):
                     return self.error(401, "UNAUTHENTICATED", "Authentication required.")
                 token = uuid.uuid4().hex
                 with lock:
+                    issued.append(token)
                     sessions[token] = {"user": conf["user"], "created_time": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())}
                     record_sessions()
                 return self.reply(201, token)
