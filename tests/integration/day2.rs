@@ -459,7 +459,35 @@ fn hypervisor_maintenance_refuses_two_servers_on_a_host_then_empties_and_refills
         0,
         "the refused run left a vCenter session open"
     );
+    assert_no_credential(&refused.bundle());
     assert_bundle_verifies(&refused.bundle());
+    // A target vCenter does not know is refused before anything is drained.
+    let unknown = lab.run(
+        "hypervisor-maintenance.toml",
+        &[
+            "--set",
+            "hypervisor=vsphere",
+            "--set",
+            "esx_host=esx3",
+            "--set",
+            "target_host=esx9",
+        ],
+        &[],
+    );
+    unknown.assert_code(1);
+    assert_eq!(unknown.status_of("drain"), "skipped");
+    assert!(
+        unknown
+            .stderr()
+            .contains("vCenter has no ESXi host named esx9"),
+        "{}",
+        unknown.stderr()
+    );
+    assert_eq!(
+        open_sessions(),
+        0,
+        "a refused run left a vCenter session open"
+    );
 
     // esx1 with one server and one agent: drained, vMotioned to esx3 (still running: the same
     // boot), the host entered and left maintenance mode in the handover (possible only once no
