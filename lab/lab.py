@@ -28,6 +28,7 @@ import time
 import urllib.parse
 
 import s3  # lab/s3.py, beside this file
+import vsphere  # lab/vsphere.py: the vCenter view of the same VMs
 
 HERE = os.path.dirname(os.path.realpath(__file__))
 MARKER = ".rke2-lab"
@@ -853,6 +854,9 @@ export RKE2_TERRAFORM_DIR="{tf_dir}"
     # The lab's S3 (lab/s3.py): started here, its env lines appended to env.sh.
     s3.up(lab_dir, lab, env)
     save(lab_dir, lab)
+    # The lab's vCenter (lab/vsphere.py): the same VMs through the vSphere REST API.
+    vsphere.up(lab_dir, lab, env)
+    save(lab_dir, lab)
     os.makedirs(os.path.join(lab_dir, "operator"), exist_ok=True)
     with open(os.path.join(lab_dir, "updates.json"), "w") as f:
         json.dump(UPDATES, f, indent=1)
@@ -933,7 +937,7 @@ def cmd_down(a):
         lab = load(lab_dir)
     except (OSError, ValueError):
         lab = {"nodes": []}
-    for key in ("lb_pid", "pve_pid", "lab_lb_pid", "s3_pid"):
+    for key in ("lb_pid", "pve_pid", "lab_lb_pid", "s3_pid", "vsphere_pid"):
         pid = lab.get(key)
         if pid and alive(pid):
             os.killpg(pid, signal.SIGKILL)

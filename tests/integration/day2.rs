@@ -310,7 +310,9 @@ fn pve_host_of(lab: &Lab, vm: &str) -> String {
 /// Hypervisor maintenance on the lab's Proxmox API: a host holding two servers is refused
 /// before anything changes; a host with one server and one agent is emptied by draining and
 /// live-migrating both, the run waits at the approve gate for the host maintenance, then brings
-/// them back and uncordons them, quorum kept throughout.
+/// them back and uncordons them, quorum kept throughout. Then the vSphere path on the same lab
+/// (its vCenter): the same refusal, vMotion away and back around a `maintenance_command`
+/// handover, and the guest-shutdown path (`migrate=false`); every vCenter session is closed.
 #[test]
 fn hypervisor_maintenance_refuses_two_servers_on_a_host_then_empties_and_refills_one() {
     let Some(lab) = Lab::up("127.0.193") else {
@@ -384,6 +386,208 @@ fn hypervisor_maintenance_refuses_two_servers_on_a_host_then_empties_and_refills
     let token = lab.var("PROXMOX_TOKEN");
     crate::common::assert_bundle_lacks(&done.bundle(), &[&token]);
     assert_bundle_verifies(&done.bundle());
+
+    // The same lab through its vCenter (lab/vsphere.py: ESXi host esxN is Proxmox host pveN, one
+    // placement for both APIs). Refused first: esx1 holds two servers; nothing is drained and
+    // the API session is closed all the same.
+    let password = lab.var("VSPHERE_PASSWORD");
+    let sessions = || -> serde_json::Value {
+        let path = lab.labdir().join("vsphere-sessions.json");
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("vsphere-sessions.json"))
+            .expect("vsphere-sessions.json")
+    };
+    let open_sessions = || sessions()["open"].as_u64().expect("open");
+    // Neither the password nor any session token the lab's vCenter issued is in a bundle.
+    let assert_no_credential = |bundle: &std::path::Path| {
+        let issued: Vec<String> = sessions()["issued"]
+            .as_array()
+            .expect("issued")
+            .iter()
+            .map(|t| t.as_str().expect("token").to_owned())
+            .collect();
+        assert!(!issued.is_empty(), "no vCenter session was opened");
+        let mut needles: Vec<&str> = issued.iter().map(String::as_str).collect();
+        needles.push(&password);
+        crate::common::assert_bundle_lacks(bundle, &needles);
+    };
+    let maintenance_history = || -> serde_json::Value {
+        let path = lab.labdir().join("vsphere.json");
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).expect("vsphere.json"))
+                .expect("vsphere.json");
+        v["history"].clone()
+    };
+    // The handover as an operator's `govc host.maintenance.enter …; …; exit`: the lab refuses to
+    // enter maintenance mode while a powered-on VM is on the host.
+    let vsphere_py = crate::lab_harness::repo().join("lab").join("vsphere.py");
+    let handover = |esx: &str| {
+        let m = |what: &str| {
+            format!(
+                "python3 {} maintenance --dir {} {what} {esx}",
+                vsphere_py.display(),
+                lab.labdir().display()
+            )
+        };
+        format!("maintenance_command={} && {}", m("enter"), m("exit"))
+    };
+    let boot = |n: &str| node_field(&lab, n, "{.status.nodeInfo.bootID}");
+
+    let out = lab_cmd(
+        &lab.labdir(),
+        &["fault", "rke2-server-2", "place", "--host", "pve1"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let vmotion = [
+        "--set",
+        "hypervisor=vsphere",
+        "--set",
+        "esx_host=esx1",
+        "--set",
+        "target_host=esx3",
+    ];
+    let refused = lab.run("hypervisor-maintenance.toml", &vmotion, &[]);
+    refused.assert_code(1);
+    assert_eq!(refused.status_of("assess"), "failed");
+    assert_eq!(refused.status_of("drain"), "skipped");
+    assert_eq!(refused.status_of("vsphere-logout"), "succeeded");
+    assert!(
+        refused.stderr().contains("esx1 holds 2 RKE2 servers"),
+        "{}",
+        refused.stderr()
+    );
+    for (name, status, _) in nodes(&lab) {
+        assert_eq!(status, "Ready", "{name} touched by a refused run");
+    }
+    assert_eq!(
+        open_sessions(),
+        0,
+        "the refused run left a vCenter session open"
+    );
+    assert_no_credential(&refused.bundle());
+    assert_bundle_verifies(&refused.bundle());
+    // A target vCenter does not know is refused before anything is drained.
+    let unknown = lab.run(
+        "hypervisor-maintenance.toml",
+        &[
+            "--set",
+            "hypervisor=vsphere",
+            "--set",
+            "esx_host=esx3",
+            "--set",
+            "target_host=esx9",
+        ],
+        &[],
+    );
+    unknown.assert_code(1);
+    assert_eq!(unknown.status_of("drain"), "skipped");
+    assert!(
+        unknown
+            .stderr()
+            .contains("vCenter has no ESXi host named esx9"),
+        "{}",
+        unknown.stderr()
+    );
+    assert_eq!(
+        open_sessions(),
+        0,
+        "a refused run left a vCenter session open"
+    );
+
+    // esx1 with one server and one agent: drained, vMotioned to esx3 (still running: the same
+    // boot), the host entered and left maintenance mode in the handover (possible only once no
+    // powered-on VM is left on it), vMotioned back, uncordoned.
+    let out = lab_cmd(
+        &lab.labdir(),
+        &["fault", "rke2-server-2", "place", "--host", "pve2"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let boots: Vec<String> = ["rke2-server-1", "rke2-agent-1"]
+        .iter()
+        .map(|n| boot(n))
+        .collect();
+    let command = handover("esx1");
+    let args: Vec<&str> = vmotion.iter().copied().chain(["--set", &command]).collect();
+    let moved = lab.run("hypervisor-maintenance.toml", &args, &[]);
+    moved.assert_code(0);
+    for s in [
+        "move-away",
+        "esx-host-empty",
+        "host-maintenance-command",
+        "esx-back",
+        "verify",
+    ] {
+        assert_eq!(moved.status_of(s), "succeeded", "{s}");
+    }
+    assert_eq!(moved.status_of("host-maintenance"), "skipped");
+    for (i, vm) in ["rke2-server-1", "rke2-agent-1"].iter().enumerate() {
+        assert_eq!(pve_host_of(&lab, vm), "pve1", "{vm} not back");
+        assert_eq!(
+            boot(vm),
+            boots[i],
+            "{vm} was restarted: vMotion moves a running VM"
+        );
+    }
+    for (name, status, _) in nodes(&lab) {
+        assert_eq!(status, "Ready", "{name}");
+    }
+    assert_eq!(
+        maintenance_history(),
+        serde_json::json!([["enter", "esx1"], ["exit", "esx1"]])
+    );
+    assert_eq!(open_sessions(), 0, "a vCenter session left open");
+    assert_no_credential(&moved.bundle());
+    assert_bundle_verifies(&moved.bundle());
+
+    // migrate=false on esx2 (rke2-server-2, rke2-agent-2): guest shutdown, POWERED_OFF, the
+    // handover, power-on; the nodes come back from a new boot.
+    let boots: Vec<String> = ["rke2-server-2", "rke2-agent-2"]
+        .iter()
+        .map(|n| boot(n))
+        .collect();
+    let command = handover("esx2");
+    let shut = lab.run(
+        "hypervisor-maintenance.toml",
+        &[
+            "--set",
+            "hypervisor=vsphere",
+            "--set",
+            "esx_host=esx2",
+            "--set",
+            "migrate=false",
+            "--set",
+            &command,
+        ],
+        &[],
+    );
+    shut.assert_code(0);
+    for s in [
+        "move-away-wait",
+        "esx-host-empty",
+        "bring-back",
+        "esx-back",
+        "verify",
+    ] {
+        assert_eq!(shut.status_of(s), "succeeded", "{s}");
+    }
+    for (i, vm) in ["rke2-server-2", "rke2-agent-2"].iter().enumerate() {
+        assert_eq!(pve_host_of(&lab, vm), "pve2", "{vm}");
+        assert_ne!(boot(vm), boots[i], "{vm} was not shut down and powered on");
+    }
+    for (name, status, _) in nodes(&lab) {
+        assert_eq!(status, "Ready", "{name}");
+    }
+    assert_eq!(
+        maintenance_history(),
+        serde_json::json!([
+            ["enter", "esx1"],
+            ["exit", "esx1"],
+            ["enter", "esx2"],
+            ["exit", "esx2"]
+        ])
+    );
+    assert_eq!(open_sessions(), 0, "a vCenter session left open");
+    assert_no_credential(&shut.bundle());
+    assert_bundle_verifies(&shut.bundle());
 }
 
 /// `etcdctl member list` on a lab server, as (name, status) of every member; the etcdctl the
