@@ -114,10 +114,11 @@ def daemon_start(u, block=True):
     unless `--no-block` (a boot: systemd starts the enabled units without anyone waiting)."""
     if daemon_pid(u):
         return 0
-    try:
-        os.remove(state_path(u + ".ready"))
-    except OSError:
-        pass
+    for stale in (".ready", ".failed"):
+        try:
+            os.remove(state_path(u + stale))
+        except OSError:
+            pass
     logf = open(state_path(u + ".log"), "ab")
     # systemd starts units with its own clean environment, never the caller's (nor its
     # RUNBOOK_EXEC_ID, by which runbook finds and stops what a command started).
@@ -133,8 +134,9 @@ def daemon_start(u, block=True):
     while time.time() < end:
         if os.path.exists(state_path(u + ".ready")):
             return 0
-        if p.poll() is not None:
-            tail = open(state_path(u + ".log"), errors="replace").read().splitlines()[-3:]
+        if p.poll() is not None or os.path.exists(state_path(u + ".failed")):
+            tail = [ln for ln in open(state_path(u + ".log"), errors="replace").read().splitlines()
+                    if "scheduled restart" not in ln][-3:]
             sys.stderr.write(f"Job for {u}.service failed because the control process exited with error code.\n"
                              f"See \"systemctl status {u}.service\" and \"journalctl -xeu {u}.service\" for details.\n")
             for line in tail:
@@ -162,10 +164,11 @@ def daemon_stop(u):
             os.killpg(pid, signal.SIGKILL)
         except OSError:
             pass
-    try:
-        os.remove(state_path(u + ".ready"))
-    except OSError:
-        pass
+    for stale in (".ready", ".failed"):
+        try:
+            os.remove(state_path(u + stale))
+        except OSError:
+            pass
 
 
 def systemctl(args):
@@ -189,7 +192,12 @@ def systemctl(args):
         for u in names:
             if verb == "is-active":
                 if u in DAEMONS:
-                    s = "active" if unit_known(u) and daemon_pid(u) else "inactive"
+                    if not (unit_known(u) and daemon_pid(u)):
+                        s = "inactive"
+                    elif os.path.exists(state_path(u + ".failed")):
+                        s = "activating"  # waiting for its automatic restart
+                    else:
+                        s = "active"
                 else:
                     s = "active" if unit_known(u) and units().get(u, {}).get("active") else "inactive"
                 ok = s == "active"

@@ -561,11 +561,34 @@ def seed_cluster(store, cfg):
     store.etcd.put("/lab/cluster/service-routing", "true" if routing else "false")
 
 
+# rke2-server.service and rke2-agent.service have Restart=always and RestartSec=5s: a server whose
+# join failed (etcd refused the member add while the last joiner was still settling) is started
+# again by systemd and joins then. The failed start is marked so that `systemctl start` reports it
+# at once, as systemd's start job does, while the restart waits.
+RESTART_SEC = 5
+
+
 if __name__ == "__main__":
     kind = sys.argv[1]
     os.makedirs(NODE_STATE, exist_ok=True)
+    failed_marker = os.path.join(NODE_STATE, f"rke2-{kind}.failed")
+    code = 0
     try:
         Service(kind).run()
     except LabError as e:
         log("level=fatal msg=" + json.dumps(str(e)))
-        sys.exit(1)
+        code = 1
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    if code:
+        with open(failed_marker, "w") as f:
+            f.write(str(code))
+        log(f"{kind}: main process exited, status={code}; scheduled restart in {RESTART_SEC}s (Restart=always)")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        time.sleep(RESTART_SEC)
+        try:
+            os.remove(failed_marker)
+        except OSError:
+            pass
+        os.execv(sys.executable, [sys.executable] + sys.argv)

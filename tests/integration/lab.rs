@@ -159,8 +159,44 @@ fn deploy_from_nothing_rerun_and_downgrade_refused_then_dr_restore_from_s3_with_
         assert_eq!(v, version, "{name} was changed");
     }
 
-    // DR restore from S3 onto a set where servers[0] is lost and no node has the file.
+    // The rke2 units restart on failure (Restart=always, RestartSec=5s), as RKE2's own units do:
+    // an agent started with a wrong token fails its start job, waits, and once the token is
+    // right again it joins without anyone starting it.
     let ok = |o: Output| assert!(o.status.success(), "{}", text(&o.stderr));
+    let cfg_path = "/etc/rancher/rke2/config.yaml";
+    let cfg = text(&lab.exec("rke2-agent-1", &["cat", cfg_path]).stdout);
+    let wrong = cfg.replace(&token, "K10wrong::server:0000");
+    assert_ne!(wrong, cfg, "the agent's config holds the token");
+    let write = |body: &str| {
+        ok(lab.exec(
+            "rke2-agent-1",
+            &["sh", "-c", &format!("cat > {cfg_path} <<'EOF'\n{body}EOF")],
+        ));
+    };
+    write(&wrong);
+    let restart = lab.exec("rke2-agent-1", &["systemctl", "restart", "rke2-agent"]);
+    assert!(
+        !restart.status.success(),
+        "a wrong token must fail the start"
+    );
+    assert!(
+        text(&restart.stderr).contains("Job for rke2-agent.service failed"),
+        "{}",
+        text(&restart.stderr)
+    );
+    let state = lab.exec("rke2-agent-1", &["systemctl", "is-active", "rke2-agent"]);
+    assert_eq!(text(&state.stdout).trim(), "activating");
+    write(&cfg);
+    ok(lab.kubectl(&[
+        "wait",
+        "--for=condition=Ready",
+        "node/rke2-agent-1",
+        "--timeout=60s",
+    ]));
+    let state = lab.exec("rke2-agent-1", &["systemctl", "is-active", "rke2-agent"]);
+    assert_eq!(text(&state.stdout).trim(), "active");
+
+    // DR restore from S3 onto a set where servers[0] is lost and no node has the file.
     ok(lab.kubectl(&["create", "namespace", "before-snapshot"]));
     // The snapshot is taken on rke2-server-2 and uploaded to S3 (etcd-s3 in config.yaml).
     ok(lab.exec(
@@ -197,7 +233,6 @@ fn deploy_from_nothing_rerun_and_downgrade_refused_then_dr_restore_from_s3_with_
     // servers[0] is gone for good.
     ok(lab_cmd(&lab.labdir(), &["fault", "rke2-server-1", "lose"]));
 
-    let token = lab.var("RKE2_TOKEN");
     let snapshot = format!("snapshot={snap}");
     let args = [
         "--set",
