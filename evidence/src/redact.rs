@@ -779,6 +779,55 @@ mod tests {
         }
     }
 
+    /// The one pass (`ByteRedactor::may_match`): output without a candidate (a base64 dump of
+    /// zeros, as `bench/capture.sh` prints) takes the fast path, and a secret, its base64 form
+    /// wrapped over lines, or a shape placed at every offset of a chunk in such output is still
+    /// redacted, in both modes, as redacting the whole stream does.
+    #[test]
+    fn a_secret_at_every_chunk_offset_is_caught_with_the_one_pass_on() {
+        let secret = "capture-secret-value-0123456789";
+        let r = ByteRedactor::new(&[("token".into(), secret.into())]);
+        let filler = wrapped_base64(&[0u8; 3000], 76);
+        assert!(
+            !r.may_match(filler.as_bytes()),
+            "the filler takes the fast path"
+        );
+        assert!(r.may_match(secret.as_bytes()));
+        const CHUNK: usize = 97;
+        for k in 0..CHUNK {
+            let mut raw = vec![0u8; 1000 + k];
+            raw.extend_from_slice(format!("admin:{secret}").as_bytes());
+            raw.extend_from_slice(&[0u8; 1000]);
+            let cases = [
+                format!("{}{secret}\n{filler}", &filler[..1500 + k]),
+                format!(
+                    "{}Authorization: Bearer abcdefgh12345\n{filler}",
+                    &filler[..1500 + k]
+                ),
+                format!("{filler}{}", wrapped_base64(&raw, 76)),
+            ];
+            for (n, data) in cases.iter().enumerate() {
+                let want = r.redact(data.as_bytes());
+                assert!(
+                    String::from_utf8_lossy(&want).contains("[REDACTED:"),
+                    "case {n}, offset {k}"
+                );
+                for size in [CHUNK, 4096] {
+                    for (mode, got) in [
+                        ("lines", lines_stream(&r, data.as_bytes(), size)),
+                        ("whole", whole_stream(&r, data.as_bytes(), size)),
+                    ] {
+                        assert!(
+                            got == want,
+                            "case {n}, offset {k}, chunks of {size}, {mode}:\n{}",
+                            String::from_utf8_lossy(&got)
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     /// Wrapped base64 forms (76 and 64 columns, CRLF too) are found whatever the chunks, and
     /// complete lines that cannot be part of one go out at once.
     #[test]
