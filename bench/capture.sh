@@ -83,16 +83,20 @@ median() { sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
 BYTES="$(sh -c "$PRODUCER" | wc -c)"
 log "capture: $BYTES bytes of base64 per run, $RUNS run(s) per tool, tools: $TOOLS"
 
-declare -A WALL CPU RSS
-for tool in $TOOLS; do
-  rows=()
-  for ((i = 0; i < RUNS; i++)); do
-    rows+=("$(run_once "$tool")")
-    log "  $tool run $((i + 1)): ${rows[-1]}"
+# Round robin: run i of every tool, then run i + 1 of every tool, so that a change in the
+# machine's load during the benchmark falls on all tools alike (before/after figures above all).
+declare -A WALL CPU RSS ROWS
+for ((i = 0; i < RUNS; i++)); do
+  for tool in $TOOLS; do
+    row="$(run_once "$tool")"
+    ROWS[$tool]+="$row"$'\n'
+    log "  $tool run $((i + 1)): $row"
   done
-  WALL[$tool]="$(printf '%s\n' "${rows[@]}" | awk '{ print $1 }' | median)"
-  CPU[$tool]="$(printf '%s\n' "${rows[@]}" | awk '{ print $2 }' | median)"
-  RSS[$tool]="$(printf '%s\n' "${rows[@]}" | awk '{ print $3 }' | median)"
+done
+for tool in $TOOLS; do
+  WALL[$tool]="$(printf '%s' "${ROWS[$tool]}" | awk '{ print $1 }' | median)"
+  CPU[$tool]="$(printf '%s' "${ROWS[$tool]}" | awk '{ print $2 }' | median)"
+  RSS[$tool]="$(printf '%s' "${ROWS[$tool]}" | awk '{ print $3 }' | median)"
 done
 
 base_cpu="${CPU[pipe]:-}"

@@ -217,10 +217,20 @@ impl CastWriter {
         last: bool,
     ) -> Result<(), EvidenceError> {
         let state = &mut self.streams[index(stream)];
-        let mut buf = std::mem::take(&mut state.carry);
-        buf.extend_from_slice(bytes);
-        let (decoded, carry) = decode_utf8(&buf, last);
-        state.carry = carry;
+        // Valid UTF-8 with nothing carried over (almost every read): used where it is, not
+        // copied twice more.
+        let owned: String;
+        let decoded: &str = match std::str::from_utf8(bytes) {
+            Ok(s) if state.carry.is_empty() => s,
+            _ => {
+                let mut buf = std::mem::take(&mut state.carry);
+                buf.extend_from_slice(bytes);
+                let (d, carry) = decode_utf8(&buf, last);
+                state.carry = carry;
+                owned = d;
+                &owned
+            }
+        };
         if decoded.is_empty() {
             return Ok(());
         }
@@ -230,7 +240,7 @@ impl CastWriter {
         }
         // `\n` becomes `\r\n` unless a `\r` is already before it (possibly at the end of the
         // previous event): a line at a time, not a character at a time.
-        let mut rest = decoded.as_str();
+        let mut rest = decoded;
         while let Some(nl) = rest.find('\n') {
             let before = &rest[..nl];
             let cr_before = if before.is_empty() {

@@ -20,10 +20,10 @@ pub struct ByteRedactor {
     /// (name, pattern): each secret's value and its encodings.
     patterns: Vec<(String, Vec<u8>)>,
     matcher: Option<Arc<AhoCorasick>>,
-    /// Every piece a form may be split into when it is wrapped over lines has one of these in
-    /// it (see [`spans_lines_grams`]): data without any cannot hold a wrapped form, and its
-    /// lines are not joined. `None`: always join (too many to search for).
-    grams: Option<Arc<AhoCorasick>>,
+    /// One pass over a piece of text that says whether anything can be redacted in it, and
+    /// whether a form wrapped over lines can (see [`Quick::build`]). `None` (too many grams):
+    /// the full search always runs and lines are always joined.
+    quick: Option<Arc<Quick>>,
     longest: usize,
     /// Shared by clones; `None` for redactors whose matches must not be counted again.
     counts: Option<Arc<Mutex<BTreeMap<String, u64>>>>,
@@ -90,30 +90,76 @@ pub fn lead_at(data: &[u8], pos: usize) -> &[u8] {
     &data[line_start.max(pos.saturating_sub(WRAP_MIN + 1))..pos]
 }
 
-/// Above this many grams the search for them is not worth it (a multi-kilobyte secret).
-const MAX_GRAMS: usize = 20_000;
+/// Above this many literals the one pass is not built (its DFA would take megabytes; a few
+/// dozen secrets stay far below): every piece of text then gets the full search.
+const MAX_GRAMS: usize = 8_000;
 
-/// The substrings every form spread over wrapped lines has at least one of in a single line:
-/// for a form of `L` bytes, each of its substrings of `min(8, ⌈L/2⌉)` bytes. Split once, one
-/// of its two pieces is at least `⌈L/2⌉` long; split more, it has a whole line in it, which is
-/// at least [`WRAP_MIN`] long (a line ends wrapped only with that many base64 characters).
-fn spans_lines_grams(patterns: &[(String, Vec<u8>)]) -> Option<Arc<AhoCorasick>> {
-    let mut grams = std::collections::BTreeSet::new();
-    for (_, p) in patterns {
-        let g = p.len().div_ceil(2).clamp(1, 8);
-        for w in p.windows(g) {
-            grams.insert(w);
-            if grams.len() > MAX_GRAMS {
-                return None;
+/// The one pass over every byte that says whether a piece of text may hold anything to redact
+/// (see [`Quick::build`]).
+#[derive(Debug)]
+struct Quick {
+    ac: AhoCorasick,
+    /// By pattern id: the literal is a gram of some form (not only a shape's trigger).
+    gram: Vec<bool>,
+}
+
+impl Quick {
+    /// One DFA over the grams and the built-in shapes' triggers ([`super::shapes::TRIGGERS`]).
+    ///
+    /// The grams are the substrings every form spread over wrapped lines has at least one of
+    /// in a single line: for a form of `L` bytes, each of its substrings of `min(8, ⌈L/2⌉)`
+    /// bytes. Split once, one of its two pieces is at least `⌈L/2⌉` long; split more, it has a
+    /// whole line in it, which is at least [`WRAP_MIN`] long (a line ends wrapped only with
+    /// that many base64 characters). A form found whole has all of them.
+    ///
+    /// A DFA without a prefilter: base64 output, where every position looks like a
+    /// candidate, makes prefilters thrash; a DFA costs one table step per byte. Case is
+    /// ignored for every literal: the triggers need it, and for the grams it only adds
+    /// candidates the full search then rejects. Text without a match holds no form of a
+    /// secret (whole or wrapped) and no built-in shape: it needs neither the secret search,
+    /// nor joining wrapped lines, nor the shape rules' own trigger scan.
+    fn build(patterns: &[(String, Vec<u8>)]) -> Option<Arc<Self>> {
+        let mut literals: Vec<Vec<u8>> = Vec::new();
+        let mut gram: Vec<bool> = Vec::new();
+        let mut index: std::collections::HashMap<Vec<u8>, usize> = Default::default();
+        for t in super::shapes::TRIGGERS {
+            index.insert(t.as_bytes().to_vec(), literals.len());
+            literals.push(t.as_bytes().to_vec());
+            gram.push(false);
+        }
+        for (_, p) in patterns {
+            let g = p.len().div_ceil(2).clamp(1, 8);
+            for w in p.windows(g) {
+                let w = w.to_ascii_lowercase();
+                match index.get(&w) {
+                    Some(&id) => gram[id] = true,
+                    None => {
+                        index.insert(w.clone(), literals.len());
+                        literals.push(w);
+                        gram.push(true);
+                        if literals.len() > MAX_GRAMS {
+                            return None;
+                        }
+                    }
+                }
             }
         }
+        let ac = AhoCorasick::builder()
+            .match_kind(MatchKind::Standard)
+            .ascii_case_insensitive(true)
+            .prefilter(false)
+            .kind(Some(AhoCorasickKind::DFA))
+            .build(&literals)
+            .ok()?;
+        Some(Arc::new(Self { ac, gram }))
     }
-    AhoCorasick::builder()
-        .match_kind(MatchKind::Standard)
-        .kind(Some(AhoCorasickKind::DFA))
-        .build(grams)
-        .ok()
-        .map(Arc::new)
+
+    /// Whether `data` has a gram in it: a wrapped form may be there (its lines are joined).
+    fn has_gram(&self, data: &[u8]) -> bool {
+        self.ac
+            .try_find_overlapping_iter(data)
+            .map_or(true, |mut it| it.any(|m| self.gram[m.pattern().as_usize()]))
+    }
 }
 
 /// The data with the line breaks of wrapped base64 taken out, to match a secret's base64 forms
@@ -261,16 +307,12 @@ impl ByteRedactor {
                 .ok()
                 .map(Arc::new)
         };
-        let grams = if patterns.is_empty() {
-            None
-        } else {
-            spans_lines_grams(&patterns)
-        };
+        let quick = Quick::build(&patterns);
         Self {
             shapes: ShapeRules::default(),
             patterns,
             matcher,
-            grams,
+            quick,
             longest,
             counts,
             unnamed,
@@ -314,6 +356,14 @@ impl ByteRedactor {
         self.longest - 1 + 2 * (self.longest / WRAP_MIN + 1)
     }
 
+    /// Whether the one pass finds anything in `data` that may need redacting (a gram of a
+    /// secret's form or a shape's trigger, see [`Quick::build`]); `true` when there is no such
+    /// pass. `false`: [`ByteRedactor::redact_after`] gives `data` out as it is, but for the
+    /// runbook's own shape patterns.
+    pub fn may_match(&self, data: &[u8]) -> bool {
+        self.quick.as_ref().is_none_or(|q| q.ac.is_match(data))
+    }
+
     pub fn redact(&self, data: &[u8]) -> Vec<u8> {
         self.redact_after(&[], data, data.len()).0
     }
@@ -331,15 +381,25 @@ impl ByteRedactor {
     /// continuing on the next line. Such a match is replaced by one placeholder followed by the
     /// line breaks it spanned, so the output has as many lines as the input (logs keep one
     /// record per line). Lines are joined only where a piece of a form is (see
-    /// [`spans_lines_grams`]): output without one costs a search, not a copy.
+    /// [`Quick::build`]): output without one costs a search, not a copy.
+    ///
+    /// One pass over `data` comes first (see [`Quick::build`]): when it finds no candidate,
+    /// `data[..cut]` is given out as it is (the runbook's own shape patterns aside), without
+    /// any line work.
     pub fn redact_after(&self, lead: &[u8], data: &[u8], cut: usize) -> (Vec<u8>, usize) {
+        if !self.may_match(data) {
+            let mut found = Vec::new();
+            let out = self.shapes.apply(data[..cut].to_vec(), &mut found, true);
+            self.count(found);
+            return (out, cut);
+        }
         let mut out = Vec::with_capacity(data.len());
         let mut pos = 0;
         let mut found: Vec<String> = Vec::new();
         if let Some(matcher) = &self.matcher {
             // Joining lines costs a copy of the data: only where a wrapped form can be.
-            let wrapped = match &self.grams {
-                Some(g) if !g.is_match(data) => None,
+            let wrapped = match &self.quick {
+                Some(q) if !q.has_gram(data) => None,
                 _ => Wrapped::new(lead, data),
             };
             // Leftmost match in either view, the longer on a tie; the next match of each view
@@ -389,7 +449,12 @@ impl ByteRedactor {
         }
         let end = pos.max(cut);
         out.extend_from_slice(&data[pos..end]);
-        let out = self.shapes.apply(out, &mut found);
+        let out = self.shapes.apply(out, &mut found, false);
+        self.count(found);
+        (out, end)
+    }
+
+    fn count(&self, found: Vec<String>) {
         if let (Some(counts), false) = (&self.counts, found.is_empty()) {
             if let Ok(mut c) = counts.lock() {
                 for name in found {
@@ -397,7 +462,6 @@ impl ByteRedactor {
                 }
             }
         }
-        (out, end)
     }
 
     /// Redacts every string (and key) in a JSON value, before it is serialised.

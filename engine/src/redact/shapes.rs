@@ -36,8 +36,9 @@ const BUILTIN_SHAPES: &[(&str, &str)] = &[
     ),
 ];
 
-/// A literal every match of the built-in shape of the same index contains, ASCII case aside.
-const TRIGGERS: [&str; 3] = ["authorization", "bearer", "-----begin "];
+/// A literal every match of the built-in shape of the same index contains, ASCII case aside
+/// (also in the matcher's one-pass prefilter, see `ByteRedactor::redact_after`).
+pub(crate) const TRIGGERS: [&str; 3] = ["authorization", "bearer", "-----begin "];
 const _: () = assert!(TRIGGERS.len() == BUILTIN_SHAPES.len());
 
 static TRIGGER_MATCHER: std::sync::LazyLock<Option<aho_corasick::AhoCorasick>> =
@@ -77,13 +78,22 @@ impl ShapeRules {
     /// Applies every rule; returns the text and the names of the rules that matched. A built-in
     /// rule runs only when its literal (see [`TRIGGERS`]) is in the text: one pass over the text
     /// finds which are, so output without any costs one scan, not a regex per rule.
-    pub(crate) fn apply(&self, data: Vec<u8>, found: &mut Vec<String>) -> Vec<u8> {
+    /// `no_triggers`: the caller's own pass already found no trigger in the text (the built-in
+    /// rules are skipped without a scan).
+    pub(crate) fn apply(
+        &self,
+        data: Vec<u8>,
+        found: &mut Vec<String>,
+        no_triggers: bool,
+    ) -> Vec<u8> {
         let mut text = data;
-        if self.rules.is_empty() {
+        if self.rules.is_empty() || (no_triggers && self.rules.len() == BUILTIN_SHAPES.len()) {
             return text;
         }
         let mut present = [false; TRIGGERS.len()];
-        if let Some(ac) = TRIGGER_MATCHER.as_ref() {
+        if no_triggers {
+            // Known absent: only the runbook's own patterns run.
+        } else if let Some(ac) = TRIGGER_MATCHER.as_ref() {
             // No trigger can overlap another (none ends with the start of one), so the
             // non-overlapping search sees every one that is there.
             for m in ac.find_iter(&text[..]) {
