@@ -187,14 +187,32 @@ fn deploy_from_nothing_rerun_and_downgrade_refused_then_dr_restore_from_s3_with_
     let state = lab.exec("rke2-agent-1", &["systemctl", "is-active", "rke2-agent"]);
     assert_eq!(text(&state.stdout).trim(), "activating");
     write(&cfg);
+    // Node status lags (a Ready node stays Ready a while), so the agent's own log says when it
+    // came back: after the scheduled restart, up and running.
+    let log_path = "/var/lib/lab-node/rke2-agent.log";
+    let back = |log: &str| {
+        let restart = log.rfind("scheduled restart in 5s");
+        let up = log.rfind("rke2 agent is up and running");
+        matches!((restart, up), (Some(r), Some(u)) if u > r)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    let mut log = String::new();
+    while std::time::Instant::now() < deadline {
+        log = text(&lab.exec("rke2-agent-1", &["cat", log_path]).stdout);
+        if back(&log) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    assert!(back(&log), "the agent did not restart by itself: {log}");
+    let state = lab.exec("rke2-agent-1", &["systemctl", "is-active", "rke2-agent"]);
+    assert_eq!(text(&state.stdout).trim(), "active");
     ok(lab.kubectl(&[
         "wait",
         "--for=condition=Ready",
         "node/rke2-agent-1",
         "--timeout=60s",
     ]));
-    let state = lab.exec("rke2-agent-1", &["systemctl", "is-active", "rke2-agent"]);
-    assert_eq!(text(&state.stdout).trim(), "active");
 
     // DR restore from S3 onto a set where servers[0] is lost and no node has the file.
     ok(lab.kubectl(&["create", "namespace", "before-snapshot"]));
