@@ -4,6 +4,8 @@
 //! claim naming them; step output reaching the terminal without control sequences; and a
 //! secret holding `"` and `\\` redacted in the details an HTTP step journals.
 
+// The loopback HTTP server the probe tests use; probes.rs includes it privately too.
+#[allow(clippy::duplicate_mod)]
 #[path = "../../steps/tests/support/httpd.rs"]
 mod httpd;
 
