@@ -171,23 +171,9 @@ pub fn body(spec: &NotifySpec, event: &NotifyPayload, redact: &dyn Fn(&str) -> S
             serde_json::json!({ "text": text })
         }
     };
-    serde_json::to_string(&redact_json(value, redact)).unwrap_or_default()
-}
-
-fn redact_json(v: serde_json::Value, redact: &dyn Fn(&str) -> String) -> serde_json::Value {
-    use serde_json::Value;
-    match v {
-        Value::String(s) => Value::String(redact(&s)),
-        Value::Array(items) => {
-            Value::Array(items.into_iter().map(|i| redact_json(i, redact)).collect())
-        }
-        Value::Object(map) => Value::Object(
-            map.into_iter()
-                .map(|(k, v)| (redact(&k), redact_json(v, redact)))
-                .collect(),
-        ),
-        other => other,
-    }
+    let mut value = value;
+    runbook_engine::redact::matcher::redact_json_with(&mut value, redact);
+    serde_json::to_string(&value).unwrap_or_default()
 }
 
 /// Posts the notification, retrying connection errors, timeouts, 5xx and 429 with backoff
@@ -339,6 +325,33 @@ mod tests {
         assert!(!spec.wants(&p));
         spec.on = vec![When::RtoMissed];
         assert!(spec.wants(&p));
+    }
+
+    /// The scheduler's redactor on a payload whose param holds `"` and `\\`: the value is
+    /// redacted as a value (and as a key), not looked for in the escaped body.
+    #[test]
+    fn a_secret_with_json_special_characters_is_redacted_in_the_body() {
+        let secret = r#"pa"ss\word-0123"#;
+        let spec: NotifySpec =
+            toml::from_str("url = \"https://hooks.example.test/x\"").expect("parses");
+        let redactor =
+            runbook_engine::redact::Redactor::new(vec![("token".into(), secret.to_owned())]);
+        let redact = |s: &str| redactor.redact_str(s);
+        let mut event = payload();
+        event.params = [
+            ("token".to_owned(), secret.to_owned()),
+            (secret.to_owned(), format!("x{secret}x")),
+        ]
+        .into();
+        let text = body(&spec, &event, &redact);
+        let escaped = serde_json::to_string(secret).expect("json");
+        assert!(!text.contains(escaped.trim_matches('"')), "{text}");
+        let value: serde_json::Value = serde_json::from_str(&text).expect("json");
+        assert_eq!(value["params"]["token"], "[REDACTED:token]", "{text}");
+        assert_eq!(
+            value["params"]["[REDACTED:token]"], "x[REDACTED:token]x",
+            "{text}"
+        );
     }
 
     #[test]

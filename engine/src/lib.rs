@@ -13,6 +13,7 @@ pub mod duration;
 pub mod event;
 pub mod executor;
 pub mod expr;
+pub mod fs;
 pub mod graph;
 pub mod inventory;
 pub mod model;

@@ -94,6 +94,13 @@ impl RunState {
             .map_or_else(|_| text.to_owned(), |r| r.redact_str(text))
     }
 
+    /// Redacts every string (and key) of a JSON value with the secrets known so far.
+    pub fn redact_json(&self, value: &mut serde_json::Value) {
+        if let Ok(r) = self.redactor.read() {
+            crate::redact::matcher::redact_json_with(value, &|s| r.redact_str(s));
+        }
+    }
+
     /// Adds secrets registered at run time (by `secret()`).
     pub fn add_secrets(&self, secrets: &[(String, String)]) {
         if let Ok(mut r) = self.redactor.write() {

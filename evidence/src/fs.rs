@@ -1,106 +1,53 @@
-//! File-writing primitives shared by every writer of runbook's files (bundle, scheduler
-//! state, metrics, lock, keys): atomic replacement and the temporary names it leaves when it
-//! dies halfway ([`leftovers`]), and a file that hashes what it writes (so sealing takes each
-//! log's SHA-256 from its writer instead of reading the file back).
+//! File-writing primitives of the bundle and the CLI's files (scheduler state, metrics, lock,
+//! keys): the engine's atomic replacement ([`runbook_engine::fs`]) with sealing's crash points,
+//! the temporary names it leaves in a bundle when it dies halfway ([`leftovers`]), and a file
+//! that hashes what it writes (so sealing takes each log's SHA-256 from its writer instead of
+//! reading the file back).
 
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
+use runbook_engine::fs::{is_temp_name, TEMP_SUFFIX};
 use sha2::{Digest, Sha256};
 
-/// Replaces `path` with `data` all at once: written to a temporary file beside it, synced,
-/// renamed over it, the directory synced. A reader (verify, node_exporter, the next scheduler
-/// start) sees the old file or the new one, never half of one; a crash leaves at most a
-/// temporary file that [`leftovers`] finds.
+/// Replaces `path` with `data` all at once ([`runbook_engine::fs::write_atomic`], with
+/// sealing's crash points): a crash leaves at most a temporary file that [`leftovers`] finds.
 pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     stage(path, 0o666, |f| f.write_all(data))?.commit()
 }
 
-/// A complete, synced file beside its destination, not yet renamed over it. Dropped without
-/// [`Staged::commit`], it is removed. Two files that must appear together (a key pair) are
-/// both staged before either is committed.
+/// [`runbook_engine::fs::Staged`] with sealing's crash points: after the file is staged and
+/// after it is renamed, so that `RUNBOOK_CRASH_IN_SEAL` can stop sealing between any two file
+/// operations.
 #[must_use = "a staged file is removed unless committed"]
-pub struct Staged {
-    tmp: PathBuf,
-    dest: PathBuf,
-    committed: bool,
-}
+pub struct Staged(runbook_engine::fs::Staged);
 
-/// Writes a temporary sibling of `dest` (created new, with `mode` before the umask) with
-/// `fill`, and syncs it. Its name is hidden (`.name.<pid>-<n>.tmp`): collectors reading
-/// `*.prom` and people listing a directory do not see it, and no two writers share it.
+/// [`runbook_engine::fs::stage`], then a crash point.
 pub fn stage(
     dest: &Path,
     mode: u32,
     fill: impl FnOnce(&mut File) -> std::io::Result<()>,
 ) -> std::io::Result<Staged> {
-    use std::os::unix::fs::OpenOptionsExt;
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let dir = dest
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = dest
-        .file_name()
-        .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
-    let (tmp, mut file) = loop {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let tmp = dir.join(format!(".{name}.{}-{n}{TEMP_SUFFIX}", std::process::id()));
-        // `create_new`: never through a link planted at the name, never another writer's file;
-        // one left by a dead process of the same id is skipped.
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)
-        {
-            Ok(f) => break (tmp, f),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < u64::MAX => {}
-            Err(e) => return Err(e),
-        }
-    };
-    let staged = Staged {
-        tmp,
-        dest: dest.to_owned(),
-        committed: false,
-    };
-    fill(&mut file)?;
-    file.sync_all()?;
-    drop(file);
+    let staged = runbook_engine::fs::stage(dest, mode, fill)?;
     crate::crash::sealing_step();
-    Ok(staged)
+    Ok(Staged(staged))
 }
 
 impl Staged {
     /// The temporary file.
     pub fn path(&self) -> &Path {
-        &self.tmp
+        self.0.path()
     }
 
-    /// Renames the file over its destination and syncs the directory, so that the rename
-    /// survives a power cut (best effort: not every file system can sync a directory).
-    pub fn commit(mut self) -> std::io::Result<()> {
-        std::fs::rename(&self.tmp, &self.dest)?;
-        self.committed = true;
+    /// Renames the file over its destination (a crash point) and syncs the directory.
+    pub fn commit(self) -> std::io::Result<()> {
+        self.0.rename()?;
         crate::crash::sealing_step();
-        if let Some(dir) = self.dest.parent().filter(|p| !p.as_os_str().is_empty()) {
-            let _ = File::open(dir).and_then(|d| d.sync_all());
-        }
+        self.0.sync_dir();
         Ok(())
     }
 }
-
-impl Drop for Staged {
-    fn drop(&mut self) {
-        if !self.committed {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
-    }
-}
-
-const TEMP_SUFFIX: &str = ".tmp";
 
 /// A file written from its start, hashing exactly the bytes the kernel accepted. The digest is
 /// the file's as long as nothing else writes to it; a writer that rewrites its file (late
@@ -182,24 +129,6 @@ pub fn leftovers(bundle: &Path) -> Vec<PathBuf> {
     }
     found.sort();
     found
-}
-
-/// Whether `name` is one [`stage`] gives: `.<name>.<pid>-<n>.tmp`.
-fn is_temp_name(name: &str) -> bool {
-    let Some(rest) = name
-        .strip_prefix('.')
-        .and_then(|n| n.strip_suffix(TEMP_SUFFIX))
-    else {
-        return false;
-    };
-    let Some((_, id)) = rest.rsplit_once('.') else {
-        return false;
-    };
-    id.split_once('-').is_some_and(|(pid, n)| {
-        [pid, n]
-            .iter()
-            .all(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
-    })
 }
 
 #[cfg(test)]

@@ -780,7 +780,8 @@ fn str_field(v: &Value, field: &str) -> Result<String, ScreenshotError> {
         .ok_or_else(|| ScreenshotError::Protocol(format!("no `{field}` in the answer")))
 }
 
-/// Writes next to `dest` and renames, so a reader never sees half a PNG.
+/// Writes next to `dest` and renames ([`runbook_engine::fs`]), so a reader never sees half a
+/// PNG. Owner-only, as the screenshot may show what the page behind a token shows.
 fn write_atomically(dest: &Path, data: &[u8]) -> Result<(), ScreenshotError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -791,14 +792,9 @@ fn write_atomically(dest: &Path, data: &[u8]) -> Result<(), ScreenshotError> {
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io(dir))?;
-    tmp.write_all(data).map_err(io(dest))?;
-    tmp.as_file().sync_all().map_err(io(dest))?;
-    tmp.persist(dest).map_err(|e| ScreenshotError::Io {
-        path: dest.to_path_buf(),
-        source: e.error,
-    })?;
-    Ok(())
+    runbook_engine::fs::stage(dest, 0o600, |f| f.write_all(data))
+        .and_then(runbook_engine::fs::Staged::commit)
+        .map_err(io(dest))
 }
 
 /// A running Chromium: its process group and its temporary profile. Dropping it kills the

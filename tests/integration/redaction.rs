@@ -1,7 +1,13 @@
 //! The encodings redaction searches beyond base64 and JSON (hex as `xxd -p` prints it, base32,
 //! lower-case percent-encoding, base64 wrapped at any width from 16 columns), printed by real
 //! tools to stdout and stderr, written to a collected file, shown on the terminal; the report's
-//! claim naming them; and step output reaching the terminal without control sequences.
+//! claim naming them; step output reaching the terminal without control sequences; and a
+//! secret holding `"` and `\\` redacted in the details an HTTP step journals.
+
+// The loopback HTTP server the probe tests use; probes.rs includes it privately too.
+#[allow(clippy::duplicate_mod)]
+#[path = "../../steps/tests/support/httpd.rs"]
+mod httpd;
 
 use crate::common::*;
 
@@ -218,4 +224,65 @@ exit 4
         "the log keeps the raw bytes:\n{}",
         String::from_utf8_lossy(&log)
     );
+}
+
+/// A secret with `"` and `\\` echoed by a real server: the HTTP step's details (body and
+/// parsed JSON, keys too) reach the journal and the manifest redacted as values, and no form of
+/// the secret, as written or JSON-escaped, is in any file of the bundle.
+#[test]
+fn a_secret_with_quotes_and_backslashes_is_redacted_in_the_journal_details() {
+    const QUOTED: &str = r#"qu"ote\back-slash-77"#;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let server = rt.block_on(
+        httpd::Httpd::new()
+            .route("/echo", |_| {
+                httpd::Response::json(200, &serde_json::json!({ "seen": QUOTED, QUOTED: 1 }))
+            })
+            .start(),
+    );
+    let toml = format!(
+        r#"{HEAD}
+[params]
+pw = {{ secret = true, env = "PW" }}
+
+[[steps]]
+id = "echo"
+http = {{ url = "{}" }}
+"#,
+        server.url("/echo")
+    );
+    let out = Test::new()
+        .runbook(&toml)
+        .env("PW", QUOTED)
+        .run_args()
+        .run();
+    out.assert_code(0);
+    let finished: Vec<serde_json::Value> = out
+        .journal()
+        .into_iter()
+        .filter(|e| e["step"] == "echo" && e.get("details").is_some_and(|d| d["json"].is_object()))
+        .collect();
+    assert!(!finished.is_empty(), "the attempt's details are journaled");
+    for e in &finished {
+        let details = &e["details"];
+        assert_eq!(details["json"]["seen"], "[REDACTED:pw]", "{e}");
+        assert_eq!(details["json"]["[REDACTED:pw]"], 1, "{e}");
+        let body = details["body"].as_str().expect("body");
+        assert!(body.contains("[REDACTED:pw]"), "{e}");
+    }
+    let escaped = serde_json::to_string(QUOTED).expect("json");
+    for f in all_files(&out.bundle()) {
+        let bytes = std::fs::read(&f).expect("read");
+        for form in [QUOTED, escaped.trim_matches('"')] {
+            assert!(
+                !bytes.windows(form.len()).any(|w| w == form.as_bytes()),
+                "{} holds {form}",
+                f.display()
+            );
+        }
+    }
 }

@@ -181,8 +181,18 @@ fn a_kill_at_any_step_boundary_leaves_a_journal_that_names_every_started_step() 
         )
         .output()
         .expect("resume");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(0), "seed {first_seed}: {stderr}");
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "seed {first_seed}, trial {trial} ({durability}), killed after c{k}: resume failed\n\
+             --- resume stdout\n{}\n--- resume stderr\n{}\nledger: {ran:?}\njournal before resume: {:?}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            journal
+                .iter()
+                .map(|e| format!("{} {}", e["event"], e["step"]))
+                .collect::<Vec<_>>()
+        );
         let after = ledger(dir);
         for s in &succeeded {
             assert_eq!(

@@ -4,15 +4,6 @@
 #[allow(clippy::wildcard_imports)]
 use super::*;
 
-/// A random number in [0, 1) for retry jitter.
-fn random_unit() -> f64 {
-    let mut b = [0u8; 8];
-    if getrandom::fill(&mut b).is_err() {
-        return 0.5;
-    }
-    (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
-}
-
 impl StepTask {
     /// The attempts of one step (or block sub-step) on one target, with retries.
     #[allow(clippy::too_many_lines)]
@@ -166,7 +157,7 @@ impl StepTask {
             if !run.outcome.retryable() || attempt == max {
                 break;
             }
-            let delay = spec.retry.delay_before(attempt + 1, random_unit());
+            let delay = crate::backoff::delay(&spec.retry, attempt + 1);
             if let Some(deadline) = spec.retry.deadline {
                 let since = first_attempt.map_or(Duration::ZERO, |t| t.elapsed());
                 if since + delay > deadline {

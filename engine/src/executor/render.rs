@@ -9,9 +9,10 @@ pub(super) fn redact_json(
     state: &RunState,
     details: &serde_json::Map<String, serde_json::Value>,
 ) -> serde_json::Map<String, serde_json::Value> {
-    let text = serde_json::Value::Object(details.clone()).to_string();
-    match serde_json::from_str(&state.redact(&text)) {
-        Ok(serde_json::Value::Object(m)) => m,
+    let mut value = serde_json::Value::Object(details.clone());
+    state.redact_json(&mut value);
+    match value {
+        serde_json::Value::Object(m) => m,
         _ => serde_json::Map::new(),
     }
 }
@@ -148,5 +149,68 @@ impl StepTask {
             })
         }
         go(self, table, "", &mut scope, effects, source)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The state of a run whose secret param `pw` is `secret`.
+    fn state_with(secret: &str) -> RunState {
+        let host = ExprHost::new();
+        let source = crate::Source::new(
+            "t.toml",
+            "[runbook]\nname = \"t\"\n[params]\npw = { secret = true }\n\
+             [[steps]]\nid = \"a\"\nrun = \"true\"\n",
+        );
+        let (runbook, graph, _) = crate::compile(&source, &host).expect("compiles");
+        let params =
+            crate::params::BoundParams::bind(&runbook, &[format!("pw={secret}")], |_| None)
+                .expect("params");
+        let plan = Plan::new(
+            runbook,
+            graph,
+            params,
+            &crate::plan::Selection::default(),
+            std::env::temp_dir(),
+        )
+        .expect("plan");
+        RunState::new(&plan)
+    }
+
+    /// Regression: the details were redacted as JSON text, where a secret holding `"` or `\`
+    /// is escaped and its form as written can match the text's own escapes: `C:\nightly`
+    /// matched the `C:\n` of a value holding `C:` and a line break, which was then redacted.
+    #[test]
+    fn a_secret_with_json_special_characters_is_redacted_in_the_details() {
+        for secret in [
+            r#"pa"ss\word-0123"#,
+            r"trailing-pw\",
+            r#"pw-ends-in-quote":"#,
+            r"C:\nightly",
+        ] {
+            let state = state_with(secret);
+            let details = serde_json::json!({
+                "body": format!("token={secret}"),
+                "json": { "seen": secret, secret: [secret] },
+                "other": "C:\nightly two",
+            });
+            let serde_json::Value::Object(details) = details else {
+                unreachable!("an object")
+            };
+            let redacted = serde_json::Value::Object(redact_json(&state, &details));
+            let text = redacted.to_string();
+            assert_eq!(redacted["body"], "token=[REDACTED:pw]", "{secret}: {text}");
+            assert_eq!(
+                redacted["json"]["seen"], "[REDACTED:pw]",
+                "{secret}: {text}"
+            );
+            assert_eq!(
+                redacted["json"]["[REDACTED:pw]"][0], "[REDACTED:pw]",
+                "{secret}: {text}"
+            );
+            assert_eq!(redacted["other"], "C:\nightly two", "{secret}: {text}");
+        }
     }
 }

@@ -466,30 +466,38 @@ impl ByteRedactor {
 
     /// Redacts every string (and key) in a JSON value, before it is serialised.
     pub fn redact_json(&self, value: &mut serde_json::Value) {
-        use serde_json::Value;
-        match value {
-            Value::String(s) => {
-                let r = self.redact_str(s);
-                if r != *s {
-                    *s = r;
-                }
-            }
-            Value::Array(items) => items.iter_mut().for_each(|v| self.redact_json(v)),
-            Value::Object(map) => {
-                let old = std::mem::take(map);
-                for (k, mut v) in old {
-                    self.redact_json(&mut v);
-                    map.insert(self.redact_str(&k), v);
-                }
-            }
-            _ => {}
-        }
+        redact_json_with(value, &|s| self.redact_str(s));
     }
 
     pub fn redact_str(&self, text: &str) -> String {
         String::from_utf8_lossy(&self.redact(text.as_bytes())).into_owned()
     }
 }
+/// The one walk over a JSON value: every string and every key replaced by `redact` of it.
+/// Redaction runs on the values, never on the serialised text, where a secret holding `"` or
+/// `\` is escaped and would not be found. For callers whose redaction is more than a
+/// [`ByteRedactor`] (the console also makes text terminal-safe).
+pub fn redact_json_with(value: &mut serde_json::Value, redact: &dyn Fn(&str) -> String) {
+    use serde_json::Value;
+    match value {
+        Value::String(s) => {
+            let r = redact(s);
+            if r != *s {
+                *s = r;
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|v| redact_json_with(v, redact)),
+        Value::Object(map) => {
+            let old = std::mem::take(map);
+            for (k, mut v) in old {
+                redact_json_with(&mut v, redact);
+                map.insert(redact(&k), v);
+            }
+        }
+        _ => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
