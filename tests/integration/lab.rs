@@ -612,6 +612,7 @@ fn rolling_upgrade_stops_at_a_failing_server_then_a_rerun_finishes_it() {
     back.assert_code(0);
     assert_eq!(back.status_of("reinstall"), "succeeded");
     assert_eq!(back.status_of("start-agents"), "succeeded");
+    assert_eq!(back.status_of("rollback-versions"), "succeeded");
     for (name, status, v) in nodes(&lab) {
         assert_eq!(
             (status.as_str(), v.as_str()),
