@@ -288,13 +288,7 @@ pub fn redact_cast_file(path: &Path, redactor: &ByteRedactor) -> Result<(), Evid
         source,
     })?;
     let rewritten = redact_cast_text(&text, redactor);
-    let tmp = path.with_extension("cast-redacting");
-    {
-        let mut f = File::create(&tmp).map_err(write_err(&tmp))?;
-        f.write_all(rewritten.as_bytes()).map_err(write_err(&tmp))?;
-        f.sync_all().map_err(write_err(&tmp))?;
-    }
-    std::fs::rename(&tmp, path).map_err(write_err(path))
+    runbook_engine::fs::write_atomic(path, rewritten.as_bytes()).map_err(write_err(path))
 }
 
 fn header_line(timestamp: i64, title: &str) -> String {

@@ -23,23 +23,23 @@ impl RedactFile for ByteRedactor {
         if self.is_empty() {
             return Ok(());
         }
-        let tmp = path.with_extension("redacting");
         let mut input = std::fs::File::open(path)?;
-        let mut output = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-        let mut stream = StreamRedactor::<()>::whole();
-        let mut chunk = vec![0u8; 1024 * 1024];
-        loop {
-            let n = input.read(&mut chunk)?;
-            if n == 0 {
-                break;
+        // The one atomic write (engine::fs): a temporary name `leftovers` knows, synced, renamed.
+        runbook_engine::fs::stage(path, 0o666, |file| {
+            let mut output = std::io::BufWriter::new(file);
+            let mut stream = StreamRedactor::<()>::whole();
+            let mut chunk = vec![0u8; 1024 * 1024];
+            loop {
+                let n = input.read(&mut chunk)?;
+                if n == 0 {
+                    break;
+                }
+                output.write_all(&stream.push(self, (), &chunk[..n]).text)?;
             }
-            output.write_all(&stream.push(self, (), &chunk[..n]).text)?;
-        }
-        output.write_all(&stream.finish(self).text)?;
-        output.flush()?;
-        output.get_ref().sync_all()?;
-        drop(output);
-        std::fs::rename(&tmp, path)
+            output.write_all(&stream.finish(self).text)?;
+            output.flush()
+        })?
+        .commit()
     }
 }
 
