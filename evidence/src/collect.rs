@@ -15,7 +15,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
-use crate::redact::{ByteRedactor, StreamRedactor};
+use crate::redact::ByteRedactor;
 
 /// The most read of one collected file; the copy of a longer one is cut there, with a note.
 /// It bounds the time and the disk a file that keeps growing (or `/proc/kcore`) can take.
@@ -254,15 +254,7 @@ fn copy_file(
     if binary {
         std::io::copy(&mut input, &mut out)?;
     } else {
-        let mut stream = StreamRedactor::<()>::whole();
-        loop {
-            let n = input.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            out.write_all(&stream.push(redactor, (), &buf[..n]).text)?;
-        }
-        out.write_all(&stream.finish(redactor).text)?;
+        crate::redact::copy_redacted(redactor, &mut input, &mut out, &mut buf)?;
     }
     out.flush()?;
     // Anything left past the limit?

@@ -19,7 +19,7 @@ pub trait RedactFile {
 
 impl RedactFile for ByteRedactor {
     fn redact_file(&self, path: &std::path::Path) -> std::io::Result<()> {
-        use std::io::{Read, Write};
+        use std::io::Write;
         if self.is_empty() {
             return Ok(());
         }
@@ -27,20 +27,30 @@ impl RedactFile for ByteRedactor {
         // The one atomic write (engine::fs): a temporary name `leftovers` knows, synced, renamed.
         runbook_engine::fs::stage(path, 0o666, |file| {
             let mut output = std::io::BufWriter::new(file);
-            let mut stream = StreamRedactor::<()>::whole();
-            let mut chunk = vec![0u8; 1024 * 1024];
-            loop {
-                let n = input.read(&mut chunk)?;
-                if n == 0 {
-                    break;
-                }
-                output.write_all(&stream.push(self, (), &chunk[..n]).text)?;
-            }
-            output.write_all(&stream.finish(self).text)?;
+            copy_redacted(self, &mut input, &mut output, &mut vec![0u8; 1024 * 1024])?;
             output.flush()
         })?
         .commit()
     }
+}
+
+/// Copies a whole file's bytes from `input` to `output`, redacted (a secret cut between two
+/// reads of `buf`'s size is still found): rewritten files and collected files.
+pub fn copy_redacted(
+    redactor: &ByteRedactor,
+    input: &mut impl std::io::Read,
+    output: &mut impl std::io::Write,
+    buf: &mut [u8],
+) -> std::io::Result<()> {
+    let mut stream = StreamRedactor::<()>::whole();
+    loop {
+        let n = input.read(buf)?;
+        if n == 0 {
+            break;
+        }
+        output.write_all(&stream.push(redactor, (), &buf[..n]).text)?;
+    }
+    output.write_all(&stream.finish(redactor).text)
 }
 
 /// The one streaming driver: takes a stream's output chunk by chunk and gives out what can be
