@@ -134,14 +134,11 @@ impl RunLock {
             .truncate(false)
             .open(&path)
             .map_err(io)?;
-        let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        let mut lock = match lock_file(file, FlockArg::LockExclusiveNonblock, dir) {
             Ok(l) => l,
-            Err((mut file, _)) => {
-                let mut text = String::new();
-                let _ = file.read_to_string(&mut text);
-                let holder = live_details(dir).or_else(|| serde_json::from_str(&text).ok());
+            Err(holder) => {
                 return Err(match holder {
-                    Some(h) => LockError::Held(Box::new(h)),
+                    Some(h) => LockError::Held(h),
                     // Taken a moment ago, details not written yet.
                     None => LockError::Held(Box::new(Holder {
                         pid: 0,
@@ -184,14 +181,10 @@ impl RunLock {
             .read(true)
             .open(dir.join(runbook_evidence::verify::LOCK_FILE))
             .ok()?;
-        match Flock::lock(file, FlockArg::LockSharedNonblock) {
-            Ok(_) => None,
-            Err((mut file, _)) => {
-                let mut text = String::new();
-                let _ = file.read_to_string(&mut text);
-                live_details(dir).or_else(|| serde_json::from_str(&text).ok())
-            }
-        }
+        lock_file(file, FlockArg::LockSharedNonblock, dir)
+            .err()
+            .flatten()
+            .map(|h| *h)
     }
 
     /// Puts back the details of the holder this lock took over (none: clears them) and
@@ -215,6 +208,41 @@ fn holder_path(dir: &Path) -> PathBuf {
 /// The details of the process holding the lock now. It publishes them right after taking the
 /// lock, so for a moment the file may be missing or still name the previous (dead) holder:
 /// wait up to half a second for details whose process is alive on this host.
+/// How long a lock whose recorded holder is provably dead may stay held. A step the holder was
+/// starting when it died has a copy of the lock's descriptor until its `exec` (close-on-exec
+/// takes effect there, and a loaded machine can delay that exec), so a `resume` or `evidence
+/// repair` right after a `kill -9` must not read that moment as a live run.
+const DEAD_HOLDER_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Locks `file` without blocking; when it is held, the holder's details, after waiting up to
+/// [`DEAD_HOLDER_GRACE`] for the lock if they name a provably dead process.
+fn lock_file(file: File, arg: FlockArg, dir: &Path) -> Result<Flock<File>, Option<Box<Holder>>> {
+    let mut file = match Flock::lock(file, arg) {
+        Ok(lock) => return Ok(lock),
+        Err((file, _)) => file,
+    };
+    let mut text = String::new();
+    let _ = file.read_to_string(&mut text);
+    let holder = live_details(dir)
+        .or_else(|| serde_json::from_str::<Holder>(&text).ok())
+        .map(Box::new);
+    if holder.as_ref().is_some_and(|h| h.provably_dead()) {
+        let deadline = std::time::Instant::now() + DEAD_HOLDER_GRACE;
+        while std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            match Flock::lock(file, arg) {
+                Ok(mut lock) => {
+                    use std::io::Seek;
+                    let _ = lock.rewind();
+                    return Ok(lock);
+                }
+                Err((back, _)) => file = back,
+            }
+        }
+    }
+    Err(holder)
+}
+
 fn live_details(dir: &Path) -> Option<Holder> {
     let host = crate::context::hostname();
     let mut last = None;
@@ -311,4 +339,51 @@ pub fn stop_stale_run(stale: Option<&Holder>, mine: &str) -> Vec<String> {
             )
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A dead run's lock held for a moment by a descriptor copy (a step between its spawn and
+    /// its exec) is not a live run: `live_holder` and `acquire` wait for it to go.
+    #[test]
+    fn a_dead_holders_lock_held_by_a_lingering_descriptor_is_waited_for() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let host = crate::context::hostname();
+        let mut dead = Holder::me(&host, "ops", "then".into(), "dead0001", "b".into());
+        // This process's pid with another start time: a reused pid, provably not the holder.
+        dead.start_ticks = dead.start_ticks.map(|t| t + 1).or(Some(1));
+        assert!(dead.provably_dead());
+        write_holder(dir.path(), Some(&dead)).expect("details");
+        let copy = || {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(dir.path().join(runbook_evidence::verify::LOCK_FILE))
+                .expect("open");
+            let held = Flock::lock(file, FlockArg::LockExclusiveNonblock).expect("lock");
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(300));
+                drop(held);
+            })
+        };
+
+        let gone = copy();
+        assert!(RunLock::live_holder(dir.path()).is_none());
+        gone.join().expect("thread");
+
+        let gone = copy();
+        let me = Holder::me(&host, "ops", "now".into(), "live0002", "b".into());
+        let (lock, stale) = RunLock::acquire(dir.path(), &me, false).expect("taken");
+        assert_eq!(stale.map(|h| h.run_id), Some("dead0001".to_owned()));
+        gone.join().expect("thread");
+
+        // A live holder is reported at once.
+        let live = RunLock::live_holder(dir.path()).expect("held");
+        assert_eq!(live.run_id, "live0002");
+        lock.release();
+    }
 }
