@@ -104,15 +104,7 @@ impl Lab {
     /// work directory of its own, with `extra` arguments and `vars` over the env file's.
     pub(crate) fn run(&self, runbook: &str, extra: &[&str], vars: &[(&str, &str)]) -> Run {
         let (cwd, mut cmd) = self.command(runbook, extra, vars);
-        let t0 = std::time::Instant::now();
-        let out = cmd.output().expect("run runbook");
-        eprintln!(
-            "[lab-timing] run {runbook} {:.1}s",
-            t0.elapsed().as_secs_f64()
-        );
-        if std::env::var_os("LAB_TIMING_OUT").is_some() {
-            eprintln!("{}", String::from_utf8_lossy(&out.stderr));
-        }
+        let out = timed(&format!("run {runbook}"), &mut cmd);
         Run { cwd, out }
     }
 
@@ -184,12 +176,7 @@ impl Lab {
         for (k, v) in vars {
             cmd.env(k, v);
         }
-        let t0 = std::time::Instant::now();
-        let out = cmd.output().expect("resume runbook");
-        eprintln!("[lab-timing] resume {:.1}s", t0.elapsed().as_secs_f64());
-        if std::env::var_os("LAB_TIMING_OUT").is_some() {
-            eprintln!("{}", String::from_utf8_lossy(&out.stderr));
-        }
+        let out = timed("resume", &mut cmd);
         Run {
             cwd: run.cwd.clone(),
             out,
@@ -226,6 +213,18 @@ impl Drop for Lab {
             eprintln!("scripts/lab down: {}", text(&out.stderr));
         }
     }
+}
+
+/// Runs `cmd` and prints how long it took (`[lab-timing]`, seen with `--nocapture`), and its
+/// console too with `LAB_TIMING_OUT=1`: where the lab scenarios' time goes.
+fn timed(label: &str, cmd: &mut Command) -> Output {
+    let t0 = std::time::Instant::now();
+    let out = cmd.output().expect("runbook");
+    eprintln!("[lab-timing] {label} {:.1}s", t0.elapsed().as_secs_f64());
+    if std::env::var_os("LAB_TIMING_OUT").is_some() {
+        eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    }
+    out
 }
 
 pub(crate) fn lab_cmd(labdir: &Path, args: &[&str]) -> Output {
