@@ -71,6 +71,30 @@ fn resume(dir: &Path, bundle: &Path, extra: &[&str]) -> std::process::Output {
     runbook_cmd(dir, &args).output().expect("resume")
 }
 
+/// The command lines of the live processes whose working directory is `dir`: the steps of a
+/// run there (and, for a moment, a step between its spawn and its exec).
+fn processes_in(dir: &Path) -> Vec<String> {
+    let Ok(dir) = dir.canonicalize() else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let proc_dir = e.path();
+        if std::fs::read_link(proc_dir.join("cwd")).ok().as_deref() != Some(dir.as_path()) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(proc_dir.join("stat")).unwrap_or_default();
+        let zombie = stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z'));
+        if let (false, Ok(cmdline)) = (zombie, std::fs::read(proc_dir.join("cmdline"))) {
+            out.push(String::from_utf8_lossy(&cmdline).replace('\0', " "));
+        }
+    }
+    out
+}
+
 fn counter(dir: &Path) -> Vec<String> {
     std::fs::read_to_string(dir.join("counter"))
         .unwrap_or_default()
@@ -209,11 +233,23 @@ fn kill_9_right_after_start_and_between_steps() {
         let mut child = start_run(&dir, &[]);
         wait_for(point, || journal_has(&dir, point));
         kill9(&mut child);
+        // The dead runner's steps live on: `a`, started but not yet recorded, may write its
+        // line after the kill. Count only once they have ended (b's sleep is left to resume).
+        wait_for("the dead run's steps to end", || {
+            processes_in(&dir)
+                .iter()
+                .all(|cmdline| cmdline.contains(&marker))
+        });
         let bundle = find_bundle(&dir);
-        // Steps whose success the journal recorded before the kill must not run again; a step
-        // that finished but whose success was not yet recorded is (correctly) run again.
+        // Steps whose success the journal recorded before the kill (the step's record, or its
+        // local attempt's) must not run again; a step that finished but whose success was not
+        // yet recorded is (correctly) run again.
         let recorded_a = read_journal(&bundle).iter().any(|e| {
-            e["event"] == "step_finished" && e["step"] == "a" && e["status"] == "succeeded"
+            e["step"] == "a"
+                && ((e["event"] == "step_finished" && e["status"] == "succeeded")
+                    || (e["event"] == "attempt_finished"
+                        && e["outcome"]["kind"] == "exited"
+                        && e["outcome"]["code"] == 0))
         });
         let a_before = counter(&dir).iter().filter(|l| *l == "a").count();
         // Until resumed, the bundle says it was interrupted once repaired.
