@@ -294,8 +294,10 @@ fn an_escaped_grandchild_holding_the_pipe_is_stopped_with_the_step() {
     // `setsid` takes the grandchild out of the step's group, but it still carries the
     // attempt's id: runbook keeps what it printed in time, stops it when the step's shell
     // exits (which closes the pipe), and records that as an engine record, not as output.
+    // The step's shell exits only once the grandchild is `sleep` (a loaded machine can hold it
+    // back before its `exec` for longer than any fixed pause).
     let toml = format!(
-        "{HEAD}[[steps]]\nid = \"escape\"\nkill_grace = \"1s\"\nrun = '''setsid sh -c 'echo tick-1; sleep 0.3; printf \"tick-2 \\377\\n\"; exec sleep {marker}' & sleep 0.6; echo main-done'''\n"
+        "{HEAD}[[steps]]\nid = \"escape\"\nkill_grace = \"1s\"\nrun = '''setsid sh -c 'echo tick-1; sleep 0.3; printf \"tick-2 \\377\\n\"; echo $$ > escaped.pid; exec sleep {marker}' & until [ -s escaped.pid ] && grep -qa '^sleep' /proc/$(cat escaped.pid)/cmdline 2>/dev/null; do sleep 0.05; done; echo main-done'''\n"
     );
     let r = run(&toml, Duration::from_secs(30));
     let left = processes_matching(&format!("sleep {marker}"));
