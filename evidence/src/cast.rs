@@ -18,13 +18,14 @@
 //!   secret becomes known mid-run, like the attempt log's `rewrite_redacted`.
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
 use runbook_engine::event::Stream;
 
 use crate::fs::HashingFile;
+use crate::log::sink::Sink;
 use crate::redact::{ByteRedactor, StreamRedactor};
 use crate::{write_err, EvidenceError};
 
@@ -57,7 +58,7 @@ impl Default for StreamState {
 
 pub struct CastWriter {
     path: PathBuf,
-    file: BufWriter<HashingFile>,
+    file: Sink,
     /// The event line being built (reused: no allocation per event).
     line: Vec<u8>,
     started: DateTime<Utc>,
@@ -95,7 +96,7 @@ impl CastWriter {
         let file = File::create(path).map_err(write_err(path))?;
         let mut w = Self {
             path: path.to_owned(),
-            file: BufWriter::with_capacity(64 * 1024, HashingFile::new(file)),
+            file: Sink::new(HashingFile::new(file)),
             line: Vec::new(),
             started,
             last_us: 0,
@@ -161,10 +162,7 @@ impl CastWriter {
         self.note(at, outcome_text)?;
         // Synced by the recorder together with the journal (group commit).
         let path = self.path;
-        let file = self
-            .file
-            .into_inner()
-            .map_err(|e| write_err(&path)(e.into_error()))?;
+        let file = self.file.close().map_err(write_err(&path))?;
         Ok(file.digest())
     }
 
@@ -203,7 +201,7 @@ impl CastWriter {
             .open(&self.path)
             .map_err(write_err(&self.path))?;
         // Rewritten elsewhere: sealing reads this file.
-        self.file = BufWriter::with_capacity(64 * 1024, HashingFile::unhashed(file));
+        self.file = Sink::new(HashingFile::unhashed(file));
         Ok(())
     }
 
