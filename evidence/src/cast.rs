@@ -232,34 +232,50 @@ impl CastWriter {
         if decoded.is_empty() {
             return Ok(());
         }
-        let mut text = String::with_capacity(decoded.len() + decoded.len() / 32 + 16);
+        // Escaped straight into the event line (no converted copy of the text first): JSON
+        // escaping is per character, so escaping the pieces between line breaks and the
+        // breaks' `\r\n` one after the other is escaping the converted text.
+        let us = (at - self.started).num_microseconds().unwrap_or(i64::MAX);
+        self.last_us = self.last_us.max(us);
+        let mut line = std::mem::take(&mut self.line);
+        line.clear();
+        line.reserve(decoded.len() + decoded.len() / 16 + 48);
+        let _ = write!(
+            line,
+            "[{}.{:06}, \"o\", \"",
+            self.last_us / 1_000_000,
+            self.last_us % 1_000_000
+        );
         if stream == Stream::Stderr {
-            text.push_str(RED);
+            push_json_escaped(&mut line, RED);
         }
         // `\n` becomes `\r\n` unless a `\r` is already before it (possibly at the end of the
         // previous event): a line at a time, not a character at a time.
         let mut rest = decoded;
-        while let Some(nl) = rest.find('\n') {
+        while let Some(nl) = memchr::memchr(b'\n', rest.as_bytes()) {
             let before = &rest[..nl];
             let cr_before = if before.is_empty() {
                 state.last_cr
             } else {
                 before.ends_with('\r')
             };
-            text.push_str(before);
-            text.push_str(if cr_before { "\n" } else { "\r\n" });
+            push_json_escaped(&mut line, before);
+            line.extend_from_slice(if cr_before { b"\\n" } else { b"\\r\\n" });
             state.last_cr = false;
             rest = &rest[nl + 1..];
         }
         if !rest.is_empty() {
-            text.push_str(rest);
+            push_json_escaped(&mut line, rest);
             state.last_cr = rest.ends_with('\r');
         }
         if stream == Stream::Stderr {
-            text.push_str(RESET);
+            push_json_escaped(&mut line, RESET);
         }
+        line.extend_from_slice(b"\"]\n");
         self.at_line_start = decoded.ends_with('\n');
-        self.event(at, &text)
+        let r = self.file.write_all(&line).map_err(write_err(&self.path));
+        self.line = line;
+        r
     }
 
     fn event(&mut self, at: DateTime<Utc>, text: &str) -> Result<(), EvidenceError> {
@@ -321,10 +337,16 @@ fn json_string(s: &str) -> String {
 /// \f \r " \\`, `\u00xx` for other control characters, everything else as it is), without
 /// going through a formatter per character.
 fn push_json_string(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    push_json_escaped(out, s);
+    out.push(b'"');
+}
+
+/// The inside of [`push_json_string`]: `s` escaped, without the quotes.
+fn push_json_escaped(out: &mut Vec<u8>, s: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let bytes = s.as_bytes();
     out.reserve(bytes.len() + 2);
-    out.push(b'"');
     let mut start = 0;
     let mut i = 0;
     while i < bytes.len() {
@@ -362,7 +384,6 @@ fn push_json_string(out: &mut Vec<u8>, s: &str) {
         start = i;
     }
     out.extend_from_slice(&bytes[start..]);
-    out.push(b'"');
 }
 
 /// Whether any of the eight bytes of `x` is a control character, `"` or `\\` (what JSON
@@ -595,6 +616,61 @@ mod tests {
             text.starts_with("a\r\nb\r\n\r\n\r\nc\r\nd\r\r\ne\r\n"),
             "{text:?}"
         );
+    }
+
+    /// An output event is byte for byte what formatting the converted text (`\n` to `\r\n`
+    /// once, stderr in red) and escaping it with serde_json gives: the event line is escaped
+    /// piece by piece between line breaks, straight into the line.
+    #[test]
+    fn output_events_are_the_converted_text_escaped_as_serde_json_does() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("a.cast");
+        let mut w =
+            CastWriter::create(&path, t0(), "t", "cmd", ByteRedactor::new(&[])).expect("create");
+        let pieces: [(Stream, &str); 9] = [
+            (Stream::Stdout, "plain line\n"),
+            (Stream::Stderr, "err \"quoted\" \\ back\tslash\r"),
+            (Stream::Stderr, "\nnext\n\n"),
+            (
+                Stream::Stdout,
+                "ctl \u{1}\u{1f}\u{7f} \u{1b}[1mbold\u{1b}[0m r\u{e9}sum\u{e9} \u{1f600}\r",
+            ),
+            (Stream::Stdout, "\r\n"),
+            (Stream::Stdout, "\n"),
+            (
+                Stream::Stdout,
+                "a fairly long line past a few words of eight bytes\nno end",
+            ),
+            (Stream::Stderr, "\r"),
+            (Stream::Stdout, " tail\n"),
+        ];
+        // The conversion, a character at a time, per stream.
+        let mut last_cr = [false, false];
+        let mut want = Vec::new();
+        for (stream, text) in pieces {
+            // Given as redacted output (the recorder's way): one event per write.
+            w.write_redacted(t0(), stream, text.as_bytes())
+                .expect("write");
+            let i = index(stream);
+            let mut out = String::new();
+            for c in text.chars() {
+                if c == '\n' && !last_cr[i] {
+                    out.push('\r');
+                }
+                out.push(c);
+                last_cr[i] = c == '\r';
+            }
+            if stream == Stream::Stderr {
+                out = format!("{RED}{out}{RESET}");
+            }
+            want.push(out);
+        }
+        w.finish(t0(), "done").expect("finish");
+        let text = std::fs::read_to_string(&path).expect("read");
+        let lines: Vec<&str> = text.lines().skip(2).collect();
+        for (n, want) in want.iter().enumerate() {
+            assert_eq!(format!("{}\n", lines[n]), event_line(0, want), "event {n}");
+        }
     }
 
     fn t0() -> DateTime<Utc> {
