@@ -303,18 +303,27 @@ fn file_key(meta: &std::fs::Metadata) -> String {
     )
 }
 
+/// Digests kept in the cache: one per binary recently run (two builds used in turn, an old
+/// and a new release side by side, must not evict each other at every run).
+const CACHE_ENTRIES: usize = 8;
+
 /// The SHA-256 of the file at `path`, and whether it came from `cache`. Hashing a large
-/// binary takes a while at every run start, so the digest is kept in `cache` for the exact
-/// file it was computed from ([`file_key`]). A cache that cannot be read, does not name this
-/// file or cannot be written only costs the hashing.
+/// binary takes a while at every run start, so the digest is kept in `cache` (one `key
+/// digest` line per binary, the latest first) for the exact file it was computed from
+/// ([`file_key`]). A cache that cannot be read, does not name this file or cannot be written
+/// only costs the hashing.
 fn binary_sha256(path: &Path, cache: Option<&Path>) -> Result<(String, bool), String> {
     let key = file_key(&std::fs::metadata(path).map_err(|e| e.to_string())?);
-    if let Some(text) = cache.and_then(|c| std::fs::read_to_string(c).ok()) {
-        if let Some((k, h)) = text.trim().split_once(' ') {
-            if k == key && h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Ok((h.to_owned(), true));
-            }
-        }
+    let text = cache
+        .and_then(|c| std::fs::read_to_string(c).ok())
+        .unwrap_or_default();
+    let entries: Vec<(&str, &str)> = text
+        .lines()
+        .filter_map(|l| l.trim().split_once(' '))
+        .filter(|(_, h)| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+        .collect();
+    if let Some((_, h)) = entries.iter().find(|(k, _)| *k == key) {
+        return Ok(((*h).to_owned(), true));
     }
     let hash = runbook_evidence::checksums::sha256_file(path).map_err(|e| e.to_string())?;
     // The file may have changed while it was read: only a digest of the file as it still is
@@ -322,14 +331,15 @@ fn binary_sha256(path: &Path, cache: Option<&Path>) -> Result<(String, bool), St
     let after = std::fs::metadata(path).map(|m| file_key(&m));
     if let (Some(cache), Ok(after)) = (cache, after) {
         if after == key {
+            let mut out = format!("{key} {hash}\n");
+            for (k, h) in entries.iter().take(CACHE_ENTRIES - 1) {
+                out.push_str(&format!("{k} {h}\n"));
+            }
             if let Some(dir) = cache.parent() {
                 if std::fs::create_dir_all(dir).is_ok() {
                     // Not part of any bundle: the engine's atomic write (no sealing crash
-                    // points), so a reader never sees half a line.
-                    let _ = runbook_engine::fs::write_atomic(
-                        cache,
-                        format!("{key} {hash}\n").as_bytes(),
-                    );
+                    // points), so a reader never sees half a file.
+                    let _ = runbook_engine::fs::write_atomic(cache, out.as_bytes());
                 }
             }
         }
@@ -408,6 +418,39 @@ mod tests {
         let replaced = binary_value(&bin, Some(&cache));
         assert_eq!(replaced["sha256"], sha(b"build three, longer").as_str());
         assert_eq!(replaced["sha256_cached"], false);
+    }
+
+    /// Two binaries run in turn (before and after builds in a benchmark) are both answered
+    /// from the cache; the oldest of more than [`CACHE_ENTRIES`] is hashed again.
+    #[test]
+    fn binaries_run_in_turn_keep_their_cached_digests() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = dir.path().join("binary-sha256");
+        let bins: Vec<_> = (0..=CACHE_ENTRIES)
+            .map(|n| {
+                let p = dir.path().join(format!("runbook-{n}"));
+                std::fs::write(&p, format!("build {n}")).expect("write");
+                p
+            })
+            .collect();
+        for bin in &bins[..2] {
+            assert_eq!(binary_value(bin, Some(&cache))["sha256_cached"], false);
+        }
+        for bin in &bins[..2] {
+            let v = binary_value(bin, Some(&cache));
+            assert_eq!(v["sha256_cached"], true, "{v}");
+            let want = sha(&std::fs::read(bin).expect("read"));
+            assert_eq!(v["sha256"], want.as_str());
+        }
+        // Eight more: the first one is the oldest and falls out.
+        for bin in &bins[2..] {
+            assert_eq!(binary_value(bin, Some(&cache))["sha256_cached"], false);
+        }
+        assert_eq!(binary_value(&bins[0], Some(&cache))["sha256_cached"], false);
+        assert_eq!(
+            binary_value(&bins[CACHE_ENTRIES], Some(&cache))["sha256_cached"],
+            true
+        );
     }
 
     /// A cache that cannot be used never costs the digest: garbage in it, a cache directory
