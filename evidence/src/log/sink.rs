@@ -19,8 +19,9 @@ use crate::fs::HashingFile;
 const CHUNK: usize = 64 * 1024;
 
 /// Full buffers that may wait for the thread: with the one being filled and the one being
-/// written, at most `QUEUE + 2` buffers per file exist.
-const QUEUE: usize = 4;
+/// written, at most `QUEUE + 2` buffers per file exist (a buffer is only made when none came
+/// back for reuse, that is when all the others are queued or being written).
+const QUEUE: usize = 2;
 
 enum Msg {
     Data(Vec<u8>),
@@ -161,7 +162,9 @@ fn gone() -> io::Error {
 
 fn spawn(mut file: HashingFile) -> io::Result<Worker> {
     let (tx, rx) = mpsc::sync_channel::<Msg>(QUEUE);
-    let (back_tx, back) = mpsc::channel::<Back>();
+    // Bounded too, and made here: the thread never allocates (no allocator arena of its own).
+    // It holds at most every buffer (`QUEUE + 2`) and one flush answer, so it never blocks.
+    let (back_tx, back) = mpsc::sync_channel::<Back>(QUEUE + 3);
     let handle = std::thread::Builder::new()
         .name("evidence-writer".into())
         .spawn(move || {
