@@ -232,9 +232,8 @@ impl CastWriter {
         if decoded.is_empty() {
             return Ok(());
         }
-        // Escaped straight into the event line (no converted copy of the text first): JSON
-        // escaping is per character, so escaping the pieces between line breaks and the
-        // breaks' `\r\n` one after the other is escaping the converted text.
+        // Converted and escaped straight into the event line in one pass (no converted copy of
+        // the text first).
         let us = (at - self.started).num_microseconds().unwrap_or(i64::MAX);
         self.last_us = self.last_us.max(us);
         let mut line = std::mem::take(&mut self.line);
@@ -249,25 +248,7 @@ impl CastWriter {
         if stream == Stream::Stderr {
             push_json_escaped(&mut line, RED);
         }
-        // `\n` becomes `\r\n` unless a `\r` is already before it (possibly at the end of the
-        // previous event): a line at a time, not a character at a time.
-        let mut rest = decoded;
-        while let Some(nl) = memchr::memchr(b'\n', rest.as_bytes()) {
-            let before = &rest[..nl];
-            let cr_before = if before.is_empty() {
-                state.last_cr
-            } else {
-                before.ends_with('\r')
-            };
-            push_json_escaped(&mut line, before);
-            line.extend_from_slice(if cr_before { b"\\n" } else { b"\\r\\n" });
-            state.last_cr = false;
-            rest = &rest[nl + 1..];
-        }
-        if !rest.is_empty() {
-            push_json_escaped(&mut line, rest);
-            state.last_cr = rest.ends_with('\r');
-        }
+        push_json_escaped_crlf(&mut line, decoded, &mut state.last_cr);
         if stream == Stream::Stderr {
             push_json_escaped(&mut line, RESET);
         }
@@ -384,6 +365,47 @@ fn push_json_escaped(out: &mut Vec<u8>, s: &str) {
         start = i;
     }
     out.extend_from_slice(&bytes[start..]);
+}
+
+/// [`push_json_escaped`] of `s` with each `\n` turned into `\r\n` unless a `\r` is already
+/// before it (`last_cr`: the previous event of the stream ended in one; updated), so a
+/// transcript replays in a terminal. One pass: the line break is one of the bytes the escaper
+/// stops at anyway.
+fn push_json_escaped_crlf(out: &mut Vec<u8>, s: &str, last_cr: &mut bool) {
+    let bytes = s.as_bytes();
+    out.reserve(bytes.len() + bytes.len() / 16 + 2);
+    let mut start = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        if let Some(word) = bytes.get(i..i + 8) {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(word);
+            if !may_need_escape(u64::from_le_bytes(w)) {
+                i += 8;
+                continue;
+            }
+        }
+        let b = bytes[i];
+        i += 1;
+        if b == b'\n' {
+            let cr_before = if i == 1 {
+                *last_cr
+            } else {
+                bytes[i - 2] == b'\r'
+            };
+            out.extend_from_slice(&bytes[start..i - 1]);
+            out.extend_from_slice(if cr_before { b"\\n" } else { b"\\r\\n" });
+            start = i;
+        } else if b < 0x20 || b == b'"' || b == b'\\' {
+            out.extend_from_slice(&bytes[start..i - 1]);
+            push_json_escaped(out, &s[i - 1..i]);
+            start = i;
+        }
+    }
+    out.extend_from_slice(&bytes[start..]);
+    if let Some(&b) = bytes.last() {
+        *last_cr = b == b'\r';
+    }
 }
 
 /// Whether any of the eight bytes of `x` is a control character, `"` or `\\` (what JSON
@@ -670,6 +692,51 @@ mod tests {
         let lines: Vec<&str> = text.lines().skip(2).collect();
         for (n, want) in want.iter().enumerate() {
             assert_eq!(format!("{}\n", lines[n]), event_line(0, want), "event {n}");
+        }
+    }
+
+    /// The one-pass conversion and escaping equals converting a character at a time and
+    /// escaping with serde_json, for every string of up to four pieces (pieces that put line
+    /// breaks, `\r`s and escapes on both sides of an eight-byte word), whatever the previous
+    /// event ended with.
+    #[test]
+    fn crlf_escaping_in_one_pass_equals_converting_then_escaping() {
+        let alphabet = ["a", "\n", "\r", "\"", "\\", "\u{1}", "\u{e9}", "xxxxxxx"];
+        let n = alphabet.len();
+        for len in 0..=4u32 {
+            for code in 0..n.pow(len) {
+                let mut text = String::new();
+                let mut c = code;
+                for _ in 0..len {
+                    text.push_str(alphabet[c % n]);
+                    c /= n;
+                }
+                for before in [false, true] {
+                    let mut want = String::new();
+                    let mut last_cr = before;
+                    for ch in text.chars() {
+                        if ch == '\n' && !last_cr {
+                            want.push('\r');
+                        }
+                        want.push(ch);
+                        last_cr = ch == '\r';
+                    }
+                    let mut got = Vec::new();
+                    let mut cr = before;
+                    push_json_escaped_crlf(&mut got, &text, &mut cr);
+                    let want_json = serde_json::to_string(&want).expect("json");
+                    assert_eq!(
+                        format!("\"{}\"", String::from_utf8_lossy(&got)),
+                        want_json,
+                        "{text:?} after a \\r: {before}"
+                    );
+                    if !text.is_empty() {
+                        assert_eq!(cr, last_cr, "{text:?}");
+                    } else {
+                        assert_eq!(cr, before);
+                    }
+                }
+            }
         }
     }
 
