@@ -257,30 +257,41 @@ fn identity() -> Value {
 /// The running binary and its SHA-256 (what an assessor compares with the release).
 fn binary() -> Value {
     match std::env::current_exe() {
-        Ok(path) => {
-            let (sha256, cached) = match binary_sha256(&path) {
-                Ok((h, cached)) => (Ok(h), cached),
-                Err(e) => (Err(e), false),
-            };
-            json!({
-                "path": path.display().to_string(),
-                "sha256": sha256.as_ref().ok(),
-                "sha256_cached": cached,
-                "error": sha256.err(),
-            })
-        }
+        Ok(path) => binary_value(&path, cache_file().as_deref()),
         Err(e) => json!({"path": null, "sha256": null, "error": e.to_string()}),
     }
 }
 
-/// The binary's SHA-256, and whether it came from the per-user cache. Hashing a large binary
-/// takes a while at every run start; the cache keeps it for the exact file it was computed
-/// from (device, inode, size, modification and change times: any rewrite of the binary, even
-/// one that restores its modification time, changes its change time).
-fn binary_sha256(path: &std::path::Path) -> Result<(String, bool), String> {
+/// The manifest's `engine.binary` for the binary at `path`, its digest through `cache`.
+fn binary_value(path: &Path, cache: Option<&Path>) -> Value {
+    let (sha256, cached) = match binary_sha256(path, cache) {
+        Ok((h, cached)) => (Ok(h), cached),
+        Err(e) => (Err(e), false),
+    };
+    json!({
+        "path": path.display().to_string(),
+        "sha256": sha256.as_ref().ok(),
+        "sha256_cached": cached,
+        "error": sha256.err(),
+    })
+}
+
+/// Where the binary's digest is kept: `$XDG_CACHE_HOME/runbook/binary-sha256`, else
+/// `~/.cache/runbook/binary-sha256`; none without either variable.
+fn cache_file() -> Option<std::path::PathBuf> {
+    std::env::var_os("XDG_CACHE_HOME")
+        .filter(|d| !d.is_empty())
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))
+        .map(|d| d.join("runbook").join("binary-sha256"))
+}
+
+/// The identity of the exact file the digest was computed from: device, inode, size,
+/// modification and change times (any rewrite of the binary, even one that restores its
+/// modification time, changes its change time; a replaced binary is another inode).
+fn file_key(meta: &std::fs::Metadata) -> String {
     use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
-    let key = format!(
+    format!(
         "{}:{}:{}:{}.{}:{}.{}",
         meta.dev(),
         meta.ino(),
@@ -289,29 +300,199 @@ fn binary_sha256(path: &std::path::Path) -> Result<(String, bool), String> {
         meta.mtime_nsec(),
         meta.ctime(),
         meta.ctime_nsec()
-    );
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(std::path::PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache")))
-        .map(|d| d.join("runbook").join("binary-sha256"));
-    if let Some(text) = cache.as_ref().and_then(|c| std::fs::read_to_string(c).ok()) {
-        if let Some((k, h)) = text.trim().split_once(' ') {
-            if k == key && h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Ok((h.to_owned(), true));
-            }
-        }
+    )
+}
+
+/// Digests kept in the cache: one per binary recently run (two builds used in turn, an old
+/// and a new release side by side, must not evict each other at every run).
+const CACHE_ENTRIES: usize = 8;
+
+/// The SHA-256 of the file at `path`, and whether it came from `cache`. Hashing a large
+/// binary takes a while at every run start, so the digest is kept in `cache` (one `key
+/// digest` line per binary, the latest first) for the exact file it was computed from
+/// ([`file_key`]). A cache that cannot be read, does not name this file or cannot be written
+/// only costs the hashing.
+fn binary_sha256(path: &Path, cache: Option<&Path>) -> Result<(String, bool), String> {
+    let key = file_key(&std::fs::metadata(path).map_err(|e| e.to_string())?);
+    let text = cache
+        .and_then(|c| std::fs::read_to_string(c).ok())
+        .unwrap_or_default();
+    let entries: Vec<(&str, &str)> = text
+        .lines()
+        .filter_map(|l| l.trim().split_once(' '))
+        .filter(|(_, h)| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+        .collect();
+    if let Some((_, h)) = entries.iter().find(|(k, _)| *k == key) {
+        return Ok(((*h).to_owned(), true));
     }
     let hash = runbook_evidence::checksums::sha256_file(path).map_err(|e| e.to_string())?;
-    if let Some(cache) = cache {
-        // Best effort: a cache that cannot be written only costs the next run the hashing.
-        if let Some(dir) = cache.parent() {
-            if std::fs::create_dir_all(dir).is_ok() {
-                let _ = runbook_evidence::fs::write_atomic(
-                    &cache,
-                    format!("{key} {hash}\n").as_bytes(),
-                );
+    // The file may have changed while it was read: only a digest of the file as it still is
+    // is kept.
+    let after = std::fs::metadata(path).map(|m| file_key(&m));
+    if let (Some(cache), Ok(after)) = (cache, after) {
+        if after == key {
+            let mut out = format!("{key} {hash}\n");
+            for (k, h) in entries.iter().take(CACHE_ENTRIES - 1) {
+                out.push_str(&format!("{k} {h}\n"));
+            }
+            if let Some(dir) = cache.parent() {
+                if std::fs::create_dir_all(dir).is_ok() {
+                    // Not part of any bundle: the engine's atomic write (no sealing crash
+                    // points), so a reader never sees half a file.
+                    let _ = runbook_engine::fs::write_atomic(cache, out.as_bytes());
+                }
             }
         }
     }
     Ok((hash, false))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sha(data: &[u8]) -> String {
+        use sha2::Digest as _;
+        hex::encode(sha2::Sha256::digest(data))
+    }
+
+    fn ctime(path: &Path) -> (i64, i64) {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).expect("stat");
+        (m.ctime(), m.ctime_nsec())
+    }
+
+    /// The cache answers for the exact file only: the second look at an unchanged binary
+    /// comes from it; a binary rebuilt in place (same size, even with its modification time
+    /// put back) or replaced by another file is hashed again, and the manifest's value names
+    /// the digest of the file as it is now.
+    #[test]
+    fn the_cached_digest_is_only_used_for_the_same_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bin = dir.path().join("runbook");
+        let cache = dir
+            .path()
+            .join("cache")
+            .join("runbook")
+            .join("binary-sha256");
+        std::fs::write(&bin, b"build one").expect("write");
+
+        let first = binary_value(&bin, Some(&cache));
+        assert_eq!(first["sha256"], sha(b"build one").as_str());
+        assert_eq!(first["sha256_cached"], false);
+        let second = binary_value(&bin, Some(&cache));
+        assert_eq!(second["sha256"], sha(b"build one").as_str());
+        assert_eq!(second["sha256_cached"], true, "{second}");
+
+        // Rebuilt in place, same size, modification time restored: the change time differs
+        // (waited for, the kernel's file times being coarse).
+        let mtime = std::fs::metadata(&bin)
+            .and_then(|m| m.modified())
+            .expect("mtime");
+        let before = ctime(&bin);
+        loop {
+            std::fs::write(&bin, b"build two").expect("rewrite");
+            let f = std::fs::File::options()
+                .write(true)
+                .open(&bin)
+                .expect("open");
+            f.set_modified(mtime).expect("set mtime");
+            if ctime(&bin) != before {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        let rebuilt = binary_value(&bin, Some(&cache));
+        assert_eq!(rebuilt["sha256"], sha(b"build two").as_str());
+        assert_eq!(rebuilt["sha256_cached"], false);
+        assert_eq!(
+            binary_value(&bin, Some(&cache))["sha256_cached"],
+            true,
+            "the new digest is cached"
+        );
+
+        // Replaced by another file (a package upgrade renames a new binary into place).
+        let new = dir.path().join("runbook.new");
+        std::fs::write(&new, b"build three, longer").expect("write");
+        std::fs::rename(&new, &bin).expect("rename");
+        let replaced = binary_value(&bin, Some(&cache));
+        assert_eq!(replaced["sha256"], sha(b"build three, longer").as_str());
+        assert_eq!(replaced["sha256_cached"], false);
+    }
+
+    /// Two binaries run in turn (before and after builds in a benchmark) are both answered
+    /// from the cache; the oldest of more than [`CACHE_ENTRIES`] is hashed again.
+    #[test]
+    fn binaries_run_in_turn_keep_their_cached_digests() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = dir.path().join("binary-sha256");
+        let bins: Vec<_> = (0..=CACHE_ENTRIES)
+            .map(|n| {
+                let p = dir.path().join(format!("runbook-{n}"));
+                std::fs::write(&p, format!("build {n}")).expect("write");
+                p
+            })
+            .collect();
+        for bin in &bins[..2] {
+            assert_eq!(binary_value(bin, Some(&cache))["sha256_cached"], false);
+        }
+        for bin in &bins[..2] {
+            let v = binary_value(bin, Some(&cache));
+            assert_eq!(v["sha256_cached"], true, "{v}");
+            let want = sha(&std::fs::read(bin).expect("read"));
+            assert_eq!(v["sha256"], want.as_str());
+        }
+        // Eight more: the first one is the oldest and falls out.
+        for bin in &bins[2..] {
+            assert_eq!(binary_value(bin, Some(&cache))["sha256_cached"], false);
+        }
+        assert_eq!(binary_value(&bins[0], Some(&cache))["sha256_cached"], false);
+        assert_eq!(
+            binary_value(&bins[CACHE_ENTRIES], Some(&cache))["sha256_cached"],
+            true
+        );
+    }
+
+    /// A cache that cannot be used never costs the digest: garbage in it, a cache directory
+    /// that cannot be made (a file in its place), or no cache at all.
+    #[test]
+    fn an_unusable_cache_falls_back_to_hashing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bin = dir.path().join("runbook");
+        std::fs::write(&bin, b"binary").expect("write");
+        let want = sha(b"binary");
+
+        let garbage = dir.path().join("garbage");
+        let key = file_key(&std::fs::metadata(&bin).expect("stat"));
+        std::fs::write(&garbage, format!("{key} not-a-digest\n")).expect("write");
+        assert_eq!(
+            binary_sha256(&bin, Some(&garbage)).expect("hash"),
+            (want.clone(), false)
+        );
+
+        let blocked = dir.path().join("a-file");
+        std::fs::write(&blocked, b"").expect("write");
+        let cache = blocked.join("runbook").join("binary-sha256");
+        for _ in 0..2 {
+            assert_eq!(
+                binary_sha256(&bin, Some(&cache)).expect("hash"),
+                (want.clone(), false)
+            );
+        }
+        assert_eq!(binary_sha256(&bin, None).expect("hash"), (want, false));
+    }
+
+    /// The manifest's digest of the running binary is the file's.
+    #[test]
+    fn the_running_binary_is_named_with_its_digest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let exe = std::env::current_exe().expect("exe");
+        let cache = dir.path().join("binary-sha256");
+        let want = runbook_evidence::checksums::sha256_file(&exe).expect("hash");
+        for cached in [false, true] {
+            let v = binary_value(&exe, Some(&cache));
+            assert_eq!(v["sha256"], want.as_str());
+            assert_eq!(v["sha256_cached"], cached);
+        }
+    }
 }

@@ -18,13 +18,14 @@
 //!   secret becomes known mid-run, like the attempt log's `rewrite_redacted`.
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
 use runbook_engine::event::Stream;
 
 use crate::fs::HashingFile;
+use crate::log::sink::Sink;
 use crate::redact::{ByteRedactor, StreamRedactor};
 use crate::{write_err, EvidenceError};
 
@@ -57,7 +58,7 @@ impl Default for StreamState {
 
 pub struct CastWriter {
     path: PathBuf,
-    file: BufWriter<HashingFile>,
+    file: Sink,
     /// The event line being built (reused: no allocation per event).
     line: Vec<u8>,
     started: DateTime<Utc>,
@@ -95,7 +96,7 @@ impl CastWriter {
         let file = File::create(path).map_err(write_err(path))?;
         let mut w = Self {
             path: path.to_owned(),
-            file: BufWriter::with_capacity(64 * 1024, HashingFile::new(file)),
+            file: Sink::new(HashingFile::new(file)),
             line: Vec::new(),
             started,
             last_us: 0,
@@ -161,10 +162,7 @@ impl CastWriter {
         self.note(at, outcome_text)?;
         // Synced by the recorder together with the journal (group commit).
         let path = self.path;
-        let file = self
-            .file
-            .into_inner()
-            .map_err(|e| write_err(&path)(e.into_error()))?;
+        let file = self.file.close().map_err(write_err(&path))?;
         Ok(file.digest())
     }
 
@@ -203,7 +201,7 @@ impl CastWriter {
             .open(&self.path)
             .map_err(write_err(&self.path))?;
         // Rewritten elsewhere: sealing reads this file.
-        self.file = BufWriter::with_capacity(64 * 1024, HashingFile::unhashed(file));
+        self.file = Sink::new(HashingFile::unhashed(file));
         Ok(())
     }
 
@@ -234,34 +232,31 @@ impl CastWriter {
         if decoded.is_empty() {
             return Ok(());
         }
-        let mut text = String::with_capacity(decoded.len() + decoded.len() / 32 + 16);
+        // Converted and escaped straight into the event line in one pass (no converted copy of
+        // the text first).
+        let us = (at - self.started).num_microseconds().unwrap_or(i64::MAX);
+        self.last_us = self.last_us.max(us);
+        let mut line = std::mem::take(&mut self.line);
+        line.clear();
+        line.reserve(decoded.len() + decoded.len() / 16 + 48);
+        let _ = write!(
+            line,
+            "[{}.{:06}, \"o\", \"",
+            self.last_us / 1_000_000,
+            self.last_us % 1_000_000
+        );
         if stream == Stream::Stderr {
-            text.push_str(RED);
+            push_json_escaped(&mut line, RED);
         }
-        // `\n` becomes `\r\n` unless a `\r` is already before it (possibly at the end of the
-        // previous event): a line at a time, not a character at a time.
-        let mut rest = decoded;
-        while let Some(nl) = rest.find('\n') {
-            let before = &rest[..nl];
-            let cr_before = if before.is_empty() {
-                state.last_cr
-            } else {
-                before.ends_with('\r')
-            };
-            text.push_str(before);
-            text.push_str(if cr_before { "\n" } else { "\r\n" });
-            state.last_cr = false;
-            rest = &rest[nl + 1..];
-        }
-        if !rest.is_empty() {
-            text.push_str(rest);
-            state.last_cr = rest.ends_with('\r');
-        }
+        push_json_escaped_crlf(&mut line, decoded, &mut state.last_cr);
         if stream == Stream::Stderr {
-            text.push_str(RESET);
+            push_json_escaped(&mut line, RESET);
         }
+        line.extend_from_slice(b"\"]\n");
         self.at_line_start = decoded.ends_with('\n');
-        self.event(at, &text)
+        let r = self.file.write_all(&line).map_err(write_err(&self.path));
+        self.line = line;
+        r
     }
 
     fn event(&mut self, at: DateTime<Utc>, text: &str) -> Result<(), EvidenceError> {
@@ -323,10 +318,16 @@ fn json_string(s: &str) -> String {
 /// \f \r " \\`, `\u00xx` for other control characters, everything else as it is), without
 /// going through a formatter per character.
 fn push_json_string(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    push_json_escaped(out, s);
+    out.push(b'"');
+}
+
+/// The inside of [`push_json_string`]: `s` escaped, without the quotes.
+fn push_json_escaped(out: &mut Vec<u8>, s: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let bytes = s.as_bytes();
     out.reserve(bytes.len() + 2);
-    out.push(b'"');
     let mut start = 0;
     let mut i = 0;
     while i < bytes.len() {
@@ -364,7 +365,47 @@ fn push_json_string(out: &mut Vec<u8>, s: &str) {
         start = i;
     }
     out.extend_from_slice(&bytes[start..]);
-    out.push(b'"');
+}
+
+/// [`push_json_escaped`] of `s` with each `\n` turned into `\r\n` unless a `\r` is already
+/// before it (`last_cr`: the previous event of the stream ended in one; updated), so a
+/// transcript replays in a terminal. One pass: the line break is one of the bytes the escaper
+/// stops at anyway.
+fn push_json_escaped_crlf(out: &mut Vec<u8>, s: &str, last_cr: &mut bool) {
+    let bytes = s.as_bytes();
+    out.reserve(bytes.len() + bytes.len() / 16 + 2);
+    let mut start = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        if let Some(word) = bytes.get(i..i + 8) {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(word);
+            if !may_need_escape(u64::from_le_bytes(w)) {
+                i += 8;
+                continue;
+            }
+        }
+        let b = bytes[i];
+        i += 1;
+        if b == b'\n' {
+            let cr_before = if i == 1 {
+                *last_cr
+            } else {
+                bytes[i - 2] == b'\r'
+            };
+            out.extend_from_slice(&bytes[start..i - 1]);
+            out.extend_from_slice(if cr_before { b"\\n" } else { b"\\r\\n" });
+            start = i;
+        } else if b < 0x20 || b == b'"' || b == b'\\' {
+            out.extend_from_slice(&bytes[start..i - 1]);
+            push_json_escaped(out, &s[i - 1..i]);
+            start = i;
+        }
+    }
+    out.extend_from_slice(&bytes[start..]);
+    if let Some(&b) = bytes.last() {
+        *last_cr = b == b'\r';
+    }
 }
 
 /// Whether any of the eight bytes of `x` is a control character, `"` or `\\` (what JSON
@@ -597,6 +638,106 @@ mod tests {
             text.starts_with("a\r\nb\r\n\r\n\r\nc\r\nd\r\r\ne\r\n"),
             "{text:?}"
         );
+    }
+
+    /// An output event is byte for byte what formatting the converted text (`\n` to `\r\n`
+    /// once, stderr in red) and escaping it with serde_json gives: the event line is escaped
+    /// piece by piece between line breaks, straight into the line.
+    #[test]
+    fn output_events_are_the_converted_text_escaped_as_serde_json_does() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("a.cast");
+        let mut w =
+            CastWriter::create(&path, t0(), "t", "cmd", ByteRedactor::new(&[])).expect("create");
+        let pieces: [(Stream, &str); 9] = [
+            (Stream::Stdout, "plain line\n"),
+            (Stream::Stderr, "err \"quoted\" \\ back\tslash\r"),
+            (Stream::Stderr, "\nnext\n\n"),
+            (
+                Stream::Stdout,
+                "ctl \u{1}\u{1f}\u{7f} \u{1b}[1mbold\u{1b}[0m r\u{e9}sum\u{e9} \u{1f600}\r",
+            ),
+            (Stream::Stdout, "\r\n"),
+            (Stream::Stdout, "\n"),
+            (
+                Stream::Stdout,
+                "a fairly long line past a few words of eight bytes\nno end",
+            ),
+            (Stream::Stderr, "\r"),
+            (Stream::Stdout, " tail\n"),
+        ];
+        // The conversion, a character at a time, per stream.
+        let mut last_cr = [false, false];
+        let mut want = Vec::new();
+        for (stream, text) in pieces {
+            // Given as redacted output (the recorder's way): one event per write.
+            w.write_redacted(t0(), stream, text.as_bytes())
+                .expect("write");
+            let i = index(stream);
+            let mut out = String::new();
+            for c in text.chars() {
+                if c == '\n' && !last_cr[i] {
+                    out.push('\r');
+                }
+                out.push(c);
+                last_cr[i] = c == '\r';
+            }
+            if stream == Stream::Stderr {
+                out = format!("{RED}{out}{RESET}");
+            }
+            want.push(out);
+        }
+        w.finish(t0(), "done").expect("finish");
+        let text = std::fs::read_to_string(&path).expect("read");
+        let lines: Vec<&str> = text.lines().skip(2).collect();
+        for (n, want) in want.iter().enumerate() {
+            assert_eq!(format!("{}\n", lines[n]), event_line(0, want), "event {n}");
+        }
+    }
+
+    /// The one-pass conversion and escaping equals converting a character at a time and
+    /// escaping with serde_json, for every string of up to four pieces (pieces that put line
+    /// breaks, `\r`s and escapes on both sides of an eight-byte word), whatever the previous
+    /// event ended with.
+    #[test]
+    fn crlf_escaping_in_one_pass_equals_converting_then_escaping() {
+        let alphabet = ["a", "\n", "\r", "\"", "\\", "\u{1}", "\u{e9}", "xxxxxxx"];
+        let n = alphabet.len();
+        for len in 0..=4u32 {
+            for code in 0..n.pow(len) {
+                let mut text = String::new();
+                let mut c = code;
+                for _ in 0..len {
+                    text.push_str(alphabet[c % n]);
+                    c /= n;
+                }
+                for before in [false, true] {
+                    let mut want = String::new();
+                    let mut last_cr = before;
+                    for ch in text.chars() {
+                        if ch == '\n' && !last_cr {
+                            want.push('\r');
+                        }
+                        want.push(ch);
+                        last_cr = ch == '\r';
+                    }
+                    let mut got = Vec::new();
+                    let mut cr = before;
+                    push_json_escaped_crlf(&mut got, &text, &mut cr);
+                    let want_json = serde_json::to_string(&want).expect("json");
+                    assert_eq!(
+                        format!("\"{}\"", String::from_utf8_lossy(&got)),
+                        want_json,
+                        "{text:?} after a \\r: {before}"
+                    );
+                    if !text.is_empty() {
+                        assert_eq!(cr, last_cr, "{text:?}");
+                    } else {
+                        assert_eq!(cr, before);
+                    }
+                }
+            }
+        }
     }
 
     fn t0() -> DateTime<Utc> {

@@ -5,7 +5,7 @@
 //! (invalid UTF-8 included), after secret redaction.
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -14,6 +14,9 @@ use runbook_engine::event::Stream;
 use crate::fs::HashingFile;
 use crate::redact::{ByteRedactor, RedactFile as _, Released, StreamRedactor};
 use crate::{write_err, EvidenceError};
+use sink::Sink;
+
+pub(crate) mod sink;
 
 /// Longest start of a line kept in memory while waiting for its newline: past it, the start
 /// is written as a fragment record.
@@ -43,7 +46,7 @@ impl Default for StreamLog {
 
 pub struct LogWriter {
     path: PathBuf,
-    file: BufWriter<HashingFile>,
+    file: Sink,
     /// The last time stamp formatted, and its text: a read's lines share one time, so the
     /// stamp is formatted once per read rather than once per line.
     stamp: Option<(DateTime<Utc>, String)>,
@@ -79,7 +82,7 @@ impl LogWriter {
         let file = File::create(path).map_err(write_err(path))?;
         Ok(Self {
             path: path.to_owned(),
-            file: BufWriter::with_capacity(64 * 1024, HashingFile::new(file)),
+            file: Sink::new(HashingFile::new(file)),
             stamp: None,
             streams: Default::default(),
             redactor,
@@ -193,7 +196,7 @@ impl LogWriter {
             .open(&self.path)
             .map_err(write_err(&self.path))?;
         // Rewritten elsewhere: sealing reads this file.
-        self.file = BufWriter::with_capacity(64 * 1024, HashingFile::unhashed(file));
+        self.file = Sink::new(HashingFile::unhashed(file));
         // The redacted starts of unfinished lines are not in the file yet.
         for s in &mut self.streams {
             if !s.partial.is_empty() {
@@ -257,10 +260,7 @@ impl LogWriter {
     pub fn close(mut self) -> Result<Option<String>, EvidenceError> {
         self.flush_partial()?;
         let path = self.path;
-        let file = self
-            .file
-            .into_inner()
-            .map_err(|e| write_err(&path)(e.into_error()))?;
+        let file = self.file.close().map_err(write_err(&path))?;
         Ok(file.digest())
     }
 }

@@ -566,38 +566,14 @@ fn hold_wrapped(lead: &[u8], data: &[u8], end: usize, overlap: usize, known: usi
     hold
 }
 
-/// Eight bytes with a `\n` among them: the word trick for a zero byte, on the word XOR `\n`s
-/// (exact about whether there is one, which is all the callers ask of it).
-fn has_newline(word: [u8; 8]) -> bool {
-    const LO: u64 = 0x0101_0101_0101_0101;
-    const HI: u64 = 0x8080_8080_8080_8080;
-    let x = u64::from_le_bytes(word) ^ (LO * u64::from(b'\n'));
-    x.wrapping_sub(LO) & !x & HI != 0
-}
-
-fn word_at(hay: &[u8], at: usize) -> [u8; 8] {
-    let mut w = [0u8; 8];
-    w.copy_from_slice(&hay[at..at + 8]);
-    w
-}
-
-/// The first `\n` in `hay`, eight bytes at a time: every line of output goes through here
-/// (a byte loop was a visible share of capturing a base64 dump).
+/// The first `\n` in `hay`: every line of output goes through here (SIMD `memchr`).
 pub(crate) fn first_newline(hay: &[u8]) -> Option<usize> {
-    let mut at = 0;
-    while at + 8 <= hay.len() && !has_newline(word_at(hay, at)) {
-        at += 8;
-    }
-    hay[at..].iter().position(|&b| b == b'\n').map(|p| at + p)
+    memchr::memchr(b'\n', hay)
 }
 
-/// The last `\n` in `hay`, eight bytes at a time (see [`first_newline`]).
+/// The last `\n` in `hay`.
 pub(crate) fn last_newline(hay: &[u8]) -> Option<usize> {
-    let mut end = hay.len();
-    while end >= 8 && !has_newline(word_at(hay, end - 8)) {
-        end -= 8;
-    }
-    hay[..end].iter().rposition(|&b| b == b'\n')
+    memchr::memrchr(b'\n', hay)
 }
 
 #[cfg(test)]
@@ -605,7 +581,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn newline_search_by_words_finds_what_a_byte_loop_finds() {
+    fn newline_search_finds_what_a_byte_loop_finds() {
         let mut hay = vec![b'A'; 40];
         assert_eq!(first_newline(&hay), None);
         assert_eq!(last_newline(&hay), None);
