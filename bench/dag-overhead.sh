@@ -76,7 +76,7 @@ generate() {
 }
 
 # rb_cmd SHAPE [BINARY [TAG]]
-rb_cmd() { echo "${2:-$RUNBOOK_BIN}" run "$WORK/$1/runbook.toml" --parallel "$JOBS" --evidence-dir "$EVID_PARENT/evidence$3-$1" --no-progress; }
+rb_cmd() { echo "${2:-$RUNBOOK_BIN}" run "$WORK/$1/runbook.toml" --parallel "$JOBS" --evidence-dir "$EVID_PARENT/evidence${3:-}-$1" --no-progress; }
 
 # Runs every tool once (twice for ninja and make) outside the timing, and checks that each
 # really ran every step: a tool that skipped work would look fast for the wrong reason.
