@@ -445,12 +445,11 @@ pub enum RunEvent {
         /// Resolved against the step's working directory.
         path: PathBuf,
     },
+    /// Not acknowledged: a dependent's first effect waits for its own `attempt_started`
+    /// record, and records are written in the order they are sent, so this one is in the
+    /// journal first (and a run that can no longer be recorded starts nothing new).
     StepFinished {
         at: Timestamp,
-        /// Dropped once the step's record is written: dependents start only after that, so
-        /// a run that can no longer be recorded starts nothing new.
-        #[serde(skip)]
-        receipt: Receipt,
         step: StepId,
         status: StepStatus,
         attempts: u32,
@@ -594,7 +593,6 @@ impl RunEvent {
             | RunEvent::RunResumed { receipt, .. }
             | RunEvent::AttemptStarted { receipt, .. }
             | RunEvent::Collect { receipt, .. }
-            | RunEvent::StepFinished { receipt, .. }
             | RunEvent::Artifact { receipt, .. } => Some(receipt),
             _ => None,
         }

@@ -172,7 +172,6 @@ impl Executor {
                         &self.events,
                         RunEvent::StepFinished {
                             at: Utc::now(),
-                            receipt: crate::event::Receipt::default(),
                             step: step.id.clone(),
                             status,
                             attempts: 0,
@@ -260,12 +259,14 @@ impl Executor {
                 )
                 .await;
             }
-            let (receipt, recorded) = crate::event::Receipt::new();
+            // Not waited for: dependents released below start nothing before their own
+            // attempt's start is recorded (`announce`), and the journal is written in the
+            // order events are sent, so this record is in it first. Waiting here cost every
+            // step of a chain one more round trip to the evidence thread.
             emit(
                 &self.events,
                 RunEvent::StepFinished {
                     at: Utc::now(),
-                    receipt,
                     step: step.id.clone(),
                     status: result.status,
                     attempts: result.attempts,
@@ -283,10 +284,6 @@ impl Executor {
                 duration: result.duration,
                 reason: result.reason,
             });
-            // Completes when the consumer has written the step's record (or gone away).
-            if self.barrier {
-                let _ = recorded.await;
-            }
             release(&plan, i, &mut unfinished_needs, &mut ready);
         }
 
@@ -422,7 +419,6 @@ impl Executor {
             &self.events,
             RunEvent::StepFinished {
                 at: Utc::now(),
-                receipt: crate::event::Receipt::default(),
                 step: step.id.clone(),
                 status: StepStatus::Succeeded,
                 attempts: prior.attempts,
