@@ -325,9 +325,22 @@ fn push_json_string(out: &mut Vec<u8>, s: &str) {
 
 /// The inside of [`push_json_string`]: `s` escaped, without the quotes.
 fn push_json_escaped(out: &mut Vec<u8>, s: &str) {
+    escape_into(out, s, None);
+}
+
+/// [`push_json_escaped`] of `s` with each `\n` turned into `\r\n` unless a `\r` is already
+/// before it (`last_cr`: the previous event of the stream ended in one; updated), so a
+/// transcript replays in a terminal.
+fn push_json_escaped_crlf(out: &mut Vec<u8>, s: &str, last_cr: &mut bool) {
+    escape_into(out, s, Some(last_cr));
+}
+
+/// The one escaper: JSON string escapes, and with `crlf` the line-break conversion in the same
+/// pass (the line break is one of the bytes the escaper stops at anyway).
+fn escape_into(out: &mut Vec<u8>, s: &str, crlf: Option<&mut bool>) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let bytes = s.as_bytes();
-    out.reserve(bytes.len() + 2);
+    out.reserve(bytes.len() + bytes.len() / 16 + 2);
     let mut start = 0;
     let mut i = 0;
     while i < bytes.len() {
@@ -343,9 +356,20 @@ fn push_json_escaped(out: &mut Vec<u8>, s: &str) {
         let b = bytes[i];
         i += 1;
         let short: &[u8] = match b {
+            b'\n' => {
+                let cr_before = match (i, crlf.as_deref()) {
+                    (1, Some(&last_cr)) => last_cr,
+                    (1, None) => true,
+                    _ => bytes[i - 2] == b'\r',
+                };
+                if crlf.is_some() && !cr_before {
+                    b"\\r\\n"
+                } else {
+                    b"\\n"
+                }
+            }
             b'"' => b"\\\"",
             b'\\' => b"\\\\",
-            b'\n' => b"\\n",
             b'\r' => b"\\r",
             b'\t' => b"\\t",
             0x08 => b"\\b",
@@ -365,45 +389,7 @@ fn push_json_escaped(out: &mut Vec<u8>, s: &str) {
         start = i;
     }
     out.extend_from_slice(&bytes[start..]);
-}
-
-/// [`push_json_escaped`] of `s` with each `\n` turned into `\r\n` unless a `\r` is already
-/// before it (`last_cr`: the previous event of the stream ended in one; updated), so a
-/// transcript replays in a terminal. One pass: the line break is one of the bytes the escaper
-/// stops at anyway.
-fn push_json_escaped_crlf(out: &mut Vec<u8>, s: &str, last_cr: &mut bool) {
-    let bytes = s.as_bytes();
-    out.reserve(bytes.len() + bytes.len() / 16 + 2);
-    let mut start = 0;
-    let mut i = 0;
-    while i < bytes.len() {
-        if let Some(word) = bytes.get(i..i + 8) {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(word);
-            if !may_need_escape(u64::from_le_bytes(w)) {
-                i += 8;
-                continue;
-            }
-        }
-        let b = bytes[i];
-        i += 1;
-        if b == b'\n' {
-            let cr_before = if i == 1 {
-                *last_cr
-            } else {
-                bytes[i - 2] == b'\r'
-            };
-            out.extend_from_slice(&bytes[start..i - 1]);
-            out.extend_from_slice(if cr_before { b"\\n" } else { b"\\r\\n" });
-            start = i;
-        } else if b < 0x20 || b == b'"' || b == b'\\' {
-            out.extend_from_slice(&bytes[start..i - 1]);
-            push_json_escaped(out, &s[i - 1..i]);
-            start = i;
-        }
-    }
-    out.extend_from_slice(&bytes[start..]);
-    if let Some(&b) = bytes.last() {
+    if let (Some(last_cr), Some(&b)) = (crlf, bytes.last()) {
         *last_cr = b == b'\r';
     }
 }
