@@ -95,14 +95,7 @@ impl Sink {
     /// The thread stopped (a write failed): its error.
     fn fail(&mut self) -> io::Error {
         match std::mem::replace(&mut self.state, State::Gone) {
-            State::Thread(worker) => {
-                drop(worker.tx);
-                match worker.handle.join() {
-                    Ok(Err(e)) => e,
-                    Ok(Ok(_)) => gone(),
-                    Err(_) => io::Error::other("the evidence writer thread panicked"),
-                }
-            }
+            State::Thread(worker) => worker.finish().err().unwrap_or_else(gone),
             _ => gone(),
         }
     }
@@ -144,15 +137,20 @@ impl Sink {
         self.drain()?;
         match std::mem::replace(&mut self.state, State::Gone) {
             State::Inline(file) => Ok(file),
-            State::Thread(worker) => {
-                drop(worker.tx);
-                worker
-                    .handle
-                    .join()
-                    .map_err(|_| io::Error::other("the evidence writer thread panicked"))?
-            }
+            State::Thread(worker) => worker.finish(),
             State::Gone => Err(gone()),
         }
+    }
+}
+
+impl Worker {
+    /// Ends the queue and waits for the thread: the file with everything written, or the
+    /// write error that stopped it.
+    fn finish(self) -> io::Result<HashingFile> {
+        drop(self.tx);
+        self.handle
+            .join()
+            .map_err(|_| io::Error::other("the evidence writer thread panicked"))?
     }
 }
 
@@ -216,8 +214,7 @@ impl Drop for Sink {
             let _ = self.drain();
         }
         if let State::Thread(worker) = std::mem::replace(&mut self.state, State::Gone) {
-            drop(worker.tx);
-            let _ = worker.handle.join();
+            let _ = worker.finish();
         }
     }
 }
@@ -226,14 +223,19 @@ impl Drop for Sink {
 mod tests {
     use super::*;
 
+    /// A sink on a new file `f` in a temporary directory (kept alive by the caller).
+    fn sink_in_temp_dir() -> (tempfile::TempDir, std::path::PathBuf, Sink) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("f");
+        let file = std::fs::File::create(&path).expect("create");
+        (dir, path, Sink::new(HashingFile::new(file)))
+    }
+
     /// Bytes written through the thread in odd-sized pieces land in order, the running digest
     /// is the file's, and a flush means the file already holds them.
     #[test]
     fn the_thread_writes_every_byte_in_order_and_flush_waits_for_it() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("f");
-        let file = std::fs::File::create(&path).expect("create");
-        let mut sink = Sink::new(HashingFile::new(file));
+        let (_dir, path, mut sink) = sink_in_temp_dir();
         let mut want = Vec::new();
         for i in 0..40_000u32 {
             let piece = format!("line {i} {}\n", "x".repeat((i % 97) as usize));
@@ -253,10 +255,7 @@ mod tests {
     /// Less than one buffer: no thread, and the bytes are in the file after a flush.
     #[test]
     fn small_output_is_written_without_a_thread() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("f");
-        let file = std::fs::File::create(&path).expect("create");
-        let mut sink = Sink::new(HashingFile::new(file));
+        let (_dir, path, mut sink) = sink_in_temp_dir();
         sink.write_all(b"one record\n").expect("write");
         sink.flush().expect("flush");
         assert_eq!(std::fs::read(&path).expect("read"), b"one record\n");
