@@ -172,7 +172,10 @@ impl AttemptOutcome {
     pub fn describe(&self) -> String {
         match self {
             AttemptOutcome::Exited { code: 0 } => "succeeded".into(),
-            AttemptOutcome::Exited { code } => format!("exit code {code}"),
+            AttemptOutcome::Exited { code } => match died_of_signal(*code) {
+                Some(why) => format!("exit code {code} ({why})"),
+                None => format!("exit code {code}"),
+            },
             AttemptOutcome::Signaled { name, .. } => format!("killed by {name}"),
             AttemptOutcome::TimedOut { after } => {
                 format!("timed out after {}", crate::duration::format_spec(*after))
@@ -181,6 +184,37 @@ impl AttemptOutcome {
             AttemptOutcome::Failed { message, .. } => message.clone(),
         }
     }
+}
+
+/// What a shell's exit code above 128 says: 128 + N is how a shell reports that a command it
+/// ran was killed by signal N. An operator reading "exit code 141" should not have to know
+/// that it is SIGPIPE, which under the default shell's `pipefail` is most often a pipe's
+/// reader (`head`, `grep -q`) that stopped reading early.
+fn died_of_signal(code: i32) -> Option<String> {
+    let n = code.checked_sub(128).filter(|n| (1..=64).contains(n))?;
+    let name = match n {
+        1 => "SIGHUP",
+        2 => "SIGINT",
+        3 => "SIGQUIT",
+        4 => "SIGILL",
+        6 => "SIGABRT",
+        7 => "SIGBUS",
+        8 => "SIGFPE",
+        9 => "SIGKILL",
+        11 => "SIGSEGV",
+        13 => "SIGPIPE",
+        14 => "SIGALRM",
+        15 => "SIGTERM",
+        _ => return Some(format!("128 + {n}: a command was killed by signal {n}")),
+    };
+    Some(if n == 13 {
+        format!(
+            "128 + 13: a command was killed by {name}, usually a pipe whose reader stopped \
+             early, failing the step under pipefail"
+        )
+    } else {
+        format!("128 + {n}: a command was killed by {name}")
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -670,5 +704,27 @@ mod failure_kind_tests {
             serde_json::to_value(kind).expect("json"),
             serde_json::json!("sudo")
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AttemptOutcome;
+
+    #[test]
+    fn exit_codes_above_128_name_the_signal_that_killed_a_command() {
+        let said = |code| AttemptOutcome::Exited { code }.describe();
+        assert_eq!(said(3), "exit code 3");
+        assert_eq!(said(128), "exit code 128");
+        assert_eq!(
+            said(137),
+            "exit code 137 (128 + 9: a command was killed by SIGKILL)"
+        );
+        assert!(said(141).starts_with("exit code 141 (128 + 13: a command was killed by SIGPIPE, usually a pipe whose reader stopped early"), "{}", said(141));
+        assert_eq!(
+            said(170),
+            "exit code 170 (128 + 42: a command was killed by signal 42)"
+        );
+        assert_eq!(said(255), "exit code 255");
     }
 }
