@@ -12,6 +12,28 @@ fn load(bundle: &Path) -> Result<Manifest, String> {
         .map_err(|e| format!("`{}` is not a runbook manifest: {e}", path.display()))
 }
 
+/// What `list` and `show` call a bundle's status. A manifest that still says `running` while no
+/// live run holds its runbook's lock (looking, not locking) belongs to a run that died before
+/// it could seal it (`kill -9`, a crash, a full disk): calling that "running" would send an
+/// operator to wait for nothing.
+fn shown_status(bundle: &Path, m: &Manifest) -> &'static str {
+    if m.status != runbook_engine::event::RunStatus::Running {
+        return m.status.as_str();
+    }
+    let runbook_dir = bundle.parent().unwrap_or(Path::new("."));
+    match crate::lock::RunLock::live_holder(runbook_dir) {
+        Some(h) if h.run_id == m.run_id => m.status.as_str(),
+        _ => STOPPED_UNSEALED,
+    }
+}
+
+const STOPPED_UNSEALED: &str = "stopped unsealed";
+
+/// Said once under a list or a summary that shows [`STOPPED_UNSEALED`].
+const STOPPED_UNSEALED_HELP: &str = "stopped unsealed: its run ended without sealing the \
+bundle (killed, crashed, or its evidence could not be written); `runbook resume BUNDLE` \
+continues it, `runbook evidence repair BUNDLE` records it as interrupted\n";
+
 /// Every bundle under `<dir>/<runbook>/`, oldest first.
 pub fn find(dir: &Path) -> Vec<(PathBuf, Manifest)> {
     let mut out = Vec::new();
@@ -35,7 +57,10 @@ pub fn list(dir: &Path) -> Result<String, String> {
         "{:<20}  {:<24}  {:<8}  {:<17}  {:>9}  {:<20}  BUNDLE\n",
         "STARTED (UTC)", "RUNBOOK", "RUN", "STATUS", "DURATION", "OPERATOR"
     );
+    let mut unsealed = false;
     for (path, m) in &bundles {
+        let status = shown_status(path, m);
+        unsealed |= status == STOPPED_UNSEALED;
         let duration = m
             .duration_seconds
             .map(|d| {
@@ -49,13 +74,16 @@ pub fn list(dir: &Path) -> Result<String, String> {
             m.started_at.format("%Y-%m-%d %H:%M:%S"),
             m.runbook.name,
             m.run_id,
-            m.status.as_str(),
+            status,
             duration,
             format!("{}@{}", m.operator.user, m.operator.host),
             path.display()
         ));
     }
     out.push_str(&format!("{} bundle(s)\n", bundles.len()));
+    if unsealed {
+        out.push_str(STOPPED_UNSEALED_HELP);
+    }
     Ok(out)
 }
 
@@ -74,11 +102,15 @@ pub fn show(bundle: &Path) -> Result<String, String> {
         m.runbook.path,
         &m.runbook.sha256[..16.min(m.runbook.sha256.len())]
     ));
+    let status = shown_status(bundle, &m);
     out.push_str(&format!(
         "  run       {}  status {}\n",
         m.run_id,
-        m.status.as_str().to_uppercase()
+        status.to_uppercase()
     ));
+    if status == STOPPED_UNSEALED {
+        out.push_str(&format!("            {STOPPED_UNSEALED_HELP}"));
+    }
     out.push_str(&format!(
         "  operator  {}@{} (uid {})\n",
         m.operator.user, m.operator.host, m.operator.uid

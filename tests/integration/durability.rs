@@ -171,10 +171,27 @@ fn kill_9_mid_attempt_then_resume_runs_only_what_did_not_finish() {
                     .any(|l| l.contains("process_started") && l.contains("\"step\":\"b\""))
             })
     });
+    let listed = || {
+        let out = runbook_cmd(&dir, &["evidence", "list", "proof"])
+            .output()
+            .expect("evidence list");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let alive = listed();
+    assert!(
+        alive.contains("  running  ") && !alive.contains("stopped unsealed"),
+        "{alive}"
+    );
     kill9(&mut child);
     assert!(
         !processes_matching(&format!("sleep {marker}")).is_empty(),
         "the dead runner left b running"
+    );
+    // Not "running" any more: nothing holds the lock, and the list says what to do.
+    let dead = listed();
+    assert!(
+        dead.contains("stopped unsealed") && dead.contains("runbook resume BUNDLE"),
+        "{dead}"
     );
     let bundle = finish_after_kill(&dir, &marker);
     assert_eq!(
